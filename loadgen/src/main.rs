@@ -1,0 +1,328 @@
+//! `tidepool-loadgen`: the clients of Tidepool's demo and benchmarks, for
+//! what ab and wrk cannot do.
+//!
+//! - `burst`: opens N connections first, then starts all N requests at the
+//!   same instant, and reports when the last one finished. Debian's ab 2.3
+//!   opens one connection, waits for its response and only then opens the
+//!   rest, so against a 5 s endpoint its total is about 10 s whatever the
+//!   server does; `burst` measures the server instead.
+//! - `idle`: opens N keep-alive connections, makes one request on each, then
+//!   holds them open, so the server's memory per idle connection can be read.
+//!
+//! Both talk to loopback only, are bounded in count and time, and print one
+//! JSON object on standard output.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::{handshake, SendRequest};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio::sync::Barrier;
+
+/// Upper bound of connections or requests one run may open.
+const MAX_CONNECTIONS: usize = 20_000;
+
+#[derive(Parser)]
+#[command(name = "tidepool-loadgen", about = "Loopback load generator for Tidepool's demo and benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Connect N clients, then start all N requests at once.
+    Burst {
+        /// Target, e.g. http://127.0.0.1:8000/slow-query/?seconds=1 (loopback only).
+        #[arg(long)]
+        url: String,
+        /// Number of requests, each on its own connection.
+        #[arg(long, default_value_t = 10)]
+        requests: usize,
+        /// Longest the whole run may take.
+        #[arg(long, default_value = "300s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Also write each request's completion time (seconds after the
+        /// start) and status, one per line, to this file.
+        #[arg(long)]
+        timeline: Option<PathBuf>,
+    },
+    /// Open N keep-alive connections, one request each, then hold them.
+    Idle {
+        /// Target, e.g. http://127.0.0.1:8000/healthz (loopback only).
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// How long to hold the connections once all are open.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        hold: Duration,
+        /// Written (with the number of open connections) once all are open.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+        /// Longest to open all connections.
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        connect_timeout: Duration,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 2m)"))
+}
+
+/// A parsed loopback URL.
+struct Target {
+    addr: SocketAddr,
+    path_and_query: String,
+    host: String,
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Self> {
+        let uri: hyper::Uri = url.parse().with_context(|| format!("{url:?} is not a URL"))?;
+        if uri.scheme_str() != Some("http") {
+            bail!("only http:// URLs are supported");
+        }
+        let host = uri.host().context("the URL has no host")?;
+        let ip: IpAddr = match host {
+            "localhost" => IpAddr::from([127, 0, 0, 1]),
+            other => other.trim_matches(|c| c == '[' || c == ']').parse().context("the host must be a loopback IP address or localhost")?,
+        };
+        if !ip.is_loopback() {
+            bail!("refusing to send load to {ip}: only loopback addresses are allowed");
+        }
+        let port = uri.port_u16().unwrap_or(80);
+        Ok(Self {
+            addr: SocketAddr::new(ip, port),
+            path_and_query: uri.path_and_query().map_or("/".to_owned(), |p| p.as_str().to_owned()),
+            host: format!("{host}:{port}"),
+        })
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Empty<Bytes>>> {
+        let stream = TcpStream::connect(self.addr).await.with_context(|| format!("connecting to {}", self.addr))?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) = handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        Ok(sender)
+    }
+
+    async fn get(&self, sender: &mut SendRequest<Empty<Bytes>>) -> Result<u16> {
+        sender.ready().await?;
+        let request = Request::get(self.path_and_query.as_str()).header("host", &self.host).body(Empty::new())?;
+        let response = sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        response.into_body().collect().await?;
+        Ok(status)
+    }
+}
+
+#[derive(Serialize)]
+struct BurstReport {
+    requests: usize,
+    succeeded: usize,
+    failed: usize,
+    statuses: BTreeMap<String, usize>,
+    connect_seconds: f64,
+    total_seconds: f64,
+    latency_p50_seconds: f64,
+    latency_p99_seconds: f64,
+    latency_max_seconds: f64,
+}
+
+async fn burst(target: Target, requests: usize, timeline: Option<PathBuf>) -> Result<BurstReport> {
+    let target = Arc::new(target);
+    let connect_started = Instant::now();
+    let mut senders = Vec::with_capacity(requests);
+    let mut connecting = tokio::task::JoinSet::new();
+    for _ in 0..requests {
+        let target = target.clone();
+        connecting.spawn(async move { target.connect().await });
+    }
+    while let Some(joined) = connecting.join_next().await {
+        senders.push(joined??);
+    }
+    let connect_seconds = connect_started.elapsed().as_secs_f64();
+
+    let barrier = Arc::new(Barrier::new(requests + 1));
+    let mut running = tokio::task::JoinSet::new();
+    for mut sender in senders {
+        let (target, barrier) = (target.clone(), barrier.clone());
+        running.spawn(async move {
+            barrier.wait().await;
+            let started = Instant::now();
+            let status = target.get(&mut sender).await;
+            (started, status)
+        });
+    }
+    barrier.wait().await;
+    let start = Instant::now();
+    let mut outcomes = Vec::with_capacity(requests);
+    while let Some(joined) = running.join_next().await {
+        let (started, status) = joined?;
+        outcomes.push((started.duration_since(start), started.elapsed(), status));
+    }
+    let total_seconds = start.elapsed().as_secs_f64();
+
+    let mut statuses = BTreeMap::new();
+    let mut latencies: Vec<f64> = Vec::with_capacity(requests);
+    let mut lines = String::new();
+    for (began, latency, status) in &outcomes {
+        let label = match status {
+            Ok(code) => code.to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        latencies.push(latency.as_secs_f64());
+        lines.push_str(&format!("{:.4} {}\n", (*began + *latency).as_secs_f64(), label.split(':').next().unwrap_or("error")));
+        *statuses.entry(label).or_insert(0) += 1;
+    }
+    if let Some(path) = timeline {
+        std::fs::write(&path, lines).with_context(|| format!("writing {}", path.display()))?;
+    }
+    latencies.sort_by(f64::total_cmp);
+    let succeeded = outcomes.iter().filter(|(_, _, s)| matches!(s, Ok(code) if (200..300).contains(code))).count();
+    Ok(BurstReport {
+        requests,
+        succeeded,
+        failed: requests - succeeded,
+        statuses,
+        connect_seconds,
+        total_seconds,
+        latency_p50_seconds: percentile(&latencies, 0.50),
+        latency_p99_seconds: percentile(&latencies, 0.99),
+        latency_max_seconds: latencies.last().copied().unwrap_or(0.0),
+    })
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((sorted.len() as f64) * q).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+#[derive(Serialize)]
+struct IdleReport {
+    connections: usize,
+    open: usize,
+    failed: usize,
+    first_error: Option<String>,
+    open_seconds: f64,
+    held_seconds: f64,
+}
+
+async fn idle(target: Target, connections: usize, hold: Duration, ready_file: Option<PathBuf>, connect_timeout: Duration) -> Result<IdleReport> {
+    let target = Arc::new(target);
+    let started = Instant::now();
+    let mut opening = tokio::task::JoinSet::new();
+    // Open in waves so the server's accept backlog is never overrun.
+    let wave = tokio::sync::Semaphore::new(512);
+    let wave = Arc::new(wave);
+    for _ in 0..connections {
+        let (target, wave) = (target.clone(), wave.clone());
+        opening.spawn(async move {
+            let _permit = wave.acquire().await?;
+            let mut sender = target.connect().await?;
+            let status = target.get(&mut sender).await?;
+            if status != 200 {
+                bail!("status {status}");
+            }
+            Ok(sender)
+        });
+    }
+    let mut held = Vec::with_capacity(connections);
+    let mut first_error = None;
+    let deadline = tokio::time::sleep(connect_timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            joined = opening.join_next() => match joined {
+                None => break,
+                Some(Ok(Ok(sender))) => held.push(sender),
+                Some(Ok(Err(e))) => { first_error.get_or_insert_with(|| format!("{e:#}")); }
+                Some(Err(e)) => { first_error.get_or_insert_with(|| e.to_string()); }
+            },
+            () = &mut deadline => {
+                opening.abort_all();
+                first_error.get_or_insert_with(|| "connect timeout".to_owned());
+                break;
+            }
+        }
+    }
+    let open_seconds = started.elapsed().as_secs_f64();
+    if let Some(path) = ready_file {
+        std::fs::write(&path, format!("{}\n", held.len())).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let holding = Instant::now();
+    tokio::select! {
+        () = tokio::time::sleep(hold) => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    let open = held.iter().filter(|s| !s.is_closed()).count();
+    Ok(IdleReport {
+        connections,
+        open,
+        failed: connections - held.len(),
+        first_error,
+        open_seconds,
+        held_seconds: holding.elapsed().as_secs_f64(),
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Burst { url, requests, timeout, timeline } => {
+            if requests == 0 || requests > MAX_CONNECTIONS {
+                bail!("--requests must be from 1 to {MAX_CONNECTIONS}");
+            }
+            let target = Target::parse(&url)?;
+            let report = tokio::time::timeout(timeout, burst(target, requests, timeline))
+                .await
+                .with_context(|| format!("the burst did not finish within {timeout:?}"))??;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::Idle { url, connections, hold, ready_file, connect_timeout } => {
+            if connections == 0 || connections > MAX_CONNECTIONS {
+                bail!("--connections must be from 1 to {MAX_CONNECTIONS}");
+            }
+            let target = Target::parse(&url)?;
+            let report = idle(target, connections, hold, ready_file, connect_timeout).await?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_targets_are_accepted() {
+        assert!(Target::parse("http://127.0.0.1:8000/slow-query/").is_ok());
+        assert!(Target::parse("http://localhost:8000/").is_ok());
+        assert!(Target::parse("http://[::1]:8000/").is_ok());
+        assert!(Target::parse("http://10.0.0.1:8000/").is_err());
+        assert!(Target::parse("https://127.0.0.1/").is_err());
+    }
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let v = [1.0, 2.0, 3.0, 4.0];
+        assert_eq!(percentile(&v, 0.5), 2.0);
+        assert_eq!(percentile(&v, 0.99), 4.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+}

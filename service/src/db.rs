@@ -1,0 +1,248 @@
+//! Database access that stays correct behind PgBouncer in transaction mode.
+//!
+//! PgBouncer lends a server connection to a client for one transaction only.
+//! Anything that outlives a transaction on the server is therefore unsafe:
+//! session `SET`, session advisory locks, `LISTEN`, and named prepared
+//! statements. The last one is the trap: tokio-postgres' `Client::query(&str)`
+//! prepares a *named* statement in one round trip and executes it in another,
+//! and outside a transaction the two can land on different servers
+//! ("prepared statement does not exist"). PgBouncer 1.18, Debian bookworm's,
+//! has no prepared statement support at all.
+//!
+//! The rules this module follows, and that code using [`Conn::client`] must
+//! follow too:
+//! - outside an explicit transaction, only `query_typed*` (an unnamed
+//!   statement whose parameter types are given, sent in one round trip),
+//!   `simple_query` and `batch_execute`;
+//! - no statement cache (deadpool's `prepare_cached` is never used);
+//! - result columns of built-in types only: for an enum, a domain or a
+//!   composite tokio-postgres looks the type up with a named statement (cast
+//!   such columns to `text`).
+//!
+//! Every wait is bounded: the wait for a pooled connection
+//! ([`DbError::PoolExhausted`]), opening one ([`DbError::Unavailable`]) and a
+//! query ([`DbError::QueryTimeout`]). A query that is abandoned, by its
+//! timeout or because the request that ran it went away, is cancelled on the
+//! server and its connection is discarded rather than returned to the pool
+//! with a reply still pending.
+
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
+use prometheus::Histogram;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, NoTls, Row, SimpleQueryMessage};
+
+/// Longest a best-effort cancel request may take.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("no database connection became free within {}", humantime::format_duration(*.waited))]
+    PoolExhausted { waited: Duration },
+    #[error("the database is unavailable: {reason}")]
+    Unavailable { reason: String },
+    #[error("the database did not answer within {}", humantime::format_duration(*.after))]
+    QueryTimeout { after: Duration },
+    #[error("database query failed: {0}")]
+    Query(#[source] tokio_postgres::Error),
+    #[error("invalid pool configuration: {0}")]
+    Config(String),
+}
+
+impl DbError {
+    fn unavailable(reason: impl std::fmt::Display) -> Self {
+        Self::Unavailable { reason: reason.to_string() }
+    }
+}
+
+/// How the pool of client connections to PgBouncer behaves.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub max_size: usize,
+    pub wait: Duration,
+    pub connect_timeout: Duration,
+    pub query_timeout: Duration,
+}
+
+/// A snapshot of the pool, as deadpool reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStatus {
+    pub max_size: usize,
+    pub size: usize,
+    pub available: usize,
+    pub waiting: usize,
+}
+
+/// The pool of client connections to PgBouncer.
+#[derive(Clone)]
+pub struct Database {
+    pool: Pool,
+    settings: PoolSettings,
+    wait_seconds: Histogram,
+}
+
+impl Database {
+    /// Builds the pool; no connection is opened until one is needed.
+    /// `wait_seconds` observes every wait for a connection.
+    pub fn new(
+        mut pg: tokio_postgres::Config,
+        settings: PoolSettings,
+        wait_seconds: Histogram,
+    ) -> Result<Self, DbError> {
+        pg.connect_timeout(settings.connect_timeout);
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(settings.max_size)
+            .wait_timeout(Some(settings.wait))
+            .create_timeout(Some(settings.connect_timeout))
+            .recycle_timeout(Some(settings.connect_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| DbError::Config(e.to_string()))?;
+        Ok(Self { pool, settings, wait_seconds })
+    }
+
+    /// A pooled connection, waiting at most the configured pool wait.
+    pub async fn get(&self) -> Result<Conn, DbError> {
+        let started = Instant::now();
+        let result = self.pool.get().await;
+        self.wait_seconds.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(object) => Ok(Conn {
+                object: Some(object),
+                query_timeout: self.settings.query_timeout,
+                in_query: false,
+            }),
+            Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => {
+                Err(DbError::PoolExhausted { waited: self.settings.wait })
+            }
+            Err(PoolError::Timeout(_)) => Err(DbError::unavailable(format!(
+                "no connection to the pooler within {}",
+                humantime::format_duration(self.settings.connect_timeout)
+            ))),
+            Err(PoolError::Backend(e)) => Err(DbError::unavailable(e)),
+            Err(e) => Err(DbError::unavailable(e)),
+        }
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let s = self.pool.status();
+        PoolStatus { max_size: s.max_size, size: s.size, available: s.available, waiting: s.waiting }
+    }
+}
+
+/// A connection borrowed from the pool. Returned to the pool when dropped,
+/// unless it was dropped in the middle of a query (the request that ran it
+/// went away): then the query is cancelled and the connection discarded.
+pub struct Conn {
+    object: Option<Object>,
+    query_timeout: Duration,
+    in_query: bool,
+}
+
+impl Conn {
+    /// The underlying client, for transactions and `simple_query`. Follow the
+    /// module's rules: no `Client::query(&str, ..)` outside a transaction.
+    pub fn client(&self) -> &Client {
+        match &self.object {
+            Some(object) => object,
+            // `object` is taken only by methods that consume `self`.
+            None => unreachable!("connection used after it was discarded"),
+        }
+    }
+
+    /// Runs one unnamed, typed statement. `expected` is how long the statement
+    /// is meant to take (a slow query's sleep); the query timeout is added.
+    pub async fn query_typed(
+        &mut self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+        expected: Duration,
+    ) -> Result<Vec<Row>, DbError> {
+        let budget = expected.saturating_add(self.query_timeout);
+        self.in_query = true;
+        let outcome = tokio::time::timeout(budget, self.client().query_typed(sql, params)).await;
+        match outcome {
+            Ok(Ok(rows)) => {
+                self.in_query = false;
+                Ok(rows)
+            }
+            Ok(Err(e)) if e.is_closed() || self.client().is_closed() => {
+                self.in_query = false;
+                self.discard();
+                Err(DbError::unavailable(e))
+            }
+            Ok(Err(e)) => {
+                self.in_query = false;
+                Err(DbError::Query(e))
+            }
+            // `in_query` stays set: the connection is abandoned when dropped.
+            Err(_) => Err(DbError::QueryTimeout { after: budget }),
+        }
+    }
+
+    /// Closes the connection instead of returning it to the pool.
+    fn discard(&mut self) {
+        if let Some(object) = self.object.take() {
+            drop(Object::take(object));
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if !self.in_query {
+            return;
+        }
+        let Some(object) = self.object.take() else { return };
+        let token = object.cancel_token();
+        drop(Object::take(object));
+        // Without a cancel the server would go on running the statement and
+        // PgBouncer would keep its server connection busy until it ends.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        runtime.spawn(async move {
+            match tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(NoTls)).await {
+                Ok(Ok(())) => tracing::debug!("cancelled an abandoned query"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not cancel an abandoned query"),
+                Err(_) => tracing::warn!("cancelling an abandoned query timed out"),
+            }
+        });
+    }
+}
+
+/// Opens one unpooled connection, bounded by `timeout` (TCP and login).
+pub async fn connect(mut pg: tokio_postgres::Config, timeout: Duration) -> Result<Client, DbError> {
+    pg.connect_timeout(timeout);
+    let (client, connection) = tokio::time::timeout(timeout, pg.connect(NoTls))
+        .await
+        .map_err(|_| DbError::unavailable(format!("no connection within {}", humantime::format_duration(timeout))))?
+        .map_err(DbError::unavailable)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "unpooled connection ended with an error");
+        }
+    });
+    Ok(client)
+}
+
+/// Checks that a fresh connection through `pg` (the pooler) can run
+/// `SELECT 1`, all within `timeout`. Used by readiness probes: it fails while
+/// PgBouncer or PostgreSQL is down and recovers by itself when both are back.
+pub async fn ping(pg: tokio_postgres::Config, timeout: Duration) -> Result<(), DbError> {
+    tokio::time::timeout(timeout, async {
+        let client = connect(pg, timeout).await?;
+        let messages = client.simple_query("SELECT 1").await.map_err(DbError::unavailable)?;
+        if messages.iter().any(|m| matches!(m, SimpleQueryMessage::Row(_))) {
+            Ok(())
+        } else {
+            Err(DbError::unavailable("SELECT 1 returned no row"))
+        }
+    })
+    .await
+    .map_err(|_| DbError::QueryTimeout { after: timeout })?
+}

@@ -1,0 +1,34 @@
+//! Tidepool: a web tier and (soon) a task tier that run at high concurrency on
+//! PostgreSQL without exhausting its connections.
+//!
+//! The crate is both the `tidepool` binary and a library. The design in one
+//! paragraph: one tokio process serves thousands of concurrent HTTP requests
+//! ([`web`]), but only a few of them touch the database at a time, through a
+//! small [`db`] pool of client connections to a PgBouncer in *transaction*
+//! mode on loopback ([`pooler`] writes its configuration). Every limit is
+//! explicit and bounded: requests in flight, the wait for a database
+//! connection, the time a query may take; past a limit the answer is a fast
+//! `503` with `Retry-After`, never an invisible queue.
+//!
+//! Because PgBouncer hands a server connection to a client only for one
+//! transaction, the code never relies on session state: no named prepared
+//! statements outside a transaction (see [`db`]), no session `SET`, no session
+//! advisory locks ([`migrate`] uses a transaction-scoped one).
+//!
+//! Modules:
+//! - [`cli`]: the command line and environment knobs of every subcommand.
+//! - [`db`]: the PgBouncer-safe connection pool and its error type.
+//! - [`migrate`]: versioned, idempotent schema migrations.
+//! - [`pooler`]: renders PgBouncer's configuration from a connection URL.
+//! - [`web`]: the hyper server, its routes, limits and graceful shutdown.
+//! - [`metrics`]: the Prometheus metrics every process exports.
+//! - [`telemetry`]: structured logging.
+
+pub mod cli;
+pub mod db;
+pub mod metrics;
+pub mod migrate;
+pub mod pooler;
+pub mod shutdown;
+pub mod telemetry;
+pub mod web;

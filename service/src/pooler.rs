@@ -1,0 +1,288 @@
+//! PgBouncer's configuration, rendered from an upstream URL and pool sizes.
+//!
+//! Rendering is pure ([`render_ini`], [`render_auth_file`]); [`write`] only
+//! puts the two files in place. The password goes into the auth file alone
+//! (mode 0600); `pgbouncer.ini` holds no secret, so it could live in a
+//! ConfigMap. PgBouncer runs in transaction mode: a server connection is lent
+//! to a client for one transaction, which is what lets a few server
+//! connections serve many clients, and why the application must not rely on
+//! session state (see [`crate::db`]).
+//!
+//! The same renderer serves the local stack (`scripts/stack.sh` calls
+//! `tidepool pooler-config`), the tests, and pods, where the sidecar's start-up
+//! writes the files from the database Secret into an in-memory volume.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio_postgres::config::Host;
+
+pub const INI_FILE: &str = "pgbouncer.ini";
+pub const AUTH_FILE: &str = "userlist.txt";
+
+/// Where PgBouncer connects to, and as whom.
+#[derive(Clone)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("dbname", &self.dbname)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolerConfig {
+    pub listen: SocketAddr,
+    pub upstream: Upstream,
+    /// Server connections per (database, user) pair: `default_pool_size`.
+    pub pool_size: u32,
+    /// Hard cap of server connections to the database: `max_db_connections`.
+    pub max_db_connections: u32,
+    /// Client connections accepted: `max_client_conn`.
+    pub max_client_conn: u32,
+    /// How long a query may wait for a server connection inside PgBouncer.
+    pub query_wait_timeout: Duration,
+    pub pidfile: Option<PathBuf>,
+    pub logfile: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolerError {
+    #[error("the upstream URL has no {0}")]
+    Missing(&'static str),
+    #[error("the upstream URL's {field} must be letters, digits, '_', '-' or '.', so PgBouncer's configuration cannot be misread")]
+    Unsafe { field: &'static str },
+    #[error("the upstream must be reached over TCP (a Unix socket path is not supported)")]
+    NotTcp,
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+    #[error("pool size {pool_size} is above max_db_connections {max_db_connections}: PgBouncer would never open the extra connections")]
+    PoolAboveCap { pool_size: u32, max_db_connections: u32 },
+    #[error("{what} is not valid UTF-8")]
+    NotUtf8 { what: &'static str },
+    #[error("could not write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Upstream {
+    /// Extracts the upstream from a parsed connection URL.
+    pub fn from_pg_config(pg: &tokio_postgres::Config) -> Result<Self, PoolerError> {
+        let host = match pg.get_hosts().first() {
+            Some(Host::Tcp(host)) => host.clone(),
+            Some(_) => return Err(PoolerError::NotTcp),
+            None => return Err(PoolerError::Missing("host")),
+        };
+        let port = pg.get_ports().first().copied().unwrap_or(5432);
+        let user = pg.get_user().ok_or(PoolerError::Missing("user"))?.to_owned();
+        let dbname = pg.get_dbname().map_or_else(|| user.clone(), str::to_owned);
+        let password = match pg.get_password() {
+            Some(p) => String::from_utf8(p.to_vec()).map_err(|_| PoolerError::NotUtf8 { what: "password" })?,
+            None => return Err(PoolerError::Missing("password")),
+        };
+        Ok(Self { host, port, dbname, user, password })
+    }
+}
+
+fn check_safe(field: &'static str, value: &str) -> Result<(), PoolerError> {
+    let safe = !value.is_empty()
+        && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'));
+    if safe {
+        Ok(())
+    } else {
+        Err(PoolerError::Unsafe { field })
+    }
+}
+
+impl PoolerConfig {
+    fn validate(&self) -> Result<(), PoolerError> {
+        check_safe("host", &self.upstream.host)?;
+        check_safe("database name", &self.upstream.dbname)?;
+        check_safe("user", &self.upstream.user)?;
+        for (name, value) in [
+            ("pool size", self.pool_size),
+            ("max_db_connections", self.max_db_connections),
+            ("max_client_conn", self.max_client_conn),
+        ] {
+            if value == 0 {
+                return Err(PoolerError::Zero(name));
+            }
+        }
+        if self.pool_size > self.max_db_connections {
+            return Err(PoolerError::PoolAboveCap {
+                pool_size: self.pool_size,
+                max_db_connections: self.max_db_connections,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `pgbouncer.ini` for `config`, pointing at an auth file in `dir`.
+pub fn render_ini(config: &PoolerConfig, dir: &Path) -> Result<String, PoolerError> {
+    config.validate()?;
+    let u = &config.upstream;
+    let mut ini = String::new();
+    let _ = writeln!(ini, "; Written by `tidepool pooler-config`. No secrets here: the password is in {AUTH_FILE}.");
+    let _ = writeln!(ini, "[databases]");
+    let _ = writeln!(ini, "{} = host={} port={} dbname={}", u.dbname, u.host, u.port, u.dbname);
+    let _ = writeln!(ini);
+    let _ = writeln!(ini, "[pgbouncer]");
+    let settings: Vec<(&str, String)> = vec![
+        ("listen_addr", config.listen.ip().to_string()),
+        ("listen_port", config.listen.port().to_string()),
+        // No Unix socket: its default folder is not writable by an unprivileged user.
+        ("unix_socket_dir", String::new()),
+        ("auth_type", "scram-sha-256".into()),
+        ("auth_file", dir.join(AUTH_FILE).display().to_string()),
+        ("pool_mode", "transaction".into()),
+        ("default_pool_size", config.pool_size.to_string()),
+        ("min_pool_size", "0".into()),
+        ("reserve_pool_size", "0".into()),
+        ("max_db_connections", config.max_db_connections.to_string()),
+        ("max_client_conn", config.max_client_conn.to_string()),
+        ("query_wait_timeout", config.query_wait_timeout.as_secs().max(1).to_string()),
+        ("server_connect_timeout", "5".into()),
+        // Retry a failed server login after 1 s rather than 15 s, so the pool
+        // recovers by itself soon after PostgreSQL comes back.
+        ("server_login_retry", "1".into()),
+        // Transaction mode: no session state is left to reset.
+        ("server_reset_query", String::new()),
+        ("ignore_startup_parameters", "extra_float_digits".into()),
+        ("log_connections", "0".into()),
+        ("log_disconnections", "0".into()),
+    ];
+    for (key, value) in settings {
+        let _ = writeln!(ini, "{key} = {value}");
+    }
+    if let Some(pidfile) = &config.pidfile {
+        let _ = writeln!(ini, "pidfile = {}", pidfile.display());
+    }
+    if let Some(logfile) = &config.logfile {
+        let _ = writeln!(ini, "logfile = {}", logfile.display());
+    }
+    Ok(ini)
+}
+
+/// The auth file: one `"user" "password"` line, quotes doubled.
+pub fn render_auth_file(upstream: &Upstream) -> String {
+    let quote = |s: &str| s.replace('"', "\"\"");
+    format!("\"{}\" \"{}\"\n", quote(&upstream.user), quote(&upstream.password))
+}
+
+/// Writes both files into `dir` (created if missing), each atomically; the
+/// auth file is readable by its owner only.
+pub fn write(config: &PoolerConfig, dir: &Path) -> Result<(PathBuf, PathBuf), PoolerError> {
+    let ini = render_ini(config, dir)?;
+    fs::create_dir_all(dir).map_err(|source| PoolerError::Write { path: dir.to_owned(), source })?;
+    let auth_path = dir.join(AUTH_FILE);
+    let ini_path = dir.join(INI_FILE);
+    write_atomic(&auth_path, render_auth_file(&config.upstream).as_bytes(), 0o600)?;
+    write_atomic(&ini_path, ini.as_bytes(), 0o644)?;
+    Ok((ini_path, auth_path))
+}
+
+fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), PoolerError> {
+    let tmp = path.with_extension("tmp");
+    let err = |source| PoolerError::Write { path: path.to_owned(), source };
+    let _ = fs::remove_file(&tmp);
+    let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(err)?;
+    file.write_all(contents).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn config() -> PoolerConfig {
+        let pg = tokio_postgres::Config::from_str("postgres://shop:s3cr\"et@db.internal:5433/shopdb").expect("valid url");
+        PoolerConfig {
+            listen: "127.0.0.1:6432".parse().expect("valid addr"),
+            upstream: Upstream::from_pg_config(&pg).expect("complete upstream"),
+            pool_size: 20,
+            max_db_connections: 20,
+            max_client_conn: 500,
+            query_wait_timeout: Duration::from_secs(30),
+            pidfile: None,
+            logfile: None,
+        }
+    }
+
+    #[test]
+    fn ini_is_transaction_mode_and_holds_no_secret() {
+        let ini = render_ini(&config(), Path::new("/run/pgb")).expect("valid");
+        assert!(ini.contains("pool_mode = transaction\n"));
+        assert!(ini.contains("shopdb = host=db.internal port=5433 dbname=shopdb\n"));
+        assert!(ini.contains("max_db_connections = 20\n"));
+        assert!(ini.contains("default_pool_size = 20\n"));
+        assert!(ini.contains("max_client_conn = 500\n"));
+        assert!(ini.contains("auth_file = /run/pgb/userlist.txt\n"));
+        assert!(!ini.contains("s3cr"), "{ini}");
+    }
+
+    #[test]
+    fn auth_file_doubles_quotes() {
+        assert_eq!(render_auth_file(&config().upstream), "\"shop\" \"s3cr\"\"et\"\n");
+    }
+
+    #[test]
+    fn debug_of_upstream_is_redacted() {
+        assert!(!format!("{:?}", config()).contains("s3cr"));
+    }
+
+    #[test]
+    fn rejects_values_that_could_break_the_ini() {
+        let mut c = config();
+        c.upstream.dbname = "shop host=evil".into();
+        assert!(matches!(render_ini(&c, Path::new("/x")), Err(PoolerError::Unsafe { field: "database name" })));
+    }
+
+    #[test]
+    fn rejects_inconsistent_sizes() {
+        let mut c = config();
+        c.pool_size = 30;
+        assert!(matches!(render_ini(&c, Path::new("/x")), Err(PoolerError::PoolAboveCap { .. })));
+        c.pool_size = 0;
+        assert!(matches!(render_ini(&c, Path::new("/x")), Err(PoolerError::Zero("pool size"))));
+    }
+
+    #[test]
+    fn upstream_needs_a_password() {
+        let pg = tokio_postgres::Config::from_str("postgres://shop@db/shop").expect("valid url");
+        assert!(matches!(Upstream::from_pg_config(&pg), Err(PoolerError::Missing("password"))));
+    }
+
+    #[test]
+    fn write_puts_the_secret_in_a_private_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("tidepool-pooler-test-{}", std::process::id()));
+        let (ini, auth) = write(&config(), &dir).expect("writes");
+        let mode = fs::metadata(&auth).expect("exists").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(fs::read_to_string(&ini).expect("readable").contains("pool_mode = transaction"));
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}
