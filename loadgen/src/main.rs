@@ -33,7 +33,10 @@ use tokio::sync::Barrier;
 const MAX_CONNECTIONS: usize = 20_000;
 
 #[derive(Parser)]
-#[command(name = "tidepool-loadgen", about = "Loopback load generator for Tidepool's demo and benchmarks")]
+#[command(
+    name = "tidepool-loadgen",
+    about = "Loopback load generator for Tidepool's demo and benchmarks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -89,14 +92,19 @@ struct Target {
 
 impl Target {
     fn parse(url: &str) -> Result<Self> {
-        let uri: hyper::Uri = url.parse().with_context(|| format!("{url:?} is not a URL"))?;
+        let uri: hyper::Uri = url
+            .parse()
+            .with_context(|| format!("{url:?} is not a URL"))?;
         if uri.scheme_str() != Some("http") {
             bail!("only http:// URLs are supported");
         }
         let host = uri.host().context("the URL has no host")?;
         let ip: IpAddr = match host {
             "localhost" => IpAddr::from([127, 0, 0, 1]),
-            other => other.trim_matches(|c| c == '[' || c == ']').parse().context("the host must be a loopback IP address or localhost")?,
+            other => other
+                .trim_matches(|c| c == '[' || c == ']')
+                .parse()
+                .context("the host must be a loopback IP address or localhost")?,
         };
         if !ip.is_loopback() {
             bail!("refusing to send load to {ip}: only loopback addresses are allowed");
@@ -104,13 +112,17 @@ impl Target {
         let port = uri.port_u16().unwrap_or(80);
         Ok(Self {
             addr: SocketAddr::new(ip, port),
-            path_and_query: uri.path_and_query().map_or("/".to_owned(), |p| p.as_str().to_owned()),
+            path_and_query: uri
+                .path_and_query()
+                .map_or("/".to_owned(), |p| p.as_str().to_owned()),
             host: format!("{host}:{port}"),
         })
     }
 
     async fn connect(&self) -> Result<SendRequest<Empty<Bytes>>> {
-        let stream = TcpStream::connect(self.addr).await.with_context(|| format!("connecting to {}", self.addr))?;
+        let stream = TcpStream::connect(self.addr)
+            .await
+            .with_context(|| format!("connecting to {}", self.addr))?;
         stream.set_nodelay(true)?;
         let (sender, connection) = handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
@@ -119,7 +131,9 @@ impl Target {
 
     async fn get(&self, sender: &mut SendRequest<Empty<Bytes>>) -> Result<u16> {
         sender.ready().await?;
-        let request = Request::get(self.path_and_query.as_str()).header("host", &self.host).body(Empty::new())?;
+        let request = Request::get(self.path_and_query.as_str())
+            .header("host", &self.host)
+            .body(Empty::new())?;
         let response = sender.send_request(request).await?;
         let status = response.status().as_u16();
         response.into_body().collect().await?;
@@ -183,14 +197,21 @@ async fn burst(target: Target, requests: usize, timeline: Option<PathBuf>) -> Re
             Err(e) => format!("error: {e}"),
         };
         latencies.push(latency.as_secs_f64());
-        lines.push_str(&format!("{:.4} {}\n", (*began + *latency).as_secs_f64(), label.split(':').next().unwrap_or("error")));
+        lines.push_str(&format!(
+            "{:.4} {}\n",
+            (*began + *latency).as_secs_f64(),
+            label.split(':').next().unwrap_or("error")
+        ));
         *statuses.entry(label).or_insert(0) += 1;
     }
     if let Some(path) = timeline {
         std::fs::write(&path, lines).with_context(|| format!("writing {}", path.display()))?;
     }
     latencies.sort_by(f64::total_cmp);
-    let succeeded = outcomes.iter().filter(|(_, _, s)| matches!(s, Ok(code) if (200..300).contains(code))).count();
+    let succeeded = outcomes
+        .iter()
+        .filter(|(_, _, s)| matches!(s, Ok(code) if (200..300).contains(code)))
+        .count();
     Ok(BurstReport {
         requests,
         succeeded,
@@ -222,7 +243,13 @@ struct IdleReport {
     held_seconds: f64,
 }
 
-async fn idle(target: Target, connections: usize, hold: Duration, ready_file: Option<PathBuf>, connect_timeout: Duration) -> Result<IdleReport> {
+async fn idle(
+    target: Target,
+    connections: usize,
+    hold: Duration,
+    ready_file: Option<PathBuf>,
+    connect_timeout: Duration,
+) -> Result<IdleReport> {
     let target = Arc::new(target);
     let started = Instant::now();
     let mut opening = tokio::task::JoinSet::new();
@@ -262,7 +289,8 @@ async fn idle(target: Target, connections: usize, hold: Duration, ready_file: Op
     }
     let open_seconds = started.elapsed().as_secs_f64();
     if let Some(path) = ready_file {
-        std::fs::write(&path, format!("{}\n", held.len())).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, format!("{}\n", held.len()))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     let holding = Instant::now();
     tokio::select! {
@@ -283,7 +311,12 @@ async fn idle(target: Target, connections: usize, hold: Duration, ready_file: Op
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Burst { url, requests, timeout, timeline } => {
+        Command::Burst {
+            url,
+            requests,
+            timeout,
+            timeline,
+        } => {
             if requests == 0 || requests > MAX_CONNECTIONS {
                 bail!("--requests must be from 1 to {MAX_CONNECTIONS}");
             }
@@ -293,7 +326,13 @@ async fn main() -> Result<()> {
                 .with_context(|| format!("the burst did not finish within {timeout:?}"))??;
             println!("{}", serde_json::to_string(&report)?);
         }
-        Command::Idle { url, connections, hold, ready_file, connect_timeout } => {
+        Command::Idle {
+            url,
+            connections,
+            hold,
+            ready_file,
+            connect_timeout,
+        } => {
             if connections == 0 || connections > MAX_CONNECTIONS {
                 bail!("--connections must be from 1 to {MAX_CONNECTIONS}");
             }

@@ -28,7 +28,9 @@
 
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+};
 use prometheus::Histogram;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Row, SimpleQueryMessage};
@@ -52,7 +54,15 @@ pub enum DbError {
 
 impl DbError {
     fn unavailable(reason: impl std::fmt::Display) -> Self {
-        Self::Unavailable { reason: reason.to_string() }
+        Self::Unavailable {
+            reason: reason.to_string(),
+        }
+    }
+
+    fn unavailable_because(e: &(dyn std::error::Error + 'static)) -> Self {
+        Self::Unavailable {
+            reason: crate::error_chain(e),
+        }
     }
 }
 
@@ -94,7 +104,9 @@ impl Database {
         let manager = Manager::from_config(
             pg,
             NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
         );
         let pool = Pool::builder(manager)
             .max_size(settings.max_size)
@@ -104,7 +116,11 @@ impl Database {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| DbError::Config(e.to_string()))?;
-        Ok(Self { pool, settings, wait_seconds })
+        Ok(Self {
+            pool,
+            settings,
+            wait_seconds,
+        })
     }
 
     /// A pooled connection, waiting at most the configured pool wait.
@@ -119,20 +135,27 @@ impl Database {
                 in_query: false,
             }),
             Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => {
-                Err(DbError::PoolExhausted { waited: self.settings.wait })
+                Err(DbError::PoolExhausted {
+                    waited: self.settings.wait,
+                })
             }
             Err(PoolError::Timeout(_)) => Err(DbError::unavailable(format!(
                 "no connection to the pooler within {}",
                 humantime::format_duration(self.settings.connect_timeout)
             ))),
-            Err(PoolError::Backend(e)) => Err(DbError::unavailable(e)),
+            Err(PoolError::Backend(e)) => Err(DbError::unavailable_because(&e)),
             Err(e) => Err(DbError::unavailable(e)),
         }
     }
 
     pub fn status(&self) -> PoolStatus {
         let s = self.pool.status();
-        PoolStatus { max_size: s.max_size, size: s.size, available: s.available, waiting: s.waiting }
+        PoolStatus {
+            max_size: s.max_size,
+            size: s.size,
+            available: s.available,
+            waiting: s.waiting,
+        }
     }
 }
 
@@ -175,7 +198,7 @@ impl Conn {
             Ok(Err(e)) if e.is_closed() || self.client().is_closed() => {
                 self.in_query = false;
                 self.discard();
-                Err(DbError::unavailable(e))
+                Err(DbError::unavailable_because(&e))
             }
             Ok(Err(e)) => {
                 self.in_query = false;
@@ -199,12 +222,16 @@ impl Drop for Conn {
         if !self.in_query {
             return;
         }
-        let Some(object) = self.object.take() else { return };
+        let Some(object) = self.object.take() else {
+            return;
+        };
         let token = object.cancel_token();
         drop(Object::take(object));
         // Without a cancel the server would go on running the statement and
         // PgBouncer would keep its server connection busy until it ends.
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         runtime.spawn(async move {
             match tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(NoTls)).await {
                 Ok(Ok(())) => tracing::debug!("cancelled an abandoned query"),
@@ -220,8 +247,13 @@ pub async fn connect(mut pg: tokio_postgres::Config, timeout: Duration) -> Resul
     pg.connect_timeout(timeout);
     let (client, connection) = tokio::time::timeout(timeout, pg.connect(NoTls))
         .await
-        .map_err(|_| DbError::unavailable(format!("no connection within {}", humantime::format_duration(timeout))))?
-        .map_err(DbError::unavailable)?;
+        .map_err(|_| {
+            DbError::unavailable(format!(
+                "no connection within {}",
+                humantime::format_duration(timeout)
+            ))
+        })?
+        .map_err(|e| DbError::unavailable_because(&e))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "unpooled connection ended with an error");
@@ -236,8 +268,14 @@ pub async fn connect(mut pg: tokio_postgres::Config, timeout: Duration) -> Resul
 pub async fn ping(pg: tokio_postgres::Config, timeout: Duration) -> Result<(), DbError> {
     tokio::time::timeout(timeout, async {
         let client = connect(pg, timeout).await?;
-        let messages = client.simple_query("SELECT 1").await.map_err(DbError::unavailable)?;
-        if messages.iter().any(|m| matches!(m, SimpleQueryMessage::Row(_))) {
+        let messages = client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|e| DbError::unavailable_because(&e))?;
+        if messages
+            .iter()
+            .any(|m| matches!(m, SimpleQueryMessage::Row(_)))
+        {
             Ok(())
         } else {
             Err(DbError::unavailable("SELECT 1 returned no row"))

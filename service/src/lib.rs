@@ -32,3 +32,19 @@ pub mod pooler;
 pub mod shutdown;
 pub mod telemetry;
 pub mod web;
+
+/// An error and its sources on one line, each cause added once: tokio-postgres
+/// and std::io keep the useful part ("connection refused") in the source.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -37,7 +37,7 @@ fn main() -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!(error = %error_chain(e.as_ref()), "tidepool failed");
+            tracing::error!(error = %tidepool::error_chain(e.as_ref()), "tidepool failed");
             ExitCode::FAILURE
         }
     }
@@ -64,7 +64,11 @@ async fn run_migrate(args: MigrateArgs) -> Result<(), BoxError> {
     let (url, what) = match (&db_args.direct_database_url, &db_args.database_url) {
         (Some(direct), _) => (direct, "TIDEPOOL_DIRECT_DATABASE_URL"),
         (None, Some(pooled)) => (pooled, "DATABASE_URL"),
-        (None, None) => return Err("set TIDEPOOL_DIRECT_DATABASE_URL or DATABASE_URL (or --database-url)".into()),
+        (None, None) => {
+            return Err(
+                "set TIDEPOOL_DIRECT_DATABASE_URL or DATABASE_URL (or --database-url)".into(),
+            )
+        }
     };
     let mut client = db::connect(url.to_pg_config(what)?, db_args.db_connect_timeout).await?;
     let report = migrate::run(&mut client, migrate::MIGRATIONS, db_args.lock_timeout).await?;
@@ -80,7 +84,11 @@ async fn run_migrate(args: MigrateArgs) -> Result<(), BoxError> {
 }
 
 fn run_pooler_config(args: PoolerConfigArgs) -> Result<(), BoxError> {
-    let upstream = pooler::Upstream::from_pg_config(&args.upstream_url.to_pg_config("TIDEPOOL_POOLER_UPSTREAM_URL")?)?;
+    let upstream = pooler::Upstream::from_pg_config(
+        &args
+            .upstream_url
+            .to_pg_config("TIDEPOOL_POOLER_UPSTREAM_URL")?,
+    )?;
     let config = pooler::PoolerConfig {
         listen: args.listen,
         upstream,
@@ -100,7 +108,10 @@ fn run_pooler_config(args: PoolerConfigArgs) -> Result<(), BoxError> {
 /// connection is a file descriptor, and the usual soft limit of 1024 is far
 /// below what one process can serve.
 fn raise_open_files_limit() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit and setrlimit only read and write the struct passed.
     let raised = unsafe {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
@@ -113,18 +124,4 @@ fn raise_open_files_limit() {
     } else {
         tracing::warn!(error = %std::io::Error::last_os_error(), "could not raise the open files limit");
     }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }

@@ -42,7 +42,10 @@ impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let http_requests = IntCounterVec::new(
-            Opts::new("tidepool_http_requests_total", "HTTP requests answered, by route, method and status."),
+            Opts::new(
+                "tidepool_http_requests_total",
+                "HTTP requests answered, by route, method and status.",
+            ),
             &["route", "method", "status"],
         )?;
         let http_request_duration = HistogramVec::new(
@@ -97,7 +100,9 @@ impl Metrics {
         registry.register(Box::new(db_pool_size.clone()))?;
         registry.register(Box::new(db_pool_available.clone()))?;
         registry.register(Box::new(db_pool_waiting.clone()))?;
-        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
 
         Ok(Self {
             registry,
@@ -137,18 +142,37 @@ mod tests {
     #[test]
     fn renders_pool_gauges_and_counters() {
         let metrics = Metrics::new().expect("metric definitions are valid");
-        metrics.http_requests.with_label_values(&["/row/", "GET", "200"]).inc();
-        metrics.http_requests_shed.with_label_values(&["db_pool_wait"]).inc();
+        metrics
+            .http_requests
+            .with_label_values(&["/row/", "GET", "200"])
+            .inc();
+        metrics
+            .http_requests_shed
+            .with_label_values(&["db_pool_wait"])
+            .inc();
         let text = String::from_utf8(
             metrics
-                .render(PoolStatus { max_size: 20, size: 3, available: 1, waiting: 7 })
+                .render(PoolStatus {
+                    max_size: 20,
+                    size: 3,
+                    available: 1,
+                    waiting: 7,
+                })
                 .expect("encodes"),
         )
         .expect("utf-8");
         assert!(text.contains("tidepool_db_pool_max_size 20"), "{text}");
         assert!(text.contains("tidepool_db_pool_waiting 7"), "{text}");
-        assert!(text.contains(r#"tidepool_http_requests_total{method="GET",route="/row/",status="200"} 1"#), "{text}");
-        assert!(text.contains(r#"tidepool_http_requests_shed_total{reason="db_pool_wait"} 1"#), "{text}");
+        assert!(
+            text.contains(
+                r#"tidepool_http_requests_total{method="GET",route="/row/",status="200"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tidepool_http_requests_shed_total{reason="db_pool_wait"} 1"#),
+            "{text}"
+        );
         assert!(text.contains("process_resident_memory_bytes"), "{text}");
     }
 }

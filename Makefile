@@ -1,0 +1,50 @@
+# Tidepool's entry points. Two of them set up a fresh machine:
+#   make demo   install what is missing, build, run the stack and the seed's experiments
+#   make test   install what is missing and run every test
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Heavy build output lives outside the checkout, so a fresh clone on a warm
+# machine reuses it.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/tidepool/cargo-target
+
+.PHONY: help deps build up down status demo test lint bench clean
+
+help:
+	@echo "make demo    install, build, start the local stack, run the seed's experiments"
+	@echo "make test    install, then run every test (lint, unit, integration)"
+	@echo "make up      start PostgreSQL, PgBouncer and tidepool web on loopback"
+	@echo "make down    stop them"
+	@echo "make bench   run the benchmarks and write docs/benchmarks.md"
+
+deps:
+	@scripts/install-deps.sh
+
+build: deps
+	cargo build --release --workspace --bins
+
+up: build
+	@scripts/stack.sh up
+
+down:
+	@scripts/stack.sh down
+
+status:
+	@scripts/stack.sh status
+
+demo: build
+	@scripts/demo.sh
+
+test: deps
+	@scripts/test.sh
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+bench: build
+	@scripts/install-deps.sh bench
+	@scripts/bench.sh
+
+clean: down
+	rm -rf .tidepool

@@ -1,0 +1,87 @@
+# Shared settings and helpers of Tidepool's scripts. Source it; do not run it.
+#
+# Every knob is an environment variable with a default, so two stacks (the
+# demo's and the tests') can run side by side on other ports and folders.
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+: "${TIDEPOOL_STATE_DIR:=$REPO_ROOT/.tidepool}"
+: "${TIDEPOOL_PG_PORT:=5432}"
+: "${TIDEPOOL_POOLER_PORT:=6432}"
+: "${TIDEPOOL_WEB_PORT:=8000}"
+: "${TIDEPOOL_RUN_AS:=tidepool}"              # PostgreSQL and PgBouncer refuse root
+: "${TIDEPOOL_PG_MAX_CONNECTIONS:=100}"
+: "${TIDEPOOL_POOLER_POOL_SIZE:=20}"          # PgBouncer server connections (max_db_connections)
+: "${TIDEPOOL_POOLER_MAX_CLIENT_CONN:=2000}"
+: "${TIDEPOOL_DB_POOL_SIZE:=20}"              # the web process's client pool
+: "${CARGO_TARGET_DIR:=$HOME/.cache/tidepool/cargo-target}"
+: "${TIDEPOOL_BIN:=$CARGO_TARGET_DIR/release/tidepool}"
+: "${TIDEPOOL_LOADGEN_BIN:=$CARGO_TARGET_DIR/release/tidepool-loadgen}"
+export CARGO_TARGET_DIR
+
+APP_DB=tidepool
+APP_USER=tidepool
+
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+say() { printf '==> %s\n' "$*" >&2; }
+
+pg_bindir() {
+  local dir
+  dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  [ -n "$dir" ] || die "PostgreSQL is not installed (run: make deps)"
+  printf '%s\n' "$dir"
+}
+
+# Runs a command as the dedicated service user when we are root.
+as_service_user() {
+  if [ "$(id -u)" -eq 0 ]; then
+    setpriv --reuid="$TIDEPOOL_RUN_AS" --regid="$TIDEPOOL_RUN_AS" --init-groups -- "$@"
+  else
+    "$@"
+  fi
+}
+
+# The same, in a new session (detached from the terminal's Ctrl-C), exec'd
+# without forking so that `$!` of a background call is the command's PID.
+as_service_user_detached() {
+  if [ "$(id -u)" -eq 0 ]; then
+    exec setsid setpriv --reuid="$TIDEPOOL_RUN_AS" --regid="$TIDEPOOL_RUN_AS" --init-groups -- "$@"
+  else
+    exec setsid "$@"
+  fi
+}
+
+# Is something listening on 127.0.0.1:$1?
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+require_free_port() {
+  local port=$1 what=$2
+  if port_in_use "$port"; then
+    die "port $port (for $what) is already in use on 127.0.0.1; stop what uses it or choose another port with the variable that sets it (see scripts/lib.sh)"
+  fi
+}
+
+# Waits until $1 succeeds, at most $2 seconds, polling every 0.1 s.
+wait_until() {
+  local check=$1 limit=$2 what=$3 tries
+  tries=$(( limit * 10 ))
+  while ! eval "$check" >/dev/null 2>&1; do
+    tries=$(( tries - 1 ))
+    [ "$tries" -gt 0 ] || die "$what did not become ready within ${limit}s"
+    sleep 0.1
+  done
+}
+
+# Is the process recorded in pid file $1 alive?
+pid_alive() { [ -f "$1" ] && kill -0 "$(head -n 1 "$1")" 2>/dev/null; }
+
+secret() { cat "$TIDEPOOL_STATE_DIR/secrets/$1"; }
+
+# Connection URLs. They carry passwords: pass them through the environment,
+# never on a command line (visible in ps) or in a log.
+superuser_url() { printf 'postgres://postgres:%s@127.0.0.1:%s/postgres' "$(secret postgres.password)" "$TIDEPOOL_PG_PORT"; }
+direct_url() { printf 'postgres://%s:%s@127.0.0.1:%s/%s' "$APP_USER" "$(secret app.password)" "$TIDEPOOL_PG_PORT" "$APP_DB"; }
+pooled_url() { printf 'postgres://%s:%s@127.0.0.1:%s/%s' "$APP_USER" "$(secret app.password)" "$TIDEPOOL_POOLER_PORT" "$APP_DB"; }
+
+# psql as the superuser over loopback.
+psql_super() { PGPASSWORD=$(secret postgres.password) psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$TIDEPOOL_PG_PORT" -U postgres "$@"; }

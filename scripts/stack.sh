@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# The local stack on loopback: PostgreSQL, PgBouncer in transaction mode in
+# front of it, and `tidepool web`. All state lives in $TIDEPOOL_STATE_DIR.
+#
+#   stack.sh up   [postgres|pooler|web ...]   start (all by default), idempotently
+#   stack.sh down [postgres|pooler|web ...]   stop, by recorded PIDs
+#   stack.sh status
+#
+# Ports: TIDEPOOL_PG_PORT (5432), TIDEPOOL_POOLER_PORT (6432),
+# TIDEPOOL_WEB_PORT (8000). Other knobs: scripts/lib.sh. Extra environment
+# for `tidepool web` (TIDEPOOL_MAX_IN_FLIGHT, ...) is passed through.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+STATE=$TIDEPOOL_STATE_DIR
+PG_DATA=$STATE/postgres
+POOLER_DIR=$STATE/pgbouncer
+RUN=$STATE/run
+LOGS=$STATE/log
+
+prepare_state() {
+  mkdir -p "$STATE" "$RUN" "$LOGS" "$STATE/secrets" "$POOLER_DIR"
+  chmod 700 "$STATE/secrets"
+  if [ "$(id -u)" -eq 0 ]; then
+    id "$TIDEPOOL_RUN_AS" >/dev/null 2>&1 || die "user $TIDEPOOL_RUN_AS does not exist (run: make deps)"
+    chown "$TIDEPOOL_RUN_AS:" "$POOLER_DIR" "$LOGS"
+    as_service_user test -w "$LOGS" || die "user $TIDEPOOL_RUN_AS cannot reach $STATE (a parent folder is not traversable); set TIDEPOOL_STATE_DIR to a folder it can reach"
+  fi
+  for name in postgres.password app.password; do
+    [ -s "$STATE/secrets/$name" ] || (umask 077; od -An -N16 -tx1 /dev/urandom | tr -d ' \n' > "$STATE/secrets/$name")
+  done
+}
+
+postgres_up() {
+  local bindir
+  bindir=$(pg_bindir)
+  if pid_alive "$PG_DATA/postmaster.pid"; then
+    say "PostgreSQL is already running on port $TIDEPOOL_PG_PORT"
+    return
+  fi
+  require_free_port "$TIDEPOOL_PG_PORT" PostgreSQL
+  if [ ! -s "$PG_DATA/PG_VERSION" ]; then
+    say "creating a PostgreSQL cluster in $PG_DATA"
+    mkdir -p "$PG_DATA"
+    [ "$(id -u)" -ne 0 ] || chown "$TIDEPOOL_RUN_AS:" "$PG_DATA"
+    local pwfile=$PG_DATA.pwfile
+    (umask 077; secret postgres.password > "$pwfile")
+    [ "$(id -u)" -ne 0 ] || chown "$TIDEPOOL_RUN_AS:" "$pwfile"
+    (cd "$STATE" && as_service_user "$bindir/initdb" -D "$PG_DATA" -U postgres --pwfile="$pwfile" \
+      --auth=scram-sha-256 --encoding=UTF8 --no-locale >"$LOGS/initdb.log" 2>&1) \
+      || { rm -f "$pwfile"; die "initdb failed; see $LOGS/initdb.log"; }
+    rm -f "$pwfile"
+  fi
+  say "starting PostgreSQL on 127.0.0.1:$TIDEPOOL_PG_PORT"
+  (cd "$STATE" && as_service_user "$bindir/pg_ctl" -D "$PG_DATA" -l "$LOGS/postgres.log" -w -t 60 \
+    -o "-c listen_addresses=127.0.0.1 -c port=$TIDEPOOL_PG_PORT -c unix_socket_directories='' -c max_connections=$TIDEPOOL_PG_MAX_CONNECTIONS" \
+    start >/dev/null) || die "PostgreSQL did not start; see $LOGS/postgres.log"
+  wait_until "PGPASSWORD=\$(secret postgres.password) psql -X -h 127.0.0.1 -p $TIDEPOOL_PG_PORT -U postgres -c 'SELECT 1' postgres" 30 PostgreSQL
+  psql_super -d postgres <<SQL
+SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', '$APP_USER', '$(secret app.password)')
+WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$APP_USER') \gexec
+SELECT format('CREATE DATABASE %I OWNER %I', '$APP_DB', '$APP_USER')
+WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$APP_DB') \gexec
+SQL
+  say "migrating the schema"
+  TIDEPOOL_DIRECT_DATABASE_URL=$(direct_url) "$TIDEPOOL_BIN" migrate
+}
+
+pooler_up() {
+  if pid_alive "$RUN/pgbouncer.pid"; then
+    say "PgBouncer is already running on port $TIDEPOOL_POOLER_PORT"
+    return
+  fi
+  require_free_port "$TIDEPOOL_POOLER_PORT" PgBouncer
+  say "starting PgBouncer (transaction mode, $TIDEPOOL_POOLER_POOL_SIZE server connections) on 127.0.0.1:$TIDEPOOL_POOLER_PORT"
+  TIDEPOOL_POOLER_UPSTREAM_URL=$(direct_url) as_service_user "$TIDEPOOL_BIN" pooler-config \
+    --out-dir "$POOLER_DIR" --listen "127.0.0.1:$TIDEPOOL_POOLER_PORT" \
+    --pool-size "$TIDEPOOL_POOLER_POOL_SIZE" --max-client-conn "$TIDEPOOL_POOLER_MAX_CLIENT_CONN" >/dev/null
+  local pgbouncer
+  pgbouncer=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
+  # In the foreground (not -d) and exec'd straight through setsid and setpriv,
+  # so the recorded PID is PgBouncer itself.
+  as_service_user_detached "$pgbouncer" "$POOLER_DIR/pgbouncer.ini" </dev/null >>"$LOGS/pgbouncer.log" 2>&1 &
+  echo $! > "$RUN/pgbouncer.pid"
+  wait_until "port_in_use $TIDEPOOL_POOLER_PORT || ! pid_alive $RUN/pgbouncer.pid" 30 PgBouncer
+  pid_alive "$RUN/pgbouncer.pid" || die "PgBouncer exited at start; see $LOGS/pgbouncer.log"
+}
+
+web_up() {
+  if pid_alive "$RUN/web.pid"; then
+    say "tidepool web is already running on port $TIDEPOOL_WEB_PORT"
+    return
+  fi
+  require_free_port "$TIDEPOOL_WEB_PORT" "tidepool web"
+  say "starting tidepool web (pool of $TIDEPOOL_DB_POOL_SIZE connections) on 127.0.0.1:$TIDEPOOL_WEB_PORT"
+  DATABASE_URL=$(pooled_url) TIDEPOOL_LISTEN=127.0.0.1:$TIDEPOOL_WEB_PORT TIDEPOOL_DB_POOL_SIZE=$TIDEPOOL_DB_POOL_SIZE \
+    setsid "$TIDEPOOL_BIN" web </dev/null >>"$LOGS/web.log" 2>&1 &
+  echo $! > "$RUN/web.pid"
+  wait_until "curl -fsS http://127.0.0.1:$TIDEPOOL_WEB_PORT/readyz || ! pid_alive $RUN/web.pid" 30 "tidepool web (see $LOGS/web.log)"
+  pid_alive "$RUN/web.pid" || die "tidepool web exited at start; see $LOGS/web.log"
+}
+
+# Stops the process recorded in $1 with SIGTERM, waiting up to $2 seconds
+# before SIGKILL.
+stop_pid() {
+  local pidfile=$1 limit=$2 what=$3 pid
+  pid_alive "$pidfile" || { rm -f "$pidfile"; return 0; }
+  pid=$(head -n 1 "$pidfile")
+  say "stopping $what (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  if ! (wait_until "! kill -0 $pid" "$limit" "$what" 2>/dev/null); then
+    say "$what did not stop within ${limit}s; killing it"
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidfile"
+}
+
+web_down() { stop_pid "$RUN/web.pid" 40 "tidepool web"; }
+pooler_down() { stop_pid "$RUN/pgbouncer.pid" 10 PgBouncer; }
+postgres_down() {
+  pid_alive "$PG_DATA/postmaster.pid" || return 0
+  say "stopping PostgreSQL"
+  (cd "$STATE" && as_service_user "$(pg_bindir)/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 stop >/dev/null)
+}
+
+status() {
+  local name file
+  for name in postgres pooler web; do
+    case $name in
+      postgres) file=$PG_DATA/postmaster.pid ;;
+      pooler) file=$RUN/pgbouncer.pid ;;
+      web) file=$RUN/web.pid ;;
+    esac
+    if pid_alive "$file"; then echo "$name: running (pid $(head -n 1 "$file"))"; else echo "$name: stopped"; fi
+  done
+}
+
+write_env_file() {
+  (umask 077; {
+    echo "export DATABASE_URL='$(pooled_url)'"
+    echo "export TIDEPOOL_DIRECT_DATABASE_URL='$(direct_url)'"
+  } > "$STATE/env")
+}
+
+command=${1:-}
+shift || true
+components=("$@")
+[ ${#components[@]} -gt 0 ] || components=(postgres pooler web)
+case $command in
+  up)
+    [ -x "$TIDEPOOL_BIN" ] || die "$TIDEPOOL_BIN is not built (run: make build)"
+    prepare_state
+    for c in "${components[@]}"; do
+      case $c in postgres|pooler|web) "${c}_up" ;; *) die "unknown component $c (postgres, pooler, web)" ;; esac
+    done
+    write_env_file
+    say "up: $(status | tr '\n' ' ')"
+    say "connection URLs for your shell: source $STATE/env"
+    ;;
+  down)
+    # Reverse order: the web tier first, the database last.
+    for c in web pooler postgres; do
+      [[ " ${components[*]} " == *" $c "* ]] && "${c}_down"
+    done
+    ;;
+  status) status ;;
+  *) die "usage: stack.sh up|down [postgres|pooler|web ...] | status" ;;
+esac

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every test: formatting, lints, unit tests, and the integration tests
+# against a real PostgreSQL and real PgBouncers on loopback.
+#
+# A PostgreSQL cluster for the run is created afresh in
+# $TIDEPOOL_STATE_DIR/test on port $TIDEPOOL_TEST_PG_PORT (55432) and stopped
+# at the end, pass or fail.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$REPO_ROOT"
+
+: "${TIDEPOOL_TEST_PG_PORT:=55432}"
+TEST_STATE=$TIDEPOOL_STATE_DIR/test
+
+say "cargo fmt --check"
+cargo fmt --all --check
+say "cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+say "building"
+cargo build --workspace --bins --quiet
+
+stack() {
+  TIDEPOOL_STATE_DIR=$TEST_STATE TIDEPOOL_PG_PORT=$TIDEPOOL_TEST_PG_PORT TIDEPOOL_PG_MAX_CONNECTIONS=400 \
+    TIDEPOOL_BIN=$CARGO_TARGET_DIR/debug/tidepool "$REPO_ROOT/scripts/stack.sh" "$@"
+}
+stack down postgres || true
+rm -rf "$TEST_STATE"
+trap 'stack down postgres || true' EXIT
+stack up postgres
+
+export TIDEPOOL_TEST_STATE_DIR=$TEST_STATE TIDEPOOL_TEST_PG_PORT TIDEPOOL_RUN_AS
+say "cargo test"
+cargo test --workspace -- ${TIDEPOOL_TEST_ARGS:-}

@@ -1,0 +1,625 @@
+//! Test harness: real PostgreSQL, real PgBouncer in transaction mode, and
+//! real `tidepool` processes, all on loopback.
+//!
+//! `make test` (scripts/test.sh) starts one PostgreSQL cluster for the whole
+//! run and exports where it is (`TIDEPOOL_TEST_*`). Each test then creates
+//! what it needs of its own, so tests run in parallel without sharing state:
+//! a database ([`TestDb`]), a PgBouncer in front of it ([`PgBouncer`]), a
+//! `tidepool web` process ([`Web`]), or a private PostgreSQL cluster it may
+//! stop and start ([`PrivatePostgres`]). Processes are killed when their
+//! handle drops. Waits poll a condition with a deadline ([`wait_for`]).
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::rt::TokioExecutor;
+use tidepool::pooler::{self, PoolerConfig, Upstream};
+use tokio_postgres::NoTls;
+
+/// Where the run's shared PostgreSQL is, from scripts/test.sh.
+pub struct TestEnv {
+    pub pg_port: u16,
+    pub state_dir: PathBuf,
+    pub superuser_password: String,
+    pub app_user: String,
+    pub app_password: String,
+    /// The uid/gid PostgreSQL and PgBouncer run as when the tests run as root.
+    pub run_as: Option<(u32, u32)>,
+}
+
+pub fn env() -> &'static TestEnv {
+    static ENV: OnceLock<TestEnv> = OnceLock::new();
+    ENV.get_or_init(|| match load_env() {
+        Ok(env) => env,
+        Err(e) => panic!("{e:#}\nThese tests need the test PostgreSQL: run them with `make test`."),
+    })
+}
+
+fn load_env() -> Result<TestEnv> {
+    let var = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
+    let state_dir = PathBuf::from(var("TIDEPOOL_TEST_STATE_DIR")?);
+    let secret = |name: &str| -> Result<String> {
+        let path = state_dir.join("secrets").join(name);
+        Ok(std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .trim()
+            .to_owned())
+    };
+    let run_as = if unsafe { libc::geteuid() } == 0 {
+        Some(lookup_user(&var("TIDEPOOL_RUN_AS")?)?)
+    } else {
+        None
+    };
+    Ok(TestEnv {
+        pg_port: var("TIDEPOOL_TEST_PG_PORT")?
+            .parse()
+            .context("TIDEPOOL_TEST_PG_PORT")?,
+        superuser_password: secret("postgres.password")?,
+        app_user: "tidepool".into(),
+        app_password: secret("app.password")?,
+        state_dir,
+        run_as,
+    })
+}
+
+fn lookup_user(name: &str) -> Result<(u32, u32)> {
+    let c_name = std::ffi::CString::new(name)?;
+    // SAFETY: getpwnam returns a pointer to static storage or null; it is
+    // read at once, before any other call could overwrite it.
+    let entry = unsafe { libc::getpwnam(c_name.as_ptr()) };
+    if entry.is_null() {
+        bail!("user {name} does not exist (run `make deps`)");
+    }
+    // SAFETY: checked non-null above.
+    let (uid, gid) = unsafe { ((*entry).pw_uid, (*entry).pw_gid) };
+    Ok((uid, gid))
+}
+
+/// A command that runs as the service user when the tests run as root.
+fn service_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new(program);
+    if let Some((uid, gid)) = env().run_as {
+        command.uid(uid).gid(gid);
+    }
+    command
+}
+
+fn chown_to_service_user(path: &Path) -> Result<()> {
+    if let Some((uid, gid)) = env().run_as {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .with_context(|| format!("chown {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A folder of this test's own in the state folder, reachable by the
+/// service user.
+pub fn scratch_dir(kind: &str) -> Result<PathBuf> {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let dir = env().state_dir.join("scratch").join(format!(
+        "{kind}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    chown_to_service_user(&dir)?;
+    Ok(dir)
+}
+
+/// A free loopback port (bound, then released for the caller to bind).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub fn port_accepts(port: u16) -> bool {
+    TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    )
+    .is_ok()
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, failing after `limit`.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn url(user: &str, password: &str, port: u16, db: &str) -> String {
+    format!("postgres://{user}:{password}@127.0.0.1:{port}/{db}")
+}
+
+pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// A database of this test's own on the shared cluster, migrated.
+pub struct TestDb {
+    pub name: String,
+    pub port: u16,
+}
+
+impl TestDb {
+    pub async fn create() -> Result<TestDb> {
+        Self::create_on(env().pg_port).await
+    }
+
+    /// Creates and migrates a database on the cluster at `port`.
+    pub async fn create_on(port: u16) -> Result<TestDb> {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let db = TestDb { name, port };
+        let admin = connect(&url(
+            "postgres",
+            &env().superuser_password,
+            port,
+            "postgres",
+        ))
+        .await?;
+        admin
+            .batch_execute(&format!(
+                "CREATE DATABASE {} OWNER {}",
+                db.name,
+                env().app_user
+            ))
+            .await
+            .context("CREATE DATABASE")?;
+        let output = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+            .arg("migrate")
+            .env("TIDEPOOL_DIRECT_DATABASE_URL", db.direct_url())
+            .env_remove("DATABASE_URL")
+            .output()?;
+        if !output.status.success() {
+            bail!(
+                "tidepool migrate failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(db)
+    }
+
+    pub fn direct_url(&self) -> String {
+        url(&env().app_user, &env().app_password, self.port, &self.name)
+    }
+
+    /// A superuser connection to this database, for inspecting the server.
+    pub async fn admin(&self) -> Result<tokio_postgres::Client> {
+        connect(&url(
+            "postgres",
+            &env().superuser_password,
+            self.port,
+            &self.name,
+        ))
+        .await
+    }
+
+    /// Backends of this database running `pg_sleep` right now.
+    pub async fn active_sleeps(&self, admin: &tokio_postgres::Client) -> Result<i64> {
+        let row = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = $1 AND state = 'active' AND query ILIKE '%pg_sleep%' AND pid <> pg_backend_pid()",
+                &[&self.name],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Server connections the application role holds on this database.
+    pub async fn server_connections(&self, admin: &tokio_postgres::Client) -> Result<i64> {
+        let row = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND usename = $2",
+                &[&self.name, &env().app_user],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+}
+
+/// A real PgBouncer, transaction mode, configured by `tidepool::pooler`.
+pub struct PgBouncer {
+    child: Option<Child>,
+    dir: PathBuf,
+    pub port: u16,
+    db_name: String,
+}
+
+impl PgBouncer {
+    pub async fn start(db: &TestDb, pool_size: u32) -> Result<PgBouncer> {
+        let dir = scratch_dir("pgbouncer")?;
+        let pg = db.direct_url().parse::<tokio_postgres::Config>()?;
+        let config = PoolerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            upstream: Upstream::from_pg_config(&pg)?,
+            pool_size,
+            max_db_connections: pool_size,
+            max_client_conn: 1000,
+            query_wait_timeout: Duration::from_secs(30),
+            pidfile: None,
+            logfile: None,
+        };
+        let (ini, auth) = pooler::write(&config, &dir)?;
+        chown_to_service_user(&ini)?;
+        chown_to_service_user(&auth)?;
+        let mut bouncer = PgBouncer {
+            child: None,
+            dir,
+            port: config.listen.port(),
+            db_name: db.name.clone(),
+        };
+        bouncer.run().await?;
+        Ok(bouncer)
+    }
+
+    async fn run(&mut self) -> Result<()> {
+        let log = std::fs::File::create(self.dir.join("pgbouncer.log"))?;
+        let child = service_command(pgbouncer_binary())
+            .arg(self.dir.join(pooler::INI_FILE))
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting pgbouncer")?;
+        self.child = Some(child);
+        let port = self.port;
+        wait_for(
+            "PgBouncer to listen",
+            Duration::from_secs(10),
+            || async move { port_accepts(port).then_some(()) },
+        )
+        .await
+        .with_context(|| self.log())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self) -> String {
+        url(
+            &env().app_user,
+            &env().app_password,
+            self.port,
+            &self.db_name,
+        )
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.run().await
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn pgbouncer_binary() -> PathBuf {
+    ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("pgbouncer"))
+}
+
+/// A PostgreSQL cluster of one test's own, which it may stop and start.
+pub struct PrivatePostgres {
+    child: Option<Child>,
+    data: PathBuf,
+    pub port: u16,
+}
+
+impl PrivatePostgres {
+    pub async fn start() -> Result<PrivatePostgres> {
+        let dir = scratch_dir("postgres")?;
+        let data = dir.join("data");
+        let pwfile = dir.join("pwfile");
+        std::fs::write(&pwfile, &env().superuser_password)?;
+        chown_to_service_user(&pwfile)?;
+        let output = service_command(pg_bindir()?.join("initdb"))
+            .args([
+                "-U",
+                "postgres",
+                "--auth=scram-sha-256",
+                "--encoding=UTF8",
+                "--no-locale",
+                "--no-sync",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .arg("-D")
+            .arg(&data)
+            .current_dir(&dir)
+            .output()?;
+        if !output.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        let mut pg = PrivatePostgres {
+            child: None,
+            data,
+            port: free_port()?,
+        };
+        pg.run().await?;
+        let admin = connect(&url(
+            "postgres",
+            &env().superuser_password,
+            pg.port,
+            "postgres",
+        ))
+        .await?;
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE {} LOGIN PASSWORD '{}'",
+                env().app_user,
+                env().app_password
+            ))
+            .await?;
+        Ok(pg)
+    }
+
+    async fn run(&mut self) -> Result<()> {
+        let log = std::fs::File::create(self.data.with_file_name("postgres.log"))?;
+        let child = service_command(pg_bindir()?.join("postgres"))
+            .arg("-D")
+            .arg(&self.data)
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "unix_socket_directories=",
+                "-c",
+                "fsync=off",
+            ])
+            .args(["-p", &self.port.to_string()])
+            .current_dir(self.data.parent().unwrap_or(Path::new("/")))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting postgres")?;
+        self.child = Some(child);
+        let admin_url = url("postgres", &env().superuser_password, self.port, "postgres");
+        wait_for(
+            "PostgreSQL to accept connections",
+            Duration::from_secs(30),
+            || {
+                let admin_url = admin_url.clone();
+                async move { connect(&admin_url).await.ok().map(drop) }
+            },
+        )
+        .await
+    }
+
+    /// Fast shutdown (SIGINT), waiting for the server to exit.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), libc::SIGINT)?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.run().await
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn pg_bindir() -> Result<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    dirs.sort();
+    dirs.pop()
+        .ok_or_else(|| anyhow!("no PostgreSQL server under /usr/lib/postgresql"))
+}
+
+pub fn signal(pid: u32, signal: i32) -> Result<()> {
+    let pid = i32::try_from(pid)?;
+    // SAFETY: kill has no memory effects; the pid is our own child's.
+    if unsafe { libc::kill(pid, signal) } != 0 {
+        bail!("kill({pid}, {signal}): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A `tidepool web` process on a port of its own.
+pub struct Web {
+    child: Child,
+    pub port: u16,
+    log: PathBuf,
+}
+
+impl Web {
+    /// Starts `tidepool web` against `database_url` with extra environment
+    /// (`TIDEPOOL_*` knobs), waiting until `/healthz` answers.
+    pub async fn start(database_url: &str, extra_env: &[(&str, &str)]) -> Result<Web> {
+        let port = free_port()?;
+        let log = scratch_dir("web")?.join("web.log");
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+            .arg("web")
+            .env("DATABASE_URL", database_url)
+            .env("TIDEPOOL_LISTEN", format!("127.0.0.1:{port}"))
+            .env("TIDEPOOL_LOG", "info")
+            .envs(extra_env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()?;
+        let mut web = Web { child, port, log };
+        let health = web.url("/healthz");
+        let started = wait_for(
+            "tidepool web to answer /healthz",
+            Duration::from_secs(15),
+            || {
+                let health = health.clone();
+                async move {
+                    get(&health)
+                        .await
+                        .ok()
+                        .filter(|r| r.status == 200)
+                        .map(drop)
+                }
+            },
+        )
+        .await;
+        if let Err(e) = started {
+            let exited = web.child.try_wait()?;
+            bail!("{e}; exited: {exited:?}; log:\n{}", web.log());
+        }
+        Ok(web)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        self::signal(self.child.id(), signal)
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Result<ExitStatus> {
+        let child = &mut self.child;
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("tidepool web did not exit within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Web {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_str(&self.body).with_context(|| format!("not JSON: {}", self.body))
+    }
+}
+
+/// A GET on a new connection, bounded to 90 s.
+pub async fn get(url: &str) -> Result<HttpResponse> {
+    static CLIENT: OnceLock<
+        HttpClient<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    > = OnceLock::new();
+    let client = CLIENT.get_or_init(|| {
+        HttpClient::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build_http()
+    });
+    let response = tokio::time::timeout(Duration::from_secs(90), client.get(url.parse()?))
+        .await
+        .with_context(|| format!("GET {url} timed out"))??;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// Sends raw bytes on a new connection and returns everything the server
+/// sends back until it closes or 10 s pass.
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(request).await?;
+    let mut response = Vec::new();
+    let mut buf = [0u8; 8192];
+    let read = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    response.extend_from_slice(&buf[..n]);
+                    // One response is enough: stop at the end of a JSON body.
+                    if response.ends_with(b"}") {
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+    Ok(String::from_utf8_lossy(&response).into_owned())
+}
