@@ -25,15 +25,27 @@
 //! timeout or because the request that ran it went away, is cancelled on the
 //! server and its connection is discarded rather than returned to the pool
 //! with a reply still pending.
+//!
+//! Cancelling through PgBouncer 1.18 needs care: tokio-postgres'
+//! `CancelToken::cancel_query` writes the CancelRequest and shuts its socket
+//! at once, and PgBouncer 1.18 drops a cancel whose sender hung up before it
+//! was forwarded (measured: the statement ran to its end). [`cancel`] does
+//! what libpq does: it sends the request, then waits for the pooler to close
+//! the connection.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
 };
 use prometheus::Histogram;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_postgres::config::Host;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, NoTls, Row, SimpleQueryMessage};
+use tokio_postgres::{CancelToken, Client, NoTls, Row, SimpleQueryMessage};
 
 /// Longest a best-effort cancel request may take.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -90,6 +102,8 @@ pub struct Database {
     pool: Pool,
     settings: PoolSettings,
     wait_seconds: Histogram,
+    /// Where cancel requests go: the pooler's host and port.
+    cancel_target: Option<(String, u16)>,
 }
 
 impl Database {
@@ -101,6 +115,10 @@ impl Database {
         wait_seconds: Histogram,
     ) -> Result<Self, DbError> {
         pg.connect_timeout(settings.connect_timeout);
+        let cancel_target = match (pg.get_hosts().first(), pg.get_ports().first()) {
+            (Some(Host::Tcp(host)), port) => Some((host.clone(), port.copied().unwrap_or(5432))),
+            _ => None,
+        };
         let manager = Manager::from_config(
             pg,
             NoTls,
@@ -120,6 +138,7 @@ impl Database {
             pool,
             settings,
             wait_seconds,
+            cancel_target,
         })
     }
 
@@ -133,6 +152,7 @@ impl Database {
                 object: Some(object),
                 query_timeout: self.settings.query_timeout,
                 in_query: false,
+                cancel_target: self.cancel_target.clone(),
             }),
             Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => {
                 Err(DbError::PoolExhausted {
@@ -166,6 +186,7 @@ pub struct Conn {
     object: Option<Object>,
     query_timeout: Duration,
     in_query: bool,
+    cancel_target: Option<(String, u16)>,
 }
 
 impl Conn {
@@ -195,7 +216,7 @@ impl Conn {
                 self.in_query = false;
                 Ok(rows)
             }
-            Ok(Err(e)) if e.is_closed() || self.client().is_closed() => {
+            Ok(Err(e)) if is_unavailable(&e) || self.client().is_closed() => {
                 self.in_query = false;
                 self.discard();
                 Err(DbError::unavailable_because(&e))
@@ -225,21 +246,83 @@ impl Drop for Conn {
         let Some(object) = self.object.take() else {
             return;
         };
-        let token = object.cancel_token();
-        drop(Object::take(object));
-        // Without a cancel the server would go on running the statement and
-        // PgBouncer would keep its server connection busy until it ends.
+        // Detached from the pool, the client closes when the task below ends:
+        // PgBouncer routes a cancel only for a client it still has.
+        let client = Object::take(object);
+        let token = client.cancel_token();
+        let Some(target) = self.cancel_target.take() else {
+            return;
+        };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         runtime.spawn(async move {
-            match tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(NoTls)).await {
+            match tokio::time::timeout(CANCEL_TIMEOUT, cancel(&token, &target)).await {
                 Ok(Ok(())) => tracing::debug!("cancelled an abandoned query"),
                 Ok(Err(e)) => tracing::warn!(error = %e, "could not cancel an abandoned query"),
                 Err(_) => tracing::warn!("cancelling an abandoned query timed out"),
             }
+            drop(client);
         });
     }
+}
+
+/// Sends a cancel request for `token` to `target` (host, port) and waits,
+/// as libpq does, until the pooler closes the connection: PgBouncer 1.18
+/// ignores a cancel whose sender has already hung up.
+async fn cancel(token: &CancelToken, target: &(String, u16)) -> Result<(), std::io::Error> {
+    let mut stream = TcpStream::connect((target.0.as_str(), target.1)).await?;
+    token
+        .cancel_query_raw(KeepOpen(&mut stream), NoTls)
+        .await
+        .map_err(std::io::Error::other)?;
+    let mut rest = [0u8; 64];
+    while stream.read(&mut rest).await? > 0 {}
+    Ok(())
+}
+
+/// A stream whose shutdown does nothing, so `cancel_query_raw` leaves the
+/// socket open for [`cancel`] to wait on.
+struct KeepOpen<'a>(&'a mut TcpStream);
+
+impl AsyncRead for KeepOpen<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for KeepOpen<'_> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Whether `e` says the database cannot be reached, rather than that the
+/// statement failed: a closed connection, SQLSTATE class 08 (connection
+/// exception, also what PgBouncer reports when it cannot reach the server),
+/// or PostgreSQL shutting down or starting up.
+fn is_unavailable(e: &tokio_postgres::Error) -> bool {
+    e.is_closed()
+        || e.code().is_some_and(|state| {
+            let code = state.code();
+            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+        })
 }
 
 /// Opens one unpooled connection, bounded by `timeout` (TCP and login).

@@ -145,7 +145,7 @@ impl From<DbError> for ApiError {
                 ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string())
             }
             DbError::Query(_) | DbError::Config(_) => {
-                tracing::error!(error = %e, "database error");
+                tracing::error!(error = %crate::error_chain(&e), "database error");
                 ApiError::internal("database query failed")
             }
         }

@@ -598,6 +598,17 @@ pub async fn get(url: &str) -> Result<HttpResponse> {
     })
 }
 
+/// Sends a GET on a new connection and returns the connection without
+/// reading the answer: dropping it hangs up on the server mid-request.
+pub async fn start_request(addr: SocketAddr, path: &str) -> Result<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
+        .await?;
+    Ok(stream)
+}
+
 /// Sends raw bytes on a new connection and returns everything the server
 /// sends back until it closes or 10 s pass.
 pub async fn raw(addr: SocketAddr, request: &[u8]) -> Result<String> {
