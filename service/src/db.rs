@@ -151,7 +151,7 @@ impl Database {
             Ok(object) => Ok(Conn {
                 object: Some(object),
                 query_timeout: self.settings.query_timeout,
-                in_query: false,
+                state: ConnState::Idle,
                 cancel_target: self.cancel_target.clone(),
             }),
             Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => {
@@ -180,13 +180,22 @@ impl Database {
 }
 
 /// A connection borrowed from the pool. Returned to the pool when dropped,
-/// unless it was dropped in the middle of a query (the request that ran it
-/// went away): then the query is cancelled and the connection discarded.
+/// unless it broke (then it is closed) or it was dropped in the middle of a
+/// query, by a timeout or because the request that ran it went away (then
+/// the query is cancelled and the connection closed).
 pub struct Conn {
+    /// Always `Some` until `drop`, which alone takes it.
     object: Option<Object>,
     query_timeout: Duration,
-    in_query: bool,
+    state: ConnState,
     cancel_target: Option<(String, u16)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnState {
+    Idle,
+    InQuery,
+    Broken,
 }
 
 impl Conn {
@@ -195,8 +204,7 @@ impl Conn {
     pub fn client(&self) -> &Client {
         match &self.object {
             Some(object) => object,
-            // `object` is taken only by methods that consume `self`.
-            None => unreachable!("connection used after it was discarded"),
+            None => unreachable!("the pooled object is taken only in drop"),
         }
     }
 
@@ -209,43 +217,37 @@ impl Conn {
         expected: Duration,
     ) -> Result<Vec<Row>, DbError> {
         let budget = expected.saturating_add(self.query_timeout);
-        self.in_query = true;
+        self.state = ConnState::InQuery;
         let outcome = tokio::time::timeout(budget, self.client().query_typed(sql, params)).await;
         match outcome {
             Ok(Ok(rows)) => {
-                self.in_query = false;
+                self.state = ConnState::Idle;
                 Ok(rows)
             }
             Ok(Err(e)) if is_unavailable(&e) || self.client().is_closed() => {
-                self.in_query = false;
-                self.discard();
+                self.state = ConnState::Broken;
                 Err(DbError::unavailable_because(&e))
             }
             Ok(Err(e)) => {
-                self.in_query = false;
+                self.state = ConnState::Idle;
                 Err(DbError::Query(e))
             }
-            // `in_query` stays set: the connection is abandoned when dropped.
+            // Still `InQuery`: the query is cancelled when the conn drops.
             Err(_) => Err(DbError::QueryTimeout { after: budget }),
-        }
-    }
-
-    /// Closes the connection instead of returning it to the pool.
-    fn discard(&mut self) {
-        if let Some(object) = self.object.take() {
-            drop(Object::take(object));
         }
     }
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        if !self.in_query {
-            return;
-        }
         let Some(object) = self.object.take() else {
             return;
         };
+        match self.state {
+            ConnState::Idle => return drop(object),
+            ConnState::Broken => return drop(Object::take(object)),
+            ConnState::InQuery => {}
+        }
         // Detached from the pool, the client closes when the task below ends:
         // PgBouncer routes a cancel only for a client it still has.
         let client = Object::take(object);
