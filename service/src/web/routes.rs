@@ -101,8 +101,11 @@ pub async fn handle(
 
     let method = method_label(request.method());
     let route = Route::from_path(request.uri().path());
+    // Boxed: hyper keeps room for this future in every connection for the
+    // connection's whole life, so it must stay small; the routes' futures
+    // (pool checkout, query) are several KB and live only per request.
     let response = match route {
-        Some(route) => dispatch(&app, route, request).await,
+        Some(route) => Box::pin(dispatch(&app, route, request)).await,
         None => Err(ApiError::not_found(request.uri().path())),
     };
     let response = response.unwrap_or_else(|e| {
