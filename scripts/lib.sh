@@ -5,7 +5,6 @@
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-: "${TIDEPOOL_STATE_DIR:=$REPO_ROOT/.tidepool}"
 : "${TIDEPOOL_PG_PORT:=5432}"
 : "${TIDEPOOL_POOLER_PORT:=6432}"
 : "${TIDEPOOL_WEB_PORT:=8000}"
@@ -18,6 +17,20 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 : "${TIDEPOOL_BIN:=$CARGO_TARGET_DIR/release/tidepool}"
 : "${TIDEPOOL_LOADGEN_BIN:=$CARGO_TARGET_DIR/release/tidepool-loadgen}"
 export CARGO_TARGET_DIR
+
+# State lives in .tidepool/ at the repository root, unless configured, or
+# unless the service user cannot reach the checkout (a clone inside a
+# private folder): then in /var/lib/tidepool/<hash of the checkout's path>.
+if [ -z "${TIDEPOOL_STATE_DIR:-}" ]; then
+  TIDEPOOL_STATE_DIR=$REPO_ROOT/.tidepool
+  if [ "$(id -u)" -eq 0 ] && id "$TIDEPOOL_RUN_AS" >/dev/null 2>&1 \
+     && ! setpriv --reuid="$TIDEPOOL_RUN_AS" --regid="$TIDEPOOL_RUN_AS" --init-groups -- test -x "$REPO_ROOT"; then
+    TIDEPOOL_STATE_DIR=/var/lib/tidepool/$(printf '%s' "$REPO_ROOT" | sha1sum | cut -c1-12)
+    mkdir -p "$TIDEPOOL_STATE_DIR" && chmod 755 /var/lib/tidepool "$TIDEPOOL_STATE_DIR"
+    printf 'note: user %s cannot reach %s; keeping state in %s\n' "$TIDEPOOL_RUN_AS" "$REPO_ROOT" "$TIDEPOOL_STATE_DIR" >&2
+  fi
+fi
+export TIDEPOOL_STATE_DIR
 
 APP_DB=tidepool
 APP_USER=tidepool

@@ -93,7 +93,9 @@ web_up() {
   fi
   require_free_port "$TIDEPOOL_WEB_PORT" "tidepool web"
   say "starting tidepool web (pool of $TIDEPOOL_DB_POOL_SIZE connections) on 127.0.0.1:$TIDEPOOL_WEB_PORT"
+  # No load balancer to wait for locally, so no drain delay unless asked.
   DATABASE_URL=$(pooled_url) TIDEPOOL_LISTEN=127.0.0.1:$TIDEPOOL_WEB_PORT TIDEPOOL_DB_POOL_SIZE=$TIDEPOOL_DB_POOL_SIZE \
+    TIDEPOOL_DRAIN_DELAY=${TIDEPOOL_DRAIN_DELAY:-0s} \
     setsid "$TIDEPOOL_BIN" web </dev/null >>"$LOGS/web.log" 2>&1 &
   echo $! > "$RUN/web.pid"
   wait_until "curl -fsS http://127.0.0.1:$TIDEPOOL_WEB_PORT/readyz || ! pid_alive $RUN/web.pid" 30 "tidepool web (see $LOGS/web.log)"
@@ -160,7 +162,7 @@ case $command in
   down)
     # Reverse order: the web tier first, the database last.
     for c in web pooler postgres; do
-      [[ " ${components[*]} " == *" $c "* ]] && "${c}_down"
+      if [[ " ${components[*]} " == *" $c "* ]]; then "${c}_down"; fi
     done
     ;;
   status) status ;;

@@ -3,13 +3,15 @@
 # against a real PostgreSQL and real PgBouncers on loopback.
 #
 # A PostgreSQL cluster for the run is created afresh in
-# $TIDEPOOL_STATE_DIR/test on port $TIDEPOOL_TEST_PG_PORT (55432) and stopped
+# $TIDEPOOL_STATE_DIR/test on port $TIDEPOOL_TEST_PG_PORT (15432) and stopped
 # at the end, pass or fail.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
 
-: "${TIDEPOOL_TEST_PG_PORT:=55432}"
+# Below the kernel's ephemeral range (32768-60999), where an outgoing
+# connection could hold the port.
+: "${TIDEPOOL_TEST_PG_PORT:=15432}"
 TEST_STATE=$TIDEPOOL_STATE_DIR/test
 
 say "cargo fmt --check"
