@@ -150,3 +150,30 @@ fn migrate_without_a_url_says_what_to_set() -> Result<()> {
         .contains("set TIDEPOOL_DIRECT_DATABASE_URL or DATABASE_URL"));
     Ok(())
 }
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() -> Result<()> {
+    let db = TestDb::create().await?;
+    let output = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .arg("migrate")
+        .env("TIDEPOOL_DIRECT_DATABASE_URL", db.direct_url())
+        .env("TIDEPOOL_LOG_FORMAT", "json")
+        .output()?;
+    assert!(output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "migrations complete" && l["level"] == "INFO"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(&support::env().app_password),
+        "a log line carried the password"
+    );
+    Ok(())
+}
