@@ -33,10 +33,7 @@ use tokio::sync::Barrier;
 const MAX_CONNECTIONS: usize = 20_000;
 
 #[derive(Parser)]
-#[command(
-    name = "tidepool-loadgen",
-    about = "Loopback load generator for Tidepool's demo and benchmarks"
-)]
+#[command(name = "tidepool-loadgen", about = "Loopback load generator for Tidepool's demo and benchmarks")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -92,9 +89,7 @@ struct Target {
 
 impl Target {
     fn parse(url: &str) -> Result<Self> {
-        let uri: hyper::Uri = url
-            .parse()
-            .with_context(|| format!("{url:?} is not a URL"))?;
+        let uri: hyper::Uri = url.parse().with_context(|| format!("{url:?} is not a URL"))?;
         if uri.scheme_str() != Some("http") {
             bail!("only http:// URLs are supported");
         }
@@ -112,17 +107,14 @@ impl Target {
         let port = uri.port_u16().unwrap_or(80);
         Ok(Self {
             addr: SocketAddr::new(ip, port),
-            path_and_query: uri
-                .path_and_query()
-                .map_or("/".to_owned(), |p| p.as_str().to_owned()),
+            path_and_query: uri.path_and_query().map_or("/".to_owned(), |p| p.as_str().to_owned()),
             host: format!("{host}:{port}"),
         })
     }
 
     async fn connect(&self) -> Result<SendRequest<Empty<Bytes>>> {
-        let stream = TcpStream::connect(self.addr)
-            .await
-            .with_context(|| format!("connecting to {}", self.addr))?;
+        let stream =
+            TcpStream::connect(self.addr).await.with_context(|| format!("connecting to {}", self.addr))?;
         stream.set_nodelay(true)?;
         let (sender, connection) = handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
@@ -131,9 +123,8 @@ impl Target {
 
     async fn get(&self, sender: &mut SendRequest<Empty<Bytes>>) -> Result<u16> {
         sender.ready().await?;
-        let request = Request::get(self.path_and_query.as_str())
-            .header("host", &self.host)
-            .body(Empty::new())?;
+        let request =
+            Request::get(self.path_and_query.as_str()).header("host", &self.host).body(Empty::new())?;
         let response = sender.send_request(request).await?;
         let status = response.status().as_u16();
         response.into_body().collect().await?;
@@ -208,10 +199,8 @@ async fn burst(target: Target, requests: usize, timeline: Option<PathBuf>) -> Re
         std::fs::write(&path, lines).with_context(|| format!("writing {}", path.display()))?;
     }
     latencies.sort_by(f64::total_cmp);
-    let succeeded = outcomes
-        .iter()
-        .filter(|(_, _, s)| matches!(s, Ok(code) if (200..300).contains(code)))
-        .count();
+    let succeeded =
+        outcomes.iter().filter(|(_, _, s)| matches!(s, Ok(code) if (200..300).contains(code))).count();
     Ok(BurstReport {
         requests,
         succeeded,
@@ -311,12 +300,7 @@ async fn idle(
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Burst {
-            url,
-            requests,
-            timeout,
-            timeline,
-        } => {
+        Command::Burst { url, requests, timeout, timeline } => {
             if requests == 0 || requests > MAX_CONNECTIONS {
                 bail!("--requests must be from 1 to {MAX_CONNECTIONS}");
             }
@@ -326,13 +310,7 @@ async fn main() -> Result<()> {
                 .with_context(|| format!("the burst did not finish within {timeout:?}"))??;
             println!("{}", serde_json::to_string(&report)?);
         }
-        Command::Idle {
-            url,
-            connections,
-            hold,
-            ready_file,
-            connect_timeout,
-        } => {
+        Command::Idle { url, connections, hold, ready_file, connect_timeout } => {
             if connections == 0 || connections > MAX_CONNECTIONS {
                 bail!("--connections must be from 1 to {MAX_CONNECTIONS}");
             }

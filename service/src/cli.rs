@@ -46,13 +46,7 @@ pub enum LogFormat {
 #[derive(Debug, Args)]
 pub struct LogArgs {
     /// Log format.
-    #[arg(
-        long,
-        global = true,
-        env = "TIDEPOOL_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
+    #[arg(long, global = true, env = "TIDEPOOL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
     /// Log filter in tracing's EnvFilter syntax, e.g. `info` or `tidepool=debug,info`.
@@ -203,12 +197,7 @@ pub struct MigrateDatabaseArgs {
 
     /// Direct connection URL to PostgreSQL, bypassing PgBouncer; preferred for
     /// migrations when set.
-    #[arg(
-        long,
-        env = "TIDEPOOL_DIRECT_DATABASE_URL",
-        hide_env_values = true,
-        value_name = "URL"
-    )]
+    #[arg(long, env = "TIDEPOOL_DIRECT_DATABASE_URL", hide_env_values = true, value_name = "URL")]
     pub direct_database_url: Option<SecretUrl>,
 
     /// Longest to open the connection.
@@ -225,12 +214,7 @@ pub struct PoolerConfigArgs {
     /// Upstream PostgreSQL URL with the credentials PgBouncer logs in with,
     /// e.g. postgres://app:PASSWORD@db:5432/app. The password goes only into
     /// the auth file (mode 0600), never into pgbouncer.ini or a log.
-    #[arg(
-        long,
-        env = "TIDEPOOL_POOLER_UPSTREAM_URL",
-        hide_env_values = true,
-        value_name = "URL"
-    )]
+    #[arg(long, env = "TIDEPOOL_POOLER_UPSTREAM_URL", hide_env_values = true, value_name = "URL")]
     pub upstream_url: SecretUrl,
 
     /// Folder to write pgbouncer.ini and userlist.txt into (created if missing).
@@ -300,10 +284,7 @@ mod tests {
             .map(|c| c.render_long_help().to_string())
             .unwrap_or_default();
         std::env::remove_var("DATABASE_URL");
-        assert!(
-            help.contains("DATABASE_URL"),
-            "help should name the variable"
-        );
+        assert!(help.contains("DATABASE_URL"), "help should name the variable");
         assert!(!help.contains("hunter2"), "{help}");
     }
 

@@ -37,9 +37,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{
-    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
-};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
 use prometheus::Histogram;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -66,15 +64,11 @@ pub enum DbError {
 
 impl DbError {
     fn unavailable(reason: impl std::fmt::Display) -> Self {
-        Self::Unavailable {
-            reason: reason.to_string(),
-        }
+        Self::Unavailable { reason: reason.to_string() }
     }
 
     fn unavailable_because(e: &(dyn std::error::Error + 'static)) -> Self {
-        Self::Unavailable {
-            reason: crate::error_chain(e),
-        }
+        Self::Unavailable { reason: crate::error_chain(e) }
     }
 }
 
@@ -119,13 +113,8 @@ impl Database {
             (Some(Host::Tcp(host)), port) => Some((host.clone(), port.copied().unwrap_or(5432))),
             _ => None,
         };
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager =
+            Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(settings.max_size)
             .wait_timeout(Some(settings.wait))
@@ -134,12 +123,7 @@ impl Database {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| DbError::Config(e.to_string()))?;
-        Ok(Self {
-            pool,
-            settings,
-            wait_seconds,
-            cancel_target,
-        })
+        Ok(Self { pool, settings, wait_seconds, cancel_target })
     }
 
     /// A pooled connection, waiting at most the configured pool wait.
@@ -155,9 +139,7 @@ impl Database {
                 cancel_target: self.cancel_target.clone(),
             }),
             Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => {
-                Err(DbError::PoolExhausted {
-                    waited: self.settings.wait,
-                })
+                Err(DbError::PoolExhausted { waited: self.settings.wait })
             }
             Err(PoolError::Timeout(_)) => Err(DbError::unavailable(format!(
                 "no connection to the pooler within {}",
@@ -170,12 +152,7 @@ impl Database {
 
     pub fn status(&self) -> PoolStatus {
         let s = self.pool.status();
-        PoolStatus {
-            max_size: s.max_size,
-            size: s.size,
-            available: s.available,
-            waiting: s.waiting,
-        }
+        PoolStatus { max_size: s.max_size, size: s.size, available: s.available, waiting: s.waiting }
     }
 }
 
@@ -274,10 +251,7 @@ impl Drop for Conn {
 /// ignores a cancel whose sender has already hung up.
 async fn cancel(token: &CancelToken, target: &(String, u16)) -> Result<(), std::io::Error> {
     let mut stream = TcpStream::connect((target.0.as_str(), target.1)).await?;
-    token
-        .cancel_query_raw(KeepOpen(&mut stream), NoTls)
-        .await
-        .map_err(std::io::Error::other)?;
+    token.cancel_query_raw(KeepOpen(&mut stream), NoTls).await.map_err(std::io::Error::other)?;
     let mut rest = [0u8; 64];
     while stream.read(&mut rest).await? > 0 {}
     Ok(())
@@ -333,10 +307,7 @@ pub async fn connect(mut pg: tokio_postgres::Config, timeout: Duration) -> Resul
     let (client, connection) = tokio::time::timeout(timeout, pg.connect(NoTls))
         .await
         .map_err(|_| {
-            DbError::unavailable(format!(
-                "no connection within {}",
-                humantime::format_duration(timeout)
-            ))
+            DbError::unavailable(format!("no connection within {}", humantime::format_duration(timeout)))
         })?
         .map_err(|e| DbError::unavailable_because(&e))?;
     tokio::spawn(async move {
@@ -353,14 +324,8 @@ pub async fn connect(mut pg: tokio_postgres::Config, timeout: Duration) -> Resul
 pub async fn ping(pg: tokio_postgres::Config, timeout: Duration) -> Result<(), DbError> {
     tokio::time::timeout(timeout, async {
         let client = connect(pg, timeout).await?;
-        let messages = client
-            .simple_query("SELECT 1")
-            .await
-            .map_err(|e| DbError::unavailable_because(&e))?;
-        if messages
-            .iter()
-            .any(|m| matches!(m, SimpleQueryMessage::Row(_)))
-        {
+        let messages = client.simple_query("SELECT 1").await.map_err(|e| DbError::unavailable_because(&e))?;
+        if messages.iter().any(|m| matches!(m, SimpleQueryMessage::Row(_))) {
             Ok(())
         } else {
             Err(DbError::unavailable("SELECT 1 returned no row"))

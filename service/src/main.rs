@@ -65,9 +65,7 @@ async fn run_migrate(args: MigrateArgs) -> Result<(), BoxError> {
         (Some(direct), _) => (direct, "TIDEPOOL_DIRECT_DATABASE_URL"),
         (None, Some(pooled)) => (pooled, "DATABASE_URL"),
         (None, None) => {
-            return Err(
-                "set TIDEPOOL_DIRECT_DATABASE_URL or DATABASE_URL (or --database-url)".into(),
-            )
+            return Err("set TIDEPOOL_DIRECT_DATABASE_URL or DATABASE_URL (or --database-url)".into())
         }
     };
     let mut client = db::connect(url.to_pg_config(what)?, db_args.db_connect_timeout).await?;
@@ -84,11 +82,8 @@ async fn run_migrate(args: MigrateArgs) -> Result<(), BoxError> {
 }
 
 fn run_pooler_config(args: PoolerConfigArgs) -> Result<(), BoxError> {
-    let upstream = pooler::Upstream::from_pg_config(
-        &args
-            .upstream_url
-            .to_pg_config("TIDEPOOL_POOLER_UPSTREAM_URL")?,
-    )?;
+    let upstream =
+        pooler::Upstream::from_pg_config(&args.upstream_url.to_pg_config("TIDEPOOL_POOLER_UPSTREAM_URL")?)?;
     let config = pooler::PoolerConfig {
         listen: args.listen,
         upstream,
@@ -108,10 +103,7 @@ fn run_pooler_config(args: PoolerConfigArgs) -> Result<(), BoxError> {
 /// connection is a file descriptor, and the usual soft limit of 1024 is far
 /// below what one process can serve.
 fn raise_open_files_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit and setrlimit only read and write the struct passed.
     let raised = unsafe {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {

@@ -7,22 +7,19 @@
 //! pool at scrape time rather than kept up to date on every checkout.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 use crate::db::PoolStatus;
 
 /// Request latency buckets, seconds: from a cache hit to the 60 s slow query.
 const REQUEST_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0, 120.0,
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
 /// Connection wait buckets, seconds: mostly zero, up to a generous pool wait.
-const POOL_WAIT_BUCKETS: &[f64] = &[
-    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-];
+const POOL_WAIT_BUCKETS: &[f64] =
+    &[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -42,10 +39,7 @@ impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let http_requests = IntCounterVec::new(
-            Opts::new(
-                "tidepool_http_requests_total",
-                "HTTP requests answered, by route, method and status.",
-            ),
+            Opts::new("tidepool_http_requests_total", "HTTP requests answered, by route, method and status."),
             &["route", "method", "status"],
         )?;
         let http_request_duration = HistogramVec::new(
@@ -82,14 +76,10 @@ impl Metrics {
             "tidepool_db_pool_connections",
             "Client connections to PgBouncer currently open in the pool.",
         )?;
-        let db_pool_available = IntGauge::new(
-            "tidepool_db_pool_available_connections",
-            "Open pooled connections not in use.",
-        )?;
-        let db_pool_waiting = IntGauge::new(
-            "tidepool_db_pool_waiting",
-            "Requests waiting for a pooled connection.",
-        )?;
+        let db_pool_available =
+            IntGauge::new("tidepool_db_pool_available_connections", "Open pooled connections not in use.")?;
+        let db_pool_waiting =
+            IntGauge::new("tidepool_db_pool_waiting", "Requests waiting for a pooled connection.")?;
 
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_request_duration.clone()))?;
@@ -100,9 +90,7 @@ impl Metrics {
         registry.register(Box::new(db_pool_size.clone()))?;
         registry.register(Box::new(db_pool_available.clone()))?;
         registry.register(Box::new(db_pool_waiting.clone()))?;
-        registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
+        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
 
         Ok(Self {
             registry,
@@ -142,37 +130,19 @@ mod tests {
     #[test]
     fn renders_pool_gauges_and_counters() {
         let metrics = Metrics::new().expect("metric definitions are valid");
-        metrics
-            .http_requests
-            .with_label_values(&["/row/", "GET", "200"])
-            .inc();
-        metrics
-            .http_requests_shed
-            .with_label_values(&["db_pool_wait"])
-            .inc();
+        metrics.http_requests.with_label_values(&["/row/", "GET", "200"]).inc();
+        metrics.http_requests_shed.with_label_values(&["db_pool_wait"]).inc();
         let text = String::from_utf8(
-            metrics
-                .render(PoolStatus {
-                    max_size: 20,
-                    size: 3,
-                    available: 1,
-                    waiting: 7,
-                })
-                .expect("encodes"),
+            metrics.render(PoolStatus { max_size: 20, size: 3, available: 1, waiting: 7 }).expect("encodes"),
         )
         .expect("utf-8");
         assert!(text.contains("tidepool_db_pool_max_size 20"), "{text}");
         assert!(text.contains("tidepool_db_pool_waiting 7"), "{text}");
         assert!(
-            text.contains(
-                r#"tidepool_http_requests_total{method="GET",route="/row/",status="200"} 1"#
-            ),
+            text.contains(r#"tidepool_http_requests_total{method="GET",route="/row/",status="200"} 1"#),
             "{text}"
         );
-        assert!(
-            text.contains(r#"tidepool_http_requests_shed_total{reason="db_pool_wait"} 1"#),
-            "{text}"
-        );
+        assert!(text.contains(r#"tidepool_http_requests_shed_total{reason="db_pool_wait"} 1"#), "{text}");
         assert!(text.contains("process_resident_memory_bytes"), "{text}");
     }
 }

@@ -30,19 +30,13 @@ pub struct Migration {
 
 impl Migration {
     pub fn checksum(&self) -> String {
-        Sha256::digest(self.sql.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        Sha256::digest(self.sql.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 
 /// Every migration of this release, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "world",
-    sql: include_str!("../migrations/0001_world.sql"),
-}];
+pub const MIGRATIONS: &[Migration] =
+    &[Migration { version: 1, name: "world", sql: include_str!("../migrations/0001_world.sql") }];
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Report {
@@ -60,12 +54,7 @@ pub enum MigrateError {
     #[error("migration list is not strictly increasing at version {0}")]
     Unordered(i32),
     #[error("migration {version} ({name}) was changed after it was applied: the database has checksum {recorded}, this binary {expected}")]
-    Changed {
-        version: i32,
-        name: &'static str,
-        recorded: String,
-        expected: String,
-    },
+    Changed { version: i32, name: &'static str, recorded: String, expected: String },
     #[error("migration {version} ({name}) failed: {source}")]
     Failed {
         version: i32,
@@ -95,24 +84,13 @@ pub async fn run(
     if let Some(w) = migrations.windows(2).find(|w| w[0].version >= w[1].version) {
         return Err(MigrateError::Unordered(w[1].version));
     }
-    let tx = client
-        .transaction()
+    let tx = client.transaction().await.map_err(step("begin the migration transaction"))?;
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = '{}ms'", lock_timeout.as_millis()))
         .await
-        .map_err(step("begin the migration transaction"))?;
-    tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = '{}ms'",
-        lock_timeout.as_millis()
-    ))
-    .await
-    .map_err(step("set the lock timeout"))?;
-    tx.query_typed(
-        "SELECT pg_advisory_xact_lock($1)",
-        &[(&LOCK_KEY, Type::INT8)],
-    )
-    .await
-    .map_err(step(
-        "take the migration lock (another migrator may hold it)",
-    ))?;
+        .map_err(step("set the lock timeout"))?;
+    tx.query_typed("SELECT pg_advisory_xact_lock($1)", &[(&LOCK_KEY, Type::INT8)])
+        .await
+        .map_err(step("take the migration lock (another migrator may hold it)"))?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS tidepool_schema_migrations (
              version    integer PRIMARY KEY,
@@ -124,10 +102,7 @@ pub async fn run(
     .await
     .map_err(step("create the migrations table"))?;
     let recorded = tx
-        .query_typed(
-            "SELECT version, checksum FROM tidepool_schema_migrations ORDER BY version",
-            &[],
-        )
+        .query_typed("SELECT version, checksum FROM tidepool_schema_migrations ORDER BY version", &[])
         .await
         .map_err(step("read the applied migrations"))?;
     let recorded: Vec<(i32, String)> = recorded.iter().map(|r| (r.get(0), r.get(1))).collect();
@@ -167,11 +142,8 @@ pub async fn run(
             }
         }
     }
-    report.unknown = recorded
-        .iter()
-        .map(|(v, _)| *v)
-        .filter(|v| !migrations.iter().any(|m| m.version == *v))
-        .collect();
+    report.unknown =
+        recorded.iter().map(|(v, _)| *v).filter(|v| !migrations.iter().any(|m| m.version == *v)).collect();
     tx.commit().await.map_err(step("commit the migrations"))?;
     Ok(report)
 }
@@ -183,22 +155,13 @@ mod tests {
     #[test]
     fn release_migrations_are_ordered_and_distinct() {
         assert!(MIGRATIONS.windows(2).all(|w| w[0].version < w[1].version));
-        assert!(MIGRATIONS
-            .iter()
-            .all(|m| !m.sql.trim().is_empty() && !m.name.is_empty()));
+        assert!(MIGRATIONS.iter().all(|m| !m.sql.trim().is_empty() && !m.name.is_empty()));
     }
 
     #[test]
     fn checksum_is_stable_and_content_sensitive() {
-        let a = Migration {
-            version: 1,
-            name: "a",
-            sql: "SELECT 1",
-        };
-        let b = Migration {
-            sql: "SELECT 2",
-            ..a
-        };
+        let a = Migration { version: 1, name: "a", sql: "SELECT 1" };
+        let b = Migration { sql: "SELECT 2", ..a };
         assert_eq!(a.checksum(), a.checksum());
         assert_eq!(a.checksum().len(), 64);
         assert_ne!(a.checksum(), b.checksum());

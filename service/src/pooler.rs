@@ -74,10 +74,7 @@ pub enum PoolerError {
     #[error("{0} must be at least 1")]
     Zero(&'static str),
     #[error("pool size {pool_size} is above max_db_connections {max_db_connections}: PgBouncer would never open the extra connections")]
-    PoolAboveCap {
-        pool_size: u32,
-        max_db_connections: u32,
-    },
+    PoolAboveCap { pool_size: u32, max_db_connections: u32 },
     #[error("{what} is not valid UTF-8")]
     NotUtf8 { what: &'static str },
     #[error("could not write {path}: {source}")]
@@ -97,31 +94,21 @@ impl Upstream {
             None => return Err(PoolerError::Missing("host")),
         };
         let port = pg.get_ports().first().copied().unwrap_or(5432);
-        let user = pg
-            .get_user()
-            .ok_or(PoolerError::Missing("user"))?
-            .to_owned();
+        let user = pg.get_user().ok_or(PoolerError::Missing("user"))?.to_owned();
         let dbname = pg.get_dbname().map_or_else(|| user.clone(), str::to_owned);
         let password = match pg.get_password() {
-            Some(p) => String::from_utf8(p.to_vec())
-                .map_err(|_| PoolerError::NotUtf8 { what: "password" })?,
+            Some(p) => {
+                String::from_utf8(p.to_vec()).map_err(|_| PoolerError::NotUtf8 { what: "password" })?
+            }
             None => return Err(PoolerError::Missing("password")),
         };
-        Ok(Self {
-            host,
-            port,
-            dbname,
-            user,
-            password,
-        })
+        Ok(Self { host, port, dbname, user, password })
     }
 }
 
 fn check_safe(field: &'static str, value: &str) -> Result<(), PoolerError> {
     let safe = !value.is_empty()
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'));
+        && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'));
     if safe {
         Ok(())
     } else {
@@ -163,11 +150,7 @@ pub fn render_ini(config: &PoolerConfig, dir: &Path) -> Result<String, PoolerErr
         "; Written by `tidepool pooler-config`. No secrets here: the password is in {AUTH_FILE}."
     );
     let _ = writeln!(ini, "[databases]");
-    let _ = writeln!(
-        ini,
-        "{} = host={} port={} dbname={}",
-        u.dbname, u.host, u.port, u.dbname
-    );
+    let _ = writeln!(ini, "{} = host={} port={} dbname={}", u.dbname, u.host, u.port, u.dbname);
     let _ = writeln!(ini);
     let _ = writeln!(ini, "[pgbouncer]");
     let settings: Vec<(&str, String)> = vec![
@@ -183,10 +166,7 @@ pub fn render_ini(config: &PoolerConfig, dir: &Path) -> Result<String, PoolerErr
         ("reserve_pool_size", "0".into()),
         ("max_db_connections", config.max_db_connections.to_string()),
         ("max_client_conn", config.max_client_conn.to_string()),
-        (
-            "query_wait_timeout",
-            config.query_wait_timeout.as_secs().max(1).to_string(),
-        ),
+        ("query_wait_timeout", config.query_wait_timeout.as_secs().max(1).to_string()),
         ("server_connect_timeout", "5".into()),
         // Retry a failed server login after 1 s rather than 15 s, so the pool
         // recovers by itself soon after PostgreSQL comes back.
@@ -212,45 +192,26 @@ pub fn render_ini(config: &PoolerConfig, dir: &Path) -> Result<String, PoolerErr
 /// The auth file: one `"user" "password"` line, quotes doubled.
 pub fn render_auth_file(upstream: &Upstream) -> String {
     let quote = |s: &str| s.replace('"', "\"\"");
-    format!(
-        "\"{}\" \"{}\"\n",
-        quote(&upstream.user),
-        quote(&upstream.password)
-    )
+    format!("\"{}\" \"{}\"\n", quote(&upstream.user), quote(&upstream.password))
 }
 
 /// Writes both files into `dir` (created if missing), each atomically; the
 /// auth file is readable by its owner only.
 pub fn write(config: &PoolerConfig, dir: &Path) -> Result<(PathBuf, PathBuf), PoolerError> {
     let ini = render_ini(config, dir)?;
-    fs::create_dir_all(dir).map_err(|source| PoolerError::Write {
-        path: dir.to_owned(),
-        source,
-    })?;
+    fs::create_dir_all(dir).map_err(|source| PoolerError::Write { path: dir.to_owned(), source })?;
     let auth_path = dir.join(AUTH_FILE);
     let ini_path = dir.join(INI_FILE);
-    write_atomic(
-        &auth_path,
-        render_auth_file(&config.upstream).as_bytes(),
-        0o600,
-    )?;
+    write_atomic(&auth_path, render_auth_file(&config.upstream).as_bytes(), 0o600)?;
     write_atomic(&ini_path, ini.as_bytes(), 0o644)?;
     Ok((ini_path, auth_path))
 }
 
 fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), PoolerError> {
     let tmp = path.with_extension("tmp");
-    let err = |source| PoolerError::Write {
-        path: path.to_owned(),
-        source,
-    };
+    let err = |source| PoolerError::Write { path: path.to_owned(), source };
     let _ = fs::remove_file(&tmp);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(err)?;
+    let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(err)?;
     file.write_all(contents).map_err(err)?;
     file.sync_all().map_err(err)?;
     fs::rename(&tmp, path).map_err(err)
@@ -262,9 +223,8 @@ mod tests {
     use std::str::FromStr;
 
     fn config() -> PoolerConfig {
-        let pg =
-            tokio_postgres::Config::from_str("postgres://shop:s3cr\"et@db.internal:5433/shopdb")
-                .expect("valid url");
+        let pg = tokio_postgres::Config::from_str("postgres://shop:s3cr\"et@db.internal:5433/shopdb")
+            .expect("valid url");
         PoolerConfig {
             listen: "127.0.0.1:6432".parse().expect("valid addr"),
             upstream: Upstream::from_pg_config(&pg).expect("complete upstream"),
@@ -291,10 +251,7 @@ mod tests {
 
     #[test]
     fn auth_file_doubles_quotes() {
-        assert_eq!(
-            render_auth_file(&config().upstream),
-            "\"shop\" \"s3cr\"\"et\"\n"
-        );
+        assert_eq!(render_auth_file(&config().upstream), "\"shop\" \"s3cr\"\"et\"\n");
     }
 
     #[test]
@@ -308,9 +265,7 @@ mod tests {
         c.upstream.dbname = "shop host=evil".into();
         assert!(matches!(
             render_ini(&c, Path::new("/x")),
-            Err(PoolerError::Unsafe {
-                field: "database name"
-            })
+            Err(PoolerError::Unsafe { field: "database name" })
         ));
     }
 
@@ -318,24 +273,15 @@ mod tests {
     fn rejects_inconsistent_sizes() {
         let mut c = config();
         c.pool_size = 30;
-        assert!(matches!(
-            render_ini(&c, Path::new("/x")),
-            Err(PoolerError::PoolAboveCap { .. })
-        ));
+        assert!(matches!(render_ini(&c, Path::new("/x")), Err(PoolerError::PoolAboveCap { .. })));
         c.pool_size = 0;
-        assert!(matches!(
-            render_ini(&c, Path::new("/x")),
-            Err(PoolerError::Zero("pool size"))
-        ));
+        assert!(matches!(render_ini(&c, Path::new("/x")), Err(PoolerError::Zero("pool size"))));
     }
 
     #[test]
     fn upstream_needs_a_password() {
         let pg = tokio_postgres::Config::from_str("postgres://shop@db/shop").expect("valid url");
-        assert!(matches!(
-            Upstream::from_pg_config(&pg),
-            Err(PoolerError::Missing("password"))
-        ));
+        assert!(matches!(Upstream::from_pg_config(&pg), Err(PoolerError::Missing("password"))));
     }
 
     #[test]
@@ -345,9 +291,7 @@ mod tests {
         let (ini, auth) = write(&config(), &dir).expect("writes");
         let mode = fs::metadata(&auth).expect("exists").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert!(fs::read_to_string(&ini)
-            .expect("readable")
-            .contains("pool_mode = transaction"));
+        assert!(fs::read_to_string(&ini).expect("readable").contains("pool_mode = transaction"));
         fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

@@ -11,10 +11,7 @@ pub const EXIT_FORCED: i32 = 130;
 /// escape hatch. If the handlers cannot be installed, it never resolves and
 /// logs why: the process then stops only by SIGKILL, as before.
 pub async fn first_signal() {
-    let (mut term, mut int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(term), Ok(int)) => (term, int),
         (Err(e), _) | (_, Err(e)) => {
             tracing::error!(error = %e, "cannot install signal handlers; graceful shutdown is disabled");
@@ -25,10 +22,7 @@ pub async fn first_signal() {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
-    tracing::info!(
-        signal = name,
-        "shutdown requested; a second signal exits at once"
-    );
+    tracing::info!(signal = name, "shutdown requested; a second signal exits at once");
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => {},

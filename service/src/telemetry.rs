@@ -21,10 +21,8 @@ pub enum TelemetryError {
 /// Installs the global subscriber. Logs go to standard error, so standard
 /// output stays free for a command's own result.
 pub fn init(args: &LogArgs) -> Result<(), TelemetryError> {
-    let filter = EnvFilter::try_new(&args.log).map_err(|source| TelemetryError::Filter {
-        filter: args.log.clone(),
-        source,
-    })?;
+    let filter = EnvFilter::try_new(&args.log)
+        .map_err(|source| TelemetryError::Filter { filter: args.log.clone(), source })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

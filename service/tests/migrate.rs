@@ -23,31 +23,18 @@ fn migrate_via(env_var: &str, url: &str) -> Result<std::process::Output> {
 async fn migrations_are_idempotent_and_seed_the_world_table() -> Result<()> {
     let db = TestDb::create().await?; // migrated once already
     let again = migrate_via("TIDEPOOL_DIRECT_DATABASE_URL", &db.direct_url())?;
-    assert!(
-        again.status.success(),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
     assert!(String::from_utf8_lossy(&again.stderr).contains(" applied=[] already_applied=[1]"));
 
     let admin = db.admin().await?;
-    let rows: i64 = admin
-        .query_one("SELECT count(*) FROM world", &[])
-        .await?
-        .get(0);
+    let rows: i64 = admin.query_one("SELECT count(*) FROM world", &[]).await?.get(0);
     assert_eq!(rows, 10_000);
     let out_of_range: i64 = admin
-        .query_one(
-            "SELECT count(*) FROM world WHERE randomnumber NOT BETWEEN 1 AND 10000",
-            &[],
-        )
+        .query_one("SELECT count(*) FROM world WHERE randomnumber NOT BETWEEN 1 AND 10000", &[])
         .await?
         .get(0);
     assert_eq!(out_of_range, 0);
-    let recorded: i64 = admin
-        .query_one("SELECT count(*) FROM tidepool_schema_migrations", &[])
-        .await?
-        .get(0);
+    let recorded: i64 = admin.query_one("SELECT count(*) FROM tidepool_schema_migrations", &[]).await?.get(0);
     assert_eq!(recorded, MIGRATIONS.len() as i64);
     Ok(())
 }
@@ -59,9 +46,7 @@ async fn migrations_are_idempotent_and_seed_the_world_table() -> Result<()> {
 async fn concurrent_migrators_through_pgbouncer_apply_once() -> Result<()> {
     let db = TestDb::create().await?;
     let admin = db.admin().await?;
-    admin
-        .batch_execute("DROP TABLE world; DROP TABLE tidepool_schema_migrations")
-        .await?;
+    admin.batch_execute("DROP TABLE world; DROP TABLE tidepool_schema_migrations").await?;
     let bouncer = PgBouncer::start(&db, 2).await?;
 
     let url = bouncer.url();
@@ -81,10 +66,7 @@ async fn concurrent_migrators_through_pgbouncer_apply_once() -> Result<()> {
         }
     }
     assert_eq!(applied_once, 1, "exactly one migrator applies version 1");
-    let rows: i64 = admin
-        .query_one("SELECT count(*) FROM world", &[])
-        .await?
-        .get(0);
+    let rows: i64 = admin.query_one("SELECT count(*) FROM world", &[]).await?.get(0);
     assert_eq!(rows, 10_000);
     Ok(())
 }
@@ -93,17 +75,9 @@ async fn concurrent_migrators_through_pgbouncer_apply_once() -> Result<()> {
 async fn an_edited_migration_is_refused() -> Result<()> {
     let db = TestDb::create().await?;
     let mut client = connect(&db.direct_url()).await?;
-    let edited = [Migration {
-        sql: "SELECT 'edited'",
-        ..MIGRATIONS[0]
-    }];
-    let err = migrate::run(&mut client, &edited, Duration::from_secs(5))
-        .await
-        .expect_err("must refuse");
-    assert!(
-        matches!(err, MigrateError::Changed { version: 1, .. }),
-        "{err}"
-    );
+    let edited = [Migration { sql: "SELECT 'edited'", ..MIGRATIONS[0] }];
+    let err = migrate::run(&mut client, &edited, Duration::from_secs(5)).await.expect_err("must refuse");
+    assert!(matches!(err, MigrateError::Changed { version: 1, .. }), "{err}");
     assert!(err.to_string().contains("was changed after it was applied"));
     Ok(())
 }
@@ -114,27 +88,12 @@ async fn a_failing_migration_leaves_nothing_half_written() -> Result<()> {
     let mut client = connect(&db.direct_url()).await?;
     let broken = [
         MIGRATIONS[0],
-        Migration {
-            version: 2,
-            name: "half",
-            sql: "CREATE TABLE half_written (id int); SELECT 1/0;",
-        },
+        Migration { version: 2, name: "half", sql: "CREATE TABLE half_written (id int); SELECT 1/0;" },
     ];
-    let err = migrate::run(&mut client, &broken, Duration::from_secs(5))
-        .await
-        .expect_err("must fail");
-    assert!(
-        matches!(err, MigrateError::Failed { version: 2, .. }),
-        "{err}"
-    );
-    let exists: bool = client
-        .query_one("SELECT to_regclass('half_written') IS NOT NULL", &[])
-        .await?
-        .get(0);
-    assert!(
-        !exists,
-        "the failed migration's table must have been rolled back"
-    );
+    let err = migrate::run(&mut client, &broken, Duration::from_secs(5)).await.expect_err("must fail");
+    assert!(matches!(err, MigrateError::Failed { version: 2, .. }), "{err}");
+    let exists: bool = client.query_one("SELECT to_regclass('half_written') IS NOT NULL", &[]).await?.get(0);
+    assert!(!exists, "the failed migration's table must have been rolled back");
     Ok(())
 }
 
@@ -146,8 +105,9 @@ fn migrate_without_a_url_says_what_to_set() -> Result<()> {
         .env_remove("TIDEPOOL_DIRECT_DATABASE_URL")
         .output()?;
     assert_eq!(output.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&output.stderr)
-        .contains("set TIDEPOOL_DIRECT_DATABASE_URL or DATABASE_URL"));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("set TIDEPOOL_DIRECT_DATABASE_URL or DATABASE_URL")
+    );
     Ok(())
 }
 
@@ -161,19 +121,8 @@ async fn json_logs_are_one_object_per_line() -> Result<()> {
         .output()?;
     assert!(output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let lines: Vec<serde_json::Value> = stderr
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
-    assert!(
-        lines
-            .iter()
-            .any(|l| l["message"] == "migrations complete" && l["level"] == "INFO"),
-        "{stderr}"
-    );
-    assert!(
-        !stderr.contains(&support::env().app_password),
-        "a log line carried the password"
-    );
+    let lines: Vec<serde_json::Value> = stderr.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    assert!(lines.iter().any(|l| l["message"] == "migrations complete" && l["level"] == "INFO"), "{stderr}");
+    assert!(!stderr.contains(&support::env().app_password), "a log line carried the password");
     Ok(())
 }

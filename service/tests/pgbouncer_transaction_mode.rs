@@ -65,10 +65,7 @@ async fn named_statements_fail_and_typed_ones_do_not() -> Result<()> {
             for i in 0..QUERIES_PER_CLIENT {
                 let n = (client_no * QUERIES_PER_CLIENT + i) as i32;
                 let mut conn = database.get().await?;
-                match conn
-                    .query_typed("SELECT $1 + 1", &[(&n, Type::INT4)], Duration::ZERO)
-                    .await
-                {
+                match conn.query_typed("SELECT $1 + 1", &[(&n, Type::INT4)], Duration::ZERO).await {
                     Ok(rows) if rows[0].get::<_, i32>(0) == n + 1 => {}
                     _ => failures += 1,
                 }
@@ -82,14 +79,13 @@ async fn named_statements_fail_and_typed_ones_do_not() -> Result<()> {
     }
 
     let total = CLIENTS * QUERIES_PER_CLIENT;
-    println!("named statements: {named_failures} of {total} failed; typed: {typed_failures} of {total} failed");
+    println!(
+        "named statements: {named_failures} of {total} failed; typed: {typed_failures} of {total} failed"
+    );
     assert!(
         named_failures > 0,
         "the harness must show plain Client::query failing through transaction pooling"
     );
-    assert_eq!(
-        typed_failures, 0,
-        "query_typed must never fail through transaction pooling"
-    );
+    assert_eq!(typed_failures, 0, "query_typed must never fail through transaction pooling");
     Ok(())
 }

@@ -21,10 +21,7 @@ fn a_busy_port_stops_the_stack_with_its_name() -> Result<()> {
         .output()?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains(&format!("port {port} (for PgBouncer) is already in use")),
-        "{stderr}"
-    );
+    assert!(stderr.contains(&format!("port {port} (for PgBouncer) is already in use")), "{stderr}");
     assert!(
         !state.join("pgbouncer").join("pgbouncer.ini").exists(),
         "nothing is started or written for a busy port"

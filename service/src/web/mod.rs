@@ -115,9 +115,7 @@ pub fn app_from_args(args: &WebArgs) -> Result<(App, ServerSettings), WebError> 
 
 /// Binds `addr`, with a clear error when the port is taken.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, WebError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| WebError::Bind { addr, source })
+    TcpListener::bind(addr).await.map_err(|source| WebError::Bind { addr, source })
 }
 
 /// Serves until `shutdown` resolves, then drains and shuts down as the

@@ -26,9 +26,7 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
 pub fn with_body(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 
@@ -63,12 +61,7 @@ struct ErrorBody<'a> {
 
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-            shed: None,
-            allow: None,
-        }
+        Self { status, message: message.into(), shed: None, allow: None }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -82,10 +75,7 @@ impl ApiError {
     pub fn method_not_allowed(allow: &'static str) -> Self {
         Self {
             allow: Some(allow),
-            ..Self::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("method not allowed; use {allow}"),
-            )
+            ..Self::new(StatusCode::METHOD_NOT_ALLOWED, format!("method not allowed; use {allow}"))
         }
     }
 
@@ -97,17 +87,11 @@ impl ApiError {
     }
 
     pub fn request_timeout() -> Self {
-        Self::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request body was not received in time",
-        )
+        Self::new(StatusCode::REQUEST_TIMEOUT, "request body was not received in time")
     }
 
     pub fn shed(reason: Shed, message: impl Into<String>) -> Self {
-        Self {
-            shed: Some(reason),
-            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
-        }
+        Self { shed: Some(reason), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, message) }
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
@@ -119,12 +103,7 @@ impl ApiError {
     }
 
     pub fn into_response(self) -> Response<Body> {
-        let mut response = json(
-            self.status,
-            &ErrorBody {
-                error: &self.message,
-            },
-        );
+        let mut response = json(self.status, &ErrorBody { error: &self.message });
         let headers = response.headers_mut();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
@@ -141,9 +120,7 @@ impl From<DbError> for ApiError {
         match e {
             DbError::PoolExhausted { .. } => ApiError::shed(Shed::DbPoolWait, e.to_string()),
             DbError::Unavailable { .. } => ApiError::unavailable(e.to_string()),
-            DbError::QueryTimeout { .. } => {
-                ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string())
-            }
+            DbError::QueryTimeout { .. } => ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string()),
             DbError::Query(_) | DbError::Config(_) => {
                 tracing::error!(error = %crate::error_chain(&e), "database error");
                 ApiError::internal("database query failed")
@@ -159,10 +136,8 @@ mod tests {
 
     #[test]
     fn shed_errors_carry_retry_after() {
-        let response = ApiError::from(DbError::PoolExhausted {
-            waited: Duration::from_secs(2),
-        })
-        .into_response();
+        let response =
+            ApiError::from(DbError::PoolExhausted { waited: Duration::from_secs(2) }).into_response();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[RETRY_AFTER], "1");
     }
@@ -176,9 +151,7 @@ mod tests {
 
     #[test]
     fn query_timeouts_are_gateway_timeouts() {
-        let e = ApiError::from(DbError::QueryTimeout {
-            after: Duration::from_secs(1),
-        });
+        let e = ApiError::from(DbError::QueryTimeout { after: Duration::from_secs(1) });
         assert_eq!(e.status, StatusCode::GATEWAY_TIMEOUT);
         assert!(e.shed.is_none());
     }

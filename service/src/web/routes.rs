@@ -119,49 +119,30 @@ pub async fn handle(
     });
 
     let status = response.status();
-    let labels = [
-        route.map_or("unmatched", Route::label),
-        method,
-        status.as_str(),
-    ];
+    let labels = [route.map_or("unmatched", Route::label), method, status.as_str()];
     metrics.http_requests.with_label_values(&labels).inc();
-    metrics
-        .http_request_duration
-        .with_label_values(&labels)
-        .observe(started.elapsed().as_secs_f64());
+    metrics.http_request_duration.with_label_values(&labels).observe(started.elapsed().as_secs_f64());
     Ok(response)
 }
 
-async fn dispatch(
-    app: &App,
-    route: Route,
-    request: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
+async fn dispatch(app: &App, route: Route, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     if request.method() != Method::GET {
         return Err(ApiError::method_not_allowed("GET"));
     }
     let (parts, body) = request.into_parts();
     read_body(app, &parts.headers, body).await?;
-    let _permit = if route.is_probe() {
-        None
-    } else {
-        Some(app.in_flight.try_acquire().map_err(|_| {
-            ApiError::shed(
-                Shed::InFlightLimit,
-                "too many requests in flight; retry shortly",
-            )
-        })?)
-    };
+    let _permit =
+        if route.is_probe() {
+            None
+        } else {
+            Some(app.in_flight.try_acquire().map_err(|_| {
+                ApiError::shed(Shed::InFlightLimit, "too many requests in flight; retry shortly")
+            })?)
+        };
     match route {
         Route::SlowQuery => slow_query(app, parts.uri.query()).await,
         Route::Row => row(app).await,
-        Route::Healthz => Ok(json(
-            StatusCode::OK,
-            &Status {
-                status: "ok",
-                error: None,
-            },
-        )),
+        Route::Healthz => Ok(json(StatusCode::OK, &Status { status: "ok", error: None })),
         Route::Readyz => Ok(readyz(app).await),
         Route::Metrics => metrics(app),
     }
@@ -170,25 +151,18 @@ async fn dispatch(
 /// Reads (and discards) the body within the size and time limits, so an
 /// oversized or trickled body is refused instead of buffered.
 async fn read_body(app: &App, headers: &http::HeaderMap, body: Incoming) -> Result<(), ApiError> {
-    let declared = headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let declared = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > app.max_body_bytes) {
         return Err(ApiError::payload_too_large(app.max_body_bytes));
     }
-    let limited = Limited::new(
-        body,
-        usize::try_from(app.max_body_bytes).unwrap_or(usize::MAX),
-    );
+    let limited = Limited::new(body, usize::try_from(app.max_body_bytes).unwrap_or(usize::MAX));
     match tokio::time::timeout(app.body_read_timeout, limited.collect()).await {
         Err(_) => Err(ApiError::request_timeout()),
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             Err(ApiError::payload_too_large(app.max_body_bytes))
         }
-        Ok(Err(e)) => Err(ApiError::bad_request(format!(
-            "could not read the request body: {e}"
-        ))),
+        Ok(Err(e)) => Err(ApiError::bad_request(format!("could not read the request body: {e}"))),
     }
 }
 
@@ -200,25 +174,15 @@ struct Message {
 async fn slow_query(app: &App, query: Option<&str>) -> Result<Response<Body>, ApiError> {
     let seconds = parse_seconds(query)?;
     let mut conn = app.db.get().await?;
-    conn.query_typed(
-        "SELECT pg_sleep($1)",
-        &[(&seconds, Type::FLOAT8)],
-        Duration::from_secs_f64(seconds),
-    )
-    .await?;
-    Ok(json(
-        StatusCode::OK,
-        &Message {
-            message: "Slow query completed",
-        },
-    ))
+    conn.query_typed("SELECT pg_sleep($1)", &[(&seconds, Type::FLOAT8)], Duration::from_secs_f64(seconds))
+        .await?;
+    Ok(json(StatusCode::OK, &Message { message: "Slow query completed" }))
 }
 
 /// `seconds` from the query string: a finite number from 0 to 60 (fractions
 /// allowed), 5 when absent.
 pub fn parse_seconds(query: Option<&str>) -> Result<f64, ApiError> {
-    let raw =
-        query.and_then(|q| url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "seconds"));
+    let raw = query.and_then(|q| url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "seconds"));
     let Some((_, raw)) = raw else {
         return Ok(DEFAULT_SLOW_QUERY_SECONDS);
     };
@@ -245,22 +209,12 @@ async fn row(app: &App) -> Result<Response<Body>, ApiError> {
     let id: i32 = rand::rng().random_range(1..=WORLD_ROWS);
     let mut conn = app.db.get().await?;
     let rows = conn
-        .query_typed(
-            "SELECT id, randomnumber FROM world WHERE id = $1",
-            &[(&id, Type::INT4)],
-            Duration::ZERO,
-        )
+        .query_typed("SELECT id, randomnumber FROM world WHERE id = $1", &[(&id, Type::INT4)], Duration::ZERO)
         .await?;
-    let row = rows.first().ok_or_else(|| {
-        ApiError::internal(format!("world has no row {id}; run `tidepool migrate`"))
-    })?;
-    Ok(json(
-        StatusCode::OK,
-        &World {
-            id: row.get(0),
-            randomnumber: row.get(1),
-        },
-    ))
+    let row = rows
+        .first()
+        .ok_or_else(|| ApiError::internal(format!("world has no row {id}; run `tidepool migrate`")))?;
+    Ok(json(StatusCode::OK, &World { id: row.get(0), randomnumber: row.get(1) }))
 }
 
 #[derive(Serialize)]
@@ -272,28 +226,13 @@ struct Status {
 
 async fn readyz(app: &App) -> Response<Body> {
     if app.draining.load(Ordering::Relaxed) {
-        return json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &Status {
-                status: "draining",
-                error: None,
-            },
-        );
+        return json(StatusCode::SERVICE_UNAVAILABLE, &Status { status: "draining", error: None });
     }
     match db::ping(app.readiness_target.clone(), app.readiness_timeout).await {
-        Ok(()) => json(
-            StatusCode::OK,
-            &Status {
-                status: "ready",
-                error: None,
-            },
-        ),
+        Ok(()) => json(StatusCode::OK, &Status { status: "ready", error: None }),
         Err(e) => json(
             StatusCode::SERVICE_UNAVAILABLE,
-            &Status {
-                status: "unavailable",
-                error: Some(e.to_string()),
-            },
+            &Status { status: "unavailable", error: Some(e.to_string()) },
         ),
     }
 }
@@ -303,11 +242,7 @@ fn metrics(app: &App) -> Result<Response<Body>, ApiError> {
         .metrics
         .render(app.db.status())
         .map_err(|e| ApiError::internal(format!("could not encode metrics: {e}")))?;
-    Ok(with_body(
-        StatusCode::OK,
-        "text/plain; version=0.0.4; charset=utf-8",
-        body,
-    ))
+    Ok(with_body(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body))
 }
 
 /// A bounded label for the request method.
@@ -370,9 +305,6 @@ mod tests {
 
     #[test]
     fn unknown_methods_share_one_label() {
-        assert_eq!(
-            method_label(&Method::from_bytes(b"BREW").expect("valid token")),
-            "OTHER"
-        );
+        assert_eq!(method_label(&Method::from_bytes(b"BREW").expect("valid token")), "OTHER");
     }
 }
