@@ -7,27 +7,21 @@ mod support;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use support::{get, raw, wait_for, PgBouncer, PrivatePostgres, TestDb, Web};
+use support::{
+    get, raw, wait_for, wait_for_sleeps, wait_for_status, PgBouncer, PrivatePostgres, Stack, TestDb, Web,
+};
 
 /// The seed's web experiment, scaled: 10 concurrent one-second slow queries
 /// on one process run together, not one after another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_queries_run_concurrently() -> Result<()> {
-    let db = TestDb::create().await?;
-    let bouncer = PgBouncer::start(&db, 10).await?;
-    let web = Web::start(&bouncer.url(), &[("TIDEPOOL_DB_POOL_SIZE", "10")]).await?;
-    let admin = db.admin().await?;
+    let Stack { web, bouncer: _bouncer, db, admin } =
+        Stack::start(10, &[("TIDEPOOL_DB_POOL_SIZE", "10")]).await?;
 
     let started = Instant::now();
-    let requests: Vec<_> = (0..10)
-        .map(|_| tokio::spawn(get_owned(web.url("/slow-query/?seconds=1"))))
-        .collect();
-    wait_for(
-        "10 pg_sleep backends active together",
-        Duration::from_secs(5),
-        || async { db.active_sleeps(&admin).await.ok().filter(|n| *n == 10) },
-    )
-    .await?;
+    let requests: Vec<_> =
+        (0..10).map(|_| tokio::spawn(get_owned(web.url("/slow-query/?seconds=1")))).collect();
+    wait_for_sleeps(&db, &admin, 10).await?;
     for request in requests {
         let response = request.await??;
         assert_eq!(response.status, 200, "{}", response.body);
@@ -35,10 +29,7 @@ async fn slow_queries_run_concurrently() -> Result<()> {
     }
     let total = started.elapsed();
     // Concurrent, not serial: serial would take 10 s.
-    assert!(
-        total < Duration::from_secs(5),
-        "10 concurrent 1 s queries took {total:?}"
-    );
+    assert!(total < Duration::from_secs(5), "10 concurrent 1 s queries took {total:?}");
     Ok(())
 }
 
@@ -51,39 +42,24 @@ async fn get_owned(url: String) -> Result<support::HttpResponse> {
 /// keeps answering /healthz.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_beyond_the_pool_are_shed_after_the_wait() -> Result<()> {
-    let db = TestDb::create().await?;
-    let bouncer = PgBouncer::start(&db, 2).await?;
-    let web = Web::start(
-        &bouncer.url(),
-        &[
-            ("TIDEPOOL_DB_POOL_SIZE", "2"),
-            ("TIDEPOOL_DB_POOL_WAIT", "500ms"),
-        ],
-    )
-    .await?;
+    let Stack { web, bouncer: _bouncer, db: _db, admin: _admin } =
+        Stack::start(2, &[("TIDEPOOL_DB_POOL_SIZE", "2"), ("TIDEPOOL_DB_POOL_WAIT", "500ms")]).await?;
 
-    let requests: Vec<_> = (0..6)
-        .map(|_| tokio::spawn(get_owned(web.url("/slow-query/?seconds=2"))))
-        .collect();
+    let requests: Vec<_> =
+        (0..6).map(|_| tokio::spawn(get_owned(web.url("/slow-query/?seconds=2")))).collect();
     let mut statuses = Vec::new();
     let mut healthz_checks = 0;
     for request in requests {
         while !request.is_finished() {
             let health = get(&web.url("/healthz")).await?;
-            assert_eq!(
-                health.status, 200,
-                "healthz must answer while the pool is exhausted"
-            );
+            assert_eq!(health.status, 200, "healthz must answer while the pool is exhausted");
             healthz_checks += 1;
         }
         let response = request.await??;
         if response.status == 503 {
             assert_eq!(response.headers["retry-after"], "1");
             assert!(
-                response.json()?["error"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("no database connection"),
+                response.json()?["error"].as_str().unwrap_or("").contains("no database connection"),
                 "{}",
                 response.body
             );
@@ -95,30 +71,18 @@ async fn requests_beyond_the_pool_are_shed_after_the_wait() -> Result<()> {
     assert!(healthz_checks > 0);
 
     let metrics = get(&web.url("/metrics")).await?.body;
-    assert!(
-        metrics.contains(r#"tidepool_http_requests_shed_total{reason="db_pool_wait"} 4"#),
-        "{metrics}"
-    );
+    assert!(metrics.contains(r#"tidepool_http_requests_shed_total{reason="db_pool_wait"} 4"#), "{metrics}");
     Ok(())
 }
 
 /// Past the in-flight limit a request is shed at once; probes are exempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_beyond_the_in_flight_limit_are_shed_at_once() -> Result<()> {
-    let db = TestDb::create().await?;
-    let bouncer = PgBouncer::start(&db, 4).await?;
-    let web = Web::start(&bouncer.url(), &[("TIDEPOOL_MAX_IN_FLIGHT", "2")]).await?;
-    let admin = db.admin().await?;
+    let Stack { web, bouncer: _bouncer, db, admin } =
+        Stack::start(4, &[("TIDEPOOL_MAX_IN_FLIGHT", "2")]).await?;
 
-    let slow: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(get_owned(web.url("/slow-query/?seconds=2"))))
-        .collect();
-    wait_for(
-        "2 slow queries in flight",
-        Duration::from_secs(5),
-        || async { db.active_sleeps(&admin).await.ok().filter(|n| *n == 2) },
-    )
-    .await?;
+    let slow: Vec<_> = (0..2).map(|_| tokio::spawn(get_owned(web.url("/slow-query/?seconds=2")))).collect();
+    wait_for_sleeps(&db, &admin, 2).await?;
     let shed = get(&web.url("/row/")).await?;
     assert_eq!(shed.status, 503, "{}", shed.body);
     assert_eq!(shed.headers["retry-after"], "1");
@@ -136,9 +100,7 @@ async fn requests_beyond_the_in_flight_limit_are_shed_at_once() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_returns_a_world_row_and_metrics_describe_it() -> Result<()> {
-    let db = TestDb::create().await?;
-    let bouncer = PgBouncer::start(&db, 2).await?;
-    let web = Web::start(&bouncer.url(), &[]).await?;
+    let Stack { web, bouncer: _bouncer, db: _db, admin: _admin } = Stack::start(2, &[]).await?;
 
     let row = get(&web.url("/row/")).await?;
     assert_eq!(row.status, 200);
@@ -150,9 +112,7 @@ async fn row_returns_a_world_row_and_metrics_describe_it() -> Result<()> {
 
     let metrics = get(&web.url("/metrics")).await?;
     assert_eq!(metrics.status, 200);
-    assert!(metrics.headers["content-type"]
-        .to_str()?
-        .starts_with("text/plain; version=0.0.4"));
+    assert!(metrics.headers["content-type"].to_str()?.starts_with("text/plain; version=0.0.4"));
     for name in [
         r#"tidepool_http_requests_total{method="GET",route="/row/",status="200"} 1"#,
         "tidepool_http_request_duration_seconds_bucket",
@@ -162,11 +122,7 @@ async fn row_returns_a_world_row_and_metrics_describe_it() -> Result<()> {
         "tidepool_db_pool_wait_seconds_count 1",
         "process_resident_memory_bytes",
     ] {
-        assert!(
-            metrics.body.contains(name),
-            "missing {name}:\n{}",
-            metrics.body
-        );
+        assert!(metrics.body.contains(name), "missing {name}:\n{}", metrics.body);
     }
     Ok(())
 }
@@ -175,50 +131,29 @@ async fn row_returns_a_world_row_and_metrics_describe_it() -> Result<()> {
 /// server goes on serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_clear_errors() -> Result<()> {
-    let db = TestDb::create().await?;
-    let bouncer = PgBouncer::start(&db, 2).await?;
-    let web = Web::start(&bouncer.url(), &[("TIDEPOOL_MAX_BODY_BYTES", "1024")]).await?;
+    let Stack { web, bouncer: _bouncer, db: _db, admin: _admin } =
+        Stack::start(2, &[("TIDEPOOL_MAX_BODY_BYTES", "1024")]).await?;
 
     for seconds in ["abc", "-1", "1000", "NaN", "inf", ""] {
         let response = get(&web.url(&format!("/slow-query/?seconds={seconds}"))).await?;
         assert_eq!(response.status, 400, "seconds={seconds}: {}", response.body);
-        let message = response.json()?["error"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        assert!(
-            message.contains("seconds must be a number from 0 to 60"),
-            "{message}"
-        );
+        let message = response.json()?["error"].as_str().unwrap_or_default().to_owned();
+        assert!(message.contains("seconds must be a number from 0 to 60"), "{message}");
     }
 
     let missing = get(&web.url("/no-such-page")).await?;
     assert_eq!(missing.status, 404);
-    assert!(missing.json()?["error"]
-        .as_str()
-        .unwrap_or_default()
-        .contains("/no-such-page"));
+    assert!(missing.json()?["error"].as_str().unwrap_or_default().contains("/no-such-page"));
 
-    let post = raw(
-        web.addr(),
-        b"POST /row/ HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
-    )
-    .await?;
+    let post = raw(web.addr(), b"POST /row/ HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}").await?;
     assert!(post.starts_with("HTTP/1.1 405"), "{post}");
     assert!(post.to_ascii_lowercase().contains("allow: get"), "{post}");
 
-    let declared_too_big = raw(
-        web.addr(),
-        b"GET /row/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n",
-    )
-    .await?;
-    assert!(
-        declared_too_big.starts_with("HTTP/1.1 413"),
-        "{declared_too_big}"
-    );
+    let declared_too_big =
+        raw(web.addr(), b"GET /row/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n").await?;
+    assert!(declared_too_big.starts_with("HTTP/1.1 413"), "{declared_too_big}");
 
-    let mut chunked =
-        b"GET /row/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    let mut chunked = b"GET /row/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
     for _ in 0..3 {
         chunked.extend_from_slice(b"200\r\n");
         chunked.extend_from_slice(&[b'x'; 0x200]);
@@ -226,26 +161,13 @@ async fn bad_input_gets_clear_errors() -> Result<()> {
     }
     chunked.extend_from_slice(b"0\r\n\r\n");
     let streamed_too_big = raw(web.addr(), &chunked).await?;
-    assert!(
-        streamed_too_big.starts_with("HTTP/1.1 413"),
-        "{streamed_too_big}"
-    );
-    assert!(
-        streamed_too_big.contains("larger than the limit of 1024 bytes"),
-        "{streamed_too_big}"
-    );
+    assert!(streamed_too_big.starts_with("HTTP/1.1 413"), "{streamed_too_big}");
+    assert!(streamed_too_big.contains("larger than the limit of 1024 bytes"), "{streamed_too_big}");
 
     let garbage = raw(web.addr(), b"NOT HTTP AT ALL\r\n\r\n").await?;
-    assert!(
-        garbage.starts_with("HTTP/1.1 400") || garbage.is_empty(),
-        "{garbage}"
-    );
+    assert!(garbage.starts_with("HTTP/1.1 400") || garbage.is_empty(), "{garbage}");
 
-    assert_eq!(
-        get(&web.url("/healthz")).await?.status,
-        200,
-        "the server must survive bad input"
-    );
+    assert_eq!(get(&web.url("/healthz")).await?.status, 200, "the server must survive bad input");
     assert!(!web.log().contains("panicked"), "{}", web.log());
     Ok(())
 }
@@ -255,56 +177,26 @@ async fn bad_input_gets_clear_errors() -> Result<()> {
 /// refused; the process exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_drains_in_order() -> Result<()> {
-    let db = TestDb::create().await?;
-    let bouncer = PgBouncer::start(&db, 2).await?;
-    let mut web = Web::start(
-        &bouncer.url(),
-        &[
-            ("TIDEPOOL_DRAIN_DELAY", "1500ms"),
-            ("TIDEPOOL_SHUTDOWN_TIMEOUT", "10s"),
-        ],
-    )
-    .await?;
-    let admin = db.admin().await?;
+    let Stack { mut web, bouncer: _bouncer, db, admin } =
+        Stack::start(2, &[("TIDEPOOL_DRAIN_DELAY", "1500ms"), ("TIDEPOOL_SHUTDOWN_TIMEOUT", "10s")]).await?;
     assert_eq!(get(&web.url("/readyz")).await?.status, 200);
 
     let in_flight = tokio::spawn(get_owned(web.url("/slow-query/?seconds=3")));
-    wait_for(
-        "the slow query to reach PostgreSQL",
-        Duration::from_secs(5),
-        || async { db.active_sleeps(&admin).await.ok().filter(|n| *n == 1) },
-    )
-    .await?;
+    wait_for_sleeps(&db, &admin, 1).await?;
     web.signal(libc::SIGTERM)?;
 
-    let readyz = wait_for("/readyz to answer 503", Duration::from_secs(2), || async {
-        get(&web.url("/readyz"))
-            .await
-            .ok()
-            .filter(|r| r.status == 503)
-    })
-    .await?;
+    let readyz = wait_for_status(&web.url("/readyz"), 503, Duration::from_secs(2)).await?;
     assert_eq!(readyz.json()?["status"], "draining");
-    assert_eq!(
-        get(&web.url("/healthz")).await?.status,
-        200,
-        "still serving during the drain delay"
-    );
+    assert_eq!(get(&web.url("/healthz")).await?.status, 200, "still serving during the drain delay");
     assert!(!in_flight.is_finished());
 
     let port = web.port;
-    wait_for(
-        "new connections to be refused",
-        Duration::from_secs(5),
-        || async move { (!support::port_accepts(port)).then_some(()) },
-    )
+    wait_for("new connections to be refused", Duration::from_secs(5), || async move {
+        (!support::port_accepts(port)).then_some(())
+    })
     .await?;
     let response = in_flight.await??;
-    assert_eq!(
-        response.status, 200,
-        "the request in flight at SIGTERM completes: {}",
-        response.body
-    );
+    assert_eq!(response.status, 200, "the request in flight at SIGTERM completes: {}", response.body);
     let status = web.wait_exit(Duration::from_secs(10)).await?;
     assert_eq!(status.code(), Some(0), "{}", web.log());
     Ok(())
@@ -313,31 +205,14 @@ async fn graceful_shutdown_drains_in_order() -> Result<()> {
 /// A request still running at the shutdown deadline makes the exit code 3.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_deadline_is_reported_in_the_exit_code() -> Result<()> {
-    let db = TestDb::create().await?;
-    let bouncer = PgBouncer::start(&db, 2).await?;
-    let mut web = Web::start(
-        &bouncer.url(),
-        &[
-            ("TIDEPOOL_DRAIN_DELAY", "0s"),
-            ("TIDEPOOL_SHUTDOWN_TIMEOUT", "500ms"),
-        ],
-    )
-    .await?;
-    let admin = db.admin().await?;
+    let Stack { mut web, bouncer: _bouncer, db, admin } =
+        Stack::start(2, &[("TIDEPOOL_DRAIN_DELAY", "0s"), ("TIDEPOOL_SHUTDOWN_TIMEOUT", "500ms")]).await?;
     let in_flight = tokio::spawn(get_owned(web.url("/slow-query/?seconds=10")));
-    wait_for(
-        "the slow query to reach PostgreSQL",
-        Duration::from_secs(5),
-        || async { db.active_sleeps(&admin).await.ok().filter(|n| *n == 1) },
-    )
-    .await?;
+    wait_for_sleeps(&db, &admin, 1).await?;
     web.signal(libc::SIGTERM)?;
     let status = web.wait_exit(Duration::from_secs(5)).await?;
     assert_eq!(status.code(), Some(3), "{}", web.log());
-    assert!(
-        in_flight.await?.is_err(),
-        "the cut-off request cannot have succeeded"
-    );
+    assert!(in_flight.await?.is_err(), "the cut-off request cannot have succeeded");
     Ok(())
 }
 
@@ -345,25 +220,12 @@ async fn shutdown_deadline_is_reported_in_the_exit_code() -> Result<()> {
 /// the server, holding one of PgBouncer's few server connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_requests_cancel_their_query() -> Result<()> {
-    let db = TestDb::create().await?;
-    let bouncer = PgBouncer::start(&db, 2).await?;
-    let web = Web::start(&bouncer.url(), &[]).await?;
-    let admin = db.admin().await?;
+    let Stack { web, bouncer: _bouncer, db, admin } = Stack::start(2, &[]).await?;
 
     let abandoned = support::start_request(web.addr(), "/slow-query/?seconds=30").await?;
-    wait_for(
-        "the slow query to reach PostgreSQL",
-        Duration::from_secs(5),
-        || async { db.active_sleeps(&admin).await.ok().filter(|n| *n == 1) },
-    )
-    .await?;
+    wait_for_sleeps(&db, &admin, 1).await?;
     drop(abandoned);
-    wait_for(
-        "the abandoned pg_sleep to be cancelled",
-        Duration::from_secs(10),
-        || async { db.active_sleeps(&admin).await.ok().filter(|n| *n == 0) },
-    )
-    .await?;
+    wait_for_sleeps(&db, &admin, 0).await?;
     assert_eq!(get(&web.url("/row/")).await?.status, 200);
     Ok(())
 }
@@ -371,25 +233,16 @@ async fn abandoned_requests_cancel_their_query() -> Result<()> {
 /// A query that outlives its budget is cancelled and answered with 504.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_past_their_timeout_get_504() -> Result<()> {
-    let db = TestDb::create().await?;
-    let bouncer = PgBouncer::start(&db, 2).await?;
-    let web = Web::start(&bouncer.url(), &[("TIDEPOOL_QUERY_TIMEOUT", "300ms")]).await?;
-    let admin = db.admin().await?;
+    let Stack { web, bouncer: _bouncer, db, admin } =
+        Stack::start(2, &[("TIDEPOOL_QUERY_TIMEOUT", "300ms")]).await?;
     // Take both server connections, so the next query waits in PgBouncer.
-    let holders: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(get_owned(web.url("/slow-query/?seconds=3"))))
-        .collect();
-    wait_for("2 slow queries running", Duration::from_secs(5), || async {
-        db.active_sleeps(&admin).await.ok().filter(|n| *n == 2)
-    })
-    .await?;
+    let holders: Vec<_> =
+        (0..2).map(|_| tokio::spawn(get_owned(web.url("/slow-query/?seconds=3")))).collect();
+    wait_for_sleeps(&db, &admin, 2).await?;
     let started = Instant::now();
     let late = get(&web.url("/row/")).await?;
     assert_eq!(late.status, 504, "{}", late.body);
-    assert!(late.json()?["error"]
-        .as_str()
-        .unwrap_or_default()
-        .contains("did not answer within"));
+    assert!(late.json()?["error"].as_str().unwrap_or_default().contains("did not answer within"));
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "the 504 must come at the timeout, not after the holders"
@@ -408,10 +261,7 @@ async fn readiness_follows_the_pooler() -> Result<()> {
     let mut bouncer = PgBouncer::start(&db, 2).await?;
     let web = Web::start(
         &bouncer.url(),
-        &[
-            ("TIDEPOOL_READINESS_TIMEOUT", "1s"),
-            ("TIDEPOOL_DB_CONNECT_TIMEOUT", "1s"),
-        ],
+        &[("TIDEPOOL_READINESS_TIMEOUT", "1s"), ("TIDEPOOL_DB_CONNECT_TIMEOUT", "1s")],
     )
     .await?;
     assert_eq!(get(&web.url("/readyz")).await?.status, 200);
@@ -422,30 +272,11 @@ async fn readiness_follows_the_pooler() -> Result<()> {
     assert_eq!(down.json()?["status"], "unavailable");
     let row = get(&web.url("/row/")).await?;
     assert_eq!(row.status, 503, "{}", row.body);
-    assert!(
-        row.json()?["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("unavailable"),
-        "{}",
-        row.body
-    );
+    assert!(row.json()?["error"].as_str().unwrap_or_default().contains("unavailable"), "{}", row.body);
 
     bouncer.restart().await?;
-    wait_for("/readyz to recover", Duration::from_secs(10), || async {
-        get(&web.url("/readyz"))
-            .await
-            .ok()
-            .filter(|r| r.status == 200)
-    })
-    .await?;
-    wait_for("/row/ to recover", Duration::from_secs(10), || async {
-        get(&web.url("/row/"))
-            .await
-            .ok()
-            .filter(|r| r.status == 200)
-    })
-    .await?;
+    wait_for_status(&web.url("/readyz"), 200, Duration::from_secs(10)).await?;
+    wait_for_status(&web.url("/row/"), 200, Duration::from_secs(10)).await?;
     Ok(())
 }
 
@@ -456,14 +287,9 @@ async fn readiness_follows_the_database() -> Result<()> {
     let mut postgres = PrivatePostgres::start().await?;
     let db = TestDb::create_on(postgres.port).await?;
     let bouncer = PgBouncer::start(&db, 2).await?;
-    let web = Web::start(
-        &bouncer.url(),
-        &[
-            ("TIDEPOOL_READINESS_TIMEOUT", "1s"),
-            ("TIDEPOOL_QUERY_TIMEOUT", "2s"),
-        ],
-    )
-    .await?;
+    let web =
+        Web::start(&bouncer.url(), &[("TIDEPOOL_READINESS_TIMEOUT", "1s"), ("TIDEPOOL_QUERY_TIMEOUT", "2s")])
+            .await?;
     assert_eq!(get(&web.url("/readyz")).await?.status, 200);
     assert_eq!(get(&web.url("/row/")).await?.status, 200);
 
@@ -472,35 +298,14 @@ async fn readiness_follows_the_database() -> Result<()> {
     let down = get(&web.url("/readyz")).await?;
     assert_eq!(down.status, 503, "{}", down.body);
     let row = get(&web.url("/row/")).await?;
-    ensure!(
-        matches!(row.status, 503 | 504),
-        "expected 503 or 504, got {}: {}",
-        row.status,
-        row.body
-    );
+    ensure!(matches!(row.status, 503 | 504), "expected 503 or 504, got {}: {}", row.status, row.body);
     // Bounded by the readiness (1 s) and query (2 s) timeouts, not by
     // PgBouncer's 30 s query_wait_timeout.
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "requests hung for {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(10), "requests hung for {:?}", started.elapsed());
 
     postgres.restart().await?;
-    wait_for("/readyz to recover", Duration::from_secs(20), || async {
-        get(&web.url("/readyz"))
-            .await
-            .ok()
-            .filter(|r| r.status == 200)
-    })
-    .await?;
-    wait_for("/row/ to recover", Duration::from_secs(20), || async {
-        get(&web.url("/row/"))
-            .await
-            .ok()
-            .filter(|r| r.status == 200)
-    })
-    .await?;
+    wait_for_status(&web.url("/readyz"), 200, Duration::from_secs(20)).await?;
+    wait_for_status(&web.url("/row/"), 200, Duration::from_secs(20)).await?;
     Ok(())
 }
 
@@ -522,26 +327,17 @@ fn help_and_config_errors_never_print_secrets() -> Result<()> {
         "TIDEPOOL_MAX_IN_FLIGHT",
         "[default: 5s]",
     ] {
-        assert!(
-            help_text.contains(knob),
-            "help should mention {knob}:\n{help_text}"
-        );
+        assert!(help_text.contains(knob), "help should mention {knob}:\n{help_text}");
     }
     assert!(!help_text.contains("hunter2"), "{help_text}");
 
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_tidepool"))
         .arg("web")
-        .env(
-            "DATABASE_URL",
-            "postgres://app:hunter2-secret@127.0.0.1:notaport/app",
-        )
+        .env("DATABASE_URL", "postgres://app:hunter2-secret@127.0.0.1:notaport/app")
         .output()?;
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert_eq!(bad.status.code(), Some(1));
-    assert!(
-        stderr.contains("DATABASE_URL is not a valid PostgreSQL connection URL"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("DATABASE_URL is not a valid PostgreSQL connection URL"), "{stderr}");
     assert!(!stderr.contains("hunter2"), "{stderr}");
     Ok(())
 }
@@ -557,10 +353,7 @@ async fn a_busy_port_is_a_clear_error() -> Result<()> {
         .output()?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1));
-    assert!(
-        stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")),
-        "{stderr}"
-    );
+    assert!(stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{stderr}");
     assert!(stderr.contains(&format!("port {port}")), "{stderr}");
     Ok(())
 }

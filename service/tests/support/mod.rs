@@ -57,15 +57,10 @@ fn load_env() -> Result<TestEnv> {
             .trim()
             .to_owned())
     };
-    let run_as = if unsafe { libc::geteuid() } == 0 {
-        Some(lookup_user(&var("TIDEPOOL_RUN_AS")?)?)
-    } else {
-        None
-    };
+    let run_as =
+        if unsafe { libc::geteuid() } == 0 { Some(lookup_user(&var("TIDEPOOL_RUN_AS")?)?) } else { None };
     Ok(TestEnv {
-        pg_port: var("TIDEPOOL_TEST_PG_PORT")?
-            .parse()
-            .context("TIDEPOOL_TEST_PG_PORT")?,
+        pg_port: var("TIDEPOOL_TEST_PG_PORT")?.parse().context("TIDEPOOL_TEST_PG_PORT")?,
         superuser_password: secret("postgres.password")?,
         app_user: "tidepool".into(),
         app_password: secret("app.password")?,
@@ -127,11 +122,7 @@ pub fn free_port() -> Result<u16> {
 }
 
 pub fn port_accepts(port: u16) -> bool {
-    TcpStream::connect_timeout(
-        &SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_millis(200),
-    )
-    .is_ok()
+    TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(200)).is_ok()
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, failing after `limit`.
@@ -176,25 +167,11 @@ impl TestDb {
     /// Creates and migrates a database on the cluster at `port`.
     pub async fn create_on(port: u16) -> Result<TestDb> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "t{}_{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = format!("t{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         let db = TestDb { name, port };
-        let admin = connect(&url(
-            "postgres",
-            &env().superuser_password,
-            port,
-            "postgres",
-        ))
-        .await?;
+        let admin = connect(&url("postgres", &env().superuser_password, port, "postgres")).await?;
         admin
-            .batch_execute(&format!(
-                "CREATE DATABASE {} OWNER {}",
-                db.name,
-                env().app_user
-            ))
+            .batch_execute(&format!("CREATE DATABASE {} OWNER {}", db.name, env().app_user))
             .await
             .context("CREATE DATABASE")?;
         let output = Command::new(env!("CARGO_BIN_EXE_tidepool"))
@@ -203,10 +180,7 @@ impl TestDb {
             .env_remove("DATABASE_URL")
             .output()?;
         if !output.status.success() {
-            bail!(
-                "tidepool migrate failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
+            bail!("tidepool migrate failed: {}", String::from_utf8_lossy(&output.stderr));
         }
         Ok(db)
     }
@@ -217,13 +191,7 @@ impl TestDb {
 
     /// A superuser connection to this database, for inspecting the server.
     pub async fn admin(&self) -> Result<tokio_postgres::Client> {
-        connect(&url(
-            "postgres",
-            &env().superuser_password,
-            self.port,
-            &self.name,
-        ))
-        .await
+        connect(&url("postgres", &env().superuser_password, self.port, &self.name)).await
     }
 
     /// Backends of this database running `pg_sleep` right now.
@@ -275,12 +243,8 @@ impl PgBouncer {
         let (ini, auth) = pooler::write(&config, &dir)?;
         chown_to_service_user(&ini)?;
         chown_to_service_user(&auth)?;
-        let mut bouncer = PgBouncer {
-            child: None,
-            dir,
-            port: config.listen.port(),
-            db_name: db.name.clone(),
-        };
+        let mut bouncer =
+            PgBouncer { child: None, dir, port: config.listen.port(), db_name: db.name.clone() };
         bouncer.run().await?;
         Ok(bouncer)
     }
@@ -297,11 +261,9 @@ impl PgBouncer {
             .context("starting pgbouncer")?;
         self.child = Some(child);
         let port = self.port;
-        wait_for(
-            "PgBouncer to listen",
-            Duration::from_secs(10),
-            || async move { port_accepts(port).then_some(()) },
-        )
+        wait_for("PgBouncer to listen", Duration::from_secs(10), || async move {
+            port_accepts(port).then_some(())
+        })
         .await
         .with_context(|| self.log())
     }
@@ -311,12 +273,7 @@ impl PgBouncer {
     }
 
     pub fn url(&self) -> String {
-        url(
-            &env().app_user,
-            &env().app_password,
-            self.port,
-            &self.db_name,
-        )
+        url(&env().app_user, &env().app_password, self.port, &self.db_name)
     }
 
     pub fn stop(&mut self) {
@@ -361,14 +318,7 @@ impl PrivatePostgres {
         std::fs::write(&pwfile, &env().superuser_password)?;
         chown_to_service_user(&pwfile)?;
         let output = service_command(pg_bindir()?.join("initdb"))
-            .args([
-                "-U",
-                "postgres",
-                "--auth=scram-sha-256",
-                "--encoding=UTF8",
-                "--no-locale",
-                "--no-sync",
-            ])
+            .args(["-U", "postgres", "--auth=scram-sha-256", "--encoding=UTF8", "--no-locale", "--no-sync"])
             .arg(format!("--pwfile={}", pwfile.display()))
             .arg("-D")
             .arg(&data)
@@ -377,25 +327,11 @@ impl PrivatePostgres {
         if !output.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&output.stderr));
         }
-        let mut pg = PrivatePostgres {
-            child: None,
-            data,
-            port: free_port()?,
-        };
+        let mut pg = PrivatePostgres { child: None, data, port: free_port()? };
         pg.run().await?;
-        let admin = connect(&url(
-            "postgres",
-            &env().superuser_password,
-            pg.port,
-            "postgres",
-        ))
-        .await?;
+        let admin = connect(&url("postgres", &env().superuser_password, pg.port, "postgres")).await?;
         admin
-            .batch_execute(&format!(
-                "CREATE ROLE {} LOGIN PASSWORD '{}'",
-                env().app_user,
-                env().app_password
-            ))
+            .batch_execute(&format!("CREATE ROLE {} LOGIN PASSWORD '{}'", env().app_user, env().app_password))
             .await?;
         Ok(pg)
     }
@@ -405,14 +341,7 @@ impl PrivatePostgres {
         let child = service_command(pg_bindir()?.join("postgres"))
             .arg("-D")
             .arg(&self.data)
-            .args([
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "unix_socket_directories=",
-                "-c",
-                "fsync=off",
-            ])
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=", "-c", "fsync=off"])
             .args(["-p", &self.port.to_string()])
             .current_dir(self.data.parent().unwrap_or(Path::new("/")))
             .stdin(Stdio::null())
@@ -422,14 +351,10 @@ impl PrivatePostgres {
             .context("starting postgres")?;
         self.child = Some(child);
         let admin_url = url("postgres", &env().superuser_password, self.port, "postgres");
-        wait_for(
-            "PostgreSQL to accept connections",
-            Duration::from_secs(30),
-            || {
-                let admin_url = admin_url.clone();
-                async move { connect(&admin_url).await.ok().map(drop) }
-            },
-        )
+        wait_for("PostgreSQL to accept connections", Duration::from_secs(30), || {
+            let admin_url = admin_url.clone();
+            async move { connect(&admin_url).await.ok().map(drop) }
+        })
         .await
     }
 
@@ -463,8 +388,7 @@ fn pg_bindir() -> Result<PathBuf> {
         .filter(|p| p.join("initdb").exists())
         .collect();
     dirs.sort();
-    dirs.pop()
-        .ok_or_else(|| anyhow!("no PostgreSQL server under /usr/lib/postgresql"))
+    dirs.pop().ok_or_else(|| anyhow!("no PostgreSQL server under /usr/lib/postgresql"))
 }
 
 pub fn signal(pid: u32, signal: i32) -> Result<()> {
@@ -502,20 +426,10 @@ impl Web {
             .spawn()?;
         let mut web = Web { child, port, log };
         let health = web.url("/healthz");
-        let started = wait_for(
-            "tidepool web to answer /healthz",
-            Duration::from_secs(15),
-            || {
-                let health = health.clone();
-                async move {
-                    get(&health)
-                        .await
-                        .ok()
-                        .filter(|r| r.status == 200)
-                        .map(drop)
-                }
-            },
-        )
+        let started = wait_for("tidepool web to answer /healthz", Duration::from_secs(15), || {
+            let health = health.clone();
+            async move { get(&health).await.ok().filter(|r| r.status == 200).map(drop) }
+        })
         .await;
         if let Err(e) = started {
             let exited = web.child.try_wait()?;
@@ -563,6 +477,43 @@ impl Drop for Web {
     }
 }
 
+/// The usual set-up of a web test: a migrated database, a PgBouncer with
+/// `server_connections` in front of it, a `tidepool web` with `web_env`, and
+/// a superuser connection for watching the server. Fields drop in order, so
+/// the web process stops before its pooler.
+pub struct Stack {
+    pub web: Web,
+    pub bouncer: PgBouncer,
+    pub db: TestDb,
+    pub admin: tokio_postgres::Client,
+}
+
+impl Stack {
+    pub async fn start(server_connections: u32, web_env: &[(&str, &str)]) -> Result<Stack> {
+        let db = TestDb::create().await?;
+        let bouncer = PgBouncer::start(&db, server_connections).await?;
+        let web = Web::start(&bouncer.url(), web_env).await?;
+        let admin = db.admin().await?;
+        Ok(Stack { web, bouncer, db, admin })
+    }
+}
+
+/// Waits until exactly `n` backends of `db` run `pg_sleep`.
+pub async fn wait_for_sleeps(db: &TestDb, admin: &tokio_postgres::Client, n: i64) -> Result<()> {
+    wait_for(&format!("{n} pg_sleep backends active together"), Duration::from_secs(10), || async {
+        db.active_sleeps(admin).await.ok().filter(|active| *active == n).map(drop)
+    })
+    .await
+}
+
+/// Polls `url` until it answers `status`.
+pub async fn wait_for_status(url: &str, status: u16, limit: Duration) -> Result<HttpResponse> {
+    wait_for(&format!("GET {url} to answer {status}"), limit, || async {
+        get(url).await.ok().filter(|r| r.status == status)
+    })
+    .await
+}
+
 pub struct HttpResponse {
     pub status: u16,
     pub headers: http::HeaderMap,
@@ -577,25 +528,17 @@ impl HttpResponse {
 
 /// A GET on a new connection, bounded to 90 s.
 pub async fn get(url: &str) -> Result<HttpResponse> {
-    static CLIENT: OnceLock<
-        HttpClient<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
-    > = OnceLock::new();
-    let client = CLIENT.get_or_init(|| {
-        HttpClient::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(0)
-            .build_http()
-    });
+    static CLIENT: OnceLock<HttpClient<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>> =
+        OnceLock::new();
+    let client = CLIENT
+        .get_or_init(|| HttpClient::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http());
     let response = tokio::time::timeout(Duration::from_secs(90), client.get(url.parse()?))
         .await
         .with_context(|| format!("GET {url} timed out"))??;
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     let body = response.into_body().collect().await?.to_bytes();
-    Ok(HttpResponse {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
+    Ok(HttpResponse { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
 }
 
 /// Sends a GET on a new connection and returns the connection without
@@ -603,9 +546,7 @@ pub async fn get(url: &str) -> Result<HttpResponse> {
 pub async fn start_request(addr: SocketAddr, path: &str) -> Result<tokio::net::TcpStream> {
     use tokio::io::AsyncWriteExt;
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
-        .await?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes()).await?;
     Ok(stream)
 }
 
