@@ -51,6 +51,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
     pub shed: Option<Shed>,
+    /// What went wrong inside, for the log only: never sent to the client.
+    pub cause: Option<String>,
     allow: Option<&'static str>,
 }
 
@@ -61,7 +63,7 @@ struct ErrorBody<'a> {
 
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), shed: None, allow: None }
+        Self { status, message: message.into(), shed: None, cause: None, allow: None }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -121,10 +123,10 @@ impl From<DbError> for ApiError {
             DbError::PoolExhausted { .. } => ApiError::shed(Shed::DbPoolWait, e.to_string()),
             DbError::Unavailable { .. } => ApiError::unavailable(e.to_string()),
             DbError::QueryTimeout { .. } => ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string()),
-            DbError::Query(_) | DbError::Config(_) => {
-                tracing::error!(error = %crate::error_chain(&e), "database error");
-                ApiError::internal("database query failed")
-            }
+            DbError::Query(_) | DbError::Config(_) => ApiError {
+                cause: Some(crate::error_chain(&e)),
+                ..ApiError::internal("database query failed")
+            },
         }
     }
 }
@@ -147,6 +149,14 @@ mod tests {
         let response = ApiError::method_not_allowed("GET").into_response();
         assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(response.headers()[ALLOW], "GET");
+    }
+
+    #[test]
+    fn internal_details_go_to_the_log_not_the_client() {
+        let e = ApiError::from(DbError::Config("pool misconfigured: detail".into()));
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(e.message, "database query failed");
+        assert!(e.cause.as_deref().unwrap_or_default().contains("detail"));
     }
 
     #[test]

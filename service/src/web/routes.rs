@@ -113,7 +113,13 @@ pub async fn handle(
             metrics.http_requests_shed.with_label_values(&[reason.label()]).inc();
         }
         if e.status.is_server_error() {
-            tracing::warn!(route = route.map_or("unmatched", Route::label), status = e.status.as_u16(), error = %e.message, "request failed");
+            tracing::warn!(
+                route = route.map_or("unmatched", Route::label),
+                status = e.status.as_u16(),
+                error = %e.message,
+                cause = e.cause.as_deref().unwrap_or(""),
+                "request failed"
+            );
         }
         e.into_response()
     });
