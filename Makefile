@@ -46,5 +46,5 @@ bench: build
 	@scripts/install-deps.sh bench
 	@scripts/bench.sh
 
-clean: down
-	rm -rf .tidepool
+clean:
+	@scripts/stack.sh clean

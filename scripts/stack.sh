@@ -5,6 +5,7 @@
 #   stack.sh up   [postgres|pooler|web ...]   start (all by default), idempotently
 #   stack.sh down [postgres|pooler|web ...]   stop, by recorded PIDs
 #   stack.sh status
+#   stack.sh clean                             stop everything and delete the state folder
 #
 # Ports: TIDEPOOL_PG_PORT (5432), TIDEPOOL_POOLER_PORT (6432),
 # TIDEPOOL_WEB_PORT (8000). Other knobs: scripts/lib.sh. Extra environment
@@ -166,5 +167,10 @@ case $command in
     done
     ;;
   status) status ;;
-  *) die "usage: stack.sh up|down [postgres|pooler|web ...] | status" ;;
+  clean)
+    for c in web pooler postgres; do "${c}_down"; done
+    say "deleting $STATE"
+    rm -rf "$STATE"
+    ;;
+  *) die "usage: stack.sh up|down [postgres|pooler|web ...] | status | clean" ;;
 esac
