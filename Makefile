@@ -8,7 +8,7 @@ SHELL := /bin/bash
 # machine reuses it.
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/tidepool/cargo-target
 
-.PHONY: help deps build up down status demo test lint bench clean
+.PHONY: help deps build up down status demo test lint bench clean kube-build kube-up kube-down
 
 help:
 	@echo "make demo    install, build, start the local stack, run the seed's experiments"
@@ -16,6 +16,8 @@ help:
 	@echo "make up      start PostgreSQL, PgBouncer and tidepool web on loopback"
 	@echo "make down    stop them"
 	@echo "make bench   run the benchmarks and write docs/benchmarks.md"
+	@echo "make kube-up start a real Kubernetes control plane (etcd, API server, controller manager, scheduler, kwok) on loopback"
+	@echo "make kube-down stop it"
 
 deps:
 	@scripts/install-deps.sh
@@ -46,5 +48,14 @@ bench: build
 	@scripts/install-deps.sh bench
 	@scripts/bench.sh
 
-clean:
+kube-build: deps
+	@scripts/kube-build.sh
+
+kube-up: deps
+	@scripts/kube.sh up
+
+kube-down:
+	@scripts/kube.sh down
+
+clean: kube-down
 	@scripts/stack.sh clean

@@ -1,0 +1,224 @@
+#!/usr/bin/env bash
+# A real Kubernetes control plane on loopback, built from upstream modules
+# (scripts/kube-build.sh): etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, and kwok with one fake node, so Deployments get
+# ReplicaSets and Pods that are scheduled and report Running and Ready
+# without a container runtime.
+#
+#   kube.sh up      start (idempotent); the last line printed is `export KUBECONFIG=...`
+#   kube.sh down    stop, by recorded PIDs
+#   kube.sh status
+#
+# State (certificates, etcd data, logs, kubeconfig) lives in
+# $TIDEPOOL_STATE_DIR/kube. Ports: TIDEPOOL_KUBE_ETCD_PORT (12379, and the
+# next one for etcd peers), TIDEPOOL_KUBE_API_PORT (16443).
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+: "${TIDEPOOL_KUBE_ETCD_PORT:=12379}"
+: "${TIDEPOOL_KUBE_API_PORT:=16443}"
+KUBE=$TIDEPOOL_STATE_DIR/kube
+PKI=$KUBE/pki
+RUN=$KUBE/run
+LOGS=$KUBE/log
+KUBECONFIG_FILE=$KUBE/kubeconfig
+NODE=kwok-node-0
+
+# Reads the bin folders from kube-build.sh (building what is missing).
+load_binaries() {
+  local line
+  while IFS= read -r line; do
+    case $line in
+      kubernetes=*) K8S_BIN=${line#*=} ;;
+      etcd=*) ETCD_BIN=${line#*=} ;;
+      kwok=*) KWOK_BIN=${line#*=} ;;
+      helm=*) ;;
+    esac
+  done < <("$REPO_ROOT/scripts/kube-build.sh" kubernetes etcd kwok)
+  [ -n "${K8S_BIN:-}" ] && [ -n "${ETCD_BIN:-}" ] && [ -n "${KWOK_BIN:-}" ] || die "building the control plane failed"
+}
+
+# A key and a certificate signed by the cluster CA: $1 name, $2 subject,
+# $3 subjectAltName (optional).
+issue_cert() {
+  local name=$1 subject=$2 san=${3:-}
+  openssl genrsa -out "$PKI/$name.key" 2048 2>/dev/null
+  openssl req -new -key "$PKI/$name.key" -subj "$subject" -out "$PKI/$name.csr" 2>/dev/null
+  local ext=$PKI/$name.ext
+  {
+    echo "basicConstraints=CA:FALSE"
+    echo "keyUsage=critical,digitalSignature,keyEncipherment"
+    if [ -n "$san" ]; then
+      echo "extendedKeyUsage=serverAuth,clientAuth"
+      echo "subjectAltName=$san"
+    else
+      echo "extendedKeyUsage=clientAuth"
+    fi
+  } > "$ext"
+  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
+    -days 365 -sha256 -extfile "$ext" -out "$PKI/$name.crt" 2>/dev/null
+  rm -f "$PKI/$name.csr" "$ext"
+}
+
+make_pki() {
+  [ -f "$PKI/.complete" ] && return
+  say "generating certificates in $PKI"
+  rm -rf "$PKI"
+  mkdir -p "$PKI"
+  chmod 700 "$PKI"
+  openssl req -x509 -newkey rsa:2048 -nodes -keyout "$PKI/ca.key" -out "$PKI/ca.crt" -days 3650 \
+    -subj "/CN=tidepool-kube-ca" -addext "basicConstraints=critical,CA:TRUE" \
+    -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2>/dev/null
+  issue_cert apiserver "/CN=kube-apiserver" \
+    "IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+  issue_cert admin "/O=system:masters/CN=tidepool-admin"
+  issue_cert controller-manager "/CN=system:kube-controller-manager"
+  issue_cert scheduler "/CN=system:kube-scheduler"
+  issue_cert kwok "/O=system:masters/CN=kwok-controller"
+  openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
+  touch "$PKI/.complete"
+}
+
+# A kubeconfig for client certificate $1, written to $2.
+write_kubeconfig() {
+  local name=$1 file=$2
+  (umask 077; cat > "$file" <<KUBECONFIG
+apiVersion: v1
+kind: Config
+clusters:
+- name: tidepool
+  cluster:
+    server: https://127.0.0.1:$TIDEPOOL_KUBE_API_PORT
+    certificate-authority-data: $(base64 -w0 < "$PKI/ca.crt")
+users:
+- name: $name
+  user:
+    client-certificate-data: $(base64 -w0 < "$PKI/$name.crt")
+    client-key-data: $(base64 -w0 < "$PKI/$name.key")
+contexts:
+- name: tidepool
+  context: {cluster: tidepool, user: $name}
+current-context: tidepool
+KUBECONFIG
+)
+}
+
+# Starts "$@" in the background, its PID in $RUN/$name.pid, output in $LOGS/$name.log.
+start() {
+  local name=$1; shift
+  if pid_alive "$RUN/$name.pid"; then
+    return
+  fi
+  setsid "$@" </dev/null >>"$LOGS/$name.log" 2>&1 &
+  echo $! > "$RUN/$name.pid"
+}
+
+kubectl_() { "$K8S_BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
+
+up() {
+  load_binaries
+  mkdir -p "$KUBE" "$RUN" "$LOGS"
+  make_pki
+  for name in admin controller-manager scheduler kwok; do
+    write_kubeconfig "$name" "$KUBE/$name.kubeconfig"
+  done
+  cp "$KUBE/admin.kubeconfig" "$KUBECONFIG_FILE"
+
+  if ! pid_alive "$RUN/etcd.pid"; then
+    require_free_port "$TIDEPOOL_KUBE_ETCD_PORT" etcd
+    require_free_port "$(( TIDEPOOL_KUBE_ETCD_PORT + 1 ))" "etcd peers"
+  fi
+  local etcd_url=http://127.0.0.1:$TIDEPOOL_KUBE_ETCD_PORT peer_url=http://127.0.0.1:$(( TIDEPOOL_KUBE_ETCD_PORT + 1 ))
+  start etcd "$ETCD_BIN/etcd" --name tidepool --data-dir "$KUBE/etcd" \
+    --listen-client-urls "$etcd_url" --advertise-client-urls "$etcd_url" \
+    --listen-peer-urls "$peer_url" --initial-advertise-peer-urls "$peer_url" \
+    --initial-cluster "tidepool=$peer_url" --unsafe-no-fsync --log-level warn
+  wait_until "curl -fsS $etcd_url/health" 30 "etcd (see $LOGS/etcd.log)"
+
+  pid_alive "$RUN/kube-apiserver.pid" || require_free_port "$TIDEPOOL_KUBE_API_PORT" kube-apiserver
+  start kube-apiserver "$K8S_BIN/kube-apiserver" \
+    --etcd-servers "$etcd_url" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$TIDEPOOL_KUBE_API_PORT" \
+    --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
+    --client-ca-file "$PKI/ca.crt" \
+    --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
+    --service-account-issuer https://kubernetes.default.svc \
+    --service-cluster-ip-range 10.0.0.0/24 \
+    --authorization-mode Node,RBAC --allow-privileged=true \
+    --profiling=false
+  wait_until "kubectl_ get --raw /readyz" 60 "kube-apiserver (see $LOGS/kube-apiserver.log)"
+
+  start kube-controller-manager "$K8S_BIN/kube-controller-manager" \
+    --kubeconfig "$KUBE/controller-manager.kubeconfig" \
+    --authentication-kubeconfig "$KUBE/controller-manager.kubeconfig" \
+    --authorization-kubeconfig "$KUBE/controller-manager.kubeconfig" \
+    --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
+    --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
+    --use-service-account-credentials --leader-elect=false --secure-port 0 --profiling=false
+  start kube-scheduler "$K8S_BIN/kube-scheduler" \
+    --kubeconfig "$KUBE/scheduler.kubeconfig" \
+    --authentication-kubeconfig "$KUBE/scheduler.kubeconfig" \
+    --authorization-kubeconfig "$KUBE/scheduler.kubeconfig" \
+    --leader-elect=false --secure-port 0 --profiling=false
+  start kwok "$KWOK_BIN/kwok" --kubeconfig "$KUBE/kwok.kubeconfig" \
+    --manage-all-nodes=false \
+    --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
+    --node-ip 127.0.0.1 --node-port 0 --server-address ""
+
+  if ! kubectl_ get node "$NODE" >/dev/null 2>&1; then
+    kubectl_ apply -f - >/dev/null <<NODE
+apiVersion: v1
+kind: Node
+metadata:
+  name: $NODE
+  annotations:
+    kwok.x-k8s.io/node: fake
+    node.alpha.kubernetes.io/ttl: "0"
+  labels:
+    kubernetes.io/hostname: $NODE
+    kubernetes.io/os: linux
+    kubernetes.io/arch: amd64
+    type: kwok
+status:
+  allocatable: {cpu: "32", memory: 256Gi, pods: "110"}
+  capacity: {cpu: "32", memory: 256Gi, pods: "110"}
+NODE
+  fi
+  wait_until "kubectl_ wait --for=condition=Ready node/$NODE --timeout=1s" 60 "the kwok node (see $LOGS/kwok.log)"
+  wait_until "kubectl_ get serviceaccount default -n default" 60 "the default service account (see $LOGS/kube-controller-manager.log)"
+  say "control plane ready: $("$K8S_BIN/kubectl" version --kubeconfig "$KUBECONFIG_FILE" 2>/dev/null | tr '\n' ' ')"
+  echo "export KUBECONFIG=$KUBECONFIG_FILE"
+}
+
+stop_pid() {
+  local file=$RUN/$1.pid pid
+  pid_alive "$file" || { rm -f "$file"; return 0; }
+  pid=$(head -n 1 "$file")
+  kill -TERM "$pid" 2>/dev/null || true
+  if ! (wait_until "! kill -0 $pid" 20 "$1" 2>/dev/null); then
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$file"
+}
+
+down() {
+  local name
+  for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
+    stop_pid "$name"
+  done
+}
+
+status() {
+  local name
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok; do
+    if pid_alive "$RUN/$name.pid"; then echo "$name: running (pid $(head -n 1 "$RUN/$name.pid"))"; else echo "$name: stopped"; fi
+  done
+}
+
+case ${1:-} in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  *) die "usage: kube.sh up|down|status" ;;
+esac
