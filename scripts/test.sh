@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every test: formatting, lints, unit tests, and the integration tests
-# against a real PostgreSQL and real PgBouncers on loopback.
+# against a real PostgreSQL and real PgBouncers on loopback, and against a
+# real Kubernetes control plane built from upstream modules (scripts/kube.sh;
+# the first run on a machine builds it, later runs reuse the cache).
 #
 # A PostgreSQL cluster for the run is created afresh in
 # $TIDEPOOL_STATE_DIR/test on port $TIDEPOOL_TEST_PG_PORT (15432) and stopped
@@ -25,10 +27,27 @@ stack() {
   TIDEPOOL_STATE_DIR=$TEST_STATE TIDEPOOL_PG_PORT=$TIDEPOOL_TEST_PG_PORT TIDEPOOL_PG_MAX_CONNECTIONS=400 \
     TIDEPOOL_BIN=$CARGO_TARGET_DIR/debug/tidepool "$REPO_ROOT/scripts/stack.sh" "$@"
 }
+kube() { TIDEPOOL_STATE_DIR=$TEST_STATE "$REPO_ROOT/scripts/kube.sh" "$@"; }
 stack down postgres || true
+kube down || true
 rm -rf "$TEST_STATE"
-trap 'stack down postgres || true' EXIT
+trap 'kube down || true; stack down postgres || true' EXIT
 stack up postgres
+
+say "building the Kubernetes tools (cached per version)"
+built=$(scripts/kube-build.sh)
+while IFS='=' read -r tool dir; do
+  case $tool in
+    kubernetes) export TIDEPOOL_KUBE_BIN=$dir ;;
+    etcd) export TIDEPOOL_ETCD_BIN=$dir ;;
+    kwok) export TIDEPOOL_KWOK_BIN=$dir ;;
+    helm) export TIDEPOOL_HELM_BIN=$dir ;;
+  esac
+done <<< "$built"
+say "starting the Kubernetes control plane"
+kube_up=$(kube up)
+eval "$(tail -n 1 <<< "$kube_up")"
+export KUBECONFIG
 
 export TIDEPOOL_TEST_STATE_DIR=$TEST_STATE TIDEPOOL_TEST_PG_PORT TIDEPOOL_RUN_AS
 say "cargo test"

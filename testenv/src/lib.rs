@@ -1,0 +1,136 @@
+//! The real Kubernetes control plane that `make test` starts
+//! (`scripts/kube.sh`: etcd, kube-apiserver, kube-controller-manager,
+//! kube-scheduler and kwok, built from the upstream modules pinned in
+//! `tools/kube/*/go.mod`), as tests see it.
+//!
+//! scripts/test.sh exports `KUBECONFIG` and `TIDEPOOL_KUBE_BIN` (the folder
+//! of kubectl and the control plane binaries). Each test works in a
+//! namespace of its own ([`Kube::namespace`]), so tests run in parallel.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+pub struct Kube {
+    pub kubeconfig: PathBuf,
+    pub bin: PathBuf,
+}
+
+impl Kube {
+    /// The control plane of this test run; fails with a clear message when
+    /// the tests were not started by `make test`.
+    pub fn from_env() -> Result<Kube> {
+        let var = |name: &str| {
+            std::env::var_os(name).map(PathBuf::from).with_context(|| {
+                format!("{name} is not set: these tests need the control plane that `make test` starts")
+            })
+        };
+        Ok(Kube { kubeconfig: var("KUBECONFIG")?, bin: var("TIDEPOOL_KUBE_BIN")? })
+    }
+
+    /// Runs kubectl with `args`, feeding `stdin`; returns its output whether
+    /// or not it succeeded.
+    pub fn kubectl_output(&self, args: &[&str], stdin: Option<&str>) -> Result<Output> {
+        let mut child = Command::new(self.bin.join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running kubectl")?;
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(input.as_bytes())?;
+        }
+        Ok(child.wait_with_output()?)
+    }
+
+    /// Runs kubectl and returns its standard output; fails with its
+    /// standard error when it fails.
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
+        let output = self.kubectl_output(args, stdin)?;
+        if !output.status.success() {
+            bail!("kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// `kubectl get -o json`, parsed.
+    pub fn get_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut full = vec!["get", "-o", "json"];
+        full.extend_from_slice(args);
+        Ok(serde_json::from_str(&self.kubectl(&full, None)?)?)
+    }
+
+    /// A fresh namespace for one test, deleted when the guard drops.
+    pub fn namespace(&self, prefix: &str) -> Result<Namespace<'_>> {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!("{prefix}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        self.kubectl(&["create", "namespace", &name], None)?;
+        Ok(Namespace { kube: self, name })
+    }
+}
+
+pub struct Namespace<'a> {
+    kube: &'a Kube,
+    pub name: String,
+}
+
+impl Drop for Namespace<'_> {
+    fn drop(&mut self) {
+        let _ = self.kube.kubectl_output(&["delete", "namespace", &self.name, "--wait=false"], None);
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, failing after `limit`
+/// with the last error, if any.
+pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + limit;
+    let mut last_error = None;
+    loop {
+        match check() {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if Instant::now() >= deadline {
+            match last_error {
+                Some(e) => bail!("timed out after {limit:?} waiting for {what}; last error: {e:#}"),
+                None => bail!("timed out after {limit:?} waiting for {what}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The version `module` is pinned to in tools/kube/<tool>/go.mod.
+pub fn pinned_version(tool: &str, module: &str) -> Result<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/kube").join(tool).join("go.mod");
+    let go_mod = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    go_mod
+        .lines()
+        .map(str::trim)
+        .filter_map(|line| line.strip_prefix("require ").or(Some(line)))
+        .find_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some(module)).then(|| words.next().map(str::to_owned)).flatten()
+        })
+        .with_context(|| format!("{module} is not required in {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_pinned_versions_from_go_mod() {
+        let version = pinned_version("kubernetes", "k8s.io/kubernetes").expect("pinned");
+        assert!(version.starts_with("v1."), "{version}");
+        assert!(pinned_version("kubernetes", "example.com/absent").is_err());
+    }
+}
