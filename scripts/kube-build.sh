@@ -11,7 +11,7 @@ source "$(dirname "$0")/lib.sh"
 : "${TIDEPOOL_KUBE_CACHE:=$HOME/.cache/tidepool/kube}"
 TOOLS=$REPO_ROOT/tools/kube
 command -v go >/dev/null || die "Go is not installed"
-export CGO_ENABLED=0 GOFLAGS=-mod=mod
+export CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false"
 
 # The version a module pins for $2, read from tools/kube/$1/go.mod.
 pinned() { (cd "$TOOLS/$1" && go list -m -f '{{.Version}}' "$2"); }
