@@ -14,6 +14,7 @@ have psql || need+=(postgresql-client)
 have curl || need+=(curl)
 have setpriv || need+=(util-linux)
 have ab || need+=(apache2-utils)
+have openssl || need+=(openssl)
 if [ "${1:-}" = bench ]; then
   have wrk || need+=(wrk)
   have gnuplot || need+=(gnuplot-nox)
@@ -47,3 +48,4 @@ if [ "$(id -u)" -eq 0 ] && ! id "$TIDEPOOL_RUN_AS" >/dev/null 2>&1; then
 fi
 
 have cargo || die "Rust (cargo) is not installed; install it with rustup and run again"
+have go || die "Go (1.24 or later) is not installed; it builds the Kubernetes test tools from their modules"
