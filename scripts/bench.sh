@@ -7,7 +7,10 @@
 #      connections, sampling PostgreSQL's connections;
 #   3. /row/ with wrk next to pgbench running the same query through the same
 #      PgBouncer with the same client count, alternating in one run;
-#   4. memory: RSS idle, and with 10,000 idle keep-alive connections.
+#   4. memory: RSS idle, and with 10,000 idle keep-alive connections;
+#   5. the Kubernetes test control plane: start times, and with
+#      BENCH_KUBE_COLD=1 the cold build of its tools (empty Go module, build
+#      and tool caches; takes minutes).
 # All traffic goes to loopback; every step is bounded in time.
 # BENCH_REPEATS (3) and BENCH_SECONDS (15) size the alternating runs.
 set -euo pipefail
@@ -147,6 +150,29 @@ idle_failed=$(json_field "$WORK/idle.json" failed)
 per_connection_kb=$(py "print('%.1f' % (($rss_10k - $rss_idle) * 1024 / $idle_open))")
 restart_web
 
+# --- 5. Kubernetes test control plane -----------------------------------------
+say "5. Kubernetes test control plane"
+KUBE_STATE=$WORK/kube-state
+if [ "${BENCH_KUBE_COLD:-0}" = 1 ]; then
+  say "   cold build of the Kubernetes tools into empty caches"
+  cold=$WORK/cold
+  started=$SECONDS
+  GOCACHE=$cold/gocache GOMODCACHE=$cold/gomod TIDEPOOL_KUBE_CACHE=$cold/tools \
+    "$REPO_ROOT/scripts/kube-build.sh" 2> "$WORK/kube-cold.log" > /dev/null
+  kube_cold_total=$(( SECONDS - started ))
+  kube_cold_detail=$(sed -n 's/^==> built \(.*\) in \([0-9]*\) s$/\1: \2 s/p' "$WORK/kube-cold.log" | paste -sd ';' - | sed 's/;/; /g')
+  chmod -R u+w "$cold" && rm -rf "$cold"
+fi
+"$REPO_ROOT/scripts/kube-build.sh" > /dev/null 2>&1
+started=$(date +%s.%N)
+TIDEPOOL_STATE_DIR=$KUBE_STATE "$REPO_ROOT/scripts/kube.sh" up > /dev/null 2>&1
+kube_fresh=$(py "import time; print('%.1f' % (time.time() - $started))")
+TIDEPOOL_STATE_DIR=$KUBE_STATE "$REPO_ROOT/scripts/kube.sh" down
+started=$(date +%s.%N)
+TIDEPOOL_STATE_DIR=$KUBE_STATE "$REPO_ROOT/scripts/kube.sh" up > /dev/null 2>&1
+kube_warm=$(py "import time; print('%.1f' % (time.time() - $started))")
+TIDEPOOL_STATE_DIR=$KUBE_STATE "$REPO_ROOT/scripts/kube.sh" down
+
 # --- Report -------------------------------------------------------------------
 verdict() { py "print('met' if $1 else 'missed')"; }
 cpu=$(lscpu | awk -F: '/Model name/ {gsub(/^ +/, "", $2); print $2; exit}')
@@ -238,5 +264,21 @@ hyper's 8 KB read buffer and 8 KB header buffer (of which only the first page
 is touched), its connection state (1.6 KB) and the slot it keeps for the
 request handler's future, which is why the route dispatch is boxed (a 4.7 KB
 future kept per connection put the 10,000-connection figure at 167 MB).
+
+## 5. The Kubernetes test control plane
+
+\`scripts/kube.sh up\` until the API server is ready, the kwok node is Ready
+and the default service account exists, with the tools already built:
+
+| start | seconds |
+|---|---|
+| fresh state (new certificates, empty etcd) | $kube_fresh |
+| warm (state kept from a previous start) | $kube_warm |
+
+$(if [ -n "${kube_cold_total:-}" ]; then
+  echo "Cold build of every tool (\\`scripts/kube-build.sh\\` with empty Go module, build and tool caches, so modules were downloaded too): **${kube_cold_total} s** ($kube_cold_detail). A warm machine builds nothing."
+else
+  echo "The cold build of the tools was not measured in this run (\\`BENCH_KUBE_COLD=1 make bench\\` measures it)."
+fi)
 REPORT
 say "wrote $OUT"
