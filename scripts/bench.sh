@@ -173,6 +173,12 @@ TIDEPOOL_STATE_DIR=$KUBE_STATE "$REPO_ROOT/scripts/kube.sh" up > /dev/null 2>&1
 kube_warm=$(py "import time; print('%.1f' % (time.time() - $started))")
 TIDEPOOL_STATE_DIR=$KUBE_STATE "$REPO_ROOT/scripts/kube.sh" down
 
+if [ -n "${kube_cold_total:-}" ]; then
+  kube_cold_line="Cold build of every tool (\`scripts/kube-build.sh\` with empty Go module, build and tool caches, so modules were downloaded too): **${kube_cold_total} s** ($kube_cold_detail). A warm machine builds nothing."
+else
+  kube_cold_line="The cold build of the tools was not measured in this run (\`BENCH_KUBE_COLD=1 make bench\` measures it)."
+fi
+
 # --- Report -------------------------------------------------------------------
 verdict() { py "print('met' if $1 else 'missed')"; }
 cpu=$(lscpu | awk -F: '/Model name/ {gsub(/^ +/, "", $2); print $2; exit}')
@@ -275,10 +281,6 @@ and the default service account exists, with the tools already built:
 | fresh state (new certificates, empty etcd) | $kube_fresh |
 | warm (state kept from a previous start) | $kube_warm |
 
-$(if [ -n "${kube_cold_total:-}" ]; then
-  echo "Cold build of every tool (\\`scripts/kube-build.sh\\` with empty Go module, build and tool caches, so modules were downloaded too): **${kube_cold_total} s** ($kube_cold_detail). A warm machine builds nothing."
-else
-  echo "The cold build of the tools was not measured in this run (\\`BENCH_KUBE_COLD=1 make bench\\` measures it)."
-fi)
+$kube_cold_line
 REPORT
 say "wrote $OUT"
