@@ -239,13 +239,12 @@ async fn queries_past_their_timeout_get_504() -> Result<()> {
     let holders: Vec<_> =
         (0..2).map(|_| tokio::spawn(get_owned(web.url("/slow-query/?seconds=3")))).collect();
     wait_for_sleeps(&db, &admin, 2).await?;
-    let started = Instant::now();
     let late = get(&web.url("/row/")).await?;
     assert_eq!(late.status, 504, "{}", late.body);
     assert!(late.json()?["error"].as_str().unwrap_or_default().contains("did not answer within"));
     assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "the 504 must come at the timeout, not after the holders"
+        holders.iter().all(|h| !h.is_finished()),
+        "the 504 must come at the query timeout, while the holders still run"
     );
     for holder in holders {
         assert_eq!(holder.await??.status, 200);
@@ -286,7 +285,9 @@ async fn readiness_follows_the_pooler() -> Result<()> {
 async fn readiness_follows_the_database() -> Result<()> {
     let mut postgres = PrivatePostgres::start().await?;
     let db = TestDb::create_on(postgres.port).await?;
-    let bouncer = PgBouncer::start(&db, 2).await?;
+    // PgBouncer would hold a query for a server far longer than the test
+    // client waits (90 s): only Tidepool's own timeouts can answer in time.
+    let bouncer = PgBouncer::start_with_query_wait(&db, 2, Duration::from_secs(600)).await?;
     let web =
         Web::start(&bouncer.url(), &[("TIDEPOOL_READINESS_TIMEOUT", "1s"), ("TIDEPOOL_QUERY_TIMEOUT", "2s")])
             .await?;
@@ -294,14 +295,10 @@ async fn readiness_follows_the_database() -> Result<()> {
     assert_eq!(get(&web.url("/row/")).await?.status, 200);
 
     postgres.stop()?;
-    let started = Instant::now();
     let down = get(&web.url("/readyz")).await?;
     assert_eq!(down.status, 503, "{}", down.body);
     let row = get(&web.url("/row/")).await?;
     ensure!(matches!(row.status, 503 | 504), "expected 503 or 504, got {}: {}", row.status, row.body);
-    // Bounded by the readiness (1 s) and query (2 s) timeouts, not by
-    // PgBouncer's 30 s query_wait_timeout.
-    assert!(started.elapsed() < Duration::from_secs(10), "requests hung for {:?}", started.elapsed());
 
     postgres.restart().await?;
     wait_for_status(&web.url("/readyz"), 200, Duration::from_secs(20)).await?;

@@ -228,6 +228,15 @@ pub struct PgBouncer {
 
 impl PgBouncer {
     pub async fn start(db: &TestDb, pool_size: u32) -> Result<PgBouncer> {
+        Self::start_with_query_wait(db, pool_size, Duration::from_secs(30)).await
+    }
+
+    /// With PgBouncer's `query_wait_timeout` set to `query_wait`.
+    pub async fn start_with_query_wait(
+        db: &TestDb,
+        pool_size: u32,
+        query_wait: Duration,
+    ) -> Result<PgBouncer> {
         let dir = scratch_dir("pgbouncer")?;
         let pg = db.direct_url().parse::<tokio_postgres::Config>()?;
         let config = PoolerConfig {
@@ -236,7 +245,7 @@ impl PgBouncer {
             pool_size,
             max_db_connections: pool_size,
             max_client_conn: 1000,
-            query_wait_timeout: Duration::from_secs(30),
+            query_wait_timeout: query_wait,
             pidfile: None,
             logfile: None,
         };
