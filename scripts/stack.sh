@@ -122,8 +122,13 @@ web_down() { stop_pid "$RUN/web.pid" 40 "tidepool web"; }
 pooler_down() { stop_pid "$RUN/pgbouncer.pid" 10 PgBouncer; }
 postgres_down() {
   pid_alive "$PG_DATA/postmaster.pid" || return 0
+  local pid
+  pid=$(head -n 1 "$PG_DATA/postmaster.pid")
   say "stopping PostgreSQL"
   (cd "$STATE" && as_service_user "$(pg_bindir)/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 stop >/dev/null)
+  # pg_ctl returns once the pid file is gone, a moment before the
+  # postmaster exits and frees its port.
+  wait_until "! kill -0 $pid" 30 "PostgreSQL to exit"
 }
 
 status() {
