@@ -108,9 +108,23 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Resul
     }
 }
 
+/// The checkout under test: the nearest folder above the running test's
+/// package (CARGO_MANIFEST_DIR, set by cargo when it runs tests) that holds
+/// tools/kube. Read at run time: a test binary reused from a shared target
+/// folder may have been compiled in another checkout.
+pub fn repo_root() -> Result<PathBuf> {
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .context("CARGO_MANIFEST_DIR is not set: run the tests with cargo")?;
+    Path::new(&manifest_dir)
+        .ancestors()
+        .find(|dir| dir.join("tools/kube").is_dir())
+        .map(Path::to_path_buf)
+        .context("no folder above CARGO_MANIFEST_DIR holds tools/kube")
+}
+
 /// The version `module` is pinned to in tools/kube/<tool>/go.mod.
 pub fn pinned_version(tool: &str, module: &str) -> Result<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/kube").join(tool).join("go.mod");
+    let path = repo_root()?.join("tools/kube").join(tool).join("go.mod");
     let go_mod = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     go_mod
         .lines()

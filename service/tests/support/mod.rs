@@ -116,6 +116,20 @@ pub fn scratch_dir(kind: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// A script of the checkout under test. The path comes from the
+/// CARGO_MANIFEST_DIR cargo sets when it runs the test, not the one compiled
+/// in: a test binary reused from a shared target folder may have been built
+/// in another checkout.
+pub fn script(name: &str) -> Result<PathBuf> {
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .context("CARGO_MANIFEST_DIR is not set: run the tests with cargo")?;
+    let path = Path::new(&manifest_dir).join("../scripts").join(name);
+    if !path.exists() {
+        bail!("{} does not exist", path.display());
+    }
+    Ok(path)
+}
+
 /// A free loopback port (bound, then released for the caller to bind).
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
