@@ -68,11 +68,6 @@ impl SecretUrl {
     pub fn to_pg_config(&self, what: &'static str) -> Result<tokio_postgres::Config, InvalidUrl> {
         tokio_postgres::Config::from_str(&self.0).map_err(|source| InvalidUrl { what, source })
     }
-
-    /// The raw URL, for handing to a child process's environment.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
 }
 
 impl fmt::Debug for SecretUrl {
