@@ -191,28 +191,17 @@ NODE
   echo "export KUBECONFIG=$KUBECONFIG_FILE"
 }
 
-stop_pid() {
-  local file=$RUN/$1.pid pid
-  pid_alive "$file" || { rm -f "$file"; return 0; }
-  pid=$(head -n 1 "$file")
-  kill -TERM "$pid" 2>/dev/null || true
-  if ! (wait_until "! kill -0 $pid" 20 "$1" 2>/dev/null); then
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$file"
-}
-
 down() {
   local name
   for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
-    stop_pid "$name"
+    stop_pid "$RUN/$name.pid" 20 "$name"
   done
 }
 
 status() {
   local name
   for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok; do
-    if pid_alive "$RUN/$name.pid"; then echo "$name: running (pid $(head -n 1 "$RUN/$name.pid"))"; else echo "$name: stopped"; fi
+    print_status "$name" "$RUN/$name.pid"
   done
 }
 

@@ -88,6 +88,26 @@ wait_until() {
 # Is the process recorded in pid file $1 alive?
 pid_alive() { [ -f "$1" ] && kill -0 "$(head -n 1 "$1")" 2>/dev/null; }
 
+# Prints "$1: running (pid N)" or "$1: stopped" for pid file $2.
+print_status() {
+  if pid_alive "$2"; then echo "$1: running (pid $(head -n 1 "$2"))"; else echo "$1: stopped"; fi
+}
+
+# Stops the process recorded in pid file $1 with SIGTERM, waiting up to $2
+# seconds before SIGKILL; $3 names it in messages.
+stop_pid() {
+  local pidfile=$1 limit=$2 what=$3 pid
+  pid_alive "$pidfile" || { rm -f "$pidfile"; return 0; }
+  pid=$(head -n 1 "$pidfile")
+  say "stopping $what (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  if ! (wait_until "! kill -0 $pid" "$limit" "$what" 2>/dev/null); then
+    say "$what did not stop within ${limit}s; killing it"
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidfile"
+}
+
 secret() { cat "$TIDEPOOL_STATE_DIR/secrets/$1"; }
 
 # Connection URLs. They carry passwords: pass them through the environment,

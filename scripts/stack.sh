@@ -103,21 +103,6 @@ web_up() {
   pid_alive "$RUN/web.pid" || die "tidepool web exited at start; see $LOGS/web.log"
 }
 
-# Stops the process recorded in $1 with SIGTERM, waiting up to $2 seconds
-# before SIGKILL.
-stop_pid() {
-  local pidfile=$1 limit=$2 what=$3 pid
-  pid_alive "$pidfile" || { rm -f "$pidfile"; return 0; }
-  pid=$(head -n 1 "$pidfile")
-  say "stopping $what (pid $pid)"
-  kill -TERM "$pid" 2>/dev/null || true
-  if ! (wait_until "! kill -0 $pid" "$limit" "$what" 2>/dev/null); then
-    say "$what did not stop within ${limit}s; killing it"
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$pidfile"
-}
-
 web_down() { stop_pid "$RUN/web.pid" 40 "tidepool web"; }
 pooler_down() { stop_pid "$RUN/pgbouncer.pid" 10 PgBouncer; }
 postgres_down() {
@@ -132,15 +117,9 @@ postgres_down() {
 }
 
 status() {
-  local name file
-  for name in postgres pooler web; do
-    case $name in
-      postgres) file=$PG_DATA/postmaster.pid ;;
-      pooler) file=$RUN/pgbouncer.pid ;;
-      web) file=$RUN/web.pid ;;
-    esac
-    if pid_alive "$file"; then echo "$name: running (pid $(head -n 1 "$file"))"; else echo "$name: stopped"; fi
-  done
+  print_status postgres "$PG_DATA/postmaster.pid"
+  print_status pooler "$RUN/pgbouncer.pid"
+  print_status web "$RUN/web.pid"
 }
 
 write_env_file() {
