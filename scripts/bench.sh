@@ -24,10 +24,9 @@ OUT=$REPO_ROOT/docs/benchmarks.md
 IMG=$REPO_ROOT/docs/img
 WORK=$(mktemp -d)
 mkdir -p "$IMG"
-trap 'kill "${SAMPLER:-}" "${IDLE:-}" 2>/dev/null || true; rm -rf "$WORK"' EXIT
+trap 'stop_connection_sampler; kill "${IDLE:-}" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 py() { python3 -c "$@"; }
-json_field() { py 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
 median() { py 'import statistics,sys; print("%.2f" % statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 runs() { py 'import sys; print(", ".join("%.2f" % float(x) for x in sys.argv[1:]))' "$@"; }
 web_pid() { head -n 1 "$TIDEPOOL_STATE_DIR/run/web.pid"; }
@@ -39,22 +38,6 @@ restart_web() {
   env "$@" "$REPO_ROOT/scripts/stack.sh" up web
 }
 
-# Samples the application role's server connections every 100 ms into $1
-# ("seconds count" lines), at most 10 minutes, until killed.
-start_sampler() {
-  local file=$1
-  (
-    start=$(date +%s.%N)
-    for _ in $(seq 1 6000); do
-      n=$(psql_super -At -d postgres -c "SELECT count(*) FROM pg_stat_activity WHERE usename = '$APP_USER'" 2>/dev/null || echo "")
-      [ -n "$n" ] && echo "$(py "import time; print('%.2f' % (time.time() - $start))") $n"
-      sleep 0.1
-    done
-  ) > "$file" &
-  SAMPLER=$!
-}
-stop_sampler() { kill "$SAMPLER" 2>/dev/null || true; wait "$SAMPLER" 2>/dev/null || true; SAMPLER=; }
-
 "$REPO_ROOT/scripts/stack.sh" up
 
 # --- 1. The seed's experiment -------------------------------------------
@@ -63,8 +46,8 @@ restart_web
 ab_totals=(); burst_totals=(); ab_failed=0; burst_failed=0
 for i in $(seq 1 "$BENCH_REPEATS"); do
   ab -n 10 -c 10 "$WEB/slow-query/" > "$WORK/ab.txt" 2>&1
-  ab_totals+=("$(awk '/^Time taken for tests:/ {print $5}' "$WORK/ab.txt")")
-  ab_failed=$(( ab_failed + $(awk '/^Failed requests:/ {print $3}' "$WORK/ab.txt") ))
+  ab_totals+=("$(ab_total_seconds "$WORK/ab.txt")")
+  ab_failed=$(( ab_failed + $(ab_failed_requests "$WORK/ab.txt") ))
   "$TIDEPOOL_LOADGEN_BIN" burst --requests 10 --url "$WEB/slow-query/" > "$WORK/burst.json"
   burst_totals+=("$(json_field "$WORK/burst.json" total_seconds)")
   burst_failed=$(( burst_failed + $(json_field "$WORK/burst.json" failed) ))
@@ -75,13 +58,14 @@ burst_median=$(median "${burst_totals[@]}")
 # --- 2. Scaled: 1,000 x 1 s through 20 server connections -----------------
 say "2. scaled: 1,000 x /slow-query/?seconds=1 at once, 20 server connections"
 restart_web TIDEPOOL_DB_POOL_WAIT=120s TIDEPOOL_MAX_IN_FLIGHT=2000
-start_sampler "$WORK/connections.txt"
+start_connection_sampler "$WORK/samples.txt"
 "$TIDEPOOL_LOADGEN_BIN" burst --requests 1000 --url "$WEB/slow-query/?seconds=1" \
   --timeout 180s --timeline "$WORK/timeline.txt" > "$WORK/scaled.json"
-stop_sampler
+stop_connection_sampler
+awk 'NR == 1 {t0 = $1} {printf "%.2f %s\n", $1 - t0, $2}' "$WORK/samples.txt" > "$WORK/connections.txt"
 scaled_total=$(py 'import json,sys; print("%.2f" % json.load(open(sys.argv[1]))["total_seconds"])' "$WORK/scaled.json")
 scaled_failed=$(json_field "$WORK/scaled.json" failed)
-scaled_peak=$(awk '{print $2}' "$WORK/connections.txt" | sort -n | tail -n 1)
+scaled_peak=$(sampled_peak "$WORK/samples.txt")
 scaled_ideal=$(( (1000 + TIDEPOOL_POOLER_POOL_SIZE - 1) / TIDEPOOL_POOLER_POOL_SIZE ))
 scaled_over=$(py "print('%.1f' % (100 * ($scaled_total / $scaled_ideal - 1)))")
 sort -n "$WORK/timeline.txt" | awk '{n++; print $1, n}' > "$WORK/completions.txt"

@@ -12,34 +12,23 @@ cd "$REPO_ROOT"
 "$REPO_ROOT/scripts/stack.sh" up
 WEB=http://127.0.0.1:$TIDEPOOL_WEB_PORT
 WORK=$(mktemp -d)
-trap 'kill "${SAMPLER:-}" 2>/dev/null || true; rm -rf "$WORK"' EXIT
+trap 'stop_connection_sampler; rm -rf "$WORK"' EXIT
 
-# Samples the application role's server connections every 100 ms, bounded
-# to 10 minutes, until killed.
-sample_server_connections() {
-  local i
-  for i in $(seq 1 6000); do
-    psql_super -At -d postgres -c "SELECT count(*) FROM pg_stat_activity WHERE usename = '$APP_USER'" 2>/dev/null || true
-    sleep 0.1
-  done
-}
-sample_server_connections > "$WORK/samples" &
-SAMPLER=$!
+start_connection_sampler "$WORK/samples"
 
 say "seed experiment with ab: ab -n 10 -c 10 $WEB/slow-query/"
 ab -n 10 -c 10 "$WEB/slow-query/" > "$WORK/ab.txt" 2>&1 || { cat "$WORK/ab.txt" >&2; die "ab could not run"; }
-ab_total=$(awk '/^Time taken for tests:/ {print $5}' "$WORK/ab.txt")
-ab_failed=$(awk '/^Failed requests:/ {print $3}' "$WORK/ab.txt")
+ab_total=$(ab_total_seconds "$WORK/ab.txt")
+ab_failed=$(ab_failed_requests "$WORK/ab.txt")
 ab_non2xx=$(awk '/^Non-2xx responses:/ {print $3}' "$WORK/ab.txt"); ab_non2xx=${ab_non2xx:-0}
 
 say "seed experiment, all ten at once: tidepool-loadgen burst --requests 10 --url $WEB/slow-query/"
 "$TIDEPOOL_LOADGEN_BIN" burst --requests 10 --url "$WEB/slow-query/" > "$WORK/burst.json" || die "the all-at-once client could not run"
-burst_total=$(python3 -c 'import json,sys; print("%.2f" % json.load(open(sys.argv[1]))["total_seconds"])' "$WORK/burst.json")
-burst_failed=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["failed"])' "$WORK/burst.json")
+burst_total=$(printf '%.2f' "$(json_field "$WORK/burst.json" total_seconds)")
+burst_failed=$(json_field "$WORK/burst.json" failed)
 
-kill "$SAMPLER" 2>/dev/null || true
-wait "$SAMPLER" 2>/dev/null || true
-peak=$(sort -n "$WORK/samples" | tail -n 1)
+stop_connection_sampler
+peak=$(sampled_peak "$WORK/samples")
 
 verdict() { python3 -c 'import sys; print("met" if float(sys.argv[1]) <= float(sys.argv[2]) else "MISSED")' "$1" "$2"; }
 cat <<REPORT
@@ -50,7 +39,7 @@ Tidepool demo: the seed's web experiment against one tidepool web process
   figure                                   measured    target     verdict
   10 x 5 s slow queries, all at once       ${burst_total} s    <= 5.2 s   $(verdict "$burst_total" 5.2)   (failed: $burst_failed)
   the same with ab -n 10 -c 10             ${ab_total} s   <= 10.2 s  $(verdict "$ab_total" 10.2)   (failed: $ab_failed, non-2xx: $ab_non2xx)
-  peak PostgreSQL server connections       ${peak:-0}           <= $TIDEPOOL_POOLER_POOL_SIZE      $(verdict "${peak:-0}" "$TIDEPOOL_POOLER_POOL_SIZE")
+  peak PostgreSQL server connections       $peak           <= $TIDEPOOL_POOLER_POOL_SIZE      $(verdict "$peak" "$TIDEPOOL_POOLER_POOL_SIZE")
 
 ab 2.3 opens one connection, waits for its response, and only then opens the
 other nine, so its total is about two query times whatever the server does.

@@ -118,3 +118,24 @@ pooled_url() { printf 'postgres://%s:%s@127.0.0.1:%s/%s' "$APP_USER" "$(secret a
 
 # psql as the superuser over loopback.
 psql_super() { PGPASSWORD=$(secret postgres.password) psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$TIDEPOOL_PG_PORT" -U postgres "$@"; }
+
+# Samples the application role's PostgreSQL server connections every 100 ms
+# over one superuser session (no process per sample), writing
+# "epoch_seconds count" lines to $1 in the background, for at most 10
+# minutes. SAMPLER holds its PID; stop it with stop_connection_sampler.
+start_connection_sampler() {
+  printf '%s\n' \
+    "SELECT extract(epoch FROM clock_timestamp())::numeric(16,2), count(*) FROM pg_stat_activity WHERE usename = '$APP_USER'" \
+    '\watch 0.1' \
+    | PGPASSWORD=$(secret postgres.password) timeout 600 \
+      psql -X -q -At -F ' ' -h 127.0.0.1 -p "$TIDEPOOL_PG_PORT" -U postgres -d postgres > "$1" &
+  SAMPLER=$!
+}
+stop_connection_sampler() { kill "${SAMPLER:-}" 2>/dev/null || true; wait "${SAMPLER:-}" 2>/dev/null || true; SAMPLER=; }
+# The most connections seen in a sampler's file $1.
+sampled_peak() { awk '$2 > max {max = $2} END {print max + 0}' "$1"; }
+
+# Figures from the output of ab ($1) and from tidepool-loadgen's JSON report.
+ab_total_seconds() { awk '/^Time taken for tests:/ {print $5}' "$1"; }
+ab_failed_requests() { awk '/^Failed requests:/ {print $3}' "$1"; }
+json_field() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
