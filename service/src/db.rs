@@ -34,6 +34,7 @@
 //! the connection.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -96,8 +97,16 @@ pub struct Database {
     pool: Pool,
     settings: PoolSettings,
     wait_seconds: Histogram,
-    /// Where cancel requests go: the pooler's host and port.
-    cancel_target: Option<(String, u16)>,
+    /// Where cancel requests go: the pooler's host and port. Shared, as
+    /// every checkout carries it.
+    cancel_target: Option<Arc<CancelTarget>>,
+}
+
+/// The host and port a cancel request is sent to.
+#[derive(Debug)]
+struct CancelTarget {
+    host: String,
+    port: u16,
 }
 
 impl Database {
@@ -110,7 +119,9 @@ impl Database {
     ) -> Result<Self, DbError> {
         pg.connect_timeout(settings.connect_timeout);
         let cancel_target = match (pg.get_hosts().first(), pg.get_ports().first()) {
-            (Some(Host::Tcp(host)), port) => Some((host.clone(), port.copied().unwrap_or(5432))),
+            (Some(Host::Tcp(host)), port) => {
+                Some(Arc::new(CancelTarget { host: host.clone(), port: port.copied().unwrap_or(5432) }))
+            }
             _ => None,
         };
         let manager =
@@ -165,7 +176,7 @@ pub struct Conn {
     object: Option<Object>,
     query_timeout: Duration,
     state: ConnState,
-    cancel_target: Option<(String, u16)>,
+    cancel_target: Option<Arc<CancelTarget>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,8 +260,8 @@ impl Drop for Conn {
 /// Sends a cancel request for `token` to `target` (host, port) and waits,
 /// as libpq does, until the pooler closes the connection: PgBouncer 1.18
 /// ignores a cancel whose sender has already hung up.
-async fn cancel(token: &CancelToken, target: &(String, u16)) -> Result<(), std::io::Error> {
-    let mut stream = TcpStream::connect((target.0.as_str(), target.1)).await?;
+async fn cancel(token: &CancelToken, target: &CancelTarget) -> Result<(), std::io::Error> {
+    let mut stream = TcpStream::connect((target.host.as_str(), target.port)).await?;
     token.cancel_query_raw(KeepOpen(&mut stream), NoTls).await.map_err(std::io::Error::other)?;
     let mut rest = [0u8; 64];
     while stream.read(&mut rest).await? > 0 {}

@@ -101,6 +101,7 @@ pub async fn handle(
 
     let method = method_label(request.method());
     let route = Route::from_path(request.uri().path());
+    let route_label = route.map_or("unmatched", Route::label);
     // Boxed: hyper keeps room for this future in every connection for the
     // connection's whole life, so it must stay small; the routes' futures
     // (pool checkout, query) are several KB and live only per request.
@@ -114,7 +115,7 @@ pub async fn handle(
         }
         if e.status.is_server_error() {
             tracing::warn!(
-                route = route.map_or("unmatched", Route::label),
+                route = route_label,
                 status = e.status.as_u16(),
                 error = %e.message,
                 cause = e.cause.as_deref().unwrap_or(""),
@@ -125,7 +126,7 @@ pub async fn handle(
     });
 
     let status = response.status();
-    let labels = [route.map_or("unmatched", Route::label), method, status.as_str()];
+    let labels = [route_label, method, status.as_str()];
     metrics.http_requests.with_label_values(&labels).inc();
     metrics.http_request_duration.with_label_values(&labels).observe(started.elapsed().as_secs_f64());
     Ok(response)
