@@ -130,6 +130,25 @@ pub fn script(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Starts `command` with no input and its output appended to `log`.
+fn spawn_logged(command: &mut Command, log: &Path) -> Result<Child> {
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    command
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
+        .with_context(|| format!("starting {:?}", command.get_program()))
+}
+
+/// Kills a child, if there is one, and reaps it.
+fn kill_child(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 /// A free loopback port (bound, then released for the caller to bind).
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -273,16 +292,9 @@ impl PgBouncer {
     }
 
     async fn run(&mut self) -> Result<()> {
-        let log = std::fs::File::create(self.dir.join("pgbouncer.log"))?;
-        let child = service_command(pgbouncer_binary())
-            .arg(self.dir.join(pooler::INI_FILE))
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting pgbouncer")?;
-        self.child = Some(child);
+        let mut command = service_command(pgbouncer_binary());
+        command.arg(self.dir.join(pooler::INI_FILE)).current_dir(&self.dir);
+        self.child = Some(spawn_logged(&mut command, &self.dir.join("pgbouncer.log"))?);
         let port = self.port;
         wait_for("PgBouncer to listen", Duration::from_secs(10), || async move {
             port_accepts(port).then_some(())
@@ -300,10 +312,7 @@ impl PgBouncer {
     }
 
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_child(&mut self.child);
     }
 
     pub async fn restart(&mut self) -> Result<()> {
@@ -360,19 +369,14 @@ impl PrivatePostgres {
     }
 
     async fn run(&mut self) -> Result<()> {
-        let log = std::fs::File::create(self.data.with_file_name("postgres.log"))?;
-        let child = service_command(pg_bindir()?.join("postgres"))
+        let mut command = service_command(pg_bindir()?.join("postgres"));
+        command
             .arg("-D")
             .arg(&self.data)
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=", "-c", "fsync=off"])
             .args(["-p", &self.port.to_string()])
-            .current_dir(self.data.parent().unwrap_or(Path::new("/")))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting postgres")?;
-        self.child = Some(child);
+            .current_dir(self.data.parent().unwrap_or(Path::new("/")));
+        self.child = Some(spawn_logged(&mut command, &self.data.with_file_name("postgres.log"))?);
         let admin_url = url("postgres", &env().superuser_password, self.port, "postgres");
         wait_for("PostgreSQL to accept connections", Duration::from_secs(30), || {
             let admin_url = admin_url.clone();
@@ -398,10 +402,7 @@ impl PrivatePostgres {
 
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_child(&mut self.child);
     }
 }
 
@@ -425,7 +426,8 @@ pub fn signal(pid: u32, signal: i32) -> Result<()> {
 
 /// A `tidepool web` process on a port of its own.
 pub struct Web {
-    child: Child,
+    /// `Some` until the process has been reaped.
+    child: Option<Child>,
     pub port: u16,
     log: PathBuf,
 }
@@ -436,18 +438,15 @@ impl Web {
     pub async fn start(database_url: &str, extra_env: &[(&str, &str)]) -> Result<Web> {
         let port = free_port()?;
         let log = scratch_dir("web")?.join("web.log");
-        let file = std::fs::File::create(&log)?;
-        let child = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tidepool"));
+        command
             .arg("web")
             .env("DATABASE_URL", database_url)
             .env("TIDEPOOL_LISTEN", format!("127.0.0.1:{port}"))
             .env("TIDEPOOL_LOG", "info")
-            .envs(extra_env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .spawn()?;
-        let mut web = Web { child, port, log };
+            .envs(extra_env.iter().copied());
+        let child = spawn_logged(&mut command, &log)?;
+        let mut web = Web { child: Some(child), port, log };
         let health = web.url("/healthz");
         let started = wait_for("tidepool web to answer /healthz", Duration::from_secs(15), || {
             let health = health.clone();
@@ -455,7 +454,7 @@ impl Web {
         })
         .await;
         if let Err(e) = started {
-            let exited = web.child.try_wait()?;
+            let exited = web.child.as_mut().map(Child::try_wait).transpose()?;
             bail!("{e}; exited: {exited:?}; log:\n{}", web.log());
         }
         Ok(web)
@@ -474,29 +473,23 @@ impl Web {
     }
 
     pub fn signal(&self, signal: i32) -> Result<()> {
-        self::signal(self.child.id(), signal)
+        self::signal(self.child.as_ref().context("tidepool web has exited")?.id(), signal)
     }
 
     /// Waits for the process to exit, at most `limit`.
     pub async fn wait_exit(&mut self, limit: Duration) -> Result<ExitStatus> {
-        let child = &mut self.child;
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                bail!("tidepool web did not exit within {limit:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let child = self.child.as_mut().context("tidepool web has exited")?;
+        let status =
+            wait_for("tidepool web to exit", limit, || std::future::ready(child.try_wait().ok().flatten()))
+                .await?;
+        self.child = None;
+        Ok(status)
     }
 }
 
 impl Drop for Web {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        kill_child(&mut self.child);
     }
 }
 
