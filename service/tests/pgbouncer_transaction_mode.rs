@@ -41,10 +41,7 @@ async fn named_statements_fail_and_typed_ones_do_not() -> Result<()> {
             anyhow::Ok(failures)
         });
     }
-    let mut named_failures = 0;
-    while let Some(joined) = tasks.join_next().await {
-        named_failures += joined??;
-    }
+    let named_failures = total(tasks).await?;
 
     // Tidepool's way: the pool, unnamed typed statements.
     let database = Database::new(
@@ -73,10 +70,7 @@ async fn named_statements_fail_and_typed_ones_do_not() -> Result<()> {
             anyhow::Ok(failures)
         });
     }
-    let mut typed_failures = 0;
-    while let Some(joined) = tasks.join_next().await {
-        typed_failures += joined??;
-    }
+    let typed_failures = total(tasks).await?;
 
     let total = CLIENTS * QUERIES_PER_CLIENT;
     println!(
@@ -88,4 +82,13 @@ async fn named_statements_fail_and_typed_ones_do_not() -> Result<()> {
     );
     assert_eq!(typed_failures, 0, "query_typed must never fail through transaction pooling");
     Ok(())
+}
+
+/// The sum of the failures every client task counted.
+async fn total(mut tasks: tokio::task::JoinSet<Result<usize>>) -> Result<usize> {
+    let mut failures = 0;
+    while let Some(joined) = tasks.join_next().await {
+        failures += joined??;
+    }
+    Ok(failures)
 }
