@@ -24,12 +24,7 @@ impl Kube {
     /// The control plane of this test run; fails with a clear message when
     /// the tests were not started by `make test`.
     pub fn from_env() -> Result<Kube> {
-        let var = |name: &str| {
-            std::env::var_os(name).map(PathBuf::from).with_context(|| {
-                format!("{name} is not set: these tests need the control plane that `make test` starts")
-            })
-        };
-        Ok(Kube { kubeconfig: var("KUBECONFIG")?, bin: var("TIDEPOOL_KUBE_BIN")? })
+        Ok(Kube { kubeconfig: env_path("KUBECONFIG")?, bin: env_path("TIDEPOOL_KUBE_BIN")? })
     }
 
     /// Runs kubectl with `args`, feeding `stdin`; returns its output whether
@@ -74,6 +69,14 @@ impl Kube {
         self.kubectl(&["create", "namespace", &name], None)?;
         Ok(Namespace { kube: self, name })
     }
+}
+
+/// A path from the environment scripts/test.sh prepares (`KUBECONFIG`, and
+/// `TIDEPOOL_{KUBE,ETCD,KWOK,HELM}_BIN`, the tools' bin folders).
+pub fn env_path(name: &str) -> Result<PathBuf> {
+    std::env::var_os(name).map(PathBuf::from).with_context(|| {
+        format!("{name} is not set: these tests need the control plane that `make test` starts")
+    })
 }
 
 pub struct Namespace<'a> {

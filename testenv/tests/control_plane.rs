@@ -4,8 +4,8 @@
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
-use tidepool_testenv::{pinned_version, wait_for, Kube};
+use anyhow::{ensure, Result};
+use tidepool_testenv::{env_path, pinned_version, wait_for, Kube};
 
 const KWOK_NODE: &str = "kwok-node-0";
 
@@ -157,7 +157,6 @@ fn versions_match_the_pinned_release() -> Result<()> {
 #[test]
 fn binaries_embed_the_pinned_module_versions() -> Result<()> {
     let kube = Kube::from_env()?;
-    let helm_bin = std::env::var_os("TIDEPOOL_HELM_BIN").map(std::path::PathBuf::from);
     let mut checks = vec![
         (kube.bin.join("kube-apiserver"), "kubernetes", "k8s.io/kubernetes"),
         (kube.bin.join("kube-controller-manager"), "kubernetes", "k8s.io/kubernetes"),
@@ -165,17 +164,13 @@ fn binaries_embed_the_pinned_module_versions() -> Result<()> {
         (kube.bin.join("kubectl"), "kubernetes", "k8s.io/kubernetes"),
         (kube.bin.join("kube-apiserver"), "kubernetes", "k8s.io/apiserver"),
     ];
-    let etcd =
-        std::env::var_os("TIDEPOOL_ETCD_BIN").map(std::path::PathBuf::from).context("TIDEPOOL_ETCD_BIN")?;
-    let kwok =
-        std::env::var_os("TIDEPOOL_KWOK_BIN").map(std::path::PathBuf::from).context("TIDEPOOL_KWOK_BIN")?;
+    let (etcd, kwok, helm) =
+        (env_path("TIDEPOOL_ETCD_BIN")?, env_path("TIDEPOOL_KWOK_BIN")?, env_path("TIDEPOOL_HELM_BIN")?);
     checks.push((etcd.join("etcd"), "etcd", "go.etcd.io/etcd/server/v3"));
     checks.push((kwok.join("kwok"), "kwok", "sigs.k8s.io/kwok"));
-    if let Some(helm) = helm_bin {
-        checks.push((helm.join("helm"), "helm", "helm.sh/helm/v3"));
-        checks.push((helm.join("helm4"), "helm", "helm.sh/helm/v4"));
-        checks.push((helm.join("helm"), "helm", "k8s.io/client-go"));
-    }
+    checks.push((helm.join("helm"), "helm", "helm.sh/helm/v3"));
+    checks.push((helm.join("helm4"), "helm", "helm.sh/helm/v4"));
+    checks.push((helm.join("helm"), "helm", "k8s.io/client-go"));
     for (binary, tool, module) in checks {
         let pinned = pinned_version(tool, module)?;
         let output = Command::new("go").arg("version").arg("-m").arg(&binary).output()?;
@@ -196,8 +191,7 @@ fn binaries_embed_the_pinned_module_versions() -> Result<()> {
 #[test]
 fn helm_installs_into_the_cluster_and_sees_its_version() -> Result<()> {
     let kube = Kube::from_env()?;
-    let helm_dir =
-        std::env::var_os("TIDEPOOL_HELM_BIN").map(std::path::PathBuf::from).context("TIDEPOOL_HELM_BIN")?;
+    let helm_dir = env_path("TIDEPOOL_HELM_BIN")?;
     let pinned = pinned_version("kubernetes", "k8s.io/kubernetes")?;
     let minor = pinned.trim_start_matches('v').split('.').take(2).collect::<Vec<_>>().join(".");
 
