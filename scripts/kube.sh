@@ -32,7 +32,6 @@ load_binaries() {
       kubernetes=*) K8S_BIN=${line#*=} ;;
       etcd=*) ETCD_BIN=${line#*=} ;;
       kwok=*) KWOK_BIN=${line#*=} ;;
-      helm=*) ;;
     esac
   done < <("$REPO_ROOT/scripts/kube-build.sh" kubernetes etcd kwok)
   [ -n "${K8S_BIN:-}" ] && [ -n "${ETCD_BIN:-}" ] && [ -n "${KWOK_BIN:-}" ] || die "building the control plane failed"
