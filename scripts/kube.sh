@@ -24,19 +24,6 @@ LOGS=$KUBE/log
 KUBECONFIG_FILE=$KUBE/kubeconfig
 NODE=kwok-node-0
 
-# Reads the bin folders from kube-build.sh (building what is missing).
-load_binaries() {
-  local line
-  while IFS= read -r line; do
-    case $line in
-      kubernetes=*) K8S_BIN=${line#*=} ;;
-      etcd=*) ETCD_BIN=${line#*=} ;;
-      kwok=*) KWOK_BIN=${line#*=} ;;
-    esac
-  done < <("$REPO_ROOT/scripts/kube-build.sh" kubernetes etcd kwok)
-  [ -n "${K8S_BIN:-}" ] && [ -n "${ETCD_BIN:-}" ] && [ -n "${KWOK_BIN:-}" ] || die "building the control plane failed"
-}
-
 # A key and a certificate signed by the cluster CA: $1 name, $2 subject,
 # $3 subjectAltName (optional).
 issue_cert() {
@@ -113,10 +100,10 @@ start() {
   echo $! > "$RUN/$name.pid"
 }
 
-kubectl_() { "$K8S_BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
+kubectl_() { "$TIDEPOOL_KUBE_BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
 
 up() {
-  load_binaries
+  load_kube_tools kubernetes etcd kwok
   mkdir -p "$KUBE" "$RUN" "$LOGS"
   make_pki
   for name in admin controller-manager scheduler kwok; do
@@ -129,14 +116,14 @@ up() {
     require_free_port "$(( TIDEPOOL_KUBE_ETCD_PORT + 1 ))" "etcd peers"
   fi
   local etcd_url=http://127.0.0.1:$TIDEPOOL_KUBE_ETCD_PORT peer_url=http://127.0.0.1:$(( TIDEPOOL_KUBE_ETCD_PORT + 1 ))
-  start etcd "$ETCD_BIN/etcd" --name tidepool --data-dir "$KUBE/etcd" \
+  start etcd "$TIDEPOOL_ETCD_BIN/etcd" --name tidepool --data-dir "$KUBE/etcd" \
     --listen-client-urls "$etcd_url" --advertise-client-urls "$etcd_url" \
     --listen-peer-urls "$peer_url" --initial-advertise-peer-urls "$peer_url" \
     --initial-cluster "tidepool=$peer_url" --unsafe-no-fsync --log-level warn
   wait_until "curl -fsS $etcd_url/health" 30 "etcd (see $LOGS/etcd.log)"
 
   pid_alive "$RUN/kube-apiserver.pid" || require_free_port "$TIDEPOOL_KUBE_API_PORT" kube-apiserver
-  start kube-apiserver "$K8S_BIN/kube-apiserver" \
+  start kube-apiserver "$TIDEPOOL_KUBE_BIN/kube-apiserver" \
     --etcd-servers "$etcd_url" \
     --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$TIDEPOOL_KUBE_API_PORT" \
     --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
@@ -148,19 +135,19 @@ up() {
     --profiling=false
   wait_until "kubectl_ get --raw /readyz" 60 "kube-apiserver (see $LOGS/kube-apiserver.log)"
 
-  start kube-controller-manager "$K8S_BIN/kube-controller-manager" \
+  start kube-controller-manager "$TIDEPOOL_KUBE_BIN/kube-controller-manager" \
     --kubeconfig "$KUBE/controller-manager.kubeconfig" \
     --authentication-kubeconfig "$KUBE/controller-manager.kubeconfig" \
     --authorization-kubeconfig "$KUBE/controller-manager.kubeconfig" \
     --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
     --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
     --use-service-account-credentials --leader-elect=false --secure-port 0 --profiling=false
-  start kube-scheduler "$K8S_BIN/kube-scheduler" \
+  start kube-scheduler "$TIDEPOOL_KUBE_BIN/kube-scheduler" \
     --kubeconfig "$KUBE/scheduler.kubeconfig" \
     --authentication-kubeconfig "$KUBE/scheduler.kubeconfig" \
     --authorization-kubeconfig "$KUBE/scheduler.kubeconfig" \
     --leader-elect=false --secure-port 0 --profiling=false
-  start kwok "$KWOK_BIN/kwok" --kubeconfig "$KUBE/kwok.kubeconfig" \
+  start kwok "$TIDEPOOL_KWOK_BIN/kwok" --kubeconfig "$KUBE/kwok.kubeconfig" \
     --manage-all-nodes=false \
     --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
     --node-ip 127.0.0.1 --node-port 0 --server-address ""
@@ -186,7 +173,7 @@ NODE
   fi
   wait_until "kubectl_ wait --for=condition=Ready node/$NODE --timeout=1s" 60 "the kwok node (see $LOGS/kwok.log)"
   wait_until "kubectl_ get serviceaccount default -n default" 60 "the default service account (see $LOGS/kube-controller-manager.log)"
-  say "control plane ready: $("$K8S_BIN/kubectl" version --kubeconfig "$KUBECONFIG_FILE" 2>/dev/null | tr '\n' ' ')"
+  say "control plane ready: $("$TIDEPOOL_KUBE_BIN/kubectl" version --kubeconfig "$KUBECONFIG_FILE" 2>/dev/null | tr '\n' ' ')"
   echo "export KUBECONFIG=$KUBECONFIG_FILE"
 }
 

@@ -18,19 +18,6 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 : "${TIDEPOOL_LOADGEN_BIN:=$CARGO_TARGET_DIR/release/tidepool-loadgen}"
 export CARGO_TARGET_DIR
 
-# State lives in .tidepool/ at the repository root, unless configured, or
-# unless the service user cannot reach the checkout (a clone inside a
-# private folder): then in /var/lib/tidepool/<hash of the checkout's path>.
-if [ -z "${TIDEPOOL_STATE_DIR:-}" ]; then
-  TIDEPOOL_STATE_DIR=$REPO_ROOT/.tidepool
-  if [ "$(id -u)" -eq 0 ] && id "$TIDEPOOL_RUN_AS" >/dev/null 2>&1 \
-     && ! setpriv --reuid="$TIDEPOOL_RUN_AS" --regid="$TIDEPOOL_RUN_AS" --init-groups -- test -x "$REPO_ROOT"; then
-    TIDEPOOL_STATE_DIR=/var/lib/tidepool/$(printf '%s' "$REPO_ROOT" | sha1sum | cut -c1-12)
-    mkdir -p "$TIDEPOOL_STATE_DIR" && chmod 755 /var/lib/tidepool "$TIDEPOOL_STATE_DIR"
-    printf 'note: user %s cannot reach %s; keeping state in %s\n' "$TIDEPOOL_RUN_AS" "$REPO_ROOT" "$TIDEPOOL_STATE_DIR" >&2
-  fi
-fi
-export TIDEPOOL_STATE_DIR
 
 APP_DB=tidepool
 APP_USER=tidepool
@@ -63,6 +50,20 @@ as_service_user_detached() {
     exec setsid "$@"
   fi
 }
+
+# State lives in .tidepool/ at the repository root, unless configured, or
+# unless the service user cannot reach the checkout (a clone inside a
+# private folder): then in /var/lib/tidepool/<hash of the checkout's path>.
+if [ -z "${TIDEPOOL_STATE_DIR:-}" ]; then
+  TIDEPOOL_STATE_DIR=$REPO_ROOT/.tidepool
+  if [ "$(id -u)" -eq 0 ] && id "$TIDEPOOL_RUN_AS" >/dev/null 2>&1 \
+     && ! as_service_user test -x "$REPO_ROOT"; then
+    TIDEPOOL_STATE_DIR=/var/lib/tidepool/$(printf '%s' "$REPO_ROOT" | sha1sum | cut -c1-12)
+    mkdir -p "$TIDEPOOL_STATE_DIR" && chmod 755 /var/lib/tidepool "$TIDEPOOL_STATE_DIR"
+    printf 'note: user %s cannot reach %s; keeping state in %s\n' "$TIDEPOOL_RUN_AS" "$REPO_ROOT" "$TIDEPOOL_STATE_DIR" >&2
+  fi
+fi
+export TIDEPOOL_STATE_DIR
 
 # Is something listening on 127.0.0.1:$1?
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -106,6 +107,22 @@ stop_pid() {
     kill -KILL "$pid" 2>/dev/null || true
   fi
   rm -f "$pidfile"
+}
+
+# Builds what is missing of the Kubernetes tools ("$@", all by default;
+# scripts/kube-build.sh) and exports their bin folders: TIDEPOOL_KUBE_BIN,
+# TIDEPOOL_ETCD_BIN, TIDEPOOL_KWOK_BIN, TIDEPOOL_HELM_BIN.
+load_kube_tools() {
+  local built tool dir
+  built=$("$REPO_ROOT/scripts/kube-build.sh" "$@") || die "building the Kubernetes tools failed"
+  while IFS='=' read -r tool dir; do
+    case $tool in
+      kubernetes) export TIDEPOOL_KUBE_BIN=$dir ;;
+      etcd) export TIDEPOOL_ETCD_BIN=$dir ;;
+      kwok) export TIDEPOOL_KWOK_BIN=$dir ;;
+      helm) export TIDEPOOL_HELM_BIN=$dir ;;
+    esac
+  done <<< "$built"
 }
 
 secret() { cat "$TIDEPOOL_STATE_DIR/secrets/$1"; }

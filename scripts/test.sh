@@ -35,15 +35,7 @@ trap 'kube down || true; stack down postgres || true' EXIT
 stack up postgres
 
 say "building the Kubernetes tools (cached per version)"
-built=$(scripts/kube-build.sh)
-while IFS='=' read -r tool dir; do
-  case $tool in
-    kubernetes) export TIDEPOOL_KUBE_BIN=$dir ;;
-    etcd) export TIDEPOOL_ETCD_BIN=$dir ;;
-    kwok) export TIDEPOOL_KWOK_BIN=$dir ;;
-    helm) export TIDEPOOL_HELM_BIN=$dir ;;
-  esac
-done <<< "$built"
+load_kube_tools
 say "starting the Kubernetes control plane"
 kube_up=$(kube up)
 eval "$(tail -n 1 <<< "$kube_up")"
