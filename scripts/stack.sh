@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The local stack on loopback: PostgreSQL, PgBouncer in transaction mode in
-# front of it, and `tidepool web`. All state lives in $TIDEPOOL_STATE_DIR.
+# front of it, `tidepool web` and `tidepool worker`. All state lives in
+# $TIDEPOOL_STATE_DIR.
 #
-#   stack.sh up   [postgres|pooler|web ...]   start (all by default), idempotently
-#   stack.sh down [postgres|pooler|web ...]   stop, by recorded PIDs
+#   stack.sh up   [postgres|pooler|web|worker ...]   start (all by default), idempotently
+#   stack.sh down [postgres|pooler|web|worker ...]   stop, by recorded PIDs
 #   stack.sh status
-#   stack.sh clean                             stop everything and delete the state folder
+#   stack.sh clean                                    stop everything and delete the state folder
 #
 # Ports: TIDEPOOL_PG_PORT (5432), TIDEPOOL_POOLER_PORT (6432),
-# TIDEPOOL_WEB_PORT (8000). Other knobs: scripts/lib.sh. Extra environment
-# for `tidepool web` (TIDEPOOL_MAX_IN_FLIGHT, ...) is passed through.
+# TIDEPOOL_WEB_PORT (8000), TIDEPOOL_WORKER_PORT (8001, /healthz and
+# /metrics). Other knobs: scripts/lib.sh. Extra environment for `tidepool
+# web` and `tidepool worker` (TIDEPOOL_MAX_IN_FLIGHT, TIDEPOOL_WORKER_BATCH_SIZE,
+# ...) is passed through.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -103,7 +106,25 @@ web_up() {
   pid_alive "$RUN/web.pid" || die "tidepool web exited at start; see $LOGS/web.log"
 }
 
+worker_up() {
+  if pid_alive "$RUN/worker.pid"; then
+    say "tidepool worker is already running (/metrics on port $TIDEPOOL_WORKER_PORT)"
+    return
+  fi
+  require_free_port "$TIDEPOOL_WORKER_PORT" "tidepool worker"
+  local direct=""
+  [ "$TIDEPOOL_WORKER_LISTEN_NOTIFY" != 1 ] || direct=$(direct_url)
+  say "starting tidepool worker (concurrency $TIDEPOOL_WORKER_CONCURRENCY, $([ -n "$direct" ] && echo "polling + LISTEN" || echo "polling only"), /metrics on 127.0.0.1:$TIDEPOOL_WORKER_PORT)"
+  env DATABASE_URL="$(pooled_url)" ${direct:+TIDEPOOL_DIRECT_DATABASE_URL="$direct"} \
+    TIDEPOOL_WORKER_LISTEN="127.0.0.1:$TIDEPOOL_WORKER_PORT" TIDEPOOL_WORKER_CONCURRENCY="$TIDEPOOL_WORKER_CONCURRENCY" \
+    setsid "$TIDEPOOL_BIN" worker </dev/null >>"$LOGS/worker.log" 2>&1 &
+  echo $! > "$RUN/worker.pid"
+  wait_until "curl -fsS http://127.0.0.1:$TIDEPOOL_WORKER_PORT/healthz || ! pid_alive $RUN/worker.pid" 30 "tidepool worker (see $LOGS/worker.log)"
+  pid_alive "$RUN/worker.pid" || die "tidepool worker exited at start; see $LOGS/worker.log"
+}
+
 web_down() { stop_pid "$RUN/web.pid" 40 "tidepool web"; }
+worker_down() { stop_pid "$RUN/worker.pid" 40 "tidepool worker"; }
 pooler_down() { stop_pid "$RUN/pgbouncer.pid" 10 PgBouncer; }
 postgres_down() {
   pid_alive "$PG_DATA/postmaster.pid" || return 0
@@ -120,6 +141,7 @@ status() {
   print_status postgres "$PG_DATA/postmaster.pid"
   print_status pooler "$RUN/pgbouncer.pid"
   print_status web "$RUN/web.pid"
+  print_status worker "$RUN/worker.pid"
 }
 
 write_env_file() {
@@ -132,29 +154,29 @@ write_env_file() {
 command=${1:-}
 shift || true
 components=("$@")
-[ ${#components[@]} -gt 0 ] || components=(postgres pooler web)
+[ ${#components[@]} -gt 0 ] || components=(postgres pooler web worker)
 case $command in
   up)
     [ -x "$TIDEPOOL_BIN" ] || die "$TIDEPOOL_BIN is not built (run: make build)"
     prepare_state
     for c in "${components[@]}"; do
-      case $c in postgres|pooler|web) "${c}_up" ;; *) die "unknown component $c (postgres, pooler, web)" ;; esac
+      case $c in postgres|pooler|web|worker) "${c}_up" ;; *) die "unknown component $c (postgres, pooler, web, worker)" ;; esac
     done
     write_env_file
     say "up: $(status | tr '\n' ' ')"
     say "connection URLs for your shell: source $STATE/env"
     ;;
   down)
-    # Reverse order: the web tier first, the database last.
-    for c in web pooler postgres; do
+    # Reverse order: the app first, the database last.
+    for c in worker web pooler postgres; do
       if [[ " ${components[*]} " == *" $c "* ]]; then "${c}_down"; fi
     done
     ;;
   status) status ;;
   clean)
-    for c in web pooler postgres; do "${c}_down"; done
+    for c in worker web pooler postgres; do "${c}_down"; done
     say "deleting $STATE"
     rm -rf "$STATE"
     ;;
-  *) die "usage: stack.sh up|down [postgres|pooler|web ...] | status | clean" ;;
+  *) die "usage: stack.sh up|down [postgres|pooler|web|worker ...] | status | clean" ;;
 esac

@@ -31,6 +31,10 @@ pub enum Command {
     Web(WebArgs),
     /// Create or update the database schema (idempotent; safe to run concurrently).
     Migrate(MigrateArgs),
+    /// Run background jobs from the PostgreSQL queue; /healthz and /metrics on its own port.
+    Worker(WorkerArgs),
+    /// Enqueue jobs and print their ids, one per line ("ID duplicate" for a pending unique key's holder).
+    Enqueue(EnqueueArgs),
     /// Write a PgBouncer configuration (pgbouncer.ini and its auth file) for one upstream database.
     PoolerConfig(PoolerConfigArgs),
 }
@@ -107,13 +111,14 @@ pub struct DatabaseArgs {
     pub database_url: SecretUrl,
 
     /// Client connections this process keeps to PgBouncer: how many requests
-    /// can run a query at once. Size it close to this pod's share of server
-    /// connections, so waiting happens here, bounded and measured.
-    #[arg(long, env = "TIDEPOOL_DB_POOL_SIZE", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    pub db_pool_size: u32,
+    /// (web) or tasks (worker) can run a query at once. Size it close to this
+    /// pod's share of server connections, so waiting happens here, bounded
+    /// and measured. Default: 20 for web, --concurrency for worker.
+    #[arg(long, env = "TIDEPOOL_DB_POOL_SIZE", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub db_pool_size: Option<u32>,
 
-    /// Longest a request waits for a free pooled connection before it is shed
-    /// with 503 and Retry-After.
+    /// Longest a request (or a task) waits for a free pooled connection;
+    /// a request is then shed with 503 and Retry-After, a task's attempt fails.
     #[arg(long, env = "TIDEPOOL_DB_POOL_WAIT", default_value = "5s", value_parser = parse_duration)]
     pub db_pool_wait: Duration,
 
@@ -126,6 +131,18 @@ pub struct DatabaseArgs {
     /// request answers 504.
     #[arg(long, env = "TIDEPOOL_QUERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub query_timeout: Duration,
+}
+
+impl DatabaseArgs {
+    /// The pool's settings; `default_size` when `--db-pool-size` is not given.
+    pub fn pool_settings(&self, default_size: u32) -> crate::db::PoolSettings {
+        crate::db::PoolSettings {
+            max_size: self.db_pool_size.unwrap_or(default_size) as usize,
+            wait: self.db_pool_wait,
+            connect_timeout: self.db_connect_timeout,
+            query_timeout: self.query_timeout,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -175,6 +192,142 @@ pub struct WebArgs {
     /// Keep drain delay + this below the pod's terminationGracePeriodSeconds.
     #[arg(long, env = "TIDEPOOL_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// Address of the worker's own HTTP server: /healthz and /metrics.
+    #[arg(long, env = "TIDEPOOL_WORKER_LISTEN", default_value = "127.0.0.1:8001")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Optional direct connection URL to PostgreSQL, bypassing PgBouncer:
+    /// one session that LISTENs for new jobs, so an idle worker claims them
+    /// at once rather than at its next poll. Without it the worker polls.
+    #[arg(long, env = "TIDEPOOL_DIRECT_DATABASE_URL", hide_env_values = true, value_name = "URL")]
+    pub direct_database_url: Option<SecretUrl>,
+
+    /// Jobs run at once (and held at once, counting those being recorded).
+    /// The worker's server connection need is this (for tasks that use the
+    /// database) plus its 4 own queue connections.
+    #[arg(long, env = "TIDEPOOL_WORKER_CONCURRENCY", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub concurrency: u32,
+
+    /// Queues to take jobs from, comma-separated, served round-robin.
+    #[arg(long, env = "TIDEPOOL_WORKER_QUEUES", value_delimiter = ',', default_value = "default")]
+    pub queues: Vec<String>,
+
+    /// Most jobs claimed by one statement, and most outcomes recorded by one.
+    #[arg(long, env = "TIDEPOOL_WORKER_BATCH_SIZE", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub batch_size: u32,
+
+    /// How long a claimed job stays this worker's without a heartbeat. A job
+    /// whose worker died runs again this long (plus up to one maintenance
+    /// interval) after the last heartbeat.
+    #[arg(long, env = "TIDEPOOL_WORKER_LEASE", default_value = "30s", value_parser = parse_duration)]
+    pub lease: Duration,
+
+    /// How often leases are renewed (at most half the lease), and how soon a
+    /// cancelled running job is stopped.
+    #[arg(long, env = "TIDEPOOL_WORKER_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Pause between claims when the last one found some jobs but not a full batch.
+    #[arg(long, env = "TIDEPOOL_WORKER_POLL_INTERVAL_MIN", default_value = "10ms", value_parser = parse_duration)]
+    pub poll_interval_min: Duration,
+
+    /// Longest pause between claims while the queues stay empty (the pause
+    /// doubles from the minimum up to this).
+    #[arg(long, env = "TIDEPOOL_WORKER_POLL_INTERVAL_MAX", default_value = "1s", value_parser = parse_duration)]
+    pub poll_interval_max: Duration,
+
+    /// After SIGTERM, how long running jobs may take to finish; the rest are
+    /// stopped and handed back at once (exit code 3). Keep it below the pod's
+    /// terminationGracePeriodSeconds.
+    #[arg(long, env = "TIDEPOOL_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// How long results of succeeded jobs are kept (for GET /tasks/{id});
+    /// 0 keeps none. At most 366 days.
+    #[arg(long, env = "TIDEPOOL_RESULT_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub result_retention: Duration,
+
+    /// How long dead and cancelled jobs are kept, with their errors. At most 366 days.
+    #[arg(long, env = "TIDEPOOL_DEAD_RETENTION", default_value = "7days", value_parser = parse_duration)]
+    pub dead_retention: Duration,
+
+    /// How often the worker rescues jobs with expired leases, prunes results
+    /// and dead jobs past their retention, and refreshes the queue gauges.
+    #[arg(long, env = "TIDEPOOL_WORKER_MAINTENANCE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub maintenance_interval: Duration,
+
+    /// Backoff after a job's first failed attempt; it doubles per attempt,
+    /// with jitter (between half and all of it).
+    #[arg(long, env = "TIDEPOOL_RETRY_BASE", default_value = "1s", value_parser = parse_duration)]
+    pub retry_base: Duration,
+
+    /// Longest backoff between attempts.
+    #[arg(long, env = "TIDEPOOL_RETRY_MAX", default_value = "1h", value_parser = parse_duration)]
+    pub retry_max: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EnqueueArgs {
+    /// The task to run, e.g. slow_query or noop.
+    pub task: String,
+
+    /// The task's arguments: a JSON object, e.g. '{"seconds": 0.5}'.
+    #[arg(long, default_value = "{}")]
+    pub args: String,
+
+    /// How many identical jobs to enqueue.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub count: u64,
+
+    #[arg(long, default_value = "default")]
+    pub queue: String,
+
+    /// Higher runs first.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i16,
+
+    /// Run no earlier than this long from now, e.g. 30s.
+    #[arg(long, value_parser = parse_duration, conflicts_with = "run_at")]
+    pub delay: Option<Duration>,
+
+    /// Run no earlier than this RFC 3339 time, e.g. 2026-12-01T09:00:00Z.
+    #[arg(long)]
+    pub run_at: Option<String>,
+
+    /// Enqueue only if no pending job holds this key (else print its id, "duplicate").
+    #[arg(long)]
+    pub unique_key: Option<String>,
+
+    #[arg(long, default_value_t = crate::queue::job::DEFAULT_MAX_ATTEMPTS)]
+    pub max_attempts: i32,
+
+    /// Jobs per INSERT statement; 1 sends one statement per job.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub batch_size: u32,
+
+    /// Enqueue one job at a time at this steady rate (jobs per second)
+    /// instead of as fast as possible.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub rate: Option<u32>,
+
+    /// Print only the summary (on standard error), not the ids.
+    #[arg(long)]
+    pub quiet: bool,
+
+    /// Connection URL (PgBouncer or PostgreSQL). Never logged.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_name = "URL")]
+    pub database_url: SecretUrl,
+
+    /// Longest to open a connection, and longest one statement may take.
+    #[arg(long, env = "TIDEPOOL_DB_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub db_connect_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -33,7 +33,9 @@
 //! what libpq does: it sends the request, then waits for the pooler to close
 //! the connection.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -44,7 +46,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_postgres::config::Host;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{CancelToken, Client, NoTls, Row, SimpleQueryMessage};
+use tokio_postgres::{AsyncMessage, CancelToken, Client, NoTls, Row, SimpleQueryMessage};
 
 /// Longest a best-effort cancel request may take.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -70,6 +72,24 @@ impl DbError {
 
     fn unavailable_because(e: &(dyn std::error::Error + 'static)) -> Self {
         Self::Unavailable { reason: crate::error_chain(e) }
+    }
+
+    /// Sorts a failed statement: the database could not be reached, or the
+    /// statement itself failed.
+    pub fn from_query(e: tokio_postgres::Error) -> Self {
+        if is_unavailable(&e) {
+            Self::unavailable_because(&e)
+        } else {
+            Self::Query(e)
+        }
+    }
+
+    /// The SQLSTATE of a failed statement, if the server sent one.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            Self::Query(e) => e.code().map(|c| c.code()),
+            _ => None,
+        }
     }
 }
 
@@ -146,7 +166,7 @@ impl Database {
             Ok(object) => Ok(Conn {
                 object: Some(object),
                 query_timeout: self.settings.query_timeout,
-                state: ConnState::Idle,
+                state: AtomicU8::new(ConnState::Idle as u8),
                 cancel_target: self.cancel_target.clone(),
             }),
             Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => {
@@ -175,15 +195,18 @@ pub struct Conn {
     /// Always `Some` until `drop`, which alone takes it.
     object: Option<Object>,
     query_timeout: Duration,
-    state: ConnState,
+    /// A [`ConnState`]; atomic so statements can run through `&self` while
+    /// the client is borrowed.
+    state: AtomicU8,
     cancel_target: Option<Arc<CancelTarget>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 enum ConnState {
-    Idle,
-    InQuery,
-    Broken,
+    Idle = 0,
+    InQuery = 1,
+    Broken = 2,
 }
 
 impl Conn {
@@ -199,30 +222,46 @@ impl Conn {
     /// Runs one unnamed, typed statement. `expected` is how long the statement
     /// is meant to take (a slow query's sleep); the query timeout is added.
     pub async fn query_typed(
-        &mut self,
+        &self,
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
         expected: Duration,
     ) -> Result<Vec<Row>, DbError> {
+        self.run(expected, self.client().query_typed(sql, params)).await
+    }
+
+    /// Awaits `statement`, a future that uses [`Conn::client`] (for example
+    /// a function of [`crate::queue`]'s SQL), under the same rules as
+    /// [`Conn::query_typed`]: bounded by `expected` plus the query timeout,
+    /// cancelled on the server if abandoned, the connection discarded if it
+    /// broke.
+    pub async fn run<T>(
+        &self,
+        expected: Duration,
+        statement: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, DbError> {
         let budget = expected.saturating_add(self.query_timeout);
-        self.state = ConnState::InQuery;
-        let outcome = tokio::time::timeout(budget, self.client().query_typed(sql, params)).await;
-        match outcome {
-            Ok(Ok(rows)) => {
-                self.state = ConnState::Idle;
-                Ok(rows)
+        self.set_state(ConnState::InQuery);
+        match tokio::time::timeout(budget, statement).await {
+            Ok(Ok(value)) => {
+                self.set_state(ConnState::Idle);
+                Ok(value)
             }
             Ok(Err(e)) if is_unavailable(&e) || self.client().is_closed() => {
-                self.state = ConnState::Broken;
+                self.set_state(ConnState::Broken);
                 Err(DbError::unavailable_because(&e))
             }
             Ok(Err(e)) => {
-                self.state = ConnState::Idle;
+                self.set_state(ConnState::Idle);
                 Err(DbError::Query(e))
             }
             // Still `InQuery`: the query is cancelled when the conn drops.
             Err(_) => Err(DbError::QueryTimeout { after: budget }),
         }
+    }
+
+    fn set_state(&self, state: ConnState) {
+        self.state.store(state as u8, Ordering::Relaxed);
     }
 }
 
@@ -231,10 +270,10 @@ impl Drop for Conn {
         let Some(object) = self.object.take() else {
             return;
         };
-        match self.state {
-            ConnState::Idle => return drop(object),
-            ConnState::Broken => return drop(Object::take(object)),
-            ConnState::InQuery => {}
+        match *self.state.get_mut() {
+            s if s == ConnState::Idle as u8 => return drop(object),
+            s if s == ConnState::InQuery as u8 => {}
+            _ => return drop(Object::take(object)),
         }
         // Detached from the pool, the client closes when the task below ends:
         // PgBouncer routes a cancel only for a client it still has.
@@ -344,4 +383,44 @@ pub async fn ping(pg: tokio_postgres::Config, timeout: Duration) -> Result<(), D
     })
     .await
     .map_err(|_| DbError::QueryTimeout { after: timeout })?
+}
+
+/// Opens a direct connection (LISTEN needs a session: never through
+/// PgBouncer in transaction mode), listens on `channel` (an identifier), calls
+/// `on_listening` once it listens and `on_notify` with each payload, until
+/// the connection fails. It never returns `Ok`: the caller reconnects.
+pub async fn listen(
+    mut pg: tokio_postgres::Config,
+    timeout: Duration,
+    channel: &str,
+    on_listening: impl FnOnce(),
+    mut on_notify: impl FnMut(&str),
+) -> Result<std::convert::Infallible, DbError> {
+    pg.connect_timeout(timeout).keepalives(true).keepalives_idle(Duration::from_secs(30));
+    let (client, mut connection) = tokio::time::timeout(timeout, pg.connect(NoTls))
+        .await
+        .map_err(|_| {
+            DbError::unavailable(format!("no connection within {}", humantime::format_duration(timeout)))
+        })?
+        .map_err(|e| DbError::unavailable_because(&e))?;
+    let statement = format!("LISTEN {channel}");
+    let listen = client.batch_execute(&statement);
+    tokio::pin!(listen);
+    let mut on_listening = Some(on_listening);
+    loop {
+        tokio::select! {
+            done = &mut listen, if on_listening.is_some() => {
+                done.map_err(|e| DbError::unavailable_because(&e))?;
+                if let Some(f) = on_listening.take() {
+                    f();
+                }
+            }
+            message = std::future::poll_fn(|cx| connection.poll_message(cx)) => match message {
+                Some(Ok(AsyncMessage::Notification(n))) => on_notify(n.payload()),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(DbError::unavailable_because(&e)),
+                None => return Err(DbError::unavailable("the listening connection closed")),
+            },
+        }
+    }
 }

@@ -1,4 +1,4 @@
-//! Tidepool: a web tier and (soon) a task tier that run at high concurrency on
+//! Tidepool: a web tier and a task tier that run at high concurrency on
 //! PostgreSQL without exhausting its connections.
 //!
 //! The crate is both the `tidepool` binary and a library. The design in one
@@ -20,18 +20,25 @@
 //! - [`db`]: the PgBouncer-safe connection pool and its error type.
 //! - [`migrate`]: versioned, idempotent schema migrations.
 //! - [`pooler`]: renders PgBouncer's configuration from a connection URL.
+//! - [`queue`]: the PostgreSQL task queue: enqueue, the task registry and
+//!   the `tidepool worker` runtime.
 //! - [`web`]: the hyper server, its routes, limits and graceful shutdown.
+//! - [`worker`]: the `tidepool worker` process around the queue runtime.
+//! - [`enqueue`]: the `tidepool enqueue` command.
 //! - [`metrics`]: the Prometheus metrics every process exports.
 //! - [`telemetry`]: structured logging.
 
 pub mod cli;
 pub mod db;
+pub mod enqueue;
 pub mod metrics;
 pub mod migrate;
 pub mod pooler;
+pub mod queue;
 pub mod shutdown;
 pub mod telemetry;
 pub mod web;
+pub mod worker;
 
 /// An error and its sources on one line, each cause added once: tokio-postgres
 /// and std::io keep the useful part ("connection refused") in the source.

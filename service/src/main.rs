@@ -1,14 +1,16 @@
 //! The `tidepool` command: parses the command line, sets up logging and runs
 //! one subcommand. Exit codes: 0 success; 1 error (the message says what);
 //! 2 invalid command line; 3 `web` shut down with requests still in flight
-//! at the deadline; 130 a second signal cut a shutdown short.
+//! at the deadline, or `worker` handed running jobs back at its deadline;
+//! 130 a second signal cut a shutdown short.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use tidepool::cli::{Cli, Command, MigrateArgs, PoolerConfigArgs, WebArgs};
-use tidepool::{db, migrate, pooler, shutdown, telemetry, web};
+use tidepool::cli::{Cli, Command, EnqueueArgs, MigrateArgs, PoolerConfigArgs, WebArgs, WorkerArgs};
+use tidepool::queue::Registry;
+use tidepool::{db, enqueue, migrate, pooler, shutdown, telemetry, web, worker};
 
 const EXIT_SHUTDOWN_DEADLINE: u8 = 3;
 
@@ -30,6 +32,8 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(async {
         match cli.command {
             Command::Web(args) => run_web(args).await,
+            Command::Worker(args) => run_worker(args).await,
+            Command::Enqueue(args) => run_enqueue(args).await.map(|()| ExitCode::SUCCESS),
             Command::Migrate(args) => run_migrate(args).await.map(|()| ExitCode::SUCCESS),
             Command::PoolerConfig(args) => run_pooler_config(args).map(|()| ExitCode::SUCCESS),
         }
@@ -49,7 +53,7 @@ async fn run_web(args: WebArgs) -> Result<ExitCode, BoxError> {
     let listener = web::bind(args.listen).await?;
     tracing::info!(
         listen = %args.listen,
-        db_pool_size = args.database.db_pool_size,
+        db_pool_size = args.database.db_pool_size.unwrap_or(web::DEFAULT_DB_POOL_SIZE),
         max_in_flight = args.max_in_flight,
         "tidepool web is serving"
     );
@@ -57,6 +61,25 @@ async fn run_web(args: WebArgs) -> Result<ExitCode, BoxError> {
         web::Shutdown::Clean => Ok(ExitCode::SUCCESS),
         web::Shutdown::DeadlineExceeded => Ok(ExitCode::from(EXIT_SHUTDOWN_DEADLINE)),
     }
+}
+
+async fn run_worker(args: WorkerArgs) -> Result<ExitCode, BoxError> {
+    let report = worker::run(&args, Registry::with_builtins(), shutdown::first_signal()).await?;
+    Ok(if report.handed_back == 0 { ExitCode::SUCCESS } else { ExitCode::from(EXIT_SHUTDOWN_DEADLINE) })
+}
+
+async fn run_enqueue(args: EnqueueArgs) -> Result<(), BoxError> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let summary = enqueue::run(&args, &Registry::with_builtins(), &mut out).await?;
+    let seconds = summary.elapsed.as_secs_f64();
+    let total = summary.created + summary.duplicates;
+    eprintln!(
+        "enqueued {} jobs ({} duplicates) in {seconds:.3} s: {:.0} jobs/s",
+        summary.created,
+        summary.duplicates,
+        total as f64 / seconds.max(1e-9)
+    );
+    Ok(())
 }
 
 async fn run_migrate(args: MigrateArgs) -> Result<(), BoxError> {

@@ -1,4 +1,14 @@
-//! Prometheus metrics of a `tidepool web` process, served at `/metrics`.
+//! Prometheus metrics of `tidepool web` ([`Metrics`]) and `tidepool worker`
+//! ([`WorkerMetrics`]), each served at its process's `/metrics`.
+//!
+//! Who exports what, so a dashboard never counts a thing twice:
+//! - `tidepool_jobs_enqueued_total`: the process that enqueued (`web`, for
+//!   `POST /tasks/`); sum it across pods.
+//! - job counters and histograms (`tidepool_jobs_started_total`, ...): the
+//!   worker that ran the attempt; sum them across pods.
+//! - `tidepool_queue_available_jobs` and `tidepool_queue_oldest_job_age_seconds`
+//!   describe the database, not the process: every worker exports them for
+//!   the queues it serves, so aggregate them with `max by (queue)`, never `sum`.
 //!
 //! Names follow Prometheus conventions: a `tidepool_` prefix, base units
 //! (seconds), `_total` on counters. Route labels are route *templates*
@@ -6,8 +16,10 @@
 //! scanner cannot blow up the series count. Pool gauges are read from the
 //! pool at scrape time rather than kept up to date on every checkout.
 
+use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::db::PoolStatus;
@@ -21,6 +33,88 @@ const REQUEST_BUCKETS: &[f64] = &[
 const POOL_WAIT_BUCKETS: &[f64] =
     &[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
+/// Job duration buckets, seconds: from a no-op to a long report.
+const JOB_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
+/// Queue latency buckets, seconds: from due to claimed.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+    3600.0,
+];
+
+fn register<C: Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: C,
+) -> Result<C, prometheus::Error> {
+    registry.register(Box::new(collector.clone()))?;
+    Ok(collector)
+}
+
+fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, prometheus::Error> {
+    register(registry, IntCounterVec::new(Opts::new(name, help), labels)?)
+}
+
+/// The gauges of one database pool, read from the pool at scrape time.
+#[derive(Clone)]
+struct PoolGauges {
+    max_size: IntGauge,
+    size: IntGauge,
+    available: IntGauge,
+    waiting: IntGauge,
+}
+
+impl PoolGauges {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            max_size: register(
+                registry,
+                IntGauge::new(
+                    "tidepool_db_pool_max_size",
+                    "Configured maximum of pooled client connections to PgBouncer.",
+                )?,
+            )?,
+            size: register(
+                registry,
+                IntGauge::new(
+                    "tidepool_db_pool_connections",
+                    "Client connections to PgBouncer currently open in the pool.",
+                )?,
+            )?,
+            available: register(
+                registry,
+                IntGauge::new(
+                    "tidepool_db_pool_available_connections",
+                    "Open pooled connections not in use.",
+                )?,
+            )?,
+            waiting: register(
+                registry,
+                IntGauge::new("tidepool_db_pool_waiting", "Callers waiting for a pooled connection.")?,
+            )?,
+        })
+    }
+
+    fn set(&self, pool: PoolStatus) {
+        self.max_size.set(to_i64(pool.max_size));
+        self.size.set(to_i64(pool.size));
+        self.available.set(to_i64(pool.available));
+        self.waiting.set(to_i64(pool.waiting));
+    }
+}
+
+fn encode(registry: &Registry) -> Result<Vec<u8>, prometheus::Error> {
+    let mut out = Vec::with_capacity(16 * 1024);
+    TextEncoder::new().encode(&registry.gather(), &mut out)?;
+    Ok(out)
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
@@ -29,10 +123,8 @@ pub struct Metrics {
     pub http_requests_in_flight: IntGauge,
     pub http_requests_shed: IntCounterVec,
     pub db_pool_wait: Histogram,
-    db_pool_max_size: IntGauge,
-    db_pool_size: IntGauge,
-    db_pool_available: IntGauge,
-    db_pool_waiting: IntGauge,
+    pub jobs_enqueued: IntCounterVec,
+    pool: PoolGauges,
 }
 
 impl Metrics {
@@ -68,28 +160,18 @@ impl Metrics {
             )
             .buckets(POOL_WAIT_BUCKETS.to_vec()),
         )?;
-        let db_pool_max_size = IntGauge::new(
-            "tidepool_db_pool_max_size",
-            "Configured maximum of pooled client connections to PgBouncer.",
-        )?;
-        let db_pool_size = IntGauge::new(
-            "tidepool_db_pool_connections",
-            "Client connections to PgBouncer currently open in the pool.",
-        )?;
-        let db_pool_available =
-            IntGauge::new("tidepool_db_pool_available_connections", "Open pooled connections not in use.")?;
-        let db_pool_waiting =
-            IntGauge::new("tidepool_db_pool_waiting", "Requests waiting for a pooled connection.")?;
-
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_request_duration.clone()))?;
         registry.register(Box::new(http_requests_in_flight.clone()))?;
         registry.register(Box::new(http_requests_shed.clone()))?;
         registry.register(Box::new(db_pool_wait.clone()))?;
-        registry.register(Box::new(db_pool_max_size.clone()))?;
-        registry.register(Box::new(db_pool_size.clone()))?;
-        registry.register(Box::new(db_pool_available.clone()))?;
-        registry.register(Box::new(db_pool_waiting.clone()))?;
+        let jobs_enqueued = counter_vec(
+            &registry,
+            "tidepool_jobs_enqueued_total",
+            "Jobs enqueued by this process (duplicates of a pending unique key not counted), by task and queue.",
+            &["task", "queue"],
+        )?;
+        let pool = PoolGauges::new(&registry)?;
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
 
         Ok(Self {
@@ -99,23 +181,162 @@ impl Metrics {
             http_requests_in_flight,
             http_requests_shed,
             db_pool_wait,
-            db_pool_max_size,
-            db_pool_size,
-            db_pool_available,
-            db_pool_waiting,
+            jobs_enqueued,
+            pool,
         })
     }
 
     /// Renders every metric in the Prometheus text format, after refreshing
     /// the pool gauges from `pool`.
     pub fn render(&self, pool: PoolStatus) -> Result<Vec<u8>, prometheus::Error> {
-        self.db_pool_max_size.set(to_i64(pool.max_size));
-        self.db_pool_size.set(to_i64(pool.size));
-        self.db_pool_available.set(to_i64(pool.available));
-        self.db_pool_waiting.set(to_i64(pool.waiting));
-        let mut out = Vec::with_capacity(16 * 1024);
-        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
-        Ok(out)
+        self.pool.set(pool);
+        encode(&self.registry)
+    }
+}
+
+/// Metrics of a `tidepool worker`. Job counters are labelled by task
+/// (registered names only; anything else is `unknown`) and queue (the
+/// worker's own `--queues`), so the series count is bounded.
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    registry: Registry,
+    pub jobs_started: IntCounterVec,
+    pub jobs_succeeded: IntCounterVec,
+    pub jobs_failed: IntCounterVec,
+    pub jobs_retried: IntCounterVec,
+    pub jobs_dead: IntCounterVec,
+    pub jobs_cancelled: IntCounterVec,
+    pub jobs_handed_back: IntCounterVec,
+    pub jobs_lease_lost: IntCounterVec,
+    pub jobs_rescued: IntCounterVec,
+    pub job_duration: HistogramVec,
+    pub job_queue_latency: HistogramVec,
+    pub jobs_running: IntGauge,
+    pub queue_available: IntGaugeVec,
+    pub queue_oldest_age: GaugeVec,
+    pub db_pool_wait: Histogram,
+    pub queue_db_pool_wait: Histogram,
+    pool: PoolGauges,
+}
+
+impl WorkerMetrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let by_task = &["task", "queue"];
+        let counter = |name: &str, help: &str| counter_vec(&registry, name, help, by_task);
+        let metrics = Self {
+            jobs_started: counter("tidepool_jobs_started_total", "Attempts started, by task and queue.")?,
+            jobs_succeeded: counter(
+                "tidepool_jobs_succeeded_total",
+                "Attempts that succeeded and were recorded, by task and queue.",
+            )?,
+            jobs_failed: counter(
+                "tidepool_jobs_failed_total",
+                "Attempts that failed (error, timeout or panic), by task and queue; each is then retried or dead.",
+            )?,
+            jobs_retried: counter(
+                "tidepool_jobs_retried_total",
+                "Failed attempts scheduled to run again after a backoff, by task and queue.",
+            )?,
+            jobs_dead: counter(
+                "tidepool_jobs_dead_total",
+                "Jobs moved to the dead table: out of attempts or a fatal error, by task and queue.",
+            )?,
+            jobs_cancelled: counter(
+                "tidepool_jobs_cancelled_total",
+                "Running jobs this worker stopped because they were cancelled, by task and queue.",
+            )?,
+            jobs_handed_back: counter(
+                "tidepool_jobs_handed_back_total",
+                "Claimed jobs given back unfinished at shutdown (they run again elsewhere), by task and queue.",
+            )?,
+            jobs_lease_lost: counter(
+                "tidepool_jobs_lease_lost_total",
+                "Attempts abandoned because their lease was taken away (the worker stalled past it), by task and queue.",
+            )?,
+            jobs_rescued: counter_vec(
+                &registry,
+                "tidepool_jobs_rescued_total",
+                "Jobs of other (dead) workers whose lease expired, failed by this worker's maintenance, by outcome.",
+                &["outcome"],
+            )?,
+            job_duration: register(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "tidepool_job_duration_seconds",
+                        "Time an attempt ran, by task, queue and outcome (succeeded, failed, timeout, cancelled, handed_back, lease_lost).",
+                    )
+                    .buckets(JOB_BUCKETS.to_vec()),
+                    &["task", "queue", "outcome"],
+                )?,
+            )?,
+            job_queue_latency: register(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "tidepool_job_queue_latency_seconds",
+                        "Time from when a job was due (enqueued, scheduled time or retry time) to when it was claimed, by queue.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["queue"],
+                )?,
+            )?,
+            jobs_running: register(
+                &registry,
+                IntGauge::new("tidepool_jobs_running", "Jobs this worker holds now: running or being recorded.")?,
+            )?,
+            queue_available: register(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "tidepool_queue_available_jobs",
+                        "Due jobs waiting in the queue (database-wide; every worker exports it: use max by (queue)).",
+                    ),
+                    &["queue"],
+                )?,
+            )?,
+            queue_oldest_age: register(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "tidepool_queue_oldest_job_age_seconds",
+                        "Age of the oldest due job waiting in the queue, 0 when empty (database-wide: use max by (queue)).",
+                    ),
+                    &["queue"],
+                )?,
+            )?,
+            db_pool_wait: register(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "tidepool_db_pool_wait_seconds",
+                        "Time tasks spent waiting for a pooled database connection.",
+                    )
+                    .buckets(POOL_WAIT_BUCKETS.to_vec()),
+                )?,
+            )?,
+            queue_db_pool_wait: register(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "tidepool_worker_queue_pool_wait_seconds",
+                        "Time the worker's own queue operations (claims, completions, heartbeats) waited for one of its fixed connections.",
+                    )
+                    .buckets(POOL_WAIT_BUCKETS.to_vec()),
+                )?,
+            )?,
+            pool: PoolGauges::new(&registry)?,
+            registry,
+        };
+        metrics.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        Ok(metrics)
+    }
+
+    /// Renders every metric, after refreshing the task pool's gauges.
+    pub fn render(&self, task_pool: PoolStatus) -> Result<Vec<u8>, prometheus::Error> {
+        self.pool.set(task_pool);
+        encode(&self.registry)
     }
 }
 

@@ -35,8 +35,10 @@ impl Migration {
 }
 
 /// Every migration of this release, in order.
-pub const MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, name: "world", sql: include_str!("../migrations/0001_world.sql") }];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, name: "world", sql: include_str!("../migrations/0001_world.sql") },
+    Migration { version: 2, name: "jobs", sql: include_str!("../migrations/0002_jobs.sql") },
+];
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Report {

@@ -61,7 +61,7 @@ async fn named_statements_fail_and_typed_ones_do_not() -> Result<()> {
             let mut failures = 0usize;
             for i in 0..QUERIES_PER_CLIENT {
                 let n = (client_no * QUERIES_PER_CLIENT + i) as i32;
-                let mut conn = database.get().await?;
+                let conn = database.get().await?;
                 match conn.query_typed("SELECT $1 + 1", &[(&n, Type::INT4)], Duration::ZERO).await {
                     Ok(rows) if rows[0].get::<_, i32>(0) == n + 1 => {}
                     _ => failures += 1,

@@ -20,6 +20,7 @@
 
 pub mod response;
 pub mod routes;
+pub mod tasks;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -35,10 +36,13 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::cli::{InvalidUrl, WebArgs};
-use crate::db::{Database, DbError, PoolSettings};
+use crate::db::{Database, DbError};
 use crate::metrics::Metrics;
+use crate::queue::Registry;
 pub use routes::App;
 
+/// Client connections to PgBouncer when `--db-pool-size` is not given.
+pub const DEFAULT_DB_POOL_SIZE: u32 = 20;
 /// Largest request head (request line and headers) accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Pause after a failed `accept` (e.g. out of file descriptors), so the loop
@@ -84,22 +88,15 @@ pub fn app_from_args(args: &WebArgs) -> Result<(App, ServerSettings), WebError> 
     let db_args = &args.database;
     let pg = db_args.database_url.to_pg_config("DATABASE_URL")?;
     let metrics = Metrics::new()?;
-    let db = Database::new(
-        pg.clone(),
-        PoolSettings {
-            max_size: db_args.db_pool_size as usize,
-            wait: db_args.db_pool_wait,
-            connect_timeout: db_args.db_connect_timeout,
-            query_timeout: db_args.query_timeout,
-        },
-        metrics.db_pool_wait.clone(),
-    )?;
+    let db =
+        Database::new(pg.clone(), db_args.pool_settings(DEFAULT_DB_POOL_SIZE), metrics.db_pool_wait.clone())?;
     let app = App {
         db,
         metrics,
         readiness_target: pg,
         readiness_timeout: args.readiness_timeout,
         in_flight: Semaphore::new(args.max_in_flight as usize),
+        registry: Arc::new(Registry::with_builtins()),
         max_body_bytes: args.max_body_bytes,
         body_read_timeout: args.body_read_timeout,
         draining: AtomicBool::new(false),

@@ -66,6 +66,10 @@ impl ApiError {
         Self { status, message: message.into(), shed: None, cause: None, allow: None }
     }
 
+    pub fn with_status(status: StatusCode, message: impl Into<String>) -> Self {
+        Self::new(status, message)
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
     }

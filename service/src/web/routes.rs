@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `GET /slow-query/?seconds=S` | `SELECT pg_sleep(S)` (S from 0 to 60, default 5), the seed's slow endpoint |
 //! | `GET /row/` | one random row of the 10,000-row `world` table |
+//! | `POST /tasks/`, `GET` and `DELETE /tasks/{id}` | enqueue, read and cancel jobs (see [`super::tasks`]) |
 //! | `GET /healthz` | the process is alive (no database) |
 //! | `GET /readyz` | a fresh connection through the pooler runs `SELECT 1`; 503 while draining |
 //! | `GET /metrics` | Prometheus text format |
@@ -17,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
@@ -27,8 +29,10 @@ use tokio::sync::Semaphore;
 use tokio_postgres::types::Type;
 
 use super::response::{json, with_body, ApiError, Body, Shed};
+use super::tasks;
 use crate::db::{self, Database};
 use crate::metrics::Metrics;
+use crate::queue::Registry;
 
 /// Rows in the `world` table (see migration 0001).
 pub const WORLD_ROWS: i32 = 10_000;
@@ -44,6 +48,8 @@ pub struct App {
     pub readiness_target: tokio_postgres::Config,
     pub readiness_timeout: Duration,
     pub in_flight: Semaphore,
+    /// The tasks `POST /tasks/` accepts.
+    pub registry: Arc<Registry>,
     pub max_body_bytes: u64,
     pub body_read_timeout: Duration,
     /// Set at the first shutdown signal: `/readyz` answers 503 from then on.
@@ -54,6 +60,9 @@ pub struct App {
 pub enum Route {
     SlowQuery,
     Row,
+    Tasks,
+    /// `/tasks/{id}`; `None` when the id is not a positive integer.
+    Task(Option<i64>),
     Healthz,
     Readyz,
     Metrics,
@@ -62,13 +71,27 @@ pub enum Route {
 impl Route {
     /// The route for `path`; the trailing slash is optional.
     pub fn from_path(path: &str) -> Option<Route> {
-        match path.strip_suffix('/').unwrap_or(path) {
+        let path = path.strip_suffix('/').unwrap_or(path);
+        if let Some(id) = path.strip_prefix("/tasks/") {
+            return Some(Route::Task(id.parse().ok().filter(|id| *id > 0)));
+        }
+        match path {
             "/slow-query" => Some(Route::SlowQuery),
             "/row" => Some(Route::Row),
+            "/tasks" => Some(Route::Tasks),
             "/healthz" => Some(Route::Healthz),
             "/readyz" => Some(Route::Readyz),
             "/metrics" => Some(Route::Metrics),
             _ => None,
+        }
+    }
+
+    /// The methods the route answers, as the `Allow` header lists them.
+    fn allowed_methods(self) -> &'static str {
+        match self {
+            Route::Tasks => "POST",
+            Route::Task(_) => "GET, DELETE",
+            _ => "GET",
         }
     }
 
@@ -77,6 +100,8 @@ impl Route {
         match self {
             Route::SlowQuery => "/slow-query/",
             Route::Row => "/row/",
+            Route::Tasks => "/tasks/",
+            Route::Task(_) => "/tasks/{id}",
             Route::Healthz => "/healthz",
             Route::Readyz => "/readyz",
             Route::Metrics => "/metrics",
@@ -133,11 +158,12 @@ pub async fn handle(
 }
 
 async fn dispatch(app: &App, route: Route, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    if request.method() != Method::GET {
-        return Err(ApiError::method_not_allowed("GET"));
+    let allowed = route.allowed_methods();
+    if !allowed.split(", ").any(|m| m == request.method().as_str()) {
+        return Err(ApiError::method_not_allowed(allowed));
     }
     let (parts, body) = request.into_parts();
-    read_body(app, &parts.headers, body).await?;
+    let body = read_body(app, &parts.headers, body).await?;
     let _permit =
         if route.is_probe() {
             None
@@ -149,15 +175,18 @@ async fn dispatch(app: &App, route: Route, request: Request<Incoming>) -> Result
     match route {
         Route::SlowQuery => slow_query(app, parts.uri.query()).await,
         Route::Row => row(app).await,
+        Route::Tasks => tasks::enqueue(app, body).await,
+        Route::Task(id) if parts.method == Method::DELETE => tasks::cancel(app, id).await,
+        Route::Task(id) => tasks::get(app, id).await,
         Route::Healthz => Ok(json(StatusCode::OK, &Status { status: "ok", error: None })),
         Route::Readyz => Ok(readyz(app).await),
         Route::Metrics => metrics(app),
     }
 }
 
-/// Reads (and discards) the body within the size and time limits, so an
-/// oversized or trickled body is refused instead of buffered.
-async fn read_body(app: &App, headers: &http::HeaderMap, body: Incoming) -> Result<(), ApiError> {
+/// Reads the body within the size and time limits, so an oversized or
+/// trickled body is refused instead of buffered.
+async fn read_body(app: &App, headers: &http::HeaderMap, body: Incoming) -> Result<Bytes, ApiError> {
     let declared = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > app.max_body_bytes) {
         return Err(ApiError::payload_too_large(app.max_body_bytes));
@@ -165,7 +194,7 @@ async fn read_body(app: &App, headers: &http::HeaderMap, body: Incoming) -> Resu
     let limited = Limited::new(body, usize::try_from(app.max_body_bytes).unwrap_or(usize::MAX));
     match tokio::time::timeout(app.body_read_timeout, limited.collect()).await {
         Err(_) => Err(ApiError::request_timeout()),
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             Err(ApiError::payload_too_large(app.max_body_bytes))
         }
@@ -180,7 +209,7 @@ struct Message {
 
 async fn slow_query(app: &App, query: Option<&str>) -> Result<Response<Body>, ApiError> {
     let seconds = parse_seconds(query)?;
-    let mut conn = app.db.get().await?;
+    let conn = app.db.get().await?;
     conn.query_typed("SELECT pg_sleep($1)", &[(&seconds, Type::FLOAT8)], Duration::from_secs_f64(seconds))
         .await?;
     Ok(json(StatusCode::OK, &Message { message: "Slow query completed" }))
@@ -214,7 +243,7 @@ struct World {
 
 async fn row(app: &App) -> Result<Response<Body>, ApiError> {
     let id: i32 = rand::rng().random_range(1..=WORLD_ROWS);
-    let mut conn = app.db.get().await?;
+    let conn = app.db.get().await?;
     let rows = conn
         .query_typed("SELECT id, randomnumber FROM world WHERE id = $1", &[(&id, Type::INT4)], Duration::ZERO)
         .await?;
@@ -307,6 +336,11 @@ mod tests {
         assert_eq!(Route::from_path("/slow-query"), Some(Route::SlowQuery));
         assert_eq!(Route::from_path("/healthz"), Some(Route::Healthz));
         assert_eq!(Route::from_path("/nope"), None);
+        assert_eq!(Route::from_path("/tasks/"), Some(Route::Tasks));
+        assert_eq!(Route::from_path("/tasks/42"), Some(Route::Task(Some(42))));
+        assert_eq!(Route::from_path("/tasks/42/"), Some(Route::Task(Some(42))));
+        assert_eq!(Route::from_path("/tasks/x"), Some(Route::Task(None)));
+        assert_eq!(Route::from_path("/tasks/-1"), Some(Route::Task(None)));
         assert_eq!(Route::from_path("/"), None);
     }
 

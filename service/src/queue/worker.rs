@@ -1,0 +1,632 @@
+//! The worker runtime: claims jobs, runs them on tokio, records outcomes.
+//!
+//! Four loops share one small, fixed pool of queue connections
+//! ([`QUEUE_POOL_SIZE`]), separate from the pool tasks use, so a heartbeat
+//! never waits behind a long task:
+//!
+//! - the **claimer** takes as many permits as are free (at most
+//!   `--concurrency` jobs are held at once: running, or finished and waiting
+//!   to be recorded), claims that many due jobs in one statement per queue,
+//!   and spawns each. Polling is adaptive: straight on after a full batch, a
+//!   short pause after a partial one, and an exponentially growing pause (up
+//!   to `--poll-interval-max`) while the queues are empty. A [`Worker::waker`]
+//!   cuts a pause short (the process wires it to LISTEN when it has a direct
+//!   connection).
+//! - each **job** runs its task under the task's timeout, and may be told to
+//!   stop (cancelled, lease lost, shutdown); a panic is a failed attempt.
+//!   Its outcome goes to the recorder through a channel that can never hold
+//!   more than `--concurrency` outcomes.
+//! - the **recorder** takes every outcome waiting, up to `--batch-size`, and
+//!   records them in one statement per kind (complete, fail, hand back).
+//!   Only then are the jobs' permits released.
+//! - the **heartbeat** renews the leases of every held job; a job missing
+//!   from the answer was taken away (stop it), a job flagged
+//!   `cancel_requested` is cancelled.
+//! - **maintenance** fails jobs whose lease expired (their worker died),
+//!   prunes kept results and dead jobs past their retention, and refreshes
+//!   the per-queue gauges.
+//!
+//! Shutdown: stop claiming; give running jobs up to `--shutdown-timeout`;
+//! then stop the rest and hand them back at once (not after their lease).
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
+
+use super::job::{ClaimedJob, JobState};
+use super::registry::{Registry, TaskContext, TaskError, TaskFuture};
+use super::retry::RetryPolicy;
+use super::sql::{self, Failure, Lease, Settled};
+use crate::db::{Conn, Database, DbError};
+use crate::metrics::WorkerMetrics;
+
+/// Connections of the worker's own queue pool: claimer, recorder,
+/// heartbeat and maintenance, one each. The worker's server connection need
+/// is `--concurrency` (tasks) plus this.
+pub const QUEUE_POOL_SIZE: usize = 4;
+/// Rows a rescue or prune statement touches at most; maintenance repeats it
+/// up to [`MAINTENANCE_ROUNDS`] times while it finds a full batch.
+const MAINTENANCE_BATCH: i64 = 1_000;
+const MAINTENANCE_ROUNDS: usize = 100;
+/// Attempts to record a batch of outcomes before leaving the jobs to lease
+/// expiry (they then run again: at least once).
+const RECORD_ATTEMPTS: u32 = 5;
+/// How long shutdown waits for handed-back jobs to be recorded.
+const HAND_BACK_DEADLINE: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// This worker's name in `tidepool_jobs.worker` and in logs.
+    pub name: String,
+    pub queues: Vec<String>,
+    pub concurrency: usize,
+    /// Most jobs per claim statement and per recording statement.
+    pub batch_size: usize,
+    pub lease: Duration,
+    pub heartbeat_interval: Duration,
+    pub poll_interval_min: Duration,
+    pub poll_interval_max: Duration,
+    pub shutdown_timeout: Duration,
+    /// How long results are kept; zero keeps none.
+    pub result_retention: Duration,
+    pub dead_retention: Duration,
+    pub maintenance_interval: Duration,
+    pub retry: RetryPolicy,
+}
+
+/// How a worker's shutdown ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Jobs that were still running at the deadline and were given back.
+    pub handed_back: usize,
+}
+
+/// Why a job was told to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Cancelled,
+    LeaseLost,
+    Shutdown,
+}
+
+#[derive(Debug)]
+enum OutcomeKind {
+    Succeeded(Option<Value>),
+    Failed(TaskError),
+    TimedOut(Duration),
+    Stopped(Stop),
+}
+
+impl OutcomeKind {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Succeeded(_) => "succeeded",
+            Self::Failed(_) => "failed",
+            Self::TimedOut(_) => "timeout",
+            Self::Stopped(Stop::Cancelled) => "cancelled",
+            Self::Stopped(Stop::LeaseLost) => "lease_lost",
+            Self::Stopped(Stop::Shutdown) => "handed_back",
+        }
+    }
+}
+
+struct Outcome {
+    lease: Lease,
+    task_label: String,
+    queue: String,
+    kind: OutcomeKind,
+    /// Released once the outcome is recorded.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// A job this worker holds, for the heartbeat and for stopping it.
+struct Held {
+    attempt: i32,
+    stop: Option<oneshot::Sender<Stop>>,
+}
+
+type HeldJobs = Arc<Mutex<HashMap<i64, Held>>>;
+
+fn lock(held: &HeldJobs) -> std::sync::MutexGuard<'_, HashMap<i64, Held>> {
+    held.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A running worker's parts.
+pub struct Worker {
+    settings: WorkerSettings,
+    registry: Arc<Registry>,
+    queue_db: Database,
+    task_db: Database,
+    metrics: WorkerMetrics,
+    wake: Arc<Notify>,
+}
+
+impl Worker {
+    /// `queue_db` should have [`QUEUE_POOL_SIZE`] connections; `task_db` is
+    /// lent to tasks.
+    pub fn new(
+        settings: WorkerSettings,
+        registry: Arc<Registry>,
+        queue_db: Database,
+        task_db: Database,
+        metrics: WorkerMetrics,
+    ) -> Self {
+        Self { settings, registry, queue_db, task_db, metrics, wake: Arc::new(Notify::new()) }
+    }
+
+    /// Wakes the claimer from its pause between polls: call it when jobs
+    /// were enqueued (a LISTEN notification). Never needed for correctness.
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// Runs until `shutdown` resolves, then shuts down as the module says.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> ShutdownReport {
+        let shared = Arc::new(Shared {
+            permits: Arc::new(Semaphore::new(self.settings.concurrency)),
+            held: HeldJobs::default(),
+            settings: self.settings,
+            registry: self.registry,
+            queue_db: self.queue_db,
+            task_db: self.task_db,
+            metrics: self.metrics,
+            wake: self.wake,
+        });
+        let (outcomes_tx, outcomes_rx) = mpsc::channel(shared.settings.concurrency.max(1));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (stop_claiming_tx, stop_claiming_rx) = watch::channel(false);
+
+        let recorder = tokio::spawn(record_outcomes(shared.clone(), outcomes_rx));
+        let heartbeat = tokio::spawn(heartbeat(shared.clone(), stop_rx.clone()));
+        let maintenance = tokio::spawn(maintenance(shared.clone(), stop_rx.clone()));
+        tracing::info!(
+            worker = %shared.settings.name,
+            queues = ?shared.settings.queues,
+            concurrency = shared.settings.concurrency,
+            "worker started"
+        );
+
+        let claimer = tokio::spawn(claim_loop(shared.clone(), outcomes_tx, stop_claiming_rx));
+        shutdown.await;
+        // The claimer stops between statements, never in the middle of a
+        // claim (that would leave claimed jobs to their lease).
+        let _ = stop_claiming_tx.send(true);
+        let _ = claimer.await;
+        // The claimer (and its sender) is gone; only running jobs hold senders now.
+        tracing::info!(
+            running = shared.settings.concurrency - shared.permits.available_permits(),
+            deadline = %humantime::format_duration(shared.settings.shutdown_timeout),
+            "stopped claiming; waiting for running jobs"
+        );
+        let all = u32::try_from(shared.settings.concurrency).unwrap_or(u32::MAX);
+        let mut handed_back = 0;
+        if tokio::time::timeout(shared.settings.shutdown_timeout, shared.permits.acquire_many(all))
+            .await
+            .is_err()
+        {
+            let stops: Vec<oneshot::Sender<Stop>> =
+                lock(&shared.held).values_mut().filter_map(|h| h.stop.take()).collect();
+            handed_back = stops.len();
+            tracing::warn!(jobs = handed_back, "shutdown deadline passed; handing the running jobs back");
+            for stop in stops {
+                let _ = stop.send(Stop::Shutdown);
+            }
+            if tokio::time::timeout(HAND_BACK_DEADLINE, shared.permits.acquire_many(all)).await.is_err() {
+                tracing::error!(
+                    "could not record every hand-back in time; those jobs run again after their lease"
+                );
+            }
+        }
+        let _ = stop_tx.send(true);
+        let _ = recorder.await;
+        let _ = heartbeat.await;
+        let _ = maintenance.await;
+        tracing::info!(handed_back, "worker stopped");
+        ShutdownReport { handed_back }
+    }
+}
+
+struct Shared {
+    settings: WorkerSettings,
+    registry: Arc<Registry>,
+    queue_db: Database,
+    task_db: Database,
+    metrics: WorkerMetrics,
+    /// One per job held; `--concurrency` in all.
+    permits: Arc<Semaphore>,
+    held: HeldJobs,
+    wake: Arc<Notify>,
+}
+
+/// Runs one of [`sql`]'s statements on a connection of the queue pool:
+/// `queue_op!(shared, |client| sql::claim(client, ..))`.
+macro_rules! queue_op {
+    ($shared:expr, |$client:ident| $statement:expr) => {
+        async {
+            let conn: Conn = $shared.queue_db.get().await?;
+            let $client = conn.client();
+            conn.run(Duration::ZERO, $statement).await
+        }
+    };
+}
+
+async fn claim_loop(shared: Arc<Shared>, outcomes: mpsc::Sender<Outcome>, mut stop: watch::Receiver<bool>) {
+    let settings = &shared.settings;
+    let mut idle_pause = settings.poll_interval_min;
+    let mut next_queue = 0;
+    while !*stop.borrow_and_update() {
+        let first = tokio::select! {
+            permit = shared.permits.clone().acquire_owned() => permit,
+            _ = stop.changed() => return,
+        };
+        let Ok(first) = first else {
+            return;
+        };
+        let mut permits = vec![first];
+        while permits.len() < settings.batch_size {
+            match shared.permits.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        let wanted = permits.len();
+        let mut claimed = 0;
+        let mut failed = false;
+        // Round-robin over the queues, starting where the last round left off.
+        for i in 0..settings.queues.len() {
+            if permits.is_empty() {
+                break;
+            }
+            let queue = &settings.queues[(next_queue + i) % settings.queues.len()];
+            let limit = i64::try_from(permits.len()).unwrap_or(i64::MAX);
+            match queue_op!(shared, |client| sql::claim(client, queue, limit, &settings.name, settings.lease))
+                .await
+            {
+                Ok(jobs) => {
+                    claimed += jobs.len();
+                    for job in jobs {
+                        let Some(permit) = permits.pop() else { break };
+                        start_job(&shared, job, permit, outcomes.clone());
+                    }
+                }
+                Err(e) => {
+                    failed = true;
+                    tracing::warn!(error = %crate::error_chain(&e), queue, "claim failed");
+                }
+            }
+        }
+        next_queue = (next_queue + 1) % settings.queues.len().max(1);
+        drop(permits);
+        let pause = if claimed == wanted {
+            idle_pause = settings.poll_interval_min;
+            continue;
+        } else if claimed > 0 {
+            idle_pause = settings.poll_interval_min;
+            settings.poll_interval_min
+        } else {
+            let pause = idle_pause;
+            idle_pause = if failed {
+                settings.poll_interval_max
+            } else {
+                (idle_pause * 2).min(settings.poll_interval_max)
+            };
+            pause
+        };
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = shared.wake.notified() => idle_pause = settings.poll_interval_min,
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+fn start_job(
+    shared: &Arc<Shared>,
+    job: ClaimedJob,
+    permit: OwnedSemaphorePermit,
+    outcomes: mpsc::Sender<Outcome>,
+) {
+    let lease = Lease { id: job.id, attempt: job.attempt };
+    let task_label = shared.registry.label(&job.task).to_owned();
+    let metrics = &shared.metrics;
+    metrics.jobs_started.with_label_values(&[&task_label, &job.queue]).inc();
+    metrics.job_queue_latency.with_label_values(&[&job.queue]).observe(job.latency_seconds);
+    metrics.jobs_running.inc();
+    let (stop_tx, stop_rx) = oneshot::channel();
+    lock(&shared.held).insert(job.id, Held { attempt: job.attempt, stop: Some(stop_tx) });
+    tracing::debug!(job = job.id, attempt = job.attempt, task = %job.task, "job started");
+
+    let task = shared.registry.get(&job.task).cloned();
+    let ctx = TaskContext {
+        job_id: job.id,
+        attempt: job.attempt,
+        max_attempts: job.max_attempts,
+        queue: job.queue.clone(),
+        db: shared.task_db.clone(),
+    };
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let kind = match task {
+            None => OutcomeKind::Failed(TaskError::retry(format!(
+                "this worker has no task {:?} (known: {})",
+                job.task,
+                shared.registry.names()
+            ))),
+            Some(task) => {
+                let timeout = task.options.timeout;
+                let attempt = CatchUnwind(task.start(ctx, job.args));
+                tokio::select! {
+                    outcome = tokio::time::timeout(timeout, attempt) => match outcome {
+                        Ok(Ok(Ok(result))) => OutcomeKind::Succeeded(result),
+                        Ok(Ok(Err(e))) => OutcomeKind::Failed(e),
+                        Ok(Err(panic)) => OutcomeKind::Failed(TaskError::retry(format!("task panicked: {}", panic_message(&*panic)))),
+                        Err(_) => OutcomeKind::TimedOut(timeout),
+                    },
+                    stop = stop_rx => OutcomeKind::Stopped(stop.unwrap_or(Stop::Shutdown)),
+                }
+            }
+        };
+        shared
+            .metrics
+            .job_duration
+            .with_label_values(&[&task_label, &job.queue, kind.label()])
+            .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(job = job.id, attempt = job.attempt, outcome = kind.label(), "job ended");
+        let outcome = Outcome { lease, task_label, queue: job.queue, kind, _permit: permit };
+        // The recorder outlives every job (it stops when all senders are gone).
+        let _ = outcomes.send(outcome).await;
+    });
+}
+
+/// Turns a panic inside a task's future into an error: a failed attempt,
+/// not a lost job. The future is boxed, hence `Unpin`.
+struct CatchUnwind(TaskFuture);
+
+impl Future for CatchUnwind {
+    type Output = Result<<TaskFuture as Future>::Output, Box<dyn Any + Send>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+async fn record_outcomes(shared: Arc<Shared>, mut outcomes: mpsc::Receiver<Outcome>) {
+    let mut batch = Vec::with_capacity(shared.settings.batch_size);
+    while outcomes.recv_many(&mut batch, shared.settings.batch_size).await > 0 {
+        record(&shared, &batch).await;
+        {
+            let mut held = lock(&shared.held);
+            for outcome in &batch {
+                if held.get(&outcome.lease.id).is_some_and(|h| h.attempt == outcome.lease.attempt) {
+                    held.remove(&outcome.lease.id);
+                }
+            }
+        }
+        shared.metrics.jobs_running.sub(i64::try_from(batch.len()).unwrap_or(i64::MAX));
+        // Dropping the outcomes releases their permits.
+        batch.clear();
+    }
+}
+
+/// Records one batch of outcomes, one statement per kind.
+async fn record(shared: &Shared, batch: &[Outcome]) {
+    let keep_results = !shared.settings.result_retention.is_zero();
+    let labels: HashMap<i64, (&str, &str)> =
+        batch.iter().map(|o| (o.lease.id, (o.task_label.as_str(), o.queue.as_str()))).collect();
+    let count = |counter: &prometheus::IntCounterVec, id: i64| {
+        if let Some((task, queue)) = labels.get(&id) {
+            counter.with_label_values(&[task, queue]).inc();
+        }
+    };
+
+    let mut done = Vec::new();
+    let mut failures = Vec::new();
+    let mut hand_back = Vec::new();
+    for outcome in batch {
+        let lease = outcome.lease;
+        match &outcome.kind {
+            OutcomeKind::Succeeded(result) => {
+                done.push((lease, if keep_results { result.clone() } else { None }));
+            }
+            OutcomeKind::Failed(e) => {
+                count(&shared.metrics.jobs_failed, lease.id);
+                let final_state = matches!(e, TaskError::Fatal(_)).then_some(JobState::Dead);
+                failures.push(failure(shared, lease, e.to_string(), final_state));
+            }
+            OutcomeKind::TimedOut(after) => {
+                count(&shared.metrics.jobs_failed, lease.id);
+                let error = format!("timed out after {}", humantime::format_duration(*after));
+                failures.push(failure(shared, lease, error, None));
+            }
+            OutcomeKind::Stopped(Stop::Cancelled) => {
+                count(&shared.metrics.jobs_cancelled, lease.id);
+                let error = "cancelled while running".to_owned();
+                failures.push(failure(shared, lease, error, Some(JobState::Cancelled)));
+            }
+            OutcomeKind::Stopped(Stop::Shutdown) => hand_back.push(lease),
+            OutcomeKind::Stopped(Stop::LeaseLost) => count(&shared.metrics.jobs_lease_lost, lease.id),
+        }
+    }
+
+    if !done.is_empty() {
+        if let Some(finished) =
+            with_retries("record succeeded jobs", || queue_op!(shared, |client| sql::complete(client, &done)))
+                .await
+        {
+            for id in finished {
+                count(&shared.metrics.jobs_succeeded, id);
+            }
+        }
+    }
+    if !failures.is_empty() {
+        if let Some(settled) =
+            with_retries("record failed jobs", || queue_op!(shared, |client| sql::fail(client, &failures)))
+                .await
+        {
+            for (id, how) in settled {
+                match how {
+                    Settled::Retried => count(&shared.metrics.jobs_retried, id),
+                    Settled::Dead => count(&shared.metrics.jobs_dead, id),
+                    Settled::Cancelled => {}
+                }
+            }
+        }
+    }
+    if !hand_back.is_empty() {
+        if let Some(ids) =
+            with_retries("hand jobs back", || queue_op!(shared, |client| sql::hand_back(client, &hand_back)))
+                .await
+        {
+            for id in ids {
+                count(&shared.metrics.jobs_handed_back, id);
+            }
+        }
+    }
+}
+
+fn failure(shared: &Shared, lease: Lease, error: String, final_state: Option<JobState>) -> Failure {
+    let retry_in = shared.settings.retry.delay(lease.attempt, rand::random::<f64>());
+    Failure { lease, error, retry_in, final_state }
+}
+
+/// Runs a recording statement, retrying a few times with a growing pause.
+/// After that the jobs stay as they are in the database and run again once
+/// their lease expires.
+async fn with_retries<T, F, Fut>(what: &'static str, op: F) -> Option<T>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, DbError>>,
+{
+    let mut pause = Duration::from_millis(100);
+    for attempt in 1..=RECORD_ATTEMPTS {
+        match op().await {
+            Ok(value) => return Some(value),
+            Err(e) if attempt == RECORD_ATTEMPTS => {
+                tracing::error!(error = %crate::error_chain(&e), what, "giving up; the jobs run again after their lease expires");
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), what, attempt, "retrying");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+        }
+    }
+    None
+}
+
+async fn heartbeat(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(shared.settings.heartbeat_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let leases: Vec<Lease> =
+            lock(&shared.held).iter().map(|(&id, h)| Lease { id, attempt: h.attempt }).collect();
+        for chunk in leases.chunks(shared.settings.batch_size.max(1)) {
+            let renewed = match queue_op!(shared, |client| sql::heartbeat(
+                client,
+                chunk,
+                shared.settings.lease
+            ))
+            .await
+            {
+                Ok(renewed) => renewed,
+                Err(e) => {
+                    tracing::warn!(error = %crate::error_chain(&e), jobs = chunk.len(), "heartbeat failed");
+                    continue;
+                }
+            };
+            let mut held = lock(&shared.held);
+            for lease in chunk {
+                let stop = match renewed.get(&lease.id) {
+                    None => Stop::LeaseLost,
+                    Some(true) => Stop::Cancelled,
+                    Some(false) => continue,
+                };
+                if let Some(sender) = held.get_mut(&lease.id).and_then(|h| h.stop.take()) {
+                    tracing::info!(job = lease.id, attempt = lease.attempt, reason = ?stop, "stopping a running job");
+                    let _ = sender.send(stop);
+                }
+            }
+        }
+    }
+}
+
+async fn maintenance(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(shared.settings.maintenance_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if let Err(e) = maintain(&shared).await {
+            tracing::warn!(error = %crate::error_chain(&e), "maintenance failed; trying again next round");
+        }
+    }
+}
+
+/// One round of maintenance: rescue, prune, refresh the queue gauges.
+async fn maintain(shared: &Shared) -> Result<(), DbError> {
+    for _ in 0..MAINTENANCE_ROUNDS {
+        let rescued = queue_op!(shared, |client| sql::rescue(client, MAINTENANCE_BATCH)).await?;
+        for (id, how) in &rescued {
+            let outcome = match how {
+                Settled::Retried => "retried",
+                Settled::Dead => "dead",
+                Settled::Cancelled => "cancelled",
+            };
+            tracing::warn!(job = id, outcome, "rescued a job whose lease expired");
+            shared.metrics.jobs_rescued.with_label_values(&[outcome]).inc();
+        }
+        if (rescued.len() as i64) < MAINTENANCE_BATCH {
+            break;
+        }
+    }
+    let settings = &shared.settings;
+    for _ in 0..MAINTENANCE_ROUNDS {
+        let (results, dead) = queue_op!(shared, |client| sql::prune(
+            client,
+            settings.result_retention,
+            settings.dead_retention,
+            MAINTENANCE_BATCH
+        ))
+        .await?;
+        if results > 0 || dead > 0 {
+            tracing::debug!(results, dead, "pruned finished jobs past their retention");
+        }
+        if results < MAINTENANCE_BATCH && dead < MAINTENANCE_BATCH {
+            break;
+        }
+    }
+    let stats = queue_op!(shared, |client| sql::queue_stats(client, &settings.queues)).await?;
+    for (queue, available, oldest) in stats {
+        shared.metrics.queue_available.with_label_values(&[&queue]).set(available);
+        shared.metrics.queue_oldest_age.with_label_values(&[&queue]).set(oldest);
+    }
+    Ok(())
+}
