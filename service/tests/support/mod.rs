@@ -4,8 +4,8 @@
 //! `make test` (scripts/test.sh) starts one PostgreSQL cluster for the whole
 //! run and exports where it is (`TIDEPOOL_TEST_*`). Each test then creates
 //! what it needs of its own, so tests run in parallel without sharing state:
-//! a database ([`TestDb`]), a PgBouncer in front of it ([`PgBouncer`]), a
-//! `tidepool web` process ([`Web`]), or a private PostgreSQL cluster it may
+//! a database ([`TestDb`]), a PgBouncer in front of it ([`PgBouncer`]),
+//! `tidepool web` and `tidepool worker` processes ([`Service`]), or a private PostgreSQL cluster it may
 //! stop and start ([`PrivatePostgres`]). Processes are killed when their
 //! handle drops. Waits poll a condition with a deadline ([`wait_for`]).
 
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
 use tidepool::pooler::{self, PoolerConfig, Upstream};
@@ -424,40 +424,61 @@ pub fn signal(pid: u32, signal: i32) -> Result<()> {
     Ok(())
 }
 
-/// A `tidepool web` process on a port of its own.
-pub struct Web {
+/// A `tidepool web` or `tidepool worker` process, its HTTP server on a
+/// port of its own.
+pub struct Service {
     /// `Some` until the process has been reaped.
     child: Option<Child>,
     pub port: u16,
     log: PathBuf,
+    kind: &'static str,
 }
 
-impl Web {
+/// The web tests' name for it.
+pub type Web = Service;
+
+impl Service {
     /// Starts `tidepool web` against `database_url` with extra environment
     /// (`TIDEPOOL_*` knobs), waiting until `/healthz` answers.
-    pub async fn start(database_url: &str, extra_env: &[(&str, &str)]) -> Result<Web> {
+    pub async fn start(database_url: &str, extra_env: &[(&str, &str)]) -> Result<Service> {
+        Self::start_kind("web", "TIDEPOOL_LISTEN", database_url, extra_env).await
+    }
+
+    /// Starts `tidepool worker` the same way.
+    pub async fn worker(database_url: &str, extra_env: &[(&str, &str)]) -> Result<Service> {
+        Self::start_kind("worker", "TIDEPOOL_WORKER_LISTEN", database_url, extra_env).await
+    }
+
+    async fn start_kind(
+        kind: &'static str,
+        listen_var: &str,
+        database_url: &str,
+        extra_env: &[(&str, &str)],
+    ) -> Result<Service> {
         let port = free_port()?;
-        let log = scratch_dir("web")?.join("web.log");
+        let log = scratch_dir(kind)?.join(format!("{kind}.log"));
         let mut command = Command::new(env!("CARGO_BIN_EXE_tidepool"));
         command
-            .arg("web")
+            .arg(kind)
             .env("DATABASE_URL", database_url)
-            .env("TIDEPOOL_LISTEN", format!("127.0.0.1:{port}"))
+            .env_remove("TIDEPOOL_DIRECT_DATABASE_URL")
+            .env(listen_var, format!("127.0.0.1:{port}"))
             .env("TIDEPOOL_LOG", "info")
             .envs(extra_env.iter().copied());
         let child = spawn_logged(&mut command, &log)?;
-        let mut web = Web { child: Some(child), port, log };
-        let health = web.url("/healthz");
-        let started = wait_for("tidepool web to answer /healthz", Duration::from_secs(15), || {
-            let health = health.clone();
-            async move { get(&health).await.ok().filter(|r| r.status == 200).map(drop) }
-        })
-        .await;
+        let mut service = Service { child: Some(child), port, log, kind };
+        let health = service.url("/healthz");
+        let started =
+            wait_for(&format!("tidepool {kind} to answer /healthz"), Duration::from_secs(15), || {
+                let health = health.clone();
+                async move { get(&health).await.ok().filter(|r| r.status == 200).map(drop) }
+            })
+            .await;
         if let Err(e) = started {
-            let exited = web.child.as_mut().map(Child::try_wait).transpose()?;
-            bail!("{e}; exited: {exited:?}; log:\n{}", web.log());
+            let exited = service.child.as_mut().map(Child::try_wait).transpose()?;
+            bail!("{e}; exited: {exited:?}; log:\n{}", service.log());
         }
-        Ok(web)
+        Ok(service)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -468,26 +489,29 @@ impl Web {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
+    pub fn pid(&self) -> Result<u32> {
+        Ok(self.child.as_ref().with_context(|| format!("tidepool {} has exited", self.kind))?.id())
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn signal(&self, signal: i32) -> Result<()> {
-        self::signal(self.child.as_ref().context("tidepool web has exited")?.id(), signal)
+        self::signal(self.pid()?, signal)
     }
 
     /// Waits for the process to exit, at most `limit`.
     pub async fn wait_exit(&mut self, limit: Duration) -> Result<ExitStatus> {
-        let child = self.child.as_mut().context("tidepool web has exited")?;
-        let status =
-            wait_for("tidepool web to exit", limit, || std::future::ready(child.try_wait().ok().flatten()))
-                .await?;
+        let what = format!("tidepool {} to exit", self.kind);
+        let child = self.child.as_mut().with_context(|| format!("tidepool {} has exited", self.kind))?;
+        let status = wait_for(&what, limit, || std::future::ready(child.try_wait().ok().flatten())).await?;
         self.child = None;
         Ok(status)
     }
 }
 
-impl Drop for Web {
+impl Drop for Service {
     fn drop(&mut self) {
         kill_child(&mut self.child);
     }
@@ -544,13 +568,23 @@ impl HttpResponse {
 
 /// A GET on a new connection, bounded to 90 s.
 pub async fn get(url: &str) -> Result<HttpResponse> {
-    static CLIENT: OnceLock<HttpClient<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>> =
+    request(http::Method::GET, url, "").await
+}
+
+/// A request with a body on a new connection, bounded to 90 s.
+pub async fn request(method: http::Method, url: &str, body: impl Into<Bytes>) -> Result<HttpResponse> {
+    static CLIENT: OnceLock<HttpClient<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>> =
         OnceLock::new();
     let client = CLIENT
         .get_or_init(|| HttpClient::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http());
-    let response = tokio::time::timeout(Duration::from_secs(90), client.get(url.parse()?))
+    let request = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body.into()))?;
+    let response = tokio::time::timeout(Duration::from_secs(90), client.request(request))
         .await
-        .with_context(|| format!("GET {url} timed out"))??;
+        .with_context(|| format!("request to {url} timed out"))??;
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     let body = response.into_body().collect().await?.to_bytes();

@@ -1,0 +1,595 @@
+//! The task queue as a library: enqueue, claim, retry, lease, cancel and
+//! prune against a real PostgreSQL through a real PgBouncer in transaction
+//! mode. Workers run in this process (the runtime of `tidepool worker`),
+//! with tasks of the tests' own that record what they did.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use support::{wait_for, PgBouncer, TestDb};
+use tidepool::db::{Database, PoolSettings};
+use tidepool::metrics::WorkerMetrics;
+use tidepool::queue::retry::RetryPolicy;
+use tidepool::queue::sql::{self, Lease};
+use tidepool::queue::worker::QUEUE_POOL_SIZE;
+use tidepool::queue::{
+    self, Cancelled, Enqueued, JobState, JobView, NewJob, Registry, Schedule, ShutdownReport, TaskError,
+    TaskOptions, Worker, WorkerSettings,
+};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A database, a PgBouncer in front of it, and a client through it.
+struct Harness {
+    db: TestDb,
+    bouncer: PgBouncer,
+    client: tokio_postgres::Client,
+}
+
+async fn harness(server_connections: u32) -> Result<Harness> {
+    let db = TestDb::create().await?;
+    let bouncer = PgBouncer::start(&db, server_connections).await?;
+    let client = support::connect(&bouncer.url()).await?;
+    Ok(Harness { db, bouncer, client })
+}
+
+impl Harness {
+    async fn view(&self, id: i64) -> Result<Option<JobView>> {
+        Ok(queue::lookup(&self.client, id).await?)
+    }
+
+    async fn wait_state(&self, id: i64, state: JobState, limit: Duration) -> Result<JobView> {
+        wait_for(&format!("job {id} to be {state:?}"), limit, || async {
+            self.view(id).await.ok().flatten().filter(|v| v.state == state)
+        })
+        .await
+    }
+
+    async fn enqueue(&self, job: NewJob) -> Result<i64> {
+        let enqueued = queue::enqueue(&self.client, &job).await?;
+        if enqueued.duplicate {
+            bail!("unexpected duplicate");
+        }
+        Ok(enqueued.id)
+    }
+
+    fn pool(&self, max_size: usize, metrics: &WorkerMetrics) -> Result<Database> {
+        let settings = PoolSettings {
+            max_size,
+            wait: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            query_timeout: Duration::from_secs(10),
+        };
+        Ok(Database::new(self.bouncer.url().parse()?, settings, metrics.db_pool_wait.clone())?)
+    }
+
+    /// Starts a worker in this process.
+    fn start_worker(&self, registry: Registry, settings: WorkerSettings) -> Result<RunningWorker> {
+        let metrics = WorkerMetrics::new()?;
+        let queue_db = self.pool(QUEUE_POOL_SIZE, &metrics)?;
+        let task_db = self.pool(settings.concurrency, &metrics)?;
+        let worker = Worker::new(settings, Arc::new(registry), queue_db, task_db, metrics);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(worker.run(async move {
+            let _ = stopped.await;
+        }));
+        Ok(RunningWorker { stop: Some(stop), handle })
+    }
+}
+
+struct RunningWorker {
+    stop: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<ShutdownReport>,
+}
+
+impl RunningWorker {
+    async fn shutdown(mut self) -> Result<ShutdownReport> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        Ok(tokio::time::timeout(Duration::from_secs(30), &mut self.handle)
+            .await
+            .context("worker shutdown")??)
+    }
+}
+
+impl Drop for RunningWorker {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}
+
+/// Fast settings for tests: short lease, heartbeat, polls and backoff.
+fn settings(name: &str) -> WorkerSettings {
+    WorkerSettings {
+        name: name.to_owned(),
+        queues: vec!["default".to_owned()],
+        concurrency: 10,
+        batch_size: 100,
+        lease: Duration::from_secs(2),
+        heartbeat_interval: Duration::from_millis(300),
+        poll_interval_min: Duration::from_millis(10),
+        poll_interval_max: Duration::from_millis(100),
+        shutdown_timeout: Duration::from_secs(5),
+        result_retention: Duration::from_secs(3600),
+        dead_retention: Duration::from_secs(3600),
+        maintenance_interval: Duration::from_millis(200),
+        retry: RetryPolicy { base: Duration::from_millis(100), max: Duration::from_secs(1) },
+    }
+}
+
+fn error_times(view: &JobView) -> Result<Vec<DateTime<Utc>>> {
+    let errors = view.errors.as_array().context("errors is an array")?;
+    errors
+        .iter()
+        .map(|e| {
+            let at = e["at"].as_str().context("error has an `at`")?;
+            Ok(DateTime::parse_from_rfc3339(at)?.to_utc())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn enqueue_in_a_transaction_commits_or_rolls_back_with_it() -> Result<()> {
+    let h = harness(4).await?;
+    // Through PgBouncer in transaction mode: one server connection for the
+    // whole transaction.
+    let mut client = support::connect(&h.bouncer.url()).await?;
+    client.batch_execute("CREATE TABLE orders (id bigint PRIMARY KEY)").await?;
+
+    let tx = client.transaction().await?;
+    tx.execute_typed("INSERT INTO orders VALUES (1)", &[]).await?;
+    let rolled_back = queue::enqueue(&tx, &NewJob::new("noop", json!({"order": 1}))).await?;
+    tx.rollback().await?;
+
+    let tx = client.transaction().await?;
+    tx.execute_typed("INSERT INTO orders VALUES (2)", &[]).await?;
+    let committed = queue::enqueue(&tx, &NewJob::new("noop", json!({"order": 2}))).await?;
+    tx.commit().await?;
+
+    assert_eq!(
+        h.view(rolled_back.id).await?,
+        None,
+        "a job enqueued in a rolled-back transaction must not exist"
+    );
+    let view = h.view(committed.id).await?.context("the committed job exists")?;
+    assert_eq!(view.args, json!({"order": 2}));
+    assert_eq!(view.state, JobState::Available);
+    let count: i64 = h.client.query_typed_one("SELECT count(*) FROM tidepool_jobs", &[]).await?.get(0);
+    assert_eq!(count, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn batch_enqueue_keeps_input_order_and_unique_keys() -> Result<()> {
+    let h = harness(4).await?;
+    let jobs: Vec<NewJob> = (0..1000).map(|i| NewJob::new("noop", json!({ "i": i }))).collect();
+    let out = queue::enqueue_many(&h.client, &jobs).await?;
+    assert_eq!(out.len(), 1000);
+    assert!(out.windows(2).all(|w| w[0].id < w[1].id), "ids follow input order");
+    for i in [0usize, 1, 499, 999] {
+        let view = h.view(out[i].id).await?.context("enqueued job exists")?;
+        assert_eq!(view.args, json!({ "i": i }));
+    }
+
+    let pending = h.enqueue(NewJob::new("noop", json!({})).unique_key("a")).await?;
+    let mixed = vec![
+        NewJob::new("noop", json!({"n": 1})).unique_key("a"),
+        NewJob::new("noop", json!({"n": 2})).unique_key("b"),
+        NewJob::new("noop", json!({"n": 3})),
+        NewJob::new("noop", json!({"n": 4})).unique_key("b"),
+    ];
+    let out = queue::enqueue_many(&h.client, &mixed).await?;
+    assert_eq!(out[0], Enqueued { id: pending, duplicate: true });
+    assert!(!out[1].duplicate && !out[2].duplicate);
+    assert_eq!(out[3], Enqueued { id: out[1].id, duplicate: true });
+    assert_eq!(h.view(out[1].id).await?.map(|v| v.args), Some(json!({"n": 2})));
+    assert_eq!(h.view(out[2].id).await?.map(|v| v.args), Some(json!({"n": 3})));
+
+    let too_many = vec![NewJob::new("noop", json!({})); queue::MAX_BATCH + 1];
+    assert!(queue::enqueue_many(&h.client, &too_many).await.is_err());
+    let one_bad = vec![NewJob::new("noop", json!({})), NewJob::new("noop", json!({})).queue("bad queue")];
+    let before: i64 = h.client.query_typed_one("SELECT count(*) FROM tidepool_jobs", &[]).await?.get(0);
+    assert!(queue::enqueue_many(&h.client, &one_bad).await.is_err());
+    let after: i64 = h.client.query_typed_one("SELECT count(*) FROM tidepool_jobs", &[]).await?.get(0);
+    assert_eq!(before, after, "a batch with one invalid job writes nothing");
+    Ok(())
+}
+
+#[tokio::test]
+async fn unique_keys_hold_only_while_the_job_is_pending() -> Result<()> {
+    let h = harness(8).await?;
+    let first = queue::enqueue(&h.client, &NewJob::new("noop", json!({})).unique_key("report-42")).await?;
+    let second = queue::enqueue(&h.client, &NewJob::new("noop", json!({})).unique_key("report-42")).await?;
+    assert!(!first.duplicate);
+    assert_eq!(second, Enqueued { id: first.id, duplicate: true });
+
+    let worker = h.start_worker(Registry::with_builtins(), settings("w"))?;
+    wait_for("the keyed job to finish", Duration::from_secs(10), || async {
+        h.view(first.id).await.ok().filter(Option::is_none).map(drop)
+    })
+    .await?;
+    let third = queue::enqueue(&h.client, &NewJob::new("noop", json!({})).unique_key("report-42")).await?;
+    assert!(!third.duplicate, "the key is free once its job finished");
+    assert_ne!(third.id, first.id);
+    worker.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn claims_take_due_jobs_by_priority_then_age() -> Result<()> {
+    let h = harness(4).await?;
+    let low = h.enqueue(NewJob::new("noop", json!({})).priority(-1)).await?;
+    let old_normal = h.enqueue(NewJob::new("noop", json!({}))).await?;
+    let young_normal = h.enqueue(NewJob::new("noop", json!({}))).await?;
+    let high = h.enqueue(NewJob::new("noop", json!({})).priority(5)).await?;
+    let later = h
+        .enqueue(
+            NewJob::new("noop", json!({})).priority(9).schedule(Schedule::After(Duration::from_millis(500))),
+        )
+        .await?;
+    let elsewhere = h.enqueue(NewJob::new("noop", json!({})).priority(9).queue("other")).await?;
+    assert_eq!(h.view(later).await?.map(|v| v.state), Some(JobState::Scheduled));
+
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        let claimed = sql::claim(&h.client, "default", 1, "test", Duration::from_secs(60)).await?;
+        order.extend(claimed.iter().map(|j| j.id));
+    }
+    assert_eq!(order, vec![high, old_normal, young_normal, low], "priority first, then the oldest");
+    assert!(
+        sql::claim(&h.client, "default", 10, "test", Duration::from_secs(60)).await?.is_empty(),
+        "the scheduled job is not due yet"
+    );
+
+    let claimed = wait_for("the scheduled job to become due", Duration::from_secs(5), || async {
+        sql::claim(&h.client, "default", 10, "test", Duration::from_secs(60))
+            .await
+            .ok()
+            .filter(|c| !c.is_empty())
+    })
+    .await?;
+    assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), vec![later]);
+    assert!(claimed[0].latency_seconds < 5.0);
+    assert_eq!(
+        h.view(elsewhere).await?.map(|v| v.state),
+        Some(JobState::Available),
+        "other queues are untouched"
+    );
+    Ok(())
+}
+
+/// A registry with a task that fails until attempt `succeed_on`, and one
+/// that fails fatally.
+fn flaky_registry(succeed_on: i32) -> Registry {
+    let mut registry = Registry::empty();
+    registry.register("flaky", TaskOptions::default(), move |ctx, _| async move {
+        if ctx.attempt >= succeed_on {
+            Ok(Some(json!({ "succeeded_on": ctx.attempt })))
+        } else {
+            Err(TaskError::retry(format!("boom on attempt {}", ctx.attempt)))
+        }
+    });
+    registry.register("hopeless", TaskOptions::default(), |_, _| async {
+        Err(TaskError::fatal("bad input; not retrying"))
+    });
+    registry.register("panics", TaskOptions::default(), |_, _| async { panic!("task bug") });
+    registry
+}
+
+#[tokio::test]
+async fn failed_attempts_back_off_then_die_with_their_errors() -> Result<()> {
+    let h = harness(8).await?;
+    let worker = h.start_worker(flaky_registry(i32::MAX), settings("w"))?;
+    let id = h.enqueue(NewJob::new("flaky", json!({})).max_attempts(3)).await?;
+    let dead = h.wait_state(id, JobState::Dead, Duration::from_secs(20)).await?;
+    assert_eq!(dead.attempts, 3);
+    let errors = dead.errors.as_array().context("errors")?;
+    let messages: Vec<&str> = errors.iter().filter_map(|e| e["error"].as_str()).collect();
+    assert_eq!(messages, vec!["boom on attempt 1", "boom on attempt 2", "boom on attempt 3"]);
+    // Equal jitter keeps at least half of base · 2^(n−1): 50 ms, then 100 ms.
+    let at = error_times(&dead)?;
+    assert!(at[1] - at[0] >= chrono::Duration::milliseconds(50), "{at:?}");
+    assert!(at[2] - at[1] >= chrono::Duration::milliseconds(100), "{at:?}");
+
+    let fatal = h.enqueue(NewJob::new("hopeless", json!({})).max_attempts(5)).await?;
+    let view = h.wait_state(fatal, JobState::Dead, Duration::from_secs(10)).await?;
+    assert_eq!(view.attempts, 1, "a fatal error is not retried");
+
+    let panicked = h.enqueue(NewJob::new("panics", json!({})).max_attempts(1)).await?;
+    let view = h.wait_state(panicked, JobState::Dead, Duration::from_secs(10)).await?;
+    assert!(view.errors.to_string().contains("task panicked: task bug"), "{}", view.errors);
+
+    let unknown = h.enqueue(NewJob::new("not_registered", json!({})).max_attempts(1)).await?;
+    let view = h.wait_state(unknown, JobState::Dead, Duration::from_secs(10)).await?;
+    assert!(view.errors.to_string().contains("has no task"), "{}", view.errors);
+    worker.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_retried_job_succeeds_with_its_result_and_earlier_errors() -> Result<()> {
+    let h = harness(8).await?;
+    let worker = h.start_worker(flaky_registry(3), settings("w"))?;
+    let id = h.enqueue(NewJob::new("flaky", json!({})).max_attempts(5)).await?;
+    let view = h.wait_state(id, JobState::Succeeded, Duration::from_secs(20)).await?;
+    assert_eq!(view.attempts, 3);
+    assert_eq!(view.result, Some(json!({"succeeded_on": 3})));
+    assert_eq!(view.errors.as_array().map(Vec::len), Some(2));
+    worker.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_timed_out_attempt_fails_and_its_query_is_cancelled() -> Result<()> {
+    let h = harness(8).await?;
+    let admin = h.db.admin().await?;
+    let mut registry = Registry::with_builtins();
+    registry.register(
+        "too_slow",
+        TaskOptions::default().timeout(Duration::from_millis(300)),
+        |ctx, _| async move {
+            let conn = ctx.db.get().await?;
+            conn.query_typed("SELECT pg_sleep(30)", &[], Duration::from_secs(30)).await?;
+            Ok(None)
+        },
+    );
+    let worker = h.start_worker(registry, settings("w"))?;
+    let id = h.enqueue(NewJob::new("too_slow", json!({})).max_attempts(1)).await?;
+    let view = h.wait_state(id, JobState::Dead, Duration::from_secs(10)).await?;
+    assert!(view.errors.to_string().contains("timed out after 300ms"), "{}", view.errors);
+    wait_for("the abandoned pg_sleep to be cancelled", Duration::from_secs(10), || async {
+        h.db.active_sleeps(&admin).await.ok().filter(|n| *n == 0)
+    })
+    .await?;
+    worker.shutdown().await?;
+    Ok(())
+}
+
+/// A task that runs until stopped, and says when it started and was dropped.
+fn endless_registry(started: Arc<AtomicUsize>, dropped: Arc<AtomicUsize>) -> Registry {
+    let mut registry = Registry::empty();
+    registry.register("endless", TaskOptions::default(), move |_, _| {
+        let (started, dropped) = (started.clone(), dropped.clone());
+        async move {
+            started.fetch_add(1, Ordering::SeqCst);
+            let _guard = OnDrop(Some(move || {
+                dropped.fetch_add(1, Ordering::SeqCst);
+            }));
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            Ok(None)
+        }
+    });
+    registry
+}
+
+struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
+#[tokio::test]
+async fn cancellation_stops_pending_and_running_jobs() -> Result<()> {
+    let h = harness(8).await?;
+    let pending = h
+        .enqueue(NewJob::new("endless", json!({})).schedule(Schedule::After(Duration::from_secs(3600))))
+        .await?;
+    assert_eq!(queue::cancel(&h.client, pending).await?, Cancelled::Cancelled);
+    assert_eq!(h.view(pending).await?.map(|v| v.state), Some(JobState::Cancelled));
+    assert_eq!(queue::cancel(&h.client, pending).await?, Cancelled::NotPending);
+    assert_eq!(queue::cancel(&h.client, 987_654_321).await?, Cancelled::NotPending);
+
+    let (started, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let worker = h.start_worker(endless_registry(started.clone(), dropped.clone()), settings("w"))?;
+    let running = h.enqueue(NewJob::new("endless", json!({}))).await?;
+    h.wait_state(running, JobState::Running, Duration::from_secs(10)).await?;
+    assert_eq!(queue::cancel(&h.client, running).await?, Cancelled::Requested);
+    assert_eq!(h.view(running).await?.map(|v| v.cancel_requested), Some(true));
+    let view = h.wait_state(running, JobState::Cancelled, Duration::from_secs(10)).await?;
+    assert_eq!(view.attempts, 1);
+    assert_eq!(dropped.load(Ordering::SeqCst), 1, "the running task's future was dropped");
+    assert_eq!(started.load(Ordering::SeqCst), 1);
+    worker.shutdown().await?;
+    Ok(())
+}
+
+/// One run of a job: id, worker, start, end.
+type Run = (i64, String, Instant, Instant);
+
+#[tokio::test]
+async fn workers_never_run_a_job_twice_at_once_while_its_lease_is_valid() -> Result<()> {
+    let h = harness(40).await?;
+    // Jobs run longer than the lease: only heartbeats keep them.
+    let runs: Arc<Mutex<Vec<Run>>> = Arc::default();
+    let registry = |name: &'static str| {
+        let runs = runs.clone();
+        let mut registry = Registry::empty();
+        registry.register("long", TaskOptions::default(), move |ctx, _| {
+            let runs = runs.clone();
+            async move {
+                let start = Instant::now();
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                runs.lock().map_err(|_| TaskError::retry("poisoned"))?.push((
+                    ctx.job_id,
+                    name.to_owned(),
+                    start,
+                    Instant::now(),
+                ));
+                Ok(None)
+            }
+        });
+        registry
+    };
+    let fast_lease = |name| WorkerSettings {
+        lease: Duration::from_secs(1),
+        heartbeat_interval: Duration::from_millis(250),
+        concurrency: 5,
+        ..settings(name)
+    };
+    let jobs: Vec<NewJob> = (0..30).map(|i| NewJob::new("long", json!({ "i": i }))).collect();
+    let ids: Vec<i64> = queue::enqueue_many(&h.client, &jobs).await?.iter().map(|e| e.id).collect();
+    let workers = [
+        h.start_worker(registry("a"), fast_lease("a"))?,
+        h.start_worker(registry("b"), fast_lease("b"))?,
+        h.start_worker(registry("c"), fast_lease("c"))?,
+    ];
+    wait_for("all 30 jobs to finish", Duration::from_secs(60), || async {
+        let left: i64 =
+            h.client.query_typed_one("SELECT count(*) FROM tidepool_jobs", &[]).await.ok()?.get(0);
+        (left == 0).then_some(())
+    })
+    .await?;
+    for worker in workers {
+        worker.shutdown().await?;
+    }
+    let runs = runs.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    let mut by_job: HashMap<i64, Vec<(String, Instant, Instant)>> = HashMap::new();
+    for (id, worker, start, end) in runs {
+        by_job.entry(id).or_default().push((worker, start, end));
+    }
+    assert_eq!(by_job.len(), ids.len(), "every job ran");
+    for (id, runs) in &by_job {
+        assert_eq!(runs.len(), 1, "job {id} ran more than once under valid leases: {runs:?}");
+    }
+    let workers_used: std::collections::HashSet<&str> = by_job.values().map(|r| r[0].0.as_str()).collect();
+    assert!(workers_used.len() >= 2, "the jobs were spread over the workers: {workers_used:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_rescued_and_fences_out_its_old_holder() -> Result<()> {
+    let h = harness(8).await?;
+    let id = h.enqueue(NewJob::new("noop", json!({}))).await?;
+    // A worker claims it with a short lease, then stalls (never heartbeats).
+    let stalled = sql::claim(&h.client, "default", 1, "stalled", Duration::from_millis(200)).await?;
+    assert_eq!(stalled.len(), 1);
+    let old_lease = Lease { id, attempt: stalled[0].attempt };
+
+    let worker = h.start_worker(Registry::with_builtins(), settings("rescuer"))?;
+    wait_for("the rescued job to finish", Duration::from_secs(10), || async {
+        h.view(id).await.ok().filter(Option::is_none).map(drop)
+    })
+    .await?;
+    // The stalled worker comes back: its completion matches nothing.
+    assert!(sql::complete(&h.client, &[(old_lease, None)]).await?.is_empty());
+    assert!(sql::heartbeat(&h.client, &[old_lease], Duration::from_secs(30)).await?.is_empty());
+    worker.shutdown().await?;
+
+    // Out of attempts when its lease expires: dead, with the reason.
+    let last = h.enqueue(NewJob::new("noop", json!({})).max_attempts(1)).await?;
+    sql::claim(&h.client, "default", 1, "stalled", Duration::from_millis(100)).await?;
+    let worker = h.start_worker(Registry::with_builtins(), settings("rescuer"))?;
+    let view = h.wait_state(last, JobState::Dead, Duration::from_secs(10)).await?;
+    assert!(view.errors.to_string().contains("lease expired: worker stalled"), "{}", view.errors);
+    worker.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn shutdown_hands_unfinished_jobs_back_at_once() -> Result<()> {
+    let h = harness(8).await?;
+    let (started, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let long_lease = WorkerSettings {
+        lease: Duration::from_secs(600),
+        heartbeat_interval: Duration::from_secs(60),
+        shutdown_timeout: Duration::from_millis(300),
+        ..settings("w")
+    };
+    let worker = h.start_worker(endless_registry(started.clone(), dropped.clone()), long_lease)?;
+    let jobs: Vec<NewJob> = (0..3).map(|_| NewJob::new("endless", json!({}))).collect();
+    let ids: Vec<i64> = queue::enqueue_many(&h.client, &jobs).await?.iter().map(|e| e.id).collect();
+    wait_for("3 jobs to start", Duration::from_secs(10), || async {
+        (started.load(Ordering::SeqCst) == 3).then_some(())
+    })
+    .await?;
+    let report = worker.shutdown().await?;
+    assert_eq!(report, ShutdownReport { handed_back: 3 });
+    assert_eq!(dropped.load(Ordering::SeqCst), 3);
+    // At once: the 600 s lease has not expired, yet the jobs are available
+    // again, and the interrupted attempt does not count.
+    for id in ids {
+        let view = h.view(id).await?.context("handed-back job is pending")?;
+        assert_eq!((view.state, view.attempts), (JobState::Available, 0), "job {id}");
+    }
+
+    // A job that finishes within the deadline is simply done.
+    let quick = h.enqueue(NewJob::new("slow_query", json!({"seconds": 0.3}))).await?;
+    let worker = h.start_worker(
+        Registry::with_builtins(),
+        WorkerSettings { shutdown_timeout: Duration::from_secs(10), ..settings("quick") },
+    )?;
+    h.wait_state(quick, JobState::Running, Duration::from_secs(10)).await?;
+    let report = worker.shutdown().await?;
+    assert_eq!(report.handed_back, 0);
+    assert_eq!(h.view(quick).await?.map(|v| v.state), Some(JobState::Succeeded));
+    Ok(())
+}
+
+#[tokio::test]
+async fn results_and_dead_jobs_are_pruned_after_their_retention() -> Result<()> {
+    let h = harness(8).await?;
+    let worker = h.start_worker(
+        flaky_registry(1),
+        WorkerSettings {
+            result_retention: Duration::from_millis(500),
+            dead_retention: Duration::from_millis(500),
+            ..settings("w")
+        },
+    )?;
+    let kept = h.enqueue(NewJob::new("flaky", json!({}))).await?;
+    let dead = h.enqueue(NewJob::new("hopeless", json!({}))).await?;
+    h.wait_state(kept, JobState::Succeeded, Duration::from_secs(10)).await?;
+    h.wait_state(dead, JobState::Dead, Duration::from_secs(10)).await?;
+    for id in [kept, dead] {
+        wait_for(&format!("job {id} to be pruned"), Duration::from_secs(10), || async {
+            h.view(id).await.ok().filter(Option::is_none).map(drop)
+        })
+        .await?;
+    }
+    worker.shutdown().await?;
+
+    // Retention zero keeps no result at all.
+    let worker = h.start_worker(
+        flaky_registry(1),
+        WorkerSettings { result_retention: Duration::ZERO, ..settings("w") },
+    )?;
+    let id = h.enqueue(NewJob::new("flaky", json!({}))).await?;
+    wait_for("the job to finish", Duration::from_secs(10), || async {
+        h.view(id).await.ok().filter(Option::is_none).map(drop)
+    })
+    .await?;
+    let results: i64 =
+        h.client.query_typed_one("SELECT count(*) FROM tidepool_job_results", &[]).await?.get(0);
+    assert_eq!(results, 0);
+    worker.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_built_in_slow_query_runs_on_the_task_pool() -> Result<()> {
+    let h = harness(16).await?;
+    let admin = h.db.admin().await?;
+    let worker =
+        h.start_worker(Registry::with_builtins(), WorkerSettings { concurrency: 5, ..settings("w") })?;
+    let jobs: Vec<NewJob> = (0..5).map(|_| NewJob::new("slow_query", json!({"seconds": 1}))).collect();
+    let ids: Vec<i64> = queue::enqueue_many(&h.client, &jobs).await?.iter().map(|e| e.id).collect();
+    support::wait_for_sleeps(&h.db, &admin, 5).await?;
+    for id in ids {
+        let view = h.wait_state(id, JobState::Succeeded, Duration::from_secs(10)).await?;
+        assert_eq!(view.result, Some(json!({"slept": 1.0})));
+    }
+    worker.shutdown().await?;
+    Ok(())
+}
