@@ -24,7 +24,7 @@ async fn migrations_are_idempotent_and_seed_the_world_table() -> Result<()> {
     let db = TestDb::create().await?; // migrated once already
     let again = migrate_via("TIDEPOOL_DIRECT_DATABASE_URL", &db.direct_url())?;
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
-    assert!(String::from_utf8_lossy(&again.stderr).contains(" applied=[] already_applied=[1]"));
+    assert!(String::from_utf8_lossy(&again.stderr).contains(" applied=[] already_applied=[1, 2]"));
 
     let admin = db.admin().await?;
     let rows: i64 = admin.query_one("SELECT count(*) FROM world", &[]).await?.get(0);
@@ -36,6 +36,14 @@ async fn migrations_are_idempotent_and_seed_the_world_table() -> Result<()> {
     assert_eq!(out_of_range, 0);
     let recorded: i64 = admin.query_one("SELECT count(*) FROM tidepool_schema_migrations", &[]).await?.get(0);
     assert_eq!(recorded, MIGRATIONS.len() as i64);
+    let queue_tables: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE tablename IN ('tidepool_jobs', 'tidepool_job_results', 'tidepool_dead_jobs')",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(queue_tables, 3);
     Ok(())
 }
 
@@ -46,7 +54,12 @@ async fn migrations_are_idempotent_and_seed_the_world_table() -> Result<()> {
 async fn concurrent_migrators_through_pgbouncer_apply_once() -> Result<()> {
     let db = TestDb::create().await?;
     let admin = db.admin().await?;
-    admin.batch_execute("DROP TABLE world; DROP TABLE tidepool_schema_migrations").await?;
+    admin
+        .batch_execute(
+            "DROP TABLE world, tidepool_jobs, tidepool_job_results, tidepool_dead_jobs, tidepool_schema_migrations;
+             DROP FUNCTION tidepool_jobs_notify()",
+        )
+        .await?;
     let bouncer = PgBouncer::start(&db, 2).await?;
 
     let url = bouncer.url();
@@ -61,11 +74,11 @@ async fn concurrent_migrators_through_pgbouncer_apply_once() -> Result<()> {
         let output = run.await??;
         let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
         assert!(output.status.success(), "{stderr}");
-        if stderr.contains(" applied=[1] already_applied=[]") {
+        if stderr.contains(" applied=[1, 2] already_applied=[]") {
             applied_once += 1;
         }
     }
-    assert_eq!(applied_once, 1, "exactly one migrator applies version 1");
+    assert_eq!(applied_once, 1, "exactly one migrator applies the migrations");
     let rows: i64 = admin.query_one("SELECT count(*) FROM world", &[]).await?.get(0);
     assert_eq!(rows, 10_000);
     Ok(())
@@ -88,10 +101,11 @@ async fn a_failing_migration_leaves_nothing_half_written() -> Result<()> {
     let mut client = connect(&db.direct_url()).await?;
     let broken = [
         MIGRATIONS[0],
-        Migration { version: 2, name: "half", sql: "CREATE TABLE half_written (id int); SELECT 1/0;" },
+        MIGRATIONS[1],
+        Migration { version: 3, name: "half", sql: "CREATE TABLE half_written (id int); SELECT 1/0;" },
     ];
     let err = migrate::run(&mut client, &broken, Duration::from_secs(5)).await.expect_err("must fail");
-    assert!(matches!(err, MigrateError::Failed { version: 2, .. }), "{err}");
+    assert!(matches!(err, MigrateError::Failed { version: 3, .. }), "{err}");
     let exists: bool = client.query_one("SELECT to_regclass('half_written') IS NOT NULL", &[]).await?.get(0);
     assert!(!exists, "the failed migration's table must have been rolled back");
     Ok(())

@@ -32,12 +32,13 @@ fn a_busy_port_stops_the_stack_with_its_name() -> Result<()> {
 }
 
 /// The local stack as `make up` runs it: PostgreSQL, PgBouncer configured by
-/// `tidepool pooler-config`, and `tidepool web`, on ports of its own; then
+/// `tidepool pooler-config`, `tidepool web` and `tidepool worker`, on ports
+/// of its own; a job posted to the web tier is run by the worker; then
 /// `down` stops every piece by its recorded PID.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_stack_comes_up_and_goes_down() -> Result<()> {
     let state = support::scratch_dir("local-stack")?;
-    let ports: Vec<u16> = (0..3).map(|_| support::free_port()).collect::<Result<_>>()?;
+    let ports: Vec<u16> = (0..4).map(|_| support::free_port()).collect::<Result<_>>()?;
     let script = support::script("stack.sh")?;
     let stack = |action: &str| {
         Command::new("bash")
@@ -47,6 +48,7 @@ async fn the_local_stack_comes_up_and_goes_down() -> Result<()> {
             .env("TIDEPOOL_PG_PORT", ports[0].to_string())
             .env("TIDEPOOL_POOLER_PORT", ports[1].to_string())
             .env("TIDEPOOL_WEB_PORT", ports[2].to_string())
+            .env("TIDEPOOL_WORKER_PORT", ports[3].to_string())
             .env("TIDEPOOL_BIN", env!("CARGO_BIN_EXE_tidepool"))
             .output()
     };
@@ -56,6 +58,19 @@ async fn the_local_stack_comes_up_and_goes_down() -> Result<()> {
         anyhow::ensure!(up.status.success(), "stack.sh up failed:\n{up_log}");
         let row = support::get(&format!("http://127.0.0.1:{}/row/", ports[2])).await?;
         anyhow::ensure!(row.status == 200, "{}", row.body);
+        let posted = support::request(
+            http::Method::POST,
+            &format!("http://127.0.0.1:{}/tasks/", ports[2]),
+            r#"{"task": "slow_query", "args": {"seconds": 0}}"#,
+        )
+        .await?;
+        anyhow::ensure!(posted.status == 202, "{}", posted.body);
+        let job = format!("http://127.0.0.1:{}/tasks/{}", ports[2], posted.json()?["id"]);
+        support::wait_for("the worker to run the posted job", Duration::from_secs(10), || async {
+            let view = support::get(&job).await.ok()?.json().ok()?;
+            (view["state"] == "succeeded").then_some(())
+        })
+        .await?;
         let ini = std::fs::read_to_string(state.join("pgbouncer/pgbouncer.ini"))?;
         anyhow::ensure!(ini.contains("pool_mode = transaction"), "{ini}");
         let password = std::fs::read_to_string(state.join("secrets/app.password"))?;
@@ -65,14 +80,14 @@ async fn the_local_stack_comes_up_and_goes_down() -> Result<()> {
     }
     .await;
 
-    let pids: Vec<String> = ["run/web.pid", "run/pgbouncer.pid", "postgres/postmaster.pid"]
+    let pids: Vec<String> = ["run/worker.pid", "run/web.pid", "run/pgbouncer.pid", "postgres/postmaster.pid"]
         .iter()
         .filter_map(|f| std::fs::read_to_string(state.join(f)).ok()?.lines().next().map(str::to_owned))
         .collect();
     let down = stack("down")?;
     result?;
     assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
-    assert_eq!(pids.len(), 3, "every piece recorded its PID");
+    assert_eq!(pids.len(), 4, "every piece recorded its PID");
     for pid in pids {
         let proc_dir = std::path::PathBuf::from(format!("/proc/{pid}"));
         support::wait_for(&format!("process {pid} to exit after down"), Duration::from_secs(10), || {

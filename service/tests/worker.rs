@@ -1,0 +1,315 @@
+//! `tidepool worker`, `tidepool enqueue` and the `/tasks` routes as
+//! processes, against a real PostgreSQL through a real PgBouncer in
+//! transaction mode: the seed's task experiment, kill -9, SIGTERM, and every
+//! bad input.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use http::Method;
+use serde_json::json;
+use support::{request, wait_for, wait_for_sleeps, PgBouncer, Service, Stack, TestDb};
+use tidepool::queue::{self, NewJob};
+
+/// Runs `tidepool enqueue ARGS` against `database_url`: (exit ok, stdout, stderr).
+fn enqueue_cli(database_url: &str, args: &[&str]) -> Result<(bool, String, String)> {
+    let output = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .arg("enqueue")
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .output()?;
+    Ok((
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+/// The name a worker process gives itself: host and pid.
+fn worker_name(worker: &Service) -> Result<String> {
+    let own = tidepool::worker::default_name();
+    let host = own.rsplit_once('-').context("host-pid")?.0;
+    Ok(format!("{host}-{}", worker.pid()?))
+}
+
+async fn count(client: &tokio_postgres::Client, sql: &str) -> Result<i64> {
+    Ok(client.query_typed_one(sql, &[]).await?.get(0))
+}
+
+async fn wait_until_drained(client: &tokio_postgres::Client, limit: Duration) -> Result<()> {
+    wait_for("every job to leave the hot table", limit, || async {
+        count(client, "SELECT count(*) FROM tidepool_jobs").await.ok().filter(|n| *n == 0).map(drop)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn seed_task_experiment_runs_fifty_at_once() -> Result<()> {
+    let db = TestDb::create().await?;
+    // 50 for the tasks, 4 for the worker's own queue connections, and spare.
+    let bouncer = PgBouncer::start(&db, 60).await?;
+    let admin = db.admin().await?;
+    let worker = Service::worker(&bouncer.url(), &[("TIDEPOOL_WORKER_CONCURRENCY", "50")]).await?;
+
+    let (ok, stdout, stderr) =
+        enqueue_cli(&bouncer.url(), &["slow_query", "--args", r#"{"seconds": 0.5}"#, "--count", "100"])?;
+    assert!(ok, "{stderr}");
+    let ids: Vec<i64> = stdout.lines().map(str::parse).collect::<Result<_, _>>()?;
+    assert_eq!(ids.len(), 100, "{stdout}");
+    assert!(stderr.contains("enqueued 100 jobs (0 duplicates)"), "{stderr}");
+
+    wait_for_sleeps(&db, &admin, 50).await.with_context(|| worker.log())?;
+    wait_until_drained(&admin, Duration::from_secs(60)).await?;
+    let row = admin
+        .query_typed_one(
+            "SELECT count(*), EXTRACT(epoch FROM max(finished_at) - min(created_at))::float8
+             FROM tidepool_job_results WHERE task = 'slow_query'",
+            &[],
+        )
+        .await?;
+    let (done, total): (i64, f64) = (row.get(0), row.get(1));
+    assert_eq!(done, 100);
+    // Serially this is 100 × 0.5 s = 50 s; fifty at a time, two rounds.
+    assert!(total < 25.0, "took {total:.2} s: not concurrent");
+
+    let metrics = support::get(&worker.url("/metrics")).await?.body;
+    assert!(
+        metrics.contains(r#"tidepool_jobs_succeeded_total{queue="default",task="slow_query"} 100"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"tidepool_jobs_started_total{queue="default",task="slow_query"} 100"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tidepool_job_queue_latency_seconds_bucket"), "{metrics}");
+    assert!(metrics.contains(r#"tidepool_queue_available_jobs{queue="default"}"#), "{metrics}");
+    let health = support::get(&worker.url("/healthz")).await?;
+    assert_eq!(health.json()?["status"], "ok");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_killed_worker_loses_no_job_and_only_its_own_run_twice() -> Result<()> {
+    let db = TestDb::create().await?;
+    let bouncer = PgBouncer::start(&db, 40).await?;
+    let admin = db.admin().await?;
+    let client = support::connect(&bouncer.url()).await?;
+    let env = [
+        ("TIDEPOOL_WORKER_CONCURRENCY", "10"),
+        ("TIDEPOOL_WORKER_LEASE", "2s"),
+        ("TIDEPOOL_WORKER_HEARTBEAT_INTERVAL", "500ms"),
+        ("TIDEPOOL_WORKER_MAINTENANCE_INTERVAL", "200ms"),
+        ("TIDEPOOL_WORKER_POLL_INTERVAL_MAX", "100ms"),
+    ];
+    let victim = Service::worker(&bouncer.url(), &env).await?;
+    let survivor = Service::worker(&bouncer.url(), &env).await?;
+    let victim_name = worker_name(&victim)?;
+
+    let jobs: Vec<NewJob> = (0..60).map(|_| NewJob::new("slow_query", json!({"seconds": 0.5}))).collect();
+    let ids: BTreeSet<i64> = queue::enqueue_many(&client, &jobs).await?.iter().map(|e| e.id).collect();
+    let held_by_victim =
+        format!("SELECT count(*) FROM tidepool_jobs WHERE state = 'running' AND worker = '{victim_name}'");
+    wait_for("the victim to run jobs", Duration::from_secs(10), || async {
+        count(&admin, &held_by_victim).await.ok().filter(|n| *n > 0).map(drop)
+    })
+    .await?;
+    victim.signal(libc::SIGKILL)?;
+    // Dead now: what it held is what it was running when it died.
+    let interrupted: BTreeSet<i64> = admin
+        .query_typed(
+            "SELECT id FROM tidepool_jobs WHERE state = 'running' AND worker = $1",
+            &[(&victim_name, tokio_postgres::types::Type::TEXT)],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!interrupted.is_empty());
+
+    wait_until_drained(&admin, Duration::from_secs(60)).await.with_context(|| survivor.log())?;
+    assert_eq!(count(&admin, "SELECT count(*) FROM tidepool_dead_jobs").await?, 0);
+    let finished: BTreeSet<i64> = admin
+        .query_typed("SELECT id FROM tidepool_job_results", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(finished, ids, "every job completed");
+    let ran_twice: BTreeSet<i64> = admin
+        .query_typed("SELECT id FROM tidepool_job_results WHERE attempts > 1", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ran_twice, interrupted, "only the jobs the killed worker was running ran again");
+    assert_eq!(count(&admin, "SELECT count(*) FROM tidepool_job_results WHERE attempts > 2").await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_hands_running_jobs_back_at_once() -> Result<()> {
+    let db = TestDb::create().await?;
+    let bouncer = PgBouncer::start(&db, 20).await?;
+    let admin = db.admin().await?;
+    let client = support::connect(&bouncer.url()).await?;
+    let env = [
+        ("TIDEPOOL_SHUTDOWN_TIMEOUT", "500ms"),
+        ("TIDEPOOL_WORKER_LEASE", "600s"),
+        ("TIDEPOOL_WORKER_HEARTBEAT_INTERVAL", "60s"),
+    ];
+    let mut worker = Service::worker(&bouncer.url(), &env).await?;
+    let jobs: Vec<NewJob> = (0..3).map(|_| NewJob::new("slow_query", json!({"seconds": 30}))).collect();
+    queue::enqueue_many(&client, &jobs).await?;
+    wait_for_sleeps(&db, &admin, 3).await?;
+
+    worker.signal(libc::SIGTERM)?;
+    let status = worker.wait_exit(Duration::from_secs(20)).await?;
+    assert_eq!(status.code(), Some(3), "exit code 3: jobs were handed back; log:\n{}", worker.log());
+    let row = admin
+        .query_typed_one(
+            "SELECT count(*) FILTER (WHERE state = 'available' AND attempt = 0 AND worker IS NULL), count(*)
+             FROM tidepool_jobs",
+            &[],
+        )
+        .await?;
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+        (3, 3),
+        "all three are available again, attempt uncounted"
+    );
+    wait_for("the interrupted pg_sleeps to be cancelled", Duration::from_secs(10), || async {
+        db.active_sleeps(&admin).await.ok().filter(|n| *n == 0)
+    })
+    .await?;
+
+    // A job that finishes within the deadline: a clean exit, the job done.
+    admin.batch_execute("DELETE FROM tidepool_jobs").await?;
+    let mut worker = Service::worker(&bouncer.url(), &[("TIDEPOOL_SHUTDOWN_TIMEOUT", "20s")]).await?;
+    let quick = queue::enqueue(&client, &NewJob::new("slow_query", json!({"seconds": 1}))).await?;
+    wait_for_sleeps(&db, &admin, 1).await?;
+    worker.signal(libc::SIGTERM)?;
+    let status = worker.wait_exit(Duration::from_secs(20)).await?;
+    assert_eq!(status.code(), Some(0), "{}", worker.log());
+    let view = queue::lookup(&client, quick.id).await?.context("the job's result is kept")?;
+    assert_eq!(view.state, queue::JobState::Succeeded);
+    Ok(())
+}
+
+#[tokio::test]
+async fn task_routes_answer_every_input_and_write_nothing_for_bad_ones() -> Result<()> {
+    let stack = Stack::start(4, &[]).await?;
+    let tasks = stack.web.url("/tasks/");
+    let post = |body: String| request(Method::POST, &tasks, body);
+    let jobs = || count(&stack.admin, "SELECT count(*) FROM tidepool_jobs");
+
+    let accepted = post(
+        json!({"task": "slow_query", "args": {"seconds": 1}, "unique_key": "k", "delay": 3600}).to_string(),
+    )
+    .await?;
+    assert_eq!(accepted.status, 202, "{}", accepted.body);
+    let id = accepted.json()?["id"].as_i64().context("an id")?;
+    assert_eq!(accepted.json()?["state"], "scheduled");
+    assert_eq!(
+        accepted.headers.get("location").map(|v| v.as_bytes()),
+        Some(format!("/tasks/{id}").as_bytes())
+    );
+
+    let duplicate = post(json!({"task": "noop", "unique_key": "k"}).to_string()).await?;
+    assert_eq!(duplicate.status, 409);
+    assert_eq!(duplicate.json()?["id"], id);
+
+    let view = support::get(&stack.web.url(&format!("/tasks/{id}"))).await?;
+    assert_eq!(view.status, 200);
+    let view = view.json()?;
+    assert_eq!((view["state"].as_str(), view["attempts"].as_i64()), (Some("scheduled"), Some(0)));
+    assert_eq!(view["args"], json!({"seconds": 1}));
+
+    let before = jobs().await?;
+    let oversized_args = json!({"task": "noop", "args": {"pad": "x".repeat(70_000)}}).to_string();
+    let oversized_body = json!({"task": "noop", "args": {"pad": "x".repeat(2_000_000)}}).to_string();
+    for (body, status, says) in [
+        (json!({"task": "nope"}).to_string(), 422, "unknown task"),
+        (
+            json!({"task": "slow_query", "args": {"seconds": "soon"}}).to_string(),
+            422,
+            "seconds must be a number",
+        ),
+        ("{\"task\": ".to_owned(), 400, "not a valid task request"),
+        ("not json".to_owned(), 400, "not a valid task request"),
+        (json!({"task": "noop", "run_at": "next tuesday"}).to_string(), 400, "RFC 3339"),
+        (json!({"task": "noop", "queue": "no spaces"}).to_string(), 400, "not a valid name"),
+        (json!({"task": "noop", "max_attempts": 1000}).to_string(), 400, "max_attempts"),
+        (oversized_args, 413, "limit is 65536"),
+        (oversized_body, 413, "larger than the limit"),
+    ] {
+        let response = post(body).await?;
+        assert_eq!(response.status, status, "{}", response.body);
+        assert!(response.body.contains(says), "{says:?} not in {}", response.body);
+    }
+    assert_eq!(jobs().await?, before, "bad input wrote nothing");
+
+    let wrong_method = request(Method::PUT, &tasks, "").await?;
+    assert_eq!(wrong_method.status, 405);
+    assert_eq!(wrong_method.headers.get("allow").map(|v| v.as_bytes()), Some(&b"POST"[..]));
+    assert_eq!(support::get(&stack.web.url("/tasks/abc")).await?.status, 400);
+    assert_eq!(support::get(&stack.web.url("/tasks/987654321")).await?.status, 404);
+
+    let cancel = request(Method::DELETE, &stack.web.url(&format!("/tasks/{id}")), "").await?;
+    assert_eq!(cancel.status, 200, "{}", cancel.body);
+    assert_eq!(cancel.json()?["state"], "cancelled");
+    let again = request(Method::DELETE, &stack.web.url(&format!("/tasks/{id}")), "").await?;
+    assert_eq!(again.status, 409, "{}", again.body);
+    let view = support::get(&stack.web.url(&format!("/tasks/{id}"))).await?.json()?;
+    assert_eq!(view["state"], "cancelled");
+
+    let metrics = support::get(&stack.web.url("/metrics")).await?.body;
+    assert!(
+        metrics.contains(r#"tidepool_jobs_enqueued_total{queue="default",task="slow_query"} 1"#),
+        "{metrics}"
+    );
+    assert!(!stack.web.log().contains("panicked"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_enqueue_command_prints_ids_and_refuses_bad_input() -> Result<()> {
+    let db = TestDb::create().await?;
+    let bouncer = PgBouncer::start(&db, 4).await?;
+    let admin = db.admin().await?;
+    let url = bouncer.url();
+
+    let (ok, stdout, _) = enqueue_cli(&url, &["noop", "--count", "2500", "--batch-size", "1000"])?;
+    assert!(ok);
+    let ids: Vec<i64> = stdout.lines().map(str::parse).collect::<Result<_, _>>()?;
+    assert_eq!(ids.len(), 2500);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+
+    let (ok, first, _) = enqueue_cli(&url, &["noop", "--unique-key", "nightly"])?;
+    assert!(ok);
+    let (ok, second, _) = enqueue_cli(&url, &["noop", "--unique-key", "nightly"])?;
+    assert!(ok);
+    assert_eq!(second.trim(), format!("{} duplicate", first.trim()));
+
+    let before = count(&admin, "SELECT count(*) FROM tidepool_jobs").await?;
+    for (args, says) in [
+        (&["nope"][..], "unknown task \"nope\""),
+        (&["noop", "--args", "{oops"], "--args is not valid JSON"),
+        (&["noop", "--args", "[1]"], "args must be a JSON object"),
+        (&["slow_query", "--args", r#"{"seconds": 99999}"#], "seconds must be from 0 to 3600"),
+        (&["noop", "--run-at", "tomorrow"], "RFC 3339"),
+        (&["noop", "--queue", "a b"], "not a valid name"),
+    ] {
+        let (ok, _, stderr) = enqueue_cli(&url, args)?;
+        if ok {
+            bail!("{args:?} was accepted");
+        }
+        assert!(stderr.contains(says), "{says:?} not in {stderr}");
+        assert!(!stderr.contains(&support::env().app_password), "the password leaked: {stderr}");
+    }
+    assert_eq!(count(&admin, "SELECT count(*) FROM tidepool_jobs").await?, before);
+    Ok(())
+}
