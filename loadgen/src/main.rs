@@ -8,8 +8,11 @@
 //!   server does; `burst` measures the server instead.
 //! - `idle`: opens N keep-alive connections, makes one request on each, then
 //!   holds them open, so the server's memory per idle connection can be read.
+//! - `queue-loop`: the limit a worker is measured against: the queue's own
+//!   claim and completion statements ([`tidepool::queue::sql`]), back to
+//!   back on one connection per loop, with nothing around them.
 //!
-//! Both talk to loopback only, are bounded in count and time, and print one
+//! All talk to loopback only, are bounded in count and time, and print one
 //! JSON object on standard output.
 
 use std::collections::BTreeMap;
@@ -26,6 +29,7 @@ use hyper::client::conn::http1::{handshake, SendRequest};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
+use tidepool::queue::sql;
 use tokio::net::TcpStream;
 use tokio::sync::Barrier;
 
@@ -56,6 +60,23 @@ enum Command {
         /// start) and status, one per line, to this file.
         #[arg(long)]
         timeline: Option<PathBuf>,
+    },
+    /// Claim and complete every due job with the queue's own SQL and nothing else.
+    QueueLoop {
+        /// The pooler (or database), loopback only. Never printed.
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        #[arg(long, default_value = "default")]
+        queue: String,
+        /// Connections, each looping claim then complete.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+        loops: u32,
+        /// Jobs per claim (and per completion).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        batch_size: i64,
+        /// Longest the whole run may take.
+        #[arg(long, default_value = "600s", value_parser = parse_duration)]
+        timeout: Duration,
     },
     /// Open N keep-alive connections, one request each, then hold them.
     Idle {
@@ -297,6 +318,67 @@ async fn idle(
     })
 }
 
+#[derive(Serialize)]
+struct QueueLoopReport {
+    jobs: u64,
+    loops: usize,
+    batch_size: i64,
+    seconds: f64,
+    jobs_per_second: f64,
+}
+
+/// Claims and completes every due job of `queue` with `loops` connections,
+/// each claiming `batch_size` at a time and completing them at once.
+async fn queue_loop(
+    database_url: &str,
+    queue: &str,
+    loops: usize,
+    batch_size: i64,
+) -> Result<QueueLoopReport> {
+    let config: tokio_postgres::Config = database_url.parse().context("--database-url is not a valid URL")?;
+    for host in config.get_hosts() {
+        let loopback = match host {
+            tokio_postgres::config::Host::Tcp(name) => {
+                name == "localhost" || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+            }
+            tokio_postgres::config::Host::Unix(_) => true,
+        };
+        if !loopback {
+            bail!("--database-url must point at loopback");
+        }
+    }
+    let mut clients = Vec::with_capacity(loops);
+    for _ in 0..loops {
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        clients.push(client);
+    }
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in clients {
+        let queue = queue.to_owned();
+        tasks.spawn(async move {
+            let mut done = 0u64;
+            loop {
+                let jobs =
+                    sql::claim(&client, &queue, batch_size, "bare-loop", Duration::from_secs(600)).await?;
+                if jobs.is_empty() {
+                    return Ok::<u64, anyhow::Error>(done);
+                }
+                let finished: Vec<_> =
+                    jobs.iter().map(|j| (sql::Lease { id: j.id, attempt: j.attempt }, None)).collect();
+                done += sql::complete(&client, &finished).await?.len() as u64;
+            }
+        });
+    }
+    let mut jobs = 0;
+    while let Some(done) = tasks.join_next().await {
+        jobs += done??;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(QueueLoopReport { jobs, loops, batch_size, seconds, jobs_per_second: jobs as f64 / seconds })
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().command {
@@ -316,6 +398,13 @@ async fn main() -> Result<()> {
             }
             let target = Target::parse(&url)?;
             let report = idle(target, connections, hold, ready_file, connect_timeout).await?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::QueueLoop { database_url, queue, loops, batch_size, timeout } => {
+            let report =
+                tokio::time::timeout(timeout, queue_loop(&database_url, &queue, loops as usize, batch_size))
+                    .await
+                    .with_context(|| format!("the queue loop did not finish within {timeout:?}"))??;
             println!("{}", serde_json::to_string(&report)?);
         }
     }
