@@ -10,10 +10,13 @@
 #   4. memory: RSS idle, and with 10,000 idle keep-alive connections;
 #   5. the Kubernetes test control plane: start times, and with
 #      BENCH_KUBE_COLD=1 the cold build of its tools (empty Go module, build
-#      and tool caches; takes minutes).
+#      and tool caches; takes minutes);
+#   6.-8. the task queue: scripts/bench-tasks.sh.
 # All traffic goes to loopback; every step is bounded in time.
 # BENCH_REPEATS (3) and BENCH_SECONDS (15) size the alternating runs.
 set -euo pipefail
+# The web sections measure one process behind 20 server connections.
+export TIDEPOOL_POOLER_POOL_SIZE=${TIDEPOOL_POOLER_POOL_SIZE:-20}
 source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
 
@@ -26,9 +29,6 @@ WORK=$(mktemp -d)
 mkdir -p "$IMG"
 trap 'stop_connection_sampler; kill "${IDLE:-}" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
-py() { python3 -c "$@"; }
-median() { py 'import statistics,sys; print("%.2f" % statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
-runs() { py 'import sys; print(", ".join("%.2f" % float(x) for x in sys.argv[1:]))' "$@"; }
 web_pid() { head -n 1 "$TIDEPOOL_STATE_DIR/run/web.pid"; }
 rss_mb() { awk '/^VmRSS:/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 
@@ -38,7 +38,9 @@ restart_web() {
   env "$@" "$REPO_ROOT/scripts/stack.sh" up web
 }
 
-"$REPO_ROOT/scripts/stack.sh" up
+# No worker polling in the background, and a pooler of the size above.
+"$REPO_ROOT/scripts/stack.sh" down worker web pooler
+"$REPO_ROOT/scripts/stack.sh" up postgres pooler web
 
 # --- 1. The seed's experiment -------------------------------------------
 say "1. seed experiment: ab and all-at-once, $BENCH_REPEATS times each, alternating"
@@ -164,7 +166,6 @@ else
 fi
 
 # --- Report -------------------------------------------------------------------
-verdict() { py "print('met' if $1 else 'missed')"; }
 cpu=$(lscpu | awk -F: '/Model name/ {gsub(/^ +/, "", $2); print $2; exit}')
 cat > "$OUT" <<REPORT
 # Benchmarks
@@ -267,4 +268,5 @@ and the default service account exists, with the tools already built:
 
 $kube_cold_line
 REPORT
-say "wrote $OUT"
+say "wrote the web sections of $OUT"
+"$REPO_ROOT/scripts/bench-tasks.sh"

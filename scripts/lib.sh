@@ -155,6 +155,14 @@ stop_connection_sampler() { kill "${SAMPLER:-}" 2>/dev/null || true; wait "${SAM
 # The most connections seen in a sampler's file $1.
 sampled_peak() { awk '$2 > max {max = $2} END {print max + 0}' "$1"; }
 
+# Small figures for the benchmark reports: python3 one-liners, the median
+# of the arguments, and the arguments as a list, each with two decimals.
+py() { python3 -c "$@"; }
+median() { py 'import statistics,sys; print("%.2f" % statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
+runs() { py 'import sys; print(", ".join("%.2f" % float(x) for x in sys.argv[1:]))' "$@"; }
+# "met" or "missed" for a Python condition.
+verdict() { py "print('met' if $1 else 'missed')"; }
+
 # Figures from the output of ab ($1) and from tidepool-loadgen's JSON report.
 ab_total_seconds() { awk '/^Time taken for tests:/ {print $5}' "$1"; }
 ab_failed_requests() { awk '/^Failed requests:/ {print $3}' "$1"; }

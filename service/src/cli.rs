@@ -239,8 +239,10 @@ pub struct WorkerArgs {
     pub poll_interval_min: Duration,
 
     /// Longest pause between claims while the queues stay empty (the pause
-    /// doubles from the minimum up to this).
-    #[arg(long, env = "TIDEPOOL_WORKER_POLL_INTERVAL_MAX", default_value = "1s", value_parser = parse_duration)]
+    /// doubles from the minimum up to this): the worst added latency of a
+    /// polling worker. An idle worker costs the database this many claims
+    /// per second per queue (cheap index probes).
+    #[arg(long, env = "TIDEPOOL_WORKER_POLL_INTERVAL_MAX", default_value = "250ms", value_parser = parse_duration)]
     pub poll_interval_max: Duration,
 
     /// After SIGTERM, how long running jobs may take to finish; the rest are

@@ -31,11 +31,15 @@
 //! at once, and PgBouncer 1.18 drops a cancel whose sender hung up before it
 //! was forwarded (measured: the statement ran to its end). [`cancel`] does
 //! what libpq does: it sends the request, then waits for the pooler to close
-//! the connection.
+//! the connection. Worse, PgBouncer before 1.20 *crashes* (FATAL "bad client
+//! state: 0", pgbouncer#801, fixed by pgbouncer#846) when a cancel request's
+//! connection is closed by its sender before PgBouncer has finished with it,
+//! which is what exiting with a cancel in flight does. So a process calls
+//! [`Database::finish_cancels`] before it exits.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -44,6 +48,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, Recycli
 use prometheus::Histogram;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio_postgres::config::Host;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{AsyncMessage, CancelToken, Client, NoTls, Row, SimpleQueryMessage};
@@ -122,11 +127,13 @@ pub struct Database {
     cancel_target: Option<Arc<CancelTarget>>,
 }
 
-/// The host and port a cancel request is sent to.
+/// The host and port a cancel request is sent to, and the requests in flight.
 #[derive(Debug)]
 struct CancelTarget {
     host: String,
     port: u16,
+    in_flight: AtomicUsize,
+    finished: Notify,
 }
 
 impl Database {
@@ -139,9 +146,12 @@ impl Database {
     ) -> Result<Self, DbError> {
         pg.connect_timeout(settings.connect_timeout);
         let cancel_target = match (pg.get_hosts().first(), pg.get_ports().first()) {
-            (Some(Host::Tcp(host)), port) => {
-                Some(Arc::new(CancelTarget { host: host.clone(), port: port.copied().unwrap_or(5432) }))
-            }
+            (Some(Host::Tcp(host)), port) => Some(Arc::new(CancelTarget {
+                host: host.clone(),
+                port: port.copied().unwrap_or(5432),
+                in_flight: AtomicUsize::new(0),
+                finished: Notify::new(),
+            })),
             _ => None,
         };
         let manager =
@@ -178,6 +188,27 @@ impl Database {
             ))),
             Err(PoolError::Backend(e)) => Err(DbError::unavailable_because(&e)),
             Err(e) => Err(DbError::unavailable(e)),
+        }
+    }
+
+    /// Waits until the cancel requests this pool started have finished (each
+    /// is bounded by its own timeout). Call it before the process exits: see
+    /// the module's note on PgBouncer. Returns whether none was left.
+    pub async fn finish_cancels(&self) -> bool {
+        let Some(target) = &self.cancel_target else {
+            return true;
+        };
+        let deadline = tokio::time::Instant::now() + CANCEL_TIMEOUT + Duration::from_secs(1);
+        loop {
+            let finished = target.finished.notified();
+            tokio::pin!(finished);
+            finished.as_mut().enable();
+            if target.in_flight.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, finished).await.is_err() {
+                return false;
+            }
         }
     }
 
@@ -285,6 +316,7 @@ impl Drop for Conn {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        target.in_flight.fetch_add(1, Ordering::SeqCst);
         runtime.spawn(async move {
             match tokio::time::timeout(CANCEL_TIMEOUT, cancel(&token, &target)).await {
                 Ok(Ok(())) => tracing::debug!("cancelled an abandoned query"),
@@ -292,6 +324,8 @@ impl Drop for Conn {
                 Err(_) => tracing::warn!("cancelling an abandoned query timed out"),
             }
             drop(client);
+            target.in_flight.fetch_sub(1, Ordering::SeqCst);
+            target.finished.notify_waiters();
         });
     }
 }

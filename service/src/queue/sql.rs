@@ -9,6 +9,11 @@
 //! running job matches `(id, attempt)` and `state = 'running'`, so a worker
 //! whose lease was taken away (it stalled, the job was rescued and claimed
 //! again) cannot finish or fail the new attempt.
+//!
+//! Statements that change many running jobs lock them first, in id order
+//! (`ORDER BY id FOR UPDATE`): a worker's heartbeat and its recorder run at
+//! the same time on overlapping jobs, and rows locked in two different
+//! orders would deadlock.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -70,10 +75,17 @@ RETURNING j.id, j.queue, j.task, j.args, j.attempt, j.max_attempts,
 /// Finishes succeeded jobs: out of the hot table, and into the results table
 /// when a result is given. Returns the ids it finished.
 const COMPLETE: &str = "
-WITH done AS (
+WITH d AS (
+    SELECT * FROM unnest($1::int8[], $2::int4[], $3::jsonb[]) AS d(id, attempt, result)
+), locked AS (
+    SELECT j.id, d.result FROM tidepool_jobs j JOIN d ON j.id = d.id AND j.attempt = d.attempt
+    WHERE j.state = 'running'
+    ORDER BY j.id
+    FOR UPDATE OF j
+), done AS (
     DELETE FROM tidepool_jobs j
-    USING unnest($1::int8[], $2::int4[], $3::jsonb[]) AS d(id, attempt, result)
-    WHERE j.id = d.id AND j.attempt = d.attempt AND j.state = 'running'
+    USING locked d
+    WHERE j.id = d.id
     RETURNING j.id, j.queue, j.task, j.args, j.attempt, j.errors, j.run_at, j.created_at,
               j.attempted_at, d.result
 ), kept AS (
@@ -98,6 +110,8 @@ macro_rules! settle_failed {
                     CASE WHEN j.cancel_requested THEN 'cancelled'
                          WHEN j.attempt >= j.max_attempts THEN 'dead' END) AS final_state
     FROM tidepool_jobs j JOIN f ON j.id = f.id AND j.attempt = f.attempt AND j.state = 'running'
+    ORDER BY j.id
+    FOR UPDATE OF j
 ), retried AS (
     UPDATE tidepool_jobs j
     SET state = 'available', worker = NULL, lease_expires_at = NULL,
@@ -159,19 +173,33 @@ const RESCUE: &str = concat!(
 /// held, and whether a cancellation was asked for; a job not returned was
 /// taken away (its lease expired and it was rescued).
 const HEARTBEAT: &str = "
+WITH locked AS (
+    SELECT j.id FROM tidepool_jobs j
+    JOIN unnest($1::int8[], $2::int4[]) AS h(id, attempt) ON j.id = h.id AND j.attempt = h.attempt
+    WHERE j.state = 'running'
+    ORDER BY j.id
+    FOR NO KEY UPDATE OF j
+)
 UPDATE tidepool_jobs j
 SET lease_expires_at = now() + $3 * interval '1 millisecond'
-FROM unnest($1::int8[], $2::int4[]) AS h(id, attempt)
-WHERE j.id = h.id AND j.attempt = h.attempt AND j.state = 'running'
+FROM locked
+WHERE j.id = locked.id
 RETURNING j.id, j.cancel_requested";
 
 /// Gives claimed jobs back at once (shutdown), as if never claimed: the
 /// attempt does not count, the job keeps its place in line.
 const HAND_BACK: &str = "
+WITH locked AS (
+    SELECT j.id FROM tidepool_jobs j
+    JOIN unnest($1::int8[], $2::int4[]) AS h(id, attempt) ON j.id = h.id AND j.attempt = h.attempt
+    WHERE j.state = 'running'
+    ORDER BY j.id
+    FOR UPDATE OF j
+)
 UPDATE tidepool_jobs j
 SET state = 'available', attempt = j.attempt - 1, worker = NULL, lease_expires_at = NULL
-FROM unnest($1::int8[], $2::int4[]) AS h(id, attempt)
-WHERE j.id = h.id AND j.attempt = h.attempt AND j.state = 'running'
+FROM locked
+WHERE j.id = locked.id
 RETURNING j.id";
 
 /// Cancels job `$1`: a pending one moves to the dead table as cancelled; a

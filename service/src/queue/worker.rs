@@ -229,6 +229,11 @@ impl Worker {
         let _ = recorder.await;
         let _ = heartbeat.await;
         let _ = maintenance.await;
+        for db in [&shared.task_db, &shared.queue_db] {
+            if !db.finish_cancels().await {
+                tracing::warn!("exiting with a query cancel still in flight");
+            }
+        }
         tracing::info!(handed_back, "worker stopped");
         ShutdownReport { handed_back }
     }

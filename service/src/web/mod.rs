@@ -179,7 +179,7 @@ pub async fn serve(
         deadline = %humantime::format_duration(settings.shutdown_timeout),
         "listener closed; waiting for requests in flight"
     );
-    match tokio::time::timeout(settings.shutdown_timeout, graceful.shutdown()).await {
+    let outcome = match tokio::time::timeout(settings.shutdown_timeout, graceful.shutdown()).await {
         Ok(()) => {
             tracing::info!("all requests finished; shutdown complete");
             Shutdown::Clean
@@ -191,5 +191,11 @@ pub async fn serve(
             );
             Shutdown::DeadlineExceeded
         }
+    };
+    // Queries of requests that went away are being cancelled: see db's note
+    // on PgBouncer before exiting with a cancel in flight.
+    if !app.db.finish_cancels().await {
+        tracing::warn!("exiting with a query cancel still in flight");
     }
+    outcome
 }
