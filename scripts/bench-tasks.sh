@@ -32,6 +32,8 @@ trap 'stop_connection_sampler; stop_workers; rm -rf "$WORK"' EXIT
 mkdir -p "$IMG"
 
 q() { psql_super -d "$APP_DB" -At -c "$1"; }
+int() { DECIMALS=0 median "$@"; }
+ints() { DECIMALS=0 runs "$@"; }
 
 # Starts `tidepool worker` number $1 (its /metrics on port 8100+$1) with the
 # environment that follows (VAR=value ...), and waits for its /healthz.
@@ -63,9 +65,11 @@ succeeded() {
 enqueue_rate() { sed -n 's/.*: \([0-9]*\) jobs\/s$/\1/p' "$1"; }
 now() { date +%s.%N; }
 
-# One row per queue table: size of the table, of its indexes, live and dead tuples.
+# One row per queue table: size of the table, of its indexes, live and dead
+# tuples (counted by ANALYZE, not the statistics' lagging estimate).
 table_health() {
-  local label=$1
+  local label=$1 t
+  for t in tidepool_jobs tidepool_job_results tidepool_dead_jobs; do q "ANALYZE $t" >/dev/null; done
   q "SELECT format('| %s | %s | %s | %s | %s | %s |', '$label', c.relname,
             pg_size_pretty(pg_relation_size(c.oid)), pg_size_pretty(pg_indexes_size(c.oid)),
             s.n_live_tup, s.n_dead_tup)
@@ -95,8 +99,10 @@ wait_for_autovacuum() {
 TIDEPOOL_POOLER_POOL_SIZE=$POOL "$REPO_ROOT/scripts/stack.sh" up pooler
 export DATABASE_URL
 DATABASE_URL=$(pooled_url)
-q "VACUUM ANALYZE tidepool_jobs" >/dev/null
 [ "$(q "SELECT count(*) FROM tidepool_jobs")" = 0 ] || die "the local queue has pending jobs; run make clean (or wait) before benchmarking"
+# Start from empty queue tables (this drops the local stack's kept results
+# and dead jobs), so the table health figures start from nothing.
+q "TRUNCATE tidepool_jobs, tidepool_job_results, tidepool_dead_jobs" >/dev/null
 
 # --- 6. The seed's task experiment --------------------------------------------
 say "6. seed task experiment: 100 x slow_query (5 s), one worker with --concurrency 50, $BENCH_REPEATS times per mode"
@@ -143,7 +149,7 @@ PLOT
 # --- 7. Throughput -------------------------------------------------------------
 say "7. throughput: $BENCH_JOBS noop jobs, 1 and 2 workers vs the bare loop, $BENCH_REPEATS rounds"
 : > "$WORK/health.md"
-table_health "before the first round (after VACUUM)"
+table_health "empty, before the first round"
 work_with_workers() {
   local workers=$1 started n
   started=$(now)
@@ -164,7 +170,7 @@ for i in $(seq 1 "$BENCH_REPEATS"); do
     round=$((round + 1))
     "$TIDEPOOL_BIN" enqueue noop --count "$BENCH_JOBS" --batch-size "$BENCH_BATCH" --quiet 2> "$WORK/enqueue.txt"
     enqueue_batched+=("$(enqueue_rate "$WORK/enqueue.txt")")
-    [ "$round" -ne 1 ] || table_health "first round: $BENCH_JOBS enqueued"
+    [ "$round" -ne 1 ] || table_health "first round: $(int "$BENCH_JOBS") enqueued"
     case $mode in
       worker1) worker1+=("$(work_with_workers 1)") ;;
       worker2) worker2+=("$(work_with_workers 2)") ;;
@@ -182,7 +188,7 @@ for i in $(seq 1 "$BENCH_REPEATS"); do
     fi
   done
 done
-table_health "after all $round rounds ($((round * BENCH_JOBS / 1000000)) million jobs, VACUUM between rounds)"
+table_health "after all $round rounds ($(int $((round * BENCH_JOBS))) jobs, VACUUM between rounds)"
 w1=$(median "${worker1[@]}"); w2=$(median "${worker2[@]}"); b1=$(median "${bare1[@]}"); b2=$(median "${bare2[@]}")
 best_bare=$(py "print(max($b1, $b2))")
 w1_ratio=$(py "print('%.0f' % (100 * $w1 / $best_bare))"); w2_ratio=$(py "print('%.0f' % (100 * $w2 / $best_bare))")
@@ -268,7 +274,7 @@ Peak PostgreSQL connections of the application role during these runs
 
 ## 7. No-op throughput
 
-$BENCH_JOBS \`noop\` jobs enqueued in batches (\`tidepool enqueue noop --count $BENCH_JOBS --batch-size $BENCH_BATCH\`),
+$(int "$BENCH_JOBS") \`noop\` jobs enqueued in batches (\`tidepool enqueue noop --count $BENCH_JOBS --batch-size $BENCH_BATCH\`),
 then worked; $BENCH_REPEATS rounds, the four ways alternating, \`VACUUM tidepool_jobs\` between rounds.
 Workers: \`tidepool worker --concurrency $BENCH_CONCURRENCY --batch-size $BENCH_BATCH\` (two claim
 batches in flight per worker), timed from start to the last success in their \`/metrics\`.
@@ -277,17 +283,17 @@ claim and completion statements (\`tidepool::queue::sql\`) back to back, N conne
 
 | | jobs/s (median) | runs | share of the best bare loop |
 |---|---|---|---|
-| 1 worker process | $w1 | $(runs "${worker1[@]}") | ${w1_ratio} % |
-| 2 worker processes | $w2 | $(runs "${worker2[@]}") | ${w2_ratio} % |
-| bare loop, 1 connection | $b1 | $(runs "${bare1[@]}") | |
-| bare loop, 2 connections | $b2 | $(runs "${bare2[@]}") | |
+| 1 worker process | $(int "$w1") | $(ints "${worker1[@]}") | ${w1_ratio} % |
+| 2 worker processes | $(int "$w2") | $(ints "${worker2[@]}") | ${w2_ratio} % |
+| bare loop, 1 connection | $(int "$b1") | $(ints "${bare1[@]}") | |
+| bare loop, 2 connections | $(int "$b2") | $(ints "${bare2[@]}") | |
 
 Targets: ≥ 40,000 jobs/s ($(verdict "min($w1, $w2) >= 40000") for both) and ≥ 60 % of the bare loop ($(verdict "min($w1_ratio, $w2_ratio) >= 60") for both).
 
 | enqueue | jobs/s (median) | runs |
 |---|---|---|
-| batched, $BENCH_BATCH per statement, one connection | $(median "${enqueue_batched[@]}") | $(runs "${enqueue_batched[@]}") |
-| one statement per job, one connection | $(median "${enqueue_single[@]}") | $(runs "${enqueue_single[@]}") |
+| batched, $BENCH_BATCH per statement, one connection | $(int "${enqueue_batched[@]}") | $(ints "${enqueue_batched[@]}") |
+| one statement per job, one connection | $(int "${enqueue_single[@]}") | $(ints "${enqueue_single[@]}") |
 
 Enqueue-to-start latency at a steady 1,000 jobs/s (\`tidepool enqueue slow_query --args '{"seconds": 0}' --count 15000 --rate 1000\`,
 one default worker, \`started_at - run_at\` of the 13,000 jobs after a 2 s warm-up):

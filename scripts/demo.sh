@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The main job, locally: starts the stack and runs the seed's web experiment
-# at full size against one `tidepool web` process: 10 requests of
-# /slow-query/ (5 s each) with ab, then with a client that starts all ten at
-# once. Prints each figure, its target and the peak number of PostgreSQL
-# server connections. Exits non-zero only if the stack or an experiment
-# could not run, not because a figure missed its target.
+# The main job, locally: starts the stack and runs the seed's two
+# experiments at full size:
+# - web: 10 requests of /slow-query/ (5 s each) against one `tidepool web`
+#   process, with ab, then with a client that starts all ten at once;
+# - tasks: 100 `slow_query` jobs (5 s each) enqueued one by one, as the
+#   seed's loop of .delay() calls does, worked by one `tidepool worker`
+#   with --concurrency 50.
+# Prints each figure, its target and the peak number of PostgreSQL server
+# connections. Exits non-zero only if the stack or an experiment could not
+# run, not because a figure missed its target.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
@@ -28,20 +32,41 @@ burst_total=$(printf '%.2f' "$(json_field "$WORK/burst.json" total_seconds)")
 burst_failed=$(json_field "$WORK/burst.json" failed)
 
 stop_connection_sampler
-peak=$(sampled_peak "$WORK/samples")
+web_peak=$(sampled_peak "$WORK/samples")
 
-verdict() { python3 -c 'import sys; print("met" if float(sys.argv[1]) <= float(sys.argv[2]) else "MISSED")' "$1" "$2"; }
+say "seed task experiment: tidepool enqueue slow_query --count 100 --batch-size 1, one worker with --concurrency $TIDEPOOL_WORKER_CONCURRENCY"
+start_connection_sampler "$WORK/task-samples"
+DATABASE_URL=$(pooled_url) "$TIDEPOOL_BIN" enqueue slow_query --count 100 --batch-size 1 > "$WORK/ids" 2>/dev/null \
+  || die "could not enqueue the jobs"
+ids="$(head -n 1 "$WORK/ids") AND $(tail -n 1 "$WORK/ids")"
+done_jobs() { psql_super -d "$APP_DB" -At -c "SELECT count(*) FROM tidepool_job_results WHERE id BETWEEN $ids"; }
+wait_until '[ "$(done_jobs)" = 100 ]' 120 "the 100 jobs (see $TIDEPOOL_STATE_DIR/log/worker.log)"
+stop_connection_sampler
+task_peak=$(sampled_peak "$WORK/task-samples")
+read -r task_total task_failed < <(psql_super -d "$APP_DB" -At -F ' ' -c "
+  SELECT extract(epoch FROM max(finished_at) - min(created_at))::numeric(8,2),
+         (SELECT count(*) FROM tidepool_dead_jobs WHERE id BETWEEN $ids)
+  FROM tidepool_job_results WHERE id BETWEEN $ids")
+
 cat <<REPORT
 
-Tidepool demo: the seed's web experiment against one tidepool web process
-(PgBouncer in transaction mode, $TIDEPOOL_POOLER_POOL_SIZE server connections; pool of $TIDEPOOL_DB_POOL_SIZE in the web process)
+Tidepool demo: the seed's two experiments, locally
+(PgBouncer in transaction mode, $TIDEPOOL_POOLER_POOL_SIZE server connections)
 
-  figure                                   measured    target     verdict
-  10 x 5 s slow queries, all at once       ${burst_total} s    <= 5.2 s   $(verdict "$burst_total" 5.2)   (failed: $burst_failed)
-  the same with ab -n 10 -c 10             ${ab_total} s   <= 10.2 s  $(verdict "$ab_total" 10.2)   (failed: $ab_failed, non-2xx: $ab_non2xx)
-  peak PostgreSQL server connections       $peak           <= $TIDEPOOL_POOLER_POOL_SIZE      $(verdict "$peak" "$TIDEPOOL_POOLER_POOL_SIZE")
+Web: one tidepool web process, a pool of $TIDEPOOL_DB_POOL_SIZE connections
+  figure                                     measured    target     verdict
+  10 x 5 s slow queries, all at once         ${burst_total} s     <= 5.2 s   $(verdict "$burst_total <= 5.2")   (failed: $burst_failed)
+  the same with ab -n 10 -c 10               ${ab_total} s    <= 10.2 s  $(verdict "$ab_total <= 10.2")   (failed: $ab_failed, non-2xx: $ab_non2xx)
+  peak PostgreSQL connections (whole stack) $web_peak          <= $TIDEPOOL_POOLER_POOL_SIZE      $(verdict "$web_peak <= $TIDEPOOL_POOLER_POOL_SIZE")
+
+Tasks: one tidepool worker, --concurrency $TIDEPOOL_WORKER_CONCURRENCY
+  figure                                     measured    target     verdict
+  100 x 5 s slow_query jobs, first enqueue
+    to last completion (serially: 500 s)     ${task_total} s    <= 10.5 s  $(verdict "$task_total <= 10.5")   (dead: $task_failed)
+  peak PostgreSQL connections (whole stack) $task_peak          <= $TIDEPOOL_POOLER_POOL_SIZE      $(verdict "$task_peak <= $TIDEPOOL_POOLER_POOL_SIZE")
 
 ab 2.3 opens one connection, waits for its response, and only then opens the
 other nine, so its total is about two query times whatever the server does.
+Jobs: curl http://127.0.0.1:$TIDEPOOL_WEB_PORT/tasks/$(tail -n 1 "$WORK/ids"); worker metrics: curl http://127.0.0.1:$TIDEPOOL_WORKER_PORT/metrics
 The stack is still running: make down stops it.
 REPORT

@@ -156,10 +156,11 @@ stop_connection_sampler() { kill "${SAMPLER:-}" 2>/dev/null || true; wait "${SAM
 sampled_peak() { awk '$2 > max {max = $2} END {print max + 0}' "$1"; }
 
 # Small figures for the benchmark reports: python3 one-liners, the median
-# of the arguments, and the arguments as a list, each with two decimals.
+# of the arguments, and the arguments as a list, each with DECIMALS (2)
+# decimals; with DECIMALS=0, whole numbers with thousands separators.
 py() { python3 -c "$@"; }
-median() { py 'import statistics,sys; print("%.2f" % statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
-runs() { py 'import sys; print(", ".join("%.2f" % float(x) for x in sys.argv[1:]))' "$@"; }
+median() { py 'import os,statistics,sys; print("{:,.{}f}".format(statistics.median(float(x) for x in sys.argv[1:]), int(os.environ.get("DECIMALS", "2"))).replace(",", "" if os.environ.get("DECIMALS", "2") != "0" else ","))' "$@"; }
+runs() { py 'import os,sys; d=os.environ.get("DECIMALS", "2"); print(", ".join("{:,.{}f}".format(float(x), int(d)).replace(",", "" if d != "0" else ",") for x in sys.argv[1:]))' "$@"; }
 # "met" or "missed" for a Python condition.
 verdict() { py "print('met' if $1 else 'missed')"; }
 
