@@ -508,15 +508,23 @@ async fn shutdown_hands_unfinished_jobs_back_at_once() -> Result<()> {
         ..settings("w")
     };
     let worker = h.start_worker(endless_registry(started.clone(), dropped.clone()), long_lease)?;
-    let jobs: Vec<NewJob> = (0..3).map(|_| NewJob::new("endless", json!({}))).collect();
-    let ids: Vec<i64> = queue::enqueue_many(&h.client, &jobs).await?.iter().map(|e| e.id).collect();
-    wait_for("3 jobs to start", Duration::from_secs(10), || async {
-        (started.load(Ordering::SeqCst) == 3).then_some(())
+    let jobs: Vec<NewJob> = (0..4).map(|_| NewJob::new("endless", json!({}))).collect();
+    let mut ids: Vec<i64> = queue::enqueue_many(&h.client, &jobs).await?.iter().map(|e| e.id).collect();
+    wait_for("4 jobs to start", Duration::from_secs(10), || async {
+        (started.load(Ordering::SeqCst) == 4).then_some(())
     })
     .await?;
+    // Cancelled while running, but no heartbeat comes before the shutdown.
+    let cancelled = ids.pop().context("four ids")?;
+    assert_eq!(queue::cancel(&h.client, cancelled).await?, Cancelled::Requested);
     let report = worker.shutdown().await?;
-    assert_eq!(report, ShutdownReport { handed_back: 3 });
-    assert_eq!(dropped.load(Ordering::SeqCst), 3);
+    assert_eq!(report, ShutdownReport { handed_back: 4 });
+    assert_eq!(dropped.load(Ordering::SeqCst), 4);
+    assert_eq!(
+        h.view(cancelled).await?.map(|v| v.state),
+        Some(JobState::Cancelled),
+        "not handed back to run again"
+    );
     // At once: the 600 s lease has not expired, yet the jobs are available
     // again, and the interrupted attempt does not count.
     for id in ids {

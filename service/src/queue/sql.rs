@@ -187,20 +187,33 @@ WHERE j.id = locked.id
 RETURNING j.id, j.cancel_requested";
 
 /// Gives claimed jobs back at once (shutdown), as if never claimed: the
-/// attempt does not count, the job keeps its place in line.
+/// attempt does not count, the job keeps its place in line. A job whose
+/// cancellation was asked for meanwhile is cancelled instead. Returns the
+/// ids handed back.
 const HAND_BACK: &str = "
 WITH locked AS (
-    SELECT j.id FROM tidepool_jobs j
+    SELECT j.id, j.cancel_requested FROM tidepool_jobs j
     JOIN unnest($1::int8[], $2::int4[]) AS h(id, attempt) ON j.id = h.id AND j.attempt = h.attempt
     WHERE j.state = 'running'
     ORDER BY j.id
     FOR UPDATE OF j
+), handed AS (
+    UPDATE tidepool_jobs j
+    SET state = 'available', attempt = j.attempt - 1, worker = NULL, lease_expires_at = NULL
+    FROM locked
+    WHERE j.id = locked.id AND NOT locked.cancel_requested
+    RETURNING j.id
+), buried AS (
+    DELETE FROM tidepool_jobs j USING locked
+    WHERE j.id = locked.id AND locked.cancel_requested
+    RETURNING j.id, j.queue, j.task, j.args, j.attempt, j.errors, j.unique_key, j.run_at, j.created_at
+), archived AS (
+    INSERT INTO tidepool_dead_jobs
+        (id, queue, task, args, state, attempts, errors, unique_key, run_at, created_at, finished_at)
+    SELECT id, queue, task, args, 'cancelled', attempt, errors, unique_key, run_at, created_at, now()
+    FROM buried
 )
-UPDATE tidepool_jobs j
-SET state = 'available', attempt = j.attempt - 1, worker = NULL, lease_expires_at = NULL
-FROM locked
-WHERE j.id = locked.id
-RETURNING j.id";
+SELECT id FROM handed";
 
 /// Cancels job `$1`: a pending one moves to the dead table as cancelled; a
 /// running one is flagged, and its worker stops it at its next heartbeat.

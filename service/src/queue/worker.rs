@@ -85,7 +85,8 @@ pub struct WorkerSettings {
 /// How a worker's shutdown ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShutdownReport {
-    /// Jobs that were still running at the deadline and were given back.
+    /// Jobs still running at the deadline: stopped and given back (or,
+    /// when their cancellation had been asked for, cancelled).
     pub handed_back: usize,
 }
 
