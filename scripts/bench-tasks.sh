@@ -27,7 +27,10 @@ OUT=$REPO_ROOT/docs/benchmarks.md
 IMG=$REPO_ROOT/docs/img
 MARKER='<!-- task benchmarks: scripts/bench-tasks.sh -->'
 WORK=$(mktemp -d)
-WORKER_PIDS=()
+# Worker PIDs go to a file, so workers started in a $(...) subshell are
+# stopped too, also when that subshell fails.
+WORKER_PIDS=$WORK/worker-pids
+: > "$WORKER_PIDS"
 trap 'stop_connection_sampler; stop_workers; rm -rf "$WORK"' EXIT
 mkdir -p "$IMG"
 
@@ -43,14 +46,20 @@ start_worker() {
   require_free_port "$port" "benchmark worker $n"
   env -u TIDEPOOL_DIRECT_DATABASE_URL DATABASE_URL="$(pooled_url)" TIDEPOOL_WORKER_LISTEN="127.0.0.1:$port" \
     TIDEPOOL_LOG=warn "$@" setsid "$TIDEPOOL_BIN" worker </dev/null >>"$WORK/worker-$n.log" 2>&1 &
-  WORKER_PIDS+=($!)
+  echo $! >> "$WORKER_PIDS"
   wait_until "curl -fsS http://127.0.0.1:$port/healthz" 30 "benchmark worker $n (see $WORK/worker-$n.log)"
 }
 stop_workers() {
-  [ ${#WORKER_PIDS[@]} -gt 0 ] || return 0
-  kill -TERM "${WORKER_PIDS[@]}" 2>/dev/null || true
-  wait "${WORKER_PIDS[@]}" 2>/dev/null || true
-  WORKER_PIDS=()
+  local pid
+  [ -s "$WORKER_PIDS" ] || return 0
+  while read -r pid; do
+    kill -TERM "$pid" 2>/dev/null || true
+    # Reaps our own children (a zombie would still answer kill -0); returns
+    # at once for a subshell's.
+    wait "$pid" 2>/dev/null || true
+    wait_until "! kill -0 $pid" 40 "benchmark worker $pid to stop"
+  done < "$WORKER_PIDS"
+  : > "$WORKER_PIDS"
 }
 # Jobs the workers 1..$1 have recorded as succeeded, from their /metrics.
 succeeded() {
@@ -65,17 +74,20 @@ succeeded() {
 enqueue_rate() { sed -n 's/.*: \([0-9]*\) jobs\/s$/\1/p' "$1"; }
 now() { date +%s.%N; }
 
-# One row per queue table: size of the table, of its indexes, live and dead
-# tuples (counted by ANALYZE, not the statistics' lagging estimate).
+# One row per table named after the label ($2..., all three by default):
+# size of the table, of its indexes, live and dead tuples (as ANALYZE
+# counts them, not the statistics' lagging estimate), appended to $HEALTH.
 table_health() {
   local label=$1 t
-  for t in tidepool_jobs tidepool_job_results tidepool_dead_jobs; do q "ANALYZE $t" >/dev/null; done
-  q "SELECT format('| %s | %s | %s | %s | %s | %s |', '$label', c.relname,
-            pg_size_pretty(pg_relation_size(c.oid)), pg_size_pretty(pg_indexes_size(c.oid)),
-            s.n_live_tup, s.n_dead_tup)
-     FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid
-     WHERE c.relname IN ('tidepool_jobs', 'tidepool_job_results', 'tidepool_dead_jobs')
-     ORDER BY c.relname = 'tidepool_jobs' DESC, c.relname" >> "$WORK/health.md"
+  shift
+  [ $# -gt 0 ] || set -- tidepool_jobs tidepool_job_results tidepool_dead_jobs
+  for t in "$@"; do
+    q "ANALYZE $t" >/dev/null
+    q "SELECT format('| %s | %s | %s | %s | %s | %s |', '$label', relname,
+              pg_size_pretty(pg_relation_size(relid)), pg_size_pretty(pg_indexes_size(relid)),
+              n_live_tup, n_dead_tup)
+       FROM pg_stat_user_tables WHERE relname = '$t'" >> "$HEALTH"
+  done
 }
 # Waits (at most 180 s) for autovacuum to clear the hot table's dead
 # tuples; says whether it did or a manual VACUUM had to.
@@ -134,7 +146,7 @@ seed_polling_median=$(median "${seed_polling[@]}")
 awk '{n++; print $1, n}' "$WORK/seed-listen.txt" > "$WORK/seed-listen.dat"
 awk '{n++; print $1, n}' "$WORK/seed-polling.txt" > "$WORK/seed-polling.dat"
 gnuplot <<PLOT
-set terminal pngcairo size 900,380 font "sans,10"
+set terminal pngcairo size 900,380 font "sans,10" noenhanced
 set output "$IMG/seed-tasks.png"
 set title "100 slow_query jobs (pg_sleep 5 s), one tidepool worker --concurrency 50 (last run of each mode)"
 set xlabel "seconds since the first enqueue"
@@ -148,8 +160,9 @@ PLOT
 
 # --- 7. Throughput -------------------------------------------------------------
 say "7. throughput: $BENCH_JOBS noop jobs, 1 and 2 workers vs the bare loop, $BENCH_REPEATS rounds"
-: > "$WORK/health.md"
-table_health "empty, before the first round"
+HEALTH=$WORK/health-rounds.md
+: > "$HEALTH"
+table_health "empty, before the first round" tidepool_jobs
 work_with_workers() {
   local workers=$1 started n
   started=$(now)
@@ -170,7 +183,7 @@ for i in $(seq 1 "$BENCH_REPEATS"); do
     round=$((round + 1))
     "$TIDEPOOL_BIN" enqueue noop --count "$BENCH_JOBS" --batch-size "$BENCH_BATCH" --quiet 2> "$WORK/enqueue.txt"
     enqueue_batched+=("$(enqueue_rate "$WORK/enqueue.txt")")
-    [ "$round" -ne 1 ] || table_health "first round: $(int "$BENCH_JOBS") enqueued"
+    [ "$round" -ne 1 ] || table_health "round 1: $(int "$BENCH_JOBS") enqueued" tidepool_jobs
     case $mode in
       worker1) worker1+=("$(work_with_workers 1)") ;;
       worker2) worker2+=("$(work_with_workers 2)") ;;
@@ -179,16 +192,16 @@ for i in $(seq 1 "$BENCH_REPEATS"); do
     esac
     [ "$(q "SELECT count(*) FROM tidepool_jobs")" = 0 ] || die "round $round left jobs behind"
     if [ "$round" -eq 1 ]; then
-      table_health "first round: all worked"
+      table_health "round 1: all worked" tidepool_jobs
       vacuumed_by=$(wait_for_autovacuum)
-      table_health "first round: after $vacuumed_by"
+      table_health "round 1: after $vacuumed_by" tidepool_jobs
     else
       # Every round starts from the same state.
       q "VACUUM tidepool_jobs" >/dev/null
+      table_health "round $round ($mode), worked and vacuumed" tidepool_jobs
     fi
   done
 done
-table_health "after all $round rounds ($(int $((round * BENCH_JOBS))) jobs, VACUUM between rounds)"
 w1=$(median "${worker1[@]}"); w2=$(median "${worker2[@]}"); b1=$(median "${bare1[@]}"); b2=$(median "${bare2[@]}")
 best_bare=$(py "print(max($b1, $b2))")
 w1_ratio=$(py "print('%.0f' % (100 * $w1 / $best_bare))"); w2_ratio=$(py "print('%.0f' % (100 * $w2 / $best_bare))")
@@ -210,7 +223,9 @@ latency_run() {
   fi
   "$TIDEPOOL_BIN" enqueue slow_query --args '{"seconds": 0}' --count 15000 --rate 1000 > "$WORK/latency-ids" 2>/dev/null
   local first last
-  # The first 2 s (2,000 jobs) are the warm-up.
+  # Ids are printed as enqueues finish (pipelined), not in order. The
+  # first 2 s (2,000 jobs) are the warm-up.
+  sort -n -o "$WORK/latency-ids" "$WORK/latency-ids"
   first=$(sed -n '2001p' "$WORK/latency-ids"); last=$(tail -n 1 "$WORK/latency-ids")
   wait_until "[ \$(psql_super -d $APP_DB -At -c 'SELECT count(*) FROM tidepool_job_results WHERE id BETWEEN $first AND $last') = 13000 ]" 60 "the latency run's jobs"
   stop_workers
@@ -218,11 +233,15 @@ latency_run() {
          || ' ' || round((1000 * percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - run_at)))::numeric, 2)
      FROM tidepool_job_results WHERE id BETWEEN $first AND $last"
 }
-read -r lat_listen_p50 lat_listen_p99 <<< "$(latency_run listen)"
-read -r lat_polling_p50 lat_polling_p99 <<< "$(latency_run polling)"
+latency=$(latency_run listen)
+read -r lat_listen_p50 lat_listen_p99 <<< "$latency"
+latency=$(latency_run polling)
+read -r lat_polling_p50 lat_polling_p99 <<< "$latency"
 
 # --- 8. Pruning ---------------------------------------------------------------
 say "8. table health: 100,000 results and 100,000 dead jobs, then pruning"
+HEALTH=$WORK/health-pruning.md
+: > "$HEALTH"
 q "INSERT INTO tidepool_jobs (queue, task, args, max_attempts)
    SELECT 'default', 'not_a_task', '{}', 1 FROM generate_series(1, 100000)" >/dev/null
 "$TIDEPOOL_BIN" enqueue slow_query --args '{"seconds": 0}' --count 100000 --quiet 2>/dev/null
@@ -306,14 +325,25 @@ one default worker, \`started_at - run_at\` of the 13,000 jobs after a 2 s warm-
 ## 8. Table health
 
 The hot table holds only pending jobs, so after a round it is empty but for
-dead tuples, which (auto)vacuum makes reusable: its size stops growing at
-the backlog's size. Results and dead jobs leave their tables after their
-retention (here 1 s; pruning took ${prune_seconds} s from the worker's start,
-1,000 rows per statement).
+dead tuples, which (auto)vacuum makes reusable (and, the table being empty,
+truncates). Its indexes are not shrunk by VACUUM: B-tree pages emptied by one
+VACUUM are reused after the next, so they level off at about two rounds'
+worth of entries rather than growing with the number of jobs. The hot table
+through the $round rounds of section 7:
 
 | when | table | size | indexes | live tuples | dead tuples |
 |---|---|---|---|---|---|
-$(cat "$WORK/health.md")
+$(cat "$WORK/health-rounds.md")
+
+Results and dead jobs leave their tables after their retention: 100,000
+\`slow_query\` jobs with a kept result and 100,000 jobs of an unknown task
+(dead at their only attempt), worked by one worker with the default
+retention, then a worker with \`--result-retention 1s --dead-retention 1s\`
+(pruning took ${prune_seconds} s from its start, 1,000 rows per statement):
+
+| when | table | size | indexes | live tuples | dead tuples |
+|---|---|---|---|---|---|
+$(cat "$WORK/health-pruning.md")
 REPORT
 
 # Keep the web sections, replace the task sections.

@@ -40,6 +40,30 @@ pub mod telemetry;
 pub mod web;
 pub mod worker;
 
+/// Why a server process (`tidepool web` or `tidepool worker`) could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid settings: {0}")]
+    Invalid(String),
+    #[error("cannot listen on {addr}: {source} (is another process using port {}?)", .addr.port())]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Url(#[from] cli::InvalidUrl),
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    #[error("could not set up metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Binds `addr`, with a clear error when the port is taken.
+pub async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
+}
+
 /// An error and its sources on one line, each cause added once: tokio-postgres
 /// and std::io keep the useful part ("connection refused") in the source.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -50,7 +50,7 @@ fn main() -> ExitCode {
 async fn run_web(args: WebArgs) -> Result<ExitCode, BoxError> {
     raise_open_files_limit();
     let (app, settings) = web::app_from_args(&args)?;
-    let listener = web::bind(args.listen).await?;
+    let listener = tidepool::bind(args.listen).await?;
     tracing::info!(
         listen = %args.listen,
         db_pool_size = args.database.db_pool_size.unwrap_or(web::DEFAULT_DB_POOL_SIZE),

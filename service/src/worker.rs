@@ -4,7 +4,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,41 +16,24 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, Semaphore};
 
-use crate::cli::{InvalidUrl, WorkerArgs};
-use crate::db::{self, Database, DbError, PoolSettings};
+use crate::cli::WorkerArgs;
+use crate::db::{self, Database, PoolSettings};
 use crate::metrics::WorkerMetrics;
 use crate::queue::job::{is_valid_queue_name, MAX_SCHEDULE_AHEAD};
 use crate::queue::retry::RetryPolicy;
 use crate::queue::worker::QUEUE_POOL_SIZE;
 use crate::queue::{Registry, ShutdownReport, Worker, WorkerSettings};
 use crate::web::response::{json, with_body, ApiError, Body};
+use crate::StartError;
 
 /// Connections the probe server serves at once; more wait in the backlog.
 const PROBE_CONNECTIONS: usize = 64;
 const PROBE_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    #[error("invalid worker settings: {0}")]
-    Invalid(String),
-    #[error("cannot listen on {addr}: {source} (is another process using port {}?)", .addr.port())]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Url(#[from] InvalidUrl),
-    #[error(transparent)]
-    Db(#[from] DbError),
-    #[error("could not set up metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
-}
-
 /// Checks the command line and builds the runtime's settings. `name`
 /// identifies this worker in the jobs it holds.
-pub fn settings_from_args(args: &WorkerArgs, name: String) -> Result<WorkerSettings, WorkerError> {
-    let invalid = |m: String| Err(WorkerError::Invalid(m));
+pub fn settings_from_args(args: &WorkerArgs, name: String) -> Result<WorkerSettings, StartError> {
+    let invalid = |m: String| Err(StartError::Invalid(m));
     let mut queues: Vec<String> = Vec::new();
     for queue in &args.queues {
         let queue = queue.trim();
@@ -122,7 +104,7 @@ pub async fn run(
     args: &WorkerArgs,
     registry: Registry,
     shutdown: impl Future<Output = ()>,
-) -> Result<ShutdownReport, WorkerError> {
+) -> Result<ShutdownReport, StartError> {
     let settings = settings_from_args(args, default_name())?;
     let pg = args.database.database_url.to_pg_config("DATABASE_URL")?;
     let metrics = WorkerMetrics::new()?;
@@ -134,9 +116,7 @@ pub async fn run(
     let queue_pool =
         PoolSettings { max_size: QUEUE_POOL_SIZE, ..args.database.pool_settings(args.concurrency) };
     let queue_db = Database::new(pg, queue_pool, metrics.queue_db_pool_wait.clone())?;
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .map_err(|source| WorkerError::Bind { addr: args.listen, source })?;
+    let listener = crate::bind(args.listen).await?;
 
     tracing::info!(listen = %args.listen, "worker /healthz and /metrics are serving");
     let (stop_probes, probes_stopped) = watch::channel(false);

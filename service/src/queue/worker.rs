@@ -215,11 +215,10 @@ impl Worker {
         {
             let stops: Vec<oneshot::Sender<Stop>> =
                 lock(&shared.held).values_mut().filter_map(|h| h.stop.take()).collect();
-            handed_back = stops.len();
+            // A job that has just finished no longer listens: it is recorded as it ended.
+            handed_back =
+                stops.into_iter().map(|stop| stop.send(Stop::Shutdown)).filter(Result::is_ok).count();
             tracing::warn!(jobs = handed_back, "shutdown deadline passed; handing the running jobs back");
-            for stop in stops {
-                let _ = stop.send(Stop::Shutdown);
-            }
             if tokio::time::timeout(HAND_BACK_DEADLINE, shared.permits.acquire_many(all)).await.is_err() {
                 tracing::error!(
                     "could not record every hand-back in time; those jobs run again after their lease"

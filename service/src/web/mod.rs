@@ -23,7 +23,6 @@ pub mod routes;
 pub mod tasks;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,10 +34,11 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::cli::{InvalidUrl, WebArgs};
-use crate::db::{Database, DbError};
+use crate::cli::WebArgs;
+use crate::db::Database;
 use crate::metrics::Metrics;
 use crate::queue::Registry;
+use crate::StartError;
 pub use routes::App;
 
 /// Client connections to PgBouncer when `--db-pool-size` is not given.
@@ -48,22 +48,6 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Pause after a failed `accept` (e.g. out of file descriptors), so the loop
 /// does not spin while the condition lasts.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
-
-#[derive(Debug, thiserror::Error)]
-pub enum WebError {
-    #[error("cannot listen on {addr}: {source} (is another process using port {}?)", .addr.port())]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Url(#[from] InvalidUrl),
-    #[error(transparent)]
-    Db(#[from] DbError),
-    #[error("could not set up metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
-}
 
 /// How a graceful shutdown ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +68,7 @@ pub struct ServerSettings {
 }
 
 /// Builds the application state from the command line.
-pub fn app_from_args(args: &WebArgs) -> Result<(App, ServerSettings), WebError> {
+pub fn app_from_args(args: &WebArgs) -> Result<(App, ServerSettings), StartError> {
     let db_args = &args.database;
     let pg = db_args.database_url.to_pg_config("DATABASE_URL")?;
     let metrics = Metrics::new()?;
@@ -108,11 +92,6 @@ pub fn app_from_args(args: &WebArgs) -> Result<(App, ServerSettings), WebError> 
         shutdown_timeout: args.shutdown_timeout,
     };
     Ok((app, settings))
-}
-
-/// Binds `addr`, with a clear error when the port is taken.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, WebError> {
-    TcpListener::bind(addr).await.map_err(|source| WebError::Bind { addr, source })
 }
 
 /// Serves until `shutdown` resolves, then drains and shuts down as the
