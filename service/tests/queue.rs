@@ -601,3 +601,20 @@ async fn the_built_in_slow_query_runs_on_the_task_pool() -> Result<()> {
     worker.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_worker_rides_out_a_pooler_restart() -> Result<()> {
+    let mut h = harness(8).await?;
+    let worker = h.start_worker(Registry::with_builtins(), settings("w"))?;
+    let before = h.enqueue(NewJob::new("slow_query", json!({"seconds": 0}))).await?;
+    h.wait_state(before, JobState::Succeeded, Duration::from_secs(10)).await?;
+
+    // Every pooled connection of the worker breaks; its claims fail until
+    // PgBouncer is back, then it carries on by itself.
+    h.bouncer.restart().await?;
+    h.client = support::connect(&h.bouncer.url()).await?;
+    let after = h.enqueue(NewJob::new("slow_query", json!({"seconds": 0}))).await?;
+    h.wait_state(after, JobState::Succeeded, Duration::from_secs(20)).await?;
+    assert_eq!(worker.shutdown().await?, ShutdownReport { handed_back: 0 });
+    Ok(())
+}

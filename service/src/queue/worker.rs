@@ -59,6 +59,8 @@ const MAINTENANCE_ROUNDS: usize = 100;
 /// Attempts to record a batch of outcomes before leaving the jobs to lease
 /// expiry (they then run again: at least once).
 const RECORD_ATTEMPTS: u32 = 5;
+/// Longest pause between claims while they keep failing.
+const CLAIM_FAILURE_PAUSE_MAX: Duration = Duration::from_secs(5);
 /// How long shutdown waits for handed-back jobs to be recorded.
 const HAND_BACK_DEADLINE: Duration = Duration::from_secs(15);
 
@@ -319,7 +321,11 @@ async fn claim_loop(shared: Arc<Shared>, outcomes: mpsc::Sender<Outcome>, mut st
         } else {
             let pause = idle_pause;
             idle_pause = if failed {
-                settings.poll_interval_max
+                // The database is unreachable: back off further, up to a few seconds.
+                (idle_pause * 2).clamp(
+                    settings.poll_interval_max,
+                    CLAIM_FAILURE_PAUSE_MAX.max(settings.poll_interval_max),
+                )
             } else {
                 (idle_pause * 2).min(settings.poll_interval_max)
             };
