@@ -618,3 +618,31 @@ async fn a_worker_rides_out_a_pooler_restart() -> Result<()> {
     assert_eq!(worker.shutdown().await?, ShutdownReport { handed_back: 0 });
     Ok(())
 }
+
+#[tokio::test]
+async fn a_worker_serves_only_its_queues_round_robin() -> Result<()> {
+    let h = harness(8).await?;
+    let mut jobs = Vec::new();
+    for queue in ["emails", "reports", "elsewhere"] {
+        for _ in 0..5 {
+            jobs.push(NewJob::new("slow_query", json!({"seconds": 0})).queue(queue));
+        }
+    }
+    let ids: Vec<i64> = queue::enqueue_many(&h.client, &jobs).await?.iter().map(|e| e.id).collect();
+    let worker = h.start_worker(
+        Registry::with_builtins(),
+        WorkerSettings { queues: vec!["emails".into(), "reports".into()], ..settings("w") },
+    )?;
+    for &id in &ids[..10] {
+        h.wait_state(id, JobState::Succeeded, Duration::from_secs(10)).await?;
+    }
+    worker.shutdown().await?;
+    for &id in &ids[10..] {
+        assert_eq!(
+            h.view(id).await?.map(|v| v.state),
+            Some(JobState::Available),
+            "job {id} is not its queue's"
+        );
+    }
+    Ok(())
+}

@@ -203,6 +203,37 @@ async fn sigterm_hands_running_jobs_back_at_once() -> Result<()> {
 }
 
 #[tokio::test]
+async fn listen_wakes_an_idle_worker_long_before_its_next_poll() -> Result<()> {
+    let db = TestDb::create().await?;
+    let bouncer = PgBouncer::start(&db, 8).await?;
+    let client = support::connect(&bouncer.url()).await?;
+    let direct = db.direct_url();
+    // Polls once at start, then not for ten minutes: only a notification
+    // can get the job claimed within the wait below.
+    let worker = Service::worker(
+        &bouncer.url(),
+        &[
+            ("TIDEPOOL_DIRECT_DATABASE_URL", direct.as_str()),
+            ("TIDEPOOL_WORKER_POLL_INTERVAL_MIN", "600s"),
+            ("TIDEPOOL_WORKER_POLL_INTERVAL_MAX", "600s"),
+        ],
+    )
+    .await?;
+    wait_for("the worker to listen", Duration::from_secs(10), || async {
+        worker.log().contains("listening for new jobs").then_some(())
+    })
+    .await?;
+    let job = queue::enqueue(&client, &NewJob::new("slow_query", json!({"seconds": 0}))).await?;
+    wait_for("the notified worker to run the job", Duration::from_secs(10), || async {
+        let view = queue::lookup(&client, job.id).await.ok()??;
+        (view.state == queue::JobState::Succeeded).then_some(())
+    })
+    .await
+    .with_context(|| worker.log())?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn task_routes_answer_every_input_and_write_nothing_for_bad_ones() -> Result<()> {
     let stack = Stack::start(4, &[]).await?;
     let tasks = stack.web.url("/tasks/");
