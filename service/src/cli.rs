@@ -206,6 +206,7 @@ pub struct WorkerArgs {
     /// Optional direct connection URL to PostgreSQL, bypassing PgBouncer:
     /// one session that LISTENs for new jobs, so an idle worker claims them
     /// at once rather than at its next poll. Without it the worker polls.
+    /// It is one more server connection per worker, outside PgBouncer's cap.
     #[arg(long, env = "TIDEPOOL_DIRECT_DATABASE_URL", hide_env_values = true, value_name = "URL")]
     pub direct_database_url: Option<SecretUrl>,
 
