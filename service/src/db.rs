@@ -78,24 +78,6 @@ impl DbError {
     fn unavailable_because(e: &(dyn std::error::Error + 'static)) -> Self {
         Self::Unavailable { reason: crate::error_chain(e) }
     }
-
-    /// Sorts a failed statement: the database could not be reached, or the
-    /// statement itself failed.
-    pub fn from_query(e: tokio_postgres::Error) -> Self {
-        if is_unavailable(&e) {
-            Self::unavailable_because(&e)
-        } else {
-            Self::Query(e)
-        }
-    }
-
-    /// The SQLSTATE of a failed statement, if the server sent one.
-    pub fn sqlstate(&self) -> Option<&str> {
-        match self {
-            Self::Query(e) => e.code().map(|c| c.code()),
-            _ => None,
-        }
-    }
 }
 
 /// How the pool of client connections to PgBouncer behaves.
@@ -385,15 +367,25 @@ fn is_unavailable(e: &tokio_postgres::Error) -> bool {
         })
 }
 
-/// Opens one unpooled connection, bounded by `timeout` (TCP and login).
-pub async fn connect(mut pg: tokio_postgres::Config, timeout: Duration) -> Result<Client, DbError> {
+/// A connection that is not in a pool, and its client.
+type Unpooled =
+    (Client, tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>);
+
+/// Opens one connection, bounded by `timeout` (TCP and login), and hands
+/// back its client and the connection to drive.
+async fn open(mut pg: tokio_postgres::Config, timeout: Duration) -> Result<Unpooled, DbError> {
     pg.connect_timeout(timeout);
-    let (client, connection) = tokio::time::timeout(timeout, pg.connect(NoTls))
+    tokio::time::timeout(timeout, pg.connect(NoTls))
         .await
         .map_err(|_| {
             DbError::unavailable(format!("no connection within {}", humantime::format_duration(timeout)))
         })?
-        .map_err(|e| DbError::unavailable_because(&e))?;
+        .map_err(|e| DbError::unavailable_because(&e))
+}
+
+/// Opens one unpooled connection, bounded by `timeout` (TCP and login).
+pub async fn connect(pg: tokio_postgres::Config, timeout: Duration) -> Result<Client, DbError> {
+    let (client, connection) = open(pg, timeout).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "unpooled connection ended with an error");
@@ -430,13 +422,8 @@ pub async fn listen(
     on_listening: impl FnOnce(),
     mut on_notify: impl FnMut(&str),
 ) -> Result<std::convert::Infallible, DbError> {
-    pg.connect_timeout(timeout).keepalives(true).keepalives_idle(Duration::from_secs(30));
-    let (client, mut connection) = tokio::time::timeout(timeout, pg.connect(NoTls))
-        .await
-        .map_err(|_| {
-            DbError::unavailable(format!("no connection within {}", humantime::format_duration(timeout)))
-        })?
-        .map_err(|e| DbError::unavailable_because(&e))?;
+    pg.keepalives(true).keepalives_idle(Duration::from_secs(30));
+    let (client, mut connection) = open(pg, timeout).await?;
     let statement = format!("LISTEN {channel}");
     let listen = client.batch_execute(&statement);
     tokio::pin!(listen);
