@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 
 use crate::cli::{EnqueueArgs, InvalidUrl};
 use crate::db::{self, DbError};
+use crate::queue::job::parse_run_at;
 use crate::queue::{self, EnqueueError, Enqueued, InvalidJob, NewJob, Registry, Schedule};
 
 /// Longest one statement may take.
@@ -27,8 +28,6 @@ const MAX_IN_FLIGHT: usize = 1_000;
 pub enum EnqueueCommandError {
     #[error("--args is not valid JSON: {0}")]
     ArgsJson(serde_json::Error),
-    #[error("--run-at must be an RFC 3339 time such as 2026-12-01T09:00:00Z: {0}")]
-    RunAt(chrono::ParseError),
     #[error(transparent)]
     Invalid(#[from] InvalidJob),
     #[error(transparent)]
@@ -55,17 +54,9 @@ pub struct Summary {
 
 /// The job the command line describes, checked against `registry`.
 pub fn job_from_args(args: &EnqueueArgs, registry: &Registry) -> Result<NewJob, EnqueueCommandError> {
-    let task = registry
-        .get(&args.task)
-        .ok_or_else(|| InvalidJob::UnknownTask(args.task.clone(), registry.names()))?;
     let task_args: Value = serde_json::from_str(&args.args).map_err(EnqueueCommandError::ArgsJson)?;
-    if let Some(check) = task.options.check_args {
-        check(&task_args).map_err(|reason| InvalidJob::InvalidArgs { task: args.task.clone(), reason })?;
-    }
     let schedule = match (&args.run_at, args.delay) {
-        (Some(at), _) => Schedule::At(
-            chrono::DateTime::parse_from_rfc3339(at).map_err(EnqueueCommandError::RunAt)?.to_utc(),
-        ),
+        (Some(at), _) => Schedule::At(parse_run_at(at)?),
         (None, Some(delay)) => Schedule::After(delay),
         (None, None) => Schedule::Now,
     };
@@ -75,7 +66,7 @@ pub fn job_from_args(args: &EnqueueArgs, registry: &Registry) -> Result<NewJob, 
         .schedule(schedule)
         .max_attempts(args.max_attempts);
     job.unique_key = args.unique_key.clone();
-    job.validate(chrono::Utc::now())?;
+    registry.check(&job, chrono::Utc::now())?;
     Ok(job)
 }
 

@@ -157,6 +157,13 @@ pub enum InvalidJob {
     UniqueKey,
     #[error("a job may be scheduled at most 366 days ahead")]
     TooFarAhead,
+    #[error("run_at must be an RFC 3339 time such as 2026-12-01T09:00:00Z, got {0:?}")]
+    RunAt(String),
+}
+
+/// A `run_at` as clients write it: RFC 3339, any offset.
+pub fn parse_run_at(text: &str) -> Result<DateTime<Utc>, InvalidJob> {
+    DateTime::parse_from_rfc3339(text).map(|at| at.to_utc()).map_err(|_| InvalidJob::RunAt(text.to_owned()))
 }
 
 /// The outcome of an enqueue.
@@ -311,6 +318,16 @@ mod tests {
             job(Schedule::After(MAX_SCHEDULE_AHEAD + Duration::from_secs(1))).validate(now()),
             Err(InvalidJob::TooFarAhead)
         );
+    }
+
+    #[test]
+    fn run_at_is_rfc3339_with_any_offset() {
+        let expected = DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
+        assert_eq!(parse_run_at("2027-01-15T08:00:00Z"), Ok(expected));
+        assert_eq!(parse_run_at("2027-01-15T10:00:00+02:00"), Ok(expected));
+        for bad in ["tomorrow", "2027-01-15 08:00", "2027-01-15", ""] {
+            assert_eq!(parse_run_at(bad), Err(InvalidJob::RunAt(bad.to_owned())), "{bad}");
+        }
     }
 
     #[test]

@@ -22,9 +22,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use tokio_postgres::types::Type;
 
+use super::job::{InvalidJob, NewJob};
 use crate::db::{Database, DbError};
 
 /// Default and limits of the built-in `slow_query` task's `seconds`.
@@ -156,6 +158,21 @@ impl Registry {
         self
     }
 
+    /// Everything that can be known about `job` before it is written: its
+    /// task is registered, its fields are within limits ([`NewJob::validate`],
+    /// `now` being the caller's clock), and its task accepts its args.
+    pub fn check(&self, job: &NewJob, now: DateTime<Utc>) -> Result<(), InvalidJob> {
+        let task =
+            self.get(&job.task).ok_or_else(|| InvalidJob::UnknownTask(job.task.clone(), self.names()))?;
+        job.validate(now)?;
+        match task.options.check_args {
+            Some(check) => {
+                check(&job.args).map_err(|reason| InvalidJob::InvalidArgs { task: job.task.clone(), reason })
+            }
+            None => Ok(()),
+        }
+    }
+
     pub fn get(&self, name: &str) -> Option<&Task> {
         self.tasks.get(name)
     }
@@ -209,6 +226,19 @@ mod tests {
         assert_eq!(registry.names(), "noop, slow_query");
         assert_eq!(registry.label("noop"), "noop");
         assert_eq!(registry.label("made-up"), "unknown");
+    }
+
+    #[test]
+    fn check_names_the_unknown_task_then_the_limits_then_the_args() {
+        let registry = Registry::with_builtins();
+        let now = Utc::now();
+        let check = |job: NewJob| registry.check(&job, now);
+        assert_eq!(check(NewJob::new("slow_query", json!({"seconds": 1}))), Ok(()));
+        assert!(matches!(check(NewJob::new("nope", json!({}))), Err(InvalidJob::UnknownTask(..))));
+        let too_big = json!({"seconds": 1, "pad": "x".repeat(crate::queue::job::MAX_ARGS_BYTES)});
+        assert!(matches!(check(NewJob::new("slow_query", too_big)), Err(InvalidJob::ArgsTooLarge { .. })));
+        let bad_args = NewJob::new("slow_query", json!({"seconds": -1}));
+        assert!(matches!(check(bad_args), Err(InvalidJob::InvalidArgs { .. })));
     }
 
     #[test]

@@ -23,6 +23,7 @@ use serde_json::Value;
 
 use super::response::{json, ApiError, Body};
 use super::routes::App;
+use crate::queue::job::parse_run_at;
 use crate::queue::{self, Cancelled, InvalidJob, JobState, NewJob, Registry, Schedule};
 
 /// `delay`: seconds as a number, or a duration such as "1m 30s".
@@ -69,29 +70,11 @@ pub fn parse_enqueue(body: &[u8], registry: &Registry, now: DateTime<Utc>) -> Re
         .map_err(|e| ApiError::bad_request(format!("the body is not a valid task request: {e}")))?;
     let schedule = match (request.run_at, request.delay) {
         (Some(_), Some(_)) => return Err(ApiError::bad_request("give run_at or delay, not both")),
-        (Some(at), None) => Schedule::At(
-            DateTime::parse_from_rfc3339(&at)
-                .map_err(|e| {
-                    ApiError::bad_request(format!(
-                        "run_at must be an RFC 3339 time such as 2026-12-01T09:00:00Z, got {at:?}: {e}"
-                    ))
-                })?
-                .to_utc(),
-        ),
+        (Some(at), None) => Schedule::At(parse_run_at(&at)?),
         (None, Some(delay)) => Schedule::After(parse_delay(delay)?),
         (None, None) => Schedule::Now,
     };
-    let task = registry
-        .get(&request.task)
-        .ok_or_else(|| InvalidJob::UnknownTask(request.task.clone(), registry.names()))?;
     let mut job = NewJob::new(request.task, request.args).schedule(schedule);
-    // Size and shape first, so an oversized body is a 413 whatever the task says.
-    if let Err(e @ (InvalidJob::ArgsTooLarge { .. } | InvalidJob::ArgsNotObject)) = job.validate(now) {
-        return Err(e.into());
-    }
-    if let Some(check) = task.options.check_args {
-        check(&job.args).map_err(|reason| InvalidJob::InvalidArgs { task: job.task.clone(), reason })?;
-    }
     if let Some(queue) = request.queue {
         job.queue = queue;
     }
@@ -102,7 +85,7 @@ pub fn parse_enqueue(body: &[u8], registry: &Registry, now: DateTime<Utc>) -> Re
         job.max_attempts = attempts;
     }
     job.unique_key = request.unique_key;
-    job.validate(now)?;
+    registry.check(&job, now)?;
     Ok(job)
 }
 
@@ -171,7 +154,7 @@ fn not_found(id: i64) -> ApiError {
 pub async fn get(app: &App, id: Option<i64>) -> Result<Response<Body>, ApiError> {
     let id = job_id(id)?;
     let conn = app.db.get().await?;
-    match conn.run(Duration::ZERO, queue::sql::lookup(conn.client(), id)).await? {
+    match conn.run(Duration::ZERO, queue::lookup(conn.client(), id)).await? {
         Some(view) => Ok(json(StatusCode::OK, &view)),
         None => Err(not_found(id)),
     }
@@ -187,7 +170,7 @@ struct CancelAnswer {
 pub async fn cancel(app: &App, id: Option<i64>) -> Result<Response<Body>, ApiError> {
     let id = job_id(id)?;
     let conn = app.db.get().await?;
-    match conn.run(Duration::ZERO, queue::sql::cancel(conn.client(), id)).await? {
+    match conn.run(Duration::ZERO, queue::cancel(conn.client(), id)).await? {
         Cancelled::Cancelled => Ok(json(
             StatusCode::OK,
             &CancelAnswer { id, state: JobState::Cancelled, cancel_requested: false },
@@ -196,8 +179,7 @@ pub async fn cancel(app: &App, id: Option<i64>) -> Result<Response<Body>, ApiErr
             StatusCode::ACCEPTED,
             &CancelAnswer { id, state: JobState::Running, cancel_requested: true },
         )),
-        Cancelled::NotPending => match conn.run(Duration::ZERO, queue::sql::lookup(conn.client(), id)).await?
-        {
+        Cancelled::NotPending => match conn.run(Duration::ZERO, queue::lookup(conn.client(), id)).await? {
             Some(view) => Err(ApiError::with_status(
                 StatusCode::CONFLICT,
                 format!(
