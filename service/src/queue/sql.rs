@@ -15,7 +15,7 @@
 //! the same time on overlapping jobs, and rows locked in two different
 //! orders would deadlock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -376,9 +376,11 @@ pub async fn enqueue_many(
     let mut inserted: Vec<(i64, Option<String>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     inserted.sort_unstable_by_key(|(id, _)| *id);
     let mut keyless = inserted.iter().filter(|(_, key)| key.is_none()).map(|(id, _)| *id);
-    let mut by_key: HashMap<&str, i64> =
+    let by_key: HashMap<&str, i64> =
         inserted.iter().filter_map(|(id, key)| Some((key.as_deref()?, *id))).collect();
-    let mut created_keys: HashMap<&str, bool> = HashMap::new();
+    // Keys whose inserted job has been handed out: later jobs of the batch
+    // with the same key are its duplicates.
+    let mut handed_out: HashSet<&str> = HashSet::new();
 
     let held: Vec<&str> =
         jobs.iter().filter_map(|j| j.unique_key.as_deref()).filter(|k| !by_key.contains_key(k)).collect();
@@ -393,17 +395,10 @@ pub async fn enqueue_many(
         let outcome = match job.unique_key.as_deref() {
             None => keyless.next().map(|id| Enqueued { id, duplicate: false }),
             Some(key) => match by_key.get(key) {
-                Some(&id) => {
-                    let first = created_keys.insert(key, true).is_none();
-                    Some(Enqueued { id, duplicate: !first })
-                }
+                Some(&id) => Some(Enqueued { id, duplicate: !handed_out.insert(key) }),
                 None => holders.get(key).map(|&id| Enqueued { id, duplicate: true }),
             },
         };
-        if let (Some(key), Some(found)) = (job.unique_key.as_deref(), outcome) {
-            by_key.entry(key).or_insert(found.id);
-            created_keys.entry(key).or_insert(false);
-        }
         out.push(outcome);
     }
     Ok(out)
