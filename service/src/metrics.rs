@@ -61,6 +61,32 @@ fn counter_vec(
     register(registry, IntCounterVec::new(Opts::new(name, help), labels)?)
 }
 
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+) -> Result<Histogram, prometheus::Error> {
+    register(registry, Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?)
+}
+
+fn histogram_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+    labels: &[&str],
+) -> Result<HistogramVec, prometheus::Error> {
+    register(registry, HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)?)
+}
+
+/// A registry holding the `process_*` metrics every Tidepool process exports.
+fn process_registry() -> Result<Registry, prometheus::Error> {
+    let registry = Registry::new();
+    registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+    Ok(registry)
+}
+
 /// The gauges of one database pool, read from the pool at scrape time.
 #[derive(Clone)]
 struct PoolGauges {
@@ -129,60 +155,49 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
-        let registry = Registry::new();
-        let http_requests = IntCounterVec::new(
-            Opts::new("tidepool_http_requests_total", "HTTP requests answered, by route, method and status."),
-            &["route", "method", "status"],
-        )?;
-        let http_request_duration = HistogramVec::new(
-            HistogramOpts::new(
+        let registry = process_registry()?;
+        let by_request = &["route", "method", "status"];
+        Ok(Self {
+            http_requests: counter_vec(
+                &registry,
+                "tidepool_http_requests_total",
+                "HTTP requests answered, by route, method and status.",
+                by_request,
+            )?,
+            http_request_duration: histogram_vec(
+                &registry,
                 "tidepool_http_request_duration_seconds",
                 "Time from a request's headers to its response, by route, method and status.",
-            )
-            .buckets(REQUEST_BUCKETS.to_vec()),
-            &["route", "method", "status"],
-        )?;
-        let http_requests_in_flight = IntGauge::new(
-            "tidepool_http_requests_in_flight",
-            "HTTP requests being handled now, probes included.",
-        )?;
-        let http_requests_shed = IntCounterVec::new(
-            Opts::new(
+                REQUEST_BUCKETS,
+                by_request,
+            )?,
+            http_requests_in_flight: register(
+                &registry,
+                IntGauge::new(
+                    "tidepool_http_requests_in_flight",
+                    "HTTP requests being handled now, probes included.",
+                )?,
+            )?,
+            http_requests_shed: counter_vec(
+                &registry,
                 "tidepool_http_requests_shed_total",
                 "Requests refused with 503 because a limit was reached: reason=in_flight_limit (too many requests at once) or db_pool_wait (no database connection within the wait).",
-            ),
-            &["reason"],
-        )?;
-        let db_pool_wait = Histogram::with_opts(
-            HistogramOpts::new(
+                &["reason"],
+            )?,
+            db_pool_wait: histogram(
+                &registry,
                 "tidepool_db_pool_wait_seconds",
                 "Time spent waiting for a pooled database connection, shed waits included.",
-            )
-            .buckets(POOL_WAIT_BUCKETS.to_vec()),
-        )?;
-        registry.register(Box::new(http_requests.clone()))?;
-        registry.register(Box::new(http_request_duration.clone()))?;
-        registry.register(Box::new(http_requests_in_flight.clone()))?;
-        registry.register(Box::new(http_requests_shed.clone()))?;
-        registry.register(Box::new(db_pool_wait.clone()))?;
-        let jobs_enqueued = counter_vec(
-            &registry,
-            "tidepool_jobs_enqueued_total",
-            "Jobs enqueued by this process (duplicates of a pending unique key not counted), by task and queue.",
-            &["task", "queue"],
-        )?;
-        let pool = PoolGauges::new(&registry)?;
-        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
-
-        Ok(Self {
+                POOL_WAIT_BUCKETS,
+            )?,
+            jobs_enqueued: counter_vec(
+                &registry,
+                "tidepool_jobs_enqueued_total",
+                "Jobs enqueued by this process (duplicates of a pending unique key not counted), by task and queue.",
+                &["task", "queue"],
+            )?,
+            pool: PoolGauges::new(&registry)?,
             registry,
-            http_requests,
-            http_request_duration,
-            http_requests_in_flight,
-            http_requests_shed,
-            db_pool_wait,
-            jobs_enqueued,
-            pool,
         })
     }
 
@@ -221,10 +236,10 @@ pub struct WorkerMetrics {
 
 impl WorkerMetrics {
     pub fn new() -> Result<Self, prometheus::Error> {
-        let registry = Registry::new();
+        let registry = process_registry()?;
         let by_task = &["task", "queue"];
         let counter = |name: &str, help: &str| counter_vec(&registry, name, help, by_task);
-        let metrics = Self {
+        Ok(Self {
             jobs_started: counter("tidepool_jobs_started_total", "Attempts started, by task and queue.")?,
             jobs_succeeded: counter(
                 "tidepool_jobs_succeeded_total",
@@ -260,27 +275,19 @@ impl WorkerMetrics {
                 "Jobs of other (dead) workers whose lease expired, failed by this worker's maintenance, by outcome.",
                 &["outcome"],
             )?,
-            job_duration: register(
+            job_duration: histogram_vec(
                 &registry,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "tidepool_job_duration_seconds",
-                        "Time an attempt ran, by task, queue and outcome (succeeded, failed, timeout, cancelled, handed_back, lease_lost).",
-                    )
-                    .buckets(JOB_BUCKETS.to_vec()),
-                    &["task", "queue", "outcome"],
-                )?,
+                "tidepool_job_duration_seconds",
+                "Time an attempt ran, by task, queue and outcome (succeeded, failed, timeout, cancelled, handed_back, lease_lost).",
+                JOB_BUCKETS,
+                &["task", "queue", "outcome"],
             )?,
-            job_queue_latency: register(
+            job_queue_latency: histogram_vec(
                 &registry,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "tidepool_job_queue_latency_seconds",
-                        "Time from when a job was due (enqueued, scheduled time or retry time) to when it was claimed, by queue.",
-                    )
-                    .buckets(LATENCY_BUCKETS.to_vec()),
-                    &["queue"],
-                )?,
+                "tidepool_job_queue_latency_seconds",
+                "Time from when a job was due (enqueued, scheduled time or retry time) to when it was claimed, by queue.",
+                LATENCY_BUCKETS,
+                &["queue"],
             )?,
             jobs_running: register(
                 &registry,
@@ -306,31 +313,21 @@ impl WorkerMetrics {
                     &["queue"],
                 )?,
             )?,
-            db_pool_wait: register(
+            db_pool_wait: histogram(
                 &registry,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "tidepool_db_pool_wait_seconds",
-                        "Time tasks spent waiting for a pooled database connection.",
-                    )
-                    .buckets(POOL_WAIT_BUCKETS.to_vec()),
-                )?,
+                "tidepool_db_pool_wait_seconds",
+                "Time tasks spent waiting for a pooled database connection.",
+                POOL_WAIT_BUCKETS,
             )?,
-            queue_db_pool_wait: register(
+            queue_db_pool_wait: histogram(
                 &registry,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "tidepool_worker_queue_pool_wait_seconds",
-                        "Time the worker's own queue operations (claims, completions, heartbeats) waited for one of its fixed connections.",
-                    )
-                    .buckets(POOL_WAIT_BUCKETS.to_vec()),
-                )?,
+                "tidepool_worker_queue_pool_wait_seconds",
+                "Time the worker's own queue operations (claims, completions, heartbeats) waited for one of its fixed connections.",
+                POOL_WAIT_BUCKETS,
             )?,
             pool: PoolGauges::new(&registry)?,
             registry,
-        };
-        metrics.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
-        Ok(metrics)
+        })
     }
 
     /// Renders every metric, after refreshing the task pool's gauges.
@@ -364,6 +361,22 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"tidepool_http_requests_shed_total{reason="db_pool_wait"} 1"#), "{text}");
+        assert!(text.contains("process_resident_memory_bytes"), "{text}");
+    }
+
+    #[test]
+    fn worker_metrics_render_jobs_queues_and_pools() {
+        let metrics = WorkerMetrics::new().expect("metric definitions are valid");
+        metrics.jobs_succeeded.with_label_values(&["noop", "default"]).inc();
+        metrics.queue_available.with_label_values(&["default"]).set(7);
+        let text = String::from_utf8(
+            metrics.render(PoolStatus { max_size: 50, size: 2, available: 2, waiting: 0 }).expect("encodes"),
+        )
+        .expect("utf-8");
+        assert!(text.contains(r#"tidepool_jobs_succeeded_total{queue="default",task="noop"} 1"#), "{text}");
+        assert!(text.contains(r#"tidepool_queue_available_jobs{queue="default"} 7"#), "{text}");
+        assert!(text.contains("tidepool_db_pool_max_size 50"), "{text}");
+        assert!(text.contains("tidepool_worker_queue_pool_wait_seconds_bucket"), "{text}");
         assert!(text.contains("process_resident_memory_bytes"), "{text}");
     }
 }

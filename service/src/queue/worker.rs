@@ -136,20 +136,15 @@ struct Held {
     stop: Option<oneshot::Sender<Stop>>,
 }
 
-type HeldJobs = Arc<Mutex<HashMap<i64, Held>>>;
+type HeldJobs = Mutex<HashMap<i64, Held>>;
 
 fn lock(held: &HeldJobs) -> std::sync::MutexGuard<'_, HashMap<i64, Held>> {
     held.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// A running worker's parts.
+/// A worker, ready to [`Worker::run`].
 pub struct Worker {
-    settings: WorkerSettings,
-    registry: Arc<Registry>,
-    queue_db: Database,
-    task_db: Database,
-    metrics: WorkerMetrics,
-    wake: Arc<Notify>,
+    shared: Arc<Shared>,
 }
 
 impl Worker {
@@ -162,27 +157,28 @@ impl Worker {
         task_db: Database,
         metrics: WorkerMetrics,
     ) -> Self {
-        Self { settings, registry, queue_db, task_db, metrics, wake: Arc::new(Notify::new()) }
+        let shared = Shared {
+            permits: Arc::new(Semaphore::new(settings.concurrency)),
+            held: HeldJobs::default(),
+            wake: Arc::new(Notify::new()),
+            settings,
+            registry,
+            queue_db,
+            task_db,
+            metrics,
+        };
+        Self { shared: Arc::new(shared) }
     }
 
     /// Wakes the claimer from its pause between polls: call it when jobs
     /// were enqueued (a LISTEN notification). Never needed for correctness.
     pub fn waker(&self) -> Arc<Notify> {
-        self.wake.clone()
+        self.shared.wake.clone()
     }
 
     /// Runs until `shutdown` resolves, then shuts down as the module says.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> ShutdownReport {
-        let shared = Arc::new(Shared {
-            permits: Arc::new(Semaphore::new(self.settings.concurrency)),
-            held: HeldJobs::default(),
-            settings: self.settings,
-            registry: self.registry,
-            queue_db: self.queue_db,
-            task_db: self.task_db,
-            metrics: self.metrics,
-            wake: self.wake,
-        });
+        let shared = self.shared;
         let (outcomes_tx, outcomes_rx) = mpsc::channel(shared.settings.concurrency.max(1));
         let (stop_tx, stop_rx) = watch::channel(false);
         let (stop_claiming_tx, stop_claiming_rx) = watch::channel(false);
