@@ -107,31 +107,26 @@ pub async fn run(
 ) -> Result<ShutdownReport, StartError> {
     let settings = settings_from_args(args, default_name())?;
     let pg = args.database.database_url.to_pg_config("DATABASE_URL")?;
+    let direct_pg = args
+        .direct_database_url
+        .as_ref()
+        .map(|url| url.to_pg_config("TIDEPOOL_DIRECT_DATABASE_URL"))
+        .transpose()?;
     let metrics = WorkerMetrics::new()?;
-    let task_db = Database::new(
-        pg.clone(),
-        args.database.pool_settings(args.concurrency),
-        metrics.db_pool_wait.clone(),
-    )?;
-    let queue_pool =
-        PoolSettings { max_size: QUEUE_POOL_SIZE, ..args.database.pool_settings(args.concurrency) };
+    let task_pool = args.database.pool_settings(args.concurrency);
+    let queue_pool = PoolSettings { max_size: QUEUE_POOL_SIZE, ..task_pool.clone() };
+    let task_db = Database::new(pg.clone(), task_pool, metrics.db_pool_wait.clone())?;
     let queue_db = Database::new(pg, queue_pool, metrics.queue_db_pool_wait.clone())?;
-    let listener = crate::bind(args.listen).await?;
+    let probe_listener = crate::bind(args.listen).await?;
 
     tracing::info!(listen = %args.listen, "worker /healthz and /metrics are serving");
     let (stop_probes, probes_stopped) = watch::channel(false);
-    let probes = tokio::spawn(serve_probes(listener, metrics.clone(), task_db.clone(), probes_stopped));
-    let listener = match &args.direct_database_url {
-        Some(url) => {
-            let pg = url.to_pg_config("TIDEPOOL_DIRECT_DATABASE_URL")?;
-            Some((pg, args.database.db_connect_timeout))
-        }
-        None => None,
-    };
+    let probes = tokio::spawn(serve_probes(probe_listener, metrics.clone(), task_db.clone(), probes_stopped));
     let queues = settings.queues.clone();
     let worker = Worker::new(settings, Arc::new(registry), queue_db, task_db, metrics);
-    let listening =
-        listener.map(|(pg, timeout)| tokio::spawn(listen_for_jobs(pg, timeout, queues, worker.waker())));
+    let listening = direct_pg.map(|pg| {
+        tokio::spawn(listen_for_jobs(pg, args.database.db_connect_timeout, queues, worker.waker()))
+    });
     let report = worker.run(shutdown).await;
     if let Some(task) = listening {
         task.abort();
@@ -156,10 +151,10 @@ async fn listen_for_jobs(
 ) {
     let mut pause = LISTEN_RETRY_MIN;
     loop {
-        let connected = std::sync::atomic::AtomicBool::new(false);
+        let mut connected = false;
         let listening = || {
             tracing::info!("listening for new jobs on the direct connection");
-            connected.store(true, std::sync::atomic::Ordering::Relaxed);
+            connected = true;
             wake.notify_one();
         };
         let on_notify = |queue: &str| {
@@ -173,7 +168,7 @@ async fn listen_for_jobs(
             }
             Ok(never) => match never {},
         }
-        if connected.load(std::sync::atomic::Ordering::Relaxed) {
+        if connected {
             pause = LISTEN_RETRY_MIN;
         }
         tokio::time::sleep(pause).await;
