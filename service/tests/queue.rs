@@ -52,6 +52,15 @@ impl Harness {
         .await
     }
 
+    /// Waits until job `id` has left every table: it succeeded without a
+    /// result to keep, or its record was pruned.
+    async fn wait_gone(&self, id: i64, limit: Duration) -> Result<()> {
+        wait_for(&format!("job {id} to leave every table"), limit, || async {
+            self.view(id).await.ok().filter(Option::is_none).map(drop)
+        })
+        .await
+    }
+
     async fn enqueue(&self, job: NewJob) -> Result<i64> {
         let enqueued = queue::enqueue(&self.client, &job).await?;
         if enqueued.duplicate {
@@ -212,10 +221,7 @@ async fn unique_keys_hold_only_while_the_job_is_pending() -> Result<()> {
     assert_eq!(second, Enqueued { id: first.id, duplicate: true });
 
     let worker = h.start_worker(Registry::with_builtins(), settings("w"))?;
-    wait_for("the keyed job to finish", Duration::from_secs(10), || async {
-        h.view(first.id).await.ok().filter(Option::is_none).map(drop)
-    })
-    .await?;
+    h.wait_gone(first.id, Duration::from_secs(10)).await?;
     let third = queue::enqueue(&h.client, &NewJob::new("noop", json!({})).unique_key("report-42")).await?;
     assert!(!third.duplicate, "the key is free once its job finished");
     assert_ne!(third.id, first.id);
@@ -478,10 +484,7 @@ async fn an_expired_lease_is_rescued_and_fences_out_its_old_holder() -> Result<(
     let old_lease = Lease { id, attempt: stalled[0].attempt };
 
     let worker = h.start_worker(Registry::with_builtins(), settings("rescuer"))?;
-    wait_for("the rescued job to finish", Duration::from_secs(10), || async {
-        h.view(id).await.ok().filter(Option::is_none).map(drop)
-    })
-    .await?;
+    h.wait_gone(id, Duration::from_secs(10)).await?;
     // The stalled worker comes back: its completion matches nothing.
     assert!(sql::complete(&h.client, &[(old_lease, None)]).await?.is_empty());
     assert!(sql::heartbeat(&h.client, &[old_lease], Duration::from_secs(30)).await?.is_empty());
@@ -561,10 +564,7 @@ async fn results_and_dead_jobs_are_pruned_after_their_retention() -> Result<()> 
     h.wait_state(kept, JobState::Succeeded, Duration::from_secs(10)).await?;
     h.wait_state(dead, JobState::Dead, Duration::from_secs(10)).await?;
     for id in [kept, dead] {
-        wait_for(&format!("job {id} to be pruned"), Duration::from_secs(10), || async {
-            h.view(id).await.ok().filter(Option::is_none).map(drop)
-        })
-        .await?;
+        h.wait_gone(id, Duration::from_secs(10)).await?;
     }
     worker.shutdown().await?;
 
@@ -574,10 +574,7 @@ async fn results_and_dead_jobs_are_pruned_after_their_retention() -> Result<()> 
         WorkerSettings { result_retention: Duration::ZERO, ..settings("w") },
     )?;
     let id = h.enqueue(NewJob::new("flaky", json!({}))).await?;
-    wait_for("the job to finish", Duration::from_secs(10), || async {
-        h.view(id).await.ok().filter(Option::is_none).map(drop)
-    })
-    .await?;
+    h.wait_gone(id, Duration::from_secs(10)).await?;
     let results: i64 =
         h.client.query_typed_one("SELECT count(*) FROM tidepool_job_results", &[]).await?.get(0);
     assert_eq!(results, 0);

@@ -14,6 +14,7 @@ use http::Method;
 use serde_json::json;
 use support::{request, wait_for, wait_for_sleeps, PgBouncer, Service, Stack, TestDb};
 use tidepool::queue::{self, NewJob};
+use tokio_postgres::types::{ToSql, Type};
 
 /// Runs `tidepool enqueue ARGS` against `database_url`: (exit ok, stdout, stderr).
 fn enqueue_cli(database_url: &str, args: &[&str]) -> Result<(bool, String, String)> {
@@ -38,6 +39,15 @@ fn worker_name(worker: &Service) -> Result<String> {
 
 async fn count(client: &tokio_postgres::Client, sql: &str) -> Result<i64> {
     Ok(client.query_typed_one(sql, &[]).await?.get(0))
+}
+
+/// The job ids `sql` selects.
+async fn ids(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    params: &[(&(dyn ToSql + Sync), Type)],
+) -> Result<BTreeSet<i64>> {
+    Ok(client.query_typed(sql, params).await?.iter().map(|r| r.get(0)).collect())
 }
 
 async fn wait_until_drained(client: &tokio_postgres::Client, limit: Duration) -> Result<()> {
@@ -110,41 +120,29 @@ async fn a_killed_worker_loses_no_job_and_only_its_own_run_twice() -> Result<()>
     let victim_name = worker_name(&victim)?;
 
     let jobs: Vec<NewJob> = (0..60).map(|_| NewJob::new("slow_query", json!({"seconds": 0.5}))).collect();
-    let ids: BTreeSet<i64> = queue::enqueue_many(&client, &jobs).await?.iter().map(|e| e.id).collect();
-    let held_by_victim =
-        format!("SELECT count(*) FROM tidepool_jobs WHERE state = 'running' AND worker = '{victim_name}'");
+    let enqueued: BTreeSet<i64> = queue::enqueue_many(&client, &jobs).await?.iter().map(|e| e.id).collect();
+    let held_by_victim = || async {
+        ids(
+            &admin,
+            "SELECT id FROM tidepool_jobs WHERE state = 'running' AND worker = $1",
+            &[(&victim_name, Type::TEXT)],
+        )
+        .await
+    };
     wait_for("the victim to run jobs", Duration::from_secs(10), || async {
-        count(&admin, &held_by_victim).await.ok().filter(|n| *n > 0).map(drop)
+        held_by_victim().await.ok().filter(|held| !held.is_empty()).map(drop)
     })
     .await?;
     victim.signal(libc::SIGKILL)?;
     // Dead now: what it held is what it was running when it died.
-    let interrupted: BTreeSet<i64> = admin
-        .query_typed(
-            "SELECT id FROM tidepool_jobs WHERE state = 'running' AND worker = $1",
-            &[(&victim_name, tokio_postgres::types::Type::TEXT)],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let interrupted = held_by_victim().await?;
     assert!(!interrupted.is_empty());
 
     wait_until_drained(&admin, Duration::from_secs(60)).await.with_context(|| survivor.log())?;
     assert_eq!(count(&admin, "SELECT count(*) FROM tidepool_dead_jobs").await?, 0);
-    let finished: BTreeSet<i64> = admin
-        .query_typed("SELECT id FROM tidepool_job_results", &[])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(finished, ids, "every job completed");
-    let ran_twice: BTreeSet<i64> = admin
-        .query_typed("SELECT id FROM tidepool_job_results WHERE attempts > 1", &[])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let finished = ids(&admin, "SELECT id FROM tidepool_job_results", &[]).await?;
+    assert_eq!(finished, enqueued, "every job completed");
+    let ran_twice = ids(&admin, "SELECT id FROM tidepool_job_results WHERE attempts > 1", &[]).await?;
     assert_eq!(ran_twice, interrupted, "only the jobs the killed worker was running ran again");
     assert_eq!(count(&admin, "SELECT count(*) FROM tidepool_job_results WHERE attempts > 2").await?, 0);
     Ok(())
