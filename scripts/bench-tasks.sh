@@ -49,6 +49,17 @@ start_worker() {
   echo $! >> "$WORKER_PIDS"
   wait_until "curl -fsS http://127.0.0.1:$port/healthz" 30 "benchmark worker $n (see $WORK/worker-$n.log)"
 }
+# Starts worker $1 polling only ($2 = polling) or also listening on the
+# direct connection ($2 = listen), with the environment that follows.
+start_worker_in_mode() {
+  local n=$1 mode=$2
+  shift 2
+  if [ "$mode" = listen ]; then
+    start_worker "$n" TIDEPOOL_DIRECT_DATABASE_URL="$(direct_url)" "$@"
+  else
+    start_worker "$n" "$@"
+  fi
+}
 stop_workers() {
   local pid
   [ -s "$WORKER_PIDS" ] || return 0
@@ -120,15 +131,11 @@ q "TRUNCATE tidepool_jobs, tidepool_job_results, tidepool_dead_jobs" >/dev/null
 say "6. seed task experiment: 100 x slow_query (5 s), one worker with --concurrency 50, $BENCH_REPEATS times per mode"
 seed_run() {
   local mode=$1 ids
-  if [ "$mode" = listen ]; then
-    start_worker 1 TIDEPOOL_WORKER_CONCURRENCY=50 TIDEPOOL_DIRECT_DATABASE_URL="$(direct_url)"
-  else
-    start_worker 1 TIDEPOOL_WORKER_CONCURRENCY=50
-  fi
+  start_worker_in_mode 1 "$mode" TIDEPOOL_WORKER_CONCURRENCY=50
   sleep 1 # let an idle polling worker back off to its longest pause: the worst case
   "$TIDEPOOL_BIN" enqueue slow_query --count 100 --batch-size 1 > "$WORK/seed-ids" 2>/dev/null
-  ids="$(head -n 1 "$WORK/seed-ids") AND $(tail -n 1 "$WORK/seed-ids")"
-  wait_until "[ \$(psql_super -d $APP_DB -At -c 'SELECT count(*) FROM tidepool_job_results WHERE id BETWEEN $ids') = 100 ]" 60 "100 slow_query jobs"
+  ids=$(id_range "$WORK/seed-ids")
+  wait_until "[ \$(kept_results '$ids') = 100 ]" 60 "100 slow_query jobs"
   stop_workers
   q "SELECT extract(epoch FROM max(finished_at) - min(created_at))::numeric(8,2) FROM tidepool_job_results WHERE id BETWEEN $ids"
   q "SELECT extract(epoch FROM finished_at - min(created_at) OVER ())::numeric(8,3) FROM tidepool_job_results WHERE id BETWEEN $ids ORDER BY 1" > "$WORK/seed-$mode.txt"
@@ -216,22 +223,16 @@ done
 
 say "   enqueue-to-start latency at a steady 1,000 jobs/s"
 latency_run() {
-  if [ "$1" = listen ]; then
-    start_worker 1 TIDEPOOL_DIRECT_DATABASE_URL="$(direct_url)"
-  else
-    start_worker 1
-  fi
+  start_worker_in_mode 1 "$1"
   "$TIDEPOOL_BIN" enqueue slow_query --args '{"seconds": 0}' --count 15000 --rate 1000 > "$WORK/latency-ids" 2>/dev/null
-  local first last
-  # Ids are printed as enqueues finish (pipelined), not in order. The
-  # first 2 s (2,000 jobs) are the warm-up.
-  sort -n -o "$WORK/latency-ids" "$WORK/latency-ids"
-  first=$(sed -n '2001p' "$WORK/latency-ids"); last=$(tail -n 1 "$WORK/latency-ids")
-  wait_until "[ \$(psql_super -d $APP_DB -At -c 'SELECT count(*) FROM tidepool_job_results WHERE id BETWEEN $first AND $last') = 13000 ]" 60 "the latency run's jobs"
+  # The first 2 s (2,000 jobs) are the warm-up.
+  local ids
+  ids=$(id_range "$WORK/latency-ids" 2001)
+  wait_until "[ \$(kept_results '$ids') = 13000 ]" 60 "the latency run's jobs"
   stop_workers
   q "SELECT round((1000 * percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - run_at)))::numeric, 2)
          || ' ' || round((1000 * percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - run_at)))::numeric, 2)
-     FROM tidepool_job_results WHERE id BETWEEN $first AND $last"
+     FROM tidepool_job_results WHERE id BETWEEN $ids"
 }
 latency=$(latency_run listen)
 read -r lat_listen_p50 lat_listen_p99 <<< "$latency"

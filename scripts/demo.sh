@@ -38,9 +38,8 @@ say "seed task experiment: tidepool enqueue slow_query --count 100 --batch-size 
 start_connection_sampler "$WORK/task-samples"
 DATABASE_URL=$(pooled_url) "$TIDEPOOL_BIN" enqueue slow_query --count 100 --batch-size 1 > "$WORK/ids" 2>/dev/null \
   || die "could not enqueue the jobs"
-ids="$(head -n 1 "$WORK/ids") AND $(tail -n 1 "$WORK/ids")"
-done_jobs() { psql_super -d "$APP_DB" -At -c "SELECT count(*) FROM tidepool_job_results WHERE id BETWEEN $ids"; }
-wait_until '[ "$(done_jobs)" = 100 ]' 120 "the 100 jobs (see $TIDEPOOL_STATE_DIR/log/worker.log)"
+ids=$(id_range "$WORK/ids")
+wait_until '[ "$(kept_results "$ids")" = 100 ]' 120 "the 100 jobs (see $TIDEPOOL_STATE_DIR/log/worker.log)"
 stop_connection_sampler
 task_peak=$(sampled_peak "$WORK/task-samples")
 read -r task_total task_failed < <(psql_super -d "$APP_DB" -At -F ' ' -c "

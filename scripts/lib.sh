@@ -155,6 +155,12 @@ stop_connection_sampler() { kill "${SAMPLER:-}" 2>/dev/null || true; wait "${SAM
 # The most connections seen in a sampler's file $1.
 sampled_peak() { awk '$2 > max {max = $2} END {print max + 0}' "$1"; }
 
+# The ids in file $1 (one per line as `tidepool enqueue` prints them, in any
+# order), from the $2-th smallest (1) on, as "FIRST AND LAST" for SQL's BETWEEN.
+id_range() { sort -n "$1" | sed -n "${2:-1},\$p" | sed -n '1p;$p' | paste -sd ' ' | sed 's/ / AND /'; }
+# How many jobs with ids in range $1 (from id_range) have a kept result.
+kept_results() { psql_super -d "$APP_DB" -At -c "SELECT count(*) FROM tidepool_job_results WHERE id BETWEEN $1"; }
+
 # Small figures for the benchmark reports: python3 one-liners, the median
 # of the arguments, and the arguments as a list, each with DECIMALS (2)
 # decimals; with DECIMALS=0, whole numbers with thousands separators.
