@@ -473,8 +473,17 @@ pub struct Failure {
     pub error: String,
     /// Backoff before the next attempt, if there is one.
     pub retry_in: Duration,
-    /// Stop here whatever attempts are left: dead, or cancelled.
-    pub final_state: Option<JobState>,
+    /// Stop here whatever attempts are left.
+    pub give_up: Option<GiveUp>,
+}
+
+/// How a failed job ends when it is not to be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GiveUp {
+    /// Retrying cannot help (a fatal error).
+    Dead,
+    /// Its cancellation was asked for.
+    Cancelled,
 }
 
 /// What [`fail`] and [`rescue`] did to one job.
@@ -506,10 +515,11 @@ pub async fn fail(client: &impl GenericClient, failures: &[Failure]) -> Result<V
     let retry_in: Vec<i64> = failures.iter().map(|f| millis(f.retry_in)).collect();
     let final_states: Vec<Option<&str>> = failures
         .iter()
-        .map(|f| match f.final_state {
-            Some(JobState::Cancelled) => Some("cancelled"),
-            Some(_) => Some("dead"),
-            None => None,
+        .map(|f| {
+            f.give_up.map(|g| match g {
+                GiveUp::Dead => "dead",
+                GiveUp::Cancelled => "cancelled",
+            })
         })
         .collect();
     let rows = client

@@ -41,10 +41,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::job::{ClaimedJob, JobState};
+use super::job::ClaimedJob;
 use super::registry::{Registry, TaskContext, TaskError, TaskFuture};
 use super::retry::RetryPolicy;
-use super::sql::{self, Failure, Lease, Settled};
+use super::sql::{self, Failure, GiveUp, Lease, Settled};
 use crate::db::{Conn, Database, DbError};
 use crate::metrics::WorkerMetrics;
 
@@ -465,8 +465,8 @@ async fn record(shared: &Shared, batch: &[Outcome]) {
             }
             OutcomeKind::Failed(e) => {
                 count(&shared.metrics.jobs_failed, lease.id);
-                let final_state = matches!(e, TaskError::Fatal(_)).then_some(JobState::Dead);
-                failures.push(failure(shared, lease, e.to_string(), final_state));
+                let give_up = matches!(e, TaskError::Fatal(_)).then_some(GiveUp::Dead);
+                failures.push(failure(shared, lease, e.to_string(), give_up));
             }
             OutcomeKind::TimedOut(after) => {
                 count(&shared.metrics.jobs_failed, lease.id);
@@ -476,7 +476,7 @@ async fn record(shared: &Shared, batch: &[Outcome]) {
             OutcomeKind::Stopped(Stop::Cancelled) => {
                 count(&shared.metrics.jobs_cancelled, lease.id);
                 let error = "cancelled while running".to_owned();
-                failures.push(failure(shared, lease, error, Some(JobState::Cancelled)));
+                failures.push(failure(shared, lease, error, Some(GiveUp::Cancelled)));
             }
             OutcomeKind::Stopped(Stop::Shutdown) => hand_back.push(lease),
             OutcomeKind::Stopped(Stop::LeaseLost) => count(&shared.metrics.jobs_lease_lost, lease.id),
@@ -519,9 +519,9 @@ async fn record(shared: &Shared, batch: &[Outcome]) {
     }
 }
 
-fn failure(shared: &Shared, lease: Lease, error: String, final_state: Option<JobState>) -> Failure {
+fn failure(shared: &Shared, lease: Lease, error: String, give_up: Option<GiveUp>) -> Failure {
     let retry_in = shared.settings.retry.delay(lease.attempt, rand::random::<f64>());
-    Failure { lease, error, retry_in, final_state }
+    Failure { lease, error, retry_in, give_up }
 }
 
 /// Runs a recording statement, retrying a few times with a growing pause.
