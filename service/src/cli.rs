@@ -177,6 +177,18 @@ pub struct WebArgs {
     #[arg(long, env = "TIDEPOOL_BODY_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub body_read_timeout: Duration,
 
+    /// After refusing a request body it has not read (413, 404, 405, 408),
+    /// the server answers, then reads and discards what the client still
+    /// sends for up to this long before closing, so the client reads the
+    /// answer instead of a connection reset (a lingering close).
+    #[arg(long, env = "TIDEPOOL_LINGERING_CLOSE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub lingering_close_timeout: Duration,
+
+    /// Most bytes a lingering close discards; a client that sends more is
+    /// cut off.
+    #[arg(long, env = "TIDEPOOL_LINGERING_CLOSE_MAX_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub lingering_close_max_bytes: u64,
+
     /// Longest /readyz waits for PgBouncer to connect and answer `SELECT 1`.
     #[arg(long, env = "TIDEPOOL_READINESS_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub readiness_timeout: Duration,

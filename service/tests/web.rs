@@ -6,10 +6,13 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use support::{
-    get, raw, wait_for, wait_for_sleeps, wait_for_status, PgBouncer, PrivatePostgres, Stack, TestDb, Web,
+    get, raw, wait_for, wait_for_sleeps, wait_for_status, BusyCores, PgBouncer, PrivatePostgres, Stack,
+    TestDb, Web,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// The seed's web experiment, scaled: 10 concurrent one-second slow queries
 /// on one process run together, not one after another.
@@ -169,6 +172,87 @@ async fn bad_input_gets_clear_errors() -> Result<()> {
 
     assert_eq!(get(&web.url("/healthz")).await?.status, 200, "the server must survive bad input");
     assert!(!web.log().contains("panicked"), "{}", web.log());
+    Ok(())
+}
+
+/// Headers of a `POST /tasks/` declaring `length` bytes of body.
+fn post_head(length: u64, extra: &str) -> Vec<u8> {
+    format!("POST /tasks/ HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n{extra}Content-Length: {length}\r\n\r\n")
+        .into_bytes()
+}
+
+/// Everything the server sends until it closes, bounded to 30 s.
+async fn read_until_closed(stream: &mut TcpStream) -> Result<String> {
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer))
+        .await
+        .context("the server neither answered nor closed within 30 s")??;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// A body over the limit is answered with 413, never with a reset: the
+/// server drains what the client still sends (a lingering close), within a
+/// bound of time and bytes past which the client is cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_bodies_get_their_413_not_a_reset() -> Result<()> {
+    let linger = Duration::from_secs(2);
+    let Stack { web, bouncer: _bouncer, db: _db, admin: _admin } =
+        Stack::start(2, &[("TIDEPOOL_LINGERING_CLOSE_TIMEOUT", "2s")]).await?;
+    let body = vec![b'x'; 4 * 1024 * 1024];
+
+    // A client that writes the whole 4 MiB body (four times the 1 MiB
+    // limit) before it reads anything, while every core is busy.
+    {
+        let _busy = BusyCores::start();
+        for attempt in 1..=200 {
+            let mut stream = TcpStream::connect(web.addr()).await?;
+            stream.write_all(&post_head(body.len() as u64, "")).await?;
+            stream.write_all(&body).await.with_context(|| format!("attempt {attempt}: writing the body"))?;
+            let answer = read_until_closed(&mut stream).await?;
+            ensure!(answer.starts_with("HTTP/1.1 413"), "attempt {attempt}: {answer:?}");
+            ensure!(answer.contains("larger than the limit of 1048576 bytes"), "attempt {attempt}: {answer}");
+        }
+    }
+
+    // With Expect: 100-continue the 413 comes instead of the 100, and the
+    // body is never asked for.
+    let mut stream = TcpStream::connect(web.addr()).await?;
+    stream.write_all(&post_head(body.len() as u64, "Expect: 100-continue\r\n")).await?;
+    let answer = read_until_closed(&mut stream).await?;
+    ensure!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
+    ensure!(!answer.contains("100 Continue"), "{answer:?}");
+
+    // A client that keeps sending is cut off once the cap (16 MiB by
+    // default) is drained; what it got through is the cap plus the socket
+    // buffers of both ends.
+    let mut stream = TcpStream::connect(web.addr()).await?;
+    stream.write_all(&post_head(1 << 30, "")).await?;
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut sent = 0u64;
+    let cut_off = loop {
+        match tokio::time::timeout(Duration::from_secs(30), stream.write_all(&chunk)).await {
+            Err(_) => bail!("a write hung for 30 s after {sent} bytes: the server neither read nor closed"),
+            Ok(Err(e)) => break e,
+            Ok(Ok(())) => sent += chunk.len() as u64,
+        }
+        ensure!(sent < 1 << 30, "sent the whole 1 GiB body without being cut off");
+    };
+    ensure!(sent >= 16 << 20, "cut off after {sent} bytes, before the cap: {cut_off}");
+    ensure!(sent <= 64 << 20, "cut off only after {sent} bytes: {cut_off}");
+
+    // A client that trickles is cut off once the linger time is up.
+    let mut stream = TcpStream::connect(web.addr()).await?;
+    stream.write_all(&post_head(body.len() as u64, "")).await?;
+    let started = Instant::now();
+    let mut trickled = 0;
+    while stream.write_all(b"x").await.is_ok() {
+        trickled += 1;
+        ensure!(trickled < 600, "still connected after 600 bytes, one every 100 ms");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(started.elapsed() >= linger, "cut off after {:?}, before the linger time", started.elapsed());
+
+    assert_eq!(get(&web.url("/healthz")).await?.status, 200);
     Ok(())
 }
 

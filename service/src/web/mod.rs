@@ -7,7 +7,9 @@
 //!   free slot, leaving new connections in the kernel's backlog;
 //! - requests in flight (`--max-in-flight`) and the wait for a database
 //!   connection (`--db-pool-wait`): past either, a fast 503;
-//! - header and body read timeouts and a body size limit.
+//! - header and body read timeouts and a body size limit; a refused body
+//!   is drained for a bounded time before the connection closes, so the
+//!   client reads its 413 (see [`linger`]).
 //!
 //! Shutdown follows what Kubernetes needs. At the first SIGTERM or SIGINT:
 //! 1. `/readyz` answers 503 at once, while everything else is still served
@@ -18,6 +20,7 @@
 //! 3. requests in flight get up to `--shutdown-timeout` to finish. The
 //!    outcome ([`Shutdown`]) becomes the exit code.
 
+pub mod linger;
 pub mod response;
 pub mod routes;
 pub mod tasks;
@@ -39,6 +42,7 @@ use crate::db::Database;
 use crate::metrics::Metrics;
 use crate::queue::Registry;
 use crate::StartError;
+use linger::{Linger, LingeringStream, UnreadBody};
 pub use routes::App;
 
 /// Client connections to PgBouncer when `--db-pool-size` is not given.
@@ -63,6 +67,7 @@ pub enum Shutdown {
 pub struct ServerSettings {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
+    pub linger: Linger,
     pub drain_delay: Duration,
     pub shutdown_timeout: Duration,
 }
@@ -88,6 +93,7 @@ pub fn app_from_args(args: &WebArgs) -> Result<(App, ServerSettings), StartError
     let settings = ServerSettings {
         max_connections: args.max_connections as usize,
         header_read_timeout: args.header_read_timeout,
+        linger: Linger { timeout: args.lingering_close_timeout, max_bytes: args.lingering_close_max_bytes },
         drain_delay: args.drain_delay,
         shutdown_timeout: args.shutdown_timeout,
     };
@@ -143,7 +149,9 @@ pub async fn serve(
             tracing::debug!(error = %e, %peer, "could not set TCP_NODELAY");
         }
         let app = app.clone();
-        let service = service_fn(move |request| routes::handle(app.clone(), request));
+        let unread_body = UnreadBody::default();
+        let stream = LingeringStream::new(stream, unread_body.clone(), settings.linger);
+        let service = service_fn(move |request| routes::handle(app.clone(), unread_body.clone(), request));
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = connection.await {

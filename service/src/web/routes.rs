@@ -22,12 +22,13 @@ use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use rand::Rng;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio_postgres::types::Type;
 
+use super::linger::UnreadBody;
 use super::response::{json, with_body, ApiError, Body, Shed};
 use super::tasks;
 use crate::db::{self, Database};
@@ -117,9 +118,11 @@ impl Route {
 /// becomes a JSON response.
 pub async fn handle(
     app: Arc<App>,
+    unread_body: UnreadBody,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let started = Instant::now();
+    unread_body.set(!request.body().is_end_stream());
     let metrics = &app.metrics;
     metrics.http_requests_in_flight.inc();
     let _in_flight = scopeguard(|| metrics.http_requests_in_flight.dec());
@@ -131,7 +134,7 @@ pub async fn handle(
     // connection's whole life, so it must stay small; the routes' futures
     // (pool checkout, query) are several KB and live only per request.
     let response = match route {
-        Some(route) => Box::pin(dispatch(&app, route, request)).await,
+        Some(route) => Box::pin(dispatch(&app, route, request, &unread_body)).await,
         None => Err(ApiError::not_found(request.uri().path())),
     };
     let response = response.unwrap_or_else(|e| {
@@ -157,13 +160,19 @@ pub async fn handle(
     Ok(response)
 }
 
-async fn dispatch(app: &App, route: Route, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn dispatch(
+    app: &App,
+    route: Route,
+    request: Request<Incoming>,
+    unread_body: &UnreadBody,
+) -> Result<Response<Body>, ApiError> {
     let allowed = route.allowed_methods();
     if !allowed.split(", ").any(|m| m == request.method().as_str()) {
         return Err(ApiError::method_not_allowed(allowed));
     }
     let (parts, body) = request.into_parts();
     let body = read_body(app, &parts.headers, body).await?;
+    unread_body.set(false);
     let _permit =
         if route.is_probe() {
             None
@@ -185,7 +194,9 @@ async fn dispatch(app: &App, route: Route, request: Request<Incoming>) -> Result
 }
 
 /// Reads the body within the size and time limits, so an oversized or
-/// trickled body is refused instead of buffered.
+/// trickled body is refused instead of buffered. A declared length over the
+/// limit is refused before any of the body is read (so `Expect:
+/// 100-continue` gets the 413 instead of a 100).
 async fn read_body(app: &App, headers: &http::HeaderMap, body: Incoming) -> Result<Bytes, ApiError> {
     let declared = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > app.max_body_bytes) {
