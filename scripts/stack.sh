@@ -76,10 +76,15 @@ pooler_up() {
     return
   fi
   require_free_port "$TIDEPOOL_POOLER_PORT" PgBouncer
-  say "starting PgBouncer (transaction mode, $TIDEPOOL_POOLER_POOL_SIZE server connections) on 127.0.0.1:$TIDEPOOL_POOLER_PORT"
+  # Kept open while idle: every connection web and worker hold (the worker's
+  # 4 queue connections included), within the pool.
+  local min_pool=${TIDEPOOL_POOLER_MIN_POOL_SIZE:-$(( TIDEPOOL_DB_POOL_SIZE + TIDEPOOL_WORKER_CONCURRENCY + 4 ))}
+  (( min_pool <= TIDEPOOL_POOLER_POOL_SIZE )) || min_pool=$TIDEPOOL_POOLER_POOL_SIZE
+  say "starting PgBouncer (transaction mode, $TIDEPOOL_POOLER_POOL_SIZE server connections, $min_pool kept open) on 127.0.0.1:$TIDEPOOL_POOLER_PORT"
   TIDEPOOL_POOLER_UPSTREAM_URL=$(direct_url) as_service_user "$TIDEPOOL_BIN" pooler-config \
     --out-dir "$POOLER_DIR" --listen "127.0.0.1:$TIDEPOOL_POOLER_PORT" \
-    --pool-size "$TIDEPOOL_POOLER_POOL_SIZE" --max-client-conn "$TIDEPOOL_POOLER_MAX_CLIENT_CONN" >/dev/null
+    --pool-size "$TIDEPOOL_POOLER_POOL_SIZE" --min-pool-size "$min_pool" \
+    --max-client-conn "$TIDEPOOL_POOLER_MAX_CLIENT_CONN" >/dev/null
   local pgbouncer
   pgbouncer=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
   # In the foreground (not -d) and exec'd straight through setsid and setpriv,
@@ -119,7 +124,7 @@ worker_up() {
     TIDEPOOL_WORKER_LISTEN="127.0.0.1:$TIDEPOOL_WORKER_PORT" TIDEPOOL_WORKER_CONCURRENCY="$TIDEPOOL_WORKER_CONCURRENCY" \
     setsid "$TIDEPOOL_BIN" worker </dev/null >>"$LOGS/worker.log" 2>&1 &
   echo $! > "$RUN/worker.pid"
-  wait_until "curl -fsS http://127.0.0.1:$TIDEPOOL_WORKER_PORT/healthz || ! pid_alive $RUN/worker.pid" 30 "tidepool worker (see $LOGS/worker.log)"
+  wait_until "curl -fsS http://127.0.0.1:$TIDEPOOL_WORKER_PORT/readyz || ! pid_alive $RUN/worker.pid" 30 "tidepool worker (see $LOGS/worker.log)"
   pid_alive "$RUN/worker.pid" || die "tidepool worker exited at start; see $LOGS/worker.log"
 }
 

@@ -397,6 +397,12 @@ pub struct PoolerConfigArgs {
     #[arg(long, env = "TIDEPOOL_POOLER_MAX_DB_CONNECTIONS")]
     pub max_db_connections: Option<u32>,
 
+    /// Server connections PgBouncer keeps open even when idle
+    /// (min_pool_size), so a burst after a quiet spell does not wait for
+    /// PostgreSQL logins; at most the pool size. 0 opens them on demand.
+    #[arg(long, env = "TIDEPOOL_POOLER_MIN_POOL_SIZE", default_value_t = 0)]
+    pub min_pool_size: u32,
+
     /// Client connections PgBouncer accepts: max_client_conn.
     #[arg(long, env = "TIDEPOOL_POOLER_MAX_CLIENT_CONN", default_value_t = 1000)]
     pub max_client_conn: u32,

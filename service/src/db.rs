@@ -19,6 +19,9 @@
 //!   composite tokio-postgres looks the type up with a named statement (cast
 //!   such columns to `text`).
 //!
+//! At start a process opens its pools' connections, and the pooler's server
+//! connections behind them, before it says it is ready ([`warm_up`]).
+//!
 //! Every wait is bounded: the wait for a pooled connection
 //! ([`DbError::PoolExhausted`]), opening one ([`DbError::Unavailable`]) and a
 //! query ([`DbError::QueryTimeout`]). A query that is abandoned, by its
@@ -89,6 +92,50 @@ pub struct PoolSettings {
     pub query_timeout: Duration,
 }
 
+/// How long [`warm_up`] waits for the pooler to grant one more
+/// server connection before it concludes that the pooler's cap is reached.
+/// PgBouncer opens one in a few milliseconds (and retries a refused login
+/// after `server_login_retry`, 1 s in Tidepool's configuration).
+pub const WARM_UP_STALL: Duration = Duration::from_secs(1);
+
+enum WarmUpEvent {
+    Connected,
+    Failed,
+    InTransaction,
+}
+
+/// What [`warm_up`] got done.
+#[derive(Debug)]
+pub struct WarmUp {
+    /// Client connections opened, now idle in the pool.
+    pub open: usize,
+    /// Server connections the pooler held for them at once.
+    pub server_connections: usize,
+    /// The pool's size.
+    pub wanted: usize,
+    /// Why some were not opened, if any were not.
+    pub error: Option<DbError>,
+}
+
+impl WarmUp {
+    /// One log line: info when every client connection opened, else a
+    /// warning with the reason (the rest open on demand).
+    pub fn log(&self, pool: &'static str) {
+        let (open, server_connections, wanted) = (self.open, self.server_connections, self.wanted);
+        match &self.error {
+            None => tracing::info!(pool, open, server_connections, "database connections open"),
+            Some(e) => tracing::warn!(
+                pool,
+                open,
+                server_connections,
+                wanted,
+                error = %e,
+                "not every database connection opened at start; the rest open on demand"
+            ),
+        }
+    }
+}
+
 /// A snapshot of the pool, as deadpool reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolStatus {
@@ -152,24 +199,33 @@ impl Database {
     /// A pooled connection, waiting at most the configured pool wait.
     pub async fn get(&self) -> Result<Conn, DbError> {
         let started = Instant::now();
-        let result = self.pool.get().await;
+        let conn = self.checkout().await;
         self.wait_seconds.observe(started.elapsed().as_secs_f64());
-        match result {
-            Ok(object) => Ok(Conn {
-                object: Some(object),
-                query_timeout: self.settings.query_timeout,
-                state: AtomicU8::new(ConnState::Idle as u8),
-                cancel_target: self.cancel_target.clone(),
-            }),
-            Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => {
-                Err(DbError::PoolExhausted { waited: self.settings.wait })
+        conn
+    }
+
+    /// [`Database::get`] without the wait histogram.
+    async fn checkout(&self) -> Result<Conn, DbError> {
+        let object = self.pool.get().await.map_err(|e| self.pool_error(e))?;
+        Ok(Conn {
+            object: Some(object),
+            query_timeout: self.settings.query_timeout,
+            state: AtomicU8::new(ConnState::Idle as u8),
+            cancel_target: self.cancel_target.clone(),
+        })
+    }
+
+    fn pool_error(&self, e: PoolError) -> DbError {
+        match e {
+            PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => {
+                DbError::PoolExhausted { waited: self.settings.wait }
             }
-            Err(PoolError::Timeout(_)) => Err(DbError::unavailable(format!(
+            PoolError::Timeout(_) => DbError::unavailable(format!(
                 "no connection to the pooler within {}",
                 humantime::format_duration(self.settings.connect_timeout)
-            ))),
-            Err(PoolError::Backend(e)) => Err(DbError::unavailable_because(&e)),
-            Err(e) => Err(DbError::unavailable(e)),
+            )),
+            PoolError::Backend(e) => DbError::unavailable_because(&e),
+            e => DbError::unavailable(e),
         }
     }
 
@@ -198,6 +254,89 @@ impl Database {
         let s = self.pool.status();
         PoolStatus { max_size: s.max_size, size: s.size, available: s.available, waiting: s.waiting }
     }
+}
+
+/// Opens every connection of `pools` (a process's pools, together, as they
+/// share the pooler's server connections) before traffic arrives, so the
+/// first burst of requests or jobs does not wait for them to open.
+///
+/// Two levels are opened: the client connections to the pooler (TCP and
+/// authentication), and behind them the pooler's server connections to
+/// PostgreSQL, which PgBouncer opens on demand, one login at a time.
+/// Each connection begins a transaction and holds it until all of them
+/// are in one, so the pooler has to give each its own server
+/// connection; then all commit and go back to the pool idle. The hold
+/// ends early when the pooler grants no server connection for
+/// [`WARM_UP_STALL`] (its cap is below the pool's size) and at `limit`
+/// in any case; what is not open by then opens on demand. A connection
+/// still in its transaction at `limit` is discarded, never pooled. The
+/// pool-wait histogram does not see these checkouts.
+pub async fn warm_up(pools: &[&Database], limit: Duration) -> WarmUp {
+    let deadline = tokio::time::Instant::now() + limit;
+    let wanted = pools.iter().map(|db| db.settings.max_size).sum();
+    let (progress, mut events) = tokio::sync::mpsc::unbounded_channel::<WarmUpEvent>();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let mut opening = tokio::task::JoinSet::new();
+    for db in pools.iter().flat_map(|db| std::iter::repeat(*db).take(db.settings.max_size)) {
+        let (db, progress, mut released) = (db.clone(), progress.clone(), released.clone());
+        opening.spawn(async move {
+            let conn = db.checkout().await;
+            let _ = progress.send(if conn.is_ok() { WarmUpEvent::Connected } else { WarmUpEvent::Failed });
+            let conn = conn?;
+            let hold = async {
+                conn.client().batch_execute("BEGIN").await?;
+                let _ = progress.send(WarmUpEvent::InTransaction);
+                let _ = released.wait_for(|released| *released).await;
+                conn.client().batch_execute("COMMIT").await
+            };
+            conn.run(limit, hold).await?;
+            Ok::<Conn, DbError>(conn)
+        });
+    }
+    drop(progress);
+    // Client connections open in parallel, each bounded by the connect
+    // timeout; server connections one at a time, so a stall in those is
+    // watched for only once every client connection has settled.
+    let (mut settled, mut in_transaction) = (0, 0);
+    while in_transaction < wanted {
+        let stalled = async {
+            if settled == wanted {
+                tokio::time::sleep(WARM_UP_STALL).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(WarmUpEvent::Connected | WarmUpEvent::Failed) => settled += 1,
+                Some(WarmUpEvent::InTransaction) => in_transaction += 1,
+                None => break,
+            },
+            () = stalled => break,
+            () = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    let _ = release.send(true);
+    // Every connection is held until all are done: one returned early
+    // would be handed to the next checkout instead of a new one opening.
+    let mut open = Vec::with_capacity(wanted);
+    let mut error = None;
+    let collect = async {
+        while let Some(joined) = opening.join_next().await {
+            match joined {
+                Ok(Ok(conn)) => open.push(conn),
+                Ok(Err(e)) => error = Some(e),
+                Err(e) => error = Some(DbError::unavailable(e)),
+            }
+        }
+    };
+    if tokio::time::timeout_at(deadline, collect).await.is_err() && error.is_none() {
+        error = Some(DbError::unavailable(format!(
+            "not every connection opened within {}",
+            humantime::format_duration(limit)
+        )));
+    }
+    WarmUp { open: open.len(), server_connections: in_transaction, wanted, error }
 }
 
 /// A connection borrowed from the pool. Returned to the pool when dropped,

@@ -50,14 +50,16 @@ fn main() -> ExitCode {
 async fn run_web(args: WebArgs) -> Result<ExitCode, BoxError> {
     raise_open_files_limit();
     let (app, settings) = web::app_from_args(&args)?;
+    let app = Arc::new(app);
     let listener = tidepool::bind(args.listen).await?;
     tracing::info!(
         listen = %args.listen,
         db_pool_size = args.database.db_pool_size.unwrap_or(web::DEFAULT_DB_POOL_SIZE),
         max_in_flight = args.max_in_flight,
-        "tidepool web is serving"
+        "tidepool web is listening; opening its database connections"
     );
-    match web::serve(listener, Arc::new(app), settings, shutdown::first_signal()).await {
+    tokio::spawn(web::warm_up(app.clone(), args.database.db_connect_timeout));
+    match web::serve(listener, app, settings, shutdown::first_signal()).await {
         web::Shutdown::Clean => Ok(ExitCode::SUCCESS),
         web::Shutdown::DeadlineExceeded => Ok(ExitCode::from(EXIT_SHUTDOWN_DEADLINE)),
     }
@@ -111,6 +113,7 @@ fn run_pooler_config(args: PoolerConfigArgs) -> Result<(), BoxError> {
         listen: args.listen,
         upstream,
         pool_size: args.pool_size,
+        min_pool_size: args.min_pool_size,
         max_db_connections: args.max_db_connections.unwrap_or(args.pool_size),
         max_client_conn: args.max_client_conn,
         query_wait_timeout: args.query_wait_timeout,

@@ -53,6 +53,8 @@ pub struct PoolerConfig {
     pub upstream: Upstream,
     /// Server connections per (database, user) pair: `default_pool_size`.
     pub pool_size: u32,
+    /// Server connections kept open while idle: `min_pool_size`.
+    pub min_pool_size: u32,
     /// Hard cap of server connections to the database: `max_db_connections`.
     pub max_db_connections: u32,
     /// Client connections accepted: `max_client_conn`.
@@ -75,6 +77,8 @@ pub enum PoolerError {
     Zero(&'static str),
     #[error("pool size {pool_size} is above max_db_connections {max_db_connections}: PgBouncer would never open the extra connections")]
     PoolAboveCap { pool_size: u32, max_db_connections: u32 },
+    #[error("min_pool_size {min_pool_size} is above the pool size {pool_size}")]
+    MinAbovePool { min_pool_size: u32, pool_size: u32 },
     #[error("{what} is not valid UTF-8")]
     NotUtf8 { what: &'static str },
     #[error("could not write {path}: {source}")]
@@ -136,6 +140,12 @@ impl PoolerConfig {
                 max_db_connections: self.max_db_connections,
             });
         }
+        if self.min_pool_size > self.pool_size {
+            return Err(PoolerError::MinAbovePool {
+                min_pool_size: self.min_pool_size,
+                pool_size: self.pool_size,
+            });
+        }
         Ok(())
     }
 }
@@ -162,7 +172,7 @@ pub fn render_ini(config: &PoolerConfig, dir: &Path) -> Result<String, PoolerErr
         ("auth_file", dir.join(AUTH_FILE).display().to_string()),
         ("pool_mode", "transaction".into()),
         ("default_pool_size", config.pool_size.to_string()),
-        ("min_pool_size", "0".into()),
+        ("min_pool_size", config.min_pool_size.to_string()),
         ("reserve_pool_size", "0".into()),
         ("max_db_connections", config.max_db_connections.to_string()),
         ("max_client_conn", config.max_client_conn.to_string()),
@@ -229,6 +239,7 @@ mod tests {
             listen: "127.0.0.1:6432".parse().expect("valid addr"),
             upstream: Upstream::from_pg_config(&pg).expect("complete upstream"),
             pool_size: 20,
+            min_pool_size: 5,
             max_db_connections: 20,
             max_client_conn: 500,
             query_wait_timeout: Duration::from_secs(30),
@@ -244,6 +255,7 @@ mod tests {
         assert!(ini.contains("shopdb = host=db.internal port=5433 dbname=shopdb\n"));
         assert!(ini.contains("max_db_connections = 20\n"));
         assert!(ini.contains("default_pool_size = 20\n"));
+        assert!(ini.contains("min_pool_size = 5\n"));
         assert!(ini.contains("max_client_conn = 500\n"));
         assert!(ini.contains("auth_file = /run/pgb/userlist.txt\n"));
         assert!(!ini.contains("s3cr"), "{ini}");
@@ -276,6 +288,9 @@ mod tests {
         assert!(matches!(render_ini(&c, Path::new("/x")), Err(PoolerError::PoolAboveCap { .. })));
         c.pool_size = 0;
         assert!(matches!(render_ini(&c, Path::new("/x")), Err(PoolerError::Zero("pool size"))));
+        let mut c = config();
+        c.min_pool_size = 21;
+        assert!(matches!(render_ini(&c, Path::new("/x")), Err(PoolerError::MinAbovePool { .. })));
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! `tidepool worker`, the process: turns the command line into the queue
 //! runtime's settings ([`crate::queue::worker`] does the work), opens its two
-//! pools, and serves `/healthz` and `/metrics` on its own port while it runs.
+//! pools' connections before it claims its first job, and serves `/healthz`,
+//! `/readyz` (200 once those connections are open) and `/metrics` on its
+//! own port while it runs.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -119,9 +122,18 @@ pub async fn run(
     let queue_db = Database::new(pg, queue_pool, metrics.queue_db_pool_wait.clone())?;
     let probe_listener = crate::bind(args.listen).await?;
 
-    tracing::info!(listen = %args.listen, "worker /healthz and /metrics are serving");
+    tracing::info!(listen = %args.listen, "worker /healthz, /readyz and /metrics are serving; opening database connections");
     let (stop_probes, probes_stopped) = watch::channel(false);
-    let probes = tokio::spawn(serve_probes(probe_listener, metrics.clone(), task_db.clone(), probes_stopped));
+    let probe_state = Arc::new(ProbeState {
+        metrics: metrics.clone(),
+        task_db: task_db.clone(),
+        ready: AtomicBool::new(false),
+    });
+    let probes = tokio::spawn(serve_probes(probe_listener, probe_state.clone(), probes_stopped));
+    let limit = args.database.db_connect_timeout;
+    db::warm_up(&[&queue_db, &task_db], limit).await.log("worker");
+    probe_state.ready.store(true, Ordering::Relaxed);
+    tracing::info!(concurrency = settings.concurrency, queues = ?settings.queues, "tidepool worker is ready");
     let queues = settings.queues.clone();
     let worker = Worker::new(settings, Arc::new(registry), queue_db, task_db, metrics);
     let listening = direct_pg.map(|pg| {
@@ -182,16 +194,18 @@ struct Health {
     jobs_running: i64,
 }
 
-async fn serve_probes(
-    listener: TcpListener,
+/// What the probe server reads.
+struct ProbeState {
     metrics: WorkerMetrics,
     task_db: Database,
-    mut stop: watch::Receiver<bool>,
-) {
+    /// Set once the pools' connections are open: `/readyz` answers 200.
+    ready: AtomicBool,
+}
+
+async fn serve_probes(listener: TcpListener, state: Arc<ProbeState>, mut stop: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(PROBE_CONNECTIONS));
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(PROBE_HEADER_TIMEOUT);
-    let state = Arc::new((metrics, task_db));
     loop {
         let next = async {
             let slot = slots.clone().acquire_owned().await;
@@ -215,17 +229,16 @@ async fn serve_probes(
     }
 }
 
-async fn probe(
-    state: Arc<(WorkerMetrics, Database)>,
-    request: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
-    let (metrics, task_db) = &*state;
+async fn probe(state: Arc<ProbeState>, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let jobs_running = state.metrics.jobs_running.get();
     let response = match request.uri().path() {
         _ if request.method() != http::Method::GET => ApiError::method_not_allowed("GET").into_response(),
-        "/healthz" => {
-            json(StatusCode::OK, &Health { status: "ok", jobs_running: metrics.jobs_running.get() })
+        "/healthz" => json(StatusCode::OK, &Health { status: "ok", jobs_running }),
+        "/readyz" if state.ready.load(Ordering::Relaxed) => {
+            json(StatusCode::OK, &Health { status: "ready", jobs_running })
         }
-        "/metrics" => match metrics.render(task_db.status()) {
+        "/readyz" => json(StatusCode::SERVICE_UNAVAILABLE, &Health { status: "starting", jobs_running }),
+        "/metrics" => match state.metrics.render(state.task_db.status()) {
             Ok(body) => with_body(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body),
             Err(e) => ApiError::internal(format!("could not encode metrics: {e}")).into_response(),
         },

@@ -40,6 +40,32 @@ async fn get_owned(url: String) -> Result<support::HttpResponse> {
     get(&url).await
 }
 
+/// At start the pool's connections open before the process says it is
+/// ready: the client connections and, behind them, as many server
+/// connections as PgBouncer allows, so the first burst pays for none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_open_before_ready() -> Result<()> {
+    let Stack { web, bouncer: _bouncer, db, admin } =
+        Stack::start(10, &[("TIDEPOOL_DB_POOL_SIZE", "10")]).await?;
+    assert_eq!(get(&web.url("/readyz")).await?.status, 200);
+    assert_eq!(db.server_connections(&admin).await?, 10);
+    let metrics = get(&web.url("/metrics")).await?.body;
+    for line in ["tidepool_db_pool_connections 10", "tidepool_db_pool_available_connections 10"] {
+        ensure!(metrics.contains(line), "missing {line}:\n{metrics}");
+    }
+    ensure!(web.log().contains("open=10 server_connections=10"), "{}", web.log());
+
+    // PgBouncer allows fewer server connections than the pool holds: the
+    // hold ends once PgBouncer grants no more, not at the 60 s connect
+    // timeout (the harness waits 30 s for the ready line).
+    let Stack { web, bouncer: _bouncer, db, admin } =
+        Stack::start(3, &[("TIDEPOOL_DB_POOL_SIZE", "12"), ("TIDEPOOL_DB_CONNECT_TIMEOUT", "60s")]).await?;
+    ensure!(web.log().contains("open=12 server_connections=3"), "{}", web.log());
+    assert_eq!(db.server_connections(&admin).await?, 3);
+    assert_eq!(get(&web.url("/row/")).await?.status, 200);
+    Ok(())
+}
+
 /// A pool smaller than the concurrency: the extra requests wait, then are
 /// shed with 503 + Retry-After after the configured wait, while the process
 /// keeps answering /healthz.
@@ -121,7 +147,8 @@ async fn row_returns_a_world_row_and_metrics_describe_it() -> Result<()> {
         "tidepool_http_request_duration_seconds_bucket",
         "tidepool_http_requests_in_flight 1",
         "tidepool_db_pool_max_size 20",
-        "tidepool_db_pool_connections 1",
+        // All opened at start, though PgBouncer lends them 2 server connections.
+        "tidepool_db_pool_connections 20",
         "tidepool_db_pool_wait_seconds_count 1",
         "process_resident_memory_bytes",
     ] {

@@ -64,6 +64,10 @@ async fn seed_task_experiment_runs_fifty_at_once() -> Result<()> {
     let bouncer = PgBouncer::start(&db, 60).await?;
     let admin = db.admin().await?;
     let worker = Service::worker(&bouncer.url(), &[("TIDEPOOL_WORKER_CONCURRENCY", "50")]).await?;
+    // Ready once its connections are open, server connections behind them
+    // included, so the first wave of jobs waits for none.
+    assert_eq!(support::get(&worker.url("/readyz")).await?.json()?["status"], "ready");
+    assert_eq!(db.server_connections(&admin).await?, 54, "{}", worker.log());
 
     let (ok, stdout, stderr) =
         enqueue_cli(&bouncer.url(), &["slow_query", "--args", r#"{"seconds": 0.5}"#, "--count", "100"])?;

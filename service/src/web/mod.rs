@@ -11,6 +11,9 @@
 //!   is drained for a bounded time before the connection closes, so the
 //!   client reads its 413 (see [`linger`]).
 //!
+//! At start, `/readyz` answers 503 until the database pool's connections are
+//! open ([`warm_up`]), so the first burst does not pay for opening them.
+//!
 //! Shutdown follows what Kubernetes needs. At the first SIGTERM or SIGINT:
 //! 1. `/readyz` answers 503 at once, while everything else is still served
 //!    for `--drain-delay` (Endpoints and load balancers take that long to
@@ -88,6 +91,7 @@ pub fn app_from_args(args: &WebArgs) -> Result<(App, ServerSettings), StartError
         registry: Arc::new(Registry::with_builtins()),
         max_body_bytes: args.max_body_bytes,
         body_read_timeout: args.body_read_timeout,
+        starting: AtomicBool::new(true),
         draining: AtomicBool::new(false),
     };
     let settings = ServerSettings {
@@ -98,6 +102,15 @@ pub fn app_from_args(args: &WebArgs) -> Result<(App, ServerSettings), StartError
         shutdown_timeout: args.shutdown_timeout,
     };
     Ok((app, settings))
+}
+
+/// Opens the pool's connections, bounded by `limit`, then lets `/readyz`
+/// answer: a pod takes traffic once its first burst will not wait for
+/// connections to open. Runs while [`serve`] already answers `/healthz`.
+pub async fn warm_up(app: Arc<App>, limit: Duration) {
+    crate::db::warm_up(&[&app.db], limit).await.log("web");
+    app.starting.store(false, Ordering::Relaxed);
+    tracing::info!("tidepool web is ready");
 }
 
 /// Serves until `shutdown` resolves, then drains and shuts down as the

@@ -6,7 +6,7 @@
 //! | `GET /row/` | one random row of the 10,000-row `world` table |
 //! | `POST /tasks/`, `GET` and `DELETE /tasks/{id}` | enqueue, read and cancel jobs (see [`super::tasks`]) |
 //! | `GET /healthz` | the process is alive (no database) |
-//! | `GET /readyz` | a fresh connection through the pooler runs `SELECT 1`; 503 while draining |
+//! | `GET /readyz` | a fresh connection through the pooler runs `SELECT 1`; 503 while the pool's connections open at start, and while draining |
 //! | `GET /metrics` | Prometheus text format |
 //!
 //! Every request passes the same gates, in this order: known route (404),
@@ -53,6 +53,9 @@ pub struct App {
     pub registry: Arc<Registry>,
     pub max_body_bytes: u64,
     pub body_read_timeout: Duration,
+    /// Set until the pool's connections are open ([`super::warm_up`]):
+    /// `/readyz` answers 503 until then.
+    pub starting: AtomicBool,
     /// Set at the first shutdown signal: `/readyz` answers 503 from then on.
     pub draining: AtomicBool,
 }
@@ -274,6 +277,9 @@ struct Status {
 async fn readyz(app: &App) -> Response<Body> {
     if app.draining.load(Ordering::Relaxed) {
         return json(StatusCode::SERVICE_UNAVAILABLE, &Status { status: "draining", error: None });
+    }
+    if app.starting.load(Ordering::Relaxed) {
+        return json(StatusCode::SERVICE_UNAVAILABLE, &Status { status: "starting", error: None });
     }
     match db::ping(app.readiness_target.clone(), app.readiness_timeout).await {
         Ok(()) => json(StatusCode::OK, &Status { status: "ready", error: None }),

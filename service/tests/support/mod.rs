@@ -276,6 +276,7 @@ impl PgBouncer {
             listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
             upstream: Upstream::from_pg_config(&pg)?,
             pool_size,
+            min_pool_size: 0,
             max_db_connections: pool_size,
             max_client_conn: 1000,
             query_wait_timeout: query_wait,
@@ -439,7 +440,9 @@ pub type Web = Service;
 
 impl Service {
     /// Starts `tidepool web` against `database_url` with extra environment
-    /// (`TIDEPOOL_*` knobs), waiting until `/healthz` answers.
+    /// (`TIDEPOOL_*` knobs), waiting until `/healthz` answers and the
+    /// process has logged that it is ready (its pool's connections are open,
+    /// or could not be within the connect timeout).
     pub async fn start(database_url: &str, extra_env: &[(&str, &str)]) -> Result<Service> {
         Self::start_kind("web", "TIDEPOOL_LISTEN", database_url, extra_env).await
     }
@@ -474,7 +477,17 @@ impl Service {
                 async move { get(&health).await.ok().filter(|r| r.status == 200).map(drop) }
             })
             .await;
-        if let Err(e) = started {
+        let ready_line = format!("tidepool {kind} is ready");
+        let ready = match started {
+            Ok(()) => {
+                wait_for(&format!("tidepool {kind} to log that it is ready"), Duration::from_secs(30), || {
+                    std::future::ready(service.log().contains(&ready_line).then_some(()))
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = ready {
             let exited = service.child.as_mut().map(Child::try_wait).transpose()?;
             bail!("{e}; exited: {exited:?}; log:\n{}", service.log());
         }
