@@ -8,13 +8,14 @@ SHELL := /bin/bash
 # machine reuses it.
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/tidepool/cargo-target
 
-.PHONY: help deps build up down status demo test lint bench clean kube-build kube-up kube-down
+.PHONY: help deps build up down status demo test soak lint bench clean kube-build kube-up kube-down
 
 help:
 	@echo "make demo    install, build, start the local stack, run the seed's experiments"
 	@echo "make test    install, then run every test (lint, unit, integration)"
 	@echo "make up      start PostgreSQL, PgBouncer and tidepool web on loopback"
 	@echo "make down    stop them"
+	@echo "make soak    run the whole test suite ROUNDS (5) times with every core busy"
 	@echo "make bench   run the benchmarks and write docs/benchmarks.md"
 	@echo "make kube-up start a real Kubernetes control plane (etcd, API server, controller manager, scheduler, kwok) on loopback"
 	@echo "make kube-down stop it"
@@ -39,6 +40,11 @@ demo: build
 
 test: deps
 	@scripts/test.sh
+
+# The flake hunt: the whole suite ROUNDS times with every core busy.
+ROUNDS ?= 5
+soak: deps
+	@scripts/soak-tests.sh $(ROUNDS)
 
 lint:
 	cargo fmt --all --check
