@@ -98,6 +98,43 @@ pub struct InvalidUrl {
     source: tokio_postgres::Error,
 }
 
+/// Where the database password comes from when a connection URL carries
+/// none: a file, such as a mounted Secret key, so the password never sits
+/// in the environment or on a command line.
+#[derive(Debug, Clone, Default, Args)]
+pub struct PasswordFile {
+    /// File holding the database password, used for every connection URL
+    /// that has none (in Kubernetes, the mounted Secret's `password` key).
+    /// A trailing newline is ignored.
+    #[arg(long = "db-password-file", env = "TIDEPOOL_DB_PASSWORD_FILE", value_name = "FILE")]
+    pub path: Option<PathBuf>,
+}
+
+/// The password file could not be read. Its contents are never quoted.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the database password from {}: {source}", .path.display())]
+pub struct PasswordFileError {
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+impl PasswordFile {
+    /// `pg` with the file's password when it has none of its own.
+    pub fn apply(&self, mut pg: tokio_postgres::Config) -> Result<tokio_postgres::Config, PasswordFileError> {
+        if pg.get_password().is_some() {
+            return Ok(pg);
+        }
+        if let Some(path) = &self.path {
+            let bytes =
+                std::fs::read(path).map_err(|source| PasswordFileError { path: path.clone(), source })?;
+            let end = bytes.iter().rposition(|b| !matches!(b, b'\n' | b'\r')).map_or(0, |i| i + 1);
+            pg.password(&bytes[..end]);
+        }
+        Ok(pg)
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 5s, 2m)"))
 }
@@ -109,6 +146,9 @@ pub struct DatabaseArgs {
     /// e.g. postgres://app:PASSWORD@127.0.0.1:6432/app. Never logged.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_name = "URL")]
     pub database_url: SecretUrl,
+
+    #[command(flatten)]
+    pub password_file: PasswordFile,
 
     /// Client connections this process keeps to PgBouncer: how many requests
     /// (web) or tasks (worker) can run a query at once. Size it close to this
@@ -367,6 +407,9 @@ pub struct MigrateDatabaseArgs {
     #[arg(long, env = "TIDEPOOL_DB_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub db_connect_timeout: Duration,
 
+    #[command(flatten)]
+    pub password_file: PasswordFile,
+
     /// Longest to wait for another migrator's lock or a table lock.
     #[arg(long, env = "TIDEPOOL_MIGRATE_LOCK_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub lock_timeout: Duration,
@@ -377,8 +420,33 @@ pub struct PoolerConfigArgs {
     /// Upstream PostgreSQL URL with the credentials PgBouncer logs in with,
     /// e.g. postgres://app:PASSWORD@db:5432/app. The password goes only into
     /// the auth file (mode 0600), never into pgbouncer.ini or a log.
-    #[arg(long, env = "TIDEPOOL_POOLER_UPSTREAM_URL", hide_env_values = true, value_name = "URL")]
-    pub upstream_url: SecretUrl,
+    #[arg(
+        long,
+        env = "TIDEPOOL_POOLER_UPSTREAM_URL",
+        hide_env_values = true,
+        value_name = "URL",
+        required_unless_present = "upstream_from_dir",
+        conflicts_with = "upstream_from_dir"
+    )]
+    pub upstream_url: Option<SecretUrl>,
+
+    /// Instead of a URL, a folder with one file per key, as a mounted
+    /// database Secret in CloudNativePG's shape has: `username`,
+    /// `password`, `host`, `port` (5432 if absent) and `dbname` (the user
+    /// name if absent).
+    #[arg(long, env = "TIDEPOOL_POOLER_UPSTREAM_FROM_DIR", value_name = "DIR")]
+    pub upstream_from_dir: Option<PathBuf>,
+
+    /// A user allowed to read PgBouncer's statistics on its admin console
+    /// (`stats_users`), with a password generated here and written to
+    /// `stats.password` (0600) next to the auth file.
+    #[arg(long, env = "TIDEPOOL_POOLER_STATS_USER", value_name = "NAME")]
+    pub stats_user: Option<String>,
+
+    /// One more PgBouncer setting, KEY=VALUE (repeatable): settings this
+    /// command writes itself cannot be set again.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub settings: Vec<String>,
 
     /// Folder to write pgbouncer.ini and userlist.txt into (created if missing).
     #[arg(long, env = "TIDEPOOL_POOLER_CONFIG_DIR")]

@@ -54,6 +54,8 @@ pub enum StartError {
     #[error(transparent)]
     Url(#[from] cli::InvalidUrl),
     #[error(transparent)]
+    PasswordFile(#[from] cli::PasswordFileError),
+    #[error(transparent)]
     Db(#[from] db::DbError),
     #[error("could not set up metrics: {0}")]
     Metrics(#[from] prometheus::Error),

@@ -93,7 +93,8 @@ async fn run_migrate(args: MigrateArgs) -> Result<(), BoxError> {
             return Err("set TIDEPOOL_DIRECT_DATABASE_URL or DATABASE_URL (or --database-url)".into())
         }
     };
-    let mut client = db::connect(url.to_pg_config(what)?, db_args.db_connect_timeout).await?;
+    let pg = db_args.password_file.apply(url.to_pg_config(what)?)?;
+    let mut client = db::connect(pg, db_args.db_connect_timeout).await?;
     let report = migrate::run(&mut client, migrate::MIGRATIONS, db_args.lock_timeout).await?;
     tracing::info!(
         applied = ?report.applied,
@@ -107,8 +108,14 @@ async fn run_migrate(args: MigrateArgs) -> Result<(), BoxError> {
 }
 
 fn run_pooler_config(args: PoolerConfigArgs) -> Result<(), BoxError> {
-    let upstream =
-        pooler::Upstream::from_pg_config(&args.upstream_url.to_pg_config("TIDEPOOL_POOLER_UPSTREAM_URL")?)?;
+    let upstream = match (&args.upstream_url, &args.upstream_from_dir) {
+        (Some(url), _) => {
+            pooler::Upstream::from_pg_config(&url.to_pg_config("TIDEPOOL_POOLER_UPSTREAM_URL")?)?
+        }
+        (None, Some(dir)) => pooler::Upstream::from_dir(dir)?,
+        (None, None) => return Err("set --upstream-url or --upstream-from-dir".into()),
+    };
+    let settings = args.settings.iter().map(|s| pooler::Setting::parse(s)).collect::<Result<Vec<_>, _>>()?;
     let config = pooler::PoolerConfig {
         listen: args.listen,
         upstream,
@@ -117,6 +124,8 @@ fn run_pooler_config(args: PoolerConfigArgs) -> Result<(), BoxError> {
         max_db_connections: args.max_db_connections.unwrap_or(args.pool_size),
         max_client_conn: args.max_client_conn,
         query_wait_timeout: args.query_wait_timeout,
+        stats_user: args.stats_user.map(pooler::StatsUser::generate),
+        settings,
         pidfile: args.pidfile,
         logfile: args.logfile,
     };

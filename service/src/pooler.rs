@@ -24,6 +24,8 @@ use tokio_postgres::config::Host;
 
 pub const INI_FILE: &str = "pgbouncer.ini";
 pub const AUTH_FILE: &str = "userlist.txt";
+/// The stats user's password, for a metrics collector (0600).
+pub const STATS_PASSWORD_FILE: &str = "stats.password";
 
 /// Where PgBouncer connects to, and as whom.
 #[derive(Clone)]
@@ -61,12 +63,74 @@ pub struct PoolerConfig {
     pub max_client_conn: u32,
     /// How long a query may wait for a server connection inside PgBouncer.
     pub query_wait_timeout: Duration,
+    /// A user that may read `SHOW` statistics on the admin console.
+    pub stats_user: Option<StatsUser>,
+    /// More settings, each checked by [`Setting::parse`].
+    pub settings: Vec<Setting>,
     pub pidfile: Option<PathBuf>,
     pub logfile: Option<PathBuf>,
 }
 
+/// The stats user and its generated password.
+#[derive(Clone)]
+pub struct StatsUser {
+    pub name: String,
+    password: String,
+}
+
+impl std::fmt::Debug for StatsUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatsUser").field("name", &self.name).field("password", &"<redacted>").finish()
+    }
+}
+
+impl StatsUser {
+    /// `name` with a fresh random password (128 bits, hex).
+    pub fn generate(name: String) -> Self {
+        let password: String = (0..16).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+        Self { name, password }
+    }
+}
+
+/// One more PgBouncer setting, `key = value`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setting {
+    pub key: String,
+    pub value: String,
+}
+
+impl Setting {
+    /// Parses `KEY=VALUE`: a key of lowercase letters and '_', a value of up
+    /// to 256 of letters, digits, space and `_ . , : / = -`, so no setting
+    /// can carry a second line into the file.
+    pub fn parse(text: &str) -> Result<Self, PoolerError> {
+        let invalid = || PoolerError::InvalidSetting(text.chars().take(80).collect());
+        let (key, value) = text.split_once('=').ok_or_else(invalid)?;
+        let key_ok = !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_');
+        let value_ok =
+            value.len() <= 256 && value.chars().all(|c| c.is_ascii_alphanumeric() || " _.,:/=-".contains(c));
+        if key_ok && value_ok {
+            Ok(Self { key: key.to_owned(), value: value.to_owned() })
+        } else {
+            Err(invalid())
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PoolerError {
+    #[error("setting {0:?} is not KEY=VALUE with a lowercase key and a value of letters, digits, space and _ . , : / = - (at most 256)")]
+    InvalidSetting(String),
+    #[error("setting {0} is written by tidepool pooler-config itself and cannot be set again")]
+    ReservedSetting(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a port number")]
+    BadPort { path: PathBuf },
     #[error("the upstream URL has no {0}")]
     Missing(&'static str),
     #[error("the upstream URL's {field} must be letters, digits, '_', '-' or '.', so PgBouncer's configuration cannot be misread")]
@@ -90,6 +154,38 @@ pub enum PoolerError {
 }
 
 impl Upstream {
+    /// Reads the upstream from a folder of one file per key, as a mounted
+    /// Secret in CloudNativePG's application shape has them: `username`,
+    /// `password`, `host`, and optionally `port` (5432) and `dbname` (the
+    /// user name). Trailing newlines are ignored.
+    pub fn from_dir(dir: &Path) -> Result<Self, PoolerError> {
+        let read = |key: &'static str| -> Result<Option<String>, PoolerError> {
+            let path = dir.join(key);
+            match fs::read(&path) {
+                Ok(bytes) => {
+                    let text = String::from_utf8(bytes).map_err(|_| PoolerError::NotUtf8 { what: key })?;
+                    Ok(Some(text.trim_end_matches(['\n', '\r']).to_owned()))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(source) => Err(PoolerError::Read { path, source }),
+            }
+        };
+        let required =
+            |key: &'static str| read(key)?.filter(|v| !v.is_empty()).ok_or(PoolerError::Missing(key));
+        let user = required("username")?;
+        let port = match read("port")? {
+            Some(port) => port.parse().map_err(|_| PoolerError::BadPort { path: dir.join("port") })?,
+            None => 5432,
+        };
+        Ok(Self {
+            host: required("host")?,
+            port,
+            dbname: read("dbname")?.filter(|v| !v.is_empty()).unwrap_or_else(|| user.clone()),
+            password: required("password")?,
+            user,
+        })
+    }
+
     /// Extracts the upstream from a parsed connection URL.
     pub fn from_pg_config(pg: &tokio_postgres::Config) -> Result<Self, PoolerError> {
         let host = match pg.get_hosts().first() {
@@ -134,6 +230,13 @@ impl PoolerConfig {
                 return Err(PoolerError::Zero(name));
             }
         }
+        if let Some(stats) = &self.stats_user {
+            check_safe("stats user", &stats.name)?;
+        }
+        let written = rendered_settings(self);
+        if let Some(setting) = self.settings.iter().find(|s| written.iter().any(|(key, _)| *key == s.key)) {
+            return Err(PoolerError::ReservedSetting(setting.key.clone()));
+        }
         if self.pool_size > self.max_db_connections {
             return Err(PoolerError::PoolAboveCap {
                 pool_size: self.pool_size,
@@ -150,26 +253,15 @@ impl PoolerConfig {
     }
 }
 
-/// `pgbouncer.ini` for `config`, pointing at an auth file in `dir`.
-pub fn render_ini(config: &PoolerConfig, dir: &Path) -> Result<String, PoolerError> {
-    config.validate()?;
-    let u = &config.upstream;
-    let mut ini = String::new();
-    let _ = writeln!(
-        ini,
-        "; Written by `tidepool pooler-config`. No secrets here: the password is in {AUTH_FILE}."
-    );
-    let _ = writeln!(ini, "[databases]");
-    let _ = writeln!(ini, "{} = host={} port={} dbname={}", u.dbname, u.host, u.port, u.dbname);
-    let _ = writeln!(ini);
-    let _ = writeln!(ini, "[pgbouncer]");
-    let settings: Vec<(&str, String)> = vec![
+/// The settings `pgbouncer.ini` gets from `config` itself, in order.
+fn rendered_settings(config: &PoolerConfig) -> Vec<(&'static str, String)> {
+    let mut settings: Vec<(&'static str, String)> = vec![
         ("listen_addr", config.listen.ip().to_string()),
         ("listen_port", config.listen.port().to_string()),
         // No Unix socket: its default folder is not writable by an unprivileged user.
         ("unix_socket_dir", String::new()),
         ("auth_type", "scram-sha-256".into()),
-        ("auth_file", dir.join(AUTH_FILE).display().to_string()),
+        ("auth_file", String::new()),
         ("pool_mode", "transaction".into()),
         ("default_pool_size", config.pool_size.to_string()),
         ("min_pool_size", config.min_pool_size.to_string()),
@@ -187,22 +279,52 @@ pub fn render_ini(config: &PoolerConfig, dir: &Path) -> Result<String, PoolerErr
         ("log_connections", "0".into()),
         ("log_disconnections", "0".into()),
     ];
-    for (key, value) in settings {
-        let _ = writeln!(ini, "{key} = {value}");
+    if let Some(stats) = &config.stats_user {
+        settings.push(("stats_users", stats.name.clone()));
     }
     if let Some(pidfile) = &config.pidfile {
-        let _ = writeln!(ini, "pidfile = {}", pidfile.display());
+        settings.push(("pidfile", pidfile.display().to_string()));
     }
     if let Some(logfile) = &config.logfile {
-        let _ = writeln!(ini, "logfile = {}", logfile.display());
+        settings.push(("logfile", logfile.display().to_string()));
+    }
+    settings
+}
+
+/// `pgbouncer.ini` for `config`, pointing at an auth file in `dir`. Extra
+/// settings override PgBouncer's defaults, never Tidepool's own (they are
+/// refused), and come last.
+pub fn render_ini(config: &PoolerConfig, dir: &Path) -> Result<String, PoolerError> {
+    config.validate()?;
+    let u = &config.upstream;
+    let mut ini = String::new();
+    let _ = writeln!(
+        ini,
+        "; Written by `tidepool pooler-config`. No secrets here: the password is in {AUTH_FILE}."
+    );
+    let _ = writeln!(ini, "[databases]");
+    let _ = writeln!(ini, "{} = host={} port={} dbname={}", u.dbname, u.host, u.port, u.dbname);
+    let _ = writeln!(ini);
+    let _ = writeln!(ini, "[pgbouncer]");
+    for (key, value) in rendered_settings(config) {
+        let value = if key == "auth_file" { dir.join(AUTH_FILE).display().to_string() } else { value };
+        let _ = writeln!(ini, "{key} = {value}");
+    }
+    for setting in &config.settings {
+        let _ = writeln!(ini, "{} = {}", setting.key, setting.value);
     }
     Ok(ini)
 }
 
-/// The auth file: one `"user" "password"` line, quotes doubled.
-pub fn render_auth_file(upstream: &Upstream) -> String {
+/// The auth file: one `"user" "password"` line per user (the upstream's,
+/// then the stats user's), quotes doubled.
+pub fn render_auth_file(upstream: &Upstream, stats_user: Option<&StatsUser>) -> String {
     let quote = |s: &str| s.replace('"', "\"\"");
-    format!("\"{}\" \"{}\"\n", quote(&upstream.user), quote(&upstream.password))
+    let mut file = format!("\"{}\" \"{}\"\n", quote(&upstream.user), quote(&upstream.password));
+    if let Some(stats) = stats_user {
+        file.push_str(&format!("\"{}\" \"{}\"\n", quote(&stats.name), quote(&stats.password)));
+    }
+    file
 }
 
 /// Writes both files into `dir` (created if missing), each atomically; the
@@ -212,7 +334,14 @@ pub fn write(config: &PoolerConfig, dir: &Path) -> Result<(PathBuf, PathBuf), Po
     fs::create_dir_all(dir).map_err(|source| PoolerError::Write { path: dir.to_owned(), source })?;
     let auth_path = dir.join(AUTH_FILE);
     let ini_path = dir.join(INI_FILE);
-    write_atomic(&auth_path, render_auth_file(&config.upstream).as_bytes(), 0o600)?;
+    write_atomic(
+        &auth_path,
+        render_auth_file(&config.upstream, config.stats_user.as_ref()).as_bytes(),
+        0o600,
+    )?;
+    if let Some(stats) = &config.stats_user {
+        write_atomic(&dir.join(STATS_PASSWORD_FILE), stats.password.as_bytes(), 0o600)?;
+    }
     write_atomic(&ini_path, ini.as_bytes(), 0o644)?;
     Ok((ini_path, auth_path))
 }
@@ -243,6 +372,8 @@ mod tests {
             max_db_connections: 20,
             max_client_conn: 500,
             query_wait_timeout: Duration::from_secs(30),
+            stats_user: None,
+            settings: Vec::new(),
             pidfile: None,
             logfile: None,
         }
@@ -263,7 +394,7 @@ mod tests {
 
     #[test]
     fn auth_file_doubles_quotes() {
-        assert_eq!(render_auth_file(&config().upstream), "\"shop\" \"s3cr\"\"et\"\n");
+        assert_eq!(render_auth_file(&config().upstream, None), "\"shop\" \"s3cr\"\"et\"\n");
     }
 
     #[test]
@@ -291,6 +422,54 @@ mod tests {
         let mut c = config();
         c.min_pool_size = 21;
         assert!(matches!(render_ini(&c, Path::new("/x")), Err(PoolerError::MinAbovePool { .. })));
+    }
+
+    #[test]
+    fn extra_settings_come_last_and_never_replace_tidepools_own() {
+        let mut c = config();
+        c.settings = vec![Setting::parse("server_idle_timeout=300").expect("valid")];
+        let ini = render_ini(&c, Path::new("/x")).expect("valid");
+        assert!(ini.ends_with("server_idle_timeout = 300\n"), "{ini}");
+        c.settings = vec![Setting::parse("max_db_connections=500").expect("well-formed")];
+        assert!(
+            matches!(render_ini(&c, Path::new("/x")), Err(PoolerError::ReservedSetting(k)) if k == "max_db_connections")
+        );
+        for bad in ["no_equals", "Key=1", "k=line\nbreak", "k=semi;colon", ""] {
+            assert!(Setting::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_stats_user_gets_a_generated_password_of_its_own() {
+        let mut c = config();
+        c.stats_user = Some(StatsUser::generate("tidepool_stats".into()));
+        let ini = render_ini(&c, Path::new("/x")).expect("valid");
+        assert!(ini.contains("stats_users = tidepool_stats\n"));
+        let auth = render_auth_file(&c.upstream, c.stats_user.as_ref());
+        assert_eq!(auth.lines().count(), 2);
+        assert!(auth.lines().nth(1).is_some_and(|l| l.starts_with("\"tidepool_stats\" \"") && l.len() > 40));
+        assert!(!format!("{:?}", c.stats_user).contains(&auth[auth.len() - 10..auth.len() - 2]));
+    }
+
+    #[test]
+    fn upstream_from_a_mounted_secret_folder() {
+        let dir = std::env::temp_dir().join(format!("tidepool-upstream-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("dir");
+        for (key, value) in
+            [("username", "shop"), ("password", "pw\n"), ("host", "db.internal"), ("uri", "ignored")]
+        {
+            fs::write(dir.join(key), value).expect("write");
+        }
+        let upstream = Upstream::from_dir(&dir).expect("complete");
+        assert_eq!(
+            (upstream.port, upstream.dbname.as_str(), upstream.password.as_str()),
+            (5432, "shop", "pw")
+        );
+        fs::write(dir.join("port"), "x").expect("write");
+        assert!(matches!(Upstream::from_dir(&dir), Err(PoolerError::BadPort { .. })));
+        fs::remove_file(dir.join("password")).expect("remove");
+        assert!(matches!(Upstream::from_dir(&dir), Err(PoolerError::Missing("password"))));
+        fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]

@@ -109,12 +109,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<ShutdownReport, StartError> {
     let settings = settings_from_args(args, default_name())?;
-    let pg = args.database.database_url.to_pg_config("DATABASE_URL")?;
-    let direct_pg = args
-        .direct_database_url
-        .as_ref()
-        .map(|url| url.to_pg_config("TIDEPOOL_DIRECT_DATABASE_URL"))
-        .transpose()?;
+    let password = &args.database.password_file;
+    let pg = password.apply(args.database.database_url.to_pg_config("DATABASE_URL")?)?;
+    let direct_pg = match &args.direct_database_url {
+        Some(url) => Some(password.apply(url.to_pg_config("TIDEPOOL_DIRECT_DATABASE_URL")?)?),
+        None => None,
+    };
     let metrics = WorkerMetrics::new()?;
     let task_pool = args.database.pool_settings(args.concurrency);
     let queue_pool = PoolSettings { max_size: QUEUE_POOL_SIZE, ..task_pool.clone() };

@@ -78,7 +78,7 @@ pub struct ServerSettings {
 /// Builds the application state from the command line.
 pub fn app_from_args(args: &WebArgs) -> Result<(App, ServerSettings), StartError> {
     let db_args = &args.database;
-    let pg = db_args.database_url.to_pg_config("DATABASE_URL")?;
+    let pg = db_args.password_file.apply(db_args.database_url.to_pg_config("DATABASE_URL")?)?;
     let metrics = Metrics::new()?;
     let db =
         Database::new(pg.clone(), db_args.pool_settings(DEFAULT_DB_POOL_SIZE), metrics.db_pool_wait.clone())?;

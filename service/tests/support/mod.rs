@@ -280,6 +280,8 @@ impl PgBouncer {
             max_db_connections: pool_size,
             max_client_conn: 1000,
             query_wait_timeout: query_wait,
+            stats_user: None,
+            settings: Vec::new(),
             pidfile: None,
             logfile: None,
         };

@@ -1,0 +1,566 @@
+//! The `Tidepool` custom resource (`tidepool.dev/v1alpha1`).
+//!
+//! Every field has a description, so `kubectl explain tidepool.spec` teaches
+//! the resource. The CEL rules here check what one object can say about
+//! itself (ranges, minimum ≤ maximum, reserved < max, allow-listed pooler
+//! parameters), each with a message a person can act on; they run in the API
+//! server and, through [`Tidepool::validate_cel`], offline in `plan` and
+//! `render`. Whether the budget fits is the planner's to say
+//! ([`crate::plan`]), never a CEL rule's.
+//!
+//! `manifests/crd.yaml` is generated from these types (`tidepool-operator
+//! crd`); a test fails when it is stale.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// The application image when the spec names none: the project's own.
+pub const DEFAULT_IMAGE: &str = concat!("localhost/tidepool:", env!("CARGO_PKG_VERSION"));
+/// The PgBouncer sidecar's image when the spec names none (PgBouncer ≥ 1.23:
+/// it waits for its clients on SIGTERM).
+pub const DEFAULT_POOLER_IMAGE: &str = "localhost/tidepool-pgbouncer:1.24.1";
+
+/// PgBouncer settings a spec may set in `spec.pooler.parameters`. The
+/// sizing ones (pool sizes, `max_db_connections`, `max_client_conn`,
+/// `query_wait_timeout`), the pool mode, addresses and authentication are the
+/// operator's and are refused.
+pub const POOLER_PARAMETERS: &[&str] = &[
+    "application_name_add_host",
+    "cancel_wait_timeout",
+    "client_idle_timeout",
+    "client_tls_sslmode",
+    "idle_transaction_timeout",
+    "log_connections",
+    "log_disconnections",
+    "log_pooler_errors",
+    "log_stats",
+    "query_timeout",
+    "server_check_delay",
+    "server_connect_timeout",
+    "server_fast_close",
+    "server_idle_timeout",
+    "server_lifetime",
+    "server_lifetime_jitter",
+    "server_login_retry",
+    "server_tls_sslmode",
+    "stats_period",
+    "tcp_keepalive",
+    "tcp_keepcnt",
+    "tcp_keepidle",
+    "tcp_keepintvl",
+    "verbose",
+];
+
+/// A web tier and a background-task tier on PostgreSQL behind per-pod
+/// PgBouncer sidecars in transaction mode, sized so that every pod, at every
+/// size the tiers may take and through rolling updates, fits the database's
+/// connection budget.
+// Several `printcolumn(...)` share key names, which clippy takes for
+// duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[kube(
+    group = "tidepool.dev",
+    version = "v1alpha1",
+    kind = "Tidepool",
+    namespaced,
+    shortname = "tp",
+    category = "tidepool",
+    status = "TidepoolStatus",
+    derive = "PartialEq",
+    cel,
+    doc = "A web tier and a background-task tier on PostgreSQL, sized to the database's connection budget.",
+    scale(
+        spec_replicas_path = ".spec.web.replicas",
+        status_replicas_path = ".status.web.replicas",
+        label_selector_path = ".status.web.selector"
+    ),
+    printcolumn(
+        name = "Web",
+        type_ = "string",
+        json_path = ".status.web.readyOfDesired",
+        description = "Ready of desired web pods"
+    ),
+    printcolumn(
+        name = "Worker",
+        type_ = "string",
+        json_path = ".status.worker.readyOfDesired",
+        description = "Ready of desired worker pods"
+    ),
+    printcolumn(
+        name = "Connections",
+        type_ = "string",
+        json_path = ".status.connections.plannedOfAvailable",
+        description = "Planned peak of available database connections"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TidepoolSpec {
+    /// The application image: `tidepool` itself or an application built on
+    /// its library. It runs `tidepool web`, `tidepool worker`, `tidepool
+    /// migrate` and `tidepool pooler-config`.
+    #[serde(default = "default_image")]
+    #[x_kube(validation = Rule::new("self != ''").message("image must not be empty"))]
+    pub image: String,
+
+    /// When the kubelet pulls the images: Always, IfNotPresent or Never.
+    #[serde(default = "default_pull_policy")]
+    #[x_kube(validation = Rule::new("self in ['Always', 'IfNotPresent', 'Never']").message("imagePullPolicy must be Always, IfNotPresent or Never"))]
+    pub image_pull_policy: String,
+
+    /// The PostgreSQL database and its connection budget.
+    pub database: DatabaseSpec,
+
+    /// The web tier: `tidepool web` pods behind a Service.
+    #[serde(default)]
+    pub web: WebSpec,
+
+    /// The background-task tier: `tidepool worker` pods.
+    #[serde(default)]
+    pub worker: WorkerSpec,
+
+    /// How rolling updates proceed.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+
+    /// The PgBouncer sidecar every pod runs.
+    #[serde(default)]
+    pub pooler: PoolerSpec,
+}
+
+/// The database and how many of its connections Tidepool may use.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.reservedConnections < self.maxConnections").message("reservedConnections must be below maxConnections: nothing would be left for the pods"))]
+pub struct DatabaseSpec {
+    /// The Secret with the database's coordinates, in CloudNativePG's
+    /// application Secret shape: the keys `username`, `password`, `host`,
+    /// `port` and `dbname` are read (`uri` and others are ignored), so a
+    /// CloudNativePG cluster's `<cluster>-app` Secret works as it is. The
+    /// password reaches pods only as a mounted file.
+    pub secret_ref: SecretRef,
+
+    /// The server's `max_connections` (`SHOW max_connections`).
+    #[x_kube(validation = Rule::new("self >= 1").message("maxConnections must be at least 1"))]
+    pub max_connections: i32,
+
+    /// Connections kept out of the pods' reach: PostgreSQL's superuser slots
+    /// (`superuser_reserved_connections`, 3 by default), administrators, the
+    /// migration Job, the operator's own connection and any other client.
+    /// The pods share `maxConnections − reservedConnections`.
+    #[serde(default = "default_reserved_connections")]
+    #[x_kube(validation = Rule::new("self >= 0").message("reservedConnections must not be negative"))]
+    pub reserved_connections: i32,
+}
+
+/// A reference to a Secret in the Tidepool's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SecretRef {
+    /// The Secret's name.
+    #[x_kube(validation = Rule::new("self != ''").message("secretRef.name must not be empty"))]
+    pub name: String,
+}
+
+/// The web tier.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.autoscaling) || (self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas)").message("web.replicas must be within [autoscaling.minReplicas, autoscaling.maxReplicas]"))]
+pub struct WebSpec {
+    /// Web pods. With `autoscaling`, the autoscaler sets it through the
+    /// Tidepool's scale subresource (`kubectl scale tp/NAME --replicas=N`
+    /// works the same way).
+    #[serde(default = "default_web_replicas")]
+    #[x_kube(validation = Rule::new("self >= 0").message("web.replicas must not be negative"))]
+    pub replicas: i32,
+
+    /// Requests one web pod handles at once (probes excepted); past it a
+    /// request is shed at once with 503 and Retry-After.
+    #[serde(default = "default_web_concurrency")]
+    #[x_kube(validation = Rule::new("self >= 1").message("web.concurrency must be at least 1"))]
+    pub concurrency: i32,
+
+    /// Connections one web pod asks for: requests that can query at once.
+    /// It gets this many unless the budget is short (then status says what
+    /// it gets).
+    #[serde(default = "default_web_database_pool")]
+    #[x_kube(validation = Rule::new("self >= 1").message("web.databasePool must be at least 1"))]
+    pub database_pool: i32,
+
+    /// Scale on CPU between the bounds with a HorizontalPodAutoscaler that
+    /// acts on the Tidepool. Pools are planned for `maxReplicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<WebAutoscaling>,
+
+    /// The web container's resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// Bounds and target of the web tier's autoscaler.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must not be above autoscaling.maxReplicas"))]
+pub struct WebAutoscaling {
+    /// The fewest web pods.
+    #[x_kube(validation = Rule::new("self >= 1").message("web.autoscaling.minReplicas must be at least 1"))]
+    pub min_replicas: i32,
+    /// The most web pods; the pools are sized for this many (plus the surge).
+    #[x_kube(validation = Rule::new("self >= 1").message("web.autoscaling.maxReplicas must be at least 1"))]
+    pub max_replicas: i32,
+    /// Average CPU use, in percent of the request, the autoscaler aims for.
+    #[serde(default = "default_target_cpu")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100").message("web.autoscaling.targetCPUUtilizationPercentage must be from 1 to 100"))]
+    #[serde(rename = "targetCPUUtilizationPercentage")]
+    pub target_cpu_utilization_percentage: i32,
+}
+
+/// The background-task tier.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.autoscaling) || (self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas)").message("worker.replicas must be within [autoscaling.minReplicas, autoscaling.maxReplicas]"))]
+pub struct WorkerSpec {
+    /// Worker pods; 0 runs none.
+    #[serde(default = "default_worker_replicas")]
+    #[x_kube(validation = Rule::new("self >= 0").message("worker.replicas must not be negative"))]
+    pub replicas: i32,
+
+    /// Jobs one worker runs at once (Celery's `--concurrency`). Each may use
+    /// a database connection, so a worker asks for this many plus 4 of its
+    /// own; if the budget is short, it runs as many jobs as it gets
+    /// connections for.
+    #[serde(default = "default_worker_concurrency")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100000").message("worker.concurrency must be from 1 to 100000"))]
+    pub concurrency: i32,
+
+    /// Queues the workers take jobs from, served round-robin.
+    #[serde(default = "default_queues")]
+    #[x_kube(validation = Rule::new("size(self) >= 1 && self.all(q, q.matches('^[A-Za-z0-9_.-]{1,64}$'))").message("worker.queues must name at least one queue, each 1 to 64 of A-Z, a-z, 0-9, '_', '-', '.'"))]
+    pub queues: Vec<String>,
+
+    /// Each worker also LISTENs on a direct connection to PostgreSQL, so an
+    /// idle worker starts a new job at once instead of at its next poll. It
+    /// costs one more connection per worker pod, outside PgBouncer: the
+    /// plan counts it.
+    #[serde(default)]
+    pub listen: bool,
+
+    /// Bounds of the worker tier's size; pools are planned for
+    /// `maxReplicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<WorkerAutoscaling>,
+
+    /// The worker container's resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// Bounds of the worker tier's size.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must not be above autoscaling.maxReplicas"))]
+pub struct WorkerAutoscaling {
+    /// The fewest worker pods (0 allowed).
+    #[x_kube(validation = Rule::new("self >= 0").message("worker.autoscaling.minReplicas must not be negative"))]
+    pub min_replicas: i32,
+    /// The most worker pods; the pools are sized for this many (plus the
+    /// surge).
+    #[x_kube(validation = Rule::new("self >= 1").message("worker.autoscaling.maxReplicas must be at least 1"))]
+    pub max_replicas: i32,
+}
+
+/// Rolling updates.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Extra pods per tier while a rolling update runs (pods are never taken
+    /// down before their replacement is ready). The budget counts them; 0
+    /// makes updates replace pods one at a time with a moment of one pod
+    /// fewer.
+    #[serde(default = "default_max_surge")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 100").message("rollout.maxSurge must be from 0 to 100"))]
+    pub max_surge: i32,
+}
+
+/// The PgBouncer sidecar.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolerSpec {
+    /// PgBouncer's image (PgBouncer 1.23 or later).
+    #[serde(default = "default_pooler_image")]
+    #[x_kube(validation = Rule::new("self != ''").message("pooler.image must not be empty"))]
+    pub image: String,
+
+    /// Extra PgBouncer settings, from an allow-list (timeouts, logging, TCP
+    /// keepalive, TLS modes). The sizing settings are the operator's.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new(pooler_parameters_rule()).message(pooler_parameters_message().as_str()))]
+    #[x_kube(validation = Rule::new("self.all(k, self[k].matches('^[A-Za-z0-9_.,:/= -]{0,256}$'))").message("pooler.parameters values must be up to 256 of A-Z, a-z, 0-9, space and _ . , : / = -"))]
+    pub parameters: BTreeMap<String, String>,
+
+    /// The sidecar's resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+fn pooler_parameters_rule() -> String {
+    let allowed = POOLER_PARAMETERS.iter().map(|p| format!("'{p}'")).collect::<Vec<_>>().join(", ");
+    format!("self.all(k, k in [{allowed}])")
+}
+
+fn pooler_parameters_message() -> String {
+    format!("pooler.parameters may set only {}", POOLER_PARAMETERS.join(", "))
+}
+
+/// What the operator observed and decided.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TidepoolStatus {
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Ready, ConnectionBudget, Progressing and Degraded.
+    #[serde(default)]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web: Option<TierStatus>,
+
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<TierStatus>,
+
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<ConnectionsStatus>,
+}
+
+/// One tier as planned and as running.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TierStatus {
+    /// Pods wanted now.
+    pub desired_replicas: i32,
+    /// Pods that exist (the scale subresource's status replicas).
+    pub replicas: i32,
+    pub ready_replicas: i32,
+    /// "ready/desired", for `kubectl get`.
+    pub ready_of_desired: String,
+    /// The tier's pods' label selector (the scale subresource's).
+    pub selector: String,
+    /// Server connections each pod's PgBouncer may hold (its share).
+    pub server_connections_per_pod: i32,
+    /// The app's pool per pod (web: requests that query at once; worker:
+    /// jobs that run at once).
+    pub app_pool_per_pod: i32,
+    /// Whether the budget gave the tier less than it asked for.
+    pub limited: bool,
+}
+
+/// The connection budget.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionsStatus {
+    /// `maxConnections − reservedConnections`.
+    pub available: i32,
+    /// The most connections the pods can hold at once, rolling updates
+    /// included.
+    pub planned_peak: i32,
+    /// The sum of the live pods' shares (running or terminating).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_peak: Option<i32>,
+    /// "planned/available", for `kubectl get`.
+    pub planned_of_available: String,
+}
+
+/// Conditions as a list-map keyed by `type`, so server-side apply merges
+/// each condition on its own.
+fn conditions_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = generator.subschema_for::<Vec<Condition>>();
+    schema.insert("x-kubernetes-list-type".into(), "map".into());
+    schema.insert("x-kubernetes-list-map-keys".into(), serde_json::json!(["type"]));
+    schema
+}
+
+fn default_image() -> String {
+    DEFAULT_IMAGE.into()
+}
+fn default_pooler_image() -> String {
+    DEFAULT_POOLER_IMAGE.into()
+}
+fn default_pull_policy() -> String {
+    "IfNotPresent".into()
+}
+fn default_reserved_connections() -> i32 {
+    10
+}
+fn default_web_replicas() -> i32 {
+    2
+}
+fn default_web_concurrency() -> i32 {
+    1000
+}
+fn default_web_database_pool() -> i32 {
+    20
+}
+fn default_target_cpu() -> i32 {
+    70
+}
+fn default_worker_replicas() -> i32 {
+    1
+}
+fn default_worker_concurrency() -> i32 {
+    50
+}
+fn default_queues() -> Vec<String> {
+    vec!["default".into()]
+}
+fn default_max_surge() -> i32 {
+    1
+}
+
+impl Default for WebSpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_web_replicas(),
+            concurrency: default_web_concurrency(),
+            database_pool: default_web_database_pool(),
+            autoscaling: None,
+            resources: None,
+        }
+    }
+}
+
+impl Default for WorkerSpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_worker_replicas(),
+            concurrency: default_worker_concurrency(),
+            queues: default_queues(),
+            listen: false,
+            autoscaling: None,
+            resources: None,
+        }
+    }
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self { max_surge: default_max_surge() }
+    }
+}
+
+impl Default for PoolerSpec {
+    fn default() -> Self {
+        Self { image: default_pooler_image(), parameters: BTreeMap::new(), resources: None }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The messages the CRD's rules give for `spec`, evaluated offline.
+    fn refusals(spec: serde_json::Value) -> Vec<String> {
+        let object = json!({"apiVersion": "tidepool.dev/v1alpha1", "kind": "Tidepool", "metadata": {"name": "t"}, "spec": spec});
+        let tidepool: Tidepool = serde_json::from_value(object).expect("well-formed");
+        tidepool
+            .validate_cel()
+            .err()
+            .map(|errors| errors.iter().map(|e| e.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    fn with(patch: serde_json::Value) -> serde_json::Value {
+        let mut spec = json!({"database": {"secretRef": {"name": "db"}, "maxConnections": 100}});
+        json_patch(&mut spec, patch);
+        spec
+    }
+
+    fn json_patch(target: &mut serde_json::Value, patch: serde_json::Value) {
+        match (target, patch) {
+            (serde_json::Value::Object(target), serde_json::Value::Object(patch)) => {
+                for (key, value) in patch {
+                    json_patch(target.entry(key).or_insert(serde_json::Value::Null), value);
+                }
+            }
+            (target, patch) => *target = patch,
+        }
+    }
+
+    #[test]
+    fn a_valid_spec_passes_every_rule() {
+        assert_eq!(refusals(with(json!({}))), Vec::<String>::new());
+        assert_eq!(
+            refusals(with(json!({"pooler": {"parameters": {"server_idle_timeout": "300"}}}))),
+            Vec::<String>::new()
+        );
+    }
+
+    /// Every rule refuses what it is for, with its own message.
+    #[test]
+    fn each_rule_refuses_with_its_message() {
+        for (patch, message) in [
+            (
+                json!({"database": {"reservedConnections": 100}}),
+                "reservedConnections must be below maxConnections",
+            ),
+            (
+                json!({"database": {"maxConnections": 0, "reservedConnections": 0}}),
+                "maxConnections must be at least 1",
+            ),
+            (json!({"web": {"concurrency": 0}}), "web.concurrency must be at least 1"),
+            (json!({"web": {"databasePool": 0}}), "web.databasePool must be at least 1"),
+            (json!({"web": {"replicas": -1}}), "web.replicas must not be negative"),
+            (
+                json!({"web": {"replicas": 3, "autoscaling": {"minReplicas": 4, "maxReplicas": 2}}}),
+                "autoscaling.minReplicas must not be above autoscaling.maxReplicas",
+            ),
+            (
+                json!({"web": {"replicas": 9, "autoscaling": {"minReplicas": 1, "maxReplicas": 2}}}),
+                "web.replicas must be within [autoscaling.minReplicas, autoscaling.maxReplicas]",
+            ),
+            (
+                json!({"web": {"replicas": 2, "autoscaling": {"minReplicas": 1, "maxReplicas": 2, "targetCPUUtilizationPercentage": 0}}}),
+                "targetCPUUtilizationPercentage must be from 1 to 100",
+            ),
+            (json!({"worker": {"concurrency": 0}}), "worker.concurrency must be from 1 to 100000"),
+            (json!({"worker": {"queues": ["ok", "not ok"]}}), "worker.queues must name at least one queue"),
+            (json!({"worker": {"queues": []}}), "worker.queues must name at least one queue"),
+            (
+                json!({"worker": {"replicas": 5, "autoscaling": {"minReplicas": 0, "maxReplicas": 3}}}),
+                "worker.replicas must be within",
+            ),
+            (json!({"rollout": {"maxSurge": -1}}), "rollout.maxSurge must be from 0 to 100"),
+            (
+                json!({"pooler": {"parameters": {"max_db_connections": "500"}}}),
+                "pooler.parameters may set only",
+            ),
+            (
+                json!({"pooler": {"parameters": {"server_idle_timeout": "1\n[databases]"}}}),
+                "pooler.parameters values must be",
+            ),
+            (
+                json!({"imagePullPolicy": "Sometimes"}),
+                "imagePullPolicy must be Always, IfNotPresent or Never",
+            ),
+            (json!({"image": ""}), "image must not be empty"),
+        ] {
+            let found = refusals(with(patch.clone()));
+            assert!(
+                found.iter().any(|f| f.contains(message)),
+                "{patch}: expected {message:?}, got {found:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! `tidepool-operator`: runs Tidepool on Kubernetes within a database's
+//! connection budget.
+//!
+//! Data flows one way: a `Tidepool` resource ([`crd`]) is checked and turned
+//! into the planner's plain input ([`validate`]), sized by the pure planner
+//! ([`plan`], no Kubernetes types), and rendered into the child objects
+//! ([`render`], pure as well). The offline commands `plan` and `render` run
+//! exactly that code; the controller only adds reading and applying.
+
+pub mod cli;
+pub mod crd;
+pub mod plan;
+pub mod render;
+pub mod validate;

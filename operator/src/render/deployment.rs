@@ -1,0 +1,347 @@
+//! The web and worker Deployments: the app container, its PgBouncer as a
+//! native sidecar, and the init container that writes PgBouncer's
+//! configuration from the database Secret.
+//!
+//! The pod, in start order:
+//! 1. `pooler-config` (init): `tidepool pooler-config` reads the Secret's
+//!    keys from its mounted files and writes `pgbouncer.ini` (the plan's
+//!    numbers) and the auth file (0600) into an in-memory `emptyDir`;
+//! 2. `pgbouncer` (init, `restartPolicy: Always`: a native sidecar, started
+//!    before the app and stopped after it), transaction mode on
+//!    127.0.0.1:6432, `max_db_connections` = the pod's share;
+//! 3. the app, whose pools add up to the share, with its password from the
+//!    mounted Secret file (never an environment literal).
+//!
+//! The share is also the pod's annotation `tidepool.dev/max-db-connections`,
+//! written from the same plan field. Probes reach the app on the pod IP
+//! (a 127.0.0.1-only listener cannot be probed). Grace periods cover the
+//! app's own drain and shutdown deadlines.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
+    HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::labels::{self, DIRECT_ANNOTATION, SHARE_ANNOTATION};
+use crate::plan::{Plan, Tier, TierPlan};
+use crate::validate::Validated;
+
+/// Where PgBouncer listens in every pod; the app connects here.
+pub const POOLER_ADDRESS: &str = "127.0.0.1:6432";
+pub const WEB_PORT: i32 = 8000;
+pub const WORKER_PORT: i32 = 8001;
+/// The uid and gid every container runs as (no image needs root).
+pub const RUN_AS: i64 = 65532;
+/// The PgBouncer user that may read `SHOW` statistics on the admin console.
+pub const STATS_USER: &str = "tidepool_stats";
+
+/// The app's drain and shutdown deadlines (`TIDEPOOL_DRAIN_DELAY`,
+/// `TIDEPOOL_SHUTDOWN_TIMEOUT`), and the margin the kubelet adds before it
+/// kills what is left.
+const DRAIN_DELAY: Duration = Duration::from_secs(5);
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+const GRACE_MARGIN: Duration = Duration::from_secs(5);
+
+const DATABASE_VOLUME: &str = "database";
+const DATABASE_DIR: &str = "/etc/tidepool/database";
+const POOLER_VOLUME: &str = "pgbouncer";
+const POOLER_DIR: &str = "/etc/pgbouncer";
+/// The Secret's keys the pods read (CloudNativePG's application Secret).
+pub const SECRET_KEYS: [&str; 5] = ["username", "password", "host", "port", "dbname"];
+
+/// A tier's Deployment.
+pub fn deployment(validated: &Validated, plan: &Plan, tier: Tier) -> Deployment {
+    let owner = &validated.owner;
+    let tier_plan = plan.tier(tier);
+    let mut annotations =
+        BTreeMap::from([(SHARE_ANNOTATION.to_owned(), tier_plan.pooler.max_db_connections.to_string())]);
+    if tier_plan.listen > 0 {
+        annotations.insert(DIRECT_ANNOTATION.to_owned(), tier_plan.listen.to_string());
+    }
+    let grace = match tier {
+        Tier::Web => DRAIN_DELAY + SHUTDOWN_TIMEOUT + GRACE_MARGIN,
+        Tier::Worker => SHUTDOWN_TIMEOUT + GRACE_MARGIN,
+    };
+    Deployment {
+        metadata: labels::metadata(owner, tier),
+        spec: Some(DeploymentSpec {
+            replicas: Some(to_i32(tier_plan.replicas)),
+            revision_history_limit: Some(5),
+            selector: LabelSelector {
+                match_labels: Some(labels::selector(owner, tier)),
+                ..LabelSelector::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(to_i32(tier_plan.surge))),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels::labels(owner, tier)),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    termination_grace_period_seconds: Some(grace.as_secs() as i64),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(RUN_AS),
+                        run_as_group: Some(RUN_AS),
+                        fs_group: Some(RUN_AS),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    volumes: Some(volumes(validated)),
+                    init_containers: Some(vec![pooler_config(validated, tier_plan), pooler(validated)]),
+                    containers: vec![app(validated, tier_plan)],
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        status: None,
+    }
+}
+
+fn to_i32(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+fn volumes(validated: &Validated) -> Vec<Volume> {
+    vec![
+        Volume {
+            name: DATABASE_VOLUME.to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(validated.spec.database.secret_ref.name.clone()),
+                items: Some(
+                    SECRET_KEYS
+                        .iter()
+                        .map(|key| KeyToPath { key: (*key).to_owned(), path: (*key).to_owned(), mode: None })
+                        .collect(),
+                ),
+                // Readable by the pod's group only.
+                default_mode: Some(0o440),
+                optional: Some(false),
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: POOLER_VOLUME.to_owned(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".to_owned()),
+                size_limit: Some(Quantity("1Mi".to_owned())),
+            }),
+            ..Volume::default()
+        },
+    ]
+}
+
+fn mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }
+}
+
+fn hardened() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), add: None }),
+        ..SecurityContext::default()
+    }
+}
+
+fn resources(cpu: &str, memory: &str, memory_limit: &str) -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_owned(), Quantity(cpu.to_owned())),
+            ("memory".to_owned(), Quantity(memory.to_owned())),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_owned(), Quantity(memory_limit.to_owned()))])),
+        ..ResourceRequirements::default()
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar { name: name.to_owned(), value: Some(value.into()), value_from: None }
+}
+
+fn env_from_secret(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.to_owned(),
+                key: key.to_owned(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+fn seconds(d: Duration) -> String {
+    format!("{}s", d.as_secs())
+}
+
+/// The init container that writes PgBouncer's files from the Secret.
+fn pooler_config(validated: &Validated, tier: &TierPlan) -> Container {
+    let sizing = &tier.pooler;
+    let mut args = vec![
+        "pooler-config".to_owned(),
+        format!("--upstream-from-dir={DATABASE_DIR}"),
+        format!("--out-dir={POOLER_DIR}"),
+        format!("--listen={POOLER_ADDRESS}"),
+        format!("--pool-size={}", sizing.default_pool_size),
+        format!("--min-pool-size={}", sizing.min_pool_size),
+        format!("--max-db-connections={}", sizing.max_db_connections),
+        format!("--max-client-conn={}", sizing.max_client_conn),
+        format!("--query-wait-timeout={}s", sizing.query_wait_timeout_seconds),
+        format!("--stats-user={STATS_USER}"),
+    ];
+    args.extend(validated.spec.pooler.parameters.iter().map(|(key, value)| format!("--set={key}={value}")));
+    Container {
+        name: "pooler-config".to_owned(),
+        image: Some(validated.spec.image.clone()),
+        image_pull_policy: Some(validated.spec.image_pull_policy.clone()),
+        args: Some(args),
+        volume_mounts: Some(vec![
+            mount(DATABASE_VOLUME, DATABASE_DIR),
+            VolumeMount { read_only: Some(false), ..mount(POOLER_VOLUME, POOLER_DIR) },
+        ]),
+        security_context: Some(hardened()),
+        resources: Some(resources("10m", "16Mi", "64Mi")),
+        ..Container::default()
+    }
+}
+
+/// PgBouncer, as a native sidecar.
+fn pooler(validated: &Validated) -> Container {
+    let port = POOLER_ADDRESS.rsplit(':').next().unwrap_or("6432");
+    Container {
+        name: "pgbouncer".to_owned(),
+        image: Some(validated.spec.pooler.image.clone()),
+        image_pull_policy: Some(validated.spec.image_pull_policy.clone()),
+        restart_policy: Some("Always".to_owned()),
+        command: Some(vec!["pgbouncer".to_owned()]),
+        args: Some(vec![format!("{POOLER_DIR}/pgbouncer.ini")]),
+        volume_mounts: Some(vec![mount(POOLER_VOLUME, POOLER_DIR)]),
+        // Listening only on 127.0.0.1, so probed from inside: the app
+        // starts once PgBouncer accepts connections.
+        startup_probe: Some(Probe {
+            exec: Some(ExecAction {
+                command: Some(vec![
+                    "bash".to_owned(),
+                    "-c".to_owned(),
+                    format!("exec 3<>/dev/tcp/127.0.0.1/{port}"),
+                ]),
+            }),
+            period_seconds: Some(1),
+            failure_threshold: Some(30),
+            ..Probe::default()
+        }),
+        security_context: Some(hardened()),
+        resources: Some(
+            validated.spec.pooler.resources.clone().unwrap_or_else(|| resources("50m", "16Mi", "128Mi")),
+        ),
+        ..Container::default()
+    }
+}
+
+fn http_probe(path: &str, port: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String(port.to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(3),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+/// The app container of a tier.
+fn app(validated: &Validated, tier: &TierPlan) -> Container {
+    let spec = &validated.spec;
+    let secret = &spec.database.secret_ref.name;
+    let mut environment = vec![
+        env_from_secret("TIDEPOOL_DB_USER", secret, "username"),
+        env_from_secret("TIDEPOOL_DB_NAME", secret, "dbname"),
+        env("DATABASE_URL", format!("postgres://$(TIDEPOOL_DB_USER)@{POOLER_ADDRESS}/$(TIDEPOOL_DB_NAME)")),
+        env("TIDEPOOL_DB_PASSWORD_FILE", format!("{DATABASE_DIR}/password")),
+        env("TIDEPOOL_DB_POOL_SIZE", tier.pools.database_pool.to_string()),
+        env("TIDEPOOL_SHUTDOWN_TIMEOUT", seconds(SHUTDOWN_TIMEOUT)),
+        env("TIDEPOOL_LOG_FORMAT", "json"),
+    ];
+    let (args, port_name, port, resources_spec) = match tier.tier {
+        Tier::Web => {
+            environment.extend([
+                env("TIDEPOOL_LISTEN", format!("0.0.0.0:{WEB_PORT}")),
+                env("TIDEPOOL_MAX_IN_FLIGHT", spec.web.concurrency.to_string()),
+                env("TIDEPOOL_DRAIN_DELAY", seconds(DRAIN_DELAY)),
+            ]);
+            ("web", "http", WEB_PORT, &spec.web.resources)
+        }
+        Tier::Worker => {
+            environment.extend([
+                env("TIDEPOOL_WORKER_LISTEN", format!("0.0.0.0:{WORKER_PORT}")),
+                env("TIDEPOOL_WORKER_CONCURRENCY", tier.pools.worker_concurrency.to_string()),
+                env("TIDEPOOL_WORKER_QUEUES", spec.worker.queues.join(",")),
+            ]);
+            if tier.listen > 0 {
+                environment.extend([
+                    env_from_secret("TIDEPOOL_DB_HOST", secret, "host"),
+                    env_from_secret("TIDEPOOL_DB_PORT", secret, "port"),
+                    env(
+                        "TIDEPOOL_DIRECT_DATABASE_URL",
+                        "postgres://$(TIDEPOOL_DB_USER)@$(TIDEPOOL_DB_HOST):$(TIDEPOOL_DB_PORT)/$(TIDEPOOL_DB_NAME)",
+                    ),
+                ]);
+            }
+            ("worker", "metrics", WORKER_PORT, &spec.worker.resources)
+        }
+    };
+    Container {
+        name: tier.tier.name().to_owned(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: Some(spec.image_pull_policy.clone()),
+        args: Some(vec![args.to_owned()]),
+        env: Some(environment),
+        ports: Some(vec![ContainerPort {
+            name: Some(port_name.to_owned()),
+            container_port: port,
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        startup_probe: Some(http_probe("/healthz", port_name, 1, 30)),
+        liveness_probe: Some(http_probe("/healthz", port_name, 10, 3)),
+        readiness_probe: Some(http_probe("/readyz", port_name, 5, 2)),
+        volume_mounts: Some(vec![mount(DATABASE_VOLUME, DATABASE_DIR)]),
+        security_context: Some(hardened()),
+        resources: Some(resources_spec.clone().unwrap_or_else(|| resources("100m", "64Mi", "512Mi"))),
+        ..Container::default()
+    }
+}

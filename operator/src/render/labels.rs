@@ -1,0 +1,69 @@
+//! Names, labels and the owner reference every child carries.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+
+use crate::plan::Tier;
+use crate::validate::Owner;
+
+/// `app.kubernetes.io/managed-by` of every child: how the operator finds
+/// what it made.
+pub const MANAGED_BY: &str = "tidepool-operator";
+/// The pod annotation with the pod's share of server connections, from the
+/// same plan field as its PgBouncer's `max_db_connections`.
+pub const SHARE_ANNOTATION: &str = "tidepool.dev/max-db-connections";
+/// The pod annotation with its connections outside PgBouncer (LISTEN).
+pub const DIRECT_ANNOTATION: &str = "tidepool.dev/direct-connections";
+
+/// `<tidepool>-<tier>`: the name of a tier's Deployment, Service, PDB and HPA.
+pub fn tier_name(owner: &Owner, tier: Tier) -> String {
+    format!("{}-{}", owner.name, tier.name())
+}
+
+/// The labels that select a tier's pods. Never change them: a Deployment's
+/// selector is immutable.
+pub fn selector(owner: &Owner, tier: Tier) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "tidepool".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), owner.name.clone()),
+        ("app.kubernetes.io/component".to_owned(), tier.name().to_owned()),
+    ])
+}
+
+/// The selector as the string the scale subresource and `kubectl -l` take.
+pub fn selector_string(owner: &Owner, tier: Tier) -> String {
+    selector(owner, tier).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+/// Every label of a tier's objects: the selector's and the managed-by.
+pub fn labels(owner: &Owner, tier: Tier) -> BTreeMap<String, String> {
+    let mut labels = selector(owner, tier);
+    labels.insert("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned());
+    labels.insert("app.kubernetes.io/part-of".to_owned(), owner.name.clone());
+    labels
+}
+
+/// The Tidepool as the controlling owner, so children go with it. Offline
+/// (no uid) there is none.
+pub fn owner_reference(owner: &Owner) -> Option<OwnerReference> {
+    (!owner.uid.is_empty()).then(|| OwnerReference {
+        api_version: "tidepool.dev/v1alpha1".to_owned(),
+        kind: "Tidepool".to_owned(),
+        name: owner.name.clone(),
+        uid: owner.uid.clone(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    })
+}
+
+/// Metadata of a tier's object.
+pub fn metadata(owner: &Owner, tier: Tier) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(tier_name(owner, tier)),
+        namespace: Some(owner.namespace.clone()),
+        labels: Some(labels(owner, tier)),
+        owner_references: owner_reference(owner).map(|r| vec![r]),
+        ..ObjectMeta::default()
+    }
+}

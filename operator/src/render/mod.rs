@@ -1,0 +1,234 @@
+//! Rendering: `plan → objects`, pure. A Tidepool's children, in the order
+//! they are applied (the Service and disruption budgets before the
+//! Deployments, the autoscaler last), each a typed k8s-openapi object.
+//!
+//! A tier that can never have pods (`maxReplicas` 0) has no children.
+
+pub mod deployment;
+pub mod hpa;
+pub mod labels;
+pub mod pdb;
+pub mod service;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use serde::Serialize;
+
+use crate::plan::{Plan, Tier};
+use crate::validate::Validated;
+
+/// One child object.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Child {
+    Service(Service),
+    PodDisruptionBudget(PodDisruptionBudget),
+    Deployment(Box<Deployment>),
+    HorizontalPodAutoscaler(HorizontalPodAutoscaler),
+}
+
+impl Child {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Child::Service(_) => "Service",
+            Child::PodDisruptionBudget(_) => "PodDisruptionBudget",
+            Child::Deployment(_) => "Deployment",
+            Child::HorizontalPodAutoscaler(_) => "HorizontalPodAutoscaler",
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        let metadata = match self {
+            Child::Service(o) => &o.metadata,
+            Child::PodDisruptionBudget(o) => &o.metadata,
+            Child::Deployment(o) => &o.metadata,
+            Child::HorizontalPodAutoscaler(o) => &o.metadata,
+        };
+        metadata.name.as_deref().unwrap_or_default()
+    }
+
+    /// The object as JSON, with its `apiVersion` and `kind`.
+    pub fn to_json(&self) -> serde_json::Value {
+        fn typed<T: Serialize + k8s_openapi::Resource>(object: &T) -> serde_json::Value {
+            let mut value = serde_json::to_value(object).unwrap_or_default();
+            if let Some(map) = value.as_object_mut() {
+                map.insert("apiVersion".to_owned(), T::API_VERSION.into());
+                map.insert("kind".to_owned(), T::KIND.into());
+            }
+            value
+        }
+        match self {
+            Child::Service(o) => typed(o),
+            Child::PodDisruptionBudget(o) => typed(o),
+            Child::Deployment(o) => typed(o.as_ref()),
+            Child::HorizontalPodAutoscaler(o) => typed(o),
+        }
+    }
+}
+
+/// Every child of a Tidepool, in apply order.
+pub fn children(validated: &Validated, plan: &Plan) -> Vec<Child> {
+    let owner = &validated.owner;
+    let has_pods = |tier: Tier| plan.tier(tier).max_replicas > 0;
+    let mut children = Vec::new();
+    if has_pods(Tier::Web) {
+        children.push(Child::Service(service::web_service(owner)));
+        children.push(Child::PodDisruptionBudget(pdb::pdb(owner, Tier::Web)));
+    }
+    if has_pods(Tier::Worker) {
+        children.push(Child::PodDisruptionBudget(pdb::pdb(owner, Tier::Worker)));
+    }
+    for tier in Tier::ALL {
+        if has_pods(tier) {
+            children.push(Child::Deployment(Box::new(deployment::deployment(validated, plan, tier))));
+        }
+    }
+    if let (true, Some(autoscaling)) = (has_pods(Tier::Web), &validated.spec.web.autoscaling) {
+        children.push(Child::HorizontalPodAutoscaler(hpa::web_hpa(owner, autoscaling)));
+    }
+    children
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::Tidepool;
+    use crate::validate::validate;
+    use k8s_openapi::api::core::v1::{Container, PodSpec};
+
+    fn tidepool(spec: serde_json::Value) -> Tidepool {
+        let mut object = serde_json::json!({
+            "apiVersion": "tidepool.dev/v1alpha1", "kind": "Tidepool",
+            "metadata": {"name": "shop", "namespace": "prod", "uid": "0e5c6a55-0000-4000-8000-000000000001"},
+        });
+        object["spec"] = spec;
+        serde_json::from_value(object).expect("a Tidepool")
+    }
+
+    fn render(spec: serde_json::Value) -> (Plan, Vec<Child>) {
+        let validated = validate(&tidepool(spec), "default").expect("valid");
+        let plan = crate::plan::plan(&validated.input).expect("fits");
+        let children = children(&validated, &plan);
+        (plan, children)
+    }
+
+    fn pod(children: &[Child], tier: Tier) -> PodSpec {
+        children
+            .iter()
+            .find_map(|c| match c {
+                Child::Deployment(d) if c.name() == format!("shop-{tier}") => {
+                    d.spec.as_ref().and_then(|s| s.template.spec.clone())
+                }
+                _ => None,
+            })
+            .expect("the tier's Deployment")
+    }
+
+    fn env<'a>(container: &'a Container, name: &str) -> Option<&'a str> {
+        container.env.as_ref()?.iter().find(|e| e.name == name)?.value.as_deref()
+    }
+
+    fn arg<'a>(container: &'a Container, flag: &str) -> Option<&'a str> {
+        container.args.as_ref()?.iter().find_map(|a| a.strip_prefix(&format!("{flag}=")))
+    }
+
+    #[test]
+    fn the_sidecar_and_the_app_carry_the_plans_numbers() {
+        let spec = serde_json::json!({"database": {"secretRef": {"name": "db"}, "maxConnections": 300, "reservedConnections": 10},
+            "worker": {"listen": true}});
+        let (plan, children) = render(spec);
+        for tier in Tier::ALL {
+            let pod = pod(&children, tier);
+            let plan = plan.tier(tier);
+            let init = pod.init_containers.as_ref().expect("init containers");
+            assert_eq!(
+                init.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+                ["pooler-config", "pgbouncer"]
+            );
+            assert_eq!(init[1].restart_policy.as_deref(), Some("Always"), "PgBouncer is a native sidecar");
+            assert_eq!(arg(&init[0], "--max-db-connections"), Some(plan.share.to_string().as_str()));
+            assert_eq!(arg(&init[0], "--pool-size"), Some(plan.share.to_string().as_str()));
+            let app = &pod.containers[0];
+            assert_eq!(
+                env(app, "TIDEPOOL_DB_POOL_SIZE"),
+                Some(plan.pools.database_pool.to_string().as_str())
+            );
+            assert_eq!(env(app, "TIDEPOOL_DB_PASSWORD_FILE"), Some("/etc/tidepool/database/password"));
+            let password_in_env = app.env.iter().flatten().any(|e| {
+                e.value_from
+                    .as_ref()
+                    .and_then(|v| v.secret_key_ref.as_ref())
+                    .is_some_and(|k| k.key == "password")
+            });
+            assert!(!password_in_env, "the password reaches the app only as a file");
+            for container in init.iter().chain(&pod.containers) {
+                let security = container.security_context.as_ref().expect("hardened");
+                assert_eq!(security.read_only_root_filesystem, Some(true), "{}", container.name);
+                assert_eq!(security.allow_privilege_escalation, Some(false), "{}", container.name);
+            }
+        }
+        let worker = pod(&children, Tier::Worker);
+        assert_eq!(env(&worker.containers[0], "TIDEPOOL_WORKER_CONCURRENCY"), Some("50"));
+        assert!(env(&worker.containers[0], "TIDEPOOL_DIRECT_DATABASE_URL").is_some());
+    }
+
+    #[test]
+    fn the_share_annotation_is_pgbouncers_cap() {
+        let spec = serde_json::json!({"database": {"secretRef": {"name": "db"}, "maxConnections": 50}});
+        let (plan, children) = render(spec);
+        assert!(!plan.asks_met, "a short budget, so the share differs from the ask");
+        for child in &children {
+            let Child::Deployment(deployment) = child else { continue };
+            let template = &deployment.spec.as_ref().expect("spec").template;
+            let annotation = template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.as_ref())
+                .and_then(|a| a.get(labels::SHARE_ANNOTATION));
+            let pooler_config =
+                &template.spec.as_ref().expect("pod").init_containers.as_ref().expect("init")[0];
+            assert_eq!(
+                annotation.map(String::as_str),
+                arg(pooler_config, "--max-db-connections"),
+                "{}",
+                child.name()
+            );
+        }
+    }
+
+    #[test]
+    fn children_are_owned_and_an_hpa_scales_the_tidepool() {
+        let spec = serde_json::json!({"database": {"secretRef": {"name": "db"}, "maxConnections": 300},
+            "web": {"replicas": 2, "autoscaling": {"minReplicas": 2, "maxReplicas": 5}}});
+        let (_, children) = render(spec);
+        let kinds: Vec<_> = children.iter().map(|c| (c.kind(), c.name().to_owned())).collect();
+        assert_eq!(
+            kinds,
+            [
+                ("Service", "shop-web".to_owned()),
+                ("PodDisruptionBudget", "shop-web".to_owned()),
+                ("PodDisruptionBudget", "shop-worker".to_owned()),
+                ("Deployment", "shop-web".to_owned()),
+                ("Deployment", "shop-worker".to_owned()),
+                ("HorizontalPodAutoscaler", "shop-web".to_owned()),
+            ]
+        );
+        for child in &children {
+            let json = child.to_json();
+            assert_eq!(json["metadata"]["ownerReferences"][0]["kind"], "Tidepool");
+            assert_eq!(json["metadata"]["ownerReferences"][0]["controller"], true);
+            assert_eq!(json["metadata"]["labels"]["app.kubernetes.io/managed-by"], "tidepool-operator");
+        }
+        let hpa = children.last().expect("an HPA").to_json();
+        assert_eq!(hpa["spec"]["scaleTargetRef"]["kind"], "Tidepool");
+        assert_eq!(hpa["spec"]["maxReplicas"], 5);
+    }
+
+    #[test]
+    fn a_tier_that_never_has_pods_has_no_children() {
+        let spec = serde_json::json!({"database": {"secretRef": {"name": "db"}, "maxConnections": 100}, "worker": {"replicas": 0}});
+        let (_, children) = render(spec);
+        assert!(children.iter().all(|c| !c.name().ends_with("-worker")));
+    }
+}
