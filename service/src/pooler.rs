@@ -467,6 +467,7 @@ mod tests {
         );
         fs::write(dir.join("port"), "x").expect("write");
         assert!(matches!(Upstream::from_dir(&dir), Err(PoolerError::BadPort { .. })));
+        fs::write(dir.join("port"), "5433").expect("write");
         fs::remove_file(dir.join("password")).expect("remove");
         assert!(matches!(Upstream::from_dir(&dir), Err(PoolerError::Missing("password"))));
         fs::remove_dir_all(&dir).expect("cleanup");
