@@ -14,6 +14,7 @@
 # Workers and clients talk to loopback only; every wait is bounded.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
+load_local_plan
 cd "$REPO_ROOT"
 
 : "${BENCH_REPEATS:=3}"

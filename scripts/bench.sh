@@ -18,6 +18,7 @@ set -euo pipefail
 # The web sections measure one process behind 20 server connections.
 export TIDEPOOL_POOLER_POOL_SIZE=${TIDEPOOL_POOLER_POOL_SIZE:-20}
 source "$(dirname "$0")/lib.sh"
+load_local_plan
 cd "$REPO_ROOT"
 
 : "${BENCH_REPEATS:=3}"

@@ -10,16 +10,31 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 : "${TIDEPOOL_WEB_PORT:=8000}"
 : "${TIDEPOOL_WORKER_PORT:=8001}"
 : "${TIDEPOOL_RUN_AS:=tidepool}"              # PostgreSQL and PgBouncer refuse root
-: "${TIDEPOOL_PG_MAX_CONNECTIONS:=100}"
-: "${TIDEPOOL_POOLER_POOL_SIZE:=80}"          # PgBouncer server connections (max_db_connections): web 20 + worker 50 + 4, and spare
 : "${TIDEPOOL_POOLER_MAX_CLIENT_CONN:=2000}"
-: "${TIDEPOOL_DB_POOL_SIZE:=20}"              # the web process's client pool
-: "${TIDEPOOL_WORKER_CONCURRENCY:=50}"        # jobs one worker runs at once (its task pool too)
-: "${TIDEPOOL_WORKER_LISTEN_NOTIFY:=1}"       # 1: the worker also LISTENs on a direct connection; 0: polling only
 : "${CARGO_TARGET_DIR:=$HOME/.cache/tidepool/cargo-target}"
 : "${TIDEPOOL_BIN:=$CARGO_TARGET_DIR/release/tidepool}"
+: "${TIDEPOOL_OPERATOR_BIN:=$(dirname "$TIDEPOOL_BIN")/tidepool-operator}"
 : "${TIDEPOOL_LOADGEN_BIN:=$CARGO_TARGET_DIR/release/tidepool-loadgen}"
 export CARGO_TARGET_DIR
+
+# The local stack's sizes come from the same planner as the pods', for the
+# local spec scripts/local-tidepool.yaml (one web process, one worker, one
+# PgBouncer for both, no surge): TIDEPOOL_PG_MAX_CONNECTIONS,
+# TIDEPOOL_POOLER_POOL_SIZE (PgBouncer's cap: the sum of the shares),
+# TIDEPOOL_POOLER_MIN_POOL_SIZE, TIDEPOOL_DB_POOL_SIZE (web's pool),
+# TIDEPOOL_WORKER_CONCURRENCY and TIDEPOOL_WORKER_LISTEN_NOTIFY (1: the
+# worker also LISTENs on a direct connection). A variable already set wins.
+load_local_plan() {
+  local name value plan
+  [ -x "$TIDEPOOL_OPERATOR_BIN" ] || die "$TIDEPOOL_OPERATOR_BIN is not built (run: make build)"
+  plan=$("$TIDEPOOL_OPERATOR_BIN" plan -f "$REPO_ROOT/scripts/local-tidepool.yaml" -o env) \
+    || die "the local spec scripts/local-tidepool.yaml does not fit its budget"
+  # Set, not exported: TIDEPOOL_DB_POOL_SIZE is web's, and a worker that
+  # inherited it would shrink its task pool.
+  while IFS='=' read -r name value; do
+    [ -n "${!name:-}" ] || printf -v "$name" '%s' "$value"
+  done <<< "$plan"
+}
 
 
 APP_DB=tidepool

@@ -76,9 +76,9 @@ pooler_up() {
     return
   fi
   require_free_port "$TIDEPOOL_POOLER_PORT" PgBouncer
-  # Kept open while idle: every connection web and worker hold (the worker's
-  # 4 queue connections included), within the pool.
-  local min_pool=${TIDEPOOL_POOLER_MIN_POOL_SIZE:-$(( TIDEPOOL_DB_POOL_SIZE + TIDEPOOL_WORKER_CONCURRENCY + 4 ))}
+  # Kept open while idle: every connection web and worker hold, within the
+  # pool (a smaller pool set by hand caps it).
+  local min_pool=$TIDEPOOL_POOLER_MIN_POOL_SIZE
   (( min_pool <= TIDEPOOL_POOLER_POOL_SIZE )) || min_pool=$TIDEPOOL_POOLER_POOL_SIZE
   say "starting PgBouncer (transaction mode, $TIDEPOOL_POOLER_POOL_SIZE server connections, $min_pool kept open) on 127.0.0.1:$TIDEPOOL_POOLER_PORT"
   TIDEPOOL_POOLER_UPSTREAM_URL=$(direct_url) as_service_user "$TIDEPOOL_BIN" pooler-config \
@@ -120,7 +120,8 @@ worker_up() {
   local direct=""
   [ "$TIDEPOOL_WORKER_LISTEN_NOTIFY" != 1 ] || direct=$(direct_url)
   say "starting tidepool worker (concurrency $TIDEPOOL_WORKER_CONCURRENCY, $([ -n "$direct" ] && echo "polling + LISTEN" || echo "polling only"), /metrics on 127.0.0.1:$TIDEPOOL_WORKER_PORT)"
-  env DATABASE_URL="$(pooled_url)" ${direct:+TIDEPOOL_DIRECT_DATABASE_URL="$direct"} \
+  # The task pool is the concurrency (the plan's); web's pool size is not the worker's.
+  env -u TIDEPOOL_DB_POOL_SIZE DATABASE_URL="$(pooled_url)" ${direct:+TIDEPOOL_DIRECT_DATABASE_URL="$direct"} \
     TIDEPOOL_WORKER_LISTEN="127.0.0.1:$TIDEPOOL_WORKER_PORT" TIDEPOOL_WORKER_CONCURRENCY="$TIDEPOOL_WORKER_CONCURRENCY" \
     setsid "$TIDEPOOL_BIN" worker </dev/null >>"$LOGS/worker.log" 2>&1 &
   echo $! > "$RUN/worker.pid"
@@ -163,6 +164,7 @@ components=("$@")
 case $command in
   up)
     [ -x "$TIDEPOOL_BIN" ] || die "$TIDEPOOL_BIN is not built (run: make build)"
+    load_local_plan
     prepare_state
     for c in "${components[@]}"; do
       case $c in postgres|pooler|web|worker) "${c}_up" ;; *) die "unknown component $c (postgres, pooler, web, worker)" ;; esac

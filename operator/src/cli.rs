@@ -161,13 +161,17 @@ pub fn table(validated: &validate::Validated, plan: &Plan) -> String {
     out
 }
 
-/// The local stack's settings, as shell assignments: one process per tier
-/// that has pods, one PgBouncer for both (its cap is the sum of their
-/// shares), so the local spec has no surge.
+/// The local stack's settings, as shell assignments: `replicas` processes
+/// per tier, one PgBouncer for all (its cap is the sum of their shares), and
+/// the peak they can hold with the LISTEN sessions. Nothing rolls locally,
+/// so the local spec has no surge.
 pub fn local_env(plan: &Plan) -> String {
-    let pooler: u32 = plan.tiers().iter().filter(|t| t.replicas > 0).map(|t| t.share).sum();
+    let running = || plan.tiers().into_iter().filter(|t| t.replicas > 0);
+    let pooler: u32 = running().map(|t| t.replicas * t.share).sum();
+    let peak: u32 = running().map(|t| t.replicas * t.per_pod()).sum();
     let settings = [
         ("TIDEPOOL_PG_MAX_CONNECTIONS", plan.max_connections),
+        ("TIDEPOOL_PLANNED_PEAK", peak),
         ("TIDEPOOL_POOLER_POOL_SIZE", pooler),
         ("TIDEPOOL_POOLER_MIN_POOL_SIZE", pooler),
         ("TIDEPOOL_DB_POOL_SIZE", plan.web.pools.database_pool),

@@ -6,7 +6,7 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 #[test]
 fn a_busy_port_stops_the_stack_with_its_name() -> Result<()> {
@@ -73,6 +73,23 @@ async fn the_local_stack_comes_up_and_goes_down() -> Result<()> {
         .await?;
         let ini = std::fs::read_to_string(state.join("pgbouncer/pgbouncer.ini"))?;
         anyhow::ensure!(ini.contains("pool_mode = transaction"), "{ini}");
+        // One PgBouncer for both processes, its cap the sum of their pools
+        // (the worker's 4 queue connections included), all kept warm.
+        let pool_size = |port: u16| async move {
+            let metrics = support::get(&format!("http://127.0.0.1:{port}/metrics")).await?.body;
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("tidepool_db_pool_max_size ")?.parse::<u32>().ok())
+                .with_context(|| format!("no pool size in:\n{metrics}"))
+        };
+        let (web_pool, task_pool) = (pool_size(ports[2]).await?, pool_size(ports[3]).await?);
+        let cap = web_pool + task_pool + 4;
+        for line in [format!("max_db_connections = {cap}\n"), format!("min_pool_size = {cap}\n")] {
+            anyhow::ensure!(
+                ini.contains(&line),
+                "{line:?} not in {ini} (web pool {web_pool}, task pool {task_pool})"
+            );
+        }
         let password = std::fs::read_to_string(state.join("secrets/app.password"))?;
         anyhow::ensure!(!ini.contains(password.trim()), "pgbouncer.ini must not hold the password");
         anyhow::ensure!(!up_log.contains(password.trim()), "stack.sh printed the password");
