@@ -363,6 +363,7 @@ pub struct TierStatus {
     pub desired_replicas: i32,
     /// Pods that exist (the scale subresource's status replicas).
     pub replicas: i32,
+    /// Pods that pass their readiness probe.
     pub ready_replicas: i32,
     /// "ready/desired", for `kubectl get`.
     pub ready_of_desired: String,
@@ -507,6 +508,33 @@ mod tests {
             }
             (target, patch) => *target = patch,
         }
+    }
+
+    /// Every property of the schema, at every depth, has a description, so
+    /// `kubectl explain` teaches the whole resource.
+    #[test]
+    fn every_field_is_described() {
+        use kube::CustomResourceExt;
+        fn undescribed(path: &str, schema: &serde_json::Value, found: &mut Vec<String>) {
+            let Some(properties) = schema.get("properties").and_then(|p| p.as_object()) else { return };
+            for (name, property) in properties {
+                let path = format!("{path}.{name}");
+                if property.get("description").and_then(|d| d.as_str()).is_none_or(str::is_empty) {
+                    found.push(path.clone());
+                }
+                undescribed(&path, property, found);
+                if let Some(items) = property.get("items") {
+                    undescribed(&format!("{path}[]"), items, found);
+                }
+            }
+        }
+        let crd = serde_json::to_value(Tidepool::crd()).expect("serializes");
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        let mut found = Vec::new();
+        for part in ["spec", "status"] {
+            undescribed(part, &schema["properties"][part], &mut found);
+        }
+        assert!(found.is_empty(), "fields without a description: {found:?}");
     }
 
     #[test]
