@@ -14,8 +14,14 @@
 //!
 //! The share is also the pod's annotation `tidepool.dev/max-db-connections`,
 //! written from the same plan field. Probes reach the app on the pod IP
-//! (a 127.0.0.1-only listener cannot be probed). Grace periods cover the
-//! app's own drain and shutdown deadlines.
+//! (a 127.0.0.1-only listener cannot be probed).
+//!
+//! Termination: no preStop hook is needed, as the app drains on SIGTERM by
+//! itself (web: `/readyz` answers 503 for the drain delay while it serves
+//! on, then waits for requests in flight; worker: hands running jobs back at
+//! its shutdown deadline). The grace period covers those deadlines plus a
+//! margin, and the sidecar, stopped only after the app has exited, serves
+//! the app's last queries (PgBouncer ≥ 1.23 waits for its clients).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
