@@ -233,7 +233,7 @@ impl PoolerConfig {
         if let Some(stats) = &self.stats_user {
             check_safe("stats user", &stats.name)?;
         }
-        let written = rendered_settings(self);
+        let written = rendered_settings(self, Path::new(""));
         if let Some(setting) = self.settings.iter().find(|s| written.iter().any(|(key, _)| *key == s.key)) {
             return Err(PoolerError::ReservedSetting(setting.key.clone()));
         }
@@ -253,15 +253,16 @@ impl PoolerConfig {
     }
 }
 
-/// The settings `pgbouncer.ini` gets from `config` itself, in order.
-fn rendered_settings(config: &PoolerConfig) -> Vec<(&'static str, String)> {
+/// The settings `pgbouncer.ini` gets from `config` itself, in order, with
+/// the auth file in `dir`.
+fn rendered_settings(config: &PoolerConfig, dir: &Path) -> Vec<(&'static str, String)> {
     let mut settings: Vec<(&'static str, String)> = vec![
         ("listen_addr", config.listen.ip().to_string()),
         ("listen_port", config.listen.port().to_string()),
         // No Unix socket: its default folder is not writable by an unprivileged user.
         ("unix_socket_dir", String::new()),
         ("auth_type", "scram-sha-256".into()),
-        ("auth_file", String::new()),
+        ("auth_file", dir.join(AUTH_FILE).display().to_string()),
         ("pool_mode", "transaction".into()),
         ("default_pool_size", config.pool_size.to_string()),
         ("min_pool_size", config.min_pool_size.to_string()),
@@ -306,8 +307,7 @@ pub fn render_ini(config: &PoolerConfig, dir: &Path) -> Result<String, PoolerErr
     let _ = writeln!(ini, "{} = host={} port={} dbname={}", u.dbname, u.host, u.port, u.dbname);
     let _ = writeln!(ini);
     let _ = writeln!(ini, "[pgbouncer]");
-    for (key, value) in rendered_settings(config) {
-        let value = if key == "auth_file" { dir.join(AUTH_FILE).display().to_string() } else { value };
+    for (key, value) in rendered_settings(config, dir) {
         let _ = writeln!(ini, "{key} = {value}");
     }
     for setting in &config.settings {
