@@ -8,7 +8,9 @@
 //! exactly that code; the controller only adds reading and applying.
 
 pub mod cli;
+pub mod controller;
 pub mod crd;
 pub mod plan;
 pub mod render;
+pub mod status;
 pub mod validate;

@@ -1,5 +1,6 @@
 //! `tidepool-operator`: the command line.
 //!
+//! - `run` runs the controller (in a pod, or against the current kubeconfig);
 //! - `crd` prints the CustomResourceDefinition (`manifests/crd.yaml` is this);
 //! - `plan -f FILE` prints the connection budget of the Tidepools in a file
 //!   and exits 1 with the refusal when one cannot fit;
@@ -28,6 +29,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the controller until SIGTERM or SIGINT.
+    Run {
+        /// Watch only this namespace (the operator then needs rights there
+        /// only); all namespaces when unset.
+        #[arg(long, env = "TIDEPOOL_OPERATOR_NAMESPACE")]
+        namespace: Option<String>,
+        /// Log filter in tracing's EnvFilter syntax.
+        #[arg(long, env = "TIDEPOOL_OPERATOR_LOG", default_value = "info")]
+        log: String,
+    },
     /// Print the Tidepool CustomResourceDefinition as YAML.
     Crd,
     /// Print the connection budget of every Tidepool in a file.
@@ -62,6 +73,7 @@ enum Output {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run { namespace, log } => return run(namespace, &log),
         Command::Crd => cli::crd_yaml(),
         Command::Plan { file, namespace, output } => {
             let format = match output {
@@ -82,6 +94,53 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("tidepool-operator: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(namespace: Option<String>, log: &str) -> ExitCode {
+    let filter = match tracing_subscriber::EnvFilter::try_new(log) {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!("tidepool-operator: --log {log:?} is not a valid filter: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let client = match kube::Client::try_default().await {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reach the Kubernetes API (no in-cluster config or kubeconfig)");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(namespace = namespace.as_deref().unwrap_or("(all)"), "tidepool-operator is running");
+        tidepool_operator::controller::run(client, namespace, shutdown_signal()).await;
+        tracing::info!("tidepool-operator stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

@@ -4,35 +4,15 @@
 //! and each of the CRD's CEL rules refuses a bad Tidepool with its message
 //! (the cases of `rule_cases.json`, also checked offline).
 
+mod common;
+
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use common::{kube_with_crd, merge};
 use serde_json::{json, Value};
-use tidepool_testenv::{repo_root, wait_for, Kube};
-
-/// Installs the CRD once per run and waits until Tidepools are served.
-fn kube_with_crd() -> Result<&'static Kube> {
-    static INSTALLED: OnceLock<Kube> = OnceLock::new();
-    if let Some(kube) = INSTALLED.get() {
-        return Ok(kube);
-    }
-    let kube = Kube::from_env()?;
-    let crd = repo_root()?.join("manifests/crd.yaml");
-    kube.kubectl(
-        &["apply", "--server-side", "--force-conflicts", "-f", crd.to_str().context("utf-8 path")?],
-        None,
-    )?;
-    kube.kubectl(
-        &["wait", "--for=condition=Established", "crd/tidepools.tidepool.dev", "--timeout=30s"],
-        None,
-    )?;
-    wait_for("Tidepools to be served", Duration::from_secs(30), || {
-        Ok(kube.kubectl_output(&["get", "tidepools", "-A"], None)?.status.success().then_some(()))
-    })?;
-    Ok(INSTALLED.get_or_init(|| kube))
-}
+use tidepool_testenv::{repo_root, wait_for};
 
 fn operator(args: &[&str], stdin: &str) -> Result<String> {
     use std::io::Write;
@@ -123,15 +103,4 @@ fn explain_teaches_the_spec() -> Result<()> {
         assert!(explained.contains(words), "{words} missing from:\n{explained}");
     }
     Ok(())
-}
-
-fn merge(target: &mut Value, patch: &Value) {
-    match (target, patch) {
-        (Value::Object(target), Value::Object(patch)) => {
-            for (key, value) in patch {
-                merge(target.entry(key.clone()).or_insert(Value::Null), value);
-            }
-        }
-        (target, patch) => *target = patch.clone(),
-    }
 }

@@ -1,0 +1,383 @@
+//! The controller: reads, calls the pure pipeline, applies.
+//!
+//! For each Tidepool: read the referenced Secret (only which keys it has;
+//! values are never logged or copied), validate, plan, render, then
+//! server-side apply every child with the field manager
+//! [`FIELD_MANAGER`] (forced, so a child changed by hand is put back),
+//! delete the children it owns that the spec no longer has, and write the
+//! status ([`crate::status`]) with [`STATUS_MANAGER`] when it changed. A
+//! missing Secret or key, an invalid spec or a budget that cannot fit leave
+//! the children as they are and say why in status and an Event.
+//!
+//! Triggers: the Tidepool, its children (`owns`), the live pods (their
+//! shares make `livePeak`), and the Secrets Tidepools refer to (watched as
+//! metadata only, so a Secret created after its Tidepool starts it).
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::crd::{Tidepool, TidepoolStatus};
+use crate::plan::{self, Plan, Tier};
+use crate::render::deployment::SECRET_KEYS;
+use crate::render::labels::{self, DIRECT_ANNOTATION, MANAGED_BY, SHARE_ANNOTATION};
+use crate::render::{self, Child};
+use crate::status::{self, Applied, Blocked, ObservedTier};
+use crate::validate;
+
+/// The field manager of every child.
+pub const FIELD_MANAGER: &str = "tidepool-operator";
+/// The field manager of the Tidepools' status.
+pub const STATUS_MANAGER: &str = "tidepool-operator/status";
+/// Pause before a failed reconcile is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the Kubernetes API refused or failed: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("the Tidepool has no namespace")]
+    NoNamespace,
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub store: Store<Tidepool>,
+}
+
+/// The operator's scope: one namespace, or the whole cluster.
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs the controller until `shutdown` resolves. `namespace` limits it to
+/// one namespace (the operator then needs rights there only).
+pub async fn run(
+    client: Client,
+    namespace: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let ns = namespace.as_deref();
+    let tidepools = api::<Tidepool>(&client, ns);
+    let children = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    let controller = Controller::new(tidepools, watcher::Config::default());
+    let store = controller.store();
+    let secret_store = store.clone();
+    // Metadata only: the operator never holds the Secrets' values.
+    let secrets =
+        watcher(api::<PartialObjectMeta<Secret>>(&client, ns), watcher::Config::default()).touched_objects();
+    let pods = watcher(api::<Pod>(&client, ns), children.clone()).touched_objects();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() },
+    );
+    let context = Arc::new(Context { client: client.clone(), recorder, store });
+    controller
+        .owns(api::<Deployment>(&client, ns), children.clone())
+        .owns(api::<Service>(&client, ns), children.clone())
+        .owns(api::<PodDisruptionBudget>(&client, ns), children.clone())
+        .owns(api::<HorizontalPodAutoscaler>(&client, ns), children)
+        .watches_stream(pods, |pod| owner_of(&pod))
+        .watches_stream(secrets, move |secret| tidepools_using(&secret_store, &secret))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => tracing::debug!(tidepool = %object, "reconciled"),
+                Err(e) => tracing::warn!(error = %e, "reconcile failed"),
+            }
+        })
+        .await;
+}
+
+/// The Tidepool a pod of a tier belongs to, by its labels.
+fn owner_of(pod: &Pod) -> Option<ObjectRef<Tidepool>> {
+    let instance = pod.labels().get("app.kubernetes.io/instance")?;
+    Some(ObjectRef::new(instance).within(pod.namespace().as_deref()?))
+}
+
+/// The Tidepools whose `secretRef` names this Secret.
+fn tidepools_using(store: &Store<Tidepool>, secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<Tidepool>> {
+    let (name, namespace) = (secret.name_any(), secret.namespace());
+    store
+        .state()
+        .iter()
+        .filter(|tp| tp.namespace() == namespace && tp.spec.database.secret_ref.name == name)
+        .map(|tp| ObjectRef::from_obj(tp.as_ref()))
+        .collect()
+}
+
+fn error_policy(tidepool: Arc<Tidepool>, error: &Error, _: Arc<Context>) -> Action {
+    tracing::warn!(tidepool = %tidepool.name_any(), error = %error, "reconcile failed; retrying");
+    Action::requeue(RETRY_AFTER)
+}
+
+/// Why the spec cannot be applied now, if it cannot.
+async fn dereference(
+    tidepool: &Tidepool,
+    namespace: &str,
+    client: &Client,
+) -> Result<Option<Blocked>, Error> {
+    let name = &tidepool.spec.database.secret_ref.name;
+    let Some(secret) = Api::<Secret>::namespaced(client.clone(), namespace).get_opt(name).await? else {
+        return Ok(Some(Blocked {
+            reason: "SecretMissing",
+            message: format!("the database Secret {name} does not exist in namespace {namespace}"),
+        }));
+    };
+    let keys: BTreeSet<&str> = secret
+        .data
+        .iter()
+        .flat_map(|data| data.keys())
+        .chain(secret.string_data.iter().flat_map(|data| data.keys()))
+        .map(String::as_str)
+        .collect();
+    let missing: Vec<&str> = SECRET_KEYS.iter().copied().filter(|key| !keys.contains(key)).collect();
+    if missing.is_empty() {
+        Ok(None)
+    } else {
+        Ok(Some(Blocked {
+            reason: "SecretIncomplete",
+            message: format!(
+                "the database Secret {name} lacks the keys {} (it needs {})",
+                missing.join(", "),
+                SECRET_KEYS.join(", ")
+            ),
+        }))
+    }
+}
+
+async fn reconcile(tidepool: Arc<Tidepool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = tidepool.namespace().ok_or(Error::NoNamespace)?;
+    let outcome = match dereference(&tidepool, &namespace, &ctx.client).await? {
+        Some(blocked) => Err(blocked),
+        None => match validate::validate(&tidepool, &namespace) {
+            Err(e) => Err(Blocked { reason: "InvalidSpec", message: e.to_string() }),
+            Ok(validated) => match plan::plan(&validated.input) {
+                Err(e) => Err(Blocked { reason: "BudgetDoesNotFit", message: e.to_string() }),
+                Ok(plan) => Ok((validated, plan)),
+            },
+        },
+    };
+    let previous = tidepool.status.as_ref();
+    let next = match outcome {
+        Err(blocked) => status::status(previous, tidepool.metadata.generation, Err(blocked), now()),
+        Ok((validated, plan)) => {
+            let applied = apply(&ctx.client, &namespace, &tidepool, &validated, &plan).await?;
+            status::status(previous, tidepool.metadata.generation, Ok(applied.as_applied(&plan)), now())
+        }
+    };
+    if previous.is_none_or(|p| !status::same_ignoring_times(p, &next)) {
+        publish_transitions(&ctx.recorder, &tidepool, previous, &next).await;
+        let body =
+            serde_json::json!({"apiVersion": "tidepool.dev/v1alpha1", "kind": "Tidepool", "status": next});
+        Api::<Tidepool>::namespaced(ctx.client.clone(), &namespace)
+            .patch_status(
+                &tidepool.name_any(),
+                &PatchParams::apply(STATUS_MANAGER).force(),
+                &Patch::Apply(body),
+            )
+            .await?;
+    }
+    Ok(Action::await_change())
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+/// What applying the children found.
+struct AppliedChildren {
+    web: ObservedTier,
+    worker: ObservedTier,
+    selectors: [String; 2],
+    live_peak: i32,
+}
+
+impl AppliedChildren {
+    fn as_applied<'a>(&self, plan: &'a Plan) -> Applied<'a> {
+        Applied {
+            plan,
+            web: self.web,
+            worker: self.worker,
+            selectors: self.selectors.clone(),
+            live_peak: self.live_peak,
+        }
+    }
+}
+
+async fn apply_one<K>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    body: serde_json::Value,
+) -> Result<K, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + Debug,
+{
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    Ok(Api::<K>::namespaced(client.clone(), namespace).patch(name, &params, &Patch::Apply(body)).await?)
+}
+
+/// Applies every child in order, deletes what this Tidepool owns and no
+/// longer renders, and reads what the Deployments and pods report.
+async fn apply(
+    client: &Client,
+    namespace: &str,
+    tidepool: &Tidepool,
+    validated: &validate::Validated,
+    plan: &Plan,
+) -> Result<AppliedChildren, Error> {
+    let mut observed = [ObservedTier::default(), ObservedTier::default()];
+    let mut kept: BTreeSet<(&'static str, String)> = BTreeSet::new();
+    for child in render::children(validated, plan) {
+        let name = child.name().to_owned();
+        let body = child.to_json();
+        kept.insert((child.kind(), name.clone()));
+        match child {
+            Child::Service(_) => drop(apply_one::<Service>(client, namespace, &name, body).await?),
+            Child::PodDisruptionBudget(_) => {
+                drop(apply_one::<PodDisruptionBudget>(client, namespace, &name, body).await?)
+            }
+            Child::HorizontalPodAutoscaler(_) => {
+                drop(apply_one::<HorizontalPodAutoscaler>(client, namespace, &name, body).await?)
+            }
+            Child::Deployment(_) => {
+                let deployment = apply_one::<Deployment>(client, namespace, &name, body).await?;
+                let index = usize::from(name.ends_with("-worker"));
+                observed[index] = observe(&deployment);
+            }
+        }
+    }
+    let owner = &validated.owner;
+    let selector =
+        format!("app.kubernetes.io/instance={},app.kubernetes.io/managed-by={MANAGED_BY}", owner.name);
+    let uid = tidepool.uid().unwrap_or_default();
+    delete_orphans::<Deployment>(client, namespace, &selector, &uid, &kept).await?;
+    delete_orphans::<Service>(client, namespace, &selector, &uid, &kept).await?;
+    delete_orphans::<PodDisruptionBudget>(client, namespace, &selector, &uid, &kept).await?;
+    delete_orphans::<HorizontalPodAutoscaler>(client, namespace, &selector, &uid, &kept).await?;
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default().labels(&selector))
+        .await?;
+    let live_peak = pods
+        .items
+        .iter()
+        .filter(|pod| {
+            !matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+        })
+        .map(|pod| {
+            let annotation =
+                |key: &str| pod.annotations().get(key).and_then(|v| v.parse::<i32>().ok()).unwrap_or(0);
+            annotation(SHARE_ANNOTATION) + annotation(DIRECT_ANNOTATION)
+        })
+        .sum();
+    Ok(AppliedChildren {
+        web: observed[0],
+        worker: observed[1],
+        selectors: [labels::selector_string(owner, Tier::Web), labels::selector_string(owner, Tier::Worker)],
+        live_peak,
+    })
+}
+
+fn observe(deployment: &Deployment) -> ObservedTier {
+    let status = deployment.status.clone().unwrap_or_default();
+    ObservedTier {
+        replicas: status.replicas.unwrap_or(0),
+        ready: status.ready_replicas.unwrap_or(0),
+        updated: status.updated_replicas.unwrap_or(0),
+        observed: status.observed_generation >= deployment.metadata.generation,
+    }
+}
+
+/// Deletes the objects of kind `K` with this Tidepool's labels that it owns
+/// (by uid: a copy of the labels is not enough) and did not apply this time.
+async fn delete_orphans<K>(
+    client: &Client,
+    namespace: &str,
+    selector: &str,
+    uid: &str,
+    kept: &BTreeSet<(&'static str, String)>,
+) -> Result<(), Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + k8s_openapi::Resource
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    let api = Api::<K>::namespaced(client.clone(), namespace);
+    for object in api.list_metadata(&ListParams::default().labels(selector)).await? {
+        let owned = object.owner_references().iter().any(|r| r.uid == uid && r.controller == Some(true));
+        let name = object.name_any();
+        if owned && !kept.contains(&(<K as k8s_openapi::Resource>::KIND, name.clone())) {
+            tracing::info!(kind = <K as k8s_openapi::Resource>::KIND, %name, "deleting a child the spec no longer has");
+            api.delete(&name, &DeleteParams::background()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// An Event for each condition whose status changed: what a user should know.
+async fn publish_transitions(
+    recorder: &Recorder,
+    tidepool: &Tidepool,
+    previous: Option<&TidepoolStatus>,
+    next: &TidepoolStatus,
+) {
+    for condition in &next.conditions {
+        let before = status::find(previous, &condition.type_);
+        if before.is_some_and(|b| b.status == condition.status && b.reason == condition.reason) {
+            continue;
+        }
+        let bad = match condition.type_.as_str() {
+            status::DEGRADED => condition.status == "True",
+            status::CONNECTION_BUDGET => condition.status == "False",
+            _ => continue,
+        };
+        if before.is_none() && !bad {
+            continue;
+        }
+        let event = Event {
+            type_: if bad { EventType::Warning } else { EventType::Normal },
+            reason: condition.reason.clone(),
+            note: Some(condition.message.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, &tidepool.object_ref(&())).await {
+            tracing::warn!(error = %e, "could not publish an event");
+        }
+    }
+}

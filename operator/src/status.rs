@@ -1,0 +1,304 @@
+//! What a Tidepool's status says, as a pure function of the plan, what the
+//! children report and the previous status, so that an unchanged world
+//! gives an unchanged status (no write, no event, no loop).
+//!
+//! Conditions (each with `observedGeneration`, a reason and a message):
+//! - `Ready`: every pod of every tier is ready with the current template;
+//! - `ConnectionBudget`: the spec fits the database's budget (False with the
+//!   numbers when it cannot; the last good children stay);
+//! - `Progressing`: a rollout or scale is under way;
+//! - `Degraded`: something keeps the operator from applying the spec (a
+//!   missing Secret or key, an invalid spec, a refused budget).
+//!
+//! A condition keeps its `lastTransitionTime` while its status stays.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::crd::{ConnectionsStatus, TidepoolStatus, TierStatus};
+use crate::plan::{Plan, Tier};
+
+pub const READY: &str = "Ready";
+pub const CONNECTION_BUDGET: &str = "ConnectionBudget";
+pub const PROGRESSING: &str = "Progressing";
+pub const DEGRADED: &str = "Degraded";
+
+/// Why the spec could not be applied. The children are left as they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    /// `SecretMissing`, `SecretIncomplete`, `InvalidSpec` or `BudgetDoesNotFit`.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Blocked {
+    fn is_budget(&self) -> bool {
+        self.reason == "BudgetDoesNotFit"
+    }
+}
+
+/// One tier's Deployment as it reports itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ObservedTier {
+    pub replicas: i32,
+    pub ready: i32,
+    pub updated: i32,
+    /// The Deployment controller has seen the current spec.
+    pub observed: bool,
+}
+
+/// What was applied and what the children report.
+#[derive(Debug, Clone)]
+pub struct Applied<'a> {
+    pub plan: &'a Plan,
+    pub web: ObservedTier,
+    pub worker: ObservedTier,
+    pub selectors: [String; 2],
+    /// The sum of the live pods' annotated shares.
+    pub live_peak: i32,
+}
+
+fn to_i32(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {
+    Condition {
+        type_: type_.to_owned(),
+        status: if ok { "True" } else { "False" }.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        observed_generation: generation,
+        last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+    }
+}
+
+/// The status after a reconcile. `previous` supplies what a blocked spec
+/// leaves as it was (the last tiers and budget) and the transition times;
+/// `now` stamps the conditions whose status changed.
+pub fn status(
+    previous: Option<&TidepoolStatus>,
+    generation: Option<i64>,
+    outcome: Result<Applied<'_>, Blocked>,
+    now: Time,
+) -> TidepoolStatus {
+    let mut next = match &outcome {
+        Err(blocked) => {
+            let mut kept = previous.cloned().unwrap_or_default();
+            kept.conditions = vec![
+                condition(READY, false, blocked.reason, blocked.message.clone(), generation),
+                if blocked.is_budget() {
+                    condition(CONNECTION_BUDGET, false, blocked.reason, blocked.message.clone(), generation)
+                } else {
+                    previous
+                        .and_then(|p| p.conditions.iter().find(|c| c.type_ == CONNECTION_BUDGET).cloned())
+                        .unwrap_or_else(|| {
+                            condition(
+                                CONNECTION_BUDGET,
+                                false,
+                                "Unknown",
+                                "not planned yet".into(),
+                                generation,
+                            )
+                        })
+                },
+                condition(
+                    PROGRESSING,
+                    false,
+                    blocked.reason,
+                    "the last applied children stay as they are".into(),
+                    generation,
+                ),
+                condition(DEGRADED, true, blocked.reason, blocked.message.clone(), generation),
+            ];
+            kept
+        }
+        Ok(applied) => applied_status(applied, generation),
+    };
+    next.observed_generation = generation;
+    for condition in &mut next.conditions {
+        let before = previous.and_then(|p| p.conditions.iter().find(|c| c.type_ == condition.type_));
+        condition.last_transition_time = match before {
+            Some(before) if before.status == condition.status => before.last_transition_time.clone(),
+            _ => now.clone(),
+        };
+    }
+    next
+}
+
+fn applied_status(applied: &Applied<'_>, generation: Option<i64>) -> TidepoolStatus {
+    let plan = applied.plan;
+    let tier_status = |tier: Tier, observed: &ObservedTier, selector: &str| {
+        let planned = plan.tier(tier);
+        TierStatus {
+            desired_replicas: to_i32(planned.replicas),
+            replicas: observed.replicas,
+            ready_replicas: observed.ready,
+            ready_of_desired: format!("{}/{}", observed.ready, planned.replicas),
+            selector: selector.to_owned(),
+            server_connections_per_pod: to_i32(planned.share),
+            app_pool_per_pod: to_i32(match tier {
+                Tier::Web => planned.pools.database_pool,
+                Tier::Worker => planned.pools.worker_concurrency,
+            }),
+            limited: planned.limited(),
+        }
+    };
+    let web = tier_status(Tier::Web, &applied.web, &applied.selectors[0]);
+    let worker = tier_status(Tier::Worker, &applied.worker, &applied.selectors[1]);
+    let settled = |status: &TierStatus, observed: &ObservedTier| {
+        observed.observed
+            && observed.ready == status.desired_replicas
+            && observed.updated == status.desired_replicas
+            && observed.replicas == status.desired_replicas
+    };
+    let (web_settled, worker_settled) = (settled(&web, &applied.web), settled(&worker, &applied.worker));
+    let pods = format!("web {}, worker {} ready", web.ready_of_desired, worker.ready_of_desired);
+    let budget_message = if plan.asks_met {
+        format!(
+            "planned peak {} of {} available connections; every tier gets what it asks for",
+            plan.planned_peak, plan.available
+        )
+    } else {
+        let cuts: Vec<String> = plan
+            .tiers()
+            .iter()
+            .filter(|t| t.limited())
+            .map(|t| format!("each {} pod gets {} of the {} connections it asks for", t.tier, t.share, t.ask))
+            .collect();
+        format!(
+            "planned peak {} of {} available connections; the budget is short: {}",
+            plan.planned_peak,
+            plan.available,
+            cuts.join(", ")
+        )
+    };
+    TidepoolStatus {
+        observed_generation: generation,
+        conditions: vec![
+            condition(
+                READY,
+                web_settled && worker_settled,
+                if web_settled && worker_settled { "AllPodsReady" } else { "PodsNotReady" },
+                pods.clone(),
+                generation,
+            ),
+            condition(
+                CONNECTION_BUDGET,
+                true,
+                if plan.asks_met { "Fits" } else { "Limited" },
+                budget_message,
+                generation,
+            ),
+            condition(
+                PROGRESSING,
+                !(web_settled && worker_settled),
+                if web_settled && worker_settled { "Complete" } else { "RollingOut" },
+                pods,
+                generation,
+            ),
+            condition(DEGRADED, false, "AsPlanned", "the children match the spec".into(), generation),
+        ],
+        web: Some(web),
+        worker: Some(worker),
+        connections: Some(ConnectionsStatus {
+            available: to_i32(plan.available),
+            planned_peak: to_i32(plan.planned_peak),
+            live_peak: Some(applied.live_peak),
+            planned_of_available: format!("{}/{}", plan.planned_peak, plan.available),
+        }),
+    }
+}
+
+/// Whether two statuses say the same, transition times aside.
+pub fn same_ignoring_times(a: &TidepoolStatus, b: &TidepoolStatus) -> bool {
+    let strip = |s: &TidepoolStatus| {
+        let mut s = s.clone();
+        for c in &mut s.conditions {
+            c.last_transition_time = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        }
+        s
+    };
+    strip(a) == strip(b)
+}
+
+/// The condition of `type_`, if any.
+pub fn find<'a>(status: Option<&'a TidepoolStatus>, type_: &str) -> Option<&'a Condition> {
+    status?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{plan, Input, WebInput, WorkerInput};
+
+    fn a_plan() -> Plan {
+        plan(&Input {
+            max_connections: 300,
+            reserved_connections: 10,
+            surge: 1,
+            web: WebInput { replicas: 2, min_replicas: 2, max_replicas: 2, database_pool: 20 },
+            worker: WorkerInput {
+                replicas: 1,
+                min_replicas: 1,
+                max_replicas: 1,
+                concurrency: 50,
+                listen: false,
+            },
+        })
+        .expect("fits")
+    }
+
+    fn at(seconds: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(seconds).expect("valid"))
+    }
+
+    fn applied(plan: &Plan, web_ready: i32) -> Applied<'_> {
+        Applied {
+            plan,
+            web: ObservedTier { replicas: 2, ready: web_ready, updated: 2, observed: true },
+            worker: ObservedTier { replicas: 1, ready: 1, updated: 1, observed: true },
+            selectors: ["w".into(), "k".into()],
+            live_peak: 94,
+        }
+    }
+
+    #[test]
+    fn ready_when_every_pod_is_and_times_move_only_on_transitions() {
+        let plan = a_plan();
+        let first = status(None, Some(1), Ok(applied(&plan, 1)), at(10));
+        assert_eq!(find(Some(&first), READY).map(|c| c.status.as_str()), Some("False"));
+        assert_eq!(first.web.as_ref().map(|w| w.ready_of_desired.as_str()), Some("1/2"));
+        let second = status(Some(&first), Some(1), Ok(applied(&plan, 2)), at(20));
+        let ready = find(Some(&second), READY).expect("Ready");
+        assert_eq!((ready.status.as_str(), ready.last_transition_time.clone()), ("True", at(20)));
+        let budget = find(Some(&second), CONNECTION_BUDGET).expect("budget");
+        assert_eq!(budget.last_transition_time, at(10), "unchanged status keeps its time");
+        let third = status(Some(&second), Some(1), Ok(applied(&plan, 2)), at(30));
+        assert!(same_ignoring_times(&second, &third) && second == third, "a quiet world writes nothing new");
+    }
+
+    #[test]
+    fn a_blocked_spec_keeps_the_last_numbers_and_says_why() {
+        let plan = a_plan();
+        let good = status(None, Some(1), Ok(applied(&plan, 2)), at(10));
+        let blocked = Blocked { reason: "SecretMissing", message: "Secret db does not exist".into() };
+        let after = status(Some(&good), Some(2), Err(blocked), at(20));
+        assert_eq!(after.web, good.web, "the last tiers stay");
+        assert_eq!(after.connections, good.connections);
+        let degraded = find(Some(&after), DEGRADED).expect("Degraded");
+        assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "SecretMissing"));
+        assert_eq!(
+            find(Some(&after), CONNECTION_BUDGET).map(|c| c.status.as_str()),
+            Some("True"),
+            "the budget still fits"
+        );
+        let refused = Blocked { reason: "BudgetDoesNotFit", message: "13 connections, but only 5".into() };
+        let after = status(Some(&good), Some(3), Err(refused), at(30));
+        let budget = find(Some(&after), CONNECTION_BUDGET).expect("budget");
+        assert_eq!(
+            (budget.status.as_str(), budget.message.as_str()),
+            ("False", "13 connections, but only 5")
+        );
+        assert_eq!(after.observed_generation, Some(3));
+    }
+}

@@ -1,0 +1,190 @@
+//! The controller against the real API server of `make test`: each test runs
+//! its own operator, limited to a namespace of its own, on the kwok node
+//! (pods are scheduled and report Ready; nothing runs in them).
+
+mod common;
+
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use common::kube_with_crd;
+use serde_json::Value;
+use tidepool_testenv::{wait_for, Kube};
+
+/// The operator, in a thread with a runtime of its own, until dropped.
+struct Operator {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Operator {
+    fn start(namespace: &str) -> Result<Operator> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let namespace = namespace.to_owned();
+        let runtime = tokio::runtime::Runtime::new()?;
+        let client = runtime.block_on(kube::Client::try_default()).context("a client from KUBECONFIG")?;
+        let thread = std::thread::spawn(move || {
+            runtime.block_on(tidepool_operator::controller::run(client, Some(namespace), async {
+                let _ = stopped.await;
+            }));
+        });
+        Ok(Operator { stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+const SECRET: &str = "apiVersion: v1\nkind: Secret\nmetadata: {name: shop-app}\nstringData: {username: shop, password: s3cret-value, host: db.example, port: \"5432\", dbname: shop}\n";
+
+fn tidepool(max_connections: u32) -> String {
+    format!(
+        "apiVersion: tidepool.dev/v1alpha1\nkind: Tidepool\nmetadata: {{name: shop}}\nspec:\n  database: {{secretRef: {{name: shop-app}}, maxConnections: {max_connections}}}\n"
+    )
+}
+
+fn get(kube: &Kube, ns: &str, what: &str) -> Result<Option<Value>> {
+    let output = kube.kubectl_output(&["get", what, "-n", ns, "-o", "json"], None)?;
+    Ok(output.status.success().then(|| serde_json::from_slice(&output.stdout)).transpose()?)
+}
+
+fn condition(tidepool: &Value, type_: &str) -> Option<(String, String, String)> {
+    tidepool["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_).map(|c| {
+        let field = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+        (field("status"), field("reason"), field("message"))
+    })
+}
+
+/// Waits until the Tidepool's condition `type_` has `status` and `reason`;
+/// returns its message.
+fn wait_condition(kube: &Kube, ns: &str, type_: &str, status: &str, reason: &str) -> Result<String> {
+    wait_for(&format!("{type_}={status} ({reason})"), Duration::from_secs(60), || {
+        let tidepool = get(kube, ns, "tidepool/shop")?;
+        Ok(tidepool
+            .as_ref()
+            .and_then(|t| condition(t, type_))
+            .and_then(|(s, r, m)| (s == status && r == reason).then_some(m)))
+    })
+}
+
+fn deployment_replicas(kube: &Kube, ns: &str, name: &str) -> Result<Option<i64>> {
+    Ok(get(kube, ns, &format!("deployment/{name}"))?.and_then(|d| d["spec"]["replicas"].as_i64()))
+}
+
+#[test]
+fn a_tidepool_gets_its_children_its_status_and_keeps_them() -> Result<()> {
+    let kube = kube_with_crd()?;
+    let ns = kube.namespace("operator")?;
+    let _operator = Operator::start(&ns.name)?;
+    kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(&format!("{SECRET}---\n{}", tidepool(200))))?;
+
+    // Children, owned by the Tidepool, sized by the plan (200 − 10: every ask fits).
+    let web = wait_for("the web Deployment", Duration::from_secs(60), || {
+        get(kube, &ns.name, "deployment/shop-web")
+    })?;
+    assert_eq!(web["metadata"]["ownerReferences"][0]["kind"], "Tidepool");
+    assert_eq!(web["metadata"]["ownerReferences"][0]["controller"], true);
+    assert_eq!(web["spec"]["template"]["metadata"]["annotations"]["tidepool.dev/max-db-connections"], "20");
+    for child in ["deployment/shop-worker", "service/shop-web", "pdb/shop-web", "pdb/shop-worker"] {
+        assert!(get(kube, &ns.name, child)?.is_some(), "{child} missing");
+    }
+
+    // Ready once kwok reports the pods ready; the numbers are the plan's.
+    wait_condition(kube, &ns.name, "Ready", "True", "AllPodsReady")?;
+    let status = get(kube, &ns.name, "tidepool/shop")?.context("the Tidepool")?["status"].clone();
+    assert_eq!(status["connections"]["plannedOfAvailable"], "168/190", "{status}");
+    assert_eq!(status["web"]["readyOfDesired"], "2/2");
+    assert_eq!(status["worker"]["serverConnectionsPerPod"], 54);
+    assert_eq!(
+        status["web"]["selector"],
+        "app.kubernetes.io/component=web,app.kubernetes.io/instance=shop,app.kubernetes.io/name=tidepool"
+    );
+    let live = wait_for("livePeak to count every pod", Duration::from_secs(60), || {
+        let status = get(kube, &ns.name, "tidepool/shop")?.context("the Tidepool")?["status"].clone();
+        Ok(status["connections"]["livePeak"].as_i64().filter(|live| *live == 2 * 20 + 54))
+    })?;
+    assert_eq!(live, 94);
+    let printed = kube.kubectl(&["get", "tp", "shop", "-n", &ns.name], None)?;
+    assert!(printed.contains("2/2") && printed.contains("168/190"), "{printed}");
+
+    // A child changed by hand is put back.
+    kube.kubectl(&["scale", "deployment/shop-web", "--replicas=5", "-n", &ns.name], None)?;
+    wait_for("the web Deployment back at 2 replicas", Duration::from_secs(60), || {
+        Ok(deployment_replicas(kube, &ns.name, "shop-web")?.filter(|r| *r == 2))
+    })?;
+
+    // The scale subresource drives the web Deployment.
+    kube.kubectl(&["scale", "tidepool/shop", "--replicas=3", "-n", &ns.name], None)?;
+    wait_for("the web Deployment at 3 replicas", Duration::from_secs(60), || {
+        Ok(deployment_replicas(kube, &ns.name, "shop-web")?.filter(|r| *r == 3))
+    })?;
+
+    // Deleting the Tidepool deletes its children (the garbage collector).
+    kube.kubectl(&["delete", "tidepool/shop", "-n", &ns.name, "--wait=false"], None)?;
+    wait_for("the children to be garbage-collected", Duration::from_secs(60), || {
+        let left = kube.get_json(&[
+            "deployments,services,pdb",
+            "-n",
+            &ns.name,
+            "-l",
+            "app.kubernetes.io/instance=shop",
+        ])?;
+        Ok(left["items"].as_array().is_some_and(Vec::is_empty).then_some(()))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_missing_secret_key_or_budget_leaves_the_children_and_says_why() -> Result<()> {
+    let kube = kube_with_crd()?;
+    let ns = kube.namespace("blocked")?;
+    let _operator = Operator::start(&ns.name)?;
+    kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(&tidepool(200)))?;
+
+    let message = wait_condition(kube, &ns.name, "Degraded", "True", "SecretMissing")?;
+    assert!(message.contains("shop-app does not exist"), "{message}");
+    assert!(get(kube, &ns.name, "deployment/shop-web")?.is_none(), "nothing is applied without the Secret");
+    wait_for("a SecretMissing Event", Duration::from_secs(30), || {
+        let events = kube.kubectl(&["get", "events", "-n", &ns.name, "-o", "json"], None)?;
+        Ok(events.contains("\"SecretMissing\"").then_some(()))
+    })?;
+
+    let without_password = SECRET.replace("password: s3cret-value, ", "");
+    kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(&without_password))?;
+    let message = wait_condition(kube, &ns.name, "Degraded", "True", "SecretIncomplete")?;
+    assert!(message.contains("lacks the keys password"), "{message}");
+
+    // The Secret, completed, starts the Tidepool without touching it.
+    kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(SECRET))?;
+    wait_condition(kube, &ns.name, "ConnectionBudget", "True", "Fits")?;
+    let before = get(kube, &ns.name, "deployment/shop-web")?.context("applied")?;
+
+    // A budget that cannot fit is refused with its numbers; the running
+    // children stay as they were.
+    kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(&tidepool(15)))?;
+    let message = wait_condition(kube, &ns.name, "ConnectionBudget", "False", "BudgetDoesNotFit")?;
+    assert!(message.contains("13 connections, but only 5 are available"), "{message}");
+    let after = get(kube, &ns.name, "deployment/shop-web")?.context("still there")?;
+    assert_eq!(
+        before["metadata"]["generation"], after["metadata"]["generation"],
+        "the Deployment was changed"
+    );
+
+    // No Secret value reached the status, the events or a log of the Tidepool.
+    let everything = format!(
+        "{}{}",
+        kube.kubectl(&["get", "tidepool/shop", "-n", &ns.name, "-o", "yaml"], None)?,
+        kube.kubectl(&["get", "events", "-n", &ns.name, "-o", "yaml"], None)?
+    );
+    assert!(!everything.contains("s3cret-value"));
+    Ok(())
+}
