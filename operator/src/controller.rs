@@ -29,13 +29,15 @@ use k8s_openapi::NamespaceResourceScope;
 use kube::api::{DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::crd::{Tidepool, TidepoolStatus};
+use crate::http::Endpoints;
+use crate::metrics::Outcome;
 use crate::plan::{self, Plan, Tier};
 use crate::render::deployment::SECRET_KEYS;
 use crate::render::labels::{self, DIRECT_ANNOTATION, MANAGED_BY, SHARE_ANNOTATION};
@@ -63,6 +65,7 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub store: Store<Tidepool>,
+    pub endpoints: Arc<Endpoints>,
 }
 
 /// The operator's scope: one namespace, or the whole cluster.
@@ -77,28 +80,45 @@ where
     }
 }
 
-/// Runs the controller until `shutdown` resolves. `namespace` limits it to
-/// one namespace (the operator then needs rights there only).
+/// Runs the controller until `shutdown` resolves, reporting to `endpoints`.
+/// `namespace` limits it to one namespace (the operator then needs rights
+/// there only).
 pub async fn run(
     client: Client,
     namespace: Option<String>,
+    endpoints: Arc<Endpoints>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let ns = namespace.as_deref();
-    let tidepools = api::<Tidepool>(&client, ns);
     let children = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
-    let controller = Controller::new(tidepools, watcher::Config::default());
-    let store = controller.store();
+    // The Tidepools' own reflector, so /readyz can say when the first list
+    // has arrived (the store's own readiness wakes a single waiter, and the
+    // controller is that waiter).
+    let (store, writer) = reflector::store::<Tidepool>();
+    let readiness = endpoints.clone();
+    let tidepools = watcher(api::<Tidepool>(&client, ns), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .inspect(move |event| {
+            if matches!(event, Ok(watcher::Event::InitDone)) {
+                readiness.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+        .applied_objects();
+    let controller = Controller::for_stream(tidepools, store.clone());
     let secret_store = store.clone();
     // Metadata only: the operator never holds the Secrets' values.
-    let secrets =
-        watcher(api::<PartialObjectMeta<Secret>>(&client, ns), watcher::Config::default()).touched_objects();
-    let pods = watcher(api::<Pod>(&client, ns), children.clone()).touched_objects();
+    let secrets = watcher(api::<PartialObjectMeta<Secret>>(&client, ns), watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
+    let pods = watcher(api::<Pod>(&client, ns), children.clone()).default_backoff().touched_objects();
     let recorder = Recorder::new(
         client.clone(),
         Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() },
     );
-    let context = Arc::new(Context { client: client.clone(), recorder, store });
+    // One replica, no election yet: this one writes.
+    endpoints.metrics.leader.set(1);
+    let context = Arc::new(Context { client: client.clone(), recorder, store, endpoints });
     controller
         .owns(api::<Deployment>(&client, ns), children.clone())
         .owns(api::<Service>(&client, ns), children.clone())
@@ -134,7 +154,11 @@ fn tidepools_using(store: &Store<Tidepool>, secret: &PartialObjectMeta<Secret>) 
         .collect()
 }
 
-fn error_policy(tidepool: Arc<Tidepool>, error: &Error, _: Arc<Context>) -> Action {
+fn error_policy(tidepool: Arc<Tidepool>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.endpoints.metrics.error(match error {
+        Error::Kube(_) => "kube_api",
+        Error::NoNamespace => "no_namespace",
+    });
     tracing::warn!(tidepool = %tidepool.name_any(), error = %error, "reconcile failed; retrying");
     Action::requeue(RETRY_AFTER)
 }
@@ -175,10 +199,23 @@ async fn dereference(
 }
 
 async fn reconcile(tidepool: Arc<Tidepool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile_once(&tidepool, &ctx).await;
+    let outcome = match &result {
+        Ok(true) => Outcome::Applied,
+        Ok(false) => Outcome::Blocked,
+        Err(_) => Outcome::Error,
+    };
+    ctx.endpoints.metrics.record(outcome, started);
+    result.map(|_| Action::await_change())
+}
+
+/// One pass of the pipeline; whether the children were applied.
+async fn reconcile_once(tidepool: &Tidepool, ctx: &Context) -> Result<bool, Error> {
     let namespace = tidepool.namespace().ok_or(Error::NoNamespace)?;
-    let outcome = match dereference(&tidepool, &namespace, &ctx.client).await? {
+    let outcome = match dereference(tidepool, &namespace, &ctx.client).await? {
         Some(blocked) => Err(blocked),
-        None => match validate::validate(&tidepool, &namespace) {
+        None => match validate::validate(tidepool, &namespace) {
             Err(e) => Err(Blocked { reason: "InvalidSpec", message: e.to_string() }),
             Ok(validated) => match plan::plan(&validated.input) {
                 Err(e) => Err(Blocked { reason: "BudgetDoesNotFit", message: e.to_string() }),
@@ -187,15 +224,16 @@ async fn reconcile(tidepool: Arc<Tidepool>, ctx: Arc<Context>) -> Result<Action,
         },
     };
     let previous = tidepool.status.as_ref();
+    let applied = outcome.is_ok();
     let next = match outcome {
         Err(blocked) => status::status(previous, tidepool.metadata.generation, Err(blocked), now()),
         Ok((validated, plan)) => {
-            let applied = apply(&ctx.client, &namespace, &tidepool, &validated, &plan).await?;
+            let applied = apply(&ctx.client, &namespace, tidepool, &validated, &plan).await?;
             status::status(previous, tidepool.metadata.generation, Ok(applied.as_applied(&plan)), now())
         }
     };
     if previous.is_none_or(|p| !status::same_ignoring_times(p, &next)) {
-        publish_transitions(&ctx.recorder, &tidepool, previous, &next).await;
+        publish_transitions(&ctx.recorder, tidepool, previous, &next).await;
         let body =
             serde_json::json!({"apiVersion": "tidepool.dev/v1alpha1", "kind": "Tidepool", "status": next});
         Api::<Tidepool>::namespaced(ctx.client.clone(), &namespace)
@@ -206,7 +244,7 @@ async fn reconcile(tidepool: Arc<Tidepool>, ctx: Arc<Context>) -> Result<Action,
             )
             .await?;
     }
-    Ok(Action::await_change())
+    Ok(applied)
 }
 
 fn now() -> Time {

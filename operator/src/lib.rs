@@ -10,6 +10,8 @@
 pub mod cli;
 pub mod controller;
 pub mod crd;
+pub mod http;
+pub mod metrics;
 pub mod plan;
 pub mod render;
 pub mod status;

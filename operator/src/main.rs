@@ -13,8 +13,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use tidepool_operator::cli::{self, Format};
+use tidepool_operator::http::Endpoints;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,6 +42,9 @@ enum Command {
         /// Log filter in tracing's EnvFilter syntax.
         #[arg(long, env = "TIDEPOOL_OPERATOR_LOG", default_value = "info")]
         log: String,
+        /// Where /metrics, /healthz and /readyz are served.
+        #[arg(long, env = "TIDEPOOL_OPERATOR_LISTEN", default_value = "0.0.0.0:8080")]
+        listen: std::net::SocketAddr,
     },
     /// Print the Tidepool CustomResourceDefinition as YAML.
     Crd,
@@ -73,7 +80,7 @@ enum Output {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { namespace, log } => return run(namespace, &log),
+        Command::Run { namespace, log, listen } => return run(namespace, &log, listen),
         Command::Crd => cli::crd_yaml(),
         Command::Plan { file, namespace, output } => {
             let format = match output {
@@ -98,7 +105,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(namespace: Option<String>, log: &str) -> ExitCode {
+fn run(namespace: Option<String>, log: &str, listen: std::net::SocketAddr) -> ExitCode {
     let filter = match tracing_subscriber::EnvFilter::try_new(log) {
         Ok(filter) => filter,
         Err(e) => {
@@ -122,8 +129,25 @@ fn run(namespace: Option<String>, log: &str) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        tracing::info!(namespace = namespace.as_deref().unwrap_or("(all)"), "tidepool-operator is running");
-        tidepool_operator::controller::run(client, namespace, shutdown_signal()).await;
+        let metrics = match tidepool_operator::metrics::Metrics::new() {
+            Ok(metrics) => metrics,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up metrics");
+                return ExitCode::FAILURE;
+            }
+        };
+        let listener = match tidepool_operator::http::bind(listen).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serve /metrics");
+                return ExitCode::FAILURE;
+            }
+        };
+        let endpoints = Arc::new(Endpoints { metrics, ready: AtomicBool::new(false) });
+        let server = tokio::spawn(tidepool_operator::http::serve(listener, endpoints.clone()));
+        tracing::info!(namespace = namespace.as_deref().unwrap_or("(all)"), %listen, "tidepool-operator is running");
+        tidepool_operator::controller::run(client, namespace, endpoints, shutdown_signal()).await;
+        server.abort();
         tracing::info!("tidepool-operator stopped");
         ExitCode::SUCCESS
     })

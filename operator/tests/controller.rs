@@ -4,18 +4,26 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use common::kube_with_crd;
 use serde_json::Value;
+use tidepool_operator::controller;
+use tidepool_operator::http::{self, Endpoints};
+use tidepool_operator::metrics::Metrics;
 use tidepool_testenv::{wait_for, Kube};
 
-/// The operator, in a thread with a runtime of its own, until dropped.
+/// The operator, in a thread with a runtime of its own, until dropped, its
+/// endpoints on a loopback port of their own.
 struct Operator {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
+    port: u16,
 }
 
 impl Operator {
@@ -24,12 +32,39 @@ impl Operator {
         let namespace = namespace.to_owned();
         let runtime = tokio::runtime::Runtime::new()?;
         let client = runtime.block_on(kube::Client::try_default()).context("a client from KUBECONFIG")?;
+        let listener = runtime.block_on(http::bind("127.0.0.1:0".parse()?))?;
+        let port = listener.local_addr()?.port();
+        let endpoints = Arc::new(Endpoints { metrics: Metrics::new()?, ready: AtomicBool::new(false) });
         let thread = std::thread::spawn(move || {
-            runtime.block_on(tidepool_operator::controller::run(client, Some(namespace), async {
-                let _ = stopped.await;
-            }));
+            runtime.block_on(async move {
+                let server = tokio::spawn(http::serve(listener, endpoints.clone()));
+                controller::run(client, Some(namespace), endpoints, async {
+                    let _ = stopped.await;
+                })
+                .await;
+                server.abort();
+            });
         });
-        Ok(Operator { stop: Some(stop), thread: Some(thread) })
+        Ok(Operator { stop: Some(stop), thread: Some(thread), port })
+    }
+
+    /// `GET path` on the operator's endpoints: status code and body.
+    fn get(&self, path: &str) -> Result<(u16, String)> {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let code = response.split(' ').nth(1).and_then(|c| c.parse().ok()).context("a status line")?;
+        Ok((code, response))
+    }
+
+    /// The value of the metric line that starts with `series`.
+    fn metric(&self, series: &str) -> Result<f64> {
+        let (_, body) = self.get("/metrics")?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .with_context(|| format!("no {series} in:\n{body}"))
     }
 }
 
@@ -84,7 +119,11 @@ fn deployment_replicas(kube: &Kube, ns: &str, name: &str) -> Result<Option<i64>>
 fn a_tidepool_gets_its_children_its_status_and_keeps_them() -> Result<()> {
     let kube = kube_with_crd()?;
     let ns = kube.namespace("operator")?;
-    let _operator = Operator::start(&ns.name)?;
+    let operator = Operator::start(&ns.name)?;
+    assert_eq!(operator.get("/healthz")?.0, 200);
+    wait_for("the operator to be ready", Duration::from_secs(30), || {
+        Ok((operator.get("/readyz")?.0 == 200).then_some(()))
+    })?;
     kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(&format!("{SECRET}---\n{}", tidepool(200))))?;
 
     // Children, owned by the Tidepool, sized by the plan (200 − 10: every ask fits).
@@ -113,6 +152,8 @@ fn a_tidepool_gets_its_children_its_status_and_keeps_them() -> Result<()> {
         Ok(status["connections"]["livePeak"].as_i64().filter(|live| *live == 2 * 20 + 54))
     })?;
     assert_eq!(live, 94);
+    assert!(operator.metric("tidepool_operator_reconciles_total{result=\"applied\"}")? >= 1.0);
+    assert_eq!(operator.metric("tidepool_operator_leader")?, 1.0);
     let printed = kube.kubectl(&["get", "tp", "shop", "-n", &ns.name], None)?;
     assert!(printed.contains("2/2") && printed.contains("168/190"), "{printed}");
 
@@ -147,12 +188,13 @@ fn a_tidepool_gets_its_children_its_status_and_keeps_them() -> Result<()> {
 fn a_missing_secret_key_or_budget_leaves_the_children_and_says_why() -> Result<()> {
     let kube = kube_with_crd()?;
     let ns = kube.namespace("blocked")?;
-    let _operator = Operator::start(&ns.name)?;
+    let operator = Operator::start(&ns.name)?;
     kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(&tidepool(200)))?;
 
     let message = wait_condition(kube, &ns.name, "Degraded", "True", "SecretMissing")?;
     assert!(message.contains("shop-app does not exist"), "{message}");
     assert!(get(kube, &ns.name, "deployment/shop-web")?.is_none(), "nothing is applied without the Secret");
+    assert!(operator.metric("tidepool_operator_reconciles_total{result=\"blocked\"}")? >= 1.0);
     wait_for("a SecretMissing Event", Duration::from_secs(30), || {
         let events = kube.kubectl(&["get", "events", "-n", &ns.name, "-o", "json"], None)?;
         Ok(events.contains("\"SecretMissing\"").then_some(()))
