@@ -116,8 +116,6 @@ pub async fn run(
         client.clone(),
         Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() },
     );
-    // One replica, no election yet: this one writes.
-    endpoints.metrics.leader.set(1);
     let context = Arc::new(Context { client: client.clone(), recorder, store, endpoints });
     controller
         .owns(api::<Deployment>(&client, ns), children.clone())

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 use tidepool_operator::cli::{self, Format};
 use tidepool_operator::http::Endpoints;
+use tidepool_operator::leader::Lease;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -45,6 +46,8 @@ enum Command {
         /// Where /metrics, /healthz and /readyz are served.
         #[arg(long, env = "TIDEPOOL_OPERATOR_LISTEN", default_value = "0.0.0.0:8080")]
         listen: std::net::SocketAddr,
+        #[command(flatten)]
+        election: Election,
     },
     /// Print the Tidepool CustomResourceDefinition as YAML.
     Crd,
@@ -71,6 +74,29 @@ enum Command {
     },
 }
 
+/// Leader election: only the replica holding the Lease writes.
+#[derive(Debug, clap::Args)]
+struct Election {
+    /// Run the controller without a Lease (a single replica only).
+    #[arg(long)]
+    no_leader_election: bool,
+    /// The Lease's name.
+    #[arg(long, env = "TIDEPOOL_OPERATOR_LEASE", default_value = "tidepool-operator")]
+    lease_name: String,
+    /// The Lease's namespace: the operator's own (POD_NAMESPACE in a pod);
+    /// else --namespace, else `default`.
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// This replica's name in the Lease (POD_NAME in a pod); else
+    /// `<host>-<pid>`.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds a Lease holds without renewal; a new leader takes over
+    /// within this long of the old one's end.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=300))]
+    lease_duration: u64,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Output {
     Table,
@@ -80,7 +106,7 @@ enum Output {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { namespace, log, listen } => return run(namespace, &log, listen),
+        Command::Run { namespace, log, listen, election } => return run(namespace, &log, listen, election),
         Command::Crd => cli::crd_yaml(),
         Command::Plan { file, namespace, output } => {
             let format = match output {
@@ -105,7 +131,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(namespace: Option<String>, log: &str, listen: std::net::SocketAddr) -> ExitCode {
+fn run(namespace: Option<String>, log: &str, listen: std::net::SocketAddr, election: Election) -> ExitCode {
     let filter = match tracing_subscriber::EnvFilter::try_new(log) {
         Ok(filter) => filter,
         Err(e) => {
@@ -146,8 +172,25 @@ fn run(namespace: Option<String>, log: &str, listen: std::net::SocketAddr) -> Ex
         let endpoints = Arc::new(Endpoints { metrics, ready: AtomicBool::new(false) });
         let server = tokio::spawn(tidepool_operator::http::serve(listener, endpoints.clone()));
         tracing::info!(namespace = namespace.as_deref().unwrap_or("(all)"), %listen, "tidepool-operator is running");
-        tidepool_operator::controller::run(client, namespace, endpoints, shutdown_signal()).await;
+        let outcome = if election.no_leader_election {
+            endpoints.metrics.leader.set(1);
+            tidepool_operator::controller::run(client, namespace, endpoints, shutdown_signal()).await;
+            Ok(())
+        } else {
+            let lease = Lease {
+                namespace: election.lease_namespace.or_else(|| namespace.clone()).unwrap_or_else(|| "default".into()),
+                name: election.lease_name,
+                identity: election.identity.unwrap_or_else(default_identity),
+                duration_seconds: election.lease_duration,
+                grace_seconds: (election.lease_duration / 3).max(1),
+            };
+            tidepool_operator::leader::run(client, namespace, endpoints, lease, shutdown_signal()).await
+        };
         server.abort();
+        if let Err(e) = outcome {
+            tracing::error!(error = %e, "tidepool-operator stopped");
+            return ExitCode::FAILURE;
+        }
         tracing::info!("tidepool-operator stopped");
         ExitCode::SUCCESS
     })
@@ -167,4 +210,11 @@ async fn shutdown_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// `<host>-<pid>`: unique among replicas outside a pod.
+fn default_identity() -> String {
+    let host =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "tidepool-operator".into());
+    format!("{}-{}", host.trim(), std::process::id())
 }

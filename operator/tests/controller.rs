@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use common::kube_with_crd;
 use serde_json::Value;
-use tidepool_operator::controller;
 use tidepool_operator::http::{self, Endpoints};
+use tidepool_operator::leader::{self, Lease};
 use tidepool_operator::metrics::Metrics;
 use tidepool_testenv::{wait_for, Kube};
 
@@ -27,7 +27,16 @@ struct Operator {
 }
 
 impl Operator {
+    /// An operator watching `namespace`, leading through a Lease there.
     fn start(namespace: &str) -> Result<Operator> {
+        static REPLICAS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let lease = Lease {
+            name: "tidepool-operator".into(),
+            namespace: namespace.to_owned(),
+            identity: format!("replica-{}", REPLICAS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+            duration_seconds: 4,
+            grace_seconds: 1,
+        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let namespace = namespace.to_owned();
         let runtime = tokio::runtime::Runtime::new()?;
@@ -38,10 +47,13 @@ impl Operator {
         let thread = std::thread::spawn(move || {
             runtime.block_on(async move {
                 let server = tokio::spawn(http::serve(listener, endpoints.clone()));
-                controller::run(client, Some(namespace), endpoints, async {
+                let led = leader::run(client, Some(namespace), endpoints, lease, async {
                     let _ = stopped.await;
                 })
                 .await;
+                if let Err(e) = led {
+                    eprintln!("operator: {e}");
+                }
                 server.abort();
             });
         });
@@ -170,8 +182,10 @@ fn a_tidepool_gets_its_children_its_status_and_keeps_them() -> Result<()> {
     })?;
 
     // Deleting the Tidepool deletes its children (the garbage collector).
+    // The collector learns of a new resource type at its discovery resync,
+    // every 30 s: on a fresh control plane that comes first.
     kube.kubectl(&["delete", "tidepool/shop", "-n", &ns.name, "--wait=false"], None)?;
-    wait_for("the children to be garbage-collected", Duration::from_secs(60), || {
+    wait_for("the children to be garbage-collected", Duration::from_secs(120), || {
         let left = kube.get_json(&[
             "deployments,services,pdb",
             "-n",
@@ -228,5 +242,42 @@ fn a_missing_secret_key_or_budget_leaves_the_children_and_says_why() -> Result<(
         kube.kubectl(&["get", "events", "-n", &ns.name, "-o", "yaml"], None)?
     );
     assert!(!everything.contains("s3cret-value"));
+    Ok(())
+}
+
+/// Two replicas: one holds the Lease and writes, the other waits and writes
+/// nothing; when the leader stops, the other takes over.
+#[test]
+fn only_the_leader_writes_and_another_takes_over() -> Result<()> {
+    let kube = kube_with_crd()?;
+    let ns = kube.namespace("leader")?;
+    let first = Operator::start(&ns.name)?;
+    wait_for("the first replica to lead", Duration::from_secs(30), || {
+        Ok((first.metric("tidepool_operator_leader")? == 1.0).then_some(()))
+    })?;
+    let second = Operator::start(&ns.name)?;
+    kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(&format!("{SECRET}---\n{}", tidepool(200))))?;
+    wait_condition(kube, &ns.name, "ConnectionBudget", "True", "Fits")?;
+    let reconciles = |operator: &Operator| -> Result<f64> {
+        ["applied", "blocked", "error"]
+            .iter()
+            .map(|result| {
+                operator.metric(&format!("tidepool_operator_reconciles_total{{result=\"{result}\"}}"))
+            })
+            .sum()
+    };
+    assert!(reconciles(&first)? >= 1.0);
+    assert_eq!(second.metric("tidepool_operator_leader")?, 0.0);
+    assert_eq!(reconciles(&second)?, 0.0, "the follower reconciled");
+
+    drop(first);
+    wait_for("the second replica to lead", Duration::from_secs(60), || {
+        Ok((second.metric("tidepool_operator_leader")? == 1.0).then_some(()))
+    })?;
+    kube.kubectl(&["scale", "tidepool/shop", "--replicas=3", "-n", &ns.name], None)?;
+    wait_for("the new leader to apply a change", Duration::from_secs(60), || {
+        Ok(deployment_replicas(kube, &ns.name, "shop-web")?.filter(|r| *r == 3))
+    })?;
+    assert!(reconciles(&second)? >= 1.0);
     Ok(())
 }
