@@ -10,13 +10,16 @@
 //! the children as they are and say why in status and an Event.
 //!
 //! Triggers: the Tidepool, its children (`owns`), the live pods (their
-//! shares make `livePeak`), and the Secrets Tidepools refer to (watched as
-//! metadata only, so a Secret created after its Tidepool starts it).
+//! shares make `livePeak`), the Secrets Tidepools refer to (watched as
+//! metadata only, so a Secret created after its Tidepool starts it), and
+//! the other Tidepools on the same database server when their total
+//! changes ([`crate::index`]: an over-commit shows in every one's
+//! `ConnectionBudget`).
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -34,9 +37,11 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::mpsc;
 
 use crate::crd::{Tidepool, TidepoolStatus};
 use crate::http::Endpoints;
+use crate::index::{Key, ServerIndex};
 use crate::metrics::Outcome;
 use crate::plan::{self, Plan, Tier};
 use crate::render::deployment::SECRET_KEYS;
@@ -49,6 +54,8 @@ use crate::validate;
 pub const FIELD_MANAGER: &str = "tidepool-operator";
 /// The field manager of the Tidepools' status.
 pub const STATUS_MANAGER: &str = "tidepool-operator/status";
+/// Reconciles of Tidepools whose server total changed, queued at most.
+const RETRIGGER_QUEUE: usize = 1024;
 /// Pause before a failed reconcile is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 
@@ -66,6 +73,54 @@ pub struct Context {
     pub recorder: Recorder,
     pub store: Store<Tidepool>,
     pub endpoints: Arc<Endpoints>,
+    /// Planned peaks by database server, and where to ask for the
+    /// reconcile of Tidepools whose server total changed.
+    servers: Arc<Servers>,
+}
+
+/// The server index and the reconciles it asks for.
+struct Servers {
+    index: Mutex<ServerIndex>,
+    retrigger: mpsc::Sender<ObjectRef<Tidepool>>,
+}
+
+impl Servers {
+    fn retrigger(&self, keys: Vec<Key>) {
+        for (namespace, name) in keys {
+            if self.retrigger.try_send(ObjectRef::new(&name).within(&namespace)).is_err() {
+                tracing::warn!(%namespace, %name, "too many reconciles queued; this Tidepool's server total waits for its next one");
+            }
+        }
+    }
+
+    fn remove(&self, key: &Key) {
+        let mates = self.index.lock().map(|mut index| index.remove(key)).unwrap_or_default();
+        self.retrigger(mates);
+    }
+}
+
+impl Context {
+    /// Records this Tidepool's planned peak on `server` and says whether the
+    /// Tidepools there plan more together than this one's budget.
+    fn shared_server(&self, key: &Key, server: &str, plan: &Plan) -> Option<String> {
+        let Ok(mut index) = self.servers.index.lock() else {
+            return None;
+        };
+        let mates = index.record(key, server, plan.planned_peak);
+        let together = index.together(key);
+        drop(index);
+        self.servers.retrigger(mates);
+        let together = together.filter(|t| t.total > u64::from(plan.available))?;
+        let others: Vec<String> =
+            together.others.iter().map(|((ns, name), peak)| format!("{ns}/{name} {peak}")).collect();
+        Some(format!(
+            "the Tidepools on this database server plan {} connections together, over the {} available: this one {}, {}",
+            together.total,
+            plan.available,
+            plan.planned_peak,
+            others.join(", ")
+        ))
+    }
 }
 
 /// The operator's scope: one namespace, or the whole cluster.
@@ -96,13 +151,18 @@ pub async fn run(
     // controller is that waiter).
     let (store, writer) = reflector::store::<Tidepool>();
     let readiness = endpoints.clone();
+    let (retrigger, retriggered) = mpsc::channel(RETRIGGER_QUEUE);
+    let servers = Arc::new(Servers { index: Mutex::new(ServerIndex::default()), retrigger });
+    let forget = servers.clone();
     let tidepools = watcher(api::<Tidepool>(&client, ns), watcher::Config::default())
         .default_backoff()
         .reflect(writer)
-        .inspect(move |event| {
-            if matches!(event, Ok(watcher::Event::InitDone)) {
-                readiness.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        .inspect(move |event| match event {
+            Ok(watcher::Event::InitDone) => readiness.ready.store(true, std::sync::atomic::Ordering::Relaxed),
+            Ok(watcher::Event::Delete(gone)) => {
+                forget.remove(&(gone.namespace().unwrap_or_default(), gone.name_any()))
             }
+            _ => {}
         })
         .applied_objects();
     let controller = Controller::for_stream(tidepools, store.clone());
@@ -116,7 +176,7 @@ pub async fn run(
         client.clone(),
         Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() },
     );
-    let context = Arc::new(Context { client: client.clone(), recorder, store, endpoints });
+    let context = Arc::new(Context { client: client.clone(), recorder, store, endpoints, servers });
     controller
         .owns(api::<Deployment>(&client, ns), children.clone())
         .owns(api::<Service>(&client, ns), children.clone())
@@ -124,6 +184,7 @@ pub async fn run(
         .owns(api::<HorizontalPodAutoscaler>(&client, ns), children)
         .watches_stream(pods, |pod| owner_of(&pod))
         .watches_stream(secrets, move |secret| tidepools_using(&secret_store, &secret))
+        .reconcile_on(stream_of(retriggered))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
@@ -162,14 +223,16 @@ fn error_policy(tidepool: Arc<Tidepool>, error: &Error, ctx: Arc<Context>) -> Ac
 }
 
 /// Why the spec cannot be applied now, if it cannot.
+/// The database server (`host:port`, from the Secret: kept in memory,
+/// never written anywhere), or why the spec cannot be applied now.
 async fn dereference(
     tidepool: &Tidepool,
     namespace: &str,
     client: &Client,
-) -> Result<Option<Blocked>, Error> {
+) -> Result<Result<String, Blocked>, Error> {
     let name = &tidepool.spec.database.secret_ref.name;
     let Some(secret) = Api::<Secret>::namespaced(client.clone(), namespace).get_opt(name).await? else {
-        return Ok(Some(Blocked {
+        return Ok(Err(Blocked {
             reason: "SecretMissing",
             message: format!("the database Secret {name} does not exist in namespace {namespace}"),
         }));
@@ -183,9 +246,16 @@ async fn dereference(
         .collect();
     let missing: Vec<&str> = SECRET_KEYS.iter().copied().filter(|key| !keys.contains(key)).collect();
     if missing.is_empty() {
-        Ok(None)
+        let value = |key: &str| {
+            secret
+                .data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .map(|v| String::from_utf8_lossy(&v.0).trim().to_owned())
+        };
+        Ok(Ok(format!("{}:{}", value("host").unwrap_or_default(), value("port").unwrap_or_default())))
     } else {
-        Ok(Some(Blocked {
+        Ok(Err(Blocked {
             reason: "SecretIncomplete",
             message: format!(
                 "the database Secret {name} lacks the keys {} (it needs {})",
@@ -212,12 +282,12 @@ async fn reconcile(tidepool: Arc<Tidepool>, ctx: Arc<Context>) -> Result<Action,
 async fn reconcile_once(tidepool: &Tidepool, ctx: &Context) -> Result<bool, Error> {
     let namespace = tidepool.namespace().ok_or(Error::NoNamespace)?;
     let outcome = match dereference(tidepool, &namespace, &ctx.client).await? {
-        Some(blocked) => Err(blocked),
-        None => match validate::validate(tidepool, &namespace) {
+        Err(blocked) => Err(blocked),
+        Ok(server) => match validate::validate(tidepool, &namespace) {
             Err(e) => Err(Blocked { reason: "InvalidSpec", message: e.to_string() }),
             Ok(validated) => match plan::plan(&validated.input) {
                 Err(e) => Err(Blocked { reason: "BudgetDoesNotFit", message: e.to_string() }),
-                Ok(plan) => Ok((validated, plan)),
+                Ok(plan) => Ok((validated, plan, server)),
             },
         },
     };
@@ -225,9 +295,11 @@ async fn reconcile_once(tidepool: &Tidepool, ctx: &Context) -> Result<bool, Erro
     let applied = outcome.is_ok();
     let next = match outcome {
         Err(blocked) => status::status(previous, tidepool.metadata.generation, Err(blocked), now()),
-        Ok((validated, plan)) => {
+        Ok((validated, plan, server)) => {
             let applied = apply(&ctx.client, &namespace, tidepool, &validated, &plan).await?;
-            status::status(previous, tidepool.metadata.generation, Ok(applied.as_applied(&plan)), now())
+            let over_commit = ctx.shared_server(&(namespace.clone(), tidepool.name_any()), &server, &plan);
+            let applied = Applied { over_commit, ..applied.as_applied(&plan) };
+            status::status(previous, tidepool.metadata.generation, Ok(applied), now())
         }
     };
     if previous.is_none_or(|p| !status::same_ignoring_times(p, &next)) {
@@ -265,6 +337,7 @@ impl AppliedChildren {
             worker: self.worker,
             selectors: self.selectors.clone(),
             live_peak: self.live_peak,
+            over_commit: None,
         }
     }
 }
@@ -416,4 +489,11 @@ async fn publish_transitions(
             tracing::warn!(error = %e, "could not publish an event");
         }
     }
+}
+
+/// What arrives on `receiver`, as a stream.
+fn stream_of<T: Send + 'static>(receiver: mpsc::Receiver<T>) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|item| (item, receiver))
+    })
 }

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod http;
+pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod plan;

@@ -55,6 +55,9 @@ pub struct Applied<'a> {
     pub selectors: [String; 2],
     /// The sum of the live pods' annotated shares.
     pub live_peak: i32,
+    /// Set when the Tidepools sharing this database server plan more
+    /// connections together than this one's budget: what they plan.
+    pub over_commit: Option<String>,
 }
 
 fn to_i32(n: u32) -> i32 {
@@ -182,13 +185,18 @@ fn applied_status(applied: &Applied<'_>, generation: Option<i64>) -> TidepoolSta
                 pods.clone(),
                 generation,
             ),
-            condition(
-                CONNECTION_BUDGET,
-                true,
-                if plan.asks_met { "Fits" } else { "Limited" },
-                budget_message,
-                generation,
-            ),
+            match &applied.over_commit {
+                Some(message) => {
+                    condition(CONNECTION_BUDGET, false, "ServerOverCommitted", message.clone(), generation)
+                }
+                None => condition(
+                    CONNECTION_BUDGET,
+                    true,
+                    if plan.asks_met { "Fits" } else { "Limited" },
+                    budget_message,
+                    generation,
+                ),
+            },
             condition(
                 PROGRESSING,
                 !(web_settled && worker_settled),
@@ -259,6 +267,7 @@ mod tests {
             worker: ObservedTier { replicas: 1, ready: 1, updated: 1, observed: true },
             selectors: ["w".into(), "k".into()],
             live_peak: 94,
+            over_commit: None,
         }
     }
 
@@ -275,6 +284,16 @@ mod tests {
         assert_eq!(budget.last_transition_time, at(10), "unchanged status keeps its time");
         let third = status(Some(&second), Some(1), Ok(applied(&plan, 2)), at(30));
         assert!(same_ignoring_times(&second, &third) && second == third, "a quiet world writes nothing new");
+    }
+
+    #[test]
+    fn an_over_committed_server_shows_in_the_budget_condition() {
+        let plan = a_plan();
+        let over = Applied { over_commit: Some("250 together, over 290".into()), ..applied(&plan, 2) };
+        let status = status(None, Some(1), Ok(over), at(10));
+        let budget = find(Some(&status), CONNECTION_BUDGET).expect("budget");
+        assert_eq!((budget.status.as_str(), budget.reason.as_str()), ("False", "ServerOverCommitted"));
+        assert_eq!(find(Some(&status), READY).map(|c| c.status.as_str()), Some("True"), "the pods still run");
     }
 
     #[test]

@@ -281,3 +281,32 @@ fn only_the_leader_writes_and_another_takes_over() -> Result<()> {
     assert!(reconciles(&second)? >= 1.0);
     Ok(())
 }
+
+/// Two Tidepools whose Secrets point at one database server: each fits its
+/// own budget, together they do not, and both say so; when one goes, the
+/// other fits again.
+#[test]
+fn tidepools_over_committing_one_server_both_say_so() -> Result<()> {
+    let kube = kube_with_crd()?;
+    let ns = kube.namespace("shared")?;
+    let _operator = Operator::start(&ns.name)?;
+    let blog = SECRET.replace("shop-app", "blog-app").replace("dbname: shop", "dbname: blog");
+    let blog_tidepool = tidepool(200).replace("name: shop}", "name: blog}").replace("shop-app", "blog-app");
+    kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(&format!("{SECRET}---\n{}", tidepool(200))))?;
+    wait_condition(kube, &ns.name, "ConnectionBudget", "True", "Fits")?;
+    kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(&format!("{blog}---\n{blog_tidepool}")))?;
+    let message = wait_condition(kube, &ns.name, "ConnectionBudget", "False", "ServerOverCommitted")?;
+    assert!(message.contains("plan 336 connections together, over the 190 available"), "{message}");
+    assert!(message.contains(&format!("{}/blog 168", ns.name)), "{message}");
+    wait_for("the other Tidepool to say so too", Duration::from_secs(60), || {
+        let blog = get(kube, &ns.name, "tidepool/blog")?;
+        Ok(blog
+            .and_then(|b| condition(&b, "ConnectionBudget"))
+            .filter(|(s, r, _)| s == "False" && r == "ServerOverCommitted"))
+    })?;
+    assert!(!message.contains("db.example"), "the server's address is a Secret value: {message}");
+
+    kube.kubectl(&["delete", "tidepool/blog", "-n", &ns.name], None)?;
+    wait_condition(kube, &ns.name, "ConnectionBudget", "True", "Fits")?;
+    Ok(())
+}
