@@ -42,7 +42,7 @@ use tokio::sync::mpsc;
 use crate::crd::{Tidepool, TidepoolStatus};
 use crate::http::Endpoints;
 use crate::index::{Key, ServerIndex};
-use crate::metrics::Outcome;
+use crate::metrics::{Metrics, Outcome};
 use crate::plan::{self, Plan, Tier};
 use crate::render::deployment::SECRET_KEYS;
 use crate::render::labels::{self, DIRECT_ANNOTATION, MANAGED_BY, SHARE_ANNOTATION};
@@ -103,11 +103,19 @@ impl Context {
     /// Records this Tidepool's planned peak on `server` and says whether the
     /// Tidepools there plan more together than this one's budget.
     fn shared_server(&self, key: &Key, server: &str, plan: &Plan) -> Option<String> {
+        let alive =
+            |(namespace, name): &Key| self.store.get(&ObjectRef::new(name).within(namespace)).is_some();
         let Ok(mut index) = self.servers.index.lock() else {
             return None;
         };
+        // Under the lock: a deletion updates the store first, then removes
+        // the entry under the lock, so a reconcile that finishes after the
+        // deletion cannot put the entry back.
+        if !alive(key) {
+            return None;
+        }
         let mates = index.record(key, server, plan.planned_peak);
-        let together = index.together(key);
+        let together = index.together(key, alive);
         drop(index);
         self.servers.retrigger(mates);
         let together = together.filter(|t| t.total > u64::from(plan.available))?;
@@ -296,7 +304,8 @@ async fn reconcile_once(tidepool: &Tidepool, ctx: &Context) -> Result<bool, Erro
     let next = match outcome {
         Err(blocked) => status::status(previous, tidepool.metadata.generation, Err(blocked), now()),
         Ok((validated, plan, server)) => {
-            let applied = apply(&ctx.client, &namespace, tidepool, &validated, &plan).await?;
+            let applied =
+                apply(&ctx.client, &namespace, tidepool, &validated, &plan, &ctx.endpoints.metrics).await?;
             let over_commit = ctx.shared_server(&(namespace.clone(), tidepool.name_any()), &server, &plan);
             let applied = Applied { over_commit, ..applied.as_applied(&plan) };
             status::status(previous, tidepool.metadata.generation, Ok(applied), now())
@@ -304,6 +313,7 @@ async fn reconcile_once(tidepool: &Tidepool, ctx: &Context) -> Result<bool, Erro
     };
     if previous.is_none_or(|p| !status::same_ignoring_times(p, &next)) {
         publish_transitions(&ctx.recorder, tidepool, previous, &next).await;
+        ctx.endpoints.metrics.writes("TidepoolStatus").inc();
         let body =
             serde_json::json!({"apiVersion": "tidepool.dev/v1alpha1", "kind": "Tidepool", "status": next});
         Api::<Tidepool>::namespaced(ctx.client.clone(), &namespace)
@@ -347,6 +357,7 @@ async fn apply_one<K>(
     namespace: &str,
     name: &str,
     body: serde_json::Value,
+    writes: &prometheus::IntCounter,
 ) -> Result<K, Error>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
@@ -355,8 +366,34 @@ where
         + Serialize
         + Debug,
 {
+    let api = Api::<K>::namespaced(client.clone(), namespace);
+    // At rest nothing is written: a child that already says all the
+    // rendered object says (the server adds defaults, never removes) is
+    // left alone. A child changed by hand no longer does, and is put back.
+    if let Some(live) = api.get_opt(name).await? {
+        if serde_json::to_value(&live).is_ok_and(|live| contains(&live, &body)) {
+            return Ok(live);
+        }
+    }
+    writes.inc();
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    Ok(Api::<K>::namespaced(client.clone(), namespace).patch(name, &params, &Patch::Apply(body)).await?)
+    Ok(api.patch(name, &params, &Patch::Apply(body)).await?)
+}
+
+/// Whether `live` holds everything `wanted` says: every key of an object
+/// (extra keys allowed), lists of the same length item by item, equal
+/// scalars.
+fn contains(live: &serde_json::Value, wanted: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (live, wanted) {
+        (Value::Object(live), Value::Object(wanted)) => {
+            wanted.iter().all(|(key, value)| live.get(key).is_some_and(|l| contains(l, value)))
+        }
+        (Value::Array(live), Value::Array(wanted)) => {
+            live.len() == wanted.len() && live.iter().zip(wanted).all(|(l, w)| contains(l, w))
+        }
+        (live, wanted) => live == wanted,
+    }
 }
 
 /// Applies every child in order, deletes what this Tidepool owns and no
@@ -367,23 +404,25 @@ async fn apply(
     tidepool: &Tidepool,
     validated: &validate::Validated,
     plan: &Plan,
+    metrics: &Metrics,
 ) -> Result<AppliedChildren, Error> {
     let mut observed = [ObservedTier::default(), ObservedTier::default()];
     let mut kept: BTreeSet<(&'static str, String)> = BTreeSet::new();
     for child in render::children(validated, plan) {
         let name = child.name().to_owned();
         let body = child.to_json();
+        let writes = metrics.writes(child.kind());
         kept.insert((child.kind(), name.clone()));
         match child {
-            Child::Service(_) => drop(apply_one::<Service>(client, namespace, &name, body).await?),
+            Child::Service(_) => drop(apply_one::<Service>(client, namespace, &name, body, &writes).await?),
             Child::PodDisruptionBudget(_) => {
-                drop(apply_one::<PodDisruptionBudget>(client, namespace, &name, body).await?)
+                drop(apply_one::<PodDisruptionBudget>(client, namespace, &name, body, &writes).await?)
             }
             Child::HorizontalPodAutoscaler(_) => {
-                drop(apply_one::<HorizontalPodAutoscaler>(client, namespace, &name, body).await?)
+                drop(apply_one::<HorizontalPodAutoscaler>(client, namespace, &name, body, &writes).await?)
             }
             Child::Deployment(_) => {
-                let deployment = apply_one::<Deployment>(client, namespace, &name, body).await?;
+                let deployment = apply_one::<Deployment>(client, namespace, &name, body, &writes).await?;
                 let index = usize::from(name.ends_with("-worker"));
                 observed[index] = observe(&deployment);
             }
@@ -393,10 +432,10 @@ async fn apply(
     let selector =
         format!("app.kubernetes.io/instance={},app.kubernetes.io/managed-by={MANAGED_BY}", owner.name);
     let uid = tidepool.uid().unwrap_or_default();
-    delete_orphans::<Deployment>(client, namespace, &selector, &uid, &kept).await?;
-    delete_orphans::<Service>(client, namespace, &selector, &uid, &kept).await?;
-    delete_orphans::<PodDisruptionBudget>(client, namespace, &selector, &uid, &kept).await?;
-    delete_orphans::<HorizontalPodAutoscaler>(client, namespace, &selector, &uid, &kept).await?;
+    delete_orphans::<Deployment>(client, namespace, &selector, &uid, &kept, metrics).await?;
+    delete_orphans::<Service>(client, namespace, &selector, &uid, &kept, metrics).await?;
+    delete_orphans::<PodDisruptionBudget>(client, namespace, &selector, &uid, &kept, metrics).await?;
+    delete_orphans::<HorizontalPodAutoscaler>(client, namespace, &selector, &uid, &kept, metrics).await?;
     let pods = Api::<Pod>::namespaced(client.clone(), namespace)
         .list(&ListParams::default().labels(&selector))
         .await?;
@@ -438,6 +477,7 @@ async fn delete_orphans<K>(
     selector: &str,
     uid: &str,
     kept: &BTreeSet<(&'static str, String)>,
+    metrics: &Metrics,
 ) -> Result<(), Error>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
@@ -452,6 +492,7 @@ where
         let name = object.name_any();
         if owned && !kept.contains(&(<K as k8s_openapi::Resource>::KIND, name.clone())) {
             tracing::info!(kind = <K as k8s_openapi::Resource>::KIND, %name, "deleting a child the spec no longer has");
+            metrics.writes(<K as k8s_openapi::Resource>::KIND).inc();
             api.delete(&name, &DeleteParams::background()).await?;
         }
     }
@@ -496,4 +537,23 @@ fn stream_of<T: Send + 'static>(receiver: mpsc::Receiver<T>) -> impl futures::St
     futures::stream::unfold(receiver, |mut receiver| async move {
         receiver.recv().await.map(|item| (item, receiver))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contains;
+    use serde_json::json;
+
+    #[test]
+    fn a_live_object_with_server_defaults_contains_what_was_rendered() {
+        let wanted = json!({"spec": {"replicas": 2, "ports": [{"name": "http", "port": 80}]}});
+        let live = json!({"spec": {"replicas": 2, "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}, "status": {}});
+        assert!(contains(&live, &wanted));
+        let scaled = json!({"spec": {"replicas": 5, "ports": [{"name": "http", "port": 80}]}});
+        assert!(!contains(&scaled, &wanted), "a hand edit is seen");
+        let extra_port =
+            json!({"spec": {"replicas": 2, "ports": [{"name": "http", "port": 80}, {"port": 81}]}});
+        assert!(!contains(&extra_port, &wanted), "lists must match item by item");
+        assert!(!contains(&json!({"spec": {}}), &wanted));
+    }
 }

@@ -56,13 +56,15 @@ impl ServerIndex {
         }
     }
 
-    /// `key`'s server total, if it is recorded.
-    pub fn together(&self, key: &Key) -> Option<Together> {
+    /// `key`'s server total, if it is recorded, over the Tidepools that
+    /// still exist (`alive`: a deletion missed while a watch was down must
+    /// not count forever).
+    pub fn together(&self, key: &Key, alive: impl Fn(&Key) -> bool) -> Option<Together> {
         let server = &self.entries.get(key)?.server;
         let mut total = 0u64;
         let mut others = Vec::new();
         for (other, entry) in &self.entries {
-            if &entry.server == server {
+            if &entry.server == server && (other == key || alive(other)) {
                 total += u64::from(entry.planned_peak);
                 if other != key {
                     others.push((other.clone(), entry.planned_peak));
@@ -91,12 +93,21 @@ mod tests {
         assert!(index.record(&key("a"), "db:5432", 60).is_empty());
         assert_eq!(index.record(&key("b"), "db:5432", 50), vec![key("a")]);
         assert!(index.record(&key("c"), "other:5432", 70).is_empty());
-        assert_eq!(index.together(&key("a")), Some(Together { total: 110, others: vec![(key("b"), 50)] }));
-        assert_eq!(index.together(&key("c")).map(|t| t.total), Some(70));
+        let all = |_: &Key| true;
+        assert_eq!(
+            index.together(&key("a"), all),
+            Some(Together { total: 110, others: vec![(key("b"), 50)] })
+        );
+        assert_eq!(index.together(&key("c"), all).map(|t| t.total), Some(70));
+        assert_eq!(
+            index.together(&key("a"), |k: &Key| k != &key("b")).map(|t| t.total),
+            Some(60),
+            "b is gone"
+        );
         assert!(index.record(&key("b"), "db:5432", 50).is_empty(), "no change, nobody to tell");
         assert_eq!(index.record(&key("b"), "other:5432", 50), vec![key("a"), key("c")]);
-        assert_eq!(index.together(&key("a")).map(|t| t.total), Some(60));
+        assert_eq!(index.together(&key("a"), all).map(|t| t.total), Some(60));
         assert_eq!(index.remove(&key("c")), vec![key("b")]);
-        assert_eq!(index.together(&key("c")), None);
+        assert_eq!(index.together(&key("c"), all), None);
     }
 }

@@ -1,12 +1,13 @@
 //! The operator's own Prometheus metrics, served on `/metrics`
 //! ([`crate::http`]): reconciles and their duration by result, errors by
 //! kind (a bounded set, never an object's name), and whether this replica
-//! leads.
+//! leads, and its writes to the API by kind (none at rest).
 
 use std::time::Instant;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 /// How a reconcile ended, as the `result` label says it.
@@ -37,6 +38,7 @@ pub struct Metrics {
     reconciles: IntCounterVec,
     errors: IntCounterVec,
     duration: HistogramVec,
+    writes: IntCounterVec,
     pub leader: IntGauge,
 }
 
@@ -55,6 +57,14 @@ impl Metrics {
             &["result"],
         )?;
         let leader = IntGauge::new("leader", "1 while this replica leads (writes), else 0.")?;
+        let writes = IntCounterVec::new(
+            Opts::new(
+                "api_writes_total",
+                "Writes to the Kubernetes API (applies, status patches, deletes), by kind.",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(writes.clone()))?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -62,13 +72,18 @@ impl Metrics {
         for result in [Outcome::Applied, Outcome::Blocked, Outcome::Error] {
             reconciles.with_label_values(&[result.label()]);
         }
-        Ok(Self { registry, reconciles, errors, duration, leader })
+        Ok(Self { registry, reconciles, errors, duration, writes, leader })
     }
 
     /// Records one reconcile that started at `started`.
     pub fn record(&self, outcome: Outcome, started: Instant) {
         self.reconciles.with_label_values(&[outcome.label()]).inc();
         self.histogram(outcome).observe(started.elapsed().as_secs_f64());
+    }
+
+    /// The counter of writes of objects of `kind`.
+    pub fn writes(&self, kind: &str) -> IntCounter {
+        self.writes.with_label_values(&[kind])
     }
 
     pub fn error(&self, kind: &'static str) {

@@ -165,9 +165,23 @@ fn a_tidepool_gets_its_children_its_status_and_keeps_them() -> Result<()> {
     })?;
     assert_eq!(live, 94);
     assert!(operator.metric("tidepool_operator_reconciles_total{result=\"applied\"}")? >= 1.0);
+    assert!(operator.metric("tidepool_operator_api_writes_total{kind=\"Deployment\"}")? >= 2.0);
     assert_eq!(operator.metric("tidepool_operator_leader")?, 1.0);
     let printed = kube.kubectl(&["get", "tp", "shop", "-n", &ns.name], None)?;
     assert!(printed.contains("2/2") && printed.contains("168/190"), "{printed}");
+
+    // At rest, a restarted operator writes nothing: no apply, no status.
+    drop(operator);
+    let operator = Operator::start(&ns.name)?;
+    wait_for("the new operator to lead and reconcile", Duration::from_secs(60), || {
+        Ok((operator.metric("tidepool_operator_reconciles_total{result=\"applied\"}")? >= 1.0).then_some(()))
+    })?;
+    let (_, metrics) = operator.get("/metrics")?;
+    let writes: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("tidepool_operator_api_writes_total") && !l.ends_with(" 0"))
+        .collect();
+    assert!(writes.is_empty(), "writes at rest: {writes:?}");
 
     // A child changed by hand is put back.
     kube.kubectl(&["scale", "deployment/shop-web", "--replicas=5", "-n", &ns.name], None)?;

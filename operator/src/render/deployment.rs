@@ -234,7 +234,7 @@ fn pooler_config(validated: &Validated, tier: &TierPlan) -> Container {
         args: Some(args),
         volume_mounts: Some(vec![
             mount(DATABASE_VOLUME, DATABASE_DIR),
-            VolumeMount { read_only: Some(false), ..mount(POOLER_VOLUME, POOLER_DIR) },
+            VolumeMount { read_only: None, ..mount(POOLER_VOLUME, POOLER_DIR) },
         ]),
         security_context: Some(hardened()),
         resources: Some(resources("10m", "16Mi", "64Mi")),
