@@ -276,14 +276,32 @@ async fn dereference(
 
 async fn reconcile(tidepool: Arc<Tidepool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
-    let result = reconcile_once(&tidepool, &ctx).await;
-    let outcome = match &result {
-        Ok(true) => Outcome::Applied,
-        Ok(false) => Outcome::Blocked,
-        Err(_) => Outcome::Error,
+    let result = if tidepool.metadata.deletion_timestamp.is_some() {
+        // Its children go with it (owner references): nothing to write.
+        Ok(Outcome::Deleting)
+    } else {
+        match reconcile_once(&tidepool, &ctx).await {
+            Ok(true) => Ok(Outcome::Applied),
+            Ok(false) => Ok(Outcome::Blocked),
+            Err(e) if namespace_terminating(&e) => Ok(Outcome::Deleting),
+            Err(e) => Err(e),
+        }
     };
-    ctx.endpoints.metrics.record(outcome, started);
+    ctx.endpoints.metrics.record(result.as_ref().map_or(Outcome::Error, |outcome| *outcome), started);
     result.map(|_| Action::await_change())
+}
+
+/// A write refused because the namespace is being deleted: nothing more is
+/// applied there, and it is no failure.
+fn namespace_terminating(error: &Error) -> bool {
+    let Error::Kube(kube::Error::Api(status)) = error else {
+        return false;
+    };
+    status.is_forbidden()
+        && status
+            .details
+            .as_ref()
+            .is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating"))
 }
 
 /// One pass of the pipeline; whether the children were applied.

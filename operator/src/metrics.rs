@@ -18,6 +18,8 @@ pub enum Outcome {
     /// The spec could not be applied (missing Secret or key, invalid spec,
     /// budget that cannot fit); status says why.
     Blocked,
+    /// The Tidepool or its namespace is being deleted: nothing is written.
+    Deleting,
     /// The API refused or failed; retried.
     Error,
 }
@@ -27,6 +29,7 @@ impl Outcome {
         match self {
             Outcome::Applied => "applied",
             Outcome::Blocked => "blocked",
+            Outcome::Deleting => "deleting",
             Outcome::Error => "error",
         }
     }
@@ -69,7 +72,7 @@ impl Metrics {
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(leader.clone()))?;
-        for result in [Outcome::Applied, Outcome::Blocked, Outcome::Error] {
+        for result in [Outcome::Applied, Outcome::Blocked, Outcome::Deleting, Outcome::Error] {
             reconciles.with_label_values(&[result.label()]);
         }
         Ok(Self { registry, reconciles, errors, duration, writes, leader })

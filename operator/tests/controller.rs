@@ -29,10 +29,15 @@ struct Operator {
 impl Operator {
     /// An operator watching `namespace`, leading through a Lease there.
     fn start(namespace: &str) -> Result<Operator> {
+        Self::start_with_lease(namespace, namespace)
+    }
+
+    /// An operator watching `namespace`, its Lease in `lease_namespace`.
+    fn start_with_lease(namespace: &str, lease_namespace: &str) -> Result<Operator> {
         static REPLICAS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let lease = Lease {
             name: "tidepool-operator".into(),
-            namespace: namespace.to_owned(),
+            namespace: lease_namespace.to_owned(),
             identity: format!("replica-{}", REPLICAS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
             duration_seconds: 4,
             grace_seconds: 1,
@@ -322,5 +327,46 @@ fn tidepools_over_committing_one_server_both_say_so() -> Result<()> {
 
     kube.kubectl(&["delete", "tidepool/blog", "-n", &ns.name], None)?;
     wait_condition(kube, &ns.name, "ConnectionBudget", "True", "Fits")?;
+    Ok(())
+}
+
+/// A namespace being deleted gets nothing applied into it, and that is no
+/// failure: its Tidepool (held by a finalizer of the test's own, so the
+/// namespace stays terminating) is seen being deleted and left alone.
+#[test]
+fn nothing_is_applied_into_a_terminating_namespace() -> Result<()> {
+    let kube = kube_with_crd()?;
+    let ns = kube.namespace("ending")?;
+    let lease_ns = kube.namespace("ending-lease")?;
+    let operator = Operator::start_with_lease(&ns.name, &lease_ns.name)?;
+    let held = tidepool(200)
+        .replace("metadata: {name: shop}", "metadata: {name: shop, finalizers: [test.tidepool.dev/hold]}");
+    kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(&format!("{SECRET}---\n{held}")))?;
+    wait_condition(kube, &ns.name, "ConnectionBudget", "True", "Fits")?;
+
+    kube.kubectl(&["delete", "namespace", &ns.name, "--wait=false"], None)?;
+    wait_for("the operator to see the Tidepool being deleted", Duration::from_secs(60), || {
+        Ok((operator.metric("tidepool_operator_reconciles_total{result=\"deleting\"}")? >= 1.0).then_some(()))
+    })?;
+    wait_for("the namespace's Deployments to be deleted", Duration::from_secs(120), || {
+        let left = kube.get_json(&["deployments", "-n", &ns.name])?;
+        Ok(left["items"].as_array().is_some_and(Vec::is_empty).then_some(()))
+    })?;
+    assert_eq!(operator.metric("tidepool_operator_reconciles_total{result=\"error\"}")?, 0.0);
+    let (_, metrics) = operator.get("/metrics")?;
+    assert!(!metrics.contains("tidepool_operator_reconcile_errors_total{"), "{metrics}");
+
+    kube.kubectl(
+        &[
+            "patch",
+            "tidepool/shop",
+            "-n",
+            &ns.name,
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"finalizers":null}}"#,
+        ],
+        None,
+    )?;
     Ok(())
 }
