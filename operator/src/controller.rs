@@ -25,6 +25,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -47,7 +48,7 @@ use crate::plan::{self, Plan, Tier};
 use crate::render::deployment::SECRET_KEYS;
 use crate::render::labels::{self, DIRECT_ANNOTATION, MANAGED_BY, SHARE_ANNOTATION};
 use crate::render::{self, Child};
-use crate::status::{self, Applied, Blocked, ObservedTier};
+use crate::status::{self, Applied, Blocked, Migration, ObservedTier};
 use crate::validate;
 
 /// The field manager of every child.
@@ -189,7 +190,8 @@ pub async fn run(
         .owns(api::<Deployment>(&client, ns), children.clone())
         .owns(api::<Service>(&client, ns), children.clone())
         .owns(api::<PodDisruptionBudget>(&client, ns), children.clone())
-        .owns(api::<HorizontalPodAutoscaler>(&client, ns), children)
+        .owns(api::<HorizontalPodAutoscaler>(&client, ns), children.clone())
+        .owns(api::<Job>(&client, ns), children)
         .watches_stream(pods, |pod| owner_of(&pod))
         .watches_stream(secrets, move |secret| tidepools_using(&secret_store, &secret))
         .reconcile_on(stream_of(retriggered))
@@ -355,6 +357,7 @@ struct AppliedChildren {
     worker: ObservedTier,
     selectors: [String; 2],
     live_peak: i32,
+    migration: Migration,
 }
 
 impl AppliedChildren {
@@ -366,6 +369,7 @@ impl AppliedChildren {
             selectors: self.selectors.clone(),
             live_peak: self.live_peak,
             over_commit: None,
+            migration: self.migration.clone(),
         }
     }
 }
@@ -426,12 +430,26 @@ async fn apply(
 ) -> Result<AppliedChildren, Error> {
     let mut observed = [ObservedTier::default(), ObservedTier::default()];
     let mut kept: BTreeSet<(&'static str, String)> = BTreeSet::new();
+    let mut migration = Migration::Done;
     for child in render::children(validated, plan) {
         let name = child.name().to_owned();
         let body = child.to_json();
         let writes = metrics.writes(child.kind());
         kept.insert((child.kind(), name.clone()));
+        if migration != Migration::Done {
+            // The pods of this spec wait for its migration: what runs stays.
+            if let Child::Deployment(_) = child {
+                let live = Api::<Deployment>::namespaced(client.clone(), namespace).get_opt(&name).await?;
+                observed[usize::from(name.ends_with("-worker"))] =
+                    live.as_ref().map(observe).unwrap_or_default();
+            }
+            continue;
+        }
         match child {
+            Child::Job(_) => {
+                let job = apply_one::<Job>(client, namespace, &name, body, &writes).await?;
+                migration = migration_of(&job, &name);
+            }
             Child::Service(_) => drop(apply_one::<Service>(client, namespace, &name, body, &writes).await?),
             Child::PodDisruptionBudget(_) => {
                 drop(apply_one::<PodDisruptionBudget>(client, namespace, &name, body, &writes).await?)
@@ -450,6 +468,9 @@ async fn apply(
     let selector =
         format!("app.kubernetes.io/instance={},app.kubernetes.io/managed-by={MANAGED_BY}", owner.name);
     let uid = tidepool.uid().unwrap_or_default();
+    if migration == Migration::Done {
+        delete_orphans::<Job>(client, namespace, &selector, &uid, &kept, metrics).await?;
+    }
     delete_orphans::<Deployment>(client, namespace, &selector, &uid, &kept, metrics).await?;
     delete_orphans::<Service>(client, namespace, &selector, &uid, &kept, metrics).await?;
     delete_orphans::<PodDisruptionBudget>(client, namespace, &selector, &uid, &kept, metrics).await?;
@@ -474,7 +495,22 @@ async fn apply(
         worker: observed[1],
         selectors: [labels::selector_string(owner, Tier::Web), labels::selector_string(owner, Tier::Worker)],
         live_peak,
+        migration,
     })
+}
+
+/// Where the migration Job `name` stands.
+fn migration_of(job: &Job, name: &str) -> Migration {
+    let conditions = job.status.as_ref().and_then(|s| s.conditions.as_ref());
+    let holds =
+        |type_: &str| conditions.and_then(|c| c.iter().find(|c| c.type_ == type_ && c.status == "True"));
+    if holds("Complete").is_some() {
+        Migration::Done
+    } else if let Some(failed) = holds("Failed") {
+        Migration::Failed { name: name.to_owned(), message: failed.message.clone().unwrap_or_default() }
+    } else {
+        Migration::Running { name: name.to_owned() }
+    }
 }
 
 fn observe(deployment: &Deployment) -> ObservedTier {

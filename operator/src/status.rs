@@ -46,6 +46,17 @@ pub struct ObservedTier {
     pub observed: bool,
 }
 
+/// The migration Job of the current image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Migration {
+    /// Succeeded: the pods of this image may roll out.
+    Done,
+    /// Still running (`name`): the Deployments wait.
+    Running { name: String },
+    /// Gave up (`message`): the Deployments stay as they are.
+    Failed { name: String, message: String },
+}
+
 /// What was applied and what the children report.
 #[derive(Debug, Clone)]
 pub struct Applied<'a> {
@@ -58,6 +69,7 @@ pub struct Applied<'a> {
     /// Set when the Tidepools sharing this database server plan more
     /// connections together than this one's budget: what they plan.
     pub over_commit: Option<String>,
+    pub migration: Migration,
 }
 
 fn to_i32(n: u32) -> i32 {
@@ -175,9 +187,8 @@ fn applied_status(applied: &Applied<'_>, generation: Option<i64>) -> TidepoolSta
             cuts.join(", ")
         )
     };
-    TidepoolStatus {
-        observed_generation: generation,
-        conditions: vec![
+    let (ready, progressing, degraded) = match &applied.migration {
+        Migration::Done => (
             condition(
                 READY,
                 web_settled && worker_settled,
@@ -185,18 +196,6 @@ fn applied_status(applied: &Applied<'_>, generation: Option<i64>) -> TidepoolSta
                 pods.clone(),
                 generation,
             ),
-            match &applied.over_commit {
-                Some(message) => {
-                    condition(CONNECTION_BUDGET, false, "ServerOverCommitted", message.clone(), generation)
-                }
-                None => condition(
-                    CONNECTION_BUDGET,
-                    true,
-                    if plan.asks_met { "Fits" } else { "Limited" },
-                    budget_message,
-                    generation,
-                ),
-            },
             condition(
                 PROGRESSING,
                 !(web_settled && worker_settled),
@@ -205,7 +204,39 @@ fn applied_status(applied: &Applied<'_>, generation: Option<i64>) -> TidepoolSta
                 generation,
             ),
             condition(DEGRADED, false, "AsPlanned", "the children match the spec".into(), generation),
-        ],
+        ),
+        Migration::Running { name } => {
+            let message = format!("the migration Job {name} runs before the pods roll out; {pods}");
+            (
+                condition(READY, false, "Migrating", message.clone(), generation),
+                condition(PROGRESSING, true, "Migrating", message, generation),
+                condition(DEGRADED, false, "AsPlanned", "the children match the spec".into(), generation),
+            )
+        }
+        Migration::Failed { name, message } => {
+            let message = format!("the migration Job {name} failed, so the pods stay as they are: {message}");
+            (
+                condition(READY, false, "MigrationFailed", message.clone(), generation),
+                condition(PROGRESSING, false, "MigrationFailed", message.clone(), generation),
+                condition(DEGRADED, true, "MigrationFailed", message, generation),
+            )
+        }
+    };
+    let budget = match &applied.over_commit {
+        Some(message) => {
+            condition(CONNECTION_BUDGET, false, "ServerOverCommitted", message.clone(), generation)
+        }
+        None => condition(
+            CONNECTION_BUDGET,
+            true,
+            if plan.asks_met { "Fits" } else { "Limited" },
+            budget_message,
+            generation,
+        ),
+    };
+    TidepoolStatus {
+        observed_generation: generation,
+        conditions: vec![ready, budget, progressing, degraded],
         web: Some(web),
         worker: Some(worker),
         connections: Some(ConnectionsStatus {
@@ -268,6 +299,7 @@ mod tests {
             selectors: ["w".into(), "k".into()],
             live_peak: 94,
             over_commit: None,
+            migration: Migration::Done,
         }
     }
 

@@ -143,10 +143,23 @@ fn a_tidepool_gets_its_children_its_status_and_keeps_them() -> Result<()> {
     })?;
     kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(&format!("{SECRET}---\n{}", tidepool(200))))?;
 
+    // The migration Job first; the Deployments once it has succeeded.
+    let job = wait_for("the migration Job to succeed", Duration::from_secs(60), || {
+        let jobs = kube.get_json(&["jobs", "-n", &ns.name, "-l", "app.kubernetes.io/component=migrate"])?;
+        Ok(jobs["items"]
+            .as_array()
+            .and_then(|j| j.first())
+            .filter(|j| j["status"]["succeeded"] == 1)
+            .cloned())
+    })?;
+    assert_eq!(job["spec"]["template"]["spec"]["containers"][0]["args"][0], "migrate");
     // Children, owned by the Tidepool, sized by the plan (200 − 10: every ask fits).
     let web = wait_for("the web Deployment", Duration::from_secs(60), || {
         get(kube, &ns.name, "deployment/shop-web")
     })?;
+    let created = web["metadata"]["creationTimestamp"].as_str().unwrap_or_default().to_owned();
+    let migrated = job["status"]["completionTime"].as_str().unwrap_or_default().to_owned();
+    assert!(created >= migrated, "the Deployment ({created}) came before its migration ended ({migrated})");
     assert_eq!(web["metadata"]["ownerReferences"][0]["kind"], "Tidepool");
     assert_eq!(web["metadata"]["ownerReferences"][0]["controller"], true);
     assert_eq!(web["spec"]["template"]["metadata"]["annotations"]["tidepool.dev/max-db-connections"], "20");
@@ -192,6 +205,27 @@ fn a_tidepool_gets_its_children_its_status_and_keeps_them() -> Result<()> {
     kube.kubectl(&["scale", "deployment/shop-web", "--replicas=5", "-n", &ns.name], None)?;
     wait_for("the web Deployment back at 2 replicas", Duration::from_secs(60), || {
         Ok(deployment_replicas(kube, &ns.name, "shop-web")?.filter(|r| *r == 2))
+    })?;
+
+    // A new image migrates again, under a new Job, before its pods roll;
+    // the old Job goes once the new one has succeeded.
+    let old_job = job["metadata"]["name"].as_str().context("a name")?.to_owned();
+    let image = r#"{"spec":{"image":"localhost/tidepool:next"}}"#;
+    kube.kubectl(&["patch", "tidepool/shop", "-n", &ns.name, "--type=merge", "-p", image], None)?;
+    wait_for("the web pods to roll to the new image", Duration::from_secs(60), || {
+        let web = get(kube, &ns.name, "deployment/shop-web")?;
+        let image =
+            |w: &Value| w["spec"]["template"]["spec"]["containers"][0]["image"] == "localhost/tidepool:next";
+        Ok(web.filter(image).map(drop))
+    })?;
+    let jobs = kube.get_json(&["jobs", "-n", &ns.name, "-l", "app.kubernetes.io/component=migrate"])?;
+    let new_job = jobs["items"]
+        .as_array()
+        .and_then(|jobs| jobs.iter().find(|j| j["metadata"]["name"] != old_job.as_str()).cloned())
+        .context("a new migration Job")?;
+    assert_eq!(new_job["status"]["succeeded"], 1, "the pods rolled before the migration ended: {new_job}");
+    wait_for("the old Job to go", Duration::from_secs(60), || {
+        Ok(get(kube, &ns.name, &format!("job/{old_job}"))?.is_none().then_some(()))
     })?;
 
     // The scale subresource drives the web Deployment.
@@ -241,7 +275,9 @@ fn a_missing_secret_key_or_budget_leaves_the_children_and_says_why() -> Result<(
     // The Secret, completed, starts the Tidepool without touching it.
     kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(SECRET))?;
     wait_condition(kube, &ns.name, "ConnectionBudget", "True", "Fits")?;
-    let before = get(kube, &ns.name, "deployment/shop-web")?.context("applied")?;
+    let before = wait_for("the web Deployment, after the migration", Duration::from_secs(60), || {
+        get(kube, &ns.name, "deployment/shop-web")
+    })?;
 
     // A budget that cannot fit is refused with its numbers; the running
     // children stay as they were.
@@ -368,5 +404,59 @@ fn nothing_is_applied_into_a_terminating_namespace() -> Result<()> {
         ],
         None,
     )?;
+    Ok(())
+}
+
+/// The pods of a new image wait for its migration: with that image's Job
+/// held (suspended, made beforehand with the rendered template), the
+/// Deployment keeps the old image and the Tidepool says it is migrating;
+/// once the Job runs and succeeds, the pods roll.
+#[test]
+fn pods_wait_for_their_migration() -> Result<()> {
+    let kube = kube_with_crd()?;
+    let ns = kube.namespace("migrate")?;
+    let _operator = Operator::start(&ns.name)?;
+    kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(&format!("{SECRET}---\n{}", tidepool(200))))?;
+    wait_condition(kube, &ns.name, "Ready", "True", "AllPodsReady")?;
+
+    // The Job the next image will need, rendered by the same code, held.
+    let next = tidepool(200).replace("spec:\n", "spec:\n  image: localhost/tidepool:held\n");
+    let mut object: tidepool_operator::crd::Tidepool = serde_norway::from_str(&next)?;
+    object.metadata.namespace = Some(ns.name.clone());
+    let validated = tidepool_operator::validate::validate(&object, &ns.name)?;
+    let mut job = serde_json::to_value(tidepool_operator::render::migration::job(&validated))?;
+    job["apiVersion"] = "batch/v1".into();
+    job["kind"] = "Job".into();
+    job["spec"]["suspend"] = true.into();
+    let job_name = tidepool_operator::render::migration::job_name(&validated);
+    kube.kubectl(
+        &["apply", "--server-side", "--field-manager=test", "-n", &ns.name, "-f", "-"],
+        Some(&job.to_string()),
+    )?;
+
+    kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(&next))?;
+    let message = wait_condition(kube, &ns.name, "Ready", "False", "Migrating")?;
+    assert!(message.contains(&job_name), "{message}");
+    let web = get(kube, &ns.name, "deployment/shop-web")?.context("the web Deployment")?;
+    assert_ne!(web["spec"]["template"]["spec"]["containers"][0]["image"], "localhost/tidepool:held");
+
+    kube.kubectl(
+        &[
+            "patch",
+            &format!("job/{job_name}"),
+            "-n",
+            &ns.name,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"suspend":false}}"#,
+        ],
+        None,
+    )?;
+    wait_for("the pods to roll to the new image", Duration::from_secs(60), || {
+        let web = get(kube, &ns.name, "deployment/shop-web")?;
+        let image =
+            |w: &Value| w["spec"]["template"]["spec"]["containers"][0]["image"] == "localhost/tidepool:held";
+        Ok(web.filter(image).map(drop))
+    })?;
     Ok(())
 }

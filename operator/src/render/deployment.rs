@@ -56,8 +56,8 @@ const DRAIN_DELAY: Duration = Duration::from_secs(5);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
 const GRACE_MARGIN: Duration = Duration::from_secs(5);
 
-const DATABASE_VOLUME: &str = "database";
-const DATABASE_DIR: &str = "/etc/tidepool/database";
+pub(super) const DATABASE_VOLUME: &str = "database";
+pub(super) const DATABASE_DIR: &str = "/etc/tidepool/database";
 const POOLER_VOLUME: &str = "pgbouncer";
 const POOLER_DIR: &str = "/etc/pgbouncer";
 /// The Secret's keys the pods read (CloudNativePG's application Secret).
@@ -102,17 +102,7 @@ pub fn deployment(validated: &Validated, plan: &Plan, tier: Tier) -> Deployment 
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
                     termination_grace_period_seconds: Some(grace.as_secs() as i64),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(RUN_AS),
-                        run_as_group: Some(RUN_AS),
-                        fs_group: Some(RUN_AS),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".to_owned(),
-                            ..SeccompProfile::default()
-                        }),
-                        ..PodSecurityContext::default()
-                    }),
+                    security_context: Some(pod_security()),
                     volumes: Some(volumes(validated)),
                     init_containers: Some(vec![pooler_config(validated, tier_plan), pooler(validated)]),
                     containers: vec![app(validated, tier_plan)],
@@ -129,7 +119,7 @@ fn to_i32(n: u32) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
-fn volumes(validated: &Validated) -> Vec<Volume> {
+pub(super) fn volumes(validated: &Validated) -> Vec<Volume> {
     vec![
         Volume {
             name: DATABASE_VOLUME.to_owned(),
@@ -158,7 +148,22 @@ fn volumes(validated: &Validated) -> Vec<Volume> {
     ]
 }
 
-fn mount(name: &str, path: &str) -> VolumeMount {
+/// Non-root, with the Secret's files readable by the pod's group.
+pub(super) fn pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS),
+        run_as_group: Some(RUN_AS),
+        fs_group: Some(RUN_AS),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_owned(),
+            ..SeccompProfile::default()
+        }),
+        ..PodSecurityContext::default()
+    }
+}
+
+pub(super) fn mount(name: &str, path: &str) -> VolumeMount {
     VolumeMount {
         name: name.to_owned(),
         mount_path: path.to_owned(),
@@ -167,7 +172,7 @@ fn mount(name: &str, path: &str) -> VolumeMount {
     }
 }
 
-fn hardened() -> SecurityContext {
+pub(super) fn hardened() -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
         read_only_root_filesystem: Some(true),
@@ -177,7 +182,7 @@ fn hardened() -> SecurityContext {
     }
 }
 
-fn resources(cpu: &str, memory: &str, memory_limit: &str) -> ResourceRequirements {
+pub(super) fn resources(cpu: &str, memory: &str, memory_limit: &str) -> ResourceRequirements {
     ResourceRequirements {
         requests: Some(BTreeMap::from([
             ("cpu".to_owned(), Quantity(cpu.to_owned())),
@@ -188,11 +193,11 @@ fn resources(cpu: &str, memory: &str, memory_limit: &str) -> ResourceRequirement
     }
 }
 
-fn env(name: &str, value: impl Into<String>) -> EnvVar {
+pub(super) fn env(name: &str, value: impl Into<String>) -> EnvVar {
     EnvVar { name: name.to_owned(), value: Some(value.into()), value_from: None }
 }
 
-fn env_from_secret(name: &str, secret: &str, key: &str) -> EnvVar {
+pub(super) fn env_from_secret(name: &str, secret: &str, key: &str) -> EnvVar {
     EnvVar {
         name: name.to_owned(),
         value: None,
@@ -207,7 +212,7 @@ fn env_from_secret(name: &str, secret: &str, key: &str) -> EnvVar {
     }
 }
 
-fn seconds(d: Duration) -> String {
+pub(super) fn seconds(d: Duration) -> String {
     format!("{}s", d.as_secs())
 }
 

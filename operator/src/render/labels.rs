@@ -24,10 +24,15 @@ pub fn tier_name(owner: &Owner, tier: Tier) -> String {
 /// The labels that select a tier's pods. Never change them: a Deployment's
 /// selector is immutable.
 pub fn selector(owner: &Owner, tier: Tier) -> BTreeMap<String, String> {
+    component_selector(owner, tier.name())
+}
+
+/// The labels that select one component's objects (a tier, or `migrate`).
+pub fn component_selector(owner: &Owner, component: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_owned(), "tidepool".to_owned()),
         ("app.kubernetes.io/instance".to_owned(), owner.name.clone()),
-        ("app.kubernetes.io/component".to_owned(), tier.name().to_owned()),
+        ("app.kubernetes.io/component".to_owned(), component.to_owned()),
     ])
 }
 
@@ -38,7 +43,12 @@ pub fn selector_string(owner: &Owner, tier: Tier) -> String {
 
 /// Every label of a tier's objects: the selector's and the managed-by.
 pub fn labels(owner: &Owner, tier: Tier) -> BTreeMap<String, String> {
-    let mut labels = selector(owner, tier);
+    component_labels(owner, tier.name())
+}
+
+/// Every label of one component's objects.
+pub fn component_labels(owner: &Owner, component: &str) -> BTreeMap<String, String> {
+    let mut labels = component_selector(owner, component);
     labels.insert("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned());
     labels.insert("app.kubernetes.io/part-of".to_owned(), owner.name.clone());
     labels
@@ -59,10 +69,15 @@ pub fn owner_reference(owner: &Owner) -> Option<OwnerReference> {
 
 /// Metadata of a tier's object.
 pub fn metadata(owner: &Owner, tier: Tier) -> ObjectMeta {
+    component_metadata(owner, tier_name(owner, tier), tier.name())
+}
+
+/// Metadata of an object `name` of one component.
+pub fn component_metadata(owner: &Owner, name: String, component: &str) -> ObjectMeta {
     ObjectMeta {
-        name: Some(tier_name(owner, tier)),
+        name: Some(name),
         namespace: Some(owner.namespace.clone()),
-        labels: Some(labels(owner, tier)),
+        labels: Some(component_labels(owner, component)),
         owner_references: owner_reference(owner).map(|r| vec![r]),
         ..ObjectMeta::default()
     }

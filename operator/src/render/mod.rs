@@ -1,17 +1,20 @@
 //! Rendering: `plan → objects`, pure. A Tidepool's children, in the order
-//! they are applied (the Service and disruption budgets before the
-//! Deployments, the autoscaler last), each a typed k8s-openapi object.
+//! they are applied (the migration Job first: the controller applies the
+//! rest once it has succeeded; the Service and disruption budgets before
+//! the Deployments; the autoscaler last), each a typed k8s-openapi object.
 //!
 //! A tier that can never have pods (`maxReplicas` 0) has no children.
 
 pub mod deployment;
 pub mod hpa;
 pub mod labels;
+pub mod migration;
 pub mod pdb;
 pub mod service;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use serde::Serialize;
@@ -22,6 +25,7 @@ use crate::validate::Validated;
 /// One child object.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Child {
+    Job(Box<Job>),
     Service(Service),
     PodDisruptionBudget(PodDisruptionBudget),
     Deployment(Box<Deployment>),
@@ -31,6 +35,7 @@ pub enum Child {
 impl Child {
     pub fn kind(&self) -> &'static str {
         match self {
+            Child::Job(_) => "Job",
             Child::Service(_) => "Service",
             Child::PodDisruptionBudget(_) => "PodDisruptionBudget",
             Child::Deployment(_) => "Deployment",
@@ -40,6 +45,7 @@ impl Child {
 
     pub fn name(&self) -> &str {
         let metadata = match self {
+            Child::Job(o) => &o.metadata,
             Child::Service(o) => &o.metadata,
             Child::PodDisruptionBudget(o) => &o.metadata,
             Child::Deployment(o) => &o.metadata,
@@ -59,6 +65,7 @@ impl Child {
             value
         }
         match self {
+            Child::Job(o) => typed(o.as_ref()),
             Child::Service(o) => typed(o),
             Child::PodDisruptionBudget(o) => typed(o),
             Child::Deployment(o) => typed(o.as_ref()),
@@ -71,7 +78,7 @@ impl Child {
 pub fn children(validated: &Validated, plan: &Plan) -> Vec<Child> {
     let owner = &validated.owner;
     let has_pods = |tier: Tier| plan.tier(tier).max_replicas > 0;
-    let mut children = Vec::new();
+    let mut children = vec![Child::Job(Box::new(migration::job(validated)))];
     if has_pods(Tier::Web) {
         children.push(Child::Service(service::web_service(owner)));
         children.push(Child::PodDisruptionBudget(pdb::pdb(owner, Tier::Web)));
@@ -197,15 +204,22 @@ mod tests {
         }
     }
 
+    fn spec_for_kinds() -> serde_json::Value {
+        serde_json::json!({"database": {"secretRef": {"name": "db"}, "maxConnections": 300},
+            "web": {"replicas": 2, "autoscaling": {"minReplicas": 2, "maxReplicas": 5}}})
+    }
+
     #[test]
     fn children_are_owned_and_an_hpa_scales_the_tidepool() {
-        let spec = serde_json::json!({"database": {"secretRef": {"name": "db"}, "maxConnections": 300},
-            "web": {"replicas": 2, "autoscaling": {"minReplicas": 2, "maxReplicas": 5}}});
-        let (_, children) = render(spec);
+        let (_, children) = render(spec_for_kinds());
         let kinds: Vec<_> = children.iter().map(|c| (c.kind(), c.name().to_owned())).collect();
         assert_eq!(
             kinds,
             [
+                (
+                    "Job",
+                    migration::job_name(&validate(&tidepool(spec_for_kinds()), "default").expect("valid"))
+                ),
                 ("Service", "shop-web".to_owned()),
                 ("PodDisruptionBudget", "shop-web".to_owned()),
                 ("PodDisruptionBudget", "shop-worker".to_owned()),

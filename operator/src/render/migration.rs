@@ -1,0 +1,95 @@
+//! The migration Job: `tidepool migrate` on a direct connection (not through
+//! PgBouncer; its one connection is in `reservedConnections`), once per
+//! image, before that image's pods roll out. Named after the image, so a new
+//! image gets a Job of its own and the controller holds the Deployments
+//! until it has succeeded.
+
+use std::hash::{Hash, Hasher};
+
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::deployment::{
+    env, env_from_secret, hardened, mount, pod_security, resources, volumes, DATABASE_DIR, DATABASE_VOLUME,
+};
+use super::labels;
+use crate::validate::Validated;
+
+pub const COMPONENT: &str = "migrate";
+
+/// `<tidepool>-migrate-<8 hex digits>` of what the Job's pod template
+/// depends on (the image, its pull policy, the Secret): a Job's template
+/// cannot change, so a change makes a new Job.
+pub fn job_name(validated: &Validated) -> String {
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    struct Fnv(u64);
+    impl Hasher for Fnv {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            for byte in bytes {
+                self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+    }
+    let mut hasher = Fnv(0xcbf2_9ce4_8422_2325);
+    (&validated.spec.image, &validated.spec.image_pull_policy, &validated.spec.database.secret_ref.name)
+        .hash(&mut hasher);
+    format!("{}-migrate-{:08x}", validated.owner.name, hasher.finish() as u32)
+}
+
+pub fn job(validated: &Validated) -> Job {
+    let spec = &validated.spec;
+    let secret = &spec.database.secret_ref.name;
+    let owner = &validated.owner;
+    let container = Container {
+        name: COMPONENT.to_owned(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: Some(spec.image_pull_policy.clone()),
+        args: Some(vec!["migrate".to_owned()]),
+        env: Some(vec![
+            env_from_secret("TIDEPOOL_DB_USER", secret, "username"),
+            env_from_secret("TIDEPOOL_DB_HOST", secret, "host"),
+            env_from_secret("TIDEPOOL_DB_PORT", secret, "port"),
+            env_from_secret("TIDEPOOL_DB_NAME", secret, "dbname"),
+            env(
+                "TIDEPOOL_DIRECT_DATABASE_URL",
+                "postgres://$(TIDEPOOL_DB_USER)@$(TIDEPOOL_DB_HOST):$(TIDEPOOL_DB_PORT)/$(TIDEPOOL_DB_NAME)",
+            ),
+            env("TIDEPOOL_DB_PASSWORD_FILE", format!("{DATABASE_DIR}/password")),
+            env("TIDEPOOL_LOG_FORMAT", "json"),
+        ]),
+        volume_mounts: Some(vec![mount(DATABASE_VOLUME, DATABASE_DIR)]),
+        security_context: Some(hardened()),
+        resources: Some(resources("50m", "32Mi", "128Mi")),
+        ..Container::default()
+    };
+    Job {
+        metadata: labels::component_metadata(owner, job_name(validated), COMPONENT),
+        spec: Some(JobSpec {
+            backoff_limit: Some(3),
+            active_deadline_seconds: Some(600),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels::component_labels(owner, COMPONENT)),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".to_owned()),
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(pod_security()),
+                    volumes: Some(
+                        volumes(validated).into_iter().filter(|v| v.name == DATABASE_VOLUME).collect(),
+                    ),
+                    containers: vec![container],
+                    ..PodSpec::default()
+                }),
+            },
+            ..JobSpec::default()
+        }),
+        status: None,
+    }
+}
