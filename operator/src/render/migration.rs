@@ -93,3 +93,39 @@ pub fn job(validated: &Validated) -> Job {
         status: None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::Tidepool;
+
+    fn validated(image: &str, replicas: i32) -> Validated {
+        let tidepool: Tidepool = serde_json::from_value(serde_json::json!({
+            "apiVersion": "tidepool.dev/v1alpha1", "kind": "Tidepool", "metadata": {"name": "shop", "namespace": "prod"},
+            "spec": {"image": image, "database": {"secretRef": {"name": "db"}, "maxConnections": 300}, "web": {"replicas": replicas}},
+        }))
+        .expect("a Tidepool");
+        crate::validate::validate(&tidepool, "default").expect("valid")
+    }
+
+    #[test]
+    fn a_new_image_gets_a_new_job_and_nothing_else_does() {
+        let first = job_name(&validated("app:1", 2));
+        assert!(first.starts_with("shop-migrate-") && first.len() == "shop-migrate-".len() + 8, "{first}");
+        assert_eq!(first, job_name(&validated("app:1", 5)), "replicas do not migrate");
+        assert_ne!(first, job_name(&validated("app:2", 2)));
+    }
+
+    #[test]
+    fn the_job_migrates_on_a_direct_connection_with_the_password_from_a_file() {
+        let job = serde_json::to_value(job(&validated("app:1", 2))).expect("serializes");
+        let pod = &job["spec"]["template"]["spec"];
+        assert_eq!(pod["restartPolicy"], "Never");
+        let env = pod["containers"][0]["env"].as_array().cloned().unwrap_or_default();
+        let value = |name: &str| env.iter().find(|e| e["name"] == name).map(|e| e["value"].clone());
+        assert_eq!(value("TIDEPOOL_DB_PASSWORD_FILE"), Some("/etc/tidepool/database/password".into()));
+        let url = value("TIDEPOOL_DIRECT_DATABASE_URL").unwrap_or_default();
+        assert!(url.as_str().is_some_and(|u| u.contains("$(TIDEPOOL_DB_HOST):$(TIDEPOOL_DB_PORT)")), "{url}");
+        assert!(env.iter().all(|e| e["valueFrom"]["secretKeyRef"]["key"] != "password"));
+    }
+}
