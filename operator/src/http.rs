@@ -1,6 +1,6 @@
 //! The operator's HTTP endpoints: `/metrics`, `/healthz` (the process
-//! serves) and `/readyz` (the controller has its first view of the
-//! Tidepools). Bounded: a fixed number of connections at once and a header
+//! serves) and `/readyz` (a follower waiting for the Lease is ready; a
+//! leader once its controller has its first view of the Tidepools). Bounded: a fixed number of connections at once and a header
 //! timeout.
 
 use std::convert::Infallible;

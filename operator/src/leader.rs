@@ -66,6 +66,8 @@ pub async fn run(
         .map_err(lease_error)?;
     let (mut leading, lease_task) = manager.watch().await;
     endpoints.metrics.leader.set(0);
+    // A waiting follower is doing what it should: ready.
+    endpoints.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(lease = %lease.name, identity = %lease.identity, "waiting to lead");
     let mut shutdown = Box::pin(shutdown);
     while !*leading.borrow_and_update() {
@@ -82,6 +84,8 @@ pub async fn run(
     }
     tracing::info!(lease = %lease.name, identity = %lease.identity, "leading: starting the controller");
     endpoints.metrics.leader.set(1);
+    // Ready again once the controller's first list has arrived.
+    endpoints.ready.store(false, std::sync::atomic::Ordering::Relaxed);
     let (why_tx, why_rx) = tokio::sync::oneshot::channel::<bool>();
     let still_leading = leading.clone();
     let stop = async move {

@@ -323,6 +323,7 @@ fn only_the_leader_writes_and_another_takes_over() -> Result<()> {
     };
     assert!(reconciles(&first)? >= 1.0);
     assert_eq!(second.metric("tidepool_operator_leader")?, 0.0);
+    assert_eq!(second.get("/readyz")?.0, 200, "a waiting follower is ready");
     assert_eq!(reconciles(&second)?, 0.0, "the follower reconciled");
 
     drop(first);
