@@ -1,7 +1,8 @@
 //! The controller: reads, calls the pure pipeline, applies.
 //!
-//! For each Tidepool: read the referenced Secret (only which keys it has;
-//! values are never logged or copied), validate, plan, render, then
+//! For each Tidepool: read the referenced Secret (which keys it has, and
+//! its host and port for the shared-server sum, kept in memory only; no
+//! value is logged or written anywhere), validate, plan, render, then
 //! server-side apply every child with the field manager
 //! [`FIELD_MANAGER`] (forced, so a child changed by hand is put back),
 //! delete the children it owns that the spec no longer has, and write the
@@ -176,7 +177,8 @@ pub async fn run(
         .applied_objects();
     let controller = Controller::for_stream(tidepools, store.clone());
     let secret_store = store.clone();
-    // Metadata only: the operator never holds the Secrets' values.
+    // Metadata only: the watch holds no Secret's values (a reconcile reads
+    // its one Secret when it runs).
     let secrets = watcher(api::<PartialObjectMeta<Secret>>(&client, ns), watcher::Config::default())
         .default_backoff()
         .touched_objects();
