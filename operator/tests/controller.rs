@@ -128,8 +128,16 @@ fn wait_condition(kube: &Kube, ns: &str, type_: &str, status: &str, reason: &str
     })
 }
 
-fn deployment_replicas(kube: &Kube, ns: &str, name: &str) -> Result<Option<i64>> {
-    Ok(get(kube, ns, &format!("deployment/{name}"))?.and_then(|d| d["spec"]["replicas"].as_i64()))
+/// The app image of a Deployment's pods.
+fn image(deployment: &Value) -> &Value {
+    &deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+}
+
+/// Waits until the web Deployment satisfies `check`.
+fn wait_web(kube: &Kube, ns: &str, what: &str, check: impl Fn(&Value) -> bool) -> Result<()> {
+    wait_for(what, Duration::from_secs(60), || {
+        Ok(get(kube, ns, "deployment/shop-web")?.filter(|w| check(w)).map(drop))
+    })
 }
 
 #[test]
@@ -203,20 +211,15 @@ fn a_tidepool_gets_its_children_its_status_and_keeps_them() -> Result<()> {
 
     // A child changed by hand is put back.
     kube.kubectl(&["scale", "deployment/shop-web", "--replicas=5", "-n", &ns.name], None)?;
-    wait_for("the web Deployment back at 2 replicas", Duration::from_secs(60), || {
-        Ok(deployment_replicas(kube, &ns.name, "shop-web")?.filter(|r| *r == 2))
-    })?;
+    wait_web(kube, &ns.name, "the web Deployment back at 2 replicas", |w| w["spec"]["replicas"] == 2)?;
 
     // A new image migrates again, under a new Job, before its pods roll;
     // the old Job goes once the new one has succeeded.
     let old_job = job["metadata"]["name"].as_str().context("a name")?.to_owned();
-    let image = r#"{"spec":{"image":"localhost/tidepool:next"}}"#;
-    kube.kubectl(&["patch", "tidepool/shop", "-n", &ns.name, "--type=merge", "-p", image], None)?;
-    wait_for("the web pods to roll to the new image", Duration::from_secs(60), || {
-        let web = get(kube, &ns.name, "deployment/shop-web")?;
-        let image =
-            |w: &Value| w["spec"]["template"]["spec"]["containers"][0]["image"] == "localhost/tidepool:next";
-        Ok(web.filter(image).map(drop))
+    let next_image = r#"{"spec":{"image":"localhost/tidepool:next"}}"#;
+    kube.kubectl(&["patch", "tidepool/shop", "-n", &ns.name, "--type=merge", "-p", next_image], None)?;
+    wait_web(kube, &ns.name, "the web pods to roll to the new image", |w| {
+        image(w) == "localhost/tidepool:next"
     })?;
     let jobs = kube.get_json(&["jobs", "-n", &ns.name, "-l", "app.kubernetes.io/component=migrate"])?;
     let new_job = jobs["items"]
@@ -230,9 +233,7 @@ fn a_tidepool_gets_its_children_its_status_and_keeps_them() -> Result<()> {
 
     // The scale subresource drives the web Deployment.
     kube.kubectl(&["scale", "tidepool/shop", "--replicas=3", "-n", &ns.name], None)?;
-    wait_for("the web Deployment at 3 replicas", Duration::from_secs(60), || {
-        Ok(deployment_replicas(kube, &ns.name, "shop-web")?.filter(|r| *r == 3))
-    })?;
+    wait_web(kube, &ns.name, "the web Deployment at 3 replicas", |w| w["spec"]["replicas"] == 3)?;
 
     // Deleting the Tidepool deletes its children (the garbage collector).
     // The collector learns of a new resource type at its discovery resync,
@@ -331,9 +332,7 @@ fn only_the_leader_writes_and_another_takes_over() -> Result<()> {
         Ok((second.metric("tidepool_operator_leader")? == 1.0).then_some(()))
     })?;
     kube.kubectl(&["scale", "tidepool/shop", "--replicas=3", "-n", &ns.name], None)?;
-    wait_for("the new leader to apply a change", Duration::from_secs(60), || {
-        Ok(deployment_replicas(kube, &ns.name, "shop-web")?.filter(|r| *r == 3))
-    })?;
+    wait_web(kube, &ns.name, "the new leader to apply a change", |w| w["spec"]["replicas"] == 3)?;
     assert!(reconciles(&second)? >= 1.0);
     Ok(())
 }
@@ -439,7 +438,7 @@ fn pods_wait_for_their_migration() -> Result<()> {
     let message = wait_condition(kube, &ns.name, "Ready", "False", "Migrating")?;
     assert!(message.contains(&job_name), "{message}");
     let web = get(kube, &ns.name, "deployment/shop-web")?.context("the web Deployment")?;
-    assert_ne!(web["spec"]["template"]["spec"]["containers"][0]["image"], "localhost/tidepool:held");
+    assert_ne!(image(&web), "localhost/tidepool:held");
 
     kube.kubectl(
         &[
@@ -453,11 +452,6 @@ fn pods_wait_for_their_migration() -> Result<()> {
         ],
         None,
     )?;
-    wait_for("the pods to roll to the new image", Duration::from_secs(60), || {
-        let web = get(kube, &ns.name, "deployment/shop-web")?;
-        let image =
-            |w: &Value| w["spec"]["template"]["spec"]["containers"][0]["image"] == "localhost/tidepool:held";
-        Ok(web.filter(image).map(drop))
-    })?;
+    wait_web(kube, &ns.name, "the pods to roll to the new image", |w| image(w) == "localhost/tidepool:held")?;
     Ok(())
 }
