@@ -10,7 +10,9 @@
 #   kube.sh status
 #
 # State (certificates, etcd data, logs, kubeconfig) lives in
-# $TIDEPOOL_STATE_DIR/kube. Ports: TIDEPOOL_KUBE_ETCD_PORT (12379, and the
+# $TIDEPOOL_STATE_DIR/kube; the API server's audit log of every write is
+# log/audit.log there (scripts/kube/audit-policy.yaml). kwok's pods wait for
+# their finalizers when deleted (scripts/kube/kwok-pod-stages.yaml). Ports: TIDEPOOL_KUBE_ETCD_PORT (12379, and the
 # next one for etcd peers), TIDEPOOL_KUBE_API_PORT (16443).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -132,6 +134,8 @@ up() {
     --service-account-issuer https://kubernetes.default.svc \
     --service-cluster-ip-range 10.0.0.0/24 \
     --authorization-mode Node,RBAC --allow-privileged=true \
+    --audit-policy-file "$REPO_ROOT/scripts/kube/audit-policy.yaml" --audit-log-path "$LOGS/audit.log" \
+    --audit-log-maxsize 100 --audit-log-maxbackup 1 \
     --profiling=false
   wait_until "kubectl_ get --raw /readyz" 60 "kube-apiserver (see $LOGS/kube-apiserver.log)"
 
@@ -148,6 +152,7 @@ up() {
     --authorization-kubeconfig "$KUBE/scheduler.kubeconfig" \
     --leader-elect=false --secure-port 0 --profiling=false
   start kwok "$TIDEPOOL_KWOK_BIN/kwok" --kubeconfig "$KUBE/kwok.kubeconfig" \
+    --config "$REPO_ROOT/scripts/kube/kwok-pod-stages.yaml" \
     --manage-all-nodes=false \
     --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
     --node-ip 127.0.0.1 --node-port 0 --server-address ""
