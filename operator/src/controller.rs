@@ -30,6 +30,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -41,6 +42,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use crate::admission::{self, LivePod};
 use crate::crd::{Tidepool, TidepoolStatus};
 use crate::http::Endpoints;
 use crate::index::{Key, ServerIndex};
@@ -360,6 +362,8 @@ struct AppliedChildren {
     selectors: [String; 2],
     live_peak: i32,
     migration: Migration,
+    /// What holds the change back, if anything: a paced step, pods waiting.
+    pacing: Vec<String>,
 }
 
 impl AppliedChildren {
@@ -372,6 +376,7 @@ impl AppliedChildren {
             live_peak: self.live_peak,
             over_commit: None,
             migration: self.migration.clone(),
+            pacing: self.pacing.clone(),
         }
     }
 }
@@ -420,8 +425,9 @@ fn contains(live: &serde_json::Value, wanted: &serde_json::Value) -> bool {
     }
 }
 
-/// Applies every child in order, deletes what this Tidepool owns and no
-/// longer renders, and reads what the Deployments and pods report.
+/// Applies every child in order (the Deployments paced, see [`pace`]),
+/// deletes what this Tidepool owns and no longer renders, admits the pods
+/// the budget has room for, and reads what the Deployments and pods report.
 async fn apply(
     client: &Client,
     namespace: &str,
@@ -430,24 +436,23 @@ async fn apply(
     plan: &Plan,
     metrics: &Metrics,
 ) -> Result<AppliedChildren, Error> {
-    let mut observed = [ObservedTier::default(), ObservedTier::default()];
+    let deployments = Api::<Deployment>::namespaced(client.clone(), namespace);
+    let mut live: [Option<Deployment>; 2] = [None, None];
+    for tier in Tier::ALL {
+        live[tier as usize] = deployments.get_opt(&labels::tier_name(&validated.owner, tier)).await?;
+    }
+    let paced = pace(validated, plan, &live);
+    let mut observed = live.clone().map(|d| d.as_ref().map(observe).unwrap_or_default());
     let mut kept: BTreeSet<(&'static str, String)> = BTreeSet::new();
     let mut migration = Migration::Done;
-    for child in render::children(validated, plan) {
+    for child in render::children(validated, &paced.plan) {
         let name = child.name().to_owned();
         let body = child.to_json();
         let writes = metrics.writes(child.kind());
         kept.insert((child.kind(), name.clone()));
-        if migration != Migration::Done {
-            // The pods of this spec wait for its migration: what runs stays.
-            if let Child::Deployment(_) = child {
-                let live = Api::<Deployment>::namespaced(client.clone(), namespace).get_opt(&name).await?;
-                observed[usize::from(name.ends_with("-worker"))] =
-                    live.as_ref().map(observe).unwrap_or_default();
-            }
-            continue;
-        }
         match child {
+            // The pods of this spec wait for its migration: what runs stays.
+            _ if migration != Migration::Done => {}
             Child::Job(_) => {
                 let job = apply_one::<Job>(client, namespace, &name, body, &writes).await?;
                 migration = migration_of(&job, &name);
@@ -460,9 +465,22 @@ async fn apply(
                 drop(apply_one::<HorizontalPodAutoscaler>(client, namespace, &name, body, &writes).await?)
             }
             Child::Deployment(_) => {
-                let deployment = apply_one::<Deployment>(client, namespace, &name, body, &writes).await?;
-                let index = usize::from(name.ends_with("-worker"));
-                observed[index] = observe(&deployment);
+                let tier = if name.ends_with("-worker") { Tier::Worker } else { Tier::Web };
+                match paced.moves[tier as usize] {
+                    Move::Apply => {
+                        let deployment =
+                            apply_one::<Deployment>(client, namespace, &name, body, &writes).await?;
+                        observed[tier as usize] = observe(&deployment);
+                    }
+                    Move::Scale(replicas) => {
+                        writes.inc();
+                        let scale = serde_json::json!({"spec": {"replicas": replicas}});
+                        let params =
+                            PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+                        deployments.patch_scale(&name, &params, &Patch::Merge(scale)).await?;
+                    }
+                    Move::Hold => {}
+                }
             }
         }
     }
@@ -477,28 +495,192 @@ async fn apply(
     delete_orphans::<Service>(client, namespace, &selector, &uid, &kept, metrics).await?;
     delete_orphans::<PodDisruptionBudget>(client, namespace, &selector, &uid, &kept, metrics).await?;
     delete_orphans::<HorizontalPodAutoscaler>(client, namespace, &selector, &uid, &kept, metrics).await?;
-    let pods = Api::<Pod>::namespaced(client.clone(), namespace)
-        .list(&ListParams::default().labels(&selector))
-        .await?;
-    let live_peak = pods
-        .items
-        .iter()
-        .filter(|pod| {
-            !matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
-        })
-        .map(|pod| {
-            let annotation =
-                |key: &str| pod.annotations().get(key).and_then(|v| v.parse::<i32>().ok()).unwrap_or(0);
-            annotation(SHARE_ANNOTATION) + annotation(DIRECT_ANNOTATION)
-        })
-        .sum();
+    let admission = admit_pods(client, namespace, &selector, plan.available, metrics).await?;
+    let mut pacing = paced.note;
+    if admission.waiting > 0 {
+        pacing.push(format!(
+            "{} pods wait for the connection budget: the live pods may hold {} of the {} available, the next needs {}",
+            admission.waiting,
+            admission.live_cost,
+            plan.available,
+            admission.next_cost.unwrap_or(0)
+        ));
+    }
     Ok(AppliedChildren {
         web: observed[0],
         worker: observed[1],
         selectors: [labels::selector_string(owner, Tier::Web), labels::selector_string(owner, Tier::Worker)],
-        live_peak,
+        live_peak: i32::try_from(admission.live_cost).unwrap_or(i32::MAX),
         migration,
+        pacing,
     })
+}
+
+/// What the controller does to a tier's Deployment in this pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Move {
+    /// Apply the rendered Deployment (with the step's replicas and surge).
+    Apply,
+    /// Keep the old template, set only the replicas (scale subresource).
+    Scale(i32),
+    /// Leave it as it is.
+    Hold,
+}
+
+/// The Deployments' next step: the plan to render them from, what to do
+/// to each, and what the status should say about it.
+struct Paced {
+    plan: Plan,
+    moves: [Move; 2],
+    note: Vec<String>,
+}
+
+/// Where the Deployments go next ([`plan::next_step`]), from what they are.
+/// A tier's template "rolls" when the live one lacks what is rendered now.
+fn pace(validated: &validate::Validated, plan: &Plan, live: &[Option<Deployment>; 2]) -> Paced {
+    let mut live_step = plan::Step::at(plan);
+    let mut rolls = [false, false];
+    let mut settled = true;
+    for tier in Tier::ALL {
+        let step = live_step.tier_mut(tier);
+        let Some(deployment) = &live[tier as usize] else {
+            // A new Deployment: from nothing, with the new template.
+            step.replicas = 0;
+            rolls[tier as usize] = true;
+            continue;
+        };
+        let spec = deployment.spec.as_ref();
+        let template = spec.map(|s| &s.template);
+        let rendered = render::deployment::deployment(validated, plan, tier).spec.map(|s| s.template);
+        rolls[tier as usize] =
+            match (template.map(serde_json::to_value), rendered.map(|t| serde_json::to_value(&t))) {
+                (Some(Ok(live)), Some(Ok(rendered))) => !contains(&live, &rendered),
+                _ => true,
+            };
+        let annotation = |key: &str| {
+            template
+                .and_then(|t| t.metadata.as_ref())
+                .and_then(|m| m.annotations.as_ref())
+                .and_then(|a| a.get(key))
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(0)
+        };
+        step.per_pod = annotation(SHARE_ANNOTATION) + annotation(DIRECT_ANNOTATION);
+        step.replicas = spec.and_then(|s| s.replicas).and_then(|r| u32::try_from(r).ok()).unwrap_or(0);
+        if let Some(IntOrString::Int(surge)) = spec
+            .and_then(|s| s.strategy.as_ref())
+            .and_then(|s| s.rolling_update.as_ref())
+            .and_then(|r| r.max_surge.clone())
+        {
+            step.surge = u32::try_from(surge).unwrap_or(0);
+        }
+        settled &= rolled_out(deployment);
+    }
+    let next = plan::next_step(live_step, plan, |tier| rolls[tier as usize], settled);
+    let mut stepped = plan.clone();
+    let mut note = Vec::new();
+    let moves = Tier::ALL.map(|tier| {
+        let (now, to) = (live_step.tier(tier), next.tier(tier));
+        let stepped_tier = stepped.tier_mut(tier);
+        stepped_tier.replicas = to.replicas;
+        stepped_tier.surge = to.surge;
+        if rolls[tier as usize] && to.template == plan::Template::Old {
+            if now.per_pod != plan.tier(tier).per_pod() {
+                note.push(format!(
+                    "{} pods change from {} to {} connections each once the other changes have rolled out",
+                    tier,
+                    now.per_pod,
+                    plan.tier(tier).per_pod()
+                ));
+            }
+            if to.replicas != now.replicas {
+                Move::Scale(i32::try_from(to.replicas).unwrap_or(i32::MAX))
+            } else {
+                Move::Hold
+            }
+        } else {
+            Move::Apply
+        }
+    });
+    Paced { plan: stepped, moves, note }
+}
+
+/// Whether a Deployment has finished its last change: every pod it wants
+/// is of the current template and available, or it gave up (its progress
+/// deadline passed: waiting longer would not help).
+fn rolled_out(deployment: &Deployment) -> bool {
+    let Some(status) = &deployment.status else { return false };
+    let wanted = deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let gave_up = status.conditions.iter().flatten().any(|c| {
+        c.type_ == "Progressing"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+    });
+    let observed = status.observed_generation >= deployment.metadata.generation;
+    observed
+        && (gave_up
+            || (status.updated_replicas.unwrap_or(0) == wanted
+                && status.replicas.unwrap_or(0) == wanted
+                && status.available_replicas.unwrap_or(0) == wanted))
+}
+
+/// Lists the Tidepool's pods, and removes the admission gate of those the
+/// budget has room for ([`admission`]). A pod changed meanwhile (a
+/// conflict) or gone is left to the next pass, which its change triggers.
+async fn admit_pods(
+    client: &Client,
+    namespace: &str,
+    selector: &str,
+    available: u32,
+    metrics: &Metrics,
+) -> Result<admission::Admission, Error> {
+    let api = Api::<Pod>::namespaced(client.clone(), namespace);
+    let pods = api.list(&ListParams::default().labels(selector)).await?.items;
+    let live: Vec<LivePod> = pods.iter().map(live_pod).collect();
+    let pass = admission::admit(&live, available);
+    for name in &pass.admit {
+        let Some(pod) = pods.iter().find(|p| p.metadata.name.as_deref() == Some(name)) else { continue };
+        let remaining: Vec<_> = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.scheduling_gates.iter().flatten())
+            .filter(|gate| gate.name != admission::GATE)
+            .collect();
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": pod.metadata.resource_version},
+            "spec": {"schedulingGates": if remaining.is_empty() { serde_json::Value::Null } else { serde_json::json!(remaining) }},
+        });
+        metrics.writes("Pod").inc();
+        match api.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await {
+            Ok(_) => tracing::debug!(pod = %name, "admitted"),
+            Err(kube::Error::Api(status)) if status.is_conflict() || status.is_not_found() => {
+                tracing::debug!(pod = %name, "changed while being admitted; the next pass sees it");
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(pass)
+}
+
+/// A pod as [`admission`] sees it.
+fn live_pod(pod: &Pod) -> LivePod {
+    let annotation = |key: &str| pod.annotations().get(key).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
+    LivePod {
+        name: pod.name_any(),
+        created: pod.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
+        gated: pod
+            .spec
+            .iter()
+            .flat_map(|s| s.scheduling_gates.iter().flatten())
+            .any(|gate| gate.name == admission::GATE),
+        terminating: pod.metadata.deletion_timestamp.is_some(),
+        finished: matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        ),
+        cost: annotation(SHARE_ANNOTATION) + annotation(DIRECT_ANNOTATION),
+    }
 }
 
 /// Where the migration Job `name` stands.

@@ -5,8 +5,11 @@
 //! into the planner's plain input ([`validate`]), sized by the pure planner
 //! ([`plan`], no Kubernetes types), and rendered into the child objects
 //! ([`render`], pure as well). The offline commands `plan` and `render` run
-//! exactly that code; the controller only adds reading and applying.
+//! exactly that code; the controller only adds reading and applying. While a
+//! change rolls, the pure [`plan::next_step`] paces the Deployments and
+//! [`admission`] lets each new pod start only when the budget has room.
 
+pub mod admission;
 pub mod cli;
 pub mod controller;
 pub mod crd;

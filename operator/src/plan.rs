@@ -139,6 +139,13 @@ impl Plan {
         }
     }
 
+    pub fn tier_mut(&mut self, tier: Tier) -> &mut TierPlan {
+        match tier {
+            Tier::Web => &mut self.web,
+            Tier::Worker => &mut self.worker,
+        }
+    }
+
     pub fn tiers(&self) -> [&TierPlan; 2] {
         [&self.web, &self.worker]
     }
@@ -423,7 +430,7 @@ impl Step {
         }
     }
 
-    fn tier_mut(&mut self, tier: Tier) -> &mut TierStep {
+    pub fn tier_mut(&mut self, tier: Tier) -> &mut TierStep {
         match tier {
             Tier::Web => &mut self.web,
             Tier::Worker => &mut self.worker,
@@ -431,27 +438,34 @@ impl Step {
     }
 }
 
-/// The steps from the children of `from` to those of `to`, starting with
-/// the state `from` describes. `rolls(tier)` says whether that tier's pod
-/// template changes at all (a new image or setting rolls the pods even when
-/// the share stays). Each step changes a tier's replicas or its template,
-/// not both; see the module's "Changes".
-pub fn transition(from: &Plan, to: &Plan, rolls: impl Fn(Tier) -> bool) -> Vec<Step> {
+impl Step {
+    /// The state a plan's children are in once rolled out.
+    pub fn at(plan: &Plan) -> Step {
+        let at = |t: &TierPlan| TierStep {
+            replicas: t.replicas,
+            template: Template::Old,
+            per_pod: t.per_pod(),
+            surge: t.surge,
+        };
+        Step { web: at(&plan.web), worker: at(&plan.worker) }
+    }
+}
+
+/// The steps from the children as they are (`from`, every tier with its
+/// old template) to those of `to`, starting with `from`. `rolls(tier)` says
+/// whether that tier's pod template changes at all (a new image or setting
+/// rolls the pods even when the share stays). Each step changes a tier's
+/// replicas or its template, not both; see the module's "Changes".
+pub fn transition(from: Step, to: &Plan, rolls: impl Fn(Tier) -> bool) -> Vec<Step> {
     // A new share is a new pod annotation and PgBouncer setting: a roll.
-    let rolls = |tier: Tier| rolls(tier) || from.tier(tier).per_pod() != to.tier(tier).per_pod();
-    let start = |t: &TierPlan| TierStep {
-        replicas: t.replicas,
-        template: Template::Old,
-        per_pod: t.per_pod(),
-        surge: t.surge,
-    };
-    let mut steps = vec![Step { web: start(&from.web), worker: start(&from.worker) }];
+    let rolls = |tier: Tier| rolls(tier) || from.tier(tier).per_pod != to.tier(tier).per_pod();
+    let mut steps = vec![from];
     // 1. Fewer replicas first, with the old pods.
     push_step(&mut steps, |tier, step| step.replicas = step.replicas.min(to.tier(tier).replicas));
     // 2. Shares that shrink, with the smaller surge of the two.
     push_step(&mut steps, |tier, step| {
         let (old, new) = (from.tier(tier), to.tier(tier));
-        if rolls(tier) && new.per_pod() < old.per_pod() {
+        if rolls(tier) && new.per_pod() < old.per_pod {
             *step = TierStep {
                 template: Template::New,
                 per_pod: new.per_pod(),
@@ -471,6 +485,23 @@ pub fn transition(from: &Plan, to: &Plan, rolls: impl Fn(Tier) -> bool) -> Vec<S
     // 4. More replicas last, with the new pods.
     push_step(&mut steps, |tier, step| step.replicas = to.tier(tier).replicas);
     steps
+}
+
+/// The state to bring the children to next, from `live` (what the
+/// Deployments say now) towards `to`. A change that keeps every pod's cost
+/// goes at once: the plan covers every mix of its old and new pods. One
+/// that changes a cost goes a step of [`transition`] at a time, the next
+/// only once the Deployments have `settled` on the last (rolled out, or
+/// given up on by their progress deadline).
+pub fn next_step(live: Step, to: &Plan, rolls: impl Fn(Tier) -> bool, settled: bool) -> Step {
+    let steps = transition(live, to, rolls);
+    let last = steps.last().copied().unwrap_or(live);
+    let cost_changes = Tier::ALL.iter().any(|&tier| live.tier(tier).per_pod != to.tier(tier).per_pod());
+    match (cost_changes, settled) {
+        (false, _) => last,
+        (true, false) => live,
+        (true, true) => steps.get(1).copied().unwrap_or(last),
+    }
 }
 
 /// Appends the last step changed by `change`, unless nothing changed.
@@ -615,7 +646,7 @@ mod tests {
         let mut new = old.clone();
         new.web = WebInput { replicas: 7, min_replicas: 7, max_replicas: 7, database_pool: 10 };
         let (from, to) = (plan(&old).expect("fits"), plan(&new).expect("fits"));
-        let steps = transition(&from, &to, |tier| tier == Tier::Web);
+        let steps = transition(Step::at(&from), &to, |tier| tier == Tier::Web);
         let web: Vec<_> = steps.iter().map(|s| (s.web.replicas, s.web.template, s.web.per_pod)).collect();
         assert_eq!(web, [(3, Template::Old, 20), (3, Template::New, 10), (7, Template::New, 10)]);
     }
@@ -722,7 +753,7 @@ mod tests {
                 let share_changes = from.tier(tier).per_pod() != to.tier(tier).per_pod();
                 share_changes || match tier { Tier::Web => roll_web, Tier::Worker => roll_worker }
             };
-            let steps = transition(&from, &to, rolls);
+            let steps = transition(Step::at(&from), &to, rolls);
             let last = steps.last().expect("at least the start");
             for tier in Tier::ALL {
                 prop_assert_eq!(last.tier(tier).replicas, to.tier(tier).replicas);
@@ -736,6 +767,53 @@ mod tests {
                     total += worst.unwrap_or(0);
                 }
                 prop_assert!(total <= u64::from(from.available), "{} > {} in {:?}", total, from.available, pair);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+
+        /// The controller's walk: from the children of one plan, each
+        /// [`next_step`] applied and settled in turn reaches the other plan
+        /// in at most four steps, each within the budget.
+        #[test]
+        fn the_controllers_walk_reaches_the_new_plan_within_the_budget(
+            a in arb_input(), b in arb_input(), roll_web in any::<bool>(), roll_worker in any::<bool>()
+        ) {
+            let mut b = b;
+            b.max_connections = a.max_connections;
+            b.reserved_connections = a.reserved_connections;
+            let (Ok(from), Ok(to)) = (plan(&a), plan(&b)) else { return Ok(()) };
+            let wants_roll = |tier: Tier| match tier { Tier::Web => roll_web, Tier::Worker => roll_worker };
+            let mut live = Step::at(&from);
+            let mut rolled = [false, false];
+            for _ in 0..4 {
+                let next = next_step(live, &to, |tier| wants_roll(tier) && !rolled[tier as usize], true);
+                // A change that keeps every cost goes at once: the plan covers it.
+                let changes_cost = Tier::ALL.iter().any(|&t| live.tier(t).per_pod != to.tier(t).per_pod());
+                let mut total = 0u64;
+                for tier in Tier::ALL {
+                    if changes_cost {
+                        let worst = worst_mix(live.tier(tier), next.tier(tier));
+                        prop_assert!(worst.is_some(), "a step changes both replicas and template: {:?} → {:?}", live, next);
+                        total += worst.unwrap_or(0);
+                    }
+                    if next.tier(tier).template == Template::New {
+                        rolled[tier as usize] = true;
+                    }
+                }
+                prop_assert!(total <= u64::from(from.available), "{} > {}: {:?} → {:?}", total, from.available, live, next);
+                live = Step {
+                    web: TierStep { template: Template::Old, ..next.web },
+                    worker: TierStep { template: Template::Old, ..next.worker },
+                };
+            }
+            prop_assert_eq!(live, Step::at(&to));
+            // Unsettled Deployments hold a change of cost where it is.
+            let unsettled = next_step(Step::at(&from), &to, |_| true, false);
+            if Tier::ALL.iter().any(|&t| from.tier(t).per_pod() != to.tier(t).per_pod()) {
+                prop_assert_eq!(unsettled, Step::at(&from));
             }
         }
     }

@@ -70,6 +70,8 @@ pub struct Applied<'a> {
     /// connections together than this one's budget: what they plan.
     pub over_commit: Option<String>,
     pub migration: Migration,
+    /// What holds a change back: a paced step, pods waiting for the budget.
+    pub pacing: Vec<String>,
 }
 
 fn to_i32(n: u32) -> i32 {
@@ -167,7 +169,11 @@ fn applied_status(applied: &Applied<'_>, generation: Option<i64>) -> TidepoolSta
             && observed.replicas == status.desired_replicas
     };
     let (web_settled, worker_settled) = (settled(&web, &applied.web), settled(&worker, &applied.worker));
-    let pods = format!("web {}, worker {} ready", web.ready_of_desired, worker.ready_of_desired);
+    let mut pods = format!("web {}, worker {} ready", web.ready_of_desired, worker.ready_of_desired);
+    for note in &applied.pacing {
+        pods.push_str("; ");
+        pods.push_str(note);
+    }
     let budget_message = if plan.asks_met {
         format!(
             "planned peak {} of {} available connections; every tier gets what it asks for",
@@ -199,7 +205,11 @@ fn applied_status(applied: &Applied<'_>, generation: Option<i64>) -> TidepoolSta
             condition(
                 PROGRESSING,
                 !(web_settled && worker_settled),
-                if web_settled && worker_settled { "Complete" } else { "RollingOut" },
+                match (web_settled && worker_settled, applied.pacing.is_empty()) {
+                    (true, true) => "Complete",
+                    (false, true) => "RollingOut",
+                    (_, false) => "Paced",
+                },
                 pods,
                 generation,
             ),
@@ -298,6 +308,7 @@ mod tests {
             worker: ObservedTier { replicas: 1, ready: 1, updated: 1, observed: true },
             selectors: ["w".into(), "k".into()],
             live_peak: 94,
+            pacing: Vec::new(),
             over_commit: None,
             migration: Migration::Done,
         }

@@ -13,8 +13,11 @@
 //!    mounted Secret file (never an environment literal).
 //!
 //! The share is also the pod's annotation `tidepool.dev/max-db-connections`,
-//! written from the same plan field. Probes reach the app on the pod IP
-//! (a 127.0.0.1-only listener cannot be probed).
+//! written from the same plan field, and every pod starts behind the
+//! scheduling gate `tidepool.dev/connection-budget`, removed by the
+//! controller when the budget has room for it ([`crate::admission`]).
+//! Probes reach the app on the pod IP (a 127.0.0.1-only listener cannot be
+//! probed).
 //!
 //! Termination: no preStop hook is needed, as the app drains on SIGTERM by
 //! itself (web: `/readyz` answers 503 for the drain delay while it serves
@@ -29,14 +32,16 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
-    HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    HTTPGetAction, KeyToPath, PodSchedulingGate, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::labels::{self, DIRECT_ANNOTATION, SHARE_ANNOTATION};
+use crate::admission::GATE;
 use crate::plan::{Plan, Tier, TierPlan};
 use crate::validate::Validated;
 
@@ -89,7 +94,9 @@ pub fn deployment(validated: &Validated, plan: &Plan, tier: Tier) -> Deployment 
                 type_: Some("RollingUpdate".to_owned()),
                 rolling_update: Some(RollingUpdateDeployment {
                     max_surge: Some(IntOrString::Int(to_i32(tier_plan.surge))),
-                    max_unavailable: Some(IntOrString::Int(0)),
+                    // With no surge, a pod is replaced in place: the old one
+                    // goes first (its replacement is admitted once it is gone).
+                    max_unavailable: Some(IntOrString::Int(i32::from(tier_plan.surge == 0))),
                 }),
             }),
             template: PodTemplateSpec {
@@ -99,6 +106,9 @@ pub fn deployment(validated: &Validated, plan: &Plan, tier: Tier) -> Deployment 
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
+                    // Admitted by the controller when the budget has room
+                    // ([`crate::admission`]).
+                    scheduling_gates: Some(vec![PodSchedulingGate { name: GATE.to_owned() }]),
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
                     termination_grace_period_seconds: Some(grace.as_secs() as i64),
