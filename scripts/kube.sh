@@ -12,7 +12,10 @@
 # State (certificates, etcd data, logs, kubeconfig) lives in
 # $TIDEPOOL_STATE_DIR/kube; the API server's audit log of every write is
 # log/audit.log there (scripts/kube/audit-policy.yaml). kwok's pods wait for
-# their finalizers when deleted (scripts/kube/kwok-pod-stages.yaml). Ports: TIDEPOOL_KUBE_ETCD_PORT (12379, and the
+# their finalizers when deleted (scripts/kube/kwok-pod-stages.yaml). The kwok
+# node renews a node Lease as a kubelet does: without one the node-lifecycle
+# controller saw it NotReady every minute and marked its pods not ready,
+# which kwok never undoes. Ports: TIDEPOOL_KUBE_ETCD_PORT (12379, and the
 # next one for etcd peers), TIDEPOOL_KUBE_API_PORT (16443).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -153,6 +156,7 @@ up() {
     --leader-elect=false --secure-port 0 --profiling=false
   start kwok "$TIDEPOOL_KWOK_BIN/kwok" --kubeconfig "$KUBE/kwok.kubeconfig" \
     --config "$REPO_ROOT/scripts/kube/kwok-pod-stages.yaml" \
+    --node-lease-duration-seconds 40 \
     --manage-all-nodes=false \
     --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
     --node-ip 127.0.0.1 --node-port 0 --server-address ""

@@ -135,6 +135,18 @@ impl Context {
     }
 }
 
+/// The `User-Agent` of the operator's requests: how the API server's audit
+/// log and metrics tell its writes from everyone else's.
+pub const USER_AGENT: &str = concat!("tidepool-operator/", env!("CARGO_PKG_VERSION"));
+
+/// A client from the in-cluster config or the kubeconfig, naming itself
+/// [`USER_AGENT`].
+pub async fn client() -> Result<Client, kube::Error> {
+    let mut config = kube::Config::infer().await.map_err(kube::Error::InferConfig)?;
+    config.headers.push((http::header::USER_AGENT, http::HeaderValue::from_static(USER_AGENT)));
+    Client::try_from(config)
+}
+
 /// The operator's scope: one namespace, or the whole cluster.
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
@@ -441,7 +453,17 @@ async fn apply(
     for tier in Tier::ALL {
         live[tier as usize] = deployments.get_opt(&labels::tier_name(&validated.owner, tier)).await?;
     }
-    let paced = pace(validated, plan, &live);
+    let owner = &validated.owner;
+    let selector =
+        format!("app.kubernetes.io/instance={},app.kubernetes.io/managed-by={MANAGED_BY}", owner.name);
+    let pods: Vec<ListedPod> = Api::<Pod>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+        .iter()
+        .map(listed_pod)
+        .collect();
+    let paced = pace(validated, plan, &live, &pods);
     let mut observed = live.clone().map(|d| d.as_ref().map(observe).unwrap_or_default());
     let mut kept: BTreeSet<(&'static str, String)> = BTreeSet::new();
     let mut migration = Migration::Done;
@@ -484,9 +506,6 @@ async fn apply(
             }
         }
     }
-    let owner = &validated.owner;
-    let selector =
-        format!("app.kubernetes.io/instance={},app.kubernetes.io/managed-by={MANAGED_BY}", owner.name);
     let uid = tidepool.uid().unwrap_or_default();
     if migration == Migration::Done {
         delete_orphans::<Job>(client, namespace, &selector, &uid, &kept, metrics).await?;
@@ -495,7 +514,7 @@ async fn apply(
     delete_orphans::<Service>(client, namespace, &selector, &uid, &kept, metrics).await?;
     delete_orphans::<PodDisruptionBudget>(client, namespace, &selector, &uid, &kept, metrics).await?;
     delete_orphans::<HorizontalPodAutoscaler>(client, namespace, &selector, &uid, &kept, metrics).await?;
-    let admission = admit_pods(client, namespace, &selector, plan.available, metrics).await?;
+    let admission = admit_pods(client, namespace, &pods, plan.available, metrics).await?;
     let mut pacing = paced.note;
     if admission.waiting > 0 {
         pacing.push(format!(
@@ -537,7 +556,12 @@ struct Paced {
 
 /// Where the Deployments go next ([`plan::next_step`]), from what they are.
 /// A tier's template "rolls" when the live one lacks what is rendered now.
-fn pace(validated: &validate::Validated, plan: &Plan, live: &[Option<Deployment>; 2]) -> Paced {
+fn pace(
+    validated: &validate::Validated,
+    plan: &Plan,
+    live: &[Option<Deployment>; 2],
+    pods: &[ListedPod],
+) -> Paced {
     let mut live_step = plan::Step::at(plan);
     let mut rolls = [false, false];
     let mut settled = true;
@@ -576,7 +600,10 @@ fn pace(validated: &validate::Validated, plan: &Plan, live: &[Option<Deployment>
         }
         settled &= rolled_out(deployment);
     }
-    let next = plan::next_step(live_step, plan, |tier| rolls[tier as usize], settled);
+    let other_costs = pods.iter().any(|pod| {
+        !pod.live.finished && pod.tier.is_some_and(|tier| pod.live.cost != plan.tier(tier).per_pod())
+    });
+    let next = plan::next_step(live_step, plan, |tier| rolls[tier as usize], settled, other_costs);
     let mut stepped = plan.clone();
     let mut note = Vec::new();
     let moves = Tier::ALL.map(|tier| {
@@ -624,31 +651,35 @@ fn rolled_out(deployment: &Deployment) -> bool {
                 && status.available_replicas.unwrap_or(0) == wanted))
 }
 
-/// Lists the Tidepool's pods, and removes the admission gate of those the
-/// budget has room for ([`admission`]). A pod changed meanwhile (a
-/// conflict) or gone is left to the next pass, which its change triggers.
+/// Removes the admission gate of the pods the budget has room for
+/// ([`admission`]). `pods` is a fresh list: since only this controller
+/// admits, the live pods can only have become fewer since. A pod changed
+/// meanwhile (a conflict) or gone is left to the next pass, which its
+/// change triggers.
 async fn admit_pods(
     client: &Client,
     namespace: &str,
-    selector: &str,
+    pods: &[ListedPod],
     available: u32,
     metrics: &Metrics,
 ) -> Result<admission::Admission, Error> {
     let api = Api::<Pod>::namespaced(client.clone(), namespace);
-    let pods = api.list(&ListParams::default().labels(selector)).await?.items;
-    let live: Vec<LivePod> = pods.iter().map(live_pod).collect();
+    let live: Vec<LivePod> = pods.iter().map(|pod| pod.live.clone()).collect();
     let pass = admission::admit(&live, available);
     for name in &pass.admit {
-        let Some(pod) = pods.iter().find(|p| p.metadata.name.as_deref() == Some(name)) else { continue };
-        let remaining: Vec<_> = pod
-            .spec
-            .iter()
-            .flat_map(|s| s.scheduling_gates.iter().flatten())
-            .filter(|gate| gate.name != admission::GATE)
-            .collect();
+        let Some(pod) = pods.iter().find(|p| &p.live.name == name) else { continue };
+        let gates = if pod.other_gates.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::json!(pod
+                .other_gates
+                .iter()
+                .map(|name| serde_json::json!({"name": name}))
+                .collect::<Vec<_>>())
+        };
         let patch = serde_json::json!({
-            "metadata": {"resourceVersion": pod.metadata.resource_version},
-            "spec": {"schedulingGates": if remaining.is_empty() { serde_json::Value::Null } else { serde_json::json!(remaining) }},
+            "metadata": {"resourceVersion": pod.resource_version},
+            "spec": {"schedulingGates": gates},
         });
         metrics.writes("Pod").inc();
         match api.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await {
@@ -663,23 +694,40 @@ async fn admit_pods(
     Ok(pass)
 }
 
-/// A pod as [`admission`] sees it.
-fn live_pod(pod: &Pod) -> LivePod {
+/// A pod of the Tidepool as the controller lists it.
+struct ListedPod {
+    live: LivePod,
+    /// Its tier, by its component label (none for a migration pod).
+    tier: Option<Tier>,
+    resource_version: Option<String>,
+    /// Scheduling gates other than the operator's, kept when it admits.
+    other_gates: Vec<String>,
+}
+
+fn listed_pod(pod: &Pod) -> ListedPod {
     let annotation = |key: &str| pod.annotations().get(key).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
-    LivePod {
-        name: pod.name_any(),
-        created: pod.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
-        gated: pod
-            .spec
-            .iter()
-            .flat_map(|s| s.scheduling_gates.iter().flatten())
-            .any(|gate| gate.name == admission::GATE),
-        terminating: pod.metadata.deletion_timestamp.is_some(),
-        finished: matches!(
-            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-            Some("Succeeded" | "Failed")
-        ),
-        cost: annotation(SHARE_ANNOTATION) + annotation(DIRECT_ANNOTATION),
+    let gates: Vec<String> =
+        pod.spec.iter().flat_map(|s| s.scheduling_gates.iter().flatten()).map(|g| g.name.clone()).collect();
+    let tier = match pod.labels().get("app.kubernetes.io/component").map(String::as_str) {
+        Some("web") => Some(Tier::Web),
+        Some("worker") => Some(Tier::Worker),
+        _ => None,
+    };
+    ListedPod {
+        live: LivePod {
+            name: pod.name_any(),
+            created: pod.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
+            gated: gates.iter().any(|gate| gate == admission::GATE),
+            terminating: pod.metadata.deletion_timestamp.is_some(),
+            finished: matches!(
+                pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            ),
+            cost: annotation(SHARE_ANNOTATION) + annotation(DIRECT_ANNOTATION),
+        },
+        tier,
+        resource_version: pod.metadata.resource_version.clone(),
+        other_gates: gates.into_iter().filter(|gate| gate != admission::GATE).collect(),
     }
 }
 

@@ -148,7 +148,7 @@ fn run(namespace: Option<String>, log: &str, listen: std::net::SocketAddr, elect
         }
     };
     runtime.block_on(async {
-        let client = match kube::Client::try_default().await {
+        let client = match tidepool_operator::controller::client().await {
             Ok(client) => client,
             Err(e) => {
                 tracing::error!(error = %e, "cannot reach the Kubernetes API (no in-cluster config or kubeconfig)");

@@ -489,14 +489,23 @@ pub fn transition(from: Step, to: &Plan, rolls: impl Fn(Tier) -> bool) -> Vec<St
 
 /// The state to bring the children to next, from `live` (what the
 /// Deployments say now) towards `to`. A change that keeps every pod's cost
-/// goes at once: the plan covers every mix of its old and new pods. One
-/// that changes a cost goes a step of [`transition`] at a time, the next
-/// only once the Deployments have `settled` on the last (rolled out, or
-/// given up on by their progress deadline).
-pub fn next_step(live: Step, to: &Plan, rolls: impl Fn(Tier) -> bool, settled: bool) -> Step {
+/// (no template and no live pod at another cost than `to` gives it,
+/// `pods_at_other_costs` says the latter) goes at once: the plan covers
+/// every mix of its old and new pods. One that changes a cost goes a step
+/// of [`transition`] at a time, the next only once the Deployments have
+/// `settled` on the last (rolled out, or given up on by their progress
+/// deadline).
+pub fn next_step(
+    live: Step,
+    to: &Plan,
+    rolls: impl Fn(Tier) -> bool,
+    settled: bool,
+    pods_at_other_costs: bool,
+) -> Step {
     let steps = transition(live, to, rolls);
     let last = steps.last().copied().unwrap_or(live);
-    let cost_changes = Tier::ALL.iter().any(|&tier| live.tier(tier).per_pod != to.tier(tier).per_pod());
+    let cost_changes = pods_at_other_costs
+        || Tier::ALL.iter().any(|&tier| live.tier(tier).per_pod != to.tier(tier).per_pod());
     match (cost_changes, settled) {
         (false, _) => last,
         (true, false) => live,
@@ -789,7 +798,7 @@ mod tests {
             let mut live = Step::at(&from);
             let mut rolled = [false, false];
             for _ in 0..4 {
-                let next = next_step(live, &to, |tier| wants_roll(tier) && !rolled[tier as usize], true);
+                let next = next_step(live, &to, |tier| wants_roll(tier) && !rolled[tier as usize], true, false);
                 // A change that keeps every cost goes at once: the plan covers it.
                 let changes_cost = Tier::ALL.iter().any(|&t| live.tier(t).per_pod != to.tier(t).per_pod());
                 let mut total = 0u64;
@@ -810,11 +819,13 @@ mod tests {
                 };
             }
             prop_assert_eq!(live, Step::at(&to));
-            // Unsettled Deployments hold a change of cost where it is.
-            let unsettled = next_step(Step::at(&from), &to, |_| true, false);
+            // Unsettled Deployments hold a change of cost where it is, also
+            // when only pods of the last step still have another cost.
+            let unsettled = next_step(Step::at(&from), &to, |_| true, false, false);
             if Tier::ALL.iter().any(|&t| from.tier(t).per_pod() != to.tier(t).per_pod()) {
                 prop_assert_eq!(unsettled, Step::at(&from));
             }
+            prop_assert_eq!(next_step(Step::at(&to), &to, |_| true, false, true), Step::at(&to));
         }
     }
 

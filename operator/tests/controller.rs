@@ -4,141 +4,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use common::kube_with_crd;
-use serde_json::Value;
-use tidepool_operator::http::{self, Endpoints};
-use tidepool_operator::leader::{self, Lease};
-use tidepool_operator::metrics::Metrics;
-use tidepool_testenv::{wait_for, Kube};
-
-/// The operator, in a thread with a runtime of its own, until dropped, its
-/// endpoints on a loopback port of their own.
-struct Operator {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-    port: u16,
-}
-
-impl Operator {
-    /// An operator watching `namespace`, leading through a Lease there.
-    fn start(namespace: &str) -> Result<Operator> {
-        Self::start_with_lease(namespace, namespace)
-    }
-
-    /// An operator watching `namespace`, its Lease in `lease_namespace`.
-    fn start_with_lease(namespace: &str, lease_namespace: &str) -> Result<Operator> {
-        static REPLICAS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let lease = Lease {
-            name: "tidepool-operator".into(),
-            namespace: lease_namespace.to_owned(),
-            identity: format!("replica-{}", REPLICAS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
-            duration_seconds: 4,
-            grace_seconds: 1,
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let namespace = namespace.to_owned();
-        let runtime = tokio::runtime::Runtime::new()?;
-        let client = runtime.block_on(kube::Client::try_default()).context("a client from KUBECONFIG")?;
-        let listener = runtime.block_on(http::bind("127.0.0.1:0".parse()?))?;
-        let port = listener.local_addr()?.port();
-        let endpoints = Arc::new(Endpoints { metrics: Metrics::new()?, ready: AtomicBool::new(false) });
-        let thread = std::thread::spawn(move || {
-            runtime.block_on(async move {
-                let server = tokio::spawn(http::serve(listener, endpoints.clone()));
-                let led = leader::run(client, Some(namespace), endpoints, lease, async {
-                    let _ = stopped.await;
-                })
-                .await;
-                if let Err(e) = led {
-                    eprintln!("operator: {e}");
-                }
-                server.abort();
-            });
-        });
-        Ok(Operator { stop: Some(stop), thread: Some(thread), port })
-    }
-
-    /// `GET path` on the operator's endpoints: status code and body.
-    fn get(&self, path: &str) -> Result<(u16, String)> {
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let code = response.split(' ').nth(1).and_then(|c| c.parse().ok()).context("a status line")?;
-        Ok((code, response))
-    }
-
-    /// The value of the metric line that starts with `series`.
-    fn metric(&self, series: &str) -> Result<f64> {
-        let (_, body) = self.get("/metrics")?;
-        body.lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-            .with_context(|| format!("no {series} in:\n{body}"))
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-const SECRET: &str = "apiVersion: v1\nkind: Secret\nmetadata: {name: shop-app}\nstringData: {username: shop, password: s3cret-value, host: db.example, port: \"5432\", dbname: shop}\n";
-
-fn tidepool(max_connections: u32) -> String {
-    format!(
-        "apiVersion: tidepool.dev/v1alpha1\nkind: Tidepool\nmetadata: {{name: shop}}\nspec:\n  database: {{secretRef: {{name: shop-app}}, maxConnections: {max_connections}}}\n"
-    )
-}
-
-fn get(kube: &Kube, ns: &str, what: &str) -> Result<Option<Value>> {
-    let output = kube.kubectl_output(&["get", what, "-n", ns, "-o", "json"], None)?;
-    Ok(output.status.success().then(|| serde_json::from_slice(&output.stdout)).transpose()?)
-}
-
-fn condition(tidepool: &Value, type_: &str) -> Option<(String, String, String)> {
-    tidepool["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_).map(|c| {
-        let field = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
-        (field("status"), field("reason"), field("message"))
-    })
-}
-
-/// Waits until the Tidepool's condition `type_` has `status` and `reason`;
-/// returns its message.
-fn wait_condition(kube: &Kube, ns: &str, type_: &str, status: &str, reason: &str) -> Result<String> {
-    wait_for(&format!("{type_}={status} ({reason})"), Duration::from_secs(60), || {
-        let tidepool = get(kube, ns, "tidepool/shop")?;
-        Ok(tidepool
-            .as_ref()
-            .and_then(|t| condition(t, type_))
-            .and_then(|(s, r, m)| (s == status && r == reason).then_some(m)))
-    })
-}
-
-/// The app image of a Deployment's pods.
-fn image(deployment: &Value) -> &Value {
-    &deployment["spec"]["template"]["spec"]["containers"][0]["image"]
-}
-
-/// Waits until the web Deployment satisfies `check`.
-fn wait_web(kube: &Kube, ns: &str, what: &str, check: impl Fn(&Value) -> bool) -> Result<()> {
-    wait_for(what, Duration::from_secs(60), || {
-        Ok(get(kube, ns, "deployment/shop-web")?.filter(|w| check(w)).map(drop))
-    })
-}
+use common::{
+    condition, get, image, kube_with_crd, tidepool, wait_condition, wait_web, AuditLog, Operator, SECRET,
+};
+use tidepool_testenv::wait_for;
 
 #[test]
 fn a_tidepool_gets_its_children_its_status_and_keeps_them() -> Result<()> {
@@ -196,8 +68,11 @@ fn a_tidepool_gets_its_children_its_status_and_keeps_them() -> Result<()> {
     let printed = kube.kubectl(&["get", "tp", "shop", "-n", &ns.name], None)?;
     assert!(printed.contains("2/2") && printed.contains("168/190"), "{printed}");
 
-    // At rest, a restarted operator writes nothing: no apply, no status.
+    // At rest, a restarted operator writes nothing: no apply, no status, no
+    // Event. Its own count says so, and so does the API server's audit log:
+    // while it renews its Lease, that is all it writes.
     drop(operator);
+    let audit = AuditLog::open()?;
     let operator = Operator::start(&ns.name)?;
     wait_for("the new operator to lead and reconcile", Duration::from_secs(60), || {
         Ok((operator.metric("tidepool_operator_reconciles_total{result=\"applied\"}")? >= 1.0).then_some(()))
@@ -208,6 +83,18 @@ fn a_tidepool_gets_its_children_its_status_and_keeps_them() -> Result<()> {
         .filter(|l| l.starts_with("tidepool_operator_api_writes_total") && !l.ends_with(" 0"))
         .collect();
     assert!(writes.is_empty(), "writes at rest: {writes:?}");
+    let writes = wait_for("the operator to renew its Lease twice", Duration::from_secs(60), || {
+        let writes = audit.writes_by(tidepool_operator::controller::USER_AGENT, &ns.name)?;
+        Ok((writes
+            .iter()
+            .filter(|w| w.starts_with("update leases") || w.starts_with("patch leases"))
+            .count()
+            >= 2)
+            .then_some(writes))
+    })?;
+    let others: Vec<&String> =
+        writes.iter().filter(|w| !w.starts_with("update leases") && !w.starts_with("patch leases")).collect();
+    assert!(others.is_empty(), "the operator wrote at rest: {others:?} (all: {writes:?})");
 
     // A child changed by hand is put back.
     kube.kubectl(&["scale", "deployment/shop-web", "--replicas=5", "-n", &ns.name], None)?;

@@ -1,13 +1,20 @@
 //! What the operator's real-API-server tests share: the CRD installed once
-//! per test binary, and a JSON merge for building specs.
+//! per test binary, an operator run in-process, reading a Tidepool, and a
+//! JSON merge for building specs.
 
 #![allow(dead_code)]
 
-use std::sync::OnceLock;
+use std::io::{Read, Write};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::Value;
+use tidepool_operator::http::{self, Endpoints};
+use tidepool_operator::leader::{self, Lease};
+use tidepool_operator::metrics::Metrics;
 use tidepool_testenv::{repo_root, wait_for, Kube};
 
 /// The control plane of `make test`, with the Tidepool CRD installed and
@@ -42,5 +49,168 @@ pub fn merge(target: &mut Value, patch: &Value) {
             }
         }
         (target, patch) => *target = patch.clone(),
+    }
+}
+
+/// The operator, in a thread with a runtime of its own, until dropped, its
+/// endpoints on a loopback port of their own.
+pub struct Operator {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    port: u16,
+}
+
+impl Operator {
+    /// An operator watching `namespace`, leading through a Lease there.
+    pub fn start(namespace: &str) -> Result<Operator> {
+        Self::start_with_lease(namespace, namespace)
+    }
+
+    /// An operator watching `namespace`, its Lease in `lease_namespace`.
+    pub fn start_with_lease(namespace: &str, lease_namespace: &str) -> Result<Operator> {
+        static REPLICAS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let lease = Lease {
+            name: "tidepool-operator".into(),
+            namespace: lease_namespace.to_owned(),
+            identity: format!("replica-{}", REPLICAS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+            duration_seconds: 4,
+            grace_seconds: 1,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let namespace = namespace.to_owned();
+        let runtime = tokio::runtime::Runtime::new()?;
+        let client =
+            runtime.block_on(tidepool_operator::controller::client()).context("a client from KUBECONFIG")?;
+        let listener = runtime.block_on(http::bind("127.0.0.1:0".parse()?))?;
+        let port = listener.local_addr()?.port();
+        let endpoints = Arc::new(Endpoints { metrics: Metrics::new()?, ready: AtomicBool::new(false) });
+        let thread = std::thread::spawn(move || {
+            runtime.block_on(async move {
+                let server = tokio::spawn(http::serve(listener, endpoints.clone()));
+                let led = leader::run(client, Some(namespace), endpoints, lease, async {
+                    let _ = stopped.await;
+                })
+                .await;
+                if let Err(e) = led {
+                    eprintln!("operator: {e}");
+                }
+                server.abort();
+            });
+        });
+        Ok(Operator { stop: Some(stop), thread: Some(thread), port })
+    }
+
+    /// `GET path` on the operator's endpoints: status code and body.
+    pub fn get(&self, path: &str) -> Result<(u16, String)> {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let code = response.split(' ').nth(1).and_then(|c| c.parse().ok()).context("a status line")?;
+        Ok((code, response))
+    }
+
+    /// The value of the metric line that starts with `series`.
+    pub fn metric(&self, series: &str) -> Result<f64> {
+        let (_, body) = self.get("/metrics")?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .with_context(|| format!("no {series} in:\n{body}"))
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+pub const SECRET: &str = "apiVersion: v1\nkind: Secret\nmetadata: {name: shop-app}\nstringData: {username: shop, password: s3cret-value, host: db.example, port: \"5432\", dbname: shop}\n";
+
+pub fn tidepool(max_connections: u32) -> String {
+    format!(
+        "apiVersion: tidepool.dev/v1alpha1\nkind: Tidepool\nmetadata: {{name: shop}}\nspec:\n  database: {{secretRef: {{name: shop-app}}, maxConnections: {max_connections}}}\n"
+    )
+}
+
+pub fn get(kube: &Kube, ns: &str, what: &str) -> Result<Option<Value>> {
+    let output = kube.kubectl_output(&["get", what, "-n", ns, "-o", "json"], None)?;
+    Ok(output.status.success().then(|| serde_json::from_slice(&output.stdout)).transpose()?)
+}
+
+pub fn condition(tidepool: &Value, type_: &str) -> Option<(String, String, String)> {
+    tidepool["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_).map(|c| {
+        let field = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+        (field("status"), field("reason"), field("message"))
+    })
+}
+
+/// Waits until the Tidepool's condition `type_` has `status` and `reason`;
+/// returns its message.
+pub fn wait_condition(kube: &Kube, ns: &str, type_: &str, status: &str, reason: &str) -> Result<String> {
+    wait_for(&format!("{type_}={status} ({reason})"), Duration::from_secs(60), || {
+        let tidepool = get(kube, ns, "tidepool/shop")?;
+        Ok(tidepool
+            .as_ref()
+            .and_then(|t| condition(t, type_))
+            .and_then(|(s, r, m)| (s == status && r == reason).then_some(m)))
+    })
+}
+
+/// The app image of a Deployment's pods.
+pub fn image(deployment: &Value) -> &Value {
+    &deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+}
+
+/// Waits until the web Deployment satisfies `check`.
+pub fn wait_web(kube: &Kube, ns: &str, what: &str, check: impl Fn(&Value) -> bool) -> Result<()> {
+    wait_for(what, Duration::from_secs(60), || {
+        Ok(get(kube, ns, "deployment/shop-web")?.filter(|w| check(w)).map(drop))
+    })
+}
+
+/// The test control plane's audit log of every write
+/// (scripts/kube/audit-policy.yaml), read from where it ended when opened.
+pub struct AuditLog {
+    path: std::path::PathBuf,
+    from: u64,
+}
+
+impl AuditLog {
+    pub fn open() -> Result<AuditLog> {
+        let path = tidepool_testenv::env_path("TIDEPOOL_TEST_STATE_DIR")?.join("kube/log/audit.log");
+        let from = std::fs::metadata(&path).with_context(|| format!("{}", path.display()))?.len();
+        Ok(AuditLog { path, from })
+    }
+
+    /// The writes since opening by the client whose `User-Agent` is
+    /// `user_agent`, in `namespace`: "verb resource name" each.
+    pub fn writes_by(&self, user_agent: &str, namespace: &str) -> Result<Vec<String>> {
+        let mut file = std::fs::File::open(&self.path)?;
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(self.from))?;
+        let mut text = String::new();
+        file.read_to_string(&mut text)?;
+        Ok(text
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|entry| entry["userAgent"] == user_agent && entry["objectRef"]["namespace"] == namespace)
+            .map(|entry| {
+                let object = &entry["objectRef"];
+                let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+                let subresource = object["subresource"].as_str().map(|s| format!("/{s}")).unwrap_or_default();
+                format!(
+                    "{} {}{subresource} {}",
+                    text(&entry["verb"]),
+                    text(&object["resource"]),
+                    text(&object["name"])
+                )
+            })
+            .collect())
     }
 }
