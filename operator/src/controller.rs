@@ -118,7 +118,7 @@ impl Context {
         if !alive(key) {
             return None;
         }
-        let mates = index.record(key, server, plan.planned_peak);
+        let mates = index.record(key, server, plan.planned_peak, plan.available);
         let together = index.together(key, alive);
         drop(index);
         self.servers.retrigger(mates);
