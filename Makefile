@@ -8,7 +8,7 @@ SHELL := /bin/bash
 # machine reuses it.
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/tidepool/cargo-target
 
-.PHONY: help deps build up down status demo test soak lint bench clean kube-build kube-up kube-down
+.PHONY: help deps build up down status demo test soak lint bench bench-operator clean kube-build kube-up kube-down
 
 help:
 	@echo "make demo    install, build, start the local stack, run the seed's experiments"
@@ -17,6 +17,7 @@ help:
 	@echo "make down    stop them"
 	@echo "make soak    run the whole test suite ROUNDS (5) times with every core busy"
 	@echo "make bench   run the benchmarks and write docs/benchmarks.md"
+	@echo "make bench-operator  run only the operator's (section 9)"
 	@echo "make kube-up start a real Kubernetes control plane (etcd, API server, controller manager, scheduler, kwok) on loopback"
 	@echo "make kube-down stop it"
 
@@ -53,6 +54,9 @@ lint:
 bench: build
 	@scripts/install-deps.sh bench
 	@scripts/bench.sh
+
+bench-operator: deps
+	@scripts/bench-operator.sh
 
 kube-build: deps
 	@scripts/kube-build.sh

@@ -348,12 +348,16 @@ retention, then a worker with \`--result-retention 1s --dead-retention 1s\`
 $(cat "$WORK/health-pruning.md")
 REPORT
 
-# Keep the web sections, replace the task sections.
+# Keep the web sections and the operator's (scripts/bench-operator.sh),
+# replace the task sections.
 touch "$OUT"
 py 'import sys
 path, marker, tasks = sys.argv[1:]
 text = open(path).read()
+operator = text.find("<!-- operator benchmarks: scripts/bench-operator.sh -->")
+tail = "" if operator < 0 else "\n" + text[operator:]
+text = text if operator < 0 else text[:operator]
 cut = text.find(marker)
 head = (text if cut < 0 else text[:cut]).rstrip("\n")
-open(path, "w").write((head + "\n\n" if head else "") + open(tasks).read())' "$OUT" "$MARKER" "$WORK/tasks.md"
+open(path, "w").write((head + "\n\n" if head else "") + open(tasks).read() + tail)' "$OUT" "$MARKER" "$WORK/tasks.md"
 say "wrote the task sections of $OUT"

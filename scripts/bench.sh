@@ -11,7 +11,8 @@
 #   5. the Kubernetes test control plane: start times, and with
 #      BENCH_KUBE_COLD=1 the cold build of its tools (empty Go module, build
 #      and tool caches; takes minutes);
-#   6.-8. the task queue: scripts/bench-tasks.sh.
+#   6.-8. the task queue: scripts/bench-tasks.sh;
+#   9. the operator at scale: scripts/bench-operator.sh.
 # All traffic goes to loopback; every step is bounded in time.
 # BENCH_REPEATS (3) and BENCH_SECONDS (15) size the alternating runs.
 set -euo pipefail
@@ -271,3 +272,4 @@ $kube_cold_line
 REPORT
 say "wrote the web sections of $OUT"
 "$REPO_ROOT/scripts/bench-tasks.sh"
+"$REPO_ROOT/scripts/bench-operator.sh"

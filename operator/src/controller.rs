@@ -10,14 +10,15 @@
 //! missing Secret or key, an invalid spec or a budget that cannot fit leave
 //! the children as they are and say why in status and an Event.
 //!
-//! Triggers: the Tidepool, its children (`owns`), the live pods (their
-//! shares make `livePeak`), the Secrets Tidepools refer to (watched as
-//! metadata only, so a Secret created after its Tidepool starts it), and
+//! Triggers: the Tidepool, its children (`owns`), its pods (admission and
+//! `livePeak`), the Secrets Tidepools refer to (so a Secret created after
+//! its Tidepool starts it), all but the Tidepools watched as metadata only
+//! (a reconcile reads what it needs afresh), and
 //! the other Tidepools on the same database server when their total
 //! changes ([`crate::index`]: an over-commit shows in every one's
 //! `ConnectionBudget`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Debug;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -60,8 +61,10 @@ pub const FIELD_MANAGER: &str = "tidepool-operator";
 pub const STATUS_MANAGER: &str = "tidepool-operator/status";
 /// Reconciles of Tidepools whose server total changed, queued at most.
 const RETRIGGER_QUEUE: usize = 1024;
-/// Pause before a failed reconcile is tried again.
-const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// Pause before a failed reconcile is tried again, doubled after each
+/// further failure of that Tidepool up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -80,6 +83,9 @@ pub struct Context {
     /// Planned peaks by database server, and where to ask for the
     /// reconcile of Tidepools whose server total changed.
     servers: Arc<Servers>,
+    /// Failures in a row by Tidepool, for the retry backoff (an entry goes
+    /// with the next success or the Tidepool's deletion).
+    failures: Arc<Mutex<HashMap<ObjectRef<Tidepool>, u32>>>,
 }
 
 /// The server index and the reconciles it asks for.
@@ -178,13 +184,18 @@ pub async fn run(
     let (retrigger, retriggered) = mpsc::channel(RETRIGGER_QUEUE);
     let servers = Arc::new(Servers { index: Mutex::new(ServerIndex::default()), retrigger });
     let forget = servers.clone();
+    let failures: Arc<Mutex<HashMap<ObjectRef<Tidepool>, u32>>> = Arc::default();
+    let forget_failures = failures.clone();
     let tidepools = watcher(api::<Tidepool>(&client, ns), watcher::Config::default())
         .default_backoff()
         .reflect(writer)
         .inspect(move |event| match event {
             Ok(watcher::Event::InitDone) => readiness.ready.store(true, std::sync::atomic::Ordering::Relaxed),
             Ok(watcher::Event::Delete(gone)) => {
-                forget.remove(&(gone.namespace().unwrap_or_default(), gone.name_any()))
+                forget.remove(&(gone.namespace().unwrap_or_default(), gone.name_any()));
+                if let Ok(mut failures) = forget_failures.lock() {
+                    failures.remove(&ObjectRef::from_obj(gone));
+                }
             }
             _ => {}
         })
@@ -196,19 +207,20 @@ pub async fn run(
     let secrets = watcher(api::<PartialObjectMeta<Secret>>(&client, ns), watcher::Config::default())
         .default_backoff()
         .touched_objects();
-    let pods = watcher(api::<Pod>(&client, ns), children.clone()).default_backoff().touched_objects();
     let recorder = Recorder::new(
         client.clone(),
         Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() },
     );
-    let context = Arc::new(Context { client: client.clone(), recorder, store, endpoints, servers });
+    let context = Arc::new(Context { client: client.clone(), recorder, store, endpoints, servers, failures });
+    // Children and pods only start reconciles, which read what they need:
+    // their watches hold metadata only.
     controller
-        .owns(api::<Deployment>(&client, ns), children.clone())
-        .owns(api::<Service>(&client, ns), children.clone())
-        .owns(api::<PodDisruptionBudget>(&client, ns), children.clone())
-        .owns(api::<HorizontalPodAutoscaler>(&client, ns), children.clone())
-        .owns(api::<Job>(&client, ns), children)
-        .watches_stream(pods, |pod| owner_of(&pod))
+        .owns_stream(metadata::<Deployment>(&client, ns, &children))
+        .owns_stream(metadata::<Service>(&client, ns, &children))
+        .owns_stream(metadata::<PodDisruptionBudget>(&client, ns, &children))
+        .owns_stream(metadata::<HorizontalPodAutoscaler>(&client, ns, &children))
+        .owns_stream(metadata::<Job>(&client, ns, &children))
+        .watches_stream(metadata::<Pod>(&client, ns, &children), |pod| owner_of(&pod))
         .watches_stream(secrets, move |secret| tidepools_using(&secret_store, &secret))
         .reconcile_on(stream_of(retriggered))
         .graceful_shutdown_on(shutdown)
@@ -222,8 +234,27 @@ pub async fn run(
         .await;
 }
 
+/// A metadata-only watch of the operator's objects of kind `K`.
+fn metadata<K>(
+    client: &Client,
+    namespace: Option<&str>,
+    children: &watcher::Config,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + 'static,
+{
+    watcher(api::<PartialObjectMeta<K>>(client, namespace), children.clone())
+        .default_backoff()
+        .touched_objects()
+}
+
 /// The Tidepool a pod of a tier belongs to, by its labels.
-fn owner_of(pod: &Pod) -> Option<ObjectRef<Tidepool>> {
+fn owner_of(pod: &PartialObjectMeta<Pod>) -> Option<ObjectRef<Tidepool>> {
     let instance = pod.labels().get("app.kubernetes.io/instance")?;
     Some(ObjectRef::new(instance).within(pod.namespace().as_deref()?))
 }
@@ -244,11 +275,25 @@ fn error_policy(tidepool: Arc<Tidepool>, error: &Error, ctx: Arc<Context>) -> Ac
         Error::Kube(_) => "kube_api",
         Error::NoNamespace => "no_namespace",
     });
-    tracing::warn!(tidepool = %tidepool.name_any(), error = %error, "reconcile failed; retrying");
-    Action::requeue(RETRY_AFTER)
+    let failures = ctx
+        .failures
+        .lock()
+        .map(|mut failures| {
+            let count = failures.entry(ObjectRef::from_obj(tidepool.as_ref())).or_insert(0);
+            *count = count.saturating_add(1);
+            *count
+        })
+        .unwrap_or(1);
+    let delay = retry_delay(failures);
+    tracing::warn!(tidepool = %tidepool.name_any(), error = %error, failures, retry_in = ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
 }
 
-/// Why the spec cannot be applied now, if it cannot.
+/// The pause after the `failures`-th failure in a row.
+fn retry_delay(failures: u32) -> Duration {
+    RETRY_FIRST.saturating_mul(2u32.saturating_pow(failures.saturating_sub(1))).min(RETRY_MAX)
+}
+
 /// The database server (`host:port`, from the Secret: kept in memory,
 /// never written anywhere), or why the spec cannot be applied now.
 async fn dereference(
@@ -306,6 +351,11 @@ async fn reconcile(tidepool: Arc<Tidepool>, ctx: Arc<Context>) -> Result<Action,
         }
     };
     ctx.endpoints.metrics.record(result.as_ref().map_or(Outcome::Error, |outcome| *outcome), started);
+    if result.is_ok() {
+        if let Ok(mut failures) = ctx.failures.lock() {
+            failures.remove(&ObjectRef::from_obj(tidepool.as_ref()));
+        }
+    }
     result.map(|_| Action::await_change())
 }
 
@@ -827,7 +877,17 @@ fn stream_of<T: Send + 'static>(receiver: mpsc::Receiver<T>) -> impl futures::St
 
 #[cfg(test)]
 mod tests {
-    use super::contains;
+    use super::{contains, retry_delay, RETRY_MAX};
+    use std::time::Duration;
+
+    #[test]
+    fn retries_back_off_to_a_ceiling() {
+        let delays: Vec<u64> = [1, 2, 3, 4].map(|n| retry_delay(n).as_secs()).to_vec();
+        assert_eq!(delays, [1, 2, 4, 8]);
+        assert_eq!(retry_delay(9), Duration::from_secs(256));
+        assert_eq!(retry_delay(10), RETRY_MAX);
+        assert_eq!(retry_delay(u32::MAX), RETRY_MAX);
+    }
     use serde_json::json;
 
     #[test]
