@@ -59,6 +59,10 @@ use crate::validate;
 pub const FIELD_MANAGER: &str = "tidepool-operator";
 /// The field manager of the Tidepools' status.
 pub const STATUS_MANAGER: &str = "tidepool-operator/status";
+/// Reconciles running at once. Each holds a few requests in flight (and a
+/// connection each): unbounded, a thousand new Tidepools at once meant a
+/// thousand TLS connections and an operator of 150 MB.
+const MAX_CONCURRENT_RECONCILES: u16 = 16;
 /// Reconciles of Tidepools whose server total changed, queued at most.
 const RETRIGGER_QUEUE: usize = 1024;
 /// Pause before a failed reconcile is tried again, doubled after each
@@ -200,7 +204,8 @@ pub async fn run(
             _ => {}
         })
         .applied_objects();
-    let controller = Controller::for_stream(tidepools, store.clone());
+    let controller = Controller::for_stream(tidepools, store.clone())
+        .with_config(kube::runtime::controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES));
     let secret_store = store.clone();
     // Metadata only: the watch holds no Secret's values (a reconcile reads
     // its one Secret when it runs).
