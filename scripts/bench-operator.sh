@@ -34,7 +34,12 @@ kube_up=$(TIDEPOOL_STATE_DIR=$KUBE_STATE "$REPO_ROOT/scripts/kube.sh" up)
 eval "$(tail -n 1 <<< "$kube_up")"
 export KUBECONFIG
 "$TIDEPOOL_KUBE_BIN/kubectl" apply --server-side -f manifests/crd.yaml >/dev/null
-"$TIDEPOOL_KUBE_BIN/kubectl" wait --for=condition=Established crd/tidepools.tidepool.dev --timeout=60s >/dev/null
+# Polled: `kubectl wait` fails at once while a new CRD has no conditions.
+crd_established() {
+  [ "$("$TIDEPOOL_KUBE_BIN/kubectl" get crd/tidepools.tidepool.dev \
+    -o jsonpath='{.status.conditions[?(@.type=="Established")].status}')" = True ]
+}
+wait_until crd_established 60 "the Tidepool CRD to be established"
 
 say "9. $BENCH_TIDEPOOLS Tidepools at 10/s, $BENCH_TIDEPOOLS at once, then $BENCH_TOTAL in all and ${BENCH_REST_SECONDS} s at rest"
 started=$SECONDS

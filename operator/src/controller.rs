@@ -90,6 +90,9 @@ pub struct Context {
     /// Failures in a row by Tidepool, for the retry backoff (an entry goes
     /// with the next success or the Tidepool's deletion).
     failures: Arc<Mutex<HashMap<ObjectRef<Tidepool>, u32>>>,
+    /// The generation whose orphans (Deployments, Services, PDBs, HPAs)
+    /// were last deleted, by Tidepool.
+    swept: Arc<Mutex<HashMap<ObjectRef<Tidepool>, i64>>>,
 }
 
 /// The server index and the reconciles it asks for.
@@ -190,6 +193,8 @@ pub async fn run(
     let forget = servers.clone();
     let failures: Arc<Mutex<HashMap<ObjectRef<Tidepool>, u32>>> = Arc::default();
     let forget_failures = failures.clone();
+    let swept: Arc<Mutex<HashMap<ObjectRef<Tidepool>, i64>>> = Arc::default();
+    let forget_swept = swept.clone();
     let tidepools = watcher(api::<Tidepool>(&client, ns), watcher::Config::default())
         .default_backoff()
         .reflect(writer)
@@ -199,6 +204,9 @@ pub async fn run(
                 forget.remove(&(gone.namespace().unwrap_or_default(), gone.name_any()));
                 if let Ok(mut failures) = forget_failures.lock() {
                     failures.remove(&ObjectRef::from_obj(gone));
+                }
+                if let Ok(mut swept) = forget_swept.lock() {
+                    swept.remove(&ObjectRef::from_obj(gone));
                 }
             }
             _ => {}
@@ -216,7 +224,8 @@ pub async fn run(
         client.clone(),
         Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() },
     );
-    let context = Arc::new(Context { client: client.clone(), recorder, store, endpoints, servers, failures });
+    let context =
+        Arc::new(Context { client: client.clone(), recorder, store, endpoints, servers, failures, swept });
     // Children and pods only start reconciles, which read what they need:
     // their watches hold metadata only.
     controller
@@ -395,8 +404,17 @@ async fn reconcile_once(tidepool: &Tidepool, ctx: &Context) -> Result<bool, Erro
     let next = match outcome {
         Err(blocked) => status::status(previous, tidepool.metadata.generation, Err(blocked), now()),
         Ok((validated, plan, server)) => {
+            // Children the spec no longer has can appear only with a new
+            // spec: swept once per generation (and once per process).
+            let key = ObjectRef::from_obj(tidepool);
+            let generation = tidepool.metadata.generation.unwrap_or(0);
+            let sweep = ctx.swept.lock().map_or(true, |swept| swept.get(&key) != Some(&generation));
             let applied =
-                apply(&ctx.client, &namespace, tidepool, &validated, &plan, &ctx.endpoints.metrics).await?;
+                apply(&ctx.client, &namespace, tidepool, &validated, &plan, sweep, &ctx.endpoints.metrics)
+                    .await?;
+            if let Ok(mut swept) = ctx.swept.lock() {
+                swept.insert(key, generation);
+            }
             let over_commit = ctx.shared_server(&(namespace.clone(), tidepool.name_any()), &server, &plan);
             let applied = Applied { over_commit, ..applied.as_applied(&plan) };
             status::status(previous, tidepool.metadata.generation, Ok(applied), now())
@@ -501,6 +519,7 @@ async fn apply(
     tidepool: &Tidepool,
     validated: &validate::Validated,
     plan: &Plan,
+    sweep: bool,
     metrics: &Metrics,
 ) -> Result<AppliedChildren, Error> {
     let deployments = Api::<Deployment>::namespaced(client.clone(), namespace);
@@ -565,10 +584,12 @@ async fn apply(
     if migration == Migration::Done {
         delete_orphans::<Job>(client, namespace, &selector, &uid, &kept, metrics).await?;
     }
-    delete_orphans::<Deployment>(client, namespace, &selector, &uid, &kept, metrics).await?;
-    delete_orphans::<Service>(client, namespace, &selector, &uid, &kept, metrics).await?;
-    delete_orphans::<PodDisruptionBudget>(client, namespace, &selector, &uid, &kept, metrics).await?;
-    delete_orphans::<HorizontalPodAutoscaler>(client, namespace, &selector, &uid, &kept, metrics).await?;
+    if sweep {
+        delete_orphans::<Deployment>(client, namespace, &selector, &uid, &kept, metrics).await?;
+        delete_orphans::<Service>(client, namespace, &selector, &uid, &kept, metrics).await?;
+        delete_orphans::<PodDisruptionBudget>(client, namespace, &selector, &uid, &kept, metrics).await?;
+        delete_orphans::<HorizontalPodAutoscaler>(client, namespace, &selector, &uid, &kept, metrics).await?;
+    }
     let admission = admit_pods(client, namespace, &pods, plan.available, metrics).await?;
     let mut pacing = paced.note;
     if admission.waiting > 0 {

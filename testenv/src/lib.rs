@@ -62,6 +62,24 @@ impl Kube {
         Ok(serde_json::from_str(&self.kubectl(&full, None)?)?)
     }
 
+    /// Waits until the CustomResourceDefinition `name` is established.
+    /// Polled: `kubectl wait` fails at once on a CRD whose status has no
+    /// conditions yet ("accessor error: <nil>"), as a fresh one may not.
+    pub fn wait_established(&self, name: &str) -> Result<()> {
+        wait_for(&format!("CRD {name} to be established"), Duration::from_secs(30), || {
+            let output = self.kubectl_output(
+                &[
+                    "get",
+                    &format!("crd/{name}"),
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
+                ],
+                None,
+            )?;
+            Ok((String::from_utf8_lossy(&output.stdout).trim() == "True").then_some(()))
+        })
+    }
+
     /// A fresh namespace for one test, deleted when the guard drops.
     pub fn namespace(&self, prefix: &str) -> Result<Namespace<'_>> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);

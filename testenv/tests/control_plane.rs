@@ -95,10 +95,7 @@ spec:
 fn crd_validation_rules_reject_invalid_objects() -> Result<()> {
     let kube = Kube::from_env()?;
     kube.kubectl(&["apply", "-f", "-"], Some(CRD))?;
-    kube.kubectl(
-        &["wait", "--for=condition=Established", "crd/ranges.smoke.tidepool.dev", "--timeout=30s"],
-        None,
-    )?;
+    kube.wait_established("ranges.smoke.tidepool.dev")?;
     let ns = kube.namespace("cel")?;
     let object = |min: i32, max: i32| {
         format!("apiVersion: smoke.tidepool.dev/v1\nkind: Range\nmetadata: {{name: r{min}-{max}}}\nspec: {{min: {min}, max: {max}}}\n")

@@ -30,10 +30,7 @@ pub fn kube_with_crd() -> Result<&'static Kube> {
         &["apply", "--server-side", "--force-conflicts", "-f", crd.to_str().context("utf-8 path")?],
         None,
     )?;
-    kube.kubectl(
-        &["wait", "--for=condition=Established", "crd/tidepools.tidepool.dev", "--timeout=30s"],
-        None,
-    )?;
+    kube.wait_established("tidepools.tidepool.dev")?;
     wait_for("Tidepools to be served", Duration::from_secs(30), || {
         Ok(kube.kubectl_output(&["get", "tidepools", "-A"], None)?.status.success().then_some(()))
     })?;
@@ -131,7 +128,9 @@ impl Drop for Operator {
     }
 }
 
-pub const SECRET: &str = "apiVersion: v1\nkind: Secret\nmetadata: {name: shop-app}\nstringData: {username: shop, password: s3cret-value, host: db.example, port: \"5432\", dbname: shop}\n";
+/// A database Secret as CloudNativePG writes its `<cluster>-app` Secret:
+/// the five keys the pods read, and more that they ignore.
+pub const SECRET: &str = "apiVersion: v1\nkind: Secret\nmetadata: {name: shop-app}\ntype: kubernetes.io/basic-auth\nstringData: {username: shop, password: s3cret-value, host: db.example, port: \"5432\", dbname: shop, user: shop, uri: \"postgresql://shop:s3cret-value@db.example:5432/shop\", jdbc-uri: \"jdbc:postgresql://db.example:5432/shop?password=s3cret-value&user=shop\", pgpass: \"db.example:5432:shop:shop:s3cret-value\"}\n";
 
 pub fn tidepool(max_connections: u32) -> String {
     format!(
