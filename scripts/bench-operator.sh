@@ -51,9 +51,9 @@ elapsed=$(( SECONDS - started ))
 pods=$("$TIDEPOOL_KUBE_BIN/kubectl" get pods -A --no-headers 2>/dev/null | wc -l)
 
 python3 - "$WORK/result.json" "$WORK/section.md" "$MARKER" "$elapsed" "$pods" \
-  "$(date -u +"%Y-%m-%d %H:%M UTC")" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" <<'PY'
+  "$(date -u +"%Y-%m-%d %H:%M UTC")" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" "$(nproc)" <<'PY'
 import json, sys
-result_path, out_path, marker, elapsed, pods, when, commit = sys.argv[1:]
+result_path, out_path, marker, elapsed, pods, when, commit, cores = sys.argv[1:]
 r = json.load(open(result_path))
 ms = lambda v: "%.0f" % v
 rows = []
@@ -88,6 +88,12 @@ operator's own part of that second half.
 {chr(10).join(rows)}
 
 The {r["burst"]["count"]} at once took {r["burst_created_s"]:.1f} s to create and {r["burst_all_children_s"]:.1f} s until the last one's children existed.
+
+Everything here (etcd, the API server, the controller manager, the scheduler,
+kwok, the operator and the client) shares the machine's {cores} cores. The
+operator's own part is the first-child column and the last one; the time to
+all children is mostly the migration Job's way through the controller
+manager, the scheduler and kwok, which fall behind at these rates.
 
 With {r["total"]} Tidepools, at rest (no reconcile for 10 s, then {r["rest_seconds"]} s measured):
 
