@@ -50,7 +50,7 @@ use crate::index::{Key, ServerIndex};
 use crate::metrics::{Metrics, Outcome};
 use crate::plan::{self, Plan, Tier};
 use crate::render::deployment::SECRET_KEYS;
-use crate::render::labels::{self, DIRECT_ANNOTATION, MANAGED_BY, SHARE_ANNOTATION};
+use crate::render::labels::{self, MANAGED_BY};
 use crate::render::{self, Child};
 use crate::status::{self, Applied, Blocked, Migration, ObservedTier};
 use crate::validate;
@@ -657,15 +657,10 @@ fn pace(
                 (Some(Ok(live)), Some(Ok(rendered))) => !contains(&live, &rendered),
                 _ => true,
             };
-        let annotation = |key: &str| {
-            template
-                .and_then(|t| t.metadata.as_ref())
-                .and_then(|m| m.annotations.as_ref())
-                .and_then(|a| a.get(key))
-                .and_then(|v| v.parse::<u32>().ok())
-                .unwrap_or(0)
-        };
-        step.per_pod = annotation(SHARE_ANNOTATION) + annotation(DIRECT_ANNOTATION);
+        step.per_pod = template
+            .and_then(|t| t.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .map_or(0, labels::pod_cost);
         step.replicas = spec.and_then(|s| s.replicas).and_then(|r| u32::try_from(r).ok()).unwrap_or(0);
         if let Some(IntOrString::Int(surge)) = spec
             .and_then(|s| s.strategy.as_ref())
@@ -781,7 +776,6 @@ struct ListedPod {
 }
 
 fn listed_pod(pod: &Pod) -> ListedPod {
-    let annotation = |key: &str| pod.annotations().get(key).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
     let gates: Vec<String> =
         pod.spec.iter().flat_map(|s| s.scheduling_gates.iter().flatten()).map(|g| g.name.clone()).collect();
     let tier = match pod.labels().get("app.kubernetes.io/component").map(String::as_str) {
@@ -799,7 +793,7 @@ fn listed_pod(pod: &Pod) -> ListedPod {
                 pod.status.as_ref().and_then(|s| s.phase.as_deref()),
                 Some("Succeeded" | "Failed")
             ),
-            cost: annotation(SHARE_ANNOTATION) + annotation(DIRECT_ANNOTATION),
+            cost: labels::pod_cost(pod.annotations()),
         },
         tier,
         resource_version: pod.metadata.resource_version.clone(),

@@ -24,6 +24,7 @@ use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use serde_json::{json, Value};
 use tidepool_operator::admission::GATE;
+use tidepool_operator::render::labels::{self, SHARE_ANNOTATION};
 use tidepool_testenv::{wait_for, Kube};
 
 const HOLD: &str = "test.tidepool.dev/hold";
@@ -44,7 +45,7 @@ struct Seen {
 
 impl Seen {
     fn update(&mut self, pod: &Pod) {
-        let cost = pod.annotations().get("tidepool.dev/max-db-connections").and_then(|v| v.parse().ok());
+        let cost = Some(labels::pod_cost(pod.annotations())).filter(|_| is_app(pod));
         let gated = pod.spec.iter().flat_map(|s| s.scheduling_gates.iter().flatten()).any(|g| g.name == GATE);
         let finished =
             matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));
@@ -137,11 +138,16 @@ fn release(pod: &Pod) -> Patch<Value> {
     Patch::Merge(json!({"metadata": {"finalizers": others, "resourceVersion": pod.resource_version()}}))
 }
 
+/// Whether it is a tier's pod (a migration pod has no share).
+fn is_app(pod: &Pod) -> bool {
+    pod.annotations().contains_key(SHARE_ANNOTATION)
+}
+
 /// Puts the test's finalizer on a new app pod (one with a share); lets a
 /// deleted one go after [`TERMINATION`].
 async fn hold_or_release(pods: &Api<Pod>, pod: &Pod, releasing: &mut BTreeSet<String>) {
     let held = pod.finalizers().iter().any(|f| f == HOLD);
-    let app = pod.annotations().contains_key("tidepool.dev/max-db-connections");
+    let app = is_app(pod);
     let name = pod.name_any();
     if pod.metadata.deletion_timestamp.is_some() {
         if held && releasing.insert(name.clone()) {

@@ -16,6 +16,13 @@ pub const SHARE_ANNOTATION: &str = "tidepool.dev/max-db-connections";
 /// The pod annotation with its connections outside PgBouncer (LISTEN).
 pub const DIRECT_ANNOTATION: &str = "tidepool.dev/direct-connections";
 
+/// What a pod (or a pod template) with these annotations costs the
+/// database: its share plus its direct connections (0 for what it lacks).
+pub fn pod_cost(annotations: &BTreeMap<String, String>) -> u32 {
+    let number = |key: &str| annotations.get(key).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
+    number(SHARE_ANNOTATION) + number(DIRECT_ANNOTATION)
+}
+
 /// `<tidepool>-<tier>`: the name of a tier's Deployment, Service, PDB and HPA.
 pub fn tier_name(owner: &Owner, tier: Tier) -> String {
     format!("{}-{}", owner.name, tier.name())
