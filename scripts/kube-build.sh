@@ -4,7 +4,9 @@
 # keyed by version, so each version is built once per machine:
 #   $TIDEPOOL_KUBE_CACHE/<tool>-<version>/bin/...
 # Prints the bin folder of every tool, one per line, as `<tool>=<dir>`.
-#   kube-build.sh [kubernetes|etcd|kwok|helm ...]   (all by default)
+#   kube-build.sh [kubernetes|node|etcd|kwok|helm ...]   (all by default)
+# `node` is what a real node runs besides containerd: kubelet, kube-proxy
+# and the pause container's binary, from the same Kubernetes module.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -16,12 +18,14 @@ export CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false"
 # The version a module pins for $2, read from tools/kube/$1/go.mod.
 pinned() { (cd "$TOOLS/$1" && go list -m -f '{{.Version}}' "$2"); }
 
-# Builds tools/kube/$1 at version $2 with ldflags $3; the rest are
-# `name=package` pairs, each built to bin/<name>. Skipped when that version
-# is in the cache already.
+# Builds tools/kube/$1 (or tools/kube/$MODULE) at version $2 with ldflags $3,
+# into the cache as $1-$2; the rest are
+# `name=package` pairs, each built to bin/<name> (a package ending in `.c`
+# is a C file of the module, compiled statically). Skipped when that
+# version is in the cache already.
 build() {
   local tool=$1 version=$2 ldflags=$3; shift 3
-  local out=$TIDEPOOL_KUBE_CACHE/$tool-$version pair
+  local out=$TIDEPOOL_KUBE_CACHE/$tool-$version pair module=${MODULE:-$1}
   if [ -f "$out/.complete" ]; then
     echo "$tool=$out/bin"
     return
@@ -31,32 +35,61 @@ build() {
   mkdir -p "$out/bin"
   local started=$SECONDS
   for pair in "$@"; do
-    (cd "$TOOLS/$tool" && go build -trimpath -ldflags "$ldflags" -o "$out/bin/${pair%%=*}" "${pair#*=}") \
-      || die "building ${pair#*=} ($tool $version) failed"
+    case ${pair#*=} in
+      *.c) build_c "$module" "$out/bin/${pair%%=*}" "${pair#*=}" ;;
+      *) (cd "$TOOLS/$module" && go build -trimpath -ldflags "$ldflags" -o "$out/bin/${pair%%=*}" "${pair#*=}") ;;
+    esac || die "building ${pair#*=} ($tool $version) failed"
   done
   say "built $tool $version in $(( SECONDS - started )) s"
   touch "$out/.complete"
   echo "$tool=$out/bin"
 }
 
+# Compiles the C file $3 (module/path/file.c, of a module tools/kube/$1
+# requires) statically to $2.
+build_c() {
+  local tool=$1 out=$2 file=$3 module dir
+  command -v gcc >/dev/null || die "gcc is not installed; it builds ${file##*/}"
+  module=${file%%/build/*}
+  dir=$(cd "$TOOLS/$tool" && go mod download -json "$module" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  [ -n "$dir" ] || return 1
+  gcc -Os -static -Wall -Werror -o "$out" "$dir/${file#"$module"/}" && strip "$out"
+}
+
 # major and minor of a version like v1.34.4
 major_of() { local v=${1#v}; echo "${v%%.*}"; }
 minor_of() { local v=${1#v*.}; echo "${v%%.*}"; }
 
-build_kubernetes() {
-  local v ldflags="-s -w" pkg
-  v=$(pinned kubernetes k8s.io/kubernetes)
-  # What upstream's hack/lib/version.sh stamps, so `kubectl version` and the
-  # API server report the release rather than v0.0.0.
+# What upstream's hack/lib/version.sh stamps for Kubernetes version $1, so
+# `kubectl version`, the API server and the kubelet report the release
+# rather than v0.0.0.
+kubernetes_ldflags() {
+  local v=$1 ldflags="-s -w" pkg
   for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
     ldflags+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=$(major_of "$v") -X $pkg.gitMinor=$(minor_of "$v")"
     ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
   done
-  build kubernetes "$v" "$ldflags" \
+  echo "$ldflags"
+}
+
+build_kubernetes() {
+  local v
+  v=$(pinned kubernetes k8s.io/kubernetes)
+  build kubernetes "$v" "$(kubernetes_ldflags "$v")" \
     kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver \
     kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager \
     kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler \
     kubectl=k8s.io/kubernetes/cmd/kubectl
+}
+
+build_node() {
+  local v
+  v=$(pinned kubernetes k8s.io/kubernetes)
+  # Cached apart from the control plane, built from the same module.
+  MODULE=kubernetes build node "$v" "$(kubernetes_ldflags "$v")" \
+    kubelet=k8s.io/kubernetes/cmd/kubelet \
+    kube-proxy=k8s.io/kubernetes/cmd/kube-proxy \
+    pause=k8s.io/kubernetes/build/pause/linux/pause.c
 }
 
 build_etcd() {
@@ -96,10 +129,10 @@ build_kwok() {
 }
 
 tools=("$@")
-[ ${#tools[@]} -gt 0 ] || tools=(kubernetes etcd kwok helm)
+[ ${#tools[@]} -gt 0 ] || tools=(kubernetes node etcd kwok helm)
 for t in "${tools[@]}"; do
   case $t in
-    kubernetes|etcd|kwok|helm) "build_$t" ;;
-    *) die "unknown tool $t (kubernetes, etcd, kwok, helm)" ;;
+    kubernetes|node|etcd|kwok|helm) "build_$t" ;;
+    *) die "unknown tool $t (kubernetes, node, etcd, kwok, helm)" ;;
   esac
 done
