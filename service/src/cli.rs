@@ -171,6 +171,12 @@ pub struct DatabaseArgs {
     /// request answers 504.
     #[arg(long, env = "TIDEPOOL_QUERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub query_timeout: Duration,
+
+    /// Longest /readyz waits for an idle pooled connection to answer
+    /// `SELECT 1` through PgBouncer (a pool with none idle is busy, and
+    /// ready).
+    #[arg(long, env = "TIDEPOOL_READINESS_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub readiness_timeout: Duration,
 }
 
 impl DatabaseArgs {
@@ -228,10 +234,6 @@ pub struct WebArgs {
     /// cut off.
     #[arg(long, env = "TIDEPOOL_LINGERING_CLOSE_MAX_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub lingering_close_max_bytes: u64,
-
-    /// Longest /readyz waits for PgBouncer to connect and answer `SELECT 1`.
-    #[arg(long, env = "TIDEPOOL_READINESS_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
-    pub readiness_timeout: Duration,
 
     /// After SIGTERM, how long to keep serving while /readyz answers 503, so
     /// load balancers and Endpoints stop sending traffic before the listener

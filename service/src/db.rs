@@ -47,7 +47,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Timeouts,
+};
 use prometheus::Histogram;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -137,6 +139,24 @@ impl WarmUp {
 }
 
 /// A snapshot of the pool, as deadpool reports it.
+/// What [`Database::check`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// An idle connection ran `SELECT 1`.
+    Ready,
+    /// Every connection is lent out: nothing to check without waiting.
+    Busy,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Ready => "ready",
+            Health::Busy => "busy",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolStatus {
     pub max_size: usize,
@@ -207,12 +227,16 @@ impl Database {
     /// [`Database::get`] without the wait histogram.
     async fn checkout(&self) -> Result<Conn, DbError> {
         let object = self.pool.get().await.map_err(|e| self.pool_error(e))?;
-        Ok(Conn {
+        Ok(self.lend(object, self.settings.query_timeout))
+    }
+
+    fn lend(&self, object: Object, query_timeout: Duration) -> Conn {
+        Conn {
             object: Some(object),
-            query_timeout: self.settings.query_timeout,
+            query_timeout,
             state: AtomicU8::new(ConnState::Idle as u8),
             cancel_target: self.cancel_target.clone(),
-        })
+        }
     }
 
     fn pool_error(&self, e: PoolError) -> DbError {
@@ -248,6 +272,32 @@ impl Database {
                 return false;
             }
         }
+    }
+
+    /// Whether queries can run, for readiness probes, without waiting
+    /// behind a saturated pool: with every connection lent out the process
+    /// is busy, not broken ([`Health::Busy`]); otherwise an idle connection
+    /// runs `SELECT 1` through PgBouncer within `timeout`. PgBouncer gives it
+    /// a server connection at once, as a pod's pools add up to its
+    /// PgBouncer's pool. It fails while PgBouncer or PostgreSQL is down and
+    /// recovers by itself when both are back.
+    pub async fn check(&self, timeout: Duration) -> Result<Health, DbError> {
+        let no_wait = Timeouts { wait: Some(Duration::ZERO), create: Some(timeout), recycle: Some(timeout) };
+        let checked = tokio::time::timeout(timeout, async {
+            let object = match self.pool.timeout_get(&no_wait).await {
+                Ok(object) => object,
+                Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => return Ok(Health::Busy),
+                Err(e) => return Err(self.pool_error(e)),
+            };
+            let conn = self.lend(object, timeout);
+            let messages = conn.run(Duration::ZERO, conn.client().simple_query("SELECT 1")).await?;
+            if messages.iter().any(|m| matches!(m, SimpleQueryMessage::Row(_))) {
+                Ok(Health::Ready)
+            } else {
+                Err(DbError::unavailable("SELECT 1 returned no row"))
+            }
+        });
+        checked.await.map_err(|_| DbError::QueryTimeout { after: timeout })?
     }
 
     pub fn status(&self) -> PoolStatus {
@@ -531,23 +581,6 @@ pub async fn connect(pg: tokio_postgres::Config, timeout: Duration) -> Result<Cl
         }
     });
     Ok(client)
-}
-
-/// Checks that a fresh connection through `pg` (the pooler) can run
-/// `SELECT 1`, all within `timeout`. Used by readiness probes: it fails while
-/// PgBouncer or PostgreSQL is down and recovers by itself when both are back.
-pub async fn ping(pg: tokio_postgres::Config, timeout: Duration) -> Result<(), DbError> {
-    tokio::time::timeout(timeout, async {
-        let client = connect(pg, timeout).await?;
-        let messages = client.simple_query("SELECT 1").await.map_err(|e| DbError::unavailable_because(&e))?;
-        if messages.iter().any(|m| matches!(m, SimpleQueryMessage::Row(_))) {
-            Ok(())
-        } else {
-            Err(DbError::unavailable("SELECT 1 returned no row"))
-        }
-    })
-    .await
-    .map_err(|_| DbError::QueryTimeout { after: timeout })?
 }
 
 /// Opens a direct connection (LISTEN needs a session: never through

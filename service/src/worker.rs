@@ -1,8 +1,9 @@
 //! `tidepool worker`, the process: turns the command line into the queue
 //! runtime's settings ([`crate::queue::worker`] does the work), opens its two
 //! pools' connections before it claims its first job, and serves `/healthz`,
-//! `/readyz` (200 once those connections are open) and `/metrics` on its
-//! own port while it runs.
+//! `/readyz` (200 once those connections are open, while an idle queue
+//! connection answers `SELECT 1` or none is idle: [`Database::check`]) and
+//! `/metrics` on its own port while it runs.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -127,6 +128,8 @@ pub async fn run(
     let probe_state = Arc::new(ProbeState {
         metrics: metrics.clone(),
         task_db: task_db.clone(),
+        queue_db: queue_db.clone(),
+        readiness_timeout: args.database.readiness_timeout,
         ready: AtomicBool::new(false),
     });
     let probes = tokio::spawn(serve_probes(probe_listener, probe_state.clone(), probes_stopped));
@@ -192,12 +195,17 @@ async fn listen_for_jobs(
 struct Health {
     status: &'static str,
     jobs_running: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 /// What the probe server reads.
 struct ProbeState {
     metrics: WorkerMetrics,
     task_db: Database,
+    /// Checked by `/readyz`: the pool that claims jobs, idle most of the time.
+    queue_db: Database,
+    readiness_timeout: Duration,
     /// Set once the pools' connections are open: `/readyz` answers 200.
     ready: AtomicBool,
 }
@@ -233,11 +241,21 @@ async fn probe(state: Arc<ProbeState>, request: Request<Incoming>) -> Result<Res
     let jobs_running = state.metrics.jobs_running.get();
     let response = match request.uri().path() {
         _ if request.method() != http::Method::GET => ApiError::method_not_allowed("GET").into_response(),
-        "/healthz" => json(StatusCode::OK, &Health { status: "ok", jobs_running }),
+        "/healthz" => json(StatusCode::OK, &Health { status: "ok", jobs_running, error: None }),
         "/readyz" if state.ready.load(Ordering::Relaxed) => {
-            json(StatusCode::OK, &Health { status: "ready", jobs_running })
+            match state.queue_db.check(state.readiness_timeout).await {
+                Ok(health) => {
+                    json(StatusCode::OK, &Health { status: health.as_str(), jobs_running, error: None })
+                }
+                Err(e) => json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &Health { status: "unavailable", jobs_running, error: Some(e.to_string()) },
+                ),
+            }
         }
-        "/readyz" => json(StatusCode::SERVICE_UNAVAILABLE, &Health { status: "starting", jobs_running }),
+        "/readyz" => {
+            json(StatusCode::SERVICE_UNAVAILABLE, &Health { status: "starting", jobs_running, error: None })
+        }
         "/metrics" => match state.metrics.render(state.task_db.status()) {
             Ok(body) => with_body(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body),
             Err(e) => ApiError::internal(format!("could not encode metrics: {e}")).into_response(),

@@ -390,6 +390,32 @@ async fn readiness_follows_the_pooler() -> Result<()> {
     Ok(())
 }
 
+/// A pod whose every connection is busy is busy, not broken: /readyz stays
+/// 200 (`busy`) while the pool and PgBouncer's server connections are all
+/// taken by queries running longer than the readiness timeout (a probe
+/// that queried through PgBouncer would wait behind them and fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_survives_a_saturated_pool() -> Result<()> {
+    let db = TestDb::create().await?;
+    let bouncer = PgBouncer::start(&db, 2).await?;
+    let admin = db.admin().await?;
+    let web =
+        Web::start(&bouncer.url(), &[("TIDEPOOL_DB_POOL_SIZE", "2"), ("TIDEPOOL_READINESS_TIMEOUT", "1s")])
+            .await?;
+    assert_eq!(get(&web.url("/readyz")).await?.json()?["status"], "ready");
+
+    let slow: Vec<_> = (0..2).map(|_| tokio::spawn(get_owned(web.url("/slow-query/?seconds=4")))).collect();
+    wait_for_sleeps(&db, &admin, 2).await?;
+    let busy = get(&web.url("/readyz")).await?;
+    assert_eq!(busy.status, 200, "{}", busy.body);
+    assert_eq!(busy.json()?["status"], "busy");
+    for request in slow {
+        assert_eq!(request.await??.status, 200);
+    }
+    assert_eq!(get(&web.url("/readyz")).await?.json()?["status"], "ready");
+    Ok(())
+}
+
 /// /readyz fails while PostgreSQL is down (PgBouncer up) and recovers by
 /// itself; no request hangs past its timeout meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

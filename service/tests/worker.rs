@@ -106,6 +106,32 @@ async fn seed_task_experiment_runs_fifty_at_once() -> Result<()> {
     Ok(())
 }
 
+/// The worker's /readyz fails while PgBouncer is down and recovers by itself.
+#[tokio::test]
+async fn worker_readiness_follows_the_pooler() -> Result<()> {
+    let db = TestDb::create().await?;
+    let mut bouncer = PgBouncer::start(&db, 8).await?;
+    let worker = Service::worker(
+        &bouncer.url(),
+        &[
+            ("TIDEPOOL_WORKER_CONCURRENCY", "2"),
+            ("TIDEPOOL_READINESS_TIMEOUT", "1s"),
+            ("TIDEPOOL_DB_CONNECT_TIMEOUT", "1s"),
+        ],
+    )
+    .await?;
+    assert_eq!(support::get(&worker.url("/readyz")).await?.json()?["status"], "ready");
+
+    bouncer.stop();
+    let down = support::get(&worker.url("/readyz")).await?;
+    assert_eq!(down.status, 503, "{}", down.body);
+    assert_eq!(down.json()?["status"], "unavailable");
+
+    bouncer.restart().await?;
+    support::wait_for_status(&worker.url("/readyz"), 200, Duration::from_secs(10)).await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_killed_worker_loses_no_job_and_only_its_own_run_twice() -> Result<()> {
     let db = TestDb::create().await?;

@@ -80,13 +80,11 @@ pub fn app_from_args(args: &WebArgs) -> Result<(App, ServerSettings), StartError
     let db_args = &args.database;
     let pg = db_args.password_file.apply(db_args.database_url.to_pg_config("DATABASE_URL")?)?;
     let metrics = Metrics::new()?;
-    let db =
-        Database::new(pg.clone(), db_args.pool_settings(DEFAULT_DB_POOL_SIZE), metrics.db_pool_wait.clone())?;
+    let db = Database::new(pg, db_args.pool_settings(DEFAULT_DB_POOL_SIZE), metrics.db_pool_wait.clone())?;
     let app = App {
         db,
         metrics,
-        readiness_target: pg,
-        readiness_timeout: args.readiness_timeout,
+        readiness_timeout: db_args.readiness_timeout,
         in_flight: Semaphore::new(args.max_in_flight as usize),
         registry: Arc::new(Registry::with_builtins()),
         max_body_bytes: args.max_body_bytes,

@@ -6,7 +6,7 @@
 //! | `GET /row/` | one random row of the 10,000-row `world` table |
 //! | `POST /tasks/`, `GET` and `DELETE /tasks/{id}` | enqueue, read and cancel jobs (see [`super::tasks`]) |
 //! | `GET /healthz` | the process is alive (no database) |
-//! | `GET /readyz` | a fresh connection through the pooler runs `SELECT 1`; 503 while the pool's connections open at start, and while draining |
+//! | `GET /readyz` | an idle pooled connection runs `SELECT 1` through the pooler (`ready`); with none idle the pod is `busy` and still ready; 503 when that fails (PgBouncer or PostgreSQL down), while the pool's connections open at start, and while draining |
 //! | `GET /metrics` | Prometheus text format |
 //!
 //! Every request passes the same gates, in this order: known route (404),
@@ -31,7 +31,7 @@ use tokio_postgres::types::Type;
 use super::linger::UnreadBody;
 use super::response::{json, with_body, ApiError, Body, Shed};
 use super::tasks;
-use crate::db::{self, Database};
+use crate::db::Database;
 use crate::metrics::Metrics;
 use crate::queue::Registry;
 
@@ -45,8 +45,7 @@ pub const MAX_SLOW_QUERY_SECONDS: f64 = 60.0;
 pub struct App {
     pub db: Database,
     pub metrics: Metrics,
-    /// Where `/readyz` connects: the pooled URL.
-    pub readiness_target: tokio_postgres::Config,
+    /// Longest `/readyz` waits for `SELECT 1` ([`Database::check`]).
     pub readiness_timeout: Duration,
     pub in_flight: Semaphore,
     /// The tasks `POST /tasks/` accepts.
@@ -281,8 +280,8 @@ async fn readyz(app: &App) -> Response<Body> {
     if app.starting.load(Ordering::Relaxed) {
         return json(StatusCode::SERVICE_UNAVAILABLE, &Status { status: "starting", error: None });
     }
-    match db::ping(app.readiness_target.clone(), app.readiness_timeout).await {
-        Ok(()) => json(StatusCode::OK, &Status { status: "ready", error: None }),
+    match app.db.check(app.readiness_timeout).await {
+        Ok(health) => json(StatusCode::OK, &Status { status: health.as_str(), error: None }),
         Err(e) => json(
             StatusCode::SERVICE_UNAVAILABLE,
             &Status { status: "unavailable", error: Some(e.to_string()) },
