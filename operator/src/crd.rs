@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -136,6 +136,16 @@ pub struct TidepoolSpec {
     /// The PgBouncer sidecar every pod runs.
     #[serde(default)]
     pub pooler: PoolerSpec,
+
+    /// Node labels every pod of the Tidepool (web, worker, the migration
+    /// Job) must match to be scheduled on a node.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Taints every pod of the Tidepool (web, worker, the migration Job)
+    /// tolerates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
 }
 
 /// The database and how many of its connections Tidepool may use.

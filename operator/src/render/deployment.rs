@@ -33,8 +33,8 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy,
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
     HTTPGetAction, KeyToPath, PodSchedulingGate, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume,
-    VolumeMount,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Toleration,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -113,6 +113,8 @@ pub fn deployment(validated: &Validated, plan: &Plan, tier: Tier) -> Deployment 
                     enable_service_links: Some(false),
                     termination_grace_period_seconds: Some(grace.as_secs() as i64),
                     security_context: Some(pod_security()),
+                    node_selector: node_selector(validated),
+                    tolerations: tolerations(validated),
                     volumes: Some(volumes(validated)),
                     init_containers: Some(vec![pooler_config(validated, tier_plan), pooler(validated)]),
                     containers: vec![app(validated, tier_plan)],
@@ -156,6 +158,16 @@ pub(super) fn volumes(validated: &Validated) -> Vec<Volume> {
             ..Volume::default()
         },
     ]
+}
+
+/// The spec's node selector, if it has one.
+pub(super) fn node_selector(validated: &Validated) -> Option<BTreeMap<String, String>> {
+    Some(validated.spec.node_selector.clone()).filter(|selector| !selector.is_empty())
+}
+
+/// The spec's tolerations, if it has any.
+pub(super) fn tolerations(validated: &Validated) -> Option<Vec<Toleration>> {
+    Some(validated.spec.tolerations.clone()).filter(|tolerations| !tolerations.is_empty())
 }
 
 /// Non-root, with the Secret's files readable by the pod's group.

@@ -11,7 +11,8 @@ use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::deployment::{
-    env, env_from_secret, hardened, mount, pod_security, resources, volumes, DATABASE_DIR, DATABASE_VOLUME,
+    env, env_from_secret, hardened, mount, node_selector, pod_security, resources, tolerations, volumes,
+    DATABASE_DIR, DATABASE_VOLUME,
 };
 use super::labels;
 use crate::validate::Validated;
@@ -19,8 +20,8 @@ use crate::validate::Validated;
 pub const COMPONENT: &str = "migrate";
 
 /// `<tidepool>-migrate-<8 hex digits>` of what the Job's pod template
-/// depends on (the image, its pull policy, the Secret): a Job's template
-/// cannot change, so a change makes a new Job.
+/// depends on (the image, its pull policy, the Secret, where it may be
+/// scheduled): a Job's template cannot change, so a change makes a new Job.
 pub fn job_name(validated: &Validated) -> String {
     // FNV-1a: stable across builds and platforms, unlike std's hasher.
     struct Fnv(u64);
@@ -37,6 +38,12 @@ pub fn job_name(validated: &Validated) -> String {
     let mut hasher = Fnv(0xcbf2_9ce4_8422_2325);
     (&validated.spec.image, &validated.spec.image_pull_policy, &validated.spec.database.secret_ref.name)
         .hash(&mut hasher);
+    let spec = &validated.spec;
+    if !spec.node_selector.is_empty() || !spec.tolerations.is_empty() {
+        serde_json::to_string(&(&spec.node_selector, &spec.tolerations))
+            .unwrap_or_default()
+            .hash(&mut hasher);
+    }
     format!("{}-migrate-{:08x}", validated.owner.name, hasher.finish() as u32)
 }
 
@@ -81,6 +88,8 @@ pub fn job(validated: &Validated) -> Job {
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
                     security_context: Some(pod_security()),
+                    node_selector: node_selector(validated),
+                    tolerations: tolerations(validated),
                     volumes: Some(
                         volumes(validated).into_iter().filter(|v| v.name == DATABASE_VOLUME).collect(),
                     ),
