@@ -15,6 +15,18 @@ have curl || need+=(curl)
 have setpriv || need+=(util-linux)
 have ab || need+=(apache2-utils)
 have openssl || need+=(openssl)
+# The test cluster's real node (scripts/kube-node.sh) and its images
+# (scripts/images.sh).
+have containerd || need+=(containerd)
+have runc || need+=(runc)
+[ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
+have iptables || need+=(iptables)
+have conntrack || need+=(conntrack)
+have nsenter || need+=(util-linux)
+have mmdebstrap || need+=(mmdebstrap)
+have buildah || need+=(buildah)
+have objcopy || need+=(binutils)
+have gcc || need+=(gcc libc6-dev)
 if [ "${1:-}" = bench ]; then
   have wrk || need+=(wrk)
   have gnuplot || need+=(gnuplot-nox)

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# A real Kubernetes control plane on loopback, built from upstream modules
+# A real Kubernetes cluster on this machine, built from upstream modules
 # (scripts/kube-build.sh): etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, and kwok with one fake node, so Deployments get
-# ReplicaSets and Pods that are scheduled and report Running and Ready
-# without a container runtime.
+# kube-scheduler; kwok with one fake node, so Deployments get ReplicaSets
+# and Pods that are scheduled and report Running and Ready without a
+# container runtime (for scale); and a real node where pods run
+# (scripts/kube-node.sh: containerd, kubelet and kube-proxy in a network
+# namespace joined to the host by a veth pair). With TIDEPOOL_KUBE_NODE=0
+# there is no real node and everything listens on loopback only.
 #
 #   kube.sh up      start (idempotent); the last line printed is `export KUBECONFIG=...`
 #   kube.sh down    stop, by recorded PIDs
@@ -22,12 +25,19 @@ source "$(dirname "$0")/lib.sh"
 
 : "${TIDEPOOL_KUBE_ETCD_PORT:=12379}"
 : "${TIDEPOOL_KUBE_API_PORT:=16443}"
+: "${TIDEPOOL_KUBE_NODE:=1}"
 KUBE=$TIDEPOOL_STATE_DIR/kube
 PKI=$KUBE/pki
 RUN=$KUBE/run
 LOGS=$KUBE/log
 KUBECONFIG_FILE=$KUBE/kubeconfig
 NODE=kwok-node-0
+# With a real node the API server listens on the veth's host end, where
+# pods reach it (through the `kubernetes` Service), and only there.
+if [ "$TIDEPOOL_KUBE_NODE" = 1 ]; then API_ADDRESS=$TIDEPOOL_NODE_HOST_IP; else API_ADDRESS=127.0.0.1; fi
+# The first address of the Service range: the `kubernetes` Service.
+KUBERNETES_SERVICE_IP=$(python3 -c 'import ipaddress,sys; print(ipaddress.ip_network(sys.argv[1])[1])' "$TIDEPOOL_SERVICE_CIDR")
+source "$REPO_ROOT/scripts/kube-node.sh"
 
 # A key and a certificate signed by the cluster CA: $1 name, $2 subject,
 # $3 subjectAltName (optional).
@@ -51,8 +61,11 @@ issue_cert() {
   rm -f "$PKI/$name.csr" "$ext"
 }
 
+# Bumped when the set of certificates changes, so an older PKI is redone.
+PKI_VERSION=2
+
 make_pki() {
-  [ -f "$PKI/.complete" ] && return
+  [ "$(cat "$PKI/.complete" 2>/dev/null)" = "$PKI_VERSION" ] && return
   say "generating certificates in $PKI"
   rm -rf "$PKI"
   mkdir -p "$PKI"
@@ -61,14 +74,20 @@ make_pki() {
     -subj "/CN=tidepool-kube-ca" -addext "basicConstraints=critical,CA:TRUE" \
     -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2>/dev/null
   issue_cert apiserver "/CN=kube-apiserver" \
-    "IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+    "IP:127.0.0.1,IP:$TIDEPOOL_NODE_HOST_IP,IP:$KUBERNETES_SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
   issue_cert admin "/O=system:masters/CN=tidepool-admin"
   issue_cert controller-manager "/CN=system:kube-controller-manager"
   issue_cert scheduler "/CN=system:kube-scheduler"
   issue_cert kwok "/O=system:masters/CN=kwok-controller"
+  # The real node: its kubelet's client and serving certificates, kube-proxy,
+  # and the API server's client for kubectl logs and exec.
+  issue_cert kubelet "/O=system:nodes/CN=system:node:$NODE_NAME"
+  issue_cert kubelet-serving "/CN=$NODE_NAME" "IP:$TIDEPOOL_NODE_IP,DNS:$NODE_NAME"
+  issue_cert kube-proxy "/CN=system:kube-proxy"
+  issue_cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client"
   openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
   openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
-  touch "$PKI/.complete"
+  echo "$PKI_VERSION" > "$PKI/.complete"
 }
 
 # A kubeconfig for client certificate $1, written to $2.
@@ -80,7 +99,7 @@ kind: Config
 clusters:
 - name: tidepool
   cluster:
-    server: https://127.0.0.1:$TIDEPOOL_KUBE_API_PORT
+    server: https://$API_ADDRESS:$TIDEPOOL_KUBE_API_PORT
     certificate-authority-data: $(base64 -w0 < "$PKI/ca.crt")
 users:
 - name: $name
@@ -108,12 +127,17 @@ start() {
 kubectl_() { "$TIDEPOOL_KUBE_BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
 
 up() {
-  load_kube_tools kubernetes etcd kwok
+  if [ "$TIDEPOOL_KUBE_NODE" = 1 ]; then
+    load_kube_tools kubernetes etcd kwok node
+  else
+    load_kube_tools kubernetes etcd kwok
+  fi
   mkdir -p "$KUBE" "$RUN" "$LOGS"
   make_pki
-  for name in admin controller-manager scheduler kwok; do
+  for name in admin controller-manager scheduler kwok kubelet kube-proxy; do
     write_kubeconfig "$name" "$KUBE/$name.kubeconfig"
   done
+  [ "$TIDEPOOL_KUBE_NODE" != 1 ] || node_net_up
   cp "$KUBE/admin.kubeconfig" "$KUBECONFIG_FILE"
 
   if ! pid_alive "$RUN/etcd.pid"; then
@@ -130,12 +154,16 @@ up() {
   pid_alive "$RUN/kube-apiserver.pid" || require_free_port "$TIDEPOOL_KUBE_API_PORT" kube-apiserver
   start kube-apiserver "$TIDEPOOL_KUBE_BIN/kube-apiserver" \
     --etcd-servers "$etcd_url" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$TIDEPOOL_KUBE_API_PORT" \
+    --bind-address "$API_ADDRESS" --advertise-address "$API_ADDRESS" --secure-port "$TIDEPOOL_KUBE_API_PORT" \
     --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
     --client-ca-file "$PKI/ca.crt" \
     --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
     --service-account-issuer https://kubernetes.default.svc \
-    --service-cluster-ip-range 10.0.0.0/16 \
+    --service-cluster-ip-range "$TIDEPOOL_SERVICE_CIDR" \
+    --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt" \
+    --kubelet-client-key "$PKI/apiserver-kubelet-client.key" \
+    --kubelet-certificate-authority "$PKI/ca.crt" \
+    --kubelet-preferred-address-types InternalIP,Hostname \
     --authorization-mode Node,RBAC --allow-privileged=true \
     --audit-policy-file "$REPO_ROOT/scripts/kube/audit-policy.yaml" --audit-log-path "$LOGS/audit.log" \
     --audit-log-maxsize 100 --audit-log-maxbackup 1 \
@@ -181,6 +209,7 @@ status:
 NODE
   fi
   wait_until "kubectl_ wait --for=condition=Ready node/$NODE --timeout=1s" 60 "the kwok node (see $LOGS/kwok.log)"
+  [ "$TIDEPOOL_KUBE_NODE" != 1 ] || node_up
   wait_until "kubectl_ get serviceaccount default -n default" 60 "the default service account (see $LOGS/kube-controller-manager.log)"
   say "control plane ready: $("$TIDEPOOL_KUBE_BIN/kubectl" version --kubeconfig "$KUBECONFIG_FILE" 2>/dev/null | tr '\n' ' ')"
   echo "export KUBECONFIG=$KUBECONFIG_FILE"
@@ -188,6 +217,7 @@ NODE
 
 down() {
   local name
+  node_down
   for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
     stop_pid "$RUN/$name.pid" 20 "$name"
   done
@@ -198,11 +228,13 @@ status() {
   for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok; do
     print_status "$name" "$RUN/$name.pid"
   done
+  node_status
 }
 
 case ${1:-} in
   up) up ;;
   down) down ;;
   status) status ;;
-  *) die "usage: kube.sh up|down|status" ;;
+  host-state) host_state ;;
+  *) die "usage: kube.sh up|down|status|host-state" ;;
 esac

@@ -17,6 +17,23 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 : "${TIDEPOOL_LOADGEN_BIN:=$CARGO_TARGET_DIR/release/tidepool-loadgen}"
 export CARGO_TARGET_DIR
 
+# The test cluster's real node (scripts/kube-node.sh): its network
+# namespace, the veth pair joining it to the host (the host end, where the
+# API server and the test PostgreSQL listen, and the node's end), and the
+# pod and Service ranges, routed from the host through the veth while the
+# node is up. One real node per machine.
+: "${TIDEPOOL_NODE_NETNS:=tidepool-node}"
+: "${TIDEPOOL_NODE_VETH:=tidepool0}"
+: "${TIDEPOOL_NODE_HOST_IP:=10.250.0.1}"
+: "${TIDEPOOL_NODE_IP:=10.250.0.2}"
+: "${TIDEPOOL_POD_CIDR:=10.244.0.0/24}"
+: "${TIDEPOOL_SERVICE_CIDR:=10.0.0.0/16}"
+# Container images (scripts/images.sh): buildah's store and the bases,
+# and the archives the node imports.
+: "${TIDEPOOL_IMAGE_CACHE:=$HOME/.cache/tidepool/images}"
+: "${TIDEPOOL_IMAGE_DIR:=$TIDEPOOL_IMAGE_CACHE/archives}"
+PAUSE_IMAGE=localhost/tidepool-pause:3.10
+
 # The local stack's sizes come from the same planner as the pods', for the
 # local spec scripts/local-tidepool.yaml (one web process, one worker, one
 # PgBouncer for both, no surge): TIDEPOOL_PG_MAX_CONNECTIONS,
@@ -129,7 +146,7 @@ stop_pid() {
 
 # Builds what is missing of the Kubernetes tools ("$@", all by default;
 # scripts/kube-build.sh) and exports their bin folders: TIDEPOOL_KUBE_BIN,
-# TIDEPOOL_ETCD_BIN, TIDEPOOL_KWOK_BIN, TIDEPOOL_HELM_BIN.
+# TIDEPOOL_ETCD_BIN, TIDEPOOL_KWOK_BIN, TIDEPOOL_HELM_BIN, TIDEPOOL_NODE_BIN.
 load_kube_tools() {
   local built tool dir
   built=$("$REPO_ROOT/scripts/kube-build.sh" "$@") || die "building the Kubernetes tools failed"
@@ -139,6 +156,7 @@ load_kube_tools() {
       etcd) export TIDEPOOL_ETCD_BIN=$dir ;;
       kwok) export TIDEPOOL_KWOK_BIN=$dir ;;
       helm) export TIDEPOOL_HELM_BIN=$dir ;;
+      node) export TIDEPOOL_NODE_BIN=$dir ;;
     esac
   done <<< "$built"
 }

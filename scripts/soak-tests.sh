@@ -23,6 +23,7 @@ mkdir -p "$LOGS"
 
 say "building the tests"
 cargo build --workspace --bins --quiet
+cargo build --release --workspace --bins --quiet
 cargo test --workspace --no-run --quiet
 
 busy=()

@@ -12,7 +12,9 @@
 # TIDEPOOL_WEB_PORT (8000), TIDEPOOL_WORKER_PORT (8001, /healthz and
 # /metrics). Other knobs: scripts/lib.sh. Extra environment for `tidepool
 # web` and `tidepool worker` (TIDEPOOL_MAX_IN_FLIGHT, TIDEPOOL_WORKER_BATCH_SIZE,
-# ...) is passed through.
+# ...) is passed through. PostgreSQL also listens on the real node's host
+# end (TIDEPOOL_NODE_HOST_IP, for the test cluster's pods) when
+# TIDEPOOL_PG_FOR_NODE=1, and accepts password logins from the node.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -55,9 +57,15 @@ postgres_up() {
       || { rm -f "$pwfile"; die "initdb failed; see $LOGS/initdb.log"; }
     rm -f "$pwfile"
   fi
-  say "starting PostgreSQL on 127.0.0.1:$TIDEPOOL_PG_PORT"
+  local listen=127.0.0.1 hba_node="host all all $TIDEPOOL_NODE_IP/32 scram-sha-256"
+  if [ "${TIDEPOOL_PG_FOR_NODE:-0}" = 1 ]; then
+    listen+=",$TIDEPOOL_NODE_HOST_IP"
+    # Pods reach it masqueraded as the node's address.
+    grep -qxF "$hba_node" "$PG_DATA/pg_hba.conf" || echo "$hba_node" >> "$PG_DATA/pg_hba.conf"
+  fi
+  say "starting PostgreSQL on $listen port $TIDEPOOL_PG_PORT"
   (cd "$STATE" && as_service_user "$bindir/pg_ctl" -D "$PG_DATA" -l "$LOGS/postgres.log" -w -t 60 \
-    -o "-c listen_addresses=127.0.0.1 -c port=$TIDEPOOL_PG_PORT -c unix_socket_directories='' -c max_connections=$TIDEPOOL_PG_MAX_CONNECTIONS" \
+    -o "-c listen_addresses=$listen -c port=$TIDEPOOL_PG_PORT -c unix_socket_directories='' -c max_connections=$TIDEPOOL_PG_MAX_CONNECTIONS" \
     start >/dev/null) || die "PostgreSQL did not start; see $LOGS/postgres.log"
   wait_until "PGPASSWORD=\$(secret postgres.password) psql -X -h 127.0.0.1 -p $TIDEPOOL_PG_PORT -U postgres -c 'SELECT 1' postgres" 30 PostgreSQL
   psql_super -d postgres <<SQL

@@ -2,10 +2,13 @@
 # scripts/soak-tests.sh. Source it after lib.sh; do not run it.
 #
 # A PostgreSQL cluster of the run's own, created afresh in
-# $TIDEPOOL_STATE_DIR/test on port $TIDEPOOL_TEST_PG_PORT (15432), and the
-# Kubernetes control plane (scripts/kube.sh; the first run on a machine
-# builds it, later runs reuse the cache). The tests find them through the
-# variables test_env_up exports.
+# $TIDEPOOL_STATE_DIR/test on port $TIDEPOOL_TEST_PG_PORT (15432), on
+# loopback and on the real node's host end, and the Kubernetes cluster
+# (scripts/kube.sh: the control plane, kwok's node and a real node, with
+# the images of scripts/images.sh; the first run on a machine builds the
+# tools and bases, later runs reuse the cache). The tests find them through
+# the variables test_env_up exports. The release binaries must be built
+# (the images carry them).
 
 # Below the kernel's ephemeral range (32768-60999), where an outgoing
 # connection could hold the port.
@@ -30,12 +33,16 @@ test_env_up() {
   local kube_up
   test_env_down
   rm -rf "$TEST_STATE"
-  test_stack up postgres
   say "building the Kubernetes tools (cached per version)"
   load_kube_tools
-  say "starting the Kubernetes control plane"
+  say "building the images (scripts/images.sh)"
+  "$REPO_ROOT/scripts/images.sh"
+  say "starting the Kubernetes cluster"
   kube_up=$(test_kube up)
   eval "$(tail -n 1 <<< "$kube_up")"
   export KUBECONFIG
+  # After the cluster: it listens on the veth's host end, for the pods.
+  TIDEPOOL_PG_FOR_NODE=1 test_stack up postgres
   export TIDEPOOL_TEST_STATE_DIR=$TEST_STATE TIDEPOOL_TEST_PG_PORT TIDEPOOL_RUN_AS
+  export TIDEPOOL_NODE_NETNS TIDEPOOL_NODE_HOST_IP TIDEPOOL_NODE_IP
 }

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod node;
+
 pub struct Kube {
     pub kubeconfig: PathBuf,
     pub bin: PathBuf,

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Builds Tidepool's container images from the repository's Dockerfiles
+# (images/*/Dockerfile) with no registry and no daemon, and loads them into
+# the real node's containerd when it is up (scripts/kube-node.sh):
+#
+#   images.sh [all|pause|tidepool|operator|pgbouncer ...]   (all by default)
+#   images.sh sizes                                           name, tag, size
+#
+# `FROM` resolves offline to two local bases that mmdebstrap makes from
+# Debian trixie's packages, once per machine:
+#   localhost/tidepool-runtime:trixie  glibc and libgcc only, extracted
+#                                      (no shell, no package manager)
+#   localhost/tidepool-debian:trixie   with apt, for build stages
+# The Rust binaries are the host's release build (no Rust toolchain can be
+# fetched inside an image build here), stripped into the build context.
+# buildah keeps its storage in $TIDEPOOL_IMAGE_CACHE; each image is written
+# as an OCI archive to $TIDEPOOL_IMAGE_DIR, which kube.sh up imports.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+STORE=$TIDEPOOL_IMAGE_CACHE/storage
+BASES=$TIDEPOOL_IMAGE_CACHE/bases
+MIRROR=${TIDEPOOL_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO_ROOT/service/Cargo.toml" | head -n 1)
+TIDEPOOL_IMAGE=localhost/tidepool:$VERSION
+OPERATOR_IMAGE=localhost/tidepool-operator:$VERSION
+PGBOUNCER_IMAGE=localhost/tidepool-pgbouncer:1.24.1
+
+buildah_() {
+  buildah --root "$STORE" --runroot "$TIDEPOOL_IMAGE_CACHE/run" --storage-driver overlay "$@"
+}
+
+for tool in buildah mmdebstrap; do
+  command -v "$tool" >/dev/null || die "$tool is not installed (run: make deps)"
+done
+mkdir -p "$STORE" "$BASES" "$TIDEPOOL_IMAGE_DIR"
+
+# Makes local base image $1 from mmdebstrap's variant $2 (and packages $3),
+# unless it is in the store already.
+base_image() {
+  local name=$1 variant=$2 include=${3:-} tarball container
+  buildah_ inspect --type image "$name" >/dev/null 2>&1 && return
+  tarball=$BASES/${name//[\/:]/_}.tar
+  say "making base image $name (mmdebstrap --variant=$variant trixie; once per machine)"
+  mmdebstrap --quiet --variant="$variant" ${include:+--include="$include"} trixie "$tarball" "$MIRROR" \
+    || die "mmdebstrap failed for $name"
+  container=$(buildah_ from scratch)
+  buildah_ add --quiet "$container" "$tarball" / >/dev/null
+  buildah_ config --env PATH=/usr/local/bin:/usr/sbin:/usr/bin --env LANG=C.UTF-8 "$container"
+  buildah_ commit --quiet --rm "$container" "$name" >/dev/null
+  rm -f "$tarball"
+}
+
+bases() {
+  base_image localhost/tidepool-runtime:trixie extract base-files,base-passwd,libc6,libgcc-s1,netbase
+  base_image localhost/tidepool-debian:trixie apt
+}
+
+# Builds images/$1/Dockerfile as image $2 with the files "${@:3}" in its
+# context, and writes the archive $TIDEPOOL_IMAGE_DIR/$1.tar.
+build_image() {
+  local dir=$1 image=$2 context file started=$SECONDS
+  shift 2
+  context=$(mktemp -d)
+  for file in "$@"; do
+    [ -f "$file" ] || die "$file is missing (run: make build)"
+    objcopy --strip-debug "$file" "$context/$(basename "$file")"
+  done
+  say "building $image from images/$dir/Dockerfile"
+  buildah_ bud --quiet --pull=never --network=host --layers \
+    -f "$REPO_ROOT/images/$dir/Dockerfile" -t "$image" "$context" >/dev/null \
+    || { rm -rf "$context"; die "building $image failed"; }
+  rm -rf "$context"
+  rm -f "$TIDEPOOL_IMAGE_DIR/$dir.tar"
+  buildah_ push --quiet "$image" "oci-archive:$TIDEPOOL_IMAGE_DIR/$dir.tar:$image" \
+    || die "writing $image to $TIDEPOOL_IMAGE_DIR/$dir.tar failed"
+  say "built $image in $(( SECONDS - started )) s"
+  load "$TIDEPOOL_IMAGE_DIR/$dir.tar"
+}
+
+# Imports archive $1 into the real node's containerd when it runs.
+load() {
+  local socket=/run/$TIDEPOOL_NODE_NETNS/containerd.sock
+  [ -S "$socket" ] || return 0
+  ctr --address "$socket" --namespace k8s.io images import "$1" >/dev/null \
+    || die "importing $1 into the node's containerd failed"
+}
+
+pause() {
+  load_kube_tools node
+  # Rebuilt only when the binary changed.
+  local stamp=$TIDEPOOL_IMAGE_DIR/pause.sha256
+  if [ -f "$TIDEPOOL_IMAGE_DIR/pause.tar" ] && sha256sum --status -c "$stamp" 2>/dev/null; then
+    return
+  fi
+  build_image pause "$PAUSE_IMAGE" "$TIDEPOOL_NODE_BIN/pause"
+  sha256sum "$TIDEPOOL_NODE_BIN/pause" > "$stamp"
+}
+tidepool() { bases; build_image tidepool "$TIDEPOOL_IMAGE" "$TIDEPOOL_BIN"; }
+operator() { bases; build_image operator "$OPERATOR_IMAGE" "$TIDEPOOL_OPERATOR_BIN"; }
+pgbouncer() { bases; build_image pgbouncer "$PGBOUNCER_IMAGE"; }
+
+sizes() {
+  buildah_ images --format '{{.Name}}:{{.Tag}} {{.Size}}' | grep -v '<none>' | sort
+}
+
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(all)
+for target in "${targets[@]}"; do
+  case $target in
+    all) pause; tidepool; operator; pgbouncer ;;
+    pause|tidepool|operator|pgbouncer|sizes) "$target" ;;
+    *) die "unknown image $target (all, pause, tidepool, operator, pgbouncer, sizes)" ;;
+  esac
+done
