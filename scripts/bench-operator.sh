@@ -23,6 +23,8 @@ MARKER='<!-- operator benchmarks: scripts/bench-operator.sh -->'
 WORK=$(mktemp -d)
 KUBE_STATE=$WORK/kube-state
 export TIDEPOOL_KUBE_ETCD_PORT=12479 TIDEPOOL_KUBE_API_PORT=16543
+# Scale needs no real node (and one real node per machine is the rule).
+export TIDEPOOL_KUBE_NODE=0
 trap 'TIDEPOOL_STATE_DIR=$KUBE_STATE "$REPO_ROOT/scripts/kube.sh" down >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
 
 say "building the operator and its benchmark (release)"

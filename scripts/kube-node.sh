@@ -80,6 +80,9 @@ record_host_state() {
     for name in /run/netns /run/containerd /run/containerd/s /var/lib/cni /opt/containerd; do
       if [ -e "$name" ]; then echo "exists $name"; fi
     done
+    for name in /run/netns/cni-*; do
+      if [ -e "$name" ]; then echo "exists $name"; fi
+    done
   } > "$HOST_RECORD"
 }
 
@@ -104,7 +107,7 @@ host_state() {
     if [ -e "$name" ]; then echo "exists $name"; fi
   done
   if command -v iptables-save >/dev/null; then
-    iptables-save 2>/dev/null | grep -v '^#' | sed 's/\[[0-9]*:[0-9]*\]//; s/^/iptables /'
+    iptables-save 2>/dev/null | { grep -v '^#' || true; } | sed 's/\[[0-9]*:[0-9]*\]//; s/^/iptables /'
   fi
   return 0
 }
@@ -289,6 +292,14 @@ node_down() {
     done < "$HOST_RECORD"
     for name in /run/containerd/s /run/containerd /var/lib/cni /opt/containerd; do
       grep -qx "exists $name" "$HOST_RECORD" || rm -rf "$name"
+    done
+    # containerd's CRI keeps each pod's network namespace bind-mounted at
+    # /run/netns/cni-<id> (a fixed path) until the pod is removed; pods
+    # killed with the node leave theirs.
+    for name in /run/netns/cni-*; do
+      [ -e "$name" ] && ! grep -qx "exists $name" "$HOST_RECORD" || continue
+      umount "$name" 2>/dev/null || umount -l "$name" 2>/dev/null || true
+      rm -f "$name"
     done
     # `ip netns add` made /run/netns a mount point of its own.
     if ! grep -qx "exists /run/netns" "$HOST_RECORD" && [ -z "$(ls -A /run/netns 2>/dev/null)" ]; then

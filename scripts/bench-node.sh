@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# The real node's benchmark: section 10 of docs/benchmarks.md. Run by
+# scripts/bench.sh after the operator's; run alone (`make bench-node`), it
+# replaces section 10 of an existing report and leaves the rest as it is.
+#
+#   - `scripts/images.sh` (what `make images` runs after the build) into an
+#     empty image cache (cold: the mmdebstrap bases too) and again (warm);
+#     the images' sizes;
+#   - `scripts/kube.sh up` with the real node, from fresh state and again
+#     with the state kept (the tools already built), and `kube.sh down`;
+#   - `kubectl apply` of a Tidepool on the real node until its Ready
+#     condition is True, BENCH_APPLIES (10) times, each in a namespace of its
+#     own, with the release `tidepool-operator run` as a process and a
+#     PostgreSQL of its own on the veth's host end.
+# Needs the machine's one real node: stop the test cluster first.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$REPO_ROOT"
+
+: "${BENCH_APPLIES:=10}"
+OUT=$REPO_ROOT/docs/benchmarks.md
+MARKER='<!-- node benchmarks: scripts/bench-node.sh -->'
+WORK=$(mktemp -d)
+KUBE_STATE=$WORK/kube-state
+STACK_STATE=$WORK/stack
+PG_PORT=15632
+OPERATOR=
+cleanup() {
+  [ -z "$OPERATOR" ] || kill "$OPERATOR" 2>/dev/null || true
+  TIDEPOOL_STATE_DIR=$KUBE_STATE "$REPO_ROOT/scripts/kube.sh" down >/dev/null 2>&1 || true
+  TIDEPOOL_STATE_DIR=$STACK_STATE TIDEPOOL_PG_PORT=$PG_PORT "$REPO_ROOT/scripts/stack.sh" down postgres >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+[ ! -e "/run/netns/$TIDEPOOL_NODE_NETNS" ] || die "a real node is up already (network namespace $TIDEPOOL_NODE_NETNS); stop it first (make kube-down, or the test cluster's)"
+[ -x "$TIDEPOOL_BIN" ] && [ -x "$TIDEPOOL_OPERATOR_BIN" ] || die "the release binaries are not built (run: make build)"
+load_kube_tools
+
+# Seconds since $1 (from `now`), one decimal.
+now() { date +%s.%N; }
+since() { py "import time; print('%.1f' % (time.time() - $1))"; }
+
+say "10. images: cold (empty cache, bases included), then warm"
+started=$(now)
+TIDEPOOL_IMAGE_CACHE=$WORK/images TIDEPOOL_IMAGE_DIR=$WORK/images/archives "$REPO_ROOT/scripts/images.sh" 2> "$WORK/images-cold.log"
+images_cold=$(since "$started")
+started=$(now)
+TIDEPOOL_IMAGE_CACHE=$WORK/images TIDEPOOL_IMAGE_DIR=$WORK/images/archives "$REPO_ROOT/scripts/images.sh" 2> "$WORK/images-warm.log"
+images_warm=$(since "$started")
+sizes=$(TIDEPOOL_IMAGE_CACHE=$WORK/images "$REPO_ROOT/scripts/images.sh" sizes)
+rm -rf "$WORK/images"
+# The cluster below imports the machine's archives.
+"$REPO_ROOT/scripts/images.sh" 2>/dev/null
+
+say "10. kube.sh up with the real node: fresh state, then warm; down"
+started=$(now)
+TIDEPOOL_STATE_DIR=$KUBE_STATE "$REPO_ROOT/scripts/kube.sh" up > "$WORK/kube-up.log" 2>&1
+kube_fresh=$(since "$started")
+started=$(now)
+TIDEPOOL_STATE_DIR=$KUBE_STATE "$REPO_ROOT/scripts/kube.sh" down > /dev/null 2>&1
+kube_down=$(since "$started")
+started=$(now)
+kube_up=$(TIDEPOOL_STATE_DIR=$KUBE_STATE "$REPO_ROOT/scripts/kube.sh" up 2>/dev/null)
+kube_warm=$(since "$started")
+eval "$(tail -n 1 <<< "$kube_up")"
+export KUBECONFIG
+kubectl_() { "$TIDEPOOL_KUBE_BIN/kubectl" "$@"; }
+
+say "10. kubectl apply of a Tidepool until Ready, $BENCH_APPLIES times"
+TIDEPOOL_STATE_DIR=$STACK_STATE TIDEPOOL_PG_PORT=$PG_PORT TIDEPOOL_PG_FOR_NODE=1 \
+  "$REPO_ROOT/scripts/stack.sh" up postgres > /dev/null 2>&1
+app_password=$(cat "$STACK_STATE/secrets/app.password")
+kubectl_ apply --server-side -f manifests/crd.yaml > /dev/null
+# (kubectl wait fails at once on a CRD with no conditions yet.)
+crd_established() {
+  [ "$(kubectl_ get crd/tidepools.tidepool.dev -o jsonpath='{.status.conditions[?(@.type=="Established")].status}')" = True ]
+}
+wait_until crd_established 60 "the Tidepool CRD to be established"
+TIDEPOOL_OPERATOR_LOG=warn TIDEPOOL_OPERATOR_LISTEN=127.0.0.1:0 \
+  "$TIDEPOOL_OPERATOR_BIN" run --no-leader-election > "$WORK/operator.log" 2>&1 &
+OPERATOR=$!
+applies=()
+for i in $(seq 1 "$BENCH_APPLIES"); do
+  ns=bench-$i
+  kubectl_ create namespace "$ns" > /dev/null
+  kubectl_ -n "$ns" create secret generic shop-app --type=kubernetes.io/basic-auth \
+    --from-literal=username="$APP_USER" --from-literal=password="$app_password" \
+    --from-literal=host="$TIDEPOOL_NODE_HOST_IP" --from-literal=port="$PG_PORT" \
+    --from-literal=dbname="$APP_DB" > /dev/null
+  started=$(now)
+  kubectl_ -n "$ns" apply -f - > /dev/null <<YAML
+apiVersion: tidepool.dev/v1alpha1
+kind: Tidepool
+metadata: {name: shop}
+spec:
+  database: {secretRef: {name: shop-app}, maxConnections: 40, reservedConnections: 10}
+  web: {replicas: 1, concurrency: 8, databasePool: 4}
+  worker: {replicas: 1, concurrency: 4}
+  nodeSelector: {type: real}
+  tolerations: [{key: tidepool.dev/real-node, operator: Exists, effect: NoSchedule}]
+YAML
+  kubectl_ -n "$ns" wait --for=condition=Ready tidepool/shop --timeout=180s > /dev/null \
+    || die "Tidepool $ns/shop was not Ready within 180 s (operator log: $WORK/operator.log)"
+  applies+=("$(since "$started")")
+  # One at a time: the next starts on an idle node.
+  kubectl_ delete namespace "$ns" --wait=true --timeout=120s > /dev/null
+done
+apply_median=$(median "${applies[@]}")
+apply_runs=$(DECIMALS=1 runs "${applies[@]}")
+
+python3 - "$WORK/section.md" "$MARKER" "$(date -u +"%Y-%m-%d %H:%M UTC")" \
+  "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" "$images_cold" "$images_warm" "$sizes" \
+  "$kube_fresh" "$kube_warm" "$kube_down" "$BENCH_APPLIES" "$apply_median" "$apply_runs" <<'PY'
+import sys
+(out, marker, when, commit, images_cold, images_warm, sizes, kube_fresh, kube_warm, kube_down,
+ applies, apply_median, apply_runs) = sys.argv[1:]
+size_rows = "\n".join("| `%s` | %s |" % tuple(line.split(" ", 1)) for line in sizes.splitlines() if " " in line)
+section = f"""{marker}
+
+## 10. The real node
+
+Written by `scripts/bench-node.sh` on {when}, commit {commit}, same machine.
+The node is containerd, kubelet and kube-proxy in a network namespace of
+their own (scripts/kube-node.sh), the images are built from
+`images/*/Dockerfile` by buildah on mmdebstrap bases (scripts/images.sh).
+
+| step | seconds |
+|---|---|
+| `scripts/images.sh` cold (empty image cache: both mmdebstrap bases, then pause, tidepool, tidepool-operator, pgbouncer) | {images_cold} |
+| `scripts/images.sh` warm (bases and the pgbouncer layer cached; the binaries copied again) | {images_warm} |
+| `scripts/kube.sh up` with the real node, fresh state (certificates, etcd, the node's containerd and the image imports) | {kube_fresh} |
+| `scripts/kube.sh up` warm (state kept) | {kube_warm} |
+| `scripts/kube.sh down` (the node, the control plane, the host's settings put back) | {kube_down} |
+
+Images (as buildah stores them, uncompressed):
+
+| image | size |
+|---|---|
+{size_rows}
+
+`kubectl apply` of a Tidepool (1 web and 1 worker pod, each with its
+PgBouncer sidecar, after the migration Job) on the real node, until its Ready
+condition is True, {applies} times one after the other: median **{apply_median} s**
+(runs: {apply_runs}). Most of it is probe periods: the migration Job's pod,
+then each pod's PgBouncer startup probe (every 1 s), the app's startup probe
+(every 1 s) and its readiness probe (every 5 s), and the warm-up of every
+connection before the app says it is ready.
+
+<!-- end of node benchmarks -->
+"""
+open(out, "w").write(section)
+PY
+
+python3 - "$OUT" "$MARKER" "$WORK/section.md" <<'PY'
+import sys
+path, marker, section = sys.argv[1:]
+end = "<!-- end of node benchmarks -->"
+try:
+    text = open(path).read()
+except FileNotFoundError:
+    text = "# Benchmarks\n"
+start = text.find(marker)
+if start < 0:
+    text = text.rstrip("\n") + "\n\n" + open(section).read()
+else:
+    stop = text.find(end, start)
+    tail = text[stop + len(end):] if stop >= 0 else ""
+    text = text[:start] + open(section).read() + tail.lstrip("\n")
+open(path, "w").write(text)
+PY
+say "wrote section 10 of $OUT"
