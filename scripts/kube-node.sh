@@ -252,14 +252,13 @@ node_up() {
     "the real node (see $LOGS/kubelet.log and $LOGS/containerd.log)"
 }
 
-# Stops the node and puts the host back as it was: kubelet and kube-proxy
-# first (so nothing restarts a container), then every container (the
-# processes in the kubepods cgroups), containerd and its shims (the
-# processes left in the namespace), the mounts under the node's folders,
-# the cgroup folders, the namespace with its veth and routes, and the
-# recorded host settings.
+# Stops the node: kubelet and kube-proxy first (so nothing restarts a
+# container), then every container (the processes in the kubepods
+# cgroups), containerd and its shims (the processes left in the
+# namespace), the mounts under the node's folders and the cgroup folders.
+# The namespace and its veth stay for node_net_down.
 node_down() {
-  local pid pids dir name value
+  local pid pids dir name
   # Only the cluster that made the node takes it down.
   [ -f "$RUN/netns.owner" ] || return 0
   stop_pid "$RUN/kube-proxy.pid" 10 kube-proxy
@@ -281,11 +280,20 @@ node_down() {
     done
   done
   remove_cgroup_tree kubepods
+  rm -rf "$NODE_RUN"
+}
+
+# Deletes the namespace with its veth and the routes through it, and puts
+# back the recorded host settings. Only once the control plane has stopped:
+# without the veth, the API server's address (its host end) is no longer
+# local, and a packet to it would take the default route off the machine.
+node_net_down() {
+  local kind name value
+  [ -f "$RUN/netns.owner" ] || return 0
   if node_net_exists; then
     say "deleting network namespace $TIDEPOOL_NODE_NETNS (its veth and the routes through it go with it)"
     ip netns delete "$TIDEPOOL_NODE_NETNS"
   fi
-  rm -rf "$NODE_RUN"
   if [ -f "$HOST_RECORD" ]; then
     while read -r kind name value; do
       [ "$kind" = sysctl ] && sysctl -qw "$name=$value"

@@ -221,6 +221,7 @@ down() {
   for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
     stop_pid "$RUN/$name.pid" 20 "$name"
   done
+  node_net_down
 }
 
 status() {
