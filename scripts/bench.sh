@@ -12,7 +12,8 @@
 #      BENCH_KUBE_COLD=1 the cold build of its tools (empty Go module, build
 #      and tool caches; takes minutes);
 #   6.-8. the task queue: scripts/bench-tasks.sh;
-#   9. the operator at scale: scripts/bench-operator.sh.
+#   9. the operator at scale: scripts/bench-operator.sh;
+#   10. the real node: scripts/bench-node.sh.
 # All traffic goes to loopback; every step is bounded in time.
 # BENCH_REPEATS (3) and BENCH_SECONDS (15) size the alternating runs.
 set -euo pipefail
@@ -153,13 +154,13 @@ if [ "${BENCH_KUBE_COLD:-0}" = 1 ]; then
 fi
 "$REPO_ROOT/scripts/kube-build.sh" > /dev/null 2>&1
 started=$(date +%s.%N)
-TIDEPOOL_STATE_DIR=$KUBE_STATE "$REPO_ROOT/scripts/kube.sh" up > /dev/null 2>&1
+TIDEPOOL_KUBE_NODE=0 TIDEPOOL_STATE_DIR=$KUBE_STATE "$REPO_ROOT/scripts/kube.sh" up > /dev/null 2>&1
 kube_fresh=$(py "import time; print('%.1f' % (time.time() - $started))")
-TIDEPOOL_STATE_DIR=$KUBE_STATE "$REPO_ROOT/scripts/kube.sh" down
+TIDEPOOL_KUBE_NODE=0 TIDEPOOL_STATE_DIR=$KUBE_STATE "$REPO_ROOT/scripts/kube.sh" down
 started=$(date +%s.%N)
-TIDEPOOL_STATE_DIR=$KUBE_STATE "$REPO_ROOT/scripts/kube.sh" up > /dev/null 2>&1
+TIDEPOOL_KUBE_NODE=0 TIDEPOOL_STATE_DIR=$KUBE_STATE "$REPO_ROOT/scripts/kube.sh" up > /dev/null 2>&1
 kube_warm=$(py "import time; print('%.1f' % (time.time() - $started))")
-TIDEPOOL_STATE_DIR=$KUBE_STATE "$REPO_ROOT/scripts/kube.sh" down
+TIDEPOOL_KUBE_NODE=0 TIDEPOOL_STATE_DIR=$KUBE_STATE "$REPO_ROOT/scripts/kube.sh" down
 
 if [ -n "${kube_cold_total:-}" ]; then
   kube_cold_line="Cold build of every tool (\`scripts/kube-build.sh\` with empty Go module, build and tool caches, so modules were downloaded too): **${kube_cold_total} s** ($kube_cold_detail). A warm machine builds nothing."
@@ -273,3 +274,4 @@ REPORT
 say "wrote the web sections of $OUT"
 "$REPO_ROOT/scripts/bench-tasks.sh"
 "$REPO_ROOT/scripts/bench-operator.sh"
+"$REPO_ROOT/scripts/bench-node.sh"

@@ -160,6 +160,31 @@ fn a_tidepool_runs_on_the_real_node() -> Result<()> {
         }
     }
 
+    // From inside a pod: the API server through the `kubernetes` Service
+    // (its endpoint is the veth's host end), and no name server but the
+    // pod's own loopback, so no DNS query can leave the machine.
+    let web_pod = pods.iter().find(|p| p["metadata"]["labels"]["app.kubernetes.io/component"] == "web");
+    let web_uid = web_pod.and_then(|p| p["metadata"]["uid"].as_str()).context("the web pod")?;
+    let app = pod_processes(web_uid)?.into_iter().find(|p| p.comm == "tidepool").context("web's process")?;
+    let endpoints = kube.get_json(&["-n", "default", "endpoints/kubernetes"])?;
+    assert_eq!(endpoints["subsets"][0]["addresses"][0]["ip"], node.host_ip.as_str(), "{endpoints}");
+    let kubernetes = kube.get_json(&["-n", "default", "service/kubernetes"])?;
+    let api = format!("https://{}/readyz", kubernetes["spec"]["clusterIP"].as_str().context("ClusterIP")?);
+    let reached = output(app.in_netns("curl").args([
+        "-sk",
+        "--max-time",
+        "10",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &api,
+    ]))?;
+    assert_eq!(String::from_utf8_lossy(&reached.stdout), "200", "{api} from the web pod");
+    let resolv = std::fs::read_to_string(format!("/proc/{}/root/etc/resolv.conf", app.pid))?;
+    let servers: Vec<_> = resolv.lines().filter(|l| l.starts_with("nameserver")).collect();
+    assert_eq!(servers, ["nameserver 127.0.0.1"], "{resolv}");
+
     // Through the web Service's ClusterIP, from inside the node's namespace:
     // a query reaches PostgreSQL, and a job enqueued through it is run by
     // the worker pod (the only worker on this database).
