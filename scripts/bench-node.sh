@@ -174,21 +174,5 @@ every 5 s); the rest is the operator's and the controllers' turns between.
 open(out, "w").write(section)
 PY
 
-python3 - "$OUT" "$MARKER" "$WORK/section.md" <<'PY'
-import sys
-path, marker, section = sys.argv[1:]
-end = "<!-- end of node benchmarks -->"
-try:
-    text = open(path).read()
-except FileNotFoundError:
-    text = "# Benchmarks\n"
-start = text.find(marker)
-if start < 0:
-    text = text.rstrip("\n") + "\n\n" + open(section).read()
-else:
-    stop = text.find(end, start)
-    tail = text[stop + len(end):] if stop >= 0 else ""
-    text = text[:start] + open(section).read() + tail.lstrip("\n")
-open(path, "w").write(text)
-PY
+replace_report_section "$OUT" "$MARKER" "<!-- end of node benchmarks -->" "$WORK/section.md"
 say "wrote section 10 of $OUT"

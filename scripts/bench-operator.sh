@@ -117,21 +117,5 @@ Writes per minute at rest, by client (the API server's audit log, `userAgent` an
 open(out_path, "w").write(section)
 PY
 
-python3 - "$OUT" "$MARKER" "$WORK/section.md" <<'PY'
-import sys
-path, marker, section = sys.argv[1:]
-end = "<!-- end of operator benchmarks -->"
-try:
-    text = open(path).read()
-except FileNotFoundError:
-    text = "# Benchmarks\n"
-start = text.find(marker)
-if start < 0:
-    text = text.rstrip("\n") + "\n\n" + open(section).read()
-else:
-    stop = text.find(end, start)
-    tail = text[stop + len(end):] if stop >= 0 else ""
-    text = text[:start] + open(section).read() + tail.lstrip("\n")
-open(path, "w").write(text)
-PY
+replace_report_section "$OUT" "$MARKER" "<!-- end of operator benchmarks -->" "$WORK/section.md"
 say "wrote section 9 of $OUT"

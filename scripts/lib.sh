@@ -200,6 +200,26 @@ kept_results() { psql_super -d "$APP_DB" -At -c "SELECT count(*) FROM tidepool_j
 py() { python3 -c "$@"; }
 median() { py 'import os,statistics,sys; print("{:,.{}f}".format(statistics.median(float(x) for x in sys.argv[1:]), int(os.environ.get("DECIMALS", "2"))).replace(",", "" if os.environ.get("DECIMALS", "2") != "0" else ","))' "$@"; }
 runs() { py 'import os,sys; d=os.environ.get("DECIMALS", "2"); print(", ".join("{:,.{}f}".format(float(x), int(d)).replace(",", "" if d != "0" else ",") for x in sys.argv[1:]))' "$@"; }
+# Puts the report section in file $4, which starts with marker $2 and ends
+# with marker $3, into report $1: in place of the section between those
+# markers, or at the end when there is none.
+replace_report_section() {
+  py 'import sys
+path, start_marker, end_marker, section = sys.argv[1:]
+try:
+    text = open(path).read()
+except FileNotFoundError:
+    text = "# Benchmarks\n"
+start = text.find(start_marker)
+if start < 0:
+    text = text.rstrip("\n") + "\n\n" + open(section).read()
+else:
+    stop = text.find(end_marker, start)
+    tail = text[stop + len(end_marker):] if stop >= 0 else ""
+    text = text[:start] + open(section).read() + tail.lstrip("\n")
+open(path, "w").write(text)' "$@"
+}
+
 # "met" or "missed" for a Python condition.
 verdict() { py "print('met' if $1 else 'missed')"; }
 
