@@ -25,7 +25,7 @@ pinned() { (cd "$TOOLS/$1" && go list -m -f '{{.Version}}' "$2"); }
 # version is in the cache already.
 build() {
   local tool=$1 version=$2 ldflags=$3; shift 3
-  local out=$TIDEPOOL_KUBE_CACHE/$tool-$version pair module=${MODULE:-$1}
+  local out=$TIDEPOOL_KUBE_CACHE/$tool-$version pair module=${MODULE:-$tool}
   if [ -f "$out/.complete" ]; then
     echo "$tool=$out/bin"
     return
