@@ -138,7 +138,6 @@ impl WarmUp {
     }
 }
 
-/// A snapshot of the pool, as deadpool reports it.
 /// What [`Database::check`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {
@@ -157,6 +156,7 @@ impl Health {
     }
 }
 
+/// A snapshot of the pool, as deadpool reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolStatus {
     pub max_size: usize,
