@@ -8,15 +8,21 @@
 //!   server does; `burst` measures the server instead.
 //! - `idle`: opens N keep-alive connections, makes one request on each, then
 //!   holds them open, so the server's memory per idle connection can be read.
+//! - `steady`: N clients, each sending one request after another on a
+//!   keep-alive connection (a new one after `Connection: close` or an
+//!   error) until a stop file appears, counting every failure: the load
+//!   a rolling update or a fault must not disturb.
 //! - `queue-loop`: the limit a worker is measured against: the queue's own
 //!   claim and completion statements ([`tidepool::queue::sql`]), back to
 //!   back on one connection per loop, with nothing around them.
 //!
-//! All talk to loopback only, are bounded in count and time, and print one
-//! JSON object on standard output.
+//! All talk to loopback only, or to the test cluster's own private ranges
+//! named with `--cluster-cidr` (its pods and Services, reached from inside
+//! the real node's network namespace); they are bounded in count and time,
+//! and print one JSON object on standard output.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +45,10 @@ const MAX_CONNECTIONS: usize = 20_000;
 #[derive(Parser)]
 #[command(name = "tidepool-loadgen", about = "Loopback load generator for Tidepool's demo and benchmarks")]
 struct Cli {
+    /// A private range of the test cluster (pods, Services, the node's
+    /// veth) that may be targeted besides loopback; repeatable.
+    #[arg(long = "cluster-cidr", global = true, value_parser = Cidr::parse)]
+    cluster_cidrs: Vec<Cidr>,
     #[command(subcommand)]
     command: Command,
 }
@@ -58,6 +68,27 @@ enum Command {
         timeout: Duration,
         /// Also write each request's completion time (seconds after the
         /// start) and status, one per line, to this file.
+        #[arg(long)]
+        timeline: Option<PathBuf>,
+    },
+    /// N clients sending requests back to back until the stop file appears.
+    Steady {
+        /// Target, e.g. http://127.0.0.1:8000/row/ (loopback or --cluster-cidr).
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 20)]
+        clients: usize,
+        /// The run ends when this file exists (or after --timeout).
+        #[arg(long)]
+        stop_file: PathBuf,
+        /// Longest the whole run may take.
+        #[arg(long, default_value = "600s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// A request not answered within this counts as failed.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        request_timeout: Duration,
+        /// Also write each request's completion time (seconds after the
+        /// start), latency and status, one per line, to this file.
         #[arg(long)]
         timeline: Option<PathBuf>,
     },
@@ -101,7 +132,50 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 2m)"))
 }
 
-/// A parsed loopback URL.
+/// An IPv4 range in private address space (RFC 1918) that load may be
+/// sent to besides loopback.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Cidr {
+    network: Ipv4Addr,
+    prefix: u8,
+}
+
+/// RFC 1918's private address space.
+const PRIVATE_RANGES: [(Ipv4Addr, u8); 3] = [
+    (Ipv4Addr::new(10, 0, 0, 0), 8),
+    (Ipv4Addr::new(172, 16, 0, 0), 12),
+    (Ipv4Addr::new(192, 168, 0, 0), 16),
+];
+
+impl Cidr {
+    fn parse(text: &str) -> Result<Cidr, String> {
+        let (address, prefix) =
+            text.split_once('/').ok_or_else(|| format!("{text:?}: expected a.b.c.d/n"))?;
+        let address: Ipv4Addr = address.parse().map_err(|e| format!("{text:?}: {e}"))?;
+        let prefix: u8 = prefix.parse().map_err(|e| format!("{text:?}: {e}"))?;
+        if prefix > 32 {
+            return Err(format!("{text:?}: the prefix length is at most 32"));
+        }
+        let cidr = Cidr { network: Ipv4Addr::from(u32::from(address) & Self::mask(prefix)), prefix };
+        let private = PRIVATE_RANGES.iter().any(|(net, len)| {
+            prefix >= *len && u32::from(cidr.network) & Self::mask(*len) == u32::from(*net)
+        });
+        if !private {
+            return Err(format!("{text:?} is not inside a private range (10/8, 172.16/12, 192.168/16)"));
+        }
+        Ok(cidr)
+    }
+
+    fn mask(prefix: u8) -> u32 {
+        u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        matches!(ip, IpAddr::V4(v4) if u32::from(v4) & Self::mask(self.prefix) == u32::from(self.network))
+    }
+}
+
+/// A parsed URL of a loopback or test-cluster address.
 struct Target {
     addr: SocketAddr,
     path_and_query: String,
@@ -109,7 +183,7 @@ struct Target {
 }
 
 impl Target {
-    fn parse(url: &str) -> Result<Self> {
+    fn parse(url: &str, cluster: &[Cidr]) -> Result<Self> {
         let uri: hyper::Uri = url.parse().with_context(|| format!("{url:?} is not a URL"))?;
         if uri.scheme_str() != Some("http") {
             bail!("only http:// URLs are supported");
@@ -120,10 +194,10 @@ impl Target {
             other => other
                 .trim_matches(|c| c == '[' || c == ']')
                 .parse()
-                .context("the host must be a loopback IP address or localhost")?,
+                .context("the host must be an IP address or localhost")?,
         };
-        if !ip.is_loopback() {
-            bail!("refusing to send load to {ip}: only loopback addresses are allowed");
+        if !ip.is_loopback() && !cluster.iter().any(|c| c.contains(ip)) {
+            bail!("refusing to send load to {ip}: only loopback addresses and --cluster-cidr ranges are allowed");
         }
         let port = uri.port_u16().unwrap_or(80);
         Ok(Self {
@@ -143,13 +217,22 @@ impl Target {
     }
 
     async fn get(&self, sender: &mut SendRequest<Empty<Bytes>>) -> Result<u16> {
+        Ok(self.get_keep_alive(sender).await?.0)
+    }
+
+    /// The status, and whether the server keeps the connection open.
+    async fn get_keep_alive(&self, sender: &mut SendRequest<Empty<Bytes>>) -> Result<(u16, bool)> {
         sender.ready().await?;
         let request =
             Request::get(self.path_and_query.as_str()).header("host", &self.host).body(Empty::new())?;
         let response = sender.send_request(request).await?;
         let status = response.status().as_u16();
+        let close = response
+            .headers()
+            .get(hyper::header::CONNECTION)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
         response.into_body().collect().await?;
-        Ok(status)
+        Ok((status, !close))
     }
 }
 
@@ -319,6 +402,130 @@ async fn idle(
 }
 
 #[derive(Serialize)]
+struct SteadyReport {
+    clients: usize,
+    requests: usize,
+    succeeded: usize,
+    failed: usize,
+    /// Status codes, and errors by their message.
+    statuses: BTreeMap<String, usize>,
+    connections_opened: usize,
+    seconds: f64,
+    requests_per_second: f64,
+    latency_p50_seconds: f64,
+    latency_p99_seconds: f64,
+    latency_max_seconds: f64,
+}
+
+/// One answered (or failed) request: when it finished, how long it took,
+/// its status or error.
+struct Outcome {
+    finished: Duration,
+    latency: Duration,
+    status: Result<u16, String>,
+}
+
+async fn steady(
+    target: Target,
+    clients: usize,
+    stop_file: PathBuf,
+    request_timeout: Duration,
+    timeline: Option<PathBuf>,
+) -> Result<SteadyReport> {
+    let target = Arc::new(target);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let start = Instant::now();
+    let mut running = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let (target, mut stopped) = (target.clone(), stopped.clone());
+        running.spawn(async move {
+            let (mut outcomes, mut opened) = (Vec::new(), 0usize);
+            let mut sender = None;
+            while !*stopped.borrow_and_update() {
+                let began = Instant::now();
+                let attempt = async {
+                    if sender.is_none() {
+                        opened += 1;
+                        sender = Some(target.connect().await?);
+                    }
+                    match sender.as_mut() {
+                        Some(s) => target.get_keep_alive(s).await,
+                        None => bail!("no connection"),
+                    }
+                };
+                let status = match tokio::time::timeout(request_timeout, attempt).await {
+                    Ok(Ok((code, keep_alive))) => {
+                        if !keep_alive {
+                            sender = None;
+                        }
+                        Ok(code)
+                    }
+                    Ok(Err(e)) => {
+                        sender = None;
+                        Err(format!("{e:#}"))
+                    }
+                    Err(_) => {
+                        sender = None;
+                        Err(format!("no answer within {request_timeout:?}"))
+                    }
+                };
+                outcomes.push(Outcome { finished: start.elapsed(), latency: began.elapsed(), status });
+            }
+            (outcomes, opened)
+        });
+    }
+    // The stop file is polled: the test or script that started this run
+    // creates it when the rollout or fault it watches is over.
+    while !stop_file.exists() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.send_replace(true);
+    let (mut outcomes, mut connections_opened) = (Vec::new(), 0);
+    while let Some(joined) = running.join_next().await {
+        let (mut client_outcomes, opened) = joined?;
+        outcomes.append(&mut client_outcomes);
+        connections_opened += opened;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    outcomes.sort_by_key(|o| o.finished);
+    let mut statuses = BTreeMap::new();
+    let mut lines = String::new();
+    for outcome in &outcomes {
+        let label = match &outcome.status {
+            Ok(code) => code.to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        let short = if outcome.status.is_ok() { label.as_str() } else { "error" };
+        lines.push_str(&format!(
+            "{:.4} {:.4} {short}\n",
+            outcome.finished.as_secs_f64(),
+            outcome.latency.as_secs_f64()
+        ));
+        *statuses.entry(label).or_insert(0) += 1;
+    }
+    if let Some(path) = timeline {
+        std::fs::write(&path, lines).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let mut latencies: Vec<f64> = outcomes.iter().map(|o| o.latency.as_secs_f64()).collect();
+    latencies.sort_by(f64::total_cmp);
+    let succeeded =
+        outcomes.iter().filter(|o| matches!(o.status, Ok(code) if (200..300).contains(&code))).count();
+    Ok(SteadyReport {
+        clients,
+        requests: outcomes.len(),
+        succeeded,
+        failed: outcomes.len() - succeeded,
+        statuses,
+        connections_opened,
+        seconds,
+        requests_per_second: outcomes.len() as f64 / seconds,
+        latency_p50_seconds: percentile(&latencies, 0.50),
+        latency_p99_seconds: percentile(&latencies, 0.99),
+        latency_max_seconds: latencies.last().copied().unwrap_or(0.0),
+    })
+}
+
+#[derive(Serialize)]
 struct QueueLoopReport {
     jobs: u64,
     loops: usize,
@@ -381,12 +588,14 @@ async fn queue_loop(
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let cluster = cli.cluster_cidrs;
+    match cli.command {
         Command::Burst { url, requests, timeout, timeline } => {
             if requests == 0 || requests > MAX_CONNECTIONS {
                 bail!("--requests must be from 1 to {MAX_CONNECTIONS}");
             }
-            let target = Target::parse(&url)?;
+            let target = Target::parse(&url, &cluster)?;
             let report = tokio::time::timeout(timeout, burst(target, requests, timeline))
                 .await
                 .with_context(|| format!("the burst did not finish within {timeout:?}"))??;
@@ -396,8 +605,19 @@ async fn main() -> Result<()> {
             if connections == 0 || connections > MAX_CONNECTIONS {
                 bail!("--connections must be from 1 to {MAX_CONNECTIONS}");
             }
-            let target = Target::parse(&url)?;
+            let target = Target::parse(&url, &cluster)?;
             let report = idle(target, connections, hold, ready_file, connect_timeout).await?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::Steady { url, clients, stop_file, timeout, request_timeout, timeline } => {
+            if clients == 0 || clients > MAX_CONNECTIONS {
+                bail!("--clients must be from 1 to {MAX_CONNECTIONS}");
+            }
+            let target = Target::parse(&url, &cluster)?;
+            let report =
+                tokio::time::timeout(timeout, steady(target, clients, stop_file, request_timeout, timeline))
+                    .await
+                    .with_context(|| format!("the steady run did not stop within {timeout:?}"))??;
             println!("{}", serde_json::to_string(&report)?);
         }
         Command::QueueLoop { database_url, queue, loops, batch_size, timeout } => {
@@ -417,11 +637,28 @@ mod tests {
 
     #[test]
     fn only_loopback_targets_are_accepted() {
-        assert!(Target::parse("http://127.0.0.1:8000/slow-query/").is_ok());
-        assert!(Target::parse("http://localhost:8000/").is_ok());
-        assert!(Target::parse("http://[::1]:8000/").is_ok());
-        assert!(Target::parse("http://10.0.0.1:8000/").is_err());
-        assert!(Target::parse("https://127.0.0.1/").is_err());
+        assert!(Target::parse("http://127.0.0.1:8000/slow-query/", &[]).is_ok());
+        assert!(Target::parse("http://localhost:8000/", &[]).is_ok());
+        assert!(Target::parse("http://[::1]:8000/", &[]).is_ok());
+        assert!(Target::parse("http://10.0.0.1:8000/", &[]).is_err());
+        assert!(Target::parse("https://127.0.0.1/", &[]).is_err());
+    }
+
+    #[test]
+    fn cluster_ranges_widen_the_targets_and_must_be_private() -> Result<(), String> {
+        let services = Cidr::parse("10.0.0.0/16")?;
+        let pods = Cidr::parse("10.244.0.7/24")?;
+        assert_eq!(pods, Cidr { network: Ipv4Addr::new(10, 244, 0, 0), prefix: 24 });
+        let cluster = [services, pods];
+        assert!(Target::parse("http://10.0.12.1/row/", &cluster).is_ok());
+        assert!(Target::parse("http://10.244.0.9:8000/", &cluster).is_ok());
+        assert!(Target::parse("http://10.245.0.9:8000/", &cluster).is_err());
+        assert!(Target::parse("http://192.168.1.1/", &cluster).is_err());
+        for refused in ["8.8.8.0/24", "10.0.0.0/7", "172.32.0.0/16", "10.0.0.0", "10.0.0.0/33", "x/8"] {
+            assert!(Cidr::parse(refused).is_err(), "{refused}");
+        }
+        assert!(Cidr::parse("192.168.0.0/16").is_ok() && Cidr::parse("172.20.1.0/24").is_ok());
+        Ok(())
     }
 
     #[test]

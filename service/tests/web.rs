@@ -283,14 +283,17 @@ async fn oversized_bodies_get_their_413_not_a_reset() -> Result<()> {
     Ok(())
 }
 
-/// SIGTERM: /readyz turns 503 first while requests are still served; the
-/// request in flight completes; after the drain delay new connections are
-/// refused; the process exits 0.
+/// SIGTERM: /readyz turns 503 first while requests are still served, each
+/// answer closing its connection (keep-alive clients move to another pod);
+/// the request in flight completes; after the drain delay new connections
+/// are refused; the process exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_drains_in_order() -> Result<()> {
     let Stack { mut web, bouncer: _bouncer, db, admin } =
         Stack::start(2, &[("TIDEPOOL_DRAIN_DELAY", "1500ms"), ("TIDEPOOL_SHUTDOWN_TIMEOUT", "10s")]).await?;
-    assert_eq!(get(&web.url("/readyz")).await?.status, 200);
+    let before = get(&web.url("/readyz")).await?;
+    assert_eq!(before.status, 200);
+    assert!(!before.headers.contains_key(http::header::CONNECTION), "{:?}", before.headers);
 
     let in_flight = tokio::spawn(get_owned(web.url("/slow-query/?seconds=3")));
     wait_for_sleeps(&db, &admin, 1).await?;
@@ -298,7 +301,9 @@ async fn graceful_shutdown_drains_in_order() -> Result<()> {
 
     let readyz = wait_for_status(&web.url("/readyz"), 503, Duration::from_secs(2)).await?;
     assert_eq!(readyz.json()?["status"], "draining");
-    assert_eq!(get(&web.url("/healthz")).await?.status, 200, "still serving during the drain delay");
+    let healthz = get(&web.url("/healthz")).await?;
+    assert_eq!(healthz.status, 200, "still serving during the drain delay");
+    assert_eq!(healthz.headers.get(http::header::CONNECTION).map(|v| v.as_bytes()), Some(&b"close"[..]));
     assert!(!in_flight.is_finished());
 
     let port = web.port;

@@ -9,6 +9,9 @@
 //! | `GET /readyz` | an idle pooled connection runs `SELECT 1` through the pooler (`ready`); with none idle the pod is `busy` and still ready; 503 when that fails (PgBouncer or PostgreSQL down), while the pool's connections open at start, and while draining |
 //! | `GET /metrics` | Prometheus text format |
 //!
+//! While the server drains (see [`super`]), every response carries
+//! `Connection: close`.
+//!
 //! Every request passes the same gates, in this order: known route (404),
 //! method (405), body size and read time (413, 408), then, for all but the
 //! probes, the in-flight limit (503). Probes skip that limit so a busy pod
@@ -155,6 +158,13 @@ pub async fn handle(
         e.into_response()
     });
 
+    // While draining, every answer closes its connection, so keep-alive
+    // clients move to a pod that stays before this one's listener closes
+    // (closing an idle connection races with a request being sent on it).
+    let mut response = response;
+    if app.draining.load(Ordering::Relaxed) {
+        response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
     let status = response.status();
     let labels = [route_label, method, status.as_str()];
     metrics.http_requests.with_label_values(&labels).inc();
