@@ -13,8 +13,10 @@
 #      and tool caches; takes minutes);
 #   6.-8. the task queue: scripts/bench-tasks.sh;
 #   9. the operator at scale: scripts/bench-operator.sh;
-#   10. the real node: scripts/bench-node.sh.
-# All traffic goes to loopback; every step is bounded in time.
+#   10. the real node: scripts/bench-node.sh;
+#   11. end to end on the real node: scripts/bench-e2e.sh.
+# All traffic goes to loopback (and, for 10-11, to the test cluster inside
+# the real node's network namespace); every step is bounded in time.
 # BENCH_REPEATS (3) and BENCH_SECONDS (15) size the alternating runs.
 set -euo pipefail
 # The web sections measure one process behind 20 server connections.
@@ -275,3 +277,4 @@ say "wrote the web sections of $OUT"
 "$REPO_ROOT/scripts/bench-tasks.sh"
 "$REPO_ROOT/scripts/bench-operator.sh"
 "$REPO_ROOT/scripts/bench-node.sh"
+"$REPO_ROOT/scripts/bench-e2e.sh"

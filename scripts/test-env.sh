@@ -44,5 +44,7 @@ test_env_up() {
   # After the cluster: it listens on the veth's host end, for the pods.
   TIDEPOOL_PG_FOR_NODE=1 test_stack up postgres
   export TIDEPOOL_TEST_STATE_DIR=$TEST_STATE TIDEPOOL_TEST_PG_PORT TIDEPOOL_RUN_AS
-  export TIDEPOOL_NODE_NETNS TIDEPOOL_NODE_HOST_IP TIDEPOOL_NODE_IP
+  export TIDEPOOL_NODE_NETNS TIDEPOOL_NODE_HOST_IP TIDEPOOL_NODE_IP TIDEPOOL_POD_CIDR TIDEPOOL_SERVICE_CIDR
+  # tidepool-loadgen and tidepool (enqueue) for the tests on the real node.
+  export TIDEPOOL_TEST_BIN_DIR=$CARGO_TARGET_DIR/release
 }

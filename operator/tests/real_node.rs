@@ -7,12 +7,12 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use common::{kube_with_crd, Operator};
 use serde_json::Value;
-use tidepool_testenv::node::{output, pod_processes, Node, Postgres};
+use tidepool_testenv::node::{output, pod_processes, AppDatabase, Node, Postgres};
 use tidepool_testenv::{env_path, wait_for, Kube};
 
 /// The uid the operator renders (its `RUN_AS`); the pod's security context
@@ -37,40 +37,6 @@ fn the_real_node_is_ready_with_containerd_and_tainted() -> Result<()> {
     Ok(())
 }
 
-/// A database and a role of the test's own on the test PostgreSQL, with a
-/// password no other test uses (so finding it anywhere is this test's
-/// leak).
-struct Database {
-    name: String,
-    password: String,
-}
-
-impl Database {
-    fn create(pg: &Postgres, name: &str) -> Result<Database> {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
-        let password = format!("sekret-{nanos:x}-{}", std::process::id());
-        pg.psql("postgres", &format!("CREATE ROLE {name} LOGIN PASSWORD '{password}'"))?;
-        pg.psql("postgres", &format!("CREATE DATABASE {name} OWNER {name}"))?;
-        Ok(Database { name: name.to_owned(), password })
-    }
-
-    /// The Secret, in CloudNativePG's application Secret shape.
-    fn secret(&self, host: &str, port: u16) -> String {
-        let Database { name, password } = self;
-        serde_json::json!({
-            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/basic-auth",
-            "metadata": {"name": "shop-app"},
-            "stringData": {
-                "username": name, "user": name, "password": password, "dbname": name,
-                "host": host, "port": port.to_string(),
-                "uri": format!("postgresql://{name}:{password}@{host}:{port}/{name}"),
-                "pgpass": format!("{host}:{port}:{name}:{name}:{password}"),
-            }
-        })
-        .to_string()
-    }
-}
-
 const TIDEPOOL: &str = r#"{
   "apiVersion": "tidepool.dev/v1alpha1", "kind": "Tidepool",
   "metadata": {"name": "shop"},
@@ -90,8 +56,11 @@ fn a_tidepool_runs_on_the_real_node() -> Result<()> {
     let node = Node::from_env()?;
     let pg = Postgres::from_env()?;
     let ns = kube.namespace("real")?;
-    let db = Database::create(&pg, &ns.name.replace('-', "_"))?;
-    kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(&db.secret(&node.host_ip, pg.port)))?;
+    let db = AppDatabase::create(&pg, &ns.name.replace('-', "_"))?;
+    kube.kubectl(
+        &["apply", "-n", &ns.name, "-f", "-"],
+        Some(&db.secret("shop-app", &node.host_ip, pg.port)),
+    )?;
     let _operator = Operator::start(&ns.name)?;
     kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(TIDEPOOL))?;
 

@@ -1,18 +1,25 @@
 //! The test cluster's real node (scripts/kube-node.sh) and the test
 //! PostgreSQL its pods use, as tests see them: commands run inside the
 //! node's network namespace or a pod's, the processes of a pod's
-//! containers, and `psql` as the superuser.
+//! containers, `psql` as the superuser, a PostgreSQL of a test's own (to
+//! restart, or to size `max_connections`), a database and role per test,
+//! and a sampler of PostgreSQL's connections.
 //!
 //! Every client here talks to loopback, to the veth's two addresses, or to
 //! pod and Service addresses from inside the node's namespace: nothing
 //! leaves the machine.
 
-use std::path::PathBuf;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
-use crate::env_path;
+use crate::{env_path, repo_root};
 
 /// The node: its network namespace and the veth's two ends.
 pub struct Node {
@@ -44,6 +51,22 @@ impl Node {
     pub fn run(&self, program: &str, args: &[&str]) -> Result<Output> {
         let netns = format!("--net=/run/netns/{}", self.netns);
         output(Command::new("nsenter").arg(netns).arg("--").arg(program).args(args))
+    }
+
+    /// `tidepool-loadgen` (the release build) in the node's namespace,
+    /// allowed to target the cluster's pod and Service ranges; add its
+    /// subcommand and arguments.
+    pub fn loadgen(&self) -> Result<Command> {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .arg("--")
+            .arg(release_binary("tidepool-loadgen")?);
+        for var in ["TIDEPOOL_POD_CIDR", "TIDEPOOL_SERVICE_CIDR"] {
+            let cidr = std::env::var(var).with_context(|| format!("{var} is not set"))?;
+            command.args(["--cluster-cidr", &cidr]);
+        }
+        Ok(command)
     }
 
     /// `curl` from inside the node's namespace (where pod and Service
@@ -123,10 +146,22 @@ impl Process {
     }
 }
 
-/// The test PostgreSQL as its superuser, over loopback.
+/// A binary of the workspace's release build (scripts/test.sh builds it,
+/// the images carry it), from the folder test-env exports.
+pub fn release_binary(name: &str) -> Result<PathBuf> {
+    let path = env_path("TIDEPOOL_TEST_BIN_DIR")?.join(name);
+    ensure!(path.exists(), "{} does not exist: build the release binaries", path.display());
+    Ok(path)
+}
+
+/// The test PostgreSQL (or a [`PrivatePostgres`]) as its superuser, over
+/// loopback.
+#[derive(Clone)]
 pub struct Postgres {
     pub port: u16,
     password: String,
+    /// The scripts/stack.sh state folder it runs from.
+    state_dir: PathBuf,
 }
 
 impl Postgres {
@@ -135,12 +170,22 @@ impl Postgres {
             .context("TIDEPOOL_TEST_PG_PORT is not set")?
             .parse()
             .context("TIDEPOOL_TEST_PG_PORT")?;
-        let file = env_path("TIDEPOOL_TEST_STATE_DIR")?.join("secrets/postgres.password");
+        Postgres::at(env_path("TIDEPOOL_TEST_STATE_DIR")?, port)
+    }
+
+    fn at(state_dir: PathBuf, port: u16) -> Result<Postgres> {
+        let file = state_dir.join("secrets/postgres.password");
         let password = std::fs::read_to_string(&file)
             .with_context(|| format!("reading {}", file.display()))?
             .trim()
             .to_owned();
-        Ok(Postgres { port, password })
+        Ok(Postgres { port, password, state_dir })
+    }
+
+    /// What the server has logged so far.
+    pub fn log(&self) -> Result<String> {
+        let path = self.state_dir.join("log/postgres.log");
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
     }
 
     /// Runs `sql` in database `db`; the rows, unaligned, `|`-separated.
@@ -158,6 +203,182 @@ impl Postgres {
         }
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
     }
+}
+
+/// A PostgreSQL of one test's own, started by scripts/stack.sh like the
+/// test PostgreSQL (listening on loopback and the veth's host end, for
+/// pods), with a `max_connections` of the test's choosing; it can be
+/// restarted. Deleted when dropped.
+pub struct PrivatePostgres {
+    pub postgres: Postgres,
+    max_connections: u32,
+}
+
+impl PrivatePostgres {
+    pub fn start(name: &str, max_connections: u32) -> Result<PrivatePostgres> {
+        static NEXT: AtomicU16 = AtomicU16::new(0);
+        let state_dir = env_path("TIDEPOOL_TEST_STATE_DIR")?.join(format!(
+            "private-{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let host_ip: Ipv4Addr = Node::from_env()?.host_ip.parse().context("TIDEPOOL_NODE_HOST_IP")?;
+        // Below the kernel's ephemeral range, away from the test
+        // PostgreSQL's 15432, free on both addresses it listens on.
+        let first = 15500 + (std::process::id() % 50) as u16 * 10;
+        let port = (first..first + 400)
+            .map(|p| 15500 + (p - 15500) % 500)
+            .find(|p| {
+                [Ipv4Addr::LOCALHOST, host_ip]
+                    .iter()
+                    .all(|ip| TcpListener::bind(SocketAddrV4::new(*ip, *p)).is_ok())
+            })
+            .context("no free port for a private PostgreSQL in 15500-15999")?;
+        let postgres = Postgres { port, password: String::new(), state_dir };
+        let mut private = PrivatePostgres { postgres, max_connections };
+        private.stack(&["up", "postgres"])?;
+        private.postgres = Postgres::at(private.postgres.state_dir.clone(), port)?;
+        Ok(private)
+    }
+
+    fn stack(&self, args: &[&str]) -> Result<()> {
+        let result = output(
+            Command::new(repo_root()?.join("scripts/stack.sh"))
+                .args(args)
+                .env("TIDEPOOL_STATE_DIR", &self.postgres.state_dir)
+                .env("TIDEPOOL_PG_PORT", self.postgres.port.to_string())
+                .env("TIDEPOOL_PG_MAX_CONNECTIONS", self.max_connections.to_string())
+                .env("TIDEPOOL_PG_FOR_NODE", "1"),
+        )?;
+        ensure!(
+            result.status.success(),
+            "scripts/stack.sh {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&result.stdout),
+            String::from_utf8_lossy(&result.stderr)
+        );
+        Ok(())
+    }
+
+    /// A fast shutdown (every session ends), then a start.
+    pub fn restart(&self) -> Result<()> {
+        self.stack(&["down", "postgres"])?;
+        self.stack(&["up", "postgres"])
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        if self.stack(&["clean"]).is_err() {
+            let _ = std::fs::remove_dir_all(&self.postgres.state_dir);
+        }
+    }
+}
+
+/// A database and a role of one test's own, with a password no other test
+/// uses (so finding it anywhere is this test's leak).
+pub struct AppDatabase {
+    pub name: String,
+    pub password: String,
+}
+
+impl AppDatabase {
+    pub fn create(pg: &Postgres, name: &str) -> Result<AppDatabase> {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
+        let password = format!("sekret-{nanos:x}-{}", std::process::id());
+        pg.psql("postgres", &format!("CREATE ROLE {name} LOGIN PASSWORD '{password}'"))?;
+        pg.psql("postgres", &format!("CREATE DATABASE {name} OWNER {name}"))?;
+        Ok(AppDatabase { name: name.to_owned(), password })
+    }
+
+    /// The Secret `secret_name`, in CloudNativePG's application Secret shape.
+    pub fn secret(&self, secret_name: &str, host: &str, port: u16) -> String {
+        let AppDatabase { name, password } = self;
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/basic-auth",
+            "metadata": {"name": secret_name},
+            "stringData": {
+                "username": name, "user": name, "password": password, "dbname": name,
+                "host": host, "port": port.to_string(),
+                "uri": format!("postgresql://{name}:{password}@{host}:{port}/{name}"),
+                "pgpass": format!("{host}:{port}:{name}:{name}:{password}"),
+            }
+        })
+        .to_string()
+    }
+
+    /// Its URL on `pg`'s loopback address (for clients on the host).
+    pub fn url(&self, pg: &Postgres) -> String {
+        format!("postgresql://{0}:{1}@127.0.0.1:{2}/{0}", self.name, self.password, pg.port)
+    }
+
+    /// Server connections of this role, by `pg_stat_activity`.
+    pub fn connections_sql(&self) -> String {
+        format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{}'", self.name)
+    }
+
+    /// This role's backends running `pg_sleep` right now.
+    pub fn sleeping_sql(&self) -> String {
+        format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{}' AND state = 'active' \
+             AND query ILIKE '%pg_sleep%'",
+            self.name
+        )
+    }
+}
+
+/// Samples a count (`SELECT count(*) ...`) every 100 ms in a thread, until
+/// dropped or [`Sampler::finish`]ed: its peak and every sample.
+pub struct Sampler {
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<(Duration, i64)>>>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl Sampler {
+    pub fn start(pg: &Postgres, db: &str, sql: &str) -> Sampler {
+        let (stop, samples) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
+        let (pg, db, sql) = (pg.clone(), db.to_owned(), sql.to_owned());
+        let (stopping, recording) = (stop.clone(), samples.clone());
+        let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            while !stopping.load(Ordering::Relaxed) {
+                let count: i64 = pg.psql(&db, &sql)?.parse().context("a count")?;
+                recording.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push((started.elapsed(), count));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(())
+        });
+        Sampler { stop, samples, thread: Some(thread) }
+    }
+
+    /// The largest count seen so far.
+    pub fn peak(&self) -> i64 {
+        self.samples.lock().map(|s| s.iter().map(|(_, c)| *c).max().unwrap_or(0)).unwrap_or(0)
+    }
+
+    /// Stops; every sample (time since the start, count). Fails if a
+    /// sample failed.
+    pub fn finish(mut self) -> Result<Vec<(Duration, i64)>> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            thread.join().map_err(|_| anyhow::anyhow!("the sampler panicked"))??;
+        }
+        let samples = self.samples.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        ensure!(!samples.is_empty(), "no sample was taken");
+        Ok(samples.clone())
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The path as text, for a command's argument.
+pub fn path_arg(path: &Path) -> Result<&str> {
+    path.to_str().with_context(|| format!("{} is not UTF-8", path.display()))
 }
 
 /// Runs `command`; errors name its program only (a command's Debug form

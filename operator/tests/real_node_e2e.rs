@@ -1,0 +1,714 @@
+//! The product's promises on pods that really run (scripts/kube-node.sh),
+//! with PgBouncer sidecars the operator sized, against a PostgreSQL outside
+//! the cluster: the seed's experiments through Kubernetes, the connection
+//! budget under overload with `max_connections` at exactly the budget, a
+//! rolling update under load, and faults (a worker killed or deleted, the
+//! sidecar killed, PostgreSQL restarted).
+//!
+//! Every client runs on loopback or inside the node's network namespace
+//! (`tidepool-loadgen` with the cluster's ranges, `curl`), and every load
+//! is bounded in count and time. Timing targets are the benchmark's
+//! (scripts/bench-e2e.sh); these tests assert what must always hold.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use common::{kube_with_crd, merge, Operator};
+use serde_json::{json, Value};
+use tidepool_testenv::node::{
+    output, path_arg, pod_processes, release_binary, AppDatabase, Node, Postgres, PrivatePostgres, Sampler,
+};
+use tidepool_testenv::{wait_for, Kube, Namespace};
+
+/// A Tidepool named `shop` on the real node, in a namespace of its own,
+/// with its own database and role on `pg`, reconciled by an operator
+/// running in the test.
+struct Shop {
+    kube: &'static Kube,
+    ns: Namespace<'static>,
+    db: AppDatabase,
+    pg: Postgres,
+    node: Node,
+    _operator: Operator,
+}
+
+impl Shop {
+    /// Deploys `spec` (merged over the base: real node, the Secret) and
+    /// waits until the Tidepool is Ready. `prepare` runs on the new role
+    /// before any pod connects (e.g. `ALTER ROLE ... SET`).
+    fn deploy(pg: &Postgres, prefix: &str, spec: Value, prepare: Option<&str>) -> Result<Shop> {
+        let kube = kube_with_crd()?;
+        let node = Node::from_env()?;
+        let ns = kube.namespace(prefix)?;
+        let db = AppDatabase::create(pg, &ns.name.replace('-', "_"))?;
+        if let Some(sql) = prepare {
+            pg.psql("postgres", &sql.replace("{role}", &db.name))?;
+        }
+        kube.kubectl(
+            &["apply", "-n", &ns.name, "-f", "-"],
+            Some(&db.secret("shop-app", &node.host_ip, pg.port)),
+        )?;
+        let operator = Operator::start(&ns.name)?;
+        let mut tidepool = json!({
+            "apiVersion": "tidepool.dev/v1alpha1", "kind": "Tidepool",
+            "metadata": {"name": "shop"},
+            "spec": {
+                "imagePullPolicy": "IfNotPresent",
+                "database": {"secretRef": {"name": "shop-app"}},
+                "nodeSelector": {"type": "real"},
+                "tolerations": [{"key": Node::TAINT, "operator": "Exists", "effect": "NoSchedule"}]
+            }
+        });
+        merge(&mut tidepool["spec"], &spec);
+        kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(&tidepool.to_string()))?;
+        let shop = Shop { kube, ns, db, pg: pg.clone(), node, _operator: operator };
+        shop.wait_ready(1)?;
+        // kube-proxy programs the new Service's rules a moment after its
+        // endpoints are ready (until then its ClusterIP refuses).
+        shop.wait_serving()?;
+        Ok(shop)
+    }
+
+    fn tidepool(&self) -> Result<Value> {
+        self.kube.get_json(&["-n", &self.ns.name, "tidepool/shop"])
+    }
+
+    /// Waits until the Tidepool of generation `generation` or later is
+    /// Ready with every replica ready; its status.
+    fn wait_ready(&self, generation: i64) -> Result<Value> {
+        wait_for("the Tidepool to be Ready", Duration::from_secs(300), || {
+            let tidepool = self.tidepool()?;
+            let status = &tidepool["status"];
+            let ready = status["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            let observed = status["observedGeneration"].as_i64().unwrap_or(0) >= generation;
+            let tiers_ready = ["web", "worker"]
+                .iter()
+                .all(|tier| status[tier]["readyReplicas"] == tidepool["spec"][tier]["replicas"]);
+            Ok((ready && observed && tiers_ready).then_some(tidepool))
+        })
+        .with_context(|| self.describe())
+    }
+
+    /// Waits until `/row/` through the web Service's ClusterIP answers 200.
+    fn wait_serving(&self) -> Result<()> {
+        let url = self.web_url("/row/")?;
+        wait_for("the web Service to serve", Duration::from_secs(60), || {
+            let (code, _) = self.node.curl(&[&url])?;
+            Ok((code == 200).then_some(()))
+        })
+        .with_context(|| self.describe())
+    }
+
+    fn pods(&self, tier: &str) -> Result<Vec<Value>> {
+        let selector = format!("app.kubernetes.io/component={tier}");
+        let pods = self.kube.get_json(&["-n", &self.ns.name, "pods", "-l", &selector])?;
+        Ok(pods["items"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// The web Service's URL for `path`, by its ClusterIP.
+    fn web_url(&self, path: &str) -> Result<String> {
+        let service = self.kube.get_json(&["-n", &self.ns.name, "service/shop-web"])?;
+        let ip = service["spec"]["clusterIP"].as_str().context("the web Service has no ClusterIP")?;
+        Ok(format!("http://{ip}{path}"))
+    }
+
+    /// `tidepool enqueue` on the host, straight to PostgreSQL as the app's
+    /// role, one statement per job (as the seed's loop of `delay()`).
+    fn enqueue(&self, task: &str, args: &str, count: u32) -> Result<()> {
+        let result = output(
+            Command::new(release_binary("tidepool")?)
+                .args(["enqueue", task, "--args", args, "--count", &count.to_string(), "--batch-size", "1"])
+                .env("DATABASE_URL", self.db.url(&self.pg)),
+        )?;
+        ensure!(result.status.success(), "enqueue failed: {}", String::from_utf8_lossy(&result.stderr));
+        Ok(())
+    }
+
+    fn sql(&self, sql: &str) -> Result<String> {
+        self.pg.psql(&self.db.name, sql)
+    }
+
+    fn count(&self, sql: &str) -> Result<i64> {
+        self.sql(sql)?.parse().with_context(|| format!("a count from {sql:?}"))
+    }
+
+    /// Waits until no job is left in the queue; the finished ones, by
+    /// state: `succeeded` (results) and the dead jobs' states.
+    fn wait_drained(&self, limit: Duration) -> Result<BTreeMap<String, i64>> {
+        wait_for("the queue to drain", limit, || {
+            Ok((self.count("SELECT count(*) FROM tidepool_jobs")? == 0).then_some(()))
+        })
+        .with_context(|| {
+            self.sql("SELECT id, state, attempt, worker, errors FROM tidepool_jobs").unwrap_or_default()
+        })?;
+        let mut finished = BTreeMap::new();
+        finished.insert("succeeded".to_owned(), self.count("SELECT count(*) FROM tidepool_job_results")?);
+        for line in self.sql("SELECT state, count(*) FROM tidepool_dead_jobs GROUP BY state")?.lines() {
+            if let Some((state, n)) = line.split_once('|') {
+                finished.insert(state.to_owned(), n.parse()?);
+            }
+        }
+        Ok(finished)
+    }
+
+    fn restart_counts(&self) -> Result<BTreeMap<String, i64>> {
+        let pods = self.kube.get_json(&["-n", &self.ns.name, "pods"])?;
+        let mut counts = BTreeMap::new();
+        for pod in pods["items"].as_array().into_iter().flatten() {
+            let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+            let statuses = pod["status"]["containerStatuses"].as_array().into_iter().flatten();
+            let init = pod["status"]["initContainerStatuses"].as_array().into_iter().flatten();
+            for status in statuses.chain(init) {
+                let container = status["name"].as_str().unwrap_or_default();
+                counts.insert(format!("{name}/{container}"), status["restartCount"].as_i64().unwrap_or(0));
+            }
+        }
+        Ok(counts)
+    }
+
+    fn describe(&self) -> String {
+        let ns = &self.ns.name;
+        let pods = self.kube.kubectl(&["get", "pods", "-n", ns, "-o", "wide"], None).unwrap_or_default();
+        let events = self
+            .kube
+            .kubectl(&["get", "events", "-n", ns, "--sort-by=.lastTimestamp"], None)
+            .unwrap_or_default();
+        let tidepool =
+            self.kube.kubectl(&["get", "tidepool/shop", "-n", ns, "-o", "yaml"], None).unwrap_or_default();
+        format!("pods:\n{pods}\nevents:\n{events}\ntidepool:\n{tidepool}")
+    }
+}
+
+/// A `tidepool-loadgen` run in the node's namespace, in the background.
+struct Load {
+    child: Child,
+    stop_file: Option<PathBuf>,
+}
+
+impl Load {
+    /// `burst`: `requests` requests to `url` at once.
+    fn burst(node: &Node, url: &str, requests: usize, timeout: &str) -> Result<Load> {
+        let child = node
+            .loadgen()?
+            .args(["burst", "--url", url, "--requests", &requests.to_string(), "--timeout", timeout])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting tidepool-loadgen")?;
+        Ok(Load { child, stop_file: None })
+    }
+
+    /// `steady`: `clients` clients back to back until [`Load::finish`].
+    fn steady(node: &Node, url: &str, clients: usize, request_timeout: &str) -> Result<Load> {
+        let stop_file = std::env::temp_dir().join(format!(
+            "tidepool-steady-{}-{}",
+            std::process::id(),
+            STEADY.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&stop_file);
+        let child = node
+            .loadgen()?
+            .args(["steady", "--url", url, "--clients", &clients.to_string(), "--timeout", "600s"])
+            .args(["--request-timeout", request_timeout, "--stop-file", path_arg(&stop_file)?])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting tidepool-loadgen")?;
+        Ok(Load { child, stop_file: Some(stop_file) })
+    }
+
+    /// Stops a steady run (a burst ends by itself) and returns its report.
+    fn finish(mut self) -> Result<Value> {
+        if let Some(stop_file) = &self.stop_file {
+            std::fs::write(stop_file, "stop")?;
+        }
+        let child = std::mem::replace(&mut self.child, Command::new("true").spawn()?);
+        let result = child.wait_with_output()?;
+        ensure!(
+            result.status.success(),
+            "tidepool-loadgen failed: {}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        serde_json::from_slice(&result.stdout).context("tidepool-loadgen's report")
+    }
+}
+
+static STEADY: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(stop_file) = &self.stop_file {
+            let _ = std::fs::remove_file(stop_file);
+        }
+    }
+}
+
+/// Appends `figures` of test `name` as a JSON line to the file named by
+/// `TIDEPOOL_E2E_FIGURES`, when set: scripts/bench-e2e.sh runs these tests
+/// and writes what they measured into docs/benchmarks.md. Tests assert no
+/// timing; the benchmark reports it.
+fn record_figures(name: &str, figures: Value) -> Result<()> {
+    let Some(path) = std::env::var_os("TIDEPOOL_E2E_FIGURES") else { return Ok(()) };
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    writeln!(file, "{}", json!({"test": name, "figures": figures}))?;
+    Ok(())
+}
+
+/// Seconds from the first job's creation to the last one's finish, of the
+/// results kept.
+fn jobs_span_seconds(shop: &Shop) -> Result<f64> {
+    shop.sql("SELECT extract(epoch FROM max(finished_at) - min(created_at)) FROM tidepool_job_results")?
+        .parse()
+        .context("the jobs' span")
+}
+
+/// The number of requests a loadgen report counts under `status`.
+fn status_count(report: &Value, status: &str) -> i64 {
+    report["statuses"][status].as_i64().unwrap_or(0)
+}
+
+/// The seed's two experiments through Kubernetes: ten slow requests through
+/// the web Service run at once, and a hundred slow jobs run fifty at a time
+/// in one worker pod of concurrency 50.
+#[test]
+fn the_seeds_experiments_run_through_the_web_service_and_a_worker_pod() -> Result<()> {
+    let pg = Postgres::from_env()?;
+    let shop = Shop::deploy(
+        &pg,
+        "seed",
+        json!({
+            "database": {"maxConnections": 200, "reservedConnections": 10},
+            "web": {"replicas": 1, "concurrency": 100, "databasePool": 10},
+            "worker": {"replicas": 1, "concurrency": 50}
+        }),
+        None,
+    )?;
+
+    let sleeping = Sampler::start(&shop.pg, &shop.db.name, &shop.db.sleeping_sql());
+    let report = Load::burst(&shop.node, &shop.web_url("/slow-query/?seconds=5")?, 10, "60s")?.finish()?;
+    let samples = sleeping.finish()?;
+    assert_eq!(report["succeeded"], 10, "{report}");
+    let together = samples.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    assert_eq!(together, 10, "the ten requests' queries run at once: {report}");
+
+    let sampler = Sampler::start(&shop.pg, &shop.db.name, &shop.db.sleeping_sql());
+    shop.enqueue("slow_query", r#"{"seconds": 5}"#, 100)?;
+    wait_for("50 slow jobs at once", Duration::from_secs(60), || {
+        Ok((shop.count(&shop.db.sleeping_sql())? >= 50).then_some(()))
+    })?;
+    let finished = shop.wait_drained(Duration::from_secs(120))?;
+    let samples = sampler.finish()?;
+    assert_eq!(finished, BTreeMap::from([("succeeded".to_owned(), 100)]));
+    let peak = samples.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    assert!(peak <= 50, "at most the worker's concurrency runs at once: {peak}");
+    record_figures(
+        "seed",
+        json!({"requests_seconds": report["total_seconds"], "jobs_seconds": jobs_span_seconds(&shop)?, "jobs_peak": peak}),
+    )?;
+    Ok(())
+}
+
+/// PostgreSQL's `max_connections` is exactly `reserved + available`, both
+/// tiers run at their replicas, and the load offered asks for more than
+/// twice the planned server connections: PostgreSQL never refuses a
+/// connection, the app's connections stay within the plan, and the excess
+/// is shed or waits, bounded.
+#[test]
+fn the_connection_budget_holds_under_overload() -> Result<()> {
+    let (max_connections, reserved) = (60, 10);
+    let private = PrivatePostgres::start("budget", max_connections)?;
+    let shop = Shop::deploy(
+        &private.postgres,
+        "budget",
+        json!({
+            "database": {"maxConnections": max_connections, "reservedConnections": reserved},
+            "web": {"replicas": 2, "concurrency": 200, "databasePool": 20},
+            "worker": {"replicas": 2, "concurrency": 20}
+        }),
+        None,
+    )?;
+    let status = shop.tidepool()?["status"].clone();
+    let planned = status["connections"]["plannedPeak"].as_i64().context("plannedPeak")?;
+    let available = status["connections"]["available"].as_i64().context("available")?;
+    assert_eq!(available, i64::from(max_connections - reserved), "{status}");
+    assert!(planned <= available, "{status}");
+    let web_share = status["web"]["serverConnectionsPerPod"].as_i64().context("web share")?;
+    let worker_share = status["worker"]["serverConnectionsPerPod"].as_i64().context("worker share")?;
+
+    let connections = Sampler::start(&shop.pg, &shop.db.name, &shop.db.connections_sql());
+    let requests = 200;
+    let burst = Load::burst(&shop.node, &shop.web_url("/slow-query/?seconds=1")?, requests, "120s")?;
+    shop.enqueue("slow_query", r#"{"seconds": 1}"#, 100)?;
+    let report = burst.finish()?;
+    let finished = shop.wait_drained(Duration::from_secs(180))?;
+    let jobs_seconds = jobs_span_seconds(&shop)?;
+    let samples = connections.finish()?;
+
+    let offered = requests as i64 + 2 * 20;
+    assert!(offered >= 2 * planned, "the load asks for {offered}, planned {planned}");
+    let log = shop.pg.log()?;
+    for refusal in ["too many clients", "remaining connection slots"] {
+        assert!(!log.contains(refusal), "PostgreSQL refused connections ({refusal}):\n{log}");
+    }
+    let peak = samples.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    assert!(peak <= planned, "the app held {peak} connections, planned {planned}");
+    let (ok, shed) = (status_count(&report, "200"), status_count(&report, "503"));
+    assert_eq!(ok + shed, requests as i64, "only 200s and 503s: {report}");
+    assert!(shed > 0, "the overload is shed: {report}");
+    assert!(report["latency_max_seconds"].as_f64().unwrap_or(f64::MAX) < 30.0, "bounded: {report}");
+    assert_eq!(finished, BTreeMap::from([("succeeded".to_owned(), 100)]));
+    record_figures(
+        "budget",
+        json!({
+            "requests": requests, "ok": ok, "shed": shed, "burst": report,
+            "jobs": 100, "jobs_seconds": jobs_seconds,
+            "peak": peak, "planned": planned, "available": available, "max_connections": max_connections,
+            "web_share": web_share, "worker_share": worker_share, "live_pods": 2 * web_share + 2 * worker_share,
+        }),
+    )?;
+    Ok(())
+}
+
+/// The sum of the annotated shares of the pods alive at each moment
+/// (running or terminating), over every event of a watch of the
+/// namespace's pods; its largest value so far.
+struct ShareWatch {
+    child: Child,
+    peak: Arc<AtomicI64>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl ShareWatch {
+    fn start(shop: &Shop) -> Result<ShareWatch> {
+        let mut child = Command::new(shop.kube.bin.join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&shop.kube.kubeconfig)
+            .args(["get", "pods", "-n", &shop.ns.name, "--watch", "--output-watch-events", "-o", "json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("kubectl get --watch")?;
+        let stdout = child.stdout.take().context("kubectl's output")?;
+        let peak = Arc::new(AtomicI64::new(0));
+        let recorded = peak.clone();
+        let thread = std::thread::spawn(move || {
+            let mut live: BTreeMap<String, i64> = BTreeMap::new();
+            for event in serde_json::Deserializer::from_reader(BufReader::new(stdout)).into_iter::<Value>() {
+                let event = event?;
+                let pod = &event["object"];
+                let name = pod["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+                let phase = pod["status"]["phase"].as_str().unwrap_or_default();
+                let share = pod["metadata"]["annotations"]["tidepool.dev/max-db-connections"]
+                    .as_str()
+                    .and_then(|s| s.parse().ok());
+                match (event["type"].as_str(), share) {
+                    (Some("DELETED"), _) | (_, None) => live.remove(&name),
+                    _ if phase == "Succeeded" || phase == "Failed" => live.remove(&name),
+                    (_, Some(share)) => live.insert(name, share),
+                };
+                recorded.fetch_max(live.values().sum(), Ordering::Relaxed);
+            }
+            Ok(())
+        });
+        Ok(ShareWatch { child, peak, thread: Some(thread) })
+    }
+
+    fn peak(&self) -> i64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for ShareWatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Twenty clients send requests through the web Service for the whole
+/// rollout of a change of web concurrency: none fails, and the shares of
+/// the pods alive at once (old ones draining, new ones starting) never pass
+/// `available`.
+#[test]
+fn a_rolling_update_under_load_fails_no_request() -> Result<()> {
+    let pg = Postgres::from_env()?;
+    let shop = Shop::deploy(
+        &pg,
+        "rollout",
+        json!({
+            "database": {"maxConnections": 60, "reservedConnections": 10},
+            "web": {"replicas": 2, "concurrency": 100, "databasePool": 10},
+            "worker": {"replicas": 1, "concurrency": 4}
+        }),
+        None,
+    )?;
+    let available = shop.tidepool()?["status"]["connections"]["available"].as_i64().context("available")?;
+    let old_pods: Vec<String> =
+        shop.pods("web")?.iter().filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned)).collect();
+    let shares = ShareWatch::start(&shop)?;
+    let load = Load::steady(&shop.node, &shop.web_url("/row/")?, 20, "30s")?;
+
+    let patched = Instant::now();
+    shop.kube.kubectl(
+        &[
+            "patch",
+            "-n",
+            &shop.ns.name,
+            "tidepool/shop",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"web":{"concurrency":150}}}"#,
+        ],
+        None,
+    )?;
+    let generation = shop.tidepool()?["metadata"]["generation"].as_i64().context("generation")?;
+    shop.wait_ready(generation)?;
+    wait_for("the old web pods to be gone", Duration::from_secs(120), || {
+        let names: Vec<String> = shop
+            .pods("web")?
+            .iter()
+            .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
+            .collect();
+        Ok(names.iter().all(|n| !old_pods.contains(n)).then_some(()))
+    })
+    .with_context(|| shop.describe())?;
+    let rollout_seconds = patched.elapsed().as_secs_f64();
+    let report = load.finish()?;
+    record_figures(
+        "rollout",
+        json!({"rollout_seconds": rollout_seconds, "load": report, "peak_shares": shares.peak(), "available": available}),
+    )?;
+
+    assert_eq!(report["failed"], 0, "{report}");
+    assert!(report["requests"].as_i64().unwrap_or(0) >= 100, "{report}");
+    let peak = shares.peak();
+    assert!(peak > 0 && peak <= available, "live shares peaked at {peak}, available {available}");
+    for pod in shop.pods("web")? {
+        let env = pod["spec"]["containers"][0]["env"].as_array().cloned().unwrap_or_default();
+        let in_flight =
+            env.iter().find(|e| e["name"] == "TIDEPOOL_MAX_IN_FLIGHT").map(|e| e["value"].clone());
+        assert_eq!(in_flight, Some(json!("150")), "{pod}");
+    }
+    Ok(())
+}
+
+/// The ids of jobs in state `running`, at least `at_least` of them.
+fn wait_running(shop: &Shop, at_least: usize) -> Result<Vec<i64>> {
+    wait_for(&format!("{at_least} jobs running"), Duration::from_secs(60), || {
+        let ids: Vec<i64> = shop
+            .sql("SELECT id FROM tidepool_jobs WHERE state = 'running' ORDER BY id")?
+            .lines()
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        Ok((ids.len() >= at_least).then_some(ids))
+    })
+}
+
+fn id_list(ids: &[i64]) -> String {
+    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// kill -9 of the worker container while it runs jobs: the kubelet
+/// restarts it, the jobs it held run again once their lease expires, none
+/// is lost. Deleting the worker pod while its jobs run: it hands them back
+/// when its shutdown deadline passes (no lease wait, no failed attempt),
+/// its replacement runs them, none is lost.
+#[test]
+fn a_killed_or_deleted_worker_loses_no_job() -> Result<()> {
+    let pg = Postgres::from_env()?;
+    let shop = Shop::deploy(
+        &pg,
+        "worker-faults",
+        json!({
+            "database": {"maxConnections": 80, "reservedConnections": 10},
+            "web": {"replicas": 1, "concurrency": 10, "databasePool": 2},
+            "worker": {"replicas": 1, "concurrency": 12}
+        }),
+        None,
+    )?;
+
+    // kill -9.
+    shop.enqueue("slow_query", r#"{"seconds": 5}"#, 20)?;
+    let held = wait_running(&shop, 10)?;
+    let pod = shop.pods("worker")?.into_iter().next().context("a worker pod")?;
+    let uid = pod["metadata"]["uid"].as_str().context("uid")?;
+    let app =
+        pod_processes(uid)?.into_iter().find(|p| p.comm == "tidepool").context("the worker's process")?;
+    let killed_at = Instant::now();
+    let killed = output(Command::new("kill").args(["-KILL", &app.pid.to_string()]))?;
+    ensure!(killed.status.success(), "kill: {}", String::from_utf8_lossy(&killed.stderr));
+    // Held at the kill: running before it and still running after it
+    // (nothing else may run them until their lease expires).
+    let still_running = wait_running(&shop, 0)?;
+    let held: Vec<i64> = held.into_iter().filter(|id| still_running.contains(id)).collect();
+    ensure!(held.len() >= 10, "the worker was killed holding {} jobs", held.len());
+    let finished = shop.wait_drained(Duration::from_secs(180)).with_context(|| shop.describe())?;
+    let kill_drained_seconds = killed_at.elapsed().as_secs_f64();
+    assert_eq!(finished, BTreeMap::from([("succeeded".to_owned(), 20)]), "none lost");
+    let rerun = shop.count(&format!(
+        "SELECT count(*) FROM tidepool_job_results WHERE id IN ({}) AND attempts = 2 \
+         AND errors::text LIKE '%lease expired%'",
+        id_list(&held)
+    ))?;
+    assert_eq!(rerun, held.len() as i64, "every job the killed worker held ran again after its lease");
+    let restarts = shop.restart_counts()?;
+    let worker_app = format!("{}/worker", pod["metadata"]["name"].as_str().unwrap_or_default());
+    assert_eq!(restarts.get(&worker_app), Some(&1), "{restarts:?}");
+
+    // A pod deleted gracefully.
+    shop.sql("TRUNCATE tidepool_job_results")?;
+    shop.enqueue("slow_query", r#"{"seconds": 35}"#, 12)?;
+    let held = wait_running(&shop, 10)?;
+    let name = pod["metadata"]["name"].as_str().context("name")?;
+    let deleted_at = Instant::now();
+    let deleted_at_db = shop.sql("SELECT now()")?;
+    shop.kube.kubectl(&["delete", "pod", "-n", &shop.ns.name, name, "--wait=false"], None)?;
+    let finished = shop.wait_drained(Duration::from_secs(180)).with_context(|| shop.describe())?;
+    let delete_drained_seconds = deleted_at.elapsed().as_secs_f64();
+    assert_eq!(finished, BTreeMap::from([("succeeded".to_owned(), 12)]), "none lost");
+    // Handed back at the shutdown deadline (20 s, before any of these 35 s
+    // jobs could finish) and run again by the next pod: the attempt it ran
+    // is not counted and no error is recorded, which a lease's expiry
+    // always does.
+    let handed_back = shop.count(&format!(
+        "SELECT count(*) FROM tidepool_job_results WHERE id IN ({}) AND attempts = 1 AND errors = '[]' \
+         AND started_at > '{deleted_at_db}'",
+        id_list(&held)
+    ))?;
+    assert_eq!(handed_back, held.len() as i64, "every job the deleted pod held was handed back");
+    record_figures(
+        "worker",
+        json!({"kill_drained_seconds": kill_drained_seconds, "delete_drained_seconds": delete_drained_seconds, "held": held.len()}),
+    )?;
+    Ok(())
+}
+
+/// kill -9 of a pod's PgBouncer: the kubelet restarts the sidecar and
+/// requests recover. Its old server connections (queries still running for
+/// clients that are gone) overlap with the new PgBouncer's; the app role's
+/// `client_connection_check_interval` bounds how long: PostgreSQL ends a
+/// query whose client went away at its next check.
+#[test]
+fn a_killed_pgbouncer_is_restarted_and_its_old_connections_end_in_bounded_time() -> Result<()> {
+    let pg = Postgres::from_env()?;
+    let shop = Shop::deploy(
+        &pg,
+        "sidecar",
+        json!({
+            "database": {"maxConnections": 60, "reservedConnections": 10},
+            "web": {"replicas": 1, "concurrency": 50, "databasePool": 5},
+            "worker": {"replicas": 1, "concurrency": 4}
+        }),
+        Some("ALTER ROLE {role} SET client_connection_check_interval = '1s'"),
+    )?;
+    let share = shop.tidepool()?["status"]["web"]["serverConnectionsPerPod"].as_i64().context("share")?;
+    let pod = shop.pods("web")?.into_iter().next().context("a web pod")?;
+    let uid = pod["metadata"]["uid"].as_str().context("uid")?;
+
+    let burst = Load::burst(&shop.node, &shop.web_url("/slow-query/?seconds=60")?, share as usize, "90s")?;
+    wait_for("the web pod's share busy in pg_sleep", Duration::from_secs(30), || {
+        Ok((shop.count(&shop.db.sleeping_sql())? >= share).then_some(()))
+    })?;
+    // The web pod's server connections, all busy (the worker's stay).
+    let old_backends = shop.sql(&shop.db.sleeping_sql().replace("count(*)", "string_agg(pid::text, ',')"))?;
+    let connections = Sampler::start(&shop.pg, &shop.db.name, &shop.db.connections_sql());
+    let pgbouncer =
+        pod_processes(uid)?.into_iter().find(|p| p.comm == "pgbouncer").context("the pod's pgbouncer")?;
+    let killed_at = Instant::now();
+    let killed = output(Command::new("kill").args(["-KILL", &pgbouncer.pid.to_string()]))?;
+    ensure!(killed.status.success(), "kill: {}", String::from_utf8_lossy(&killed.stderr));
+
+    // The bound: a check interval (1 s) after the kill, plus PostgreSQL's
+    // own latency on a busy machine; far below the queries' 60 s.
+    wait_for("the old server connections to end", Duration::from_secs(15), || {
+        let left =
+            shop.count(&format!("SELECT count(*) FROM pg_stat_activity WHERE pid IN ({old_backends})"))?;
+        Ok((left == 0).then_some(()))
+    })?;
+    let overlap_ended = killed_at.elapsed();
+    let report = burst.finish()?;
+    assert_eq!(report["succeeded"], 0, "the requests whose queries were cut off fail: {report}");
+    assert!(report["latency_max_seconds"].as_f64().unwrap_or(f64::MAX) < 30.0, "and fast: {report}");
+
+    shop.wait_serving()?;
+    let recovered = killed_at.elapsed();
+    shop.wait_ready(1)?;
+    let samples = connections.finish()?;
+    let peak = samples.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    let pod_name = pod["metadata"]["name"].as_str().unwrap_or_default();
+    let restarts = shop.restart_counts()?;
+    assert_eq!(restarts.get(&format!("{pod_name}/pgbouncer")), Some(&1), "{restarts:?}");
+    assert_eq!(restarts.get(&format!("{pod_name}/web")), Some(&0), "{restarts:?}");
+    // Old and new together are at most two shares of the web pod, plus the
+    // worker's share, for at most the time measured above.
+    let worker_share = shop.tidepool()?["status"]["worker"]["serverConnectionsPerPod"].as_i64().unwrap_or(0);
+    assert!(peak <= 2 * share + worker_share, "peak {peak} during the overlap ({overlap_ended:?})");
+    record_figures(
+        "sidecar",
+        json!({
+            "recovered_seconds": recovered.as_secs_f64(), "overlap_seconds": overlap_ended.as_secs_f64(),
+            "peak": peak, "share": share, "worker_share": worker_share,
+        }),
+    )?;
+    Ok(())
+}
+
+/// PostgreSQL restarted under load: the pods recover by themselves (no
+/// container restarts), and no request waits past the app's own bounds.
+#[test]
+fn the_pods_ride_out_a_postgresql_restart() -> Result<()> {
+    let private = PrivatePostgres::start("restart", 100)?;
+    let shop = Shop::deploy(
+        &private.postgres,
+        "db-restart",
+        json!({
+            "database": {"maxConnections": 100, "reservedConnections": 10},
+            "web": {"replicas": 1, "concurrency": 50, "databasePool": 5},
+            "worker": {"replicas": 1, "concurrency": 4}
+        }),
+        None,
+    )?;
+    let restarts_before = shop.restart_counts()?;
+    let load = Load::steady(&shop.node, &shop.web_url("/row/")?, 5, "60s")?;
+    let restarted_at = Instant::now();
+    private.restart()?;
+    let restart_seconds = restarted_at.elapsed().as_secs_f64();
+    shop.wait_serving()?;
+    let recovered_seconds = restarted_at.elapsed().as_secs_f64();
+    shop.wait_ready(1)?;
+    let report = load.finish()?;
+    record_figures(
+        "postgres_restart",
+        json!({"restart_seconds": restart_seconds, "recovered_seconds": recovered_seconds, "load": report}),
+    )?;
+
+    assert_eq!(shop.restart_counts()?, restarts_before, "no container restarted");
+    let statuses = report["statuses"].as_object().cloned().unwrap_or_default();
+    assert!(
+        statuses.keys().all(|s| s == "200" || s == "503" || s == "500"),
+        "every request was answered: {report}"
+    );
+    // The web app's own bounds, a pool wait (5 s) and a query timeout
+    // (10 s), and slack for a busy machine; the load's own limit is 60 s.
+    let slowest = report["latency_max_seconds"].as_f64().unwrap_or(f64::MAX);
+    assert!(slowest <= 20.0, "a request took {slowest} s: {report}");
+    Ok(())
+}
