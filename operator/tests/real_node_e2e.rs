@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::io::{BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -194,7 +194,7 @@ impl Shop {
 
 /// A `tidepool-loadgen` run in the node's namespace, in the background.
 struct Load {
-    child: Child,
+    child: Option<Child>,
     stop_file: Option<PathBuf>,
 }
 
@@ -208,15 +208,16 @@ impl Load {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting tidepool-loadgen")?;
-        Ok(Load { child, stop_file: None })
+        Ok(Load { child: Some(child), stop_file: None })
     }
 
     /// `steady`: `clients` clients back to back until [`Load::finish`].
     fn steady(node: &Node, url: &str, clients: usize, request_timeout: &str) -> Result<Load> {
+        static RUNS: AtomicU32 = AtomicU32::new(0);
         let stop_file = std::env::temp_dir().join(format!(
             "tidepool-steady-{}-{}",
             std::process::id(),
-            STEADY.fetch_add(1, Ordering::Relaxed)
+            RUNS.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_file(&stop_file);
         let child = node
@@ -227,7 +228,7 @@ impl Load {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting tidepool-loadgen")?;
-        Ok(Load { child, stop_file: Some(stop_file) })
+        Ok(Load { child: Some(child), stop_file: Some(stop_file) })
     }
 
     /// Stops a steady run (a burst ends by itself) and returns its report.
@@ -235,8 +236,7 @@ impl Load {
         if let Some(stop_file) = &self.stop_file {
             std::fs::write(stop_file, "stop")?;
         }
-        let child = std::mem::replace(&mut self.child, Command::new("true").spawn()?);
-        let result = child.wait_with_output()?;
+        let result = self.child.take().context("finished already")?.wait_with_output()?;
         ensure!(
             result.status.success(),
             "tidepool-loadgen failed: {}",
@@ -246,12 +246,12 @@ impl Load {
     }
 }
 
-static STEADY: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
 impl Drop for Load {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         if let Some(stop_file) = &self.stop_file {
             let _ = std::fs::remove_file(stop_file);
         }
