@@ -102,7 +102,7 @@ local_jobs = [j for _, j in local]
 def verdict(ok):
     return "met" if ok else "**missed**"
 def ratio(a, b):
-    return (med(a) / med(b) - 1) * 100
+    return round((med(a) / med(b) - 1) * 100, 1) + 0.0
 
 budget = runs["budget"]
 b_last = budget[-1]
