@@ -1,5 +1,5 @@
 //! The offline commands against files kept in the repository: the CRD in
-//! `manifests/` is what `tidepool-operator crd` prints, and the plans and
+//! `manifests/` and in the chart's `crds/` is what `tidepool-operator crd` prints, and the plans and
 //! rendered children of the examples match their golden files under
 //! `tests/golden/` (`TIDEPOOL_UPDATE_GOLDEN=1 cargo test -p tidepool-operator
 //! --test offline` rewrites them, for review in the diff).
@@ -43,11 +43,10 @@ fn golden(name: &str, actual: &str) {
 fn the_checked_in_crd_is_what_the_crd_command_prints() {
     let (ok, printed, stderr) = operator(&["crd"]);
     assert!(ok, "{stderr}");
-    let checked_in = std::fs::read_to_string(repo().join("manifests/crd.yaml")).expect("manifests/crd.yaml");
-    assert!(
-        checked_in == printed,
-        "manifests/crd.yaml is stale: run `tidepool-operator crd > manifests/crd.yaml`"
-    );
+    for copy in ["manifests/crd.yaml", "charts/tidepool/crds/tidepools.tidepool.dev.yaml"] {
+        let checked_in = std::fs::read_to_string(repo().join(copy)).expect(copy);
+        assert!(checked_in == printed, "{copy} is stale: run `tidepool-operator crd > {copy}`");
+    }
 }
 
 #[test]

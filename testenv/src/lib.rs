@@ -91,6 +91,23 @@ impl Kube {
     }
 }
 
+/// Helm 3 (`helm`) or Helm 4 (`helm4`) from `TIDEPOOL_HELM_BIN`, with its
+/// cache, configuration and data in a folder of this process's own (never
+/// the user's), talking to `kube` when given. Add the arguments and run it.
+pub fn helm(which: &str, kube: Option<&Kube>) -> Result<Command> {
+    let home = std::env::temp_dir().join(format!("tidepool-helm-{}", std::process::id()));
+    let mut command = Command::new(env_path("TIDEPOOL_HELM_BIN")?.join(which));
+    command
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"));
+    match kube {
+        Some(kube) => command.env("KUBECONFIG", &kube.kubeconfig),
+        None => command.env_remove("KUBECONFIG"),
+    };
+    Ok(command)
+}
+
 /// A path from the environment scripts/test.sh prepares (`KUBECONFIG`, and
 /// `TIDEPOOL_{KUBE,ETCD,KWOK,HELM}_BIN`, the tools' bin folders).
 pub fn env_path(name: &str) -> Result<PathBuf> {

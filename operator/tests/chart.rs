@@ -1,0 +1,283 @@
+//! The Helm chart (`charts/tidepool`) with the project's Helm 3 and Helm 4:
+//! it lints, renders what each value asks for (least-privilege RBAC,
+//! namespaced or cluster-wide; a hardened operator Deployment; monitors
+//! only where their API is served), refuses bad values with a clear
+//! message, and `manifests/install.yaml` is the chart rendered with its
+//! defaults.
+
+use std::collections::BTreeSet;
+
+use anyhow::{ensure, Context, Result};
+use serde::Deserialize;
+use serde_json::Value;
+use tidepool_testenv::{helm, repo_root};
+
+const HELMS: [&str; 2] = ["helm", "helm4"];
+
+fn chart() -> Result<String> {
+    Ok(repo_root()?.join("charts/tidepool").to_string_lossy().into_owned())
+}
+
+/// `helm template` of the chart as release `tidepool` in `tidepool-system`,
+/// with `args` (`--set ...`, `--api-versions ...`): the objects.
+fn render(which: &str, args: &[&str]) -> Result<Vec<Value>> {
+    let output = helm(which, None)?
+        .args(["template", "tidepool", &chart()?, "--namespace", "tidepool-system"])
+        .args(args)
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "{which} template {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut objects = Vec::new();
+    for document in serde_norway::Deserializer::from_str(&text) {
+        let value = Value::deserialize(document).context("helm template's YAML")?;
+        if !value.is_null() {
+            objects.push(value);
+        }
+    }
+    Ok(objects)
+}
+
+fn kinds(objects: &[Value]) -> BTreeSet<String> {
+    objects.iter().filter_map(|o| o["kind"].as_str().map(str::to_owned)).collect()
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str) -> Result<&'a Value> {
+    objects.iter().find(|o| o["kind"] == kind).with_context(|| format!("no {kind} rendered"))
+}
+
+fn strings(value: &Value) -> Vec<&str> {
+    value.as_array().into_iter().flatten().filter_map(Value::as_str).collect()
+}
+
+#[test]
+fn the_chart_lints_with_helm_3_and_4() -> Result<()> {
+    for which in HELMS {
+        let output = helm(which, None)?.args(["lint", "--strict", &chart()?]).output()?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        ensure!(output.status.success(), "{which} lint: {text}{}", String::from_utf8_lossy(&output.stderr));
+        ensure!(text.contains("0 chart(s) failed"), "{which} lint: {text}");
+    }
+    Ok(())
+}
+
+#[test]
+fn the_defaults_render_a_hardened_operator_with_cluster_wide_least_privilege() -> Result<()> {
+    for which in HELMS {
+        let objects = render(which, &[])?;
+        let expected: BTreeSet<String> = [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "PodDisruptionBudget",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "ServiceAccount",
+        ]
+        .map(str::to_owned)
+        .into();
+        assert_eq!(kinds(&objects), expected, "{which}");
+
+        let deployment = find(&objects, "Deployment")?;
+        assert_eq!(deployment["spec"]["replicas"], 2, "{which}");
+        let pod = &deployment["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+        assert_eq!(container["image"], "localhost/tidepool-operator:0.1.0", "{which}");
+        assert!(strings(&container["args"]).contains(&"--lease-duration=15"), "{which}: {container}");
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+        let security = &container["securityContext"];
+        assert_eq!(security["readOnlyRootFilesystem"], true);
+        assert_eq!(security["allowPrivilegeEscalation"], false);
+        assert_eq!(strings(&security["capabilities"]["drop"]), ["ALL"]);
+        let env: Vec<&str> =
+            container["env"].as_array().into_iter().flatten().filter_map(|e| e["name"].as_str()).collect();
+        assert!(env.contains(&"POD_NAMESPACE") && env.contains(&"POD_NAME"), "{env:?}");
+        assert!(!env.contains(&"TIDEPOOL_OPERATOR_NAMESPACE"), "cluster-wide by default");
+        assert_eq!(pod["serviceAccountName"], find(&objects, "ServiceAccount")?["metadata"]["name"]);
+
+        // The metrics Service selects the operator's pods, on their port.
+        let service = find(&objects, "Service")?;
+        let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+        for (key, value) in service["spec"]["selector"].as_object().context("selector")? {
+            assert_eq!(&labels[key], value, "{which}: the Service selects {key}");
+        }
+        assert_eq!(service["spec"]["ports"][0]["targetPort"], container["ports"][0]["name"]);
+
+        // No wildcard anywhere; the Lease only in the operator's namespace.
+        for object in objects.iter().filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role") {
+            for rule in object["rules"].as_array().context("rules")? {
+                for field in ["apiGroups", "resources", "verbs"] {
+                    assert!(!strings(&rule[field]).contains(&"*"), "{which}: a wildcard in {rule}");
+                }
+                let leases = strings(&rule["resources"]).contains(&"leases");
+                assert_eq!(leases, object["kind"] == "Role", "{which}: {rule}");
+            }
+        }
+        let role = find(&objects, "Role")?;
+        assert_eq!(role["metadata"]["namespace"], "tidepool-system");
+    }
+    Ok(())
+}
+
+#[test]
+fn values_narrow_the_rights_and_the_replicas() -> Result<()> {
+    for which in HELMS {
+        // One namespace: its Role, nothing cluster-wide.
+        let objects = render(which, &["--set", "watchNamespace=shop"])?;
+        let scoped: Vec<&Value> =
+            objects.iter().filter(|o| o["kind"] == "Role" || o["kind"] == "RoleBinding").collect();
+        assert!(scoped.iter().any(|o| o["metadata"]["namespace"] == "shop"), "{which}");
+        assert!(!kinds(&objects).contains("ClusterRole") && !kinds(&objects).contains("ClusterRoleBinding"));
+        let container = &find(&objects, "Deployment")?["spec"]["template"]["spec"]["containers"][0];
+        let watched = container["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == "TIDEPOOL_OPERATOR_NAMESPACE");
+        assert_eq!(watched.map(|e| &e["value"]), Some(&Value::from("shop")), "{which}");
+
+        // A single replica without leader election: no Lease rights, no PDB.
+        let objects = render(which, &["--set", "leaderElection.enabled=false", "--set", "replicaCount=1"])?;
+        let container = &find(&objects, "Deployment")?["spec"]["template"]["spec"]["containers"][0];
+        assert!(strings(&container["args"]).contains(&"--no-leader-election"), "{which}");
+        assert!(!objects.iter().any(|o| o["metadata"]["name"] == "tidepool-leader-election"), "{which}");
+        assert!(!kinds(&objects).contains("PodDisruptionBudget"), "{which}");
+
+        // Without RBAC or a service account of its own, the named one.
+        let objects = render(
+            which,
+            &[
+                "--set",
+                "rbac.create=false",
+                "--set",
+                "serviceAccount.create=false",
+                "--set",
+                "serviceAccount.name=ops",
+            ],
+        )?;
+        let kinds = kinds(&objects);
+        assert!(!kinds.iter().any(|k| k.contains("Role") || k == "ServiceAccount"), "{which}: {kinds:?}");
+        assert_eq!(find(&objects, "Deployment")?["spec"]["template"]["spec"]["serviceAccountName"], "ops");
+    }
+    Ok(())
+}
+
+#[test]
+fn monitors_render_only_when_enabled_and_their_api_is_served() -> Result<()> {
+    let on = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true"];
+    let served = [
+        "--api-versions",
+        "monitoring.coreos.com/v1/ServiceMonitor",
+        "--api-versions",
+        "monitoring.coreos.com/v1/PodMonitor",
+    ];
+    for which in HELMS {
+        let without_api = render(which, &on)?;
+        assert!(
+            !kinds(&without_api).contains("ServiceMonitor") && !kinds(&without_api).contains("PodMonitor")
+        );
+        assert!(!kinds(&render(which, &served)?).contains("ServiceMonitor"), "{which}: off by default");
+
+        let objects = render(which, &[&on[..], &served[..]].concat())?;
+        let monitor = find(&objects, "ServiceMonitor")?;
+        let service = find(&objects, "Service")?;
+        for (key, value) in monitor["spec"]["selector"]["matchLabels"].as_object().context("matchLabels")? {
+            assert_eq!(
+                &service["metadata"]["labels"][key], value,
+                "{which}: the ServiceMonitor selects {key}"
+            );
+        }
+        assert_eq!(monitor["spec"]["endpoints"][0]["port"], service["spec"]["ports"][0]["name"]);
+
+        // The PodMonitor's ports are the names the operator gives the web
+        // and worker containers' ports, and it selects what it renders.
+        let pod_monitor = find(&objects, "PodMonitor")?;
+        let example = std::fs::read_to_string(repo_root()?.join("manifests/examples/minimal.yaml"))?;
+        let rendered = tidepool_operator::cli::render(&example, "shop")?;
+        let mut port_names = BTreeSet::new();
+        for document in serde_norway::Deserializer::from_str(&rendered) {
+            let object = Value::deserialize(document)?;
+            if object["kind"] != "Deployment" {
+                continue;
+            }
+            let labels = &object["spec"]["template"]["metadata"]["labels"];
+            for (key, value) in
+                pod_monitor["spec"]["selector"]["matchLabels"].as_object().context("matchLabels")?
+            {
+                assert_eq!(&labels[key], value, "{which}: the PodMonitor selects {key}");
+            }
+            let app = &object["spec"]["template"]["spec"]["containers"][0];
+            port_names.extend(
+                app["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p["name"].as_str())
+                    .map(str::to_owned),
+            );
+        }
+        let monitored: BTreeSet<String> = pod_monitor["spec"]["podMetricsEndpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["port"].as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(monitored, port_names, "{which}");
+    }
+    Ok(())
+}
+
+#[test]
+fn the_values_schema_refuses_each_kind_of_bad_value_clearly() -> Result<()> {
+    let cases = [
+        ("replicaCount=0", "at '/replicaCount': minimum: got 0, want 1"),
+        ("replicaCount=two", "at '/replicaCount'"),
+        (
+            "image.pullPolicy=Sometimes",
+            "at '/image/pullPolicy': value must be one of 'Always', 'IfNotPresent', 'Never'",
+        ),
+        ("image.repository=", "at '/image/repository'"),
+        ("metrics.port=70000", "at '/metrics/port': maximum"),
+        ("watchNamespace=Not_A_Namespace", "at '/watchNamespace'"),
+        ("metrics.serviceMonitor.interval=soon", "at '/metrics/serviceMonitor/interval'"),
+        ("leaderElection.leaseDurationSeconds=1", "at '/leaderElection/leaseDurationSeconds': minimum"),
+        ("leaderElection.enabled=false", "at '/replicaCount': value must be 1"),
+        ("replicas=3", "additional properties 'replicas' not allowed"),
+        ("podLabels.team=3", "at '/podLabels/team'"),
+    ];
+    for which in HELMS {
+        for (set, message) in cases {
+            let output =
+                helm(which, None)?.args(["template", "tidepool", &chart()?, "--set", set]).output()?;
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(!output.status.success(), "{which}: --set {set} was accepted");
+            assert!(stderr.contains("values don't meet the specifications"), "{which} --set {set}: {stderr}");
+            assert!(stderr.contains(message), "{which} --set {set}: wanted {message:?} in {stderr}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn install_yaml_is_the_chart_rendered_with_its_defaults() -> Result<()> {
+    let root = repo_root()?;
+    let fresh = std::env::temp_dir().join(format!("tidepool-install-{}.yaml", std::process::id()));
+    let output = std::process::Command::new(root.join("scripts/render-install.sh")).arg(&fresh).output()?;
+    ensure!(output.status.success(), "render-install.sh: {}", String::from_utf8_lossy(&output.stderr));
+    let rendered = std::fs::read_to_string(&fresh)?;
+    std::fs::remove_file(&fresh)?;
+    let checked_in = std::fs::read_to_string(root.join("manifests/install.yaml"))?;
+    assert!(rendered == checked_in, "manifests/install.yaml is stale: run scripts/render-install.sh");
+    let kinds: Vec<Value> = serde_norway::Deserializer::from_str(&checked_in)
+        .map(Value::deserialize)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(kinds[0]["kind"], "Namespace");
+    assert_eq!(kinds[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "restricted");
+    assert!(kinds.iter().any(|k| k["kind"] == "CustomResourceDefinition"));
+    Ok(())
+}
