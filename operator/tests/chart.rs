@@ -3,14 +3,19 @@
 //! namespaced or cluster-wide; a hardened operator Deployment; monitors
 //! only where their API is served), refuses bad values with a clear
 //! message, and `manifests/install.yaml` is the chart rendered with its
-//! defaults.
+//! defaults; installed into the test cluster, the operator runs as pods on
+//! the real node and reconciles.
+
+mod common;
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use serde::Deserialize;
 use serde_json::Value;
-use tidepool_testenv::{helm, repo_root};
+use tidepool_testenv::node::{AppDatabase, Node, Postgres};
+use tidepool_testenv::{helm, repo_root, wait_for};
 
 const HELMS: [&str; 2] = ["helm", "helm4"];
 
@@ -281,3 +286,106 @@ fn install_yaml_is_the_chart_rendered_with_its_defaults() -> Result<()> {
     assert!(kinds.iter().any(|k| k["kind"] == "CustomResourceDefinition"));
     Ok(())
 }
+
+/// `helm install` into the test cluster, watching one namespace (an operator
+/// for the whole cluster would reconcile the other tests' Tidepools too):
+/// every object is accepted, the operator runs as two pods on the real node
+/// under the chart's service account and Role, one of them holds the Lease,
+/// and a Tidepool applied after goes Ready with its pods running. `helm
+/// uninstall` removes the operator and leaves the CRD, the Tidepool and its
+/// children.
+#[test]
+fn helm_install_runs_the_operator_on_the_real_node_and_it_reconciles() -> Result<()> {
+    let kube = common::kube_with_crd()?;
+    let node = Node::from_env()?;
+    let pg = Postgres::from_env()?;
+    let ns = kube.namespace("chart")?;
+    let db = AppDatabase::create(&pg, &ns.name.replace('-', "_"))?;
+    let tolerations =
+        format!(r#"tolerations=[{{"key":"{}","operator":"Exists","effect":"NoSchedule"}}]"#, Node::TAINT);
+    for which in HELMS {
+        let release = format!("tidepool-{which}");
+        let output = helm(which, Some(kube))?
+            .args(["install", &release, &chart()?, "--namespace", &ns.name, "--wait", "--timeout", "180s"])
+            .args(["--set", &format!("watchNamespace={}", ns.name), "--set", "nodeSelector.type=real"])
+            .args(["--set-json", &tolerations])
+            .output()?;
+        ensure!(output.status.success(), "{which} install: {}", String::from_utf8_lossy(&output.stderr));
+        let selector = format!("app.kubernetes.io/instance={release},app.kubernetes.io/component=operator");
+        let pods = kube.get_json(&["-n", &ns.name, "pods", "-l", &selector])?;
+        let pods = pods["items"].as_array().cloned().unwrap_or_default();
+        assert_eq!(pods.len(), 2, "{which}: two operator replicas");
+        let names: Vec<&str> = pods.iter().filter_map(|p| p["metadata"]["name"].as_str()).collect();
+        for pod in &pods {
+            assert_eq!(pod["spec"]["nodeName"], Node::NAME, "{which}");
+            assert_eq!(pod["spec"]["serviceAccountName"], release.as_str(), "{which}");
+            assert_eq!(pod["status"]["phase"], "Running", "{which}");
+        }
+        wait_for("a replica to hold the Lease", Duration::from_secs(60), || {
+            let lease = kube.get_json(&["-n", &ns.name, "lease/tidepool-operator"])?;
+            let holder = lease["spec"]["holderIdentity"].as_str().unwrap_or_default().to_owned();
+            Ok(names.contains(&holder.as_str()).then_some(()))
+        })?;
+
+        if which == "helm" {
+            // The Tidepool, reconciled by the replica that leads.
+            kube.kubectl(
+                &["apply", "-n", &ns.name, "-f", "-"],
+                Some(&db.secret("shop-app", &node.host_ip, pg.port)),
+            )?;
+            kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(SHOP))?;
+            wait_for("the Tidepool to be Ready", Duration::from_secs(240), || {
+                let tidepool = kube.get_json(&["-n", &ns.name, "tidepool/shop"])?;
+                let ready = tidepool["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True");
+                Ok(ready.then_some(()))
+            })
+            .with_context(|| {
+                kube.kubectl(&["get", "pods,events", "-n", &ns.name], None).unwrap_or_default()
+            })?;
+        }
+
+        let output = helm(which, Some(kube))?
+            .args(["uninstall", &release, "--namespace", &ns.name, "--wait", "--timeout", "120s"])
+            .output()?;
+        ensure!(output.status.success(), "{which} uninstall: {}", String::from_utf8_lossy(&output.stderr));
+        let left = kube.kubectl(
+            &[
+                "get",
+                "deployment,serviceaccount,role,rolebinding,service,pdb",
+                "-n",
+                &ns.name,
+                "-l",
+                &format!("app.kubernetes.io/instance={release}"),
+                "-o",
+                "name",
+            ],
+            None,
+        )?;
+        assert_eq!(left.trim(), "", "{which} uninstall left: {left}");
+        kube.kubectl(&["get", "crd/tidepools.tidepool.dev"], None)?;
+        // The Tidepool and its children outlive the operator.
+        kube.kubectl(
+            &["get", "-n", &ns.name, "tidepool/shop", "deployment/shop-web", "deployment/shop-worker"],
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+/// The Tidepool of the install test, on the real node.
+const SHOP: &str = r#"{
+  "apiVersion": "tidepool.dev/v1alpha1", "kind": "Tidepool",
+  "metadata": {"name": "shop"},
+  "spec": {
+    "imagePullPolicy": "IfNotPresent",
+    "database": {"secretRef": {"name": "shop-app"}, "maxConnections": 40, "reservedConnections": 10},
+    "web": {"replicas": 1, "concurrency": 8, "databasePool": 4},
+    "worker": {"replicas": 1, "concurrency": 4},
+    "nodeSelector": {"type": "real"},
+    "tolerations": [{"key": "tidepool.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}]
+  }
+}"#;
