@@ -9,13 +9,16 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::io::BufReader;
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use serde::Deserialize;
 use serde_json::Value;
 use tidepool_testenv::node::{AppDatabase, Node, Postgres};
-use tidepool_testenv::{helm, repo_root, wait_for};
+use tidepool_testenv::{helm, repo_root, wait_for, Kube};
 
 const HELMS: [&str; 2] = ["helm", "helm4"];
 
@@ -272,7 +275,7 @@ fn the_values_schema_refuses_each_kind_of_bad_value_clearly() -> Result<()> {
 fn install_yaml_is_the_chart_rendered_with_its_defaults() -> Result<()> {
     let root = repo_root()?;
     let fresh = std::env::temp_dir().join(format!("tidepool-install-{}.yaml", std::process::id()));
-    let output = std::process::Command::new(root.join("scripts/render-install.sh")).arg(&fresh).output()?;
+    let output = Command::new(root.join("scripts/render-install.sh")).arg(&fresh).output()?;
     ensure!(output.status.success(), "render-install.sh: {}", String::from_utf8_lossy(&output.stderr));
     let rendered = std::fs::read_to_string(&fresh)?;
     std::fs::remove_file(&fresh)?;
@@ -346,6 +349,34 @@ fn helm_install_runs_the_operator_on_the_real_node_and_it_reconciles() -> Result
             .with_context(|| {
                 kube.kubectl(&["get", "pods,events", "-n", &ns.name], None).unwrap_or_default()
             })?;
+
+            // An upgrade with a changed value rolls both replicas; the Lease
+            // passes on without a gap in renewals longer than its duration.
+            let renewals = LeaseWatch::start(kube, &ns.name)?;
+            let output = helm(which, Some(kube))?
+                .args(["upgrade", &release, &chart()?, "--namespace", &ns.name, "--reuse-values"])
+                .args(["--set", "logLevel=debug", "--wait", "--timeout", "180s"])
+                .output()?;
+            ensure!(output.status.success(), "{which} upgrade: {}", String::from_utf8_lossy(&output.stderr));
+            let pods = kube.get_json(&["-n", &ns.name, "pods", "-l", &selector])?;
+            let new: Vec<String> = pods["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+                .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
+                .collect();
+            ensure!(new.iter().all(|n| !names.contains(&n.as_str())), "{which}: not rolled: {new:?}");
+            wait_for("a new replica to hold the Lease", Duration::from_secs(60), || {
+                let lease = kube.get_json(&["-n", &ns.name, "lease/tidepool-operator"])?;
+                let holder = lease["spec"]["holderIdentity"].as_str().unwrap_or_default();
+                Ok(new.iter().any(|n| n == holder).then_some(()))
+            })?;
+            let renewals = renewals.finish()?;
+            eprintln!("{which}: the Lease across the upgrade: {renewals:?}");
+            let lease_duration = Duration::from_secs(15);
+            assert!(renewals.longest_gap <= lease_duration, "{which}: a gap in leadership: {renewals:?}");
+            assert!(renewals.holders.len() >= 2, "{which}: the Lease passed to a new replica: {renewals:?}");
         }
 
         let output = helm(which, Some(kube))?
@@ -374,6 +405,73 @@ fn helm_install_runs_the_operator_on_the_real_node_and_it_reconciles() -> Result
         )?;
     }
     Ok(())
+}
+
+/// A watch of the Lease `tidepool-operator`: the longest time between two
+/// renewals by any holder (or from the last one to the end), and the
+/// holders seen in order.
+struct LeaseWatch {
+    child: Child,
+    thread: Option<JoinHandle<Result<Renewals>>>,
+    started: Instant,
+}
+
+/// What a [`LeaseWatch`] saw.
+#[derive(Debug)]
+struct Renewals {
+    longest_gap: Duration,
+    holders: Vec<String>,
+}
+
+impl LeaseWatch {
+    fn start(kube: &Kube, namespace: &str) -> Result<LeaseWatch> {
+        let mut child = Command::new(kube.bin.join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&kube.kubeconfig)
+            .args(["get", "lease/tidepool-operator", "-n", namespace, "--watch", "-o", "json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("kubectl get --watch")?;
+        let stdout = child.stdout.take().context("kubectl's output")?;
+        let started = Instant::now();
+        let thread = std::thread::spawn(move || {
+            let (mut longest, mut last, mut holders) = (Duration::ZERO, started, Vec::<String>::new());
+            let mut last_renewal = String::new();
+            for lease in serde_json::Deserializer::from_reader(BufReader::new(stdout)).into_iter::<Value>() {
+                let lease = lease?;
+                let holder = lease["spec"]["holderIdentity"].as_str().unwrap_or_default().to_owned();
+                let renewal = lease["spec"]["renewTime"].as_str().unwrap_or_default().to_owned();
+                if holder.is_empty() || renewal == last_renewal {
+                    continue;
+                }
+                longest = longest.max(last.elapsed());
+                last = Instant::now();
+                last_renewal = renewal;
+                if holders.last() != Some(&holder) {
+                    holders.push(holder);
+                }
+            }
+            Ok(Renewals { longest_gap: longest.max(last.elapsed()), holders })
+        });
+        Ok(LeaseWatch { child, thread: Some(thread), started })
+    }
+
+    fn finish(mut self) -> Result<Renewals> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let thread = self.thread.take().context("finished already")?;
+        let renewals = thread.join().map_err(|_| anyhow::anyhow!("the Lease watch panicked"))??;
+        ensure!(self.started.elapsed() >= renewals.longest_gap, "a gap longer than the watch");
+        Ok(renewals)
+    }
+}
+
+impl Drop for LeaseWatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The Tidepool of the install test, on the real node.
