@@ -336,17 +336,8 @@ fn helm_install_runs_the_operator_on_the_real_node_and_it_reconciles() -> Result
                 &["apply", "-n", &ns.name, "-f", "-"],
                 Some(&db.secret("shop-app", &node.host_ip, pg.port)),
             )?;
-            kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(SHOP))?;
-            wait_for("the Tidepool to be Ready", Duration::from_secs(240), || {
-                let tidepool = kube.get_json(&["-n", &ns.name, "tidepool/shop"])?;
-                let ready = tidepool["status"]["conditions"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|c| c["type"] == "Ready" && c["status"] == "True");
-                Ok(ready.then_some(()))
-            })
-            .with_context(|| {
+            kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(common::REAL_NODE_TIDEPOOL))?;
+            common::wait_ready(kube, &ns.name, Duration::from_secs(240)).with_context(|| {
                 kube.kubectl(&["get", "pods,events", "-n", &ns.name], None).unwrap_or_default()
             })?;
 
@@ -473,17 +464,3 @@ impl Drop for LeaseWatch {
         let _ = self.child.wait();
     }
 }
-
-/// The Tidepool of the install test, on the real node.
-const SHOP: &str = r#"{
-  "apiVersion": "tidepool.dev/v1alpha1", "kind": "Tidepool",
-  "metadata": {"name": "shop"},
-  "spec": {
-    "imagePullPolicy": "IfNotPresent",
-    "database": {"secretRef": {"name": "shop-app"}, "maxConnections": 40, "reservedConnections": 10},
-    "web": {"replicas": 1, "concurrency": 8, "databasePool": 4},
-    "worker": {"replicas": 1, "concurrency": 4},
-    "nodeSelector": {"type": "real"},
-    "tolerations": [{"key": "tidepool.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}]
-  }
-}"#;

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use common::{kube_with_crd, Operator};
+use common::{kube_with_crd, wait_ready, Operator, REAL_NODE_TIDEPOOL};
 use serde_json::Value;
 use tidepool_testenv::node::{output, pod_processes, AppDatabase, Node, Postgres};
 use tidepool_testenv::{env_path, wait_for, Kube};
@@ -37,19 +37,6 @@ fn the_real_node_is_ready_with_containerd_and_tainted() -> Result<()> {
     Ok(())
 }
 
-const TIDEPOOL: &str = r#"{
-  "apiVersion": "tidepool.dev/v1alpha1", "kind": "Tidepool",
-  "metadata": {"name": "shop"},
-  "spec": {
-    "imagePullPolicy": "IfNotPresent",
-    "database": {"secretRef": {"name": "shop-app"}, "maxConnections": 40, "reservedConnections": 10},
-    "web": {"replicas": 1, "concurrency": 8, "databasePool": 4},
-    "worker": {"replicas": 1, "concurrency": 4},
-    "nodeSelector": {"type": "real"},
-    "tolerations": [{"key": "tidepool.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}]
-  }
-}"#;
-
 #[test]
 fn a_tidepool_runs_on_the_real_node() -> Result<()> {
     let kube = kube_with_crd()?;
@@ -62,19 +49,11 @@ fn a_tidepool_runs_on_the_real_node() -> Result<()> {
         Some(&db.secret("shop-app", &node.host_ip, pg.port)),
     )?;
     let _operator = Operator::start(&ns.name)?;
-    kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(TIDEPOOL))?;
+    kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(REAL_NODE_TIDEPOOL))?;
 
     // The migration Job, then both tiers, with their sidecars, probes passed.
-    let tidepool = wait_for("the Tidepool to be Ready", Duration::from_secs(240), || {
-        let tidepool = kube.get_json(&["-n", &ns.name, "tidepool/shop"])?;
-        let ready = tidepool["status"]["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|c| c["type"] == "Ready" && c["status"] == "True");
-        Ok(ready.then_some(tidepool))
-    })
-    .with_context(|| describe(kube, &ns.name))?;
+    let tidepool =
+        wait_ready(kube, &ns.name, Duration::from_secs(240)).with_context(|| describe(kube, &ns.name))?;
     let jobs = kube.get_json(&["-n", &ns.name, "jobs"])?;
     assert_eq!(jobs["items"][0]["status"]["succeeded"], 1, "the migration Job: {jobs}");
     assert_eq!(pg.psql(&db.name, "SELECT count(*) FROM pg_tables WHERE tablename = 'tidepool_jobs'")?, "1");

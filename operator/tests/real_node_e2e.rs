@@ -88,11 +88,7 @@ impl Shop {
         wait_for("the Tidepool to be Ready", Duration::from_secs(300), || {
             let tidepool = self.tidepool()?;
             let status = &tidepool["status"];
-            let ready = status["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            let ready = common::condition(&tidepool, "Ready").is_some_and(|(status, _, _)| status == "True");
             let observed = status["observedGeneration"].as_i64().unwrap_or(0) >= generation;
             let tiers_ready = ["web", "worker"]
                 .iter()

@@ -162,6 +162,30 @@ pub fn wait_condition(kube: &Kube, ns: &str, type_: &str, status: &str, reason: 
     })
 }
 
+/// Waits up to `limit` until tidepool/shop in `ns` is Ready; the Tidepool.
+pub fn wait_ready(kube: &Kube, ns: &str, limit: Duration) -> Result<Value> {
+    wait_for("the Tidepool to be Ready", limit, || {
+        let tidepool = get(kube, ns, "tidepool/shop")?;
+        Ok(tidepool.filter(|t| condition(t, "Ready").is_some_and(|(status, _, _)| status == "True")))
+    })
+}
+
+/// The smallest Tidepool `shop` on the test cluster's real node (web 1 ×
+/// pool 4, worker 1 × 4; 40 connections, 10 reserved), for the Secret
+/// `shop-app`.
+pub const REAL_NODE_TIDEPOOL: &str = r#"{
+  "apiVersion": "tidepool.dev/v1alpha1", "kind": "Tidepool",
+  "metadata": {"name": "shop"},
+  "spec": {
+    "imagePullPolicy": "IfNotPresent",
+    "database": {"secretRef": {"name": "shop-app"}, "maxConnections": 40, "reservedConnections": 10},
+    "web": {"replicas": 1, "concurrency": 8, "databasePool": 4},
+    "worker": {"replicas": 1, "concurrency": 4},
+    "nodeSelector": {"type": "real"},
+    "tolerations": [{"key": "tidepool.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}]
+  }
+}"#;
+
 /// The app image of a Deployment's pods.
 pub fn image(deployment: &Value) -> &Value {
     &deployment["spec"]["template"]["spec"]["containers"][0]["image"]
