@@ -90,11 +90,16 @@ async fn seed_task_experiment_runs_fifty_at_once() -> Result<()> {
     // Serially this is 100 × 0.5 s = 50 s; fifty at a time, two rounds.
     assert!(total < 25.0, "took {total:.2} s: not concurrent");
 
-    let metrics = support::get(&worker.url("/metrics")).await?.body;
-    assert!(
-        metrics.contains(r#"tidepool_jobs_succeeded_total{queue="default",task="slow_query"} 100"#),
-        "{metrics}"
-    );
+    // The counters move once the recorder's statement has returned, a
+    // moment after the rows the query above saw were committed.
+    let succeeded = r#"tidepool_jobs_succeeded_total{queue="default",task="slow_query"} 100"#;
+    let metrics_url = worker.url("/metrics");
+    let metrics =
+        support::wait_for("the succeeded counter to reach 100", Duration::from_secs(10), || async {
+            support::get(&metrics_url).await.ok().map(|r| r.body).filter(|body| body.contains(succeeded))
+        })
+        .await
+        .with_context(|| worker.log())?;
     assert!(
         metrics.contains(r#"tidepool_jobs_started_total{queue="default",task="slow_query"} 100"#),
         "{metrics}"
