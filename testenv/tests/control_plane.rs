@@ -188,7 +188,6 @@ fn binaries_embed_the_pinned_module_versions() -> Result<()> {
 #[test]
 fn helm_installs_into_the_cluster_and_sees_its_version() -> Result<()> {
     let kube = Kube::from_env()?;
-    let helm_dir = env_path("TIDEPOOL_HELM_BIN")?;
     let pinned = pinned_version("kubernetes", "k8s.io/kubernetes")?;
     let minor = pinned.trim_start_matches('v').split('.').take(2).collect::<Vec<_>>().join(".");
 
@@ -203,13 +202,7 @@ fn helm_installs_into_the_cluster_and_sees_its_version() -> Result<()> {
     for helm in ["helm", "helm4"] {
         let ns = kube.namespace(helm)?;
         let run = |args: &[&str]| -> Result<String> {
-            let output = Command::new(helm_dir.join(helm))
-                .args(args)
-                .env("KUBECONFIG", &kube.kubeconfig)
-                .env("HELM_CACHE_HOME", chart.join(".cache"))
-                .env("HELM_CONFIG_HOME", chart.join(".config"))
-                .env("HELM_DATA_HOME", chart.join(".data"))
-                .output()?;
+            let output = tidepool_testenv::helm(helm, Some(&kube))?.args(args).output()?;
             ensure!(
                 output.status.success(),
                 "{helm} {}: {}",
