@@ -355,6 +355,7 @@ fn the_connection_budget_holds_under_overload() -> Result<()> {
     let jobs_seconds = jobs_span_seconds(&shop)?;
     let samples = connections.finish()?;
 
+    // Jobs offered at once: 2 worker pods × concurrency 20.
     let offered = requests as i64 + 2 * 20;
     assert!(offered >= 2 * planned, "the load asks for {offered}, planned {planned}");
     let log = shop.pg.log()?;
