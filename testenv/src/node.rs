@@ -328,7 +328,7 @@ impl AppDatabase {
 }
 
 /// Samples a count (`SELECT count(*) ...`) every 100 ms in a thread, until
-/// dropped or [`Sampler::finish`]ed: its peak and every sample.
+/// dropped or [`Sampler::finish`]ed: every sample.
 pub struct Sampler {
     stop: Arc<AtomicBool>,
     samples: Arc<Mutex<Vec<(Duration, i64)>>>,
@@ -350,11 +350,6 @@ impl Sampler {
             Ok(())
         });
         Sampler { stop, samples, thread: Some(thread) }
-    }
-
-    /// The largest count seen so far.
-    pub fn peak(&self) -> i64 {
-        self.samples.lock().map(|s| s.iter().map(|(_, c)| *c).max().unwrap_or(0)).unwrap_or(0)
     }
 
     /// Stops; every sample (time since the start, count). Fails if a
