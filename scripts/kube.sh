@@ -14,7 +14,11 @@
 #
 # State (certificates, etcd data, logs, kubeconfig) lives in
 # $TIDEPOOL_STATE_DIR/kube; the API server's audit log of every write is
-# log/audit.log there (scripts/kube/audit-policy.yaml). kwok's pods wait for
+# log/audit.log there (scripts/kube/audit-policy.yaml). The admission plugin
+# OwnerReferencesPermissionEnforcement is on, as in clusters that guard
+# owner references (OpenShift): setting blockOwnerDeletion needs the right to
+# update the owner's finalizers, so the operator's RBAC is checked for it.
+# kwok's pods wait for
 # their finalizers when deleted (scripts/kube/kwok-pod-stages.yaml). The kwok
 # node renews a node Lease as a kubelet does: without one the node-lifecycle
 # controller saw it NotReady every minute and marked its pods not ready,
@@ -165,6 +169,7 @@ up() {
     --kubelet-certificate-authority "$PKI/ca.crt" \
     --kubelet-preferred-address-types InternalIP,Hostname \
     --authorization-mode Node,RBAC --allow-privileged=true \
+    --enable-admission-plugins OwnerReferencesPermissionEnforcement \
     --audit-policy-file "$REPO_ROOT/scripts/kube/audit-policy.yaml" --audit-log-path "$LOGS/audit.log" \
     --audit-log-maxsize 100 --audit-log-maxbackup 1 \
     --profiling=false

@@ -146,7 +146,8 @@ stop_pid() {
 
 # Builds what is missing of the Kubernetes tools ("$@", all by default;
 # scripts/kube-build.sh) and exports their bin folders: TIDEPOOL_KUBE_BIN,
-# TIDEPOOL_ETCD_BIN, TIDEPOOL_KWOK_BIN, TIDEPOOL_HELM_BIN, TIDEPOOL_NODE_BIN.
+# TIDEPOOL_ETCD_BIN, TIDEPOOL_KWOK_BIN, TIDEPOOL_HELM_BIN, TIDEPOOL_NODE_BIN,
+# and TIDEPOOL_MONITORING_CRDS (the folder of prometheus-operator's CRDs).
 load_kube_tools() {
   local built tool dir
   built=$("$REPO_ROOT/scripts/kube-build.sh" "$@") || die "building the Kubernetes tools failed"
@@ -157,6 +158,7 @@ load_kube_tools() {
       kwok) export TIDEPOOL_KWOK_BIN=$dir ;;
       helm) export TIDEPOOL_HELM_BIN=$dir ;;
       node) export TIDEPOOL_NODE_BIN=$dir ;;
+      monitoring) export TIDEPOOL_MONITORING_CRDS=${dir%/bin}/crds ;;
     esac
   done <<< "$built"
 }

@@ -4,7 +4,8 @@
 //! only where their API is served), refuses bad values with a clear
 //! message, and `manifests/install.yaml` is the chart rendered with its
 //! defaults; installed into the test cluster, the operator runs as pods on
-//! the real node and reconciles.
+//! the real node and reconciles, and the monitors, checked by
+//! prometheus-operator's own CRDs, find the pods that run.
 
 mod common;
 
@@ -175,21 +176,68 @@ fn values_narrow_the_rights_and_the_replicas() -> Result<()> {
     Ok(())
 }
 
+/// The values that turn on the ServiceMonitor, PodMonitor and PrometheusRule.
+const MONITORS_ON: [&str; 6] = [
+    "--set",
+    "metrics.serviceMonitor.enabled=true",
+    "--set",
+    "metrics.podMonitor.enabled=true",
+    "--set",
+    "metrics.prometheusRule.enabled=true",
+];
+
+/// The rule groups of the chart's files/prometheus-rules.yaml: the spec of
+/// its PrometheusRule.
+fn alert_groups() -> Result<Value> {
+    let text = std::fs::read_to_string(repo_root()?.join("charts/tidepool/files/prometheus-rules.yaml"))?;
+    Ok(serde_norway::from_str(&text)?)
+}
+
+/// Every alert's runbook_url in rule groups, in order.
+fn runbook_urls(groups: &Value) -> Vec<String> {
+    groups["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+        .filter_map(|r| r["annotations"]["runbook_url"].as_str().map(str::to_owned))
+        .collect()
+}
+
 #[test]
 fn monitors_render_only_when_enabled_and_their_api_is_served() -> Result<()> {
-    let on = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true"];
+    let on = MONITORS_ON;
     let served = [
         "--api-versions",
         "monitoring.coreos.com/v1/ServiceMonitor",
         "--api-versions",
         "monitoring.coreos.com/v1/PodMonitor",
+        "--api-versions",
+        "monitoring.coreos.com/v1/PrometheusRule",
     ];
+    let monitor_kinds = ["ServiceMonitor", "PodMonitor", "PrometheusRule"];
+    let alerts = alert_groups()?;
     for which in HELMS {
-        let without_api = render(which, &on)?;
-        assert!(
-            !kinds(&without_api).contains("ServiceMonitor") && !kinds(&without_api).contains("PodMonitor")
+        let without_api = kinds(&render(which, &on)?);
+        assert!(monitor_kinds.iter().all(|k| !without_api.contains(*k)), "{which}: {without_api:?}");
+        let by_default = kinds(&render(which, &served)?);
+        assert!(monitor_kinds.iter().all(|k| !by_default.contains(*k)), "{which}: off by default");
+
+        // The alerts of files/prometheus-rules.yaml, as they are, and with
+        // the runbook links pointed at a served copy.
+        let objects = render(which, &[&on[..], &served[..]].concat())?;
+        assert_eq!(find(&objects, "PrometheusRule")?["spec"], alerts, "{which}");
+        let url = "https://runbooks.example/tidepool.md";
+        let moved = render(
+            which,
+            &[&on[..], &served[..], &["--set", &format!("metrics.prometheusRule.runbookURL={url}")]].concat(),
+        )?;
+        let links = runbook_urls(&find(&moved, "PrometheusRule")?["spec"]);
+        assert!(!links.is_empty() && links.iter().all(|l| l.starts_with(&format!("{url}#"))), "{links:?}");
+        assert_eq!(
+            links,
+            runbook_urls(&alerts).iter().map(|l| l.replace("docs/runbooks.md", url)).collect::<Vec<_>>()
         );
-        assert!(!kinds(&render(which, &served)?).contains("ServiceMonitor"), "{which}: off by default");
 
         let objects = render(which, &[&on[..], &served[..]].concat())?;
         let monitor = find(&objects, "ServiceMonitor")?;
@@ -257,6 +305,7 @@ fn the_values_schema_refuses_each_kind_of_bad_value_clearly() -> Result<()> {
         ("leaderElection.enabled=false", "at '/replicaCount': value must be 1"),
         ("replicas=3", "additional properties 'replicas' not allowed"),
         ("podLabels.team=3", "at '/podLabels/team'"),
+        ("metrics.prometheusRule.runbookURL=ftp://runbooks", "at '/metrics/prometheusRule/runbookURL'"),
     ];
     for which in HELMS {
         for (set, message) in cases {
@@ -274,19 +323,57 @@ fn the_values_schema_refuses_each_kind_of_bad_value_clearly() -> Result<()> {
 #[test]
 fn install_yaml_is_the_chart_rendered_with_its_defaults() -> Result<()> {
     let root = repo_root()?;
-    let fresh = std::env::temp_dir().join(format!("tidepool-install-{}.yaml", std::process::id()));
-    let output = Command::new(root.join("scripts/render-install.sh")).arg(&fresh).output()?;
-    ensure!(output.status.success(), "render-install.sh: {}", String::from_utf8_lossy(&output.stderr));
-    let rendered = std::fs::read_to_string(&fresh)?;
-    std::fs::remove_file(&fresh)?;
+    let fresh = std::env::temp_dir().join(format!("tidepool-manifests-{}", std::process::id()));
+    let output = Command::new(root.join("scripts/render-manifests.sh")).arg(&fresh).output()?;
+    ensure!(output.status.success(), "render-manifests.sh: {}", String::from_utf8_lossy(&output.stderr));
+    for file in ["install.yaml", "prometheus/tidepool.rules.yaml"] {
+        let rendered = std::fs::read_to_string(fresh.join(file))?;
+        let checked_in = std::fs::read_to_string(root.join("manifests").join(file))?;
+        assert!(rendered == checked_in, "manifests/{file} is stale: run scripts/render-manifests.sh");
+    }
+    std::fs::remove_dir_all(&fresh)?;
     let checked_in = std::fs::read_to_string(root.join("manifests/install.yaml"))?;
-    assert!(rendered == checked_in, "manifests/install.yaml is stale: run scripts/render-install.sh");
     let kinds: Vec<Value> = serde_norway::Deserializer::from_str(&checked_in)
         .map(Value::deserialize)
         .collect::<Result<_, _>>()?;
     assert_eq!(kinds[0]["kind"], "Namespace");
     assert_eq!(kinds[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "restricted");
     assert!(kinds.iter().any(|k| k["kind"] == "CustomResourceDefinition"));
+    let rules = std::fs::read_to_string(root.join("manifests/prometheus/tidepool.rules.yaml"))?;
+    assert_eq!(serde_norway::from_str::<Value>(&rules)?, alert_groups()?);
+    Ok(())
+}
+
+/// Every alert's runbook link names a section of docs/runbooks.md.
+#[test]
+fn every_alert_has_a_runbook() -> Result<()> {
+    let runbooks = std::fs::read_to_string(repo_root()?.join("docs/runbooks.md"))?;
+    let sections: BTreeSet<String> = runbooks
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .map(|h| format!("docs/runbooks.md#{}", h.to_lowercase()))
+        .collect();
+    let groups = alert_groups()?;
+    let alerts: Vec<&Value> = groups["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+        .filter(|r| r["alert"].is_string())
+        .collect();
+    ensure!(!alerts.is_empty(), "no alerts in files/prometheus-rules.yaml");
+    for alert in alerts {
+        let name = alert["alert"].as_str().unwrap_or_default();
+        let link = alert["annotations"]["runbook_url"].as_str().unwrap_or_default();
+        assert_eq!(link, format!("docs/runbooks.md#{}", name.to_lowercase()), "{name}");
+        assert!(sections.contains(link), "{name}: no section {link} in docs/runbooks.md");
+        for annotation in ["summary", "description"] {
+            assert!(
+                alert["annotations"][annotation].as_str().is_some_and(|a| !a.is_empty()),
+                "{name}: {annotation}"
+            );
+        }
+    }
     Ok(())
 }
 
@@ -304,6 +391,7 @@ fn helm_install_runs_the_operator_on_the_real_node_and_it_reconciles() -> Result
     let pg = Postgres::from_env()?;
     let ns = kube.namespace("chart")?;
     let db = AppDatabase::create(&pg, &ns.name.replace('-', "_"))?;
+    install_monitoring_crds(kube)?;
     let tolerations =
         format!(r#"tolerations=[{{"key":"{}","operator":"Exists","effect":"NoSchedule"}}]"#, Node::TAINT);
     for which in HELMS {
@@ -312,6 +400,7 @@ fn helm_install_runs_the_operator_on_the_real_node_and_it_reconciles() -> Result
             .args(["install", &release, &chart()?, "--namespace", &ns.name, "--wait", "--timeout", "180s"])
             .args(["--set", &format!("watchNamespace={}", ns.name), "--set", "nodeSelector.type=real"])
             .args(["--set-json", &tolerations])
+            .args(MONITORS_ON)
             .output()?;
         ensure!(output.status.success(), "{which} install: {}", String::from_utf8_lossy(&output.stderr));
         let selector = format!("app.kubernetes.io/instance={release},app.kubernetes.io/component=operator");
@@ -340,6 +429,7 @@ fn helm_install_runs_the_operator_on_the_real_node_and_it_reconciles() -> Result
             common::wait_ready(kube, &ns.name, Duration::from_secs(240)).with_context(|| {
                 kube.kubectl(&["get", "pods,events", "-n", &ns.name], None).unwrap_or_default()
             })?;
+            monitors_find_what_runs(kube, &ns.name, &release)?;
 
             // An upgrade with a changed value rolls both replicas; the Lease
             // passes on without a gap in renewals longer than its duration.
@@ -377,7 +467,7 @@ fn helm_install_runs_the_operator_on_the_real_node_and_it_reconciles() -> Result
         let left = kube.kubectl(
             &[
                 "get",
-                "deployment,serviceaccount,role,rolebinding,service,pdb",
+                "deployment,serviceaccount,role,rolebinding,service,pdb,servicemonitor,podmonitor,prometheusrule",
                 "-n",
                 &ns.name,
                 "-l",
@@ -395,6 +485,136 @@ fn helm_install_runs_the_operator_on_the_real_node_and_it_reconciles() -> Result
             None,
         )?;
     }
+    Ok(())
+}
+
+/// prometheus-operator's CRDs of the chart's monitors, generated from its Go
+/// API module (`scripts/kube-build.sh monitoring`), installed and served.
+fn install_monitoring_crds(kube: &Kube) -> Result<()> {
+    let dir = tidepool_testenv::env_path("TIDEPOOL_MONITORING_CRDS")?;
+    for plural in ["servicemonitors", "podmonitors", "prometheusrules"] {
+        let file = dir.join(format!("monitoring.coreos.com_{plural}.yaml"));
+        let file = file.to_str().context("a UTF-8 path")?;
+        kube.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", file], None)?;
+        kube.wait_established(&format!("{plural}.monitoring.coreos.com"))?;
+        wait_for(&format!("{plural} to be served"), Duration::from_secs(30), || {
+            Ok(kube.kubectl_output(&["get", plural, "-A"], None)?.status.success().then_some(()))
+        })?;
+    }
+    Ok(())
+}
+
+/// A label selector (`matchLabels`, `matchExpressions`) as `kubectl -l`
+/// takes it.
+fn selector_arg(selector: &Value) -> Result<String> {
+    let mut terms = Vec::new();
+    for (key, value) in selector["matchLabels"].as_object().into_iter().flatten() {
+        terms.push(format!("{key}={}", value.as_str().context("a label value")?));
+    }
+    for expression in selector["matchExpressions"].as_array().into_iter().flatten() {
+        let key = expression["key"].as_str().context("a key")?;
+        let values = strings(&expression["values"]).join(",");
+        terms.push(match expression["operator"].as_str() {
+            Some("In") => format!("{key} in ({values})"),
+            Some("NotIn") => format!("{key} notin ({values})"),
+            Some("Exists") => key.to_owned(),
+            Some("DoesNotExist") => format!("!{key}"),
+            other => anyhow::bail!("operator {other:?} in {selector}"),
+        });
+    }
+    Ok(terms.join(","))
+}
+
+/// The names of a pod's container ports.
+fn port_names(pod: &Value) -> BTreeSet<String> {
+    pod["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// The release's monitors, as the API server keeps them, find what really
+/// runs: the PodMonitor selects the Tidepool's web and worker pods (and no
+/// other) in the watched namespace, each on a port it has; the
+/// ServiceMonitor selects the metrics Service, on a port it has, whose
+/// endpoints are the operator's pods; the PrometheusRule holds the alerts.
+fn monitors_find_what_runs(kube: &Kube, ns: &str, release: &str) -> Result<()> {
+    let pod_monitor = kube.get_json(&["-n", ns, &format!("podmonitor/{release}-pods")])?;
+    assert_eq!(strings(&pod_monitor["spec"]["namespaceSelector"]["matchNames"]), [ns]);
+    let selected =
+        kube.get_json(&["-n", ns, "pods", "-l", &selector_arg(&pod_monitor["spec"]["selector"])?])?;
+    let selected = selected["items"].as_array().cloned().unwrap_or_default();
+    let tiers: Vec<&str> = selected
+        .iter()
+        .filter_map(|p| p["metadata"]["labels"]["app.kubernetes.io/component"].as_str())
+        .collect();
+    assert_eq!(BTreeSet::from_iter(tiers.iter().copied()), BTreeSet::from(["web", "worker"]), "{tiers:?}");
+    let app_pods =
+        kube.get_json(&["-n", ns, "pods", "-l", "app.kubernetes.io/managed-by=tidepool-operator"])?;
+    let running_apps = app_pods["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["status"]["phase"] == "Running")
+        .count();
+    assert_eq!(selected.len(), running_apps, "the PodMonitor selects every running app pod");
+    let endpoints: BTreeSet<String> = pod_monitor["spec"]["podMetricsEndpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["port"].as_str().map(str::to_owned))
+        .collect();
+    for pod in &selected {
+        let ports = port_names(pod);
+        assert!(ports.intersection(&endpoints).next().is_some(), "{endpoints:?} name none of {ports:?}");
+    }
+    for endpoint in &endpoints {
+        assert!(selected.iter().any(|p| port_names(p).contains(endpoint)), "no pod has the port {endpoint}");
+    }
+
+    let monitor = kube.get_json(&["-n", ns, &format!("servicemonitor/{release}")])?;
+    let services =
+        kube.get_json(&["-n", ns, "services", "-l", &selector_arg(&monitor["spec"]["selector"])?])?;
+    let services = services["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(services.len(), 1, "the ServiceMonitor selects one Service");
+    let service = &services[0];
+    assert_eq!(service["metadata"]["name"], format!("{release}-metrics"));
+    let service_ports: Vec<&Value> = service["spec"]["ports"].as_array().into_iter().flatten().collect();
+    assert!(service_ports.iter().any(|p| p["name"] == monitor["spec"]["endpoints"][0]["port"]), "{service}");
+    let operators = kube.get_json(&[
+        "-n",
+        ns,
+        "pods",
+        "-l",
+        &format!("app.kubernetes.io/instance={release},app.kubernetes.io/component=operator"),
+    ])?;
+    let operators: BTreeSet<&str> = operators["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["metadata"]["name"].as_str())
+        .collect();
+    let slices = kube.get_json(&[
+        "-n",
+        ns,
+        "endpointslices",
+        "-l",
+        &format!("kubernetes.io/service-name={release}-metrics"),
+    ])?;
+    let targets: BTreeSet<&str> = slices["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["endpoints"].as_array().into_iter().flatten())
+        .filter_map(|e| e["targetRef"]["name"].as_str())
+        .collect();
+    assert_eq!(targets, operators, "the metrics Service's endpoints are the operator's pods");
+
+    let rule = kube.get_json(&["-n", ns, &format!("prometheusrule/{release}")])?;
+    assert_eq!(rule["spec"], alert_groups()?);
     Ok(())
 }
 
