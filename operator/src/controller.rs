@@ -24,7 +24,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::Job;
@@ -69,6 +69,12 @@ const RETRIGGER_QUEUE: usize = 1024;
 /// further failure of that Tidepool up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(300);
+/// How long reconciles in flight may finish after shutdown begins; then
+/// they are dropped. Well within the pod's termination grace period (30 s),
+/// so the Lease is still released. Without it, an operator whose first list
+/// of Tidepools never arrives (its RBAC lacks `list`) would never stop: the
+/// controller holds its runner until that list.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -155,7 +161,11 @@ pub const USER_AGENT: &str = concat!("tidepool-operator/", env!("CARGO_PKG_VERSI
 /// A client from the in-cluster config or the kubeconfig, naming itself
 /// [`USER_AGENT`].
 pub async fn client() -> Result<Client, kube::Error> {
-    let mut config = kube::Config::infer().await.map_err(kube::Error::InferConfig)?;
+    client_from(kube::Config::infer().await.map_err(kube::Error::InferConfig)?)
+}
+
+/// A client from `config`, naming itself [`USER_AGENT`].
+pub fn client_from(mut config: kube::Config) -> Result<Client, kube::Error> {
     config.headers.push((http::header::USER_AGENT, http::HeaderValue::from_static(USER_AGENT)));
     Client::try_from(config)
 }
@@ -172,7 +182,8 @@ where
     }
 }
 
-/// Runs the controller until `shutdown` resolves, reporting to `endpoints`.
+/// Runs the controller until `shutdown` resolves (and the reconciles in
+/// flight finish, for at most [`SHUTDOWN_GRACE`]), reporting to `endpoints`.
 /// `namespace` limits it to one namespace (the operator then needs rights
 /// there only).
 pub async fn run(
@@ -181,6 +192,7 @@ pub async fn run(
     endpoints: Arc<Endpoints>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let shutdown = shutdown.shared();
     let ns = namespace.as_deref();
     let children = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     // The Tidepools' own reflector, so /readyz can say when the first list
@@ -228,7 +240,7 @@ pub async fn run(
         Arc::new(Context { client: client.clone(), recorder, store, endpoints, servers, failures, swept });
     // Children and pods only start reconciles, which read what they need:
     // their watches hold metadata only.
-    controller
+    let running = controller
         .owns_stream(metadata::<Deployment>(&client, ns, &children))
         .owns_stream(metadata::<Service>(&client, ns, &children))
         .owns_stream(metadata::<PodDisruptionBudget>(&client, ns, &children))
@@ -237,15 +249,21 @@ pub async fn run(
         .watches_stream(metadata::<Pod>(&client, ns, &children), |pod| owner_of(&pod))
         .watches_stream(secrets, move |secret| tidepools_using(&secret_store, &secret))
         .reconcile_on(stream_of(retriggered))
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(shutdown.clone())
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
             match result {
                 Ok((object, _)) => tracing::debug!(tidepool = %object, "reconciled"),
                 Err(e) => tracing::warn!(error = %e, "reconcile failed"),
             }
-        })
-        .await;
+        });
+    tokio::select! {
+        () = running => {}
+        () = async {
+            shutdown.await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => tracing::warn!(grace = ?SHUTDOWN_GRACE, "reconciles still running at the end of the shutdown grace: dropped"),
+    }
 }
 
 /// A metadata-only watch of the operator's objects of kind `K`.
