@@ -47,7 +47,7 @@ for round in $(seq "$rounds"); do
   log=$LOGS/round-$round.log
   started=$SECONDS
   status=0
-  cargo test --workspace --no-fail-fast -- ${TIDEPOOL_TEST_ARGS:-} > "$log" 2>&1 || status=$?
+  run_tests --no-fail-fast > "$log" 2>&1 || status=$?
   passed=$(awk '/^test result:/ {n += $4} END {print n + 0}' "$log")
   failures=$(sed -n 's/^test \(.*\) \.\.\. FAILED$/\1/p' "$log" | paste -sd ' ' -)
   load=$(cut -d ' ' -f 1-3 /proc/loadavg)

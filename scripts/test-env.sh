@@ -48,3 +48,17 @@ test_env_up() {
   # tidepool-loadgen and tidepool (enqueue) for the tests on the real node.
   export TIDEPOOL_TEST_BIN_DIR=$CARGO_TARGET_DIR/release
 }
+
+# Every test: all but the cluster-wide ones at once, then those alone (an
+# operator for the whole cluster would reconcile the other tests'
+# Tidepools; they are #[ignore]d for a plain `cargo test`). Arguments go to
+# cargo (e.g. --no-fail-fast), TIDEPOOL_TEST_ARGS to the test harness.
+# Fails when either part does; the second runs in any case.
+run_tests() {
+  local status=0
+  # shellcheck disable=SC2086 # TIDEPOOL_TEST_ARGS is a list of arguments
+  cargo test --workspace "$@" -- ${TIDEPOOL_TEST_ARGS:-} || status=$?
+  # shellcheck disable=SC2086
+  cargo test -p tidepool-operator --test cluster_wide "$@" -- --ignored ${TIDEPOOL_TEST_ARGS:-} || status=$?
+  return "$status"
+}

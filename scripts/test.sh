@@ -27,7 +27,7 @@ host_before=$(TIDEPOOL_STATE_DIR=$TEST_STATE "$REPO_ROOT/scripts/kube.sh" host-s
 test_env_up
 
 say "cargo test"
-cargo test --workspace -- ${TIDEPOOL_TEST_ARGS:-}
+run_tests
 
 say "stopping the test services; checking that the host is as it was"
 trap - EXIT

@@ -404,20 +404,9 @@ fn helm_install_runs_the_operator_on_the_real_node_and_it_reconciles() -> Result
             .output()?;
         ensure!(output.status.success(), "{which} install: {}", String::from_utf8_lossy(&output.stderr));
         let selector = format!("app.kubernetes.io/instance={release},app.kubernetes.io/component=operator");
-        let pods = kube.get_json(&["-n", &ns.name, "pods", "-l", &selector])?;
-        let pods = pods["items"].as_array().cloned().unwrap_or_default();
-        assert_eq!(pods.len(), 2, "{which}: two operator replicas");
-        let names: Vec<&str> = pods.iter().filter_map(|p| p["metadata"]["name"].as_str()).collect();
-        for pod in &pods {
-            assert_eq!(pod["spec"]["nodeName"], Node::NAME, "{which}");
-            assert_eq!(pod["spec"]["serviceAccountName"], release.as_str(), "{which}");
-            assert_eq!(pod["status"]["phase"], "Running", "{which}");
-        }
-        wait_for("a replica to hold the Lease", Duration::from_secs(60), || {
-            let lease = kube.get_json(&["-n", &ns.name, "lease/tidepool-operator"])?;
-            let holder = lease["spec"]["holderIdentity"].as_str().unwrap_or_default().to_owned();
-            Ok(names.contains(&holder.as_str()).then_some(()))
-        })?;
+        let names = common::operator_leads_on_the_real_node(kube, &ns.name, &selector, &release)
+            .with_context(|| which.to_owned())?;
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
 
         if which == "helm" {
             // The Tidepool, reconciled by the replica that leads.

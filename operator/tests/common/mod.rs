@@ -65,6 +65,17 @@ impl Operator {
 
     /// An operator watching `namespace`, its Lease in `lease_namespace`.
     pub fn start_with_lease(namespace: &str, lease_namespace: &str) -> Result<Operator> {
+        Self::start_as(namespace, lease_namespace, None)
+    }
+
+    /// An operator watching `namespace`, its Lease in `lease_namespace`,
+    /// talking to the API server as whom the bearer token in `token_file`
+    /// names (`None`: as the kubeconfig's user).
+    pub fn start_as(
+        namespace: &str,
+        lease_namespace: &str,
+        token_file: Option<&std::path::Path>,
+    ) -> Result<Operator> {
         static REPLICAS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let lease = Lease {
             name: "tidepool-operator".into(),
@@ -76,8 +87,22 @@ impl Operator {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let namespace = namespace.to_owned();
         let runtime = tokio::runtime::Runtime::new()?;
-        let client =
-            runtime.block_on(tidepool_operator::controller::client()).context("a client from KUBECONFIG")?;
+        let client = match token_file {
+            None => runtime
+                .block_on(tidepool_operator::controller::client())
+                .context("a client from KUBECONFIG")?,
+            Some(token_file) => {
+                let mut config =
+                    runtime.block_on(kube::Config::infer()).context("the config from KUBECONFIG")?;
+                config.auth_info = kube::config::AuthInfo {
+                    token_file: Some(token_file.to_str().context("a UTF-8 path")?.to_owned()),
+                    ..Default::default()
+                };
+                // The client's buffer task is spawned on the runtime.
+                let _entered = runtime.enter();
+                tidepool_operator::controller::client_from(config)?
+            }
+        };
         let listener = runtime.block_on(http::bind("127.0.0.1:0".parse()?))?;
         let port = listener.local_addr()?.port();
         let endpoints = Arc::new(Endpoints { metrics: Metrics::new()?, ready: AtomicBool::new(false) });
@@ -186,6 +211,37 @@ pub const REAL_NODE_TIDEPOOL: &str = r#"{
   }
 }"#;
 
+/// The names of the operator's pods `selector` in `ns`, once one of them
+/// holds the Lease `tidepool-operator` there; before, checks that they are
+/// two replicas, Running on the test cluster's real node as the service
+/// account `service_account`.
+pub fn operator_leads_on_the_real_node(
+    kube: &Kube,
+    ns: &str,
+    selector: &str,
+    service_account: &str,
+) -> Result<Vec<String>> {
+    let pods = kube.get_json(&["-n", ns, "pods", "-l", selector])?;
+    let pods = pods["items"].as_array().cloned().unwrap_or_default();
+    anyhow::ensure!(pods.len() == 2, "two operator replicas, not {}", pods.len());
+    for pod in &pods {
+        anyhow::ensure!(
+            pod["spec"]["nodeName"] == tidepool_testenv::node::Node::NAME,
+            "on the real node: {pod}"
+        );
+        anyhow::ensure!(pod["spec"]["serviceAccountName"] == service_account, "as {service_account}: {pod}");
+        anyhow::ensure!(pod["status"]["phase"] == "Running", "Running: {pod}");
+    }
+    let names: Vec<String> =
+        pods.iter().filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned)).collect();
+    wait_for("a replica to hold the Lease", Duration::from_secs(60), || {
+        let lease = kube.get_json(&["-n", ns, "lease/tidepool-operator"])?;
+        let holder = lease["spec"]["holderIdentity"].as_str().unwrap_or_default();
+        Ok(names.iter().any(|n| n == holder).then_some(()))
+    })?;
+    Ok(names)
+}
+
 /// The app image of a Deployment's pods.
 pub fn image(deployment: &Value) -> &Value {
     &deployment["spec"]["template"]["spec"]["containers"][0]["image"]
@@ -212,16 +268,21 @@ impl AuditLog {
         Ok(AuditLog { path, from })
     }
 
-    /// The writes since opening by the client whose `User-Agent` is
-    /// `user_agent`, in `namespace`: "verb resource name" each.
-    pub fn writes_by(&self, user_agent: &str, namespace: &str) -> Result<Vec<String>> {
+    /// The entries written since opening.
+    pub fn entries(&self) -> Result<Vec<Value>> {
         let mut file = std::fs::File::open(&self.path)?;
         std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(self.from))?;
         let mut text = String::new();
         file.read_to_string(&mut text)?;
-        Ok(text
-            .lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        Ok(text.lines().filter_map(|line| serde_json::from_str::<Value>(line).ok()).collect())
+    }
+
+    /// The writes since opening by the client whose `User-Agent` is
+    /// `user_agent`, in `namespace`: "verb resource name" each.
+    pub fn writes_by(&self, user_agent: &str, namespace: &str) -> Result<Vec<String>> {
+        Ok(self
+            .entries()?
+            .into_iter()
             .filter(|entry| entry["userAgent"] == user_agent && entry["objectRef"]["namespace"] == namespace)
             .map(|entry| {
                 let object = &entry["objectRef"];
