@@ -92,7 +92,7 @@ pooler_up() {
   TIDEPOOL_POOLER_UPSTREAM_URL=$(direct_url) as_service_user "$TIDEPOOL_BIN" pooler-config \
     --out-dir "$POOLER_DIR" --listen "127.0.0.1:$TIDEPOOL_POOLER_PORT" \
     --pool-size "$TIDEPOOL_POOLER_POOL_SIZE" --min-pool-size "$min_pool" \
-    --max-client-conn "$TIDEPOOL_POOLER_MAX_CLIENT_CONN" >/dev/null
+    --max-client-conn "$TIDEPOOL_POOLER_MAX_CLIENT_CONN" --stats-user "$POOLER_STATS_USER" >/dev/null
   local pgbouncer
   pgbouncer=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
   # In the foreground (not -d) and exec'd straight through setsid and setpriv,
@@ -103,6 +103,15 @@ pooler_up() {
   pid_alive "$RUN/pgbouncer.pid" || die "PgBouncer exited at start; see $LOGS/pgbouncer.log"
 }
 
+# Web and worker read PgBouncer's figures for their /metrics (the
+# pgbouncer_* series) from its admin console, as the stats user
+# pooler-config created, whose password it wrote beside the auth file.
+POOLER_STATS_USER=tidepool_stats
+pooler_stats_env() {
+  echo "TIDEPOOL_POOLER_STATS_URL=postgres://$POOLER_STATS_USER@127.0.0.1:$TIDEPOOL_POOLER_PORT/pgbouncer"
+  echo "TIDEPOOL_POOLER_STATS_PASSWORD_FILE=$POOLER_DIR/stats.password"
+}
+
 web_up() {
   if pid_alive "$RUN/web.pid"; then
     say "tidepool web is already running on port $TIDEPOOL_WEB_PORT"
@@ -111,8 +120,9 @@ web_up() {
   require_free_port "$TIDEPOOL_WEB_PORT" "tidepool web"
   say "starting tidepool web (pool of $TIDEPOOL_DB_POOL_SIZE connections) on 127.0.0.1:$TIDEPOOL_WEB_PORT"
   # No load balancer to wait for locally, so no drain delay unless asked.
-  DATABASE_URL=$(pooled_url) TIDEPOOL_LISTEN=127.0.0.1:$TIDEPOOL_WEB_PORT TIDEPOOL_DB_POOL_SIZE=$TIDEPOOL_DB_POOL_SIZE \
-    TIDEPOOL_DRAIN_DELAY=${TIDEPOOL_DRAIN_DELAY:-0s} \
+  # shellcheck disable=SC2046 # pooler_stats_env prints assignments without spaces
+  env DATABASE_URL="$(pooled_url)" TIDEPOOL_LISTEN="127.0.0.1:$TIDEPOOL_WEB_PORT" TIDEPOOL_DB_POOL_SIZE="$TIDEPOOL_DB_POOL_SIZE" \
+    TIDEPOOL_DRAIN_DELAY="${TIDEPOOL_DRAIN_DELAY:-0s}" $(pooler_stats_env) \
     setsid "$TIDEPOOL_BIN" web </dev/null >>"$LOGS/web.log" 2>&1 &
   echo $! > "$RUN/web.pid"
   wait_until "curl -fsS http://127.0.0.1:$TIDEPOOL_WEB_PORT/readyz || ! pid_alive $RUN/web.pid" 30 "tidepool web (see $LOGS/web.log)"
@@ -129,9 +139,10 @@ worker_up() {
   [ "$TIDEPOOL_WORKER_LISTEN_NOTIFY" != 1 ] || direct=$(direct_url)
   say "starting tidepool worker (concurrency $TIDEPOOL_WORKER_CONCURRENCY, $([ -n "$direct" ] && echo "polling + LISTEN" || echo "polling only"), /metrics on 127.0.0.1:$TIDEPOOL_WORKER_PORT)"
   # The task pool is the concurrency (the plan's); web's pool size is not the worker's.
+  # shellcheck disable=SC2046 # pooler_stats_env prints assignments without spaces
   env -u TIDEPOOL_DB_POOL_SIZE DATABASE_URL="$(pooled_url)" ${direct:+TIDEPOOL_DIRECT_DATABASE_URL="$direct"} \
     TIDEPOOL_WORKER_LISTEN="127.0.0.1:$TIDEPOOL_WORKER_PORT" TIDEPOOL_WORKER_CONCURRENCY="$TIDEPOOL_WORKER_CONCURRENCY" \
-    setsid "$TIDEPOOL_BIN" worker </dev/null >>"$LOGS/worker.log" 2>&1 &
+    $(pooler_stats_env) setsid "$TIDEPOOL_BIN" worker </dev/null >>"$LOGS/worker.log" 2>&1 &
   echo $! > "$RUN/worker.pid"
   wait_until "curl -fsS http://127.0.0.1:$TIDEPOOL_WORKER_PORT/readyz || ! pid_alive $RUN/worker.pid" 30 "tidepool worker (see $LOGS/worker.log)"
   pid_alive "$RUN/worker.pid" || die "tidepool worker exited at start; see $LOGS/worker.log"

@@ -91,6 +91,17 @@ fn a_tidepool_runs_on_the_real_node() -> Result<()> {
         assert_eq!(code, 200, "{name}: {metrics}");
         let pool = metric(&metrics, "tidepool_db_pool_max_size").context("pool size metric")?;
         assert_eq!(pool, planned["appPoolPerPod"].as_f64().context("appPoolPerPod")?, "{name}");
+        // And its sidecar's, read as the stats user from the admin console:
+        // the share is PgBouncer's max_db_connections for the database.
+        assert_eq!(metric(&metrics, "pgbouncer_up"), Some(1.0), "{name}: {metrics}");
+        let limit = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("pgbouncer_databases_max_connections{")
+                    && l.contains(&format!("name=\"{}\"", db.name))
+            })
+            .and_then(|l| l.rsplit(" ").next()?.parse::<i64>().ok());
+        assert_eq!(limit, Some(share), "{name}: {metrics}");
 
         // Non-root with a read-only root file system, every container.
         let uid = pod["metadata"]["uid"].as_str().context("uid")?;

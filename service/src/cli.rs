@@ -112,7 +112,7 @@ pub struct PasswordFile {
 
 /// The password file could not be read. Its contents are never quoted.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot read the database password from {}: {source}", .path.display())]
+#[error("cannot read the password file {}: {source}", .path.display())]
 pub struct PasswordFileError {
     path: PathBuf,
     #[source]
@@ -177,6 +177,39 @@ pub struct DatabaseArgs {
     /// ready).
     #[arg(long, env = "TIDEPOOL_READINESS_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub readiness_timeout: Duration,
+
+    #[command(flatten)]
+    pub pooler_stats: PoolerStatsArgs,
+}
+
+/// PgBouncer's admin console, read at each scrape of `/metrics` for its own
+/// figures (the `pgbouncer_*` series, [`crate::pooler_metrics`]).
+#[derive(Debug, Clone, Default, Args)]
+pub struct PoolerStatsArgs {
+    /// The admin console as a stats user, e.g.
+    /// postgres://tidepool_stats@127.0.0.1:6432/pgbouncer. Unset: no
+    /// pgbouncer_* series. Never logged.
+    #[arg(long, env = "TIDEPOOL_POOLER_STATS_URL", hide_env_values = true, value_name = "URL")]
+    pub pooler_stats_url: Option<SecretUrl>,
+
+    /// File holding the stats user's password, when the URL has none (what
+    /// `tidepool pooler-config --stats-user` writes: stats.password).
+    #[arg(long, env = "TIDEPOOL_POOLER_STATS_PASSWORD_FILE", value_name = "FILE")]
+    pub pooler_stats_password_file: Option<PathBuf>,
+
+    /// Longest one scrape of the admin console may take.
+    #[arg(long, env = "TIDEPOOL_POOLER_STATS_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub pooler_stats_timeout: Duration,
+}
+
+impl PoolerStatsArgs {
+    /// The admin console to read, if one is set.
+    pub fn admin_console(&self) -> Result<Option<crate::pooler_metrics::AdminConsole>, crate::StartError> {
+        let Some(url) = &self.pooler_stats_url else { return Ok(None) };
+        let password = PasswordFile { path: self.pooler_stats_password_file.clone() };
+        let config = password.apply(url.to_pg_config("TIDEPOOL_POOLER_STATS_URL")?)?;
+        Ok(Some(crate::pooler_metrics::AdminConsole::new(config, self.pooler_stats_timeout)))
+    }
 }
 
 impl DatabaseArgs {

@@ -26,6 +26,8 @@
 //! - [`worker`]: the `tidepool worker` process around the queue runtime.
 //! - [`enqueue`]: the `tidepool enqueue` command.
 //! - [`metrics`]: the Prometheus metrics every process exports.
+//! - [`pooler_metrics`]: PgBouncer's own figures, read from its admin
+//!   console, under pgbouncer_exporter's names.
 //! - [`telemetry`]: structured logging.
 
 pub mod cli;
@@ -34,6 +36,7 @@ pub mod enqueue;
 pub mod metrics;
 pub mod migrate;
 pub mod pooler;
+pub mod pooler_metrics;
 pub mod queue;
 pub mod shutdown;
 pub mod telemetry;

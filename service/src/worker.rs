@@ -23,6 +23,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use crate::cli::WorkerArgs;
 use crate::db::{self, Database, PoolSettings};
 use crate::metrics::WorkerMetrics;
+use crate::pooler_metrics::AdminConsole;
 use crate::queue::job::{is_valid_queue_name, MAX_SCHEDULE_AHEAD};
 use crate::queue::retry::RetryPolicy;
 use crate::queue::worker::QUEUE_POOL_SIZE;
@@ -127,6 +128,7 @@ pub async fn run(
     let (stop_probes, probes_stopped) = watch::channel(false);
     let probe_state = Arc::new(ProbeState {
         metrics: metrics.clone(),
+        pooler: args.database.pooler_stats.admin_console()?,
         task_db: task_db.clone(),
         queue_db: queue_db.clone(),
         readiness_timeout: args.database.readiness_timeout,
@@ -202,6 +204,8 @@ struct Health {
 /// What the probe server reads.
 struct ProbeState {
     metrics: WorkerMetrics,
+    /// The sidecar's admin console, for the `pgbouncer_*` series.
+    pooler: Option<AdminConsole>,
     task_db: Database,
     /// Checked by `/readyz`: the pool that claims jobs, idle most of the time.
     queue_db: Database,
@@ -257,7 +261,12 @@ async fn probe(state: Arc<ProbeState>, request: Request<Incoming>) -> Result<Res
             json(StatusCode::SERVICE_UNAVAILABLE, &Health { status: "starting", jobs_running, error: None })
         }
         "/metrics" => match state.metrics.render(state.task_db.status()) {
-            Ok(body) => with_body(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body),
+            Ok(mut body) => {
+                if let Some(pooler) = &state.pooler {
+                    body.extend_from_slice(pooler.render().await.as_bytes());
+                }
+                with_body(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body)
+            }
             Err(e) => ApiError::internal(format!("could not encode metrics: {e}")).into_response(),
         },
         path => ApiError::not_found(path).into_response(),

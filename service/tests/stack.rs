@@ -90,6 +90,16 @@ async fn the_local_stack_comes_up_and_goes_down() -> Result<()> {
                 "{line:?} not in {ini} (web pool {web_pool}, task pool {task_pool})"
             );
         }
+        // Both read the one PgBouncer's figures (pgbouncer_exporter's names).
+        for port in [ports[2], ports[3]] {
+            let metrics = support::get(&format!("http://127.0.0.1:{port}/metrics")).await?.body;
+            anyhow::ensure!(metrics.contains("\npgbouncer_up 1\n"), "no PgBouncer figures in:\n{metrics}");
+            let limit = format!("pgbouncer_databases_max_connections{{name=\"tidepool\",");
+            anyhow::ensure!(
+                metrics.lines().any(|l| l.starts_with(&limit) && l.ends_with(&format!(" {cap}"))),
+                "max_db_connections {cap} not among:\n{metrics}"
+            );
+        }
         let password = std::fs::read_to_string(state.join("secrets/app.password"))?;
         anyhow::ensure!(!ini.contains(password.trim()), "pgbouncer.ini must not hold the password");
         anyhow::ensure!(!up_log.contains(password.trim()), "stack.sh printed the password");

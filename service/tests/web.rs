@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use support::{
-    get, raw, wait_for, wait_for_sleeps, wait_for_status, BusyCores, PgBouncer, PrivatePostgres, Stack,
+    env, get, raw, wait_for, wait_for_sleeps, wait_for_status, BusyCores, PgBouncer, PrivatePostgres, Stack,
     TestDb, Web,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -419,6 +419,88 @@ async fn readiness_survives_a_saturated_pool() -> Result<()> {
     }
     assert_eq!(get(&web.url("/readyz")).await?.json()?["status"], "ready");
     Ok(())
+}
+
+/// /metrics carries the sidecar's own figures under pgbouncer_exporter's
+/// names, read from its admin console as the stats user: with the app's
+/// pool of 2 behind a PgBouncer of 1, one slow query runs and the other
+/// waits in PgBouncer, and the series say so; with PgBouncer gone,
+/// `pgbouncer_up` is 0 and the app's own series are still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_carry_pgbouncers_figures() -> Result<()> {
+    let db = TestDb::create().await?;
+    let mut bouncer = PgBouncer::start_with_stats_user(&db, 1).await?;
+    let password_file = bouncer.stats_password_file();
+    let password_file = password_file.to_str().context("a UTF-8 path")?;
+    let web = Web::start(
+        &bouncer.url(),
+        &[
+            ("TIDEPOOL_DB_POOL_SIZE", "2"),
+            ("TIDEPOOL_POOLER_STATS_URL", &bouncer.stats_url()),
+            ("TIDEPOOL_POOLER_STATS_PASSWORD_FILE", password_file),
+        ],
+    )
+    .await?;
+    let pool = format!("{{database=\"{0}\",user=\"{1}\"}}", db.name, env().app_user);
+    let at_rest = get(&web.url("/metrics")).await?.body;
+    assert_eq!(metric(&at_rest, "pgbouncer_up"), Some(1.0), "{at_rest}");
+    assert_eq!(metric(&at_rest, &format!("pgbouncer_pools_client_waiting_connections{pool}")), Some(0.0));
+    assert_eq!(
+        metric(&at_rest, &format!("pgbouncer_databases_max_connections{{name=\"{0}\",", db.name)),
+        Some(1.0),
+        "max_db_connections is the pod's share: {at_rest}"
+    );
+    assert_eq!(metric(&at_rest, "pgbouncer_config_max_client_connections"), Some(1000.0));
+    assert!(at_rest.contains("pgbouncer_version_info{version=\"PgBouncer 1."), "{at_rest}");
+    assert!(at_rest.contains("tidepool_db_pool_max_size"), "the app's own series come first: {at_rest}");
+
+    let slow: Vec<_> = (0..2).map(|_| tokio::spawn(get_owned(web.url("/slow-query/?seconds=3")))).collect();
+    let busy = wait_for("a client waiting in PgBouncer", Duration::from_secs(10), || async {
+        let body = get(&web.url("/metrics")).await.ok()?.body;
+        (metric(&body, &format!("pgbouncer_pools_client_waiting_connections{pool}")) == Some(1.0))
+            .then_some(body)
+    })
+    .await?;
+    assert_eq!(
+        metric(&busy, &format!("pgbouncer_pools_client_active_connections{pool}")),
+        Some(1.0),
+        "{busy}"
+    );
+    assert_eq!(
+        metric(&busy, &format!("pgbouncer_pools_server_active_connections{pool}")),
+        Some(1.0),
+        "{busy}"
+    );
+    for request in slow {
+        assert_eq!(request.await??.status, 200);
+    }
+    let after = get(&web.url("/metrics")).await?.body;
+    let waited = metric(
+        &after,
+        &format!("pgbouncer_stats_totals_client_wait_seconds_total{{database=\"{}\"}}", db.name),
+    );
+    assert!(waited.is_some_and(|w| w >= 2.0), "the second query waited ~3 s in PgBouncer: {waited:?}");
+    let queries =
+        metric(&after, &format!("pgbouncer_stats_totals_queries_pooled_total{{database=\"{}\"}}", db.name));
+    assert!(queries.is_some_and(|q| q >= 2.0), "{queries:?}");
+
+    bouncer.stop();
+    let gone = get(&web.url("/metrics")).await?;
+    assert_eq!(gone.status, 200);
+    assert_eq!(metric(&gone.body, "pgbouncer_up"), Some(0.0), "{}", gone.body);
+    assert!(!gone.body.contains("pgbouncer_pools_"), "{}", gone.body);
+    assert!(gone.body.contains("tidepool_db_pool_max_size"), "{}", gone.body);
+    Ok(())
+}
+
+/// The value of the first sample whose line starts with `series`.
+fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?;
+        // `series` is a whole name, or a name and a label prefix.
+        let value = if series.ends_with(',') { rest.split_once("} ")?.1 } else { rest.strip_prefix(' ')? };
+        value.trim().parse().ok()
+    })
 }
 
 /// /readyz fails while PostgreSQL is down (PgBouncer up) and recovers by

@@ -10,7 +10,10 @@
 //!    before the app and stopped after it), transaction mode on
 //!    127.0.0.1:6432, `max_db_connections` = the pod's share;
 //! 3. the app, whose pools add up to the share, with its password from the
-//!    mounted Secret file (never an environment literal).
+//!    mounted Secret file (never an environment literal); it also reads
+//!    PgBouncer's figures for its `/metrics` from the admin console, as the
+//!    stats user whose password `pooler-config` wrote (that one file is
+//!    mounted).
 //!
 //! The share is also the pod's annotation `tidepool.dev/max-db-connections`,
 //! written from the same plan field, and every pod starts behind the
@@ -65,6 +68,11 @@ pub(super) const DATABASE_VOLUME: &str = "database";
 pub(super) const DATABASE_DIR: &str = "/etc/tidepool/database";
 const POOLER_VOLUME: &str = "pgbouncer";
 const POOLER_DIR: &str = "/etc/pgbouncer";
+/// The stats user's password, as `tidepool pooler-config` writes it into the
+/// pooler's folder (`tidepool::pooler::STATS_PASSWORD_FILE`), and where the
+/// app finds that one file (it reads PgBouncer's figures for `/metrics`).
+const STATS_PASSWORD_FILE: &str = "stats.password";
+const APP_STATS_PASSWORD: &str = "/etc/tidepool/pgbouncer-stats.password";
 /// The Secret's keys the pods read (CloudNativePG's application Secret).
 pub const SECRET_KEYS: [&str; 5] = ["username", "password", "host", "port", "dbname"];
 
@@ -325,6 +333,8 @@ fn app(validated: &Validated, tier: &TierPlan) -> Container {
         env_from_secret("TIDEPOOL_DB_NAME", secret, "dbname"),
         env("DATABASE_URL", format!("postgres://$(TIDEPOOL_DB_USER)@{POOLER_ADDRESS}/$(TIDEPOOL_DB_NAME)")),
         env("TIDEPOOL_DB_PASSWORD_FILE", format!("{DATABASE_DIR}/password")),
+        env("TIDEPOOL_POOLER_STATS_URL", format!("postgres://{STATS_USER}@{POOLER_ADDRESS}/pgbouncer")),
+        env("TIDEPOOL_POOLER_STATS_PASSWORD_FILE", APP_STATS_PASSWORD),
         env("TIDEPOOL_DB_POOL_SIZE", tier.pools.database_pool.to_string()),
         env("TIDEPOOL_SHUTDOWN_TIMEOUT", seconds(SHUTDOWN_TIMEOUT)),
         env("TIDEPOOL_LOG_FORMAT", "json"),
@@ -372,7 +382,13 @@ fn app(validated: &Validated, tier: &TierPlan) -> Container {
         startup_probe: Some(http_probe("/healthz", port_name, 1, 30)),
         liveness_probe: Some(http_probe("/healthz", port_name, 10, 3)),
         readiness_probe: Some(http_probe("/readyz", port_name, 5, 2)),
-        volume_mounts: Some(vec![mount(DATABASE_VOLUME, DATABASE_DIR)]),
+        volume_mounts: Some(vec![
+            mount(DATABASE_VOLUME, DATABASE_DIR),
+            VolumeMount {
+                sub_path: Some(STATS_PASSWORD_FILE.to_owned()),
+                ..mount(POOLER_VOLUME, APP_STATS_PASSWORD)
+            },
+        ]),
         security_context: Some(hardened()),
         resources: Some(resources_spec.clone().unwrap_or_else(|| resources("100m", "64Mi", "512Mi"))),
         ..Container::default()

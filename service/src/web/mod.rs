@@ -84,6 +84,7 @@ pub fn app_from_args(args: &WebArgs) -> Result<(App, ServerSettings), StartError
     let app = App {
         db,
         metrics,
+        pooler: db_args.pooler_stats.admin_console()?,
         readiness_timeout: db_args.readiness_timeout,
         in_flight: Semaphore::new(args.max_in_flight as usize),
         registry: Arc::new(Registry::with_builtins()),

@@ -36,6 +36,7 @@ use super::response::{json, with_body, ApiError, Body, Shed};
 use super::tasks;
 use crate::db::Database;
 use crate::metrics::Metrics;
+use crate::pooler_metrics::AdminConsole;
 use crate::queue::Registry;
 
 /// Rows in the `world` table (see migration 0001).
@@ -48,6 +49,8 @@ pub const MAX_SLOW_QUERY_SECONDS: f64 = 60.0;
 pub struct App {
     pub db: Database,
     pub metrics: Metrics,
+    /// The sidecar's admin console, for the `pgbouncer_*` series.
+    pub pooler: Option<AdminConsole>,
     /// Longest `/readyz` waits for `SELECT 1` ([`Database::check`]).
     pub readiness_timeout: Duration,
     pub in_flight: Semaphore,
@@ -201,7 +204,7 @@ async fn dispatch(
         Route::Task(id) => tasks::get(app, id).await,
         Route::Healthz => Ok(json(StatusCode::OK, &Status { status: "ok", error: None })),
         Route::Readyz => Ok(readyz(app).await),
-        Route::Metrics => metrics(app),
+        Route::Metrics => metrics(app).await,
     }
 }
 
@@ -299,11 +302,14 @@ async fn readyz(app: &App) -> Response<Body> {
     }
 }
 
-fn metrics(app: &App) -> Result<Response<Body>, ApiError> {
-    let body = app
+async fn metrics(app: &App) -> Result<Response<Body>, ApiError> {
+    let mut body = app
         .metrics
         .render(app.db.status())
         .map_err(|e| ApiError::internal(format!("could not encode metrics: {e}")))?;
+    if let Some(pooler) = &app.pooler {
+        body.extend_from_slice(pooler.render().await.as_bytes());
+    }
     Ok(with_body(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body))
 }
 

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
-use tidepool::pooler::{self, PoolerConfig, Upstream};
+use tidepool::pooler::{self, PoolerConfig, StatsUser, Upstream};
 use tokio_postgres::NoTls;
 
 /// Where the run's shared PostgreSQL is, from scripts/test.sh.
@@ -270,6 +270,24 @@ impl PgBouncer {
         pool_size: u32,
         query_wait: Duration,
     ) -> Result<PgBouncer> {
+        Self::start_with(db, pool_size, query_wait, None).await
+    }
+
+    /// With a stats user `name` ([`PgBouncer::STATS_USER`]) that may read
+    /// the admin console; its password is in [`PgBouncer::stats_password_file`].
+    pub async fn start_with_stats_user(db: &TestDb, pool_size: u32) -> Result<PgBouncer> {
+        let stats = StatsUser::generate(Self::STATS_USER.to_owned());
+        Self::start_with(db, pool_size, Duration::from_secs(30), Some(stats)).await
+    }
+
+    pub const STATS_USER: &str = "tidepool_stats";
+
+    async fn start_with(
+        db: &TestDb,
+        pool_size: u32,
+        query_wait: Duration,
+        stats_user: Option<StatsUser>,
+    ) -> Result<PgBouncer> {
         let dir = scratch_dir("pgbouncer")?;
         let pg = db.direct_url().parse::<tokio_postgres::Config>()?;
         let config = PoolerConfig {
@@ -280,7 +298,7 @@ impl PgBouncer {
             max_db_connections: pool_size,
             max_client_conn: 1000,
             query_wait_timeout: query_wait,
-            stats_user: None,
+            stats_user,
             settings: Vec::new(),
             pidfile: None,
             logfile: None,
@@ -312,6 +330,16 @@ impl PgBouncer {
 
     pub fn url(&self) -> String {
         url(&env().app_user, &env().app_password, self.port, &self.db_name)
+    }
+
+    /// The admin console's URL for the stats user (no password: see
+    /// [`PgBouncer::stats_password_file`]).
+    pub fn stats_url(&self) -> String {
+        format!("postgres://{}@127.0.0.1:{}/pgbouncer", Self::STATS_USER, self.port)
+    }
+
+    pub fn stats_password_file(&self) -> PathBuf {
+        self.dir.join(tidepool::pooler::STATS_PASSWORD_FILE)
     }
 
     pub fn stop(&mut self) {
