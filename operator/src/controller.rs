@@ -203,6 +203,7 @@ pub async fn run(
     let (retrigger, retriggered) = mpsc::channel(RETRIGGER_QUEUE);
     let servers = Arc::new(Servers { index: Mutex::new(ServerIndex::default()), retrigger });
     let forget = servers.clone();
+    let forget_gauges = endpoints.clone();
     let failures: Arc<Mutex<HashMap<ObjectRef<Tidepool>, u32>>> = Arc::default();
     let forget_failures = failures.clone();
     let swept: Arc<Mutex<HashMap<ObjectRef<Tidepool>, i64>>> = Arc::default();
@@ -214,6 +215,7 @@ pub async fn run(
             Ok(watcher::Event::InitDone) => readiness.ready.store(true, std::sync::atomic::Ordering::Relaxed),
             Ok(watcher::Event::Delete(gone)) => {
                 forget.remove(&(gone.namespace().unwrap_or_default(), gone.name_any()));
+                forget_gauges.metrics.forget(&gone.namespace().unwrap_or_default(), &gone.name_any());
                 if let Ok(mut failures) = forget_failures.lock() {
                     failures.remove(&ObjectRef::from_obj(gone));
                 }
@@ -438,6 +440,7 @@ async fn reconcile_once(tidepool: &Tidepool, ctx: &Context) -> Result<bool, Erro
             status::status(previous, tidepool.metadata.generation, Ok(applied), now())
         }
     };
+    ctx.endpoints.metrics.record_status(&namespace, &tidepool.name_any(), &next);
     if previous.is_none_or(|p| !status::same_ignoring_times(p, &next)) {
         publish_transitions(&ctx.recorder, tidepool, previous, &next).await;
         ctx.endpoints.metrics.writes("TidepoolStatus").inc();

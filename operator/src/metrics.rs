@@ -2,13 +2,24 @@
 //! ([`crate::http`]): reconciles and their duration by result, errors by
 //! kind (a bounded set, never an object's name), and whether this replica
 //! leads, and its writes to the API by kind (none at rest).
+//!
+//! And each Tidepool's status as gauges (the leader's only: it is the one
+//! that reconciles), labelled `namespace` and `tidepool`, for the
+//! dashboards and alerts that put the plan beside what runs: the budget
+//! (`tidepool_operator_connections{kind="available|planned_peak|live_peak"}`),
+//! each tier's replicas and per-pod share, and the conditions (1 when True).
+//! A Tidepool's series go when it does. Scrape them with `honorLabels` (the
+//! chart's ServiceMonitor does) so `namespace` stays the Tidepool's.
 
 use std::time::Instant;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+
+use crate::crd::TidepoolStatus;
+use crate::status::{CONNECTION_BUDGET, DEGRADED, PROGRESSING, READY};
 
 /// How a reconcile ended, as the `result` label says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +54,16 @@ pub struct Metrics {
     duration: HistogramVec,
     writes: IntCounterVec,
     pub leader: IntGauge,
+    connections: IntGaugeVec,
+    replicas: IntGaugeVec,
+    share: IntGaugeVec,
+    condition: IntGaugeVec,
 }
+
+const CONNECTION_KINDS: [&str; 3] = ["available", "planned_peak", "live_peak"];
+const TIERS: [&str; 2] = ["web", "worker"];
+const REPLICA_STATES: [&str; 2] = ["desired", "ready"];
+const CONDITIONS: [&str; 4] = [READY, CONNECTION_BUDGET, PROGRESSING, DEGRADED];
 
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
@@ -67,6 +87,32 @@ impl Metrics {
             ),
             &["kind"],
         )?;
+        let connections = IntGaugeVec::new(
+            Opts::new(
+                "connections",
+                "A Tidepool's connection budget: available (maxConnections - reservedConnections), \
+                 planned_peak (the most its pods may hold, rollouts included), live_peak (the live pods' shares).",
+            ),
+            &["namespace", "tidepool", "kind"],
+        )?;
+        let replicas = IntGaugeVec::new(
+            Opts::new("tier_replicas", "A Tidepool tier's pods, desired and ready."),
+            &["namespace", "tidepool", "tier", "state"],
+        )?;
+        let share = IntGaugeVec::new(
+            Opts::new(
+                "tier_server_connections_per_pod",
+                "Server connections each pod's PgBouncer of the tier may hold (its share).",
+            ),
+            &["namespace", "tidepool", "tier"],
+        )?;
+        let condition = IntGaugeVec::new(
+            Opts::new("condition", "A Tidepool's condition: 1 when True, else 0."),
+            &["namespace", "tidepool", "type"],
+        )?;
+        for gauge in [&connections, &replicas, &share, &condition] {
+            registry.register(Box::new(gauge.clone()))?;
+        }
         registry.register(Box::new(writes.clone()))?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(errors.clone()))?;
@@ -75,7 +121,64 @@ impl Metrics {
         for result in [Outcome::Applied, Outcome::Blocked, Outcome::Deleting, Outcome::Error] {
             reconciles.with_label_values(&[result.label()]);
         }
-        Ok(Self { registry, reconciles, errors, duration, writes, leader })
+        Ok(Self {
+            registry,
+            reconciles,
+            errors,
+            duration,
+            writes,
+            leader,
+            connections,
+            replicas,
+            share,
+            condition,
+        })
+    }
+
+    /// Sets the gauges of the Tidepool `name` in `namespace` from `status`.
+    pub fn record_status(&self, namespace: &str, name: &str, status: &TidepoolStatus) {
+        self.forget(namespace, name);
+        if let Some(connections) = &status.connections {
+            let figures =
+                [Some(connections.available), Some(connections.planned_peak), connections.live_peak];
+            for (kind, figure) in CONNECTION_KINDS.iter().zip(figures) {
+                if let Some(figure) = figure {
+                    self.connections.with_label_values(&[namespace, name, kind]).set(i64::from(figure));
+                }
+            }
+        }
+        for (tier, tier_status) in TIERS.iter().zip([&status.web, &status.worker]) {
+            let Some(tier_status) = tier_status else { continue };
+            for (state, count) in
+                REPLICA_STATES.iter().zip([tier_status.desired_replicas, tier_status.ready_replicas])
+            {
+                self.replicas.with_label_values(&[namespace, name, tier, state]).set(i64::from(count));
+            }
+            self.share
+                .with_label_values(&[namespace, name, tier])
+                .set(i64::from(tier_status.server_connections_per_pod));
+        }
+        for condition in status.conditions.iter().filter(|c| CONDITIONS.contains(&c.type_.as_str())) {
+            self.condition
+                .with_label_values(&[namespace, name, &condition.type_])
+                .set(i64::from(condition.status == "True"));
+        }
+    }
+
+    /// Removes the gauges of the Tidepool `name` in `namespace`.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        for kind in CONNECTION_KINDS {
+            let _ = self.connections.remove_label_values(&[namespace, name, kind]);
+        }
+        for tier in TIERS {
+            for state in REPLICA_STATES {
+                let _ = self.replicas.remove_label_values(&[namespace, name, tier, state]);
+            }
+            let _ = self.share.remove_label_values(&[namespace, name, tier]);
+        }
+        for type_ in CONDITIONS {
+            let _ = self.condition.remove_label_values(&[namespace, name, type_]);
+        }
     }
 
     /// Records one reconcile that started at `started`.
@@ -122,5 +225,36 @@ mod tests {
             text.contains("tidepool_operator_reconcile_duration_seconds_count{result=\"applied\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_tidepools_status_becomes_gauges_until_it_goes() {
+        let metrics = Metrics::new().expect("metrics");
+        let status: TidepoolStatus = serde_json::from_value(serde_json::json!({
+            "conditions": [
+                {"type": "Ready", "status": "True", "reason": "Ready", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+                {"type": "ConnectionBudget", "status": "False", "reason": "BudgetDoesNotFit", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+            ],
+            "web": {"desiredReplicas": 3, "replicas": 3, "readyReplicas": 2, "readyOfDesired": "2/3", "selector": "", "serverConnectionsPerPod": 14, "appPoolPerPod": 14, "limited": true},
+            "connections": {"available": 50, "plannedPeak": 48, "plannedOfAvailable": "48/50"}
+        }))
+        .expect("a status");
+        metrics.record_status("shop", "tp", &status);
+        let text = String::from_utf8(metrics.render().expect("renders")).expect("utf-8");
+        for line in [
+            "tidepool_operator_connections{kind=\"available\",namespace=\"shop\",tidepool=\"tp\"} 50",
+            "tidepool_operator_connections{kind=\"planned_peak\",namespace=\"shop\",tidepool=\"tp\"} 48",
+            "tidepool_operator_tier_replicas{namespace=\"shop\",state=\"ready\",tidepool=\"tp\",tier=\"web\"} 2",
+            "tidepool_operator_tier_server_connections_per_pod{namespace=\"shop\",tidepool=\"tp\",tier=\"web\"} 14",
+            "tidepool_operator_condition{namespace=\"shop\",tidepool=\"tp\",type=\"Ready\"} 1",
+            "tidepool_operator_condition{namespace=\"shop\",tidepool=\"tp\",type=\"ConnectionBudget\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} not in:\n{text}");
+        }
+        assert!(!text.contains("kind=\"live_peak\""), "no live pods counted yet: {text}");
+        assert!(!text.contains("tier=\"worker\""), "{text}");
+        metrics.forget("shop", "tp");
+        let text = String::from_utf8(metrics.render().expect("renders")).expect("utf-8");
+        assert!(!text.contains("tidepool=\"tp\""), "{text}");
     }
 }

@@ -563,6 +563,19 @@ fn monitors_find_what_runs(kube: &Kube, ns: &str, release: &str) -> Result<()> {
     for endpoint in &endpoints {
         assert!(selected.iter().any(|p| port_names(p).contains(endpoint)), "no pod has the port {endpoint}");
     }
+    // The `tidepool` and `tier` labels come from labels every pod has.
+    for endpoint in pod_monitor["spec"]["podMetricsEndpoints"].as_array().into_iter().flatten() {
+        for relabeling in endpoint["relabelings"].as_array().into_iter().flatten() {
+            for source in strings(&relabeling["sourceLabels"]) {
+                let label = source.strip_prefix("__meta_kubernetes_pod_label_").context("a pod label")?;
+                for pod in &selected {
+                    let labels = pod["metadata"]["labels"].as_object().context("labels")?;
+                    let has = labels.keys().any(|k| k.replace(['.', '/', '-'], "_") == label);
+                    assert!(has, "{} has no label for {source}", pod["metadata"]["name"]);
+                }
+            }
+        }
+    }
 
     let monitor = kube.get_json(&["-n", ns, &format!("servicemonitor/{release}")])?;
     let services =

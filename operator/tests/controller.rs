@@ -62,6 +62,18 @@ fn a_tidepool_gets_its_children_its_status_and_keeps_them() -> Result<()> {
         Ok(status["connections"]["livePeak"].as_i64().filter(|live| *live == 2 * 20 + 54))
     })?;
     assert_eq!(live, 94);
+    // The status, as the leader's gauges for dashboards and alerts.
+    let gauge = |series: &str| operator.metric(&series.replace("NS", &ns.name));
+    wait_for("the live_peak gauge", Duration::from_secs(10), || {
+        Ok((gauge("tidepool_operator_connections{kind=\"live_peak\",namespace=\"NS\",tidepool=\"shop\"}")?
+            == 94.0)
+            .then_some(()))
+    })?;
+    assert_eq!(
+        gauge("tidepool_operator_connections{kind=\"available\",namespace=\"NS\",tidepool=\"shop\"}")?,
+        190.0
+    );
+    assert_eq!(gauge("tidepool_operator_condition{namespace=\"NS\",tidepool=\"shop\",type=\"Ready\"}")?, 1.0);
     assert!(operator.metric("tidepool_operator_reconciles_total{result=\"applied\"}")? >= 1.0);
     assert!(operator.metric("tidepool_operator_api_writes_total{kind=\"Deployment\"}")? >= 2.0);
     assert_eq!(operator.metric("tidepool_operator_leader")?, 1.0);

@@ -94,9 +94,9 @@ async fn the_local_stack_comes_up_and_goes_down() -> Result<()> {
         for port in [ports[2], ports[3]] {
             let metrics = support::get(&format!("http://127.0.0.1:{port}/metrics")).await?.body;
             anyhow::ensure!(metrics.contains("\npgbouncer_up 1\n"), "no PgBouncer figures in:\n{metrics}");
-            let limit = format!("pgbouncer_databases_max_connections{{name=\"tidepool\",");
+            let limit = "pgbouncer_databases_max_connections{name=\"tidepool\",";
             anyhow::ensure!(
-                metrics.lines().any(|l| l.starts_with(&limit) && l.ends_with(&format!(" {cap}"))),
+                metrics.lines().any(|l| l.starts_with(limit) && l.ends_with(&format!(" {cap}"))),
                 "max_db_connections {cap} not among:\n{metrics}"
             );
         }
