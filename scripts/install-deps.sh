@@ -27,6 +27,9 @@ have mmdebstrap || need+=(mmdebstrap)
 have buildah || need+=(buildah)
 have objcopy || need+=(binutils)
 have gcc || need+=(gcc libc6-dev)
+# promtool checks the alerts and runs their tests; Prometheus scrapes the
+# stack for the dashboards' tests.
+have promtool || need+=(prometheus)
 if [ "${1:-}" = bench ]; then
   have wrk || need+=(wrk)
   have gnuplot || need+=(gnuplot-nox)
@@ -49,10 +52,13 @@ if [ "$(id -u)" -eq 0 ] && have pg_lsclusters; then
     fi
   done
 fi
-# Debian's pgbouncer package may start a service on 6432 too.
-if [ "$(id -u)" -eq 0 ] && have systemctl && systemctl is-active --quiet pgbouncer 2>/dev/null; then
-  systemctl stop pgbouncer || true
-fi
+# Debian's pgbouncer package may start a service on 6432 too, and its
+# prometheus package one on 9090; the tests run their own.
+for service in pgbouncer prometheus; do
+  if [ "$(id -u)" -eq 0 ] && have systemctl && systemctl is-active --quiet "$service" 2>/dev/null; then
+    systemctl stop "$service" || true
+  fi
+done
 
 if [ "$(id -u)" -eq 0 ] && ! id "$TIDEPOOL_RUN_AS" >/dev/null 2>&1; then
   say "creating the system user $TIDEPOOL_RUN_AS"

@@ -344,6 +344,51 @@ fn install_yaml_is_the_chart_rendered_with_its_defaults() -> Result<()> {
     Ok(())
 }
 
+/// `promtool` (Debian's Prometheus package, `make deps`) checks the rules
+/// and runs manifests/prometheus/tests/, where every alert has a case that
+/// fires it, with its labels and the numbers of its description, and one
+/// that does not.
+#[test]
+fn every_alert_fires_when_it_should_and_only_then() -> Result<()> {
+    let root = repo_root()?;
+    let promtool = |args: &[&str]| -> Result<String> {
+        let output = Command::new("promtool")
+            .args(args)
+            .current_dir(&root)
+            .output()
+            .context("promtool (Debian's prometheus package; run make deps)")?;
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        ensure!(output.status.success(), "promtool {args:?}:\n{text}");
+        Ok(text)
+    };
+    promtool(&["check", "rules", "manifests/prometheus/tidepool.rules.yaml"])?;
+    let tests = "manifests/prometheus/tests/tidepool.test.yaml";
+    assert!(promtool(&["test", "rules", tests])?.contains("SUCCESS"));
+
+    let cases: Value = serde_norway::from_str(&std::fs::read_to_string(root.join(tests))?)?;
+    let cases: Vec<&Value> = cases["tests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|t| t["alert_rule_test"].as_array().into_iter().flatten())
+        .collect();
+    let groups = alert_groups()?;
+    let alerts = groups["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+        .filter_map(|r| r["alert"].as_str());
+    for alert in alerts {
+        let of_alert = || cases.iter().filter(|c| c["alertname"] == alert);
+        let fires = of_alert().any(|c| c["exp_alerts"].as_array().is_some_and(|a| !a.is_empty()));
+        let quiet = of_alert().any(|c| c["exp_alerts"].as_array().is_some_and(Vec::is_empty));
+        assert!(fires && quiet, "{alert}: a case that fires it ({fires}) and one that does not ({quiet})");
+    }
+    Ok(())
+}
+
 /// Every alert's runbook link names a section of docs/runbooks.md.
 #[test]
 fn every_alert_has_a_runbook() -> Result<()> {
