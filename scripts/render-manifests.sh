@@ -8,6 +8,8 @@
 # - prometheus/tidepool.rules.yaml: the chart's alerts
 #   (files/prometheus-rules.yaml) for a Prometheus without
 #   prometheus-operator.
+# - dashboards/*.json: the chart's Grafana dashboards (files/dashboards/),
+#   to import by hand.
 # operator/tests/chart.rs fails when the checked-in files differ from these.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -18,6 +20,8 @@ mkdir -p "$dir/prometheus"
   echo "# Generated from charts/tidepool/files/prometheus-rules.yaml by scripts/render-manifests.sh; do not edit."
   cat "$REPO_ROOT/charts/tidepool/files/prometheus-rules.yaml"
 } > "$dir/prometheus/tidepool.rules.yaml"
+mkdir -p "$dir/dashboards"
+cp "$REPO_ROOT"/charts/tidepool/files/dashboards/*.json "$dir/dashboards/"
 [ -n "${TIDEPOOL_HELM_BIN:-}" ] || load_kube_tools helm >/dev/null
 tmp=$(mktemp)
 trap 'rm -f "$tmp"' EXIT

@@ -80,6 +80,7 @@ fn the_defaults_render_a_hardened_operator_with_cluster_wide_least_privilege() -
         let expected: BTreeSet<String> = [
             "ClusterRole",
             "ClusterRoleBinding",
+            "ConfigMap",
             "Deployment",
             "PodDisruptionBudget",
             "Role",
@@ -326,7 +327,12 @@ fn install_yaml_is_the_chart_rendered_with_its_defaults() -> Result<()> {
     let fresh = std::env::temp_dir().join(format!("tidepool-manifests-{}", std::process::id()));
     let output = Command::new(root.join("scripts/render-manifests.sh")).arg(&fresh).output()?;
     ensure!(output.status.success(), "render-manifests.sh: {}", String::from_utf8_lossy(&output.stderr));
-    for file in ["install.yaml", "prometheus/tidepool.rules.yaml"] {
+    for file in [
+        "install.yaml",
+        "prometheus/tidepool.rules.yaml",
+        "dashboards/tidepool.json",
+        "dashboards/tidepool-operator.json",
+    ] {
         let rendered = std::fs::read_to_string(fresh.join(file))?;
         let checked_in = std::fs::read_to_string(root.join("manifests").join(file))?;
         assert!(rendered == checked_in, "manifests/{file} is stale: run scripts/render-manifests.sh");
@@ -385,6 +391,72 @@ fn every_alert_fires_when_it_should_and_only_then() -> Result<()> {
         let fires = of_alert().any(|c| c["exp_alerts"].as_array().is_some_and(|a| !a.is_empty()));
         let quiet = of_alert().any(|c| c["exp_alerts"].as_array().is_some_and(Vec::is_empty));
         assert!(fires && quiet, "{alert}: a case that fires it ({fires}) and one that does not ({quiet})");
+    }
+    Ok(())
+}
+
+/// The chart's Grafana dashboards (files/dashboards/), each in a ConfigMap
+/// labelled for Grafana's sidecar, as they are in the files.
+#[test]
+fn dashboards_render_as_configmaps_for_grafanas_sidecar() -> Result<()> {
+    let dir = repo_root()?.join("charts/tidepool/files/dashboards");
+    for which in HELMS {
+        let objects = render(which, &["--set", "dashboards.namespace=grafana"])?;
+        let maps: Vec<&Value> = objects.iter().filter(|o| o["kind"] == "ConfigMap").collect();
+        assert_eq!(maps.len(), 2, "{which}: one per dashboard");
+        for map in maps {
+            assert_eq!(map["metadata"]["labels"]["grafana_dashboard"], "1", "{which}");
+            assert_eq!(map["metadata"]["namespace"], "grafana", "{which}");
+            let (file, json) = map["data"].as_object().and_then(|d| d.iter().next()).context("one key")?;
+            let on_disk = std::fs::read_to_string(dir.join(file))?;
+            assert_eq!(json.as_str().map(str::trim_end), Some(on_disk.trim_end()), "{which}: {file}");
+        }
+        assert!(!kinds(&render(which, &["--set", "dashboards.enabled=false"])?).contains("ConfigMap"));
+    }
+    Ok(())
+}
+
+/// Every dashboard query selects through the dashboard's variables, never
+/// hides missing data behind a constant, and counts each figure once (the
+/// queue gauges that every worker exports with `max`).
+#[test]
+fn dashboards_select_by_their_variables_and_count_each_figure_once() -> Result<()> {
+    for file in ["tidepool.json", "tidepool-operator.json"] {
+        let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(
+            repo_root()?.join("charts/tidepool/files/dashboards").join(file),
+        )?)?;
+        let variables: Vec<&str> = dashboard["templating"]["list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["name"].as_str())
+            .collect();
+        let panels: Vec<&Value> =
+            dashboard["panels"].as_array().into_iter().flatten().filter(|p| p["type"] != "row").collect();
+        assert!(!panels.is_empty(), "{file}");
+        for panel in panels {
+            let title = panel["title"].as_str().unwrap_or_default();
+            assert_eq!(panel["datasource"]["uid"], "${datasource}", "{file}: {title}");
+            let targets = panel["targets"].as_array().context("targets")?;
+            assert!(!targets.is_empty(), "{file}: {title}");
+            for target in targets {
+                let expr = target["expr"].as_str().context("expr")?;
+                for constant in ["vector(", "or on", " or "] {
+                    assert!(!expr.contains(constant), "{file}: {title}: {expr} hides missing data");
+                }
+                if file == "tidepool.json" {
+                    assert_eq!(variables, ["datasource", "namespace", "tidepool", "tier"]);
+                    assert!(
+                        expr.contains(r#"namespace="$namespace""#)
+                            && expr.contains(r#"tidepool="$tidepool""#),
+                        "{title}: {expr}"
+                    );
+                    if expr.contains("tidepool_queue_") {
+                        assert!(expr.starts_with("max by"), "{title}: every worker exports it: {expr}");
+                    }
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -501,7 +573,7 @@ fn helm_install_runs_the_operator_on_the_real_node_and_it_reconciles() -> Result
         let left = kube.kubectl(
             &[
                 "get",
-                "deployment,serviceaccount,role,rolebinding,service,pdb,servicemonitor,podmonitor,prometheusrule",
+                "deployment,serviceaccount,role,rolebinding,service,pdb,servicemonitor,podmonitor,prometheusrule,configmap",
                 "-n",
                 &ns.name,
                 "-l",

@@ -147,6 +147,8 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub http_request_duration: HistogramVec,
     pub http_requests_in_flight: IntGauge,
+    /// `TIDEPOOL_MAX_IN_FLIGHT`, for dashboards to put beside the gauge.
+    pub http_requests_in_flight_limit: IntGauge,
     pub http_requests_shed: IntCounterVec,
     pub db_pool_wait: Histogram,
     pub jobs_enqueued: IntCounterVec,
@@ -176,6 +178,13 @@ impl Metrics {
                 IntGauge::new(
                     "tidepool_http_requests_in_flight",
                     "HTTP requests being handled now, probes included.",
+                )?,
+            )?,
+            http_requests_in_flight_limit: register(
+                &registry,
+                IntGauge::new(
+                    "tidepool_http_requests_in_flight_limit",
+                    "Requests handled at once before more are shed (TIDEPOOL_MAX_IN_FLIGHT; probes are not counted against it).",
                 )?,
             )?,
             http_requests_shed: counter_vec(

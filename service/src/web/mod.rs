@@ -80,6 +80,7 @@ pub fn app_from_args(args: &WebArgs) -> Result<(App, ServerSettings), StartError
     let db_args = &args.database;
     let pg = db_args.password_file.apply(db_args.database_url.to_pg_config("DATABASE_URL")?)?;
     let metrics = Metrics::new()?;
+    metrics.http_requests_in_flight_limit.set(i64::from(args.max_in_flight));
     let db = Database::new(pg, db_args.pool_settings(DEFAULT_DB_POOL_SIZE), metrics.db_pool_wait.clone())?;
     let app = App {
         db,
