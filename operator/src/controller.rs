@@ -84,6 +84,19 @@ pub enum Error {
     NoNamespace,
 }
 
+impl Error {
+    /// Every [`Error::kind`], for the metrics to start each at 0.
+    pub const KINDS: [&'static str; 2] = ["kube_api", "no_namespace"];
+
+    /// The `kind` label of `tidepool_operator_reconcile_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => Self::KINDS[0],
+            Error::NoNamespace => Self::KINDS[1],
+        }
+    }
+}
+
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
@@ -305,10 +318,7 @@ fn tidepools_using(store: &Store<Tidepool>, secret: &PartialObjectMeta<Secret>) 
 }
 
 fn error_policy(tidepool: Arc<Tidepool>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.endpoints.metrics.error(match error {
-        Error::Kube(_) => "kube_api",
-        Error::NoNamespace => "no_namespace",
-    });
+    ctx.endpoints.metrics.error(error.kind());
     let failures = ctx
         .failures
         .lock()

@@ -118,8 +118,13 @@ impl Metrics {
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        // Every label value a counter can take starts at 0, so dashboards and
+        // alerts see the series before the first of its kind.
         for result in [Outcome::Applied, Outcome::Blocked, Outcome::Deleting, Outcome::Error] {
             reconciles.with_label_values(&[result.label()]);
+        }
+        for kind in crate::controller::Error::KINDS {
+            errors.with_label_values(&[kind]);
         }
         Ok(Self {
             registry,
@@ -221,6 +226,7 @@ mod tests {
         assert!(text.contains("tidepool_operator_reconciles_total{result=\"applied\"} 1"), "{text}");
         assert!(text.contains("tidepool_operator_reconciles_total{result=\"error\"} 0"), "{text}");
         assert!(text.contains("tidepool_operator_reconcile_errors_total{kind=\"kube_api\"} 1"), "{text}");
+        assert!(text.contains("tidepool_operator_reconcile_errors_total{kind=\"no_namespace\"} 0"), "{text}");
         assert!(
             text.contains("tidepool_operator_reconcile_duration_seconds_count{result=\"applied\"} 1"),
             "{text}"

@@ -3,7 +3,8 @@
 //! the cluster: the seed's experiments through Kubernetes, the connection
 //! budget under overload with `max_connections` at exactly the budget, a
 //! rolling update under load, and faults (a worker killed or deleted, the
-//! sidecar killed, PostgreSQL restarted).
+//! sidecar killed, PostgreSQL restarted); and the dashboards' queries,
+//! against a real Prometheus scraping those pods under a workload.
 //!
 //! Every client runs on loopback or inside the node's network namespace
 //! (`tidepool-loadgen` with the cluster's ranges, `curl`), and every load
@@ -27,6 +28,7 @@ use serde_json::{json, Value};
 use tidepool_testenv::node::{
     output, path_arg, pod_processes, release_binary, AppDatabase, Node, Postgres, PrivatePostgres, Sampler,
 };
+use tidepool_testenv::prometheus::Prometheus;
 use tidepool_testenv::{wait_for, Kube, Namespace};
 
 /// A Tidepool named `shop` on the real node, in a namespace of its own,
@@ -38,7 +40,7 @@ struct Shop {
     db: AppDatabase,
     pg: Postgres,
     node: Node,
-    _operator: Operator,
+    operator: Operator,
 }
 
 impl Shop {
@@ -70,7 +72,7 @@ impl Shop {
         });
         merge(&mut tidepool["spec"], &spec);
         kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(&tidepool.to_string()))?;
-        let shop = Shop { kube, ns, db, pg: pg.clone(), node, _operator: operator };
+        let shop = Shop { kube, ns, db, pg: pg.clone(), node, operator };
         shop.wait_ready(1)?;
         // kube-proxy programs the new Service's rules a moment after its
         // endpoints are ready (until then its ClusterIP refuses).
@@ -708,4 +710,187 @@ fn the_pods_ride_out_a_postgresql_restart() -> Result<()> {
     let slowest = report["latency_max_seconds"].as_f64().unwrap_or(f64::MAX);
     assert!(slowest <= 20.0, "a request took {slowest} s: {report}");
     Ok(())
+}
+
+/// The dashboards against a real Prometheus (Debian's package) that scrapes
+/// the Tidepool's pods as the chart's PodMonitor would (their `http` and
+/// `metrics` ports, labelled `tidepool` and `tier`) and the operator,
+/// while a workload makes their figures move: steady requests, a burst past
+/// the web tier's concurrency and pool (shed for both reasons), jobs queued
+/// past the worker's concurrency, and jobs whose queries are terminated
+/// (failed, then retried, or dead with no attempt left). Every query of
+/// every panel returns series, those of "Tidepool" with the Tidepool's
+/// labels; the figures the workload moves are seen above zero.
+#[test]
+fn the_dashboards_see_a_tidepool_under_load() -> Result<()> {
+    // The operator's target label, as a ServiceMonitor in its namespace
+    // would give it (its per-Tidepool gauges keep their own).
+    const OPERATOR_NAMESPACE: &str = "tidepool-system";
+    let pg = Postgres::from_env()?;
+    let shop = Shop::deploy(
+        &pg,
+        "dashboards",
+        json!({
+            "database": {"maxConnections": 40, "reservedConnections": 10},
+            "web": {"replicas": 1, "concurrency": 4, "databasePool": 2},
+            "worker": {"replicas": 1, "concurrency": 2}
+        }),
+        None,
+    )?;
+    let ns = shop.ns.name.clone();
+    // The pods as the chart's PodMonitor selects them (Debian's Prometheus
+    // is built without Kubernetes discovery: the test discovers them).
+    let pods_file = std::env::temp_dir().join(format!("tidepool-pods-{ns}.json"));
+    let mut targets = Vec::new();
+    for tier in ["web", "worker"] {
+        for pod in shop.pods(tier)? {
+            let ip = pod["status"]["podIP"].as_str().context("a pod IP")?;
+            let labels = &pod["metadata"]["labels"];
+            for port in pod["spec"]["containers"][0]["ports"].as_array().into_iter().flatten() {
+                if !matches!(port["name"].as_str(), Some("http" | "metrics")) {
+                    continue;
+                }
+                targets.push(json!({
+                    "targets": [format!("{ip}:{}", port["containerPort"])],
+                    "labels": {
+                        "namespace": ns, "pod": pod["metadata"]["name"],
+                        "tidepool": labels["app.kubernetes.io/instance"], "tier": labels["app.kubernetes.io/component"]
+                    }
+                }));
+            }
+        }
+    }
+    std::fs::write(&pods_file, serde_json::to_string(&targets)?)?;
+    let _pods_file = RemoveOnDrop(pods_file.clone());
+    let prometheus = Prometheus::start(&format!(
+        r#"  - job_name: tidepool-pods
+    file_sd_configs: [{{files: ["{}"], refresh_interval: 1s}}]
+  - job_name: tidepool-operator
+    honor_labels: true
+    static_configs: [{{targets: ["127.0.0.1:{}"], labels: {{namespace: {OPERATOR_NAMESPACE}}}}}]
+"#,
+        path_arg(&pods_file)?,
+        shop.operator.port()
+    ))?;
+    wait_for("Prometheus to scrape both pods and the operator", Duration::from_secs(60), || {
+        let targets = prometheus.targets()?;
+        Ok((targets.len() == 3 && targets.iter().all(|(_, health)| health == "up")).then_some(()))
+    })
+    .with_context(|| format!("{:?}\n{}", prometheus.targets(), prometheus.log()))?;
+
+    // The workload.
+    let steady = Load::steady(&shop.node, &shop.web_url("/row/")?, 2, "10s")?;
+    let burst = Load::burst(&shop.node, &shop.web_url("/slow-query/?seconds=7")?, 24, "30s")?.finish()?;
+    ensure!(status_count(&burst, "503") > 0, "the burst was shed: {burst}");
+    // Two jobs die with their one attempt, two fail and are retried; ten
+    // more wait behind them (the worker runs two at once).
+    for (max_attempts, count) in [("1", 2), ("3", 2)] {
+        let result = output(
+            Command::new(release_binary("tidepool")?)
+                .args([
+                    "enqueue",
+                    "slow_query",
+                    "--args",
+                    r#"{"seconds": 60}"#,
+                    "--count",
+                    &count.to_string(),
+                ])
+                .args(["--max-attempts", max_attempts])
+                .env("DATABASE_URL", shop.db.url(&shop.pg)),
+        )?;
+        ensure!(result.status.success(), "enqueue: {}", String::from_utf8_lossy(&result.stderr));
+        let sleeping = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{}' AND query LIKE '%pg_sleep%' AND state = 'active'",
+            shop.db.name
+        );
+        wait_for("the jobs' queries to run", Duration::from_secs(60), || {
+            Ok((shop.pg.psql("postgres", &sleeping)?.parse::<i64>()? == count).then_some(()))
+        })?;
+        shop.pg.psql(
+            "postgres",
+            &format!(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = '{}' AND query LIKE '%pg_sleep%' AND state = 'active'",
+                shop.db.name
+            ),
+        )?;
+    }
+    // Ten more through the web tier (POST /tasks/), which counts them.
+    let tasks = shop.web_url("/tasks/")?;
+    for _ in 0..10 {
+        let body = r#"{"task": "slow_query", "args": {"seconds": 2}}"#;
+        let (code, answer) =
+            shop.node.curl(&["-X", "POST", "-H", "Content-Type: application/json", "-d", body, &tasks])?;
+        ensure!(code == 202, "POST /tasks/: {code} {answer}");
+    }
+
+    let dashboards = tidepool_testenv::repo_root()?.join("charts/tidepool/files/dashboards");
+    let mut checked = 0;
+    for file in ["tidepool.json", "tidepool-operator.json"] {
+        let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(dashboards.join(file))?)?;
+        for panel in dashboard["panels"].as_array().into_iter().flatten().filter(|p| p["type"] != "row") {
+            let title = panel["title"].as_str().unwrap_or_default();
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                let expr = target["expr"]
+                    .as_str()
+                    .context("expr")?
+                    .replace("$namespace", if file == "tidepool.json" { &ns } else { OPERATOR_NAMESPACE })
+                    .replace("$tidepool", "shop")
+                    .replace("$tier", "web|worker")
+                    .replace("$__rate_interval", "5s");
+                let series = wait_for(&format!("{file}: {title}: {expr}"), Duration::from_secs(90), || {
+                    let series = prometheus.query(&expr)?;
+                    Ok((!series.is_empty()).then_some(series))
+                })?;
+                if file == "tidepool.json" {
+                    for one in &series {
+                        let labels = &one["metric"];
+                        ensure!(
+                            labels["namespace"] == ns.as_str() && labels["tidepool"] == "shop",
+                            "{title}: {one}"
+                        );
+                    }
+                }
+                checked += 1;
+            }
+        }
+    }
+    // What the workload moved, seen above zero at some scrape.
+    let sel = format!(r#"namespace="{ns}",tidepool="shop""#);
+    for (what, expr) in [
+        ("in flight", format!("sum(tidepool_http_requests_in_flight{{{sel}}})")),
+        (
+            "shed for the concurrency",
+            format!(r#"sum(tidepool_http_requests_shed_total{{{sel},reason="in_flight_limit"}})"#),
+        ),
+        (
+            "shed for the pool wait",
+            format!(r#"sum(tidepool_http_requests_shed_total{{{sel},reason="db_pool_wait"}})"#),
+        ),
+        ("waiting in the app's pool", format!("sum(tidepool_db_pool_waiting{{{sel}}})")),
+        ("queue depth", format!("max(tidepool_queue_available_jobs{{{sel}}})")),
+        ("failed attempts", format!("sum(tidepool_jobs_failed_total{{{sel}}})")),
+        ("retried attempts", format!("sum(tidepool_jobs_retried_total{{{sel}}})")),
+        ("dead jobs", format!("sum(tidepool_jobs_dead_total{{{sel}}})")),
+        ("server connections", format!("sum(pgbouncer_pools_server_active_connections{{{sel}}})")),
+    ] {
+        wait_for(&format!("{what} above zero"), Duration::from_secs(60), || {
+            Ok((!prometheus.query(&format!("max_over_time(({expr})[10m:1s]) > 0"))?.is_empty()).then_some(()))
+        })?;
+    }
+    let requests = steady.finish()?;
+    record_figures(
+        "dashboards",
+        json!({"queries": checked, "steady": requests["requests"], "burst": burst}),
+    )?;
+    eprintln!("dashboards: {checked} queries answered with the Tidepool's series");
+    Ok(())
+}
+
+/// A file of the test's, removed when it ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }

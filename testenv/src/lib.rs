@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 pub mod node;
+pub mod prometheus;
 
 pub struct Kube {
     pub kubeconfig: PathBuf,

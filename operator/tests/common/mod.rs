@@ -122,6 +122,11 @@ impl Operator {
         Ok(Operator { stop: Some(stop), thread: Some(thread), port })
     }
 
+    /// The loopback port of the operator's endpoints (`/metrics`, ...).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// `GET path` on the operator's endpoints: status code and body.
     pub fn get(&self, path: &str) -> Result<(u16, String)> {
         let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))?;

@@ -81,6 +81,10 @@ pub fn app_from_args(args: &WebArgs) -> Result<(App, ServerSettings), StartError
     let pg = db_args.password_file.apply(db_args.database_url.to_pg_config("DATABASE_URL")?)?;
     let metrics = Metrics::new()?;
     metrics.http_requests_in_flight_limit.set(i64::from(args.max_in_flight));
+    // Each reason's series from the start at 0, so a rate sees the first shed.
+    for reason in response::Shed::ALL {
+        metrics.http_requests_shed.with_label_values(&[reason.label()]);
+    }
     let db = Database::new(pg, db_args.pool_settings(DEFAULT_DB_POOL_SIZE), metrics.db_pool_wait.clone())?;
     let app = App {
         db,

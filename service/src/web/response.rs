@@ -38,6 +38,8 @@ pub enum Shed {
 }
 
 impl Shed {
+    pub const ALL: [Shed; 2] = [Shed::InFlightLimit, Shed::DbPoolWait];
+
     pub fn label(self) -> &'static str {
         match self {
             Shed::InFlightLimit => "in_flight_limit",
