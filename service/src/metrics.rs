@@ -339,6 +339,29 @@ impl WorkerMetrics {
         })
     }
 
+    /// Starts every job counter of each `task` and `queue` at 0, so that
+    /// dashboards and `rate()` see the first event of each (a series that
+    /// appears at 2 shows no increase).
+    pub fn start_counters<'a>(&self, tasks: impl Iterator<Item = &'a str>, queues: &[String]) {
+        let counters = [
+            &self.jobs_started,
+            &self.jobs_succeeded,
+            &self.jobs_failed,
+            &self.jobs_retried,
+            &self.jobs_dead,
+            &self.jobs_cancelled,
+            &self.jobs_handed_back,
+            &self.jobs_lease_lost,
+        ];
+        for task in tasks {
+            for queue in queues {
+                for counter in counters {
+                    counter.with_label_values(&[task, queue]);
+                }
+            }
+        }
+    }
+
     /// Renders every metric, after refreshing the task pool's gauges.
     pub fn render(&self, task_pool: PoolStatus) -> Result<Vec<u8>, prometheus::Error> {
         self.pool.set(task_pool);
@@ -387,5 +410,21 @@ mod tests {
         assert!(text.contains("tidepool_db_pool_max_size 50"), "{text}");
         assert!(text.contains("tidepool_worker_queue_pool_wait_seconds_bucket"), "{text}");
         assert!(text.contains("process_resident_memory_bytes"), "{text}");
+    }
+
+    #[test]
+    fn job_counters_start_at_zero_for_each_task_and_queue() {
+        let metrics = WorkerMetrics::new().expect("metrics");
+        metrics
+            .start_counters(["noop", "slow_query"].into_iter(), &["default".to_owned(), "mail".to_owned()]);
+        let pool = PoolStatus { max_size: 2, size: 0, available: 0, waiting: 0 };
+        let text = String::from_utf8(metrics.render(pool).expect("renders")).expect("utf-8");
+        for line in [
+            r#"tidepool_jobs_dead_total{queue="mail",task="slow_query"} 0"#,
+            r#"tidepool_jobs_retried_total{queue="default",task="noop"} 0"#,
+            r#"tidepool_jobs_started_total{queue="default",task="slow_query"} 0"#,
+        ] {
+            assert!(text.contains(line), "{line} not in:\n{text}");
+        }
     }
 }

@@ -118,6 +118,7 @@ pub async fn run(
         None => None,
     };
     let metrics = WorkerMetrics::new()?;
+    metrics.start_counters(registry.task_names(), &settings.queues);
     let task_pool = args.database.pool_settings(args.concurrency);
     let queue_pool = PoolSettings { max_size: QUEUE_POOL_SIZE, ..task_pool.clone() };
     let task_db = Database::new(pg.clone(), task_pool, metrics.db_pool_wait.clone())?;

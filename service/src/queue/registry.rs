@@ -177,9 +177,14 @@ impl Registry {
         self.tasks.get(name)
     }
 
+    /// The registered names, in order.
+    pub fn task_names(&self) -> impl Iterator<Item = &str> {
+        self.tasks.keys().map(String::as_str)
+    }
+
     /// The registered names, comma-separated, for error messages.
     pub fn names(&self) -> String {
-        self.tasks.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+        self.task_names().collect::<Vec<_>>().join(", ")
     }
 
     /// The task's name as a metric label: registered names only, so a job
