@@ -15,6 +15,8 @@
 #   9. the operator at scale: scripts/bench-operator.sh;
 #   10. the real node: scripts/bench-node.sh;
 #   11. end to end on the real node: scripts/bench-e2e.sh.
+#   12. the "Tidepool" dashboard drawn from real data (docs/img/):
+#       scripts/bench-dashboards.sh.
 # All traffic goes to loopback (and, for 10-11, to the test cluster inside
 # the real node's network namespace); every step is bounded in time.
 # BENCH_REPEATS (3) and BENCH_SECONDS (15) size the alternating runs.
@@ -278,3 +280,4 @@ say "wrote the web sections of $OUT"
 "$REPO_ROOT/scripts/bench-operator.sh"
 "$REPO_ROOT/scripts/bench-node.sh"
 "$REPO_ROOT/scripts/bench-e2e.sh"
+"$REPO_ROOT/scripts/bench-dashboards.sh"

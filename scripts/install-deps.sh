@@ -33,6 +33,8 @@ have promtool || need+=(prometheus)
 if [ "${1:-}" = bench ]; then
   have wrk || need+=(wrk)
   have gnuplot || need+=(gnuplot-nox)
+  # scripts/draw-dashboard.py, with Debian's own Python.
+  /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need+=(python3-matplotlib)
 fi
 
 if [ ${#need[@]} -gt 0 ]; then
