@@ -6,8 +6,6 @@
 //! have data only on Kubernetes: real_node_e2e.rs checks them, and every
 //! other panel moving under load, on the real node.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
