@@ -500,7 +500,7 @@ fn every_alert_has_a_runbook() -> Result<()> {
 /// under the chart's service account and Role, one of them holds the Lease,
 /// and a Tidepool applied after goes Ready with its pods running. `helm
 /// uninstall` removes the operator and leaves the CRD, the Tidepool and its
-/// children.
+/// children, which go when the Tidepool is deleted.
 #[test]
 fn helm_install_runs_the_operator_on_the_real_node_and_it_reconciles() -> Result<()> {
     let kube = common::kube_with_crd()?;
@@ -591,6 +591,25 @@ fn helm_install_runs_the_operator_on_the_real_node_and_it_reconciles() -> Result
             None,
         )?;
     }
+    // Until the Tidepool goes: then its children go with it (their owner
+    // references, by the garbage collector), with no operator running.
+    kube.kubectl(&["delete", "-n", &ns.name, "tidepool/shop", "--wait=true", "--timeout=60s"], None)?;
+    wait_for("the Tidepool's children to go with it", Duration::from_secs(120), || {
+        let left = kube.kubectl(
+            &[
+                "get",
+                "-n",
+                &ns.name,
+                "deployments,services,jobs",
+                "-l",
+                "app.kubernetes.io/managed-by=tidepool-operator",
+                "-o",
+                "name",
+            ],
+            None,
+        )?;
+        Ok(left.trim().is_empty().then_some(()))
+    })?;
     Ok(())
 }
 
