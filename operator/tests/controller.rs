@@ -288,8 +288,10 @@ fn nothing_is_applied_into_a_terminating_namespace() -> Result<()> {
         Ok(left["items"].as_array().is_some_and(Vec::is_empty).then_some(()))
     })?;
     assert_eq!(operator.metric("tidepool_operator_reconciles_total{result=\"error\"}")?, 0.0);
-    let (_, metrics) = operator.get("/metrics")?;
-    assert!(!metrics.contains("tidepool_operator_reconcile_errors_total{"), "{metrics}");
+    for kind in tidepool_operator::controller::Error::KINDS {
+        let series = format!("tidepool_operator_reconcile_errors_total{{kind=\"{kind}\"}}");
+        assert_eq!(operator.metric(&series)?, 0.0, "{series}");
+    }
 
     kube.kubectl(
         &[
