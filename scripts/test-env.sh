@@ -59,6 +59,7 @@ run_tests() {
   # shellcheck disable=SC2086 # TIDEPOOL_TEST_ARGS is a list of arguments
   cargo test --workspace "$@" -- ${TIDEPOOL_TEST_ARGS:-} || status=$?
   # shellcheck disable=SC2086
-  cargo test -p tidepool-operator --test cluster_wide "$@" -- --ignored ${TIDEPOOL_TEST_ARGS:-} || status=$?
+  # --workspace, as above: the same features, so nothing is built again.
+  cargo test --workspace --test cluster_wide "$@" -- --ignored ${TIDEPOOL_TEST_ARGS:-} || status=$?
   return "$status"
 }

@@ -1,7 +1,7 @@
 //! What installs an operator for the whole cluster. Such an operator would
 //! reconcile every other test's Tidepools too, so these tests are ignored by
 //! a plain `cargo test` and run alone, after the others, by scripts/test.sh
-//! (`cargo test -p tidepool-operator --test cluster_wide -- --ignored`).
+//! (`cargo test --workspace --test cluster_wide -- --ignored`).
 
 mod common;
 
