@@ -272,6 +272,45 @@ async fn claims_take_due_jobs_by_priority_then_age() -> Result<()> {
     Ok(())
 }
 
+/// What the operator's queue scaler reads: per queue, the due jobs not
+/// claimed, how long the oldest has been due, and the running ones; a
+/// scheduled job is not counted until it is due, and a queue without jobs
+/// still has its row.
+#[tokio::test]
+async fn queue_stats_count_available_running_and_the_oldest_age() -> Result<()> {
+    let h = harness(4).await?;
+    let two_minutes_ago = Utc::now() - chrono::Duration::seconds(120);
+    h.enqueue(NewJob::new("noop", json!({})).priority(-1).schedule(Schedule::At(two_minutes_ago))).await?;
+    h.enqueue(NewJob::new("noop", json!({}))).await?;
+    h.enqueue(NewJob::new("noop", json!({}))).await?;
+    h.enqueue(NewJob::new("noop", json!({})).schedule(Schedule::After(Duration::from_secs(3600)))).await?;
+    for _ in 0..2 {
+        h.enqueue(NewJob::new("noop", json!({})).queue("other")).await?;
+    }
+    let claimed = sql::claim(&h.client, "default", 1, "test", Duration::from_secs(60)).await?;
+    assert_eq!(claimed.len(), 1);
+
+    let queues = ["default", "other", "empty"].map(String::from);
+    let stats = sql::queue_stats(&h.client, &queues).await?;
+    let by_queue: HashMap<&str, &sql::QueueStats> = stats.iter().map(|s| (s.queue.as_str(), s)).collect();
+    let default = by_queue["default"];
+    assert_eq!((default.available, default.running), (2, 1));
+    assert!(
+        (119.0..600.0).contains(&default.oldest_available_age),
+        "the job due two minutes ago is the oldest: {}",
+        default.oldest_available_age
+    );
+    let other = by_queue["other"];
+    assert_eq!((other.available, other.running), (2, 0));
+    assert!(other.oldest_available_age < 119.0);
+    assert_eq!(
+        (by_queue["empty"].available, by_queue["empty"].running, by_queue["empty"].oldest_available_age),
+        (0, 0, 0.0)
+    );
+    assert_eq!(stats.len(), 3);
+    Ok(())
+}
+
 /// A registry with a task that fails until attempt `succeed_on`, and one
 /// that fails fatally.
 fn flaky_registry(succeed_on: i32) -> Registry {

@@ -275,13 +275,18 @@ WITH gone AS (
 )
 SELECT count(*) FROM gone";
 
-/// Per queue in `$1`: available jobs that are due, and the age of the oldest.
+/// Per queue in `$1`: available jobs that are due, the age of the oldest,
+/// and running jobs. The available ones are counted on the claim index
+/// (its leading column is the queue, its predicate the state), the running
+/// ones on the running index.
 const QUEUE_STATS: &str = "
-SELECT q.queue, count(j.id),
-       COALESCE(EXTRACT(epoch FROM now() - min(j.run_at)), 0)::float8
+SELECT q.queue, a.available, COALESCE(EXTRACT(epoch FROM now() - a.oldest), 0)::float8,
+       (SELECT count(*) FROM tidepool_jobs r WHERE r.state = 'running' AND r.queue = q.queue)
 FROM unnest($1::text[]) AS q(queue)
-LEFT JOIN tidepool_jobs j ON j.queue = q.queue AND j.state = 'available' AND j.run_at <= now()
-GROUP BY q.queue";
+CROSS JOIN LATERAL (
+    SELECT count(*) AS available, min(j.run_at) AS oldest FROM tidepool_jobs j
+    WHERE j.state = 'available' AND j.queue = q.queue AND j.run_at <= now()
+) a";
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
@@ -614,11 +619,28 @@ pub async fn prune(
     Ok((count(&results), count(&dead)))
 }
 
-/// Per queue: due available jobs, and the age in seconds of the oldest.
-pub async fn queue_stats(
-    client: &impl GenericClient,
-    queues: &[String],
-) -> Result<Vec<(String, i64, f64)>, Error> {
+/// One queue's state, as [`queue_stats`] reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueStats {
+    pub queue: String,
+    /// Jobs that are due and not claimed.
+    pub available: i64,
+    /// Seconds the oldest of them has been due (0 without any).
+    pub oldest_available_age: f64,
+    /// Jobs claimed and not finished.
+    pub running: i64,
+}
+
+/// Per queue of `queues`, in one statement: what [`QueueStats`] holds.
+pub async fn queue_stats(client: &impl GenericClient, queues: &[String]) -> Result<Vec<QueueStats>, Error> {
     let rows = client.query_typed(QUEUE_STATS, &[(&queues, Type::TEXT_ARRAY)]).await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| QueueStats {
+            queue: r.get(0),
+            available: r.get(1),
+            oldest_available_age: r.get(2),
+            running: r.get(3),
+        })
+        .collect())
 }

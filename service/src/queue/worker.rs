@@ -637,9 +637,9 @@ async fn maintain(shared: &Shared) -> Result<(), DbError> {
         }
     }
     let stats = queue_op!(shared, |client| sql::queue_stats(client, &settings.queues)).await?;
-    for (queue, available, oldest) in stats {
-        shared.metrics.queue_available.with_label_values(&[&queue]).set(available);
-        shared.metrics.queue_oldest_age.with_label_values(&[&queue]).set(oldest);
+    for queue in stats {
+        shared.metrics.queue_available.with_label_values(&[&queue.queue]).set(queue.available);
+        shared.metrics.queue_oldest_age.with_label_values(&[&queue.queue]).set(queue.oldest_available_age);
     }
     Ok(())
 }
