@@ -16,7 +16,14 @@
 //! (a reconcile reads what it needs afresh), and
 //! the other Tidepools on the same database server when their total
 //! changes ([`crate::index`]: an over-commit shows in every one's
-//! `ConnectionBudget`).
+//! `ConnectionBudget`), and the queue scalers ([`crate::autoscaler`]) when
+//! what they report changes.
+//!
+//! Replicas come from the Tidepool alone: `spec.web.replicas` (set through
+//! the scale subresource by the web HPA or `kubectl scale`) and
+//! `spec.worker.replicas` (set by the queue scaler when the worker tier
+//! autoscales). A change of either is an Event and is recorded in the
+//! tier's `lastScale`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Debug;
@@ -44,6 +51,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::admission::{self, LivePod};
+use crate::autoscaler::{self, Autoscalers};
 use crate::crd::{Tidepool, TidepoolStatus};
 use crate::http::Endpoints;
 use crate::index::{Key, ServerIndex};
@@ -52,7 +60,7 @@ use crate::plan::{self, Plan, Tier};
 use crate::render::deployment::SECRET_KEYS;
 use crate::render::labels::{self, MANAGED_BY};
 use crate::render::{self, Child};
-use crate::status::{self, Applied, Blocked, Migration, ObservedTier};
+use crate::status::{self, Applied, AutoscalingHealth, Blocked, Migration, ObservedTier, ScaleCause};
 use crate::validate;
 
 /// The field manager of every child.
@@ -112,6 +120,12 @@ pub struct Context {
     /// The generation whose orphans (Deployments, Services, PDBs, HPAs)
     /// were last deleted, by Tidepool.
     swept: Arc<Mutex<HashMap<ObjectRef<Tidepool>, i64>>>,
+    /// The queue scalers of the Tidepools whose worker tier autoscales.
+    autoscalers: Arc<Autoscalers>,
+    /// The web replicas whose change was last announced, by Tidepool: a
+    /// reconcile that runs on an object read before the last status write
+    /// sees the same change again.
+    announced: Arc<Mutex<HashMap<ObjectRef<Tidepool>, u32>>>,
 }
 
 /// The server index and the reconciles it asks for.
@@ -221,6 +235,20 @@ pub async fn run(
     let forget_failures = failures.clone();
     let swept: Arc<Mutex<HashMap<ObjectRef<Tidepool>, i64>>> = Arc::default();
     let forget_swept = swept.clone();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() },
+    );
+    let autoscalers = Arc::new(Autoscalers::new(autoscaler::Shared {
+        client: client.clone(),
+        recorder: recorder.clone(),
+        store: store.clone(),
+        metrics: endpoints.metrics.clone(),
+        retrigger: servers.retrigger.clone(),
+    }));
+    let forget_autoscaler = autoscalers.clone();
+    let announced: Arc<Mutex<HashMap<ObjectRef<Tidepool>, u32>>> = Arc::default();
+    let forget_announced = announced.clone();
     let tidepools = watcher(api::<Tidepool>(&client, ns), watcher::Config::default())
         .default_backoff()
         .reflect(writer)
@@ -235,6 +263,10 @@ pub async fn run(
                 if let Ok(mut swept) = forget_swept.lock() {
                     swept.remove(&ObjectRef::from_obj(gone));
                 }
+                forget_autoscaler.stop(&ObjectRef::from_obj(gone));
+                if let Ok(mut announced) = forget_announced.lock() {
+                    announced.remove(&ObjectRef::from_obj(gone));
+                }
             }
             _ => {}
         })
@@ -247,12 +279,17 @@ pub async fn run(
     let secrets = watcher(api::<PartialObjectMeta<Secret>>(&client, ns), watcher::Config::default())
         .default_backoff()
         .touched_objects();
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() },
-    );
-    let context =
-        Arc::new(Context { client: client.clone(), recorder, store, endpoints, servers, failures, swept });
+    let context = Arc::new(Context {
+        client: client.clone(),
+        recorder,
+        store,
+        endpoints,
+        servers,
+        failures,
+        swept,
+        autoscalers,
+        announced,
+    });
     // Children and pods only start reconciles, which read what they need:
     // their watches hold metadata only.
     let running = controller
@@ -446,7 +483,25 @@ async fn reconcile_once(tidepool: &Tidepool, ctx: &Context) -> Result<bool, Erro
                 swept.insert(key, generation);
             }
             let over_commit = ctx.shared_server(&(namespace.clone(), tidepool.name_any()), &server, &plan);
-            let applied = Applied { over_commit, ..applied.as_applied(&plan) };
+            let settings = autoscaler::settings(tidepool, &plan);
+            let report = ctx.autoscalers.ensure(tidepool, settings.clone());
+            let autoscaling = settings
+                .zip(report.as_ref())
+                .map(|(settings, report)| scaler_health(&settings, report, plan.tier(Tier::Worker).replicas));
+            let worker_cause = report
+                .and_then(|r| r.last_change)
+                .filter(|change| change.to == plan.tier(Tier::Worker).replicas)
+                .map(|change| ScaleCause {
+                    reason: change.because.reason.into(),
+                    message: change.because.message,
+                });
+            let web_cause = web_scaled(ctx, tidepool, previous, &plan).await;
+            let applied = Applied {
+                over_commit,
+                scale_causes: [web_cause, worker_cause],
+                autoscaling,
+                ..applied.as_applied(&plan)
+            };
             status::status(previous, tidepool.metadata.generation, Ok(applied), now())
         }
     };
@@ -493,8 +548,113 @@ impl AppliedChildren {
             over_commit: None,
             migration: self.migration.clone(),
             pacing: self.pacing.clone(),
+            scale_causes: [None, None],
+            autoscaling: None,
         }
     }
+}
+
+/// The `WorkerAutoscaling` condition from the scaler's report.
+fn scaler_health(
+    settings: &autoscaler::Settings,
+    report: &autoscaler::Report,
+    replicas: u32,
+) -> AutoscalingHealth {
+    let bounds = format!("{}..{}", settings.policy.min_replicas, settings.policy.max_replicas);
+    match (&report.failure, report.read) {
+        (Some((error, since)), _) => AutoscalingHealth {
+            status: "False",
+            reason: "QueuesUnreadable",
+            message: format!(
+                "the queues cannot be read since {}: {error}; the worker replicas hold at {replicas}",
+                since.0
+            ),
+        },
+        (None, false) => AutoscalingHealth {
+            status: "Unknown",
+            reason: "NotReadYet",
+            message: format!("the queue scaler has not read the queues yet; worker replicas {replicas} ({bounds})"),
+        },
+        (None, true) => AutoscalingHealth {
+            status: "True",
+            reason: "QueuesRead",
+            message: format!(
+                "the queues {} are read every {} s with the credentials of the Secret {}; worker replicas {bounds}",
+                settings.queues.join(", "),
+                settings.interval.as_secs(),
+                settings.secret
+            ),
+        },
+    }
+}
+
+/// When the web tier's desired replicas changed since the last status (the
+/// HPA, `kubectl scale` or an edit set `spec.web.replicas`): an Event, the
+/// decision counted, and its cause naming who set them.
+async fn web_scaled(
+    ctx: &Context,
+    tidepool: &Tidepool,
+    previous: Option<&TidepoolStatus>,
+    plan: &Plan,
+) -> Option<ScaleCause> {
+    let from = u32::try_from(previous?.web.as_ref()?.desired_replicas).ok()?;
+    let to = plan.tier(Tier::Web).replicas;
+    if from == to {
+        return None;
+    }
+    let direction = if to > from { crate::scaler::Direction::Up } else { crate::scaler::Direction::Down };
+    let by = replicas_set_by(tidepool, "f:web").unwrap_or_else(|| "an unknown client".into());
+    let message = format!("web replicas {from} → {to}, set by {by}");
+    let cause = Some(ScaleCause { reason: "ReplicasChanged".into(), message: message.clone() });
+    let new = ctx
+        .announced
+        .lock()
+        .map(|mut announced| announced.insert(ObjectRef::from_obj(tidepool), to) != Some(to))
+        .unwrap_or(true);
+    if !new {
+        return cause;
+    }
+    ctx.endpoints.metrics.scaling_decision(Tier::Web, direction);
+    let event = Event {
+        type_: EventType::Normal,
+        reason: match direction {
+            crate::scaler::Direction::Up => "ScaledUp".into(),
+            crate::scaler::Direction::Down => "ScaledDown".into(),
+        },
+        note: Some(message.clone()),
+        action: "Scale".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &tidepool.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish an event");
+    }
+    cause
+}
+
+/// The field manager (and subresource) that last set `spec.<tier>.replicas`.
+fn replicas_set_by(tidepool: &Tidepool, tier_field: &str) -> Option<String> {
+    tidepool
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|entry| {
+            entry.fields_v1.as_ref().is_some_and(|fields| {
+                fields
+                    .0
+                    .get("f:spec")
+                    .and_then(|s| s.get(tier_field))
+                    .and_then(|t| t.get("f:replicas"))
+                    .is_some()
+            })
+        })
+        .max_by_key(|entry| entry.time.as_ref().map(|t| t.0))
+        .map(|entry| match entry.subresource.as_deref() {
+            Some(subresource) if !subresource.is_empty() => {
+                format!("{} through the {subresource} subresource", entry.manager.as_deref().unwrap_or("?"))
+            }
+            _ => entry.manager.clone().unwrap_or_else(|| "?".into()),
+        })
 }
 
 async fn apply_one<K>(

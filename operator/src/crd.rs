@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -238,8 +238,10 @@ pub struct WebAutoscaling {
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.autoscaling) || (self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas)").message("worker.replicas must be within [autoscaling.minReplicas, autoscaling.maxReplicas]"))]
+#[x_kube(validation = Rule::new("!has(self.autoscaling) || !has(self.autoscaling.queues) || self.autoscaling.queues.all(q, q.name in self.queues)").message("worker.autoscaling.queues may name only queues of worker.queues"))]
 pub struct WorkerSpec {
-    /// Worker pods; 0 runs none.
+    /// Worker pods; 0 runs none. With `autoscaling`, the operator's queue
+    /// scaler sets it.
     #[serde(default = "default_worker_replicas")]
     #[x_kube(validation = Rule::new("self >= 0").message("worker.replicas must not be negative"))]
     pub replicas: i32,
@@ -265,7 +267,7 @@ pub struct WorkerSpec {
     #[serde(default)]
     pub listen: bool,
 
-    /// Bounds of the worker tier's size; pools are planned for
+    /// Scale on the queues between the bounds; pools are planned for
     /// `maxReplicas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<WorkerAutoscaling>,
@@ -275,18 +277,75 @@ pub struct WorkerSpec {
     pub resources: Option<ResourceRequirements>,
 }
 
-/// Bounds of the worker tier's size.
+/// The worker tier's queue scaler: the operator reads the queues from
+/// PostgreSQL every `pollingIntervalSeconds` and sets `worker.replicas`
+/// between the bounds.
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must not be above autoscaling.maxReplicas"))]
 pub struct WorkerAutoscaling {
-    /// The fewest worker pods (0 allowed).
+    /// The fewest worker pods (0 allowed: none while every queue is idle,
+    /// one as soon as a job is available).
     #[x_kube(validation = Rule::new("self >= 0").message("worker.autoscaling.minReplicas must not be negative"))]
     pub min_replicas: i32,
     /// The most worker pods; the pools are sized for this many (plus the
-    /// surge).
+    /// surge), so no scaling decision can break the connection budget.
     #[x_kube(validation = Rule::new("self >= 1").message("worker.autoscaling.maxReplicas must be at least 1"))]
     pub max_replicas: i32,
+
+    /// Targets by queue. A served queue without an entry gets a target of
+    /// `worker.concurrency` available jobs per replica.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("self.all(a, self.exists_one(b, a.name == b.name))").message("worker.autoscaling.queues must name each queue once"))]
+    pub queues: Vec<QueueScaling>,
+
+    /// Seconds between two readings of the queues (one statement each).
+    #[serde(default = "default_polling_interval")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 3600").message("worker.autoscaling.pollingIntervalSeconds must be from 1 to 3600"))]
+    pub polling_interval_seconds: i32,
+
+    /// The replicas go up only once every reading of this many seconds
+    /// asks for more: a burst that the running workers drain sooner
+    /// changes nothing.
+    #[serde(default = "default_scale_up_stabilization")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 3600").message("worker.autoscaling.scaleUpStabilizationSeconds must be from 0 to 3600"))]
+    pub scale_up_stabilization_seconds: i32,
+
+    /// The replicas go down only once every reading of this many seconds
+    /// asks for fewer.
+    #[serde(default = "default_scale_down_stabilization")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 86400").message("worker.autoscaling.scaleDownStabilizationSeconds must be from 0 to 86400"))]
+    pub scale_down_stabilization_seconds: i32,
+
+    /// The Secret with the credentials the operator reads the queues with
+    /// (the same keys as `database.secretRef`; default that Secret). A role
+    /// that may only read the jobs table is enough (README, "Autoscaling").
+    /// Its one connection goes to PostgreSQL directly: count it in
+    /// `database.reservedConnections`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretRef>,
+}
+
+/// One queue's scaling targets; at least one of them.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.targetAvailableJobsPerReplica) || has(self.maxOldestJobAgeSeconds)").message("a worker.autoscaling.queues entry needs targetAvailableJobsPerReplica, maxOldestJobAgeSeconds or both"))]
+pub struct QueueScaling {
+    /// The queue, one of `worker.queues`.
+    #[schemars(length(max = 64))]
+    pub name: String,
+    /// Available jobs (due, not yet claimed) per worker replica: a backlog
+    /// of `n` asks for `⌈n / target⌉` replicas (the queues' asks add up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("targetAvailableJobsPerReplica must be at least 1"))]
+    pub target_available_jobs_per_replica: Option<i32>,
+    /// Once the oldest available job has waited longer than this, the
+    /// tier grows (at least one replica, more the further past it is), even
+    /// under the count target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 86400").message("maxOldestJobAgeSeconds must be from 1 to 86400"))]
+    pub max_oldest_job_age_seconds: Option<i32>,
 }
 
 /// Rolling updates.
@@ -386,6 +445,28 @@ pub struct TierStatus {
     pub app_pool_per_pod: i32,
     /// Whether the budget gave the tier less than it asked for.
     pub limited: bool,
+    /// The last change of the tier's desired replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale: Option<LastScale>,
+}
+
+/// A change of a tier's desired replicas.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastScale {
+    /// The desired replicas before.
+    pub from: i32,
+    /// The desired replicas after.
+    pub to: i32,
+    /// Why: the queue scaler's reason (`QueueBacklog`, `OldestJobAge`,
+    /// `JobsRunning`, `JobsWaiting`, `QueuesIdle`), or `ReplicasChanged`
+    /// when the spec's replicas were set otherwise (the web autoscaler,
+    /// `kubectl scale`, an edit).
+    pub reason: String,
+    /// What was seen, in words.
+    pub message: String,
+    /// When the operator saw the change.
+    pub time: Time,
 }
 
 /// The connection budget.
@@ -436,6 +517,15 @@ fn default_web_database_pool() -> i32 {
 }
 fn default_target_cpu() -> i32 {
     70
+}
+fn default_polling_interval() -> i32 {
+    10
+}
+fn default_scale_up_stabilization() -> i32 {
+    15
+}
+fn default_scale_down_stabilization() -> i32 {
+    300
 }
 fn default_worker_replicas() -> i32 {
     1

@@ -8,8 +8,11 @@
 //! exactly that code; the controller only adds reading and applying. While a
 //! change rolls, the pure [`plan::next_step`] paces the Deployments and
 //! [`admission`] lets each new pod start only when the budget has room.
+//! The worker tier follows its queues: the pure [`scaler`] decides, the
+//! [`autoscaler`] reads PostgreSQL and sets the replicas.
 
 pub mod admission;
+pub mod autoscaler;
 pub mod cli;
 pub mod controller;
 pub mod crd;
@@ -19,5 +22,6 @@ pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod render;
+pub mod scaler;
 pub mod status;
 pub mod validate;

@@ -8,7 +8,9 @@
 //! dashboards and alerts that put the plan beside what runs: the budget
 //! (`tidepool_operator_connections{kind="available|planned_peak|live_peak"}`),
 //! each tier's replicas and per-pod share, and the conditions (1 when True).
-//! A Tidepool's series go when it does. Scrape them with `honorLabels` (the
+//! A Tidepool's series go when it does. The scaling decisions by tier and
+//! direction, and the queue scalers' readings of PostgreSQL (their number,
+//! duration and outcome, and the connections they opened). Scrape them with `honorLabels` (the
 //! chart's ServiceMonitor does) so `namespace` stays the Tidepool's.
 
 use std::time::Instant;
@@ -19,7 +21,9 @@ use prometheus::{
 };
 
 use crate::crd::TidepoolStatus;
-use crate::status::{CONNECTION_BUDGET, DEGRADED, PROGRESSING, READY};
+use crate::plan::Tier;
+use crate::scaler::Direction;
+use crate::status::{CONNECTION_BUDGET, DEGRADED, PROGRESSING, READY, WORKER_AUTOSCALING};
 
 /// How a reconcile ended, as the `result` label says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,12 +62,18 @@ pub struct Metrics {
     replicas: IntGaugeVec,
     share: IntGaugeVec,
     condition: IntGaugeVec,
+    scaling_decisions: IntCounterVec,
+    database_queries: HistogramVec,
+    /// Connections the queue scalers opened to PostgreSQL.
+    pub database_connects: IntCounter,
 }
 
 const CONNECTION_KINDS: [&str; 3] = ["available", "planned_peak", "live_peak"];
 const TIERS: [&str; 2] = ["web", "worker"];
-const REPLICA_STATES: [&str; 2] = ["desired", "ready"];
-const CONDITIONS: [&str; 4] = [READY, CONNECTION_BUDGET, PROGRESSING, DEGRADED];
+const REPLICA_STATES: [&str; 3] = ["desired", "current", "ready"];
+const CONDITIONS: [&str; 5] = [READY, CONNECTION_BUDGET, PROGRESSING, DEGRADED, WORKER_AUTOSCALING];
+const DIRECTIONS: [Direction; 2] = [Direction::Up, Direction::Down];
+const QUERY_OUTCOMES: [&str; 2] = ["ok", "error"];
 
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
@@ -110,6 +120,38 @@ impl Metrics {
             Opts::new("condition", "A Tidepool's condition: 1 when True, else 0."),
             &["namespace", "tidepool", "type"],
         )?;
+        let scaling_decisions = IntCounterVec::new(
+            Opts::new(
+                "scaling_decisions_total",
+                "Changes of a tier's desired replicas: the queue scaler's (worker) and those the operator \
+                 applied from the Tidepool's scale subresource (web), by direction.",
+            ),
+            &["tier", "direction"],
+        )?;
+        let database_queries = HistogramVec::new(
+            HistogramOpts::new(
+                "database_query_duration_seconds",
+                "The queue scalers' readings of the queues from PostgreSQL (one statement, after opening \
+                 the connection when there was none), by outcome.",
+            )
+            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            &["outcome"],
+        )?;
+        let database_connects = IntCounter::new(
+            "database_connections_opened_total",
+            "Connections the queue scalers opened to PostgreSQL (one per scaler, again after a failure).",
+        )?;
+        registry.register(Box::new(scaling_decisions.clone()))?;
+        registry.register(Box::new(database_queries.clone()))?;
+        registry.register(Box::new(database_connects.clone()))?;
+        for tier in Tier::ALL {
+            for direction in DIRECTIONS {
+                scaling_decisions.with_label_values(&[tier.name(), direction.label()]);
+            }
+        }
+        for outcome in QUERY_OUTCOMES {
+            database_queries.with_label_values(&[outcome]);
+        }
         for gauge in [&connections, &replicas, &share, &condition] {
             registry.register(Box::new(gauge.clone()))?;
         }
@@ -137,6 +179,9 @@ impl Metrics {
             replicas,
             share,
             condition,
+            scaling_decisions,
+            database_queries,
+            database_connects,
         })
     }
 
@@ -154,9 +199,11 @@ impl Metrics {
         }
         for (tier, tier_status) in TIERS.iter().zip([&status.web, &status.worker]) {
             let Some(tier_status) = tier_status else { continue };
-            for (state, count) in
-                REPLICA_STATES.iter().zip([tier_status.desired_replicas, tier_status.ready_replicas])
-            {
+            for (state, count) in REPLICA_STATES.iter().zip([
+                tier_status.desired_replicas,
+                tier_status.replicas,
+                tier_status.ready_replicas,
+            ]) {
                 self.replicas.with_label_values(&[namespace, name, tier, state]).set(i64::from(count));
             }
             self.share
@@ -195,6 +242,16 @@ impl Metrics {
     /// The counter of writes of objects of `kind`.
     pub fn writes(&self, kind: &str) -> IntCounter {
         self.writes.with_label_values(&[kind])
+    }
+
+    /// Counts a change of `tier`'s desired replicas.
+    pub fn scaling_decision(&self, tier: Tier, direction: Direction) {
+        self.scaling_decisions.with_label_values(&[tier.name(), direction.label()]).inc();
+    }
+
+    /// Records one reading of the queues that took `took`.
+    pub fn database_query(&self, outcome: &'static str, took: std::time::Duration) {
+        self.database_queries.with_label_values(&[outcome]).observe(took.as_secs_f64());
     }
 
     pub fn error(&self, kind: &'static str) {
@@ -258,7 +315,7 @@ mod tests {
             assert!(text.contains(line), "{line} not in:\n{text}");
         }
         assert!(!text.contains("kind=\"live_peak\""), "no live pods counted yet: {text}");
-        assert!(!text.contains("tier=\"worker\""), "{text}");
+        assert!(!text.contains("tidepool=\"tp\",tier=\"worker\""), "{text}");
         metrics.forget("shop", "tp");
         let text = String::from_utf8(metrics.render().expect("renders")).expect("utf-8");
         assert!(!text.contains("tidepool=\"tp\""), "{text}");

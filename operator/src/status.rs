@@ -8,19 +8,40 @@
 //!   numbers when it cannot; the last good children stay);
 //! - `Progressing`: a rollout or scale is under way;
 //! - `Degraded`: something keeps the operator from applying the spec (a
-//!   missing Secret or key, an invalid spec, a refused budget).
+//!   missing Secret or key, an invalid spec, a refused budget);
+//! - `WorkerAutoscaling` (only while the worker tier autoscales): whether
+//!   the queue scaler can read the queues; False holds the replicas.
 //!
-//! A condition keeps its `lastTransitionTime` while its status stays.
+//! A condition keeps its `lastTransitionTime` while its status stays. A
+//! tier's `lastScale` records the last change of its desired replicas, with
+//! the scaler's reason when it made it.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::crd::{ConnectionsStatus, TidepoolStatus, TierStatus};
+use crate::crd::{ConnectionsStatus, LastScale, TidepoolStatus, TierStatus};
 use crate::plan::{Plan, Tier};
 
 pub const READY: &str = "Ready";
 pub const CONNECTION_BUDGET: &str = "ConnectionBudget";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+pub const WORKER_AUTOSCALING: &str = "WorkerAutoscaling";
+
+/// Why a tier's desired replicas changed, when the operator knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScaleCause {
+    pub reason: String,
+    pub message: String,
+}
+
+/// Whether the queue scaler reads the queues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutoscalingHealth {
+    /// `True`, `False` or `Unknown` (no reading yet).
+    pub status: &'static str,
+    pub reason: &'static str,
+    pub message: String,
+}
 
 /// Why the spec could not be applied. The children are left as they are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +93,10 @@ pub struct Applied<'a> {
     pub migration: Migration,
     /// What holds a change back: a paced step, pods waiting for the budget.
     pub pacing: Vec<String>,
+    /// Why each tier's (web, worker) desired replicas changed, if known.
+    pub scale_causes: [Option<ScaleCause>; 2],
+    /// The queue scaler's health, while the worker tier autoscales.
+    pub autoscaling: Option<AutoscalingHealth>,
 }
 
 fn to_i32(n: u32) -> i32 {
@@ -127,10 +152,14 @@ pub fn status(
                 ),
                 condition(DEGRADED, true, blocked.reason, blocked.message.clone(), generation),
             ];
+            kept.conditions.extend(find(previous, WORKER_AUTOSCALING).cloned());
             kept
         }
         Ok(applied) => applied_status(applied, generation),
     };
+    if let Ok(applied) = &outcome {
+        record_scales(previous, &mut next, &applied.scale_causes, &now);
+    }
     next.observed_generation = generation;
     for condition in &mut next.conditions {
         let before = previous.and_then(|p| p.conditions.iter().find(|c| c.type_ == condition.type_));
@@ -140,6 +169,46 @@ pub fn status(
         };
     }
     next
+}
+
+/// Sets each tier's `lastScale`: a new one where the desired replicas
+/// differ from `previous`, else the previous one.
+fn record_scales(
+    previous: Option<&TidepoolStatus>,
+    next: &mut TidepoolStatus,
+    causes: &[Option<ScaleCause>; 2],
+    now: &Time,
+) {
+    for tier in Tier::ALL {
+        let before = previous.and_then(|p| tier_status(p, tier).as_ref());
+        let Some(after) = tier_status_mut(next, tier).as_mut() else { continue };
+        after.last_scale = match before {
+            Some(before) if before.desired_replicas != after.desired_replicas => {
+                let (from, to) = (before.desired_replicas, after.desired_replicas);
+                let cause = causes[tier as usize].clone().unwrap_or_else(|| ScaleCause {
+                    reason: "ReplicasChanged".into(),
+                    message: format!("the Tidepool's {tier} replicas were set to {to}"),
+                });
+                Some(LastScale { from, to, reason: cause.reason, message: cause.message, time: now.clone() })
+            }
+            Some(before) => before.last_scale.clone(),
+            None => None,
+        };
+    }
+}
+
+fn tier_status(status: &TidepoolStatus, tier: Tier) -> &Option<TierStatus> {
+    match tier {
+        Tier::Web => &status.web,
+        Tier::Worker => &status.worker,
+    }
+}
+
+fn tier_status_mut(status: &mut TidepoolStatus, tier: Tier) -> &mut Option<TierStatus> {
+    match tier {
+        Tier::Web => &mut status.web,
+        Tier::Worker => &mut status.worker,
+    }
 }
 
 fn applied_status(applied: &Applied<'_>, generation: Option<i64>) -> TidepoolStatus {
@@ -158,6 +227,7 @@ fn applied_status(applied: &Applied<'_>, generation: Option<i64>) -> TidepoolSta
                 Tier::Worker => planned.pools.worker_concurrency,
             }),
             limited: planned.limited(),
+            last_scale: None,
         }
     };
     let web = tier_status(Tier::Web, &applied.web, &applied.selectors[0]);
@@ -244,9 +314,18 @@ fn applied_status(applied: &Applied<'_>, generation: Option<i64>) -> TidepoolSta
             generation,
         ),
     };
+    let mut conditions = vec![ready, budget, progressing, degraded];
+    conditions.extend(applied.autoscaling.as_ref().map(|health| Condition {
+        type_: WORKER_AUTOSCALING.to_owned(),
+        status: health.status.to_owned(),
+        reason: health.reason.to_owned(),
+        message: health.message.clone(),
+        observed_generation: generation,
+        last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+    }));
     TidepoolStatus {
         observed_generation: generation,
-        conditions: vec![ready, budget, progressing, degraded],
+        conditions,
         web: Some(web),
         worker: Some(worker),
         connections: Some(ConnectionsStatus {
@@ -311,6 +390,8 @@ mod tests {
             pacing: Vec::new(),
             over_commit: None,
             migration: Migration::Done,
+            scale_causes: [None, None],
+            autoscaling: None,
         }
     }
 
@@ -362,5 +443,51 @@ mod tests {
             ("False", "13 connections, but only 5")
         );
         assert_eq!(after.observed_generation, Some(3));
+    }
+
+    #[test]
+    fn a_change_of_desired_replicas_is_recorded_with_its_cause() {
+        let plan = a_plan();
+        let first = status(None, Some(1), Ok(applied(&plan, 2)), at(10));
+        assert_eq!(first.web.as_ref().and_then(|w| w.last_scale.clone()), None, "nothing changed yet");
+        let mut more = plan.clone();
+        more.tier_mut(Tier::Worker).replicas = 3;
+        more.tier_mut(Tier::Web).replicas = 1;
+        let cause =
+            ScaleCause { reason: "QueueBacklog".into(), message: "available jobs: default 300".into() };
+        let scaled = Applied { scale_causes: [None, Some(cause)], ..applied(&more, 2) };
+        let second = status(Some(&first), Some(1), Ok(scaled), at(20));
+        let worker = second.worker.as_ref().and_then(|w| w.last_scale.clone()).expect("worker scaled");
+        assert_eq!(
+            (worker.from, worker.to, worker.reason.as_str(), worker.time),
+            (1, 3, "QueueBacklog", at(20))
+        );
+        let web = second.web.as_ref().and_then(|w| w.last_scale.clone()).expect("web scaled");
+        assert_eq!((web.from, web.to, web.reason.as_str()), (2, 1, "ReplicasChanged"));
+        let third = status(Some(&second), Some(1), Ok(applied(&more, 2)), at(30));
+        assert_eq!(third.worker, second.worker, "the last change stays until the next");
+        assert!(same_ignoring_times(&second, &third));
+    }
+
+    #[test]
+    fn the_scalers_health_is_a_condition_that_a_blocked_spec_keeps() {
+        let plan = a_plan();
+        let failing = AutoscalingHealth {
+            status: "False",
+            reason: "QueuesUnreadable",
+            message: "the database is unavailable; the worker replicas hold at 1".into(),
+        };
+        let with = Applied { autoscaling: Some(failing), ..applied(&plan, 2) };
+        let first = status(None, Some(1), Ok(with), at(10));
+        let condition = find(Some(&first), WORKER_AUTOSCALING).expect("the condition");
+        assert_eq!((condition.status.as_str(), condition.reason.as_str()), ("False", "QueuesUnreadable"));
+        let blocked = Blocked { reason: "SecretMissing", message: "gone".into() };
+        let after = status(Some(&first), Some(2), Err(blocked), at(20));
+        assert_eq!(
+            find(Some(&after), WORKER_AUTOSCALING).map(|c| c.reason.as_str()),
+            Some("QueuesUnreadable")
+        );
+        let without = status(Some(&first), Some(3), Ok(applied(&plan, 2)), at(30));
+        assert_eq!(find(Some(&without), WORKER_AUTOSCALING), None, "no autoscaling, no condition");
     }
 }

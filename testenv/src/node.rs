@@ -262,7 +262,18 @@ impl PrivatePostgres {
 
     /// A fast shutdown (every session ends), then a start.
     pub fn restart(&self) -> Result<()> {
-        self.stack(&["down", "postgres"])?;
+        self.stop()?;
+        self.start_again()
+    }
+
+    /// A fast shutdown: every session ends, and nothing connects until
+    /// [`PrivatePostgres::start_again`].
+    pub fn stop(&self) -> Result<()> {
+        self.stack(&["down", "postgres"])
+    }
+
+    /// Starts it again after [`PrivatePostgres::stop`].
+    pub fn start_again(&self) -> Result<()> {
         self.stack(&["up", "postgres"])
     }
 }

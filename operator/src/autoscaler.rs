@@ -1,0 +1,367 @@
+//! The queue scaler's I/O shell: one task per Tidepool whose worker tier
+//! autoscales, on the leader only (it runs inside the controller).
+//!
+//! Every `pollingIntervalSeconds` a task reads the served queues with one
+//! statement ([`tidepool::queue::sql::queue_stats`]) over its own single
+//! connection to PostgreSQL (opened with the credentials of
+//! `worker.autoscaling.secretRef`, else the database Secret; kept open
+//! between readings, opened again after a failure), hands the reading to
+//! the pure [`Scaler`], and when it decides on other replicas: an Event on
+//! the Tidepool, then `spec.worker.replicas` set with the field manager
+//! [`SCALER_MANAGER`] (guarded by the resourceVersion it read). The
+//! reconcile that change starts applies it to the Deployment, paced like
+//! any other change, within the plan: pools are planned for `maxReplicas`
+//! plus the surge.
+//!
+//! A reading that fails (the database away, a bad Secret, a slow answer)
+//! holds the replicas where they are; the reconcile it asks for shows why in
+//! the `WorkerAutoscaling` condition. The task reports to the reconcile
+//! through a [`Report`]; a new spec's settings restart it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, Resource, ResourceExt};
+use tokio::sync::mpsc;
+
+use crate::crd::Tidepool;
+use crate::metrics::Metrics;
+use crate::plan::{Plan, Tier};
+use crate::scaler::{Change, Policy, QueueState, QueueTarget, Reading, Scaler};
+
+/// The field manager of the replicas the scaler sets.
+pub const SCALER_MANAGER: &str = "tidepool-operator/scaler";
+/// The longest a connection attempt or a reading may take.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a task needs to know: it restarts when any of it changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub policy: Policy,
+    /// Every queue the workers serve.
+    pub queues: Vec<String>,
+    pub interval: Duration,
+    /// The Secret with the credentials.
+    pub secret: String,
+}
+
+/// The settings of `tidepool`'s queue scaler, if its worker tier
+/// autoscales; `plan` gives the jobs one worker pod runs at once.
+pub fn settings(tidepool: &Tidepool, plan: &Plan) -> Option<Settings> {
+    let worker = &tidepool.spec.worker;
+    let autoscaling = worker.autoscaling.as_ref()?;
+    let seconds = |s: i32| Duration::from_secs(u64::try_from(s).unwrap_or(0));
+    let count = |n: i32| u32::try_from(n).unwrap_or(0);
+    let jobs_per_pod = plan.tier(Tier::Worker).pools.worker_concurrency.max(1);
+    let targets = worker
+        .queues
+        .iter()
+        .map(|queue| match autoscaling.queues.iter().find(|q| &q.name == queue) {
+            Some(q) => QueueTarget {
+                queue: queue.clone(),
+                available_jobs_per_replica: q.target_available_jobs_per_replica.map(count),
+                max_oldest_job_age: q.max_oldest_job_age_seconds.map(seconds),
+            },
+            None => QueueTarget {
+                queue: queue.clone(),
+                available_jobs_per_replica: Some(count(worker.concurrency).max(1)),
+                max_oldest_job_age: None,
+            },
+        })
+        .collect();
+    Some(Settings {
+        policy: Policy {
+            min_replicas: count(autoscaling.min_replicas),
+            max_replicas: count(autoscaling.max_replicas),
+            jobs_per_pod,
+            targets,
+            up_window: seconds(autoscaling.scale_up_stabilization_seconds),
+            down_window: seconds(autoscaling.scale_down_stabilization_seconds),
+        },
+        queues: worker.queues.clone(),
+        interval: seconds(autoscaling.polling_interval_seconds).max(Duration::from_secs(1)),
+        secret: autoscaling.secret_ref.as_ref().unwrap_or(&tidepool.spec.database.secret_ref).name.clone(),
+    })
+}
+
+/// What a scaler task tells the reconcile.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Report {
+    /// The last reading's failure (none once one succeeds), and since when
+    /// readings fail.
+    pub failure: Option<(String, Time)>,
+    /// Whether any reading has been made.
+    pub read: bool,
+    /// The last change the scaler made.
+    pub last_change: Option<Change>,
+}
+
+/// Why a reading failed.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("the Secret {0} does not exist")]
+    SecretMissing(String),
+    #[error("the Secret {secret} lacks the key {key}")]
+    SecretKey { secret: String, key: &'static str },
+    #[error("the Secret {secret} has a port that is not a number")]
+    SecretPort { secret: String },
+    #[error("could not read the Secret {secret}: {source}")]
+    Kube { secret: String, source: kube::Error },
+    #[error(transparent)]
+    Database(#[from] tidepool::db::DbError),
+    #[error("the queues could not be read: {0}")]
+    Query(String),
+    #[error("the queues were not read within {} s", READ_TIMEOUT.as_secs())]
+    Timeout,
+}
+
+/// What every task shares.
+pub struct Shared {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub store: Store<Tidepool>,
+    pub metrics: Metrics,
+    /// Where to ask for a Tidepool's reconcile (its status shows the report).
+    pub retrigger: mpsc::Sender<ObjectRef<Tidepool>>,
+}
+
+struct Running {
+    settings: Settings,
+    task: tokio::task::JoinHandle<()>,
+    report: Arc<Mutex<Report>>,
+}
+
+/// The running scaler tasks, by Tidepool. Dropping it stops them all.
+pub struct Autoscalers {
+    shared: Arc<Shared>,
+    running: Mutex<HashMap<ObjectRef<Tidepool>, Running>>,
+}
+
+impl Autoscalers {
+    pub fn new(shared: Shared) -> Self {
+        Self { shared: Arc::new(shared), running: Mutex::default() }
+    }
+
+    /// Runs `tidepool`'s scaler with `settings` (restarted if they changed),
+    /// or stops it when there are none; returns its report.
+    pub fn ensure(&self, tidepool: &Tidepool, settings: Option<Settings>) -> Option<Report> {
+        let key = ObjectRef::from_obj(tidepool);
+        let mut running = self.running.lock().ok()?;
+        let Some(settings) = settings else {
+            if let Some(gone) = running.remove(&key) {
+                gone.task.abort();
+            }
+            return None;
+        };
+        if let Some(current) = running.get(&key) {
+            if current.settings == settings && !current.task.is_finished() {
+                return current.report.lock().ok().map(|r| r.clone());
+            }
+        }
+        let report = Arc::new(Mutex::new(Report::default()));
+        let task = tokio::spawn(run(self.shared.clone(), key.clone(), settings.clone(), report.clone()));
+        if let Some(replaced) = running.insert(key, Running { settings, task, report }) {
+            replaced.task.abort();
+        }
+        Some(Report::default())
+    }
+
+    /// Stops the scaler of the Tidepool `key`, if any.
+    pub fn stop(&self, key: &ObjectRef<Tidepool>) {
+        if let Some(gone) = self.running.lock().ok().and_then(|mut running| running.remove(key)) {
+            gone.task.abort();
+        }
+    }
+}
+
+impl Drop for Autoscalers {
+    fn drop(&mut self) {
+        if let Ok(running) = self.running.lock() {
+            for task in running.values() {
+                task.task.abort();
+            }
+        }
+    }
+}
+
+fn worker_replicas(tidepool: &Tidepool) -> u32 {
+    u32::try_from(tidepool.spec.worker.replicas).unwrap_or(0)
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+/// One Tidepool's scaler, until it is aborted or its Tidepool is gone.
+async fn run(shared: Arc<Shared>, key: ObjectRef<Tidepool>, settings: Settings, report: Arc<Mutex<Report>>) {
+    let Some(tidepool) = shared.store.get(&key) else { return };
+    let started = Instant::now();
+    let mut scaler = Scaler::new(settings.policy.clone(), Duration::ZERO, worker_replicas(&tidepool));
+    let mut connection: Option<tokio_postgres::Client> = None;
+    let mut ticker = tokio::time::interval(settings.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let namespace = key.namespace.clone().unwrap_or_default();
+    loop {
+        ticker.tick().await;
+        let Some(tidepool) = shared.store.get(&key) else { return };
+        let current = worker_replicas(&tidepool);
+        let reading_started = Instant::now();
+        let reading = read(&shared, &namespace, &settings, &mut connection).await;
+        shared
+            .metrics
+            .database_query(if reading.is_ok() { "ok" } else { "error" }, reading_started.elapsed());
+        let (reading, failure) = match reading {
+            Ok(states) => (Reading::Read(states), None),
+            Err(e) => {
+                tracing::warn!(tidepool = %key, error = %e, replicas = current, "could not read the queues; the worker replicas hold");
+                connection = None;
+                (Reading::Failed, Some(e.to_string()))
+            }
+        };
+        let decision = scaler.decide(started.elapsed(), &reading, current);
+        let mut changed = false;
+        if let Some(change) = &decision.change {
+            changed = scale(&shared, &tidepool, change).await;
+        }
+        let notify = report.lock().is_ok_and(|mut report| {
+            let was_failing = report.failure.is_some();
+            report.failure = failure.map(|message| {
+                let since = report.failure.as_ref().map_or_else(now, |(_, since)| since.clone());
+                (message, since)
+            });
+            let first = !report.read;
+            report.read = true;
+            if changed {
+                report.last_change = decision.change.clone();
+            }
+            first || changed || was_failing != report.failure.is_some()
+        });
+        if notify && shared.retrigger.try_send(key.clone()).is_err() {
+            tracing::debug!(tidepool = %key, "reconcile queue full; the status follows at the next one");
+        }
+    }
+}
+
+/// Reads the queues over `connection`, opening it first if needed.
+async fn read(
+    shared: &Shared,
+    namespace: &str,
+    settings: &Settings,
+    connection: &mut Option<tokio_postgres::Client>,
+) -> Result<Vec<QueueState>, ReadError> {
+    let client = match connection.take() {
+        Some(client) if !client.is_closed() => client,
+        _ => {
+            let config = database_config(shared, namespace, &settings.secret).await?;
+            let client = tidepool::db::connect(config, READ_TIMEOUT).await?;
+            shared.metrics.database_connects.inc();
+            client
+        }
+    };
+    let result =
+        tokio::time::timeout(READ_TIMEOUT, tidepool::queue::sql::queue_stats(&client, &settings.queues))
+            .await;
+    let stats = match result {
+        Ok(Ok(stats)) => stats,
+        Ok(Err(e)) => return Err(ReadError::Query(tidepool::error_chain(&e))),
+        Err(_) => return Err(ReadError::Timeout),
+    };
+    *connection = Some(client);
+    Ok(stats
+        .into_iter()
+        .map(|s| QueueState {
+            queue: s.queue,
+            available: u64::try_from(s.available).unwrap_or(0),
+            oldest_age: Duration::from_secs_f64(s.oldest_available_age.clamp(0.0, 1e9)),
+            running: u64::try_from(s.running).unwrap_or(0),
+        })
+        .collect())
+}
+
+/// The connection settings in the Secret `name` (its values stay in memory).
+async fn database_config(
+    shared: &Shared,
+    namespace: &str,
+    name: &str,
+) -> Result<tokio_postgres::Config, ReadError> {
+    let secret = Api::<Secret>::namespaced(shared.client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .map_err(|source| ReadError::Kube { secret: name.to_owned(), source })?
+        .ok_or_else(|| ReadError::SecretMissing(name.to_owned()))?;
+    let value = |key: &'static str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|v| String::from_utf8_lossy(&v.0).trim().to_owned())
+            .ok_or(ReadError::SecretKey { secret: name.to_owned(), key })
+    };
+    let port: u16 = value("port")?.parse().map_err(|_| ReadError::SecretPort { secret: name.to_owned() })?;
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(value("host")?)
+        .port(port)
+        .dbname(value("dbname")?)
+        .user(value("username")?)
+        .password(value("password")?)
+        .application_name("tidepool-operator")
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(30));
+    Ok(config)
+}
+
+/// Publishes the decision and sets the worker replicas; whether they were
+/// set (a Tidepool changed meanwhile is read again at the next reading).
+async fn scale(shared: &Shared, tidepool: &Tidepool, change: &Change) -> bool {
+    let direction = change.direction();
+    let event = Event {
+        type_: EventType::Normal,
+        reason: match direction {
+            crate::scaler::Direction::Up => "ScaledUp".into(),
+            crate::scaler::Direction::Down => "ScaledDown".into(),
+        },
+        note: Some(
+            format!(
+                "worker replicas {} → {} ({}): {}",
+                change.from, change.to, change.because.reason, change.because.message
+            )
+            .chars()
+            .take(1000)
+            .collect(),
+        ),
+        action: "Scale".into(),
+        secondary: None,
+    };
+    if let Err(e) = shared.recorder.publish(&event, &tidepool.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish an event");
+    }
+    let namespace = tidepool.namespace().unwrap_or_default();
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": tidepool.resource_version()},
+        "spec": {"worker": {"replicas": change.to}},
+    });
+    let params = PatchParams { field_manager: Some(SCALER_MANAGER.into()), ..PatchParams::default() };
+    shared.metrics.writes("Tidepool").inc();
+    match Api::<Tidepool>::namespaced(shared.client.clone(), &namespace)
+        .patch(&tidepool.name_any(), &params, &Patch::Merge(patch))
+        .await
+    {
+        Ok(_) => {
+            shared.metrics.scaling_decision(Tier::Worker, direction);
+            tracing::info!(tidepool = %tidepool.name_any(), %namespace, from = change.from, to = change.to,
+                reason = change.because.reason, "scaled the worker tier");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(tidepool = %tidepool.name_any(), error = %e, "could not set the worker replicas; the next reading decides again");
+            false
+        }
+    }
+}
