@@ -10,71 +10,11 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
-use common::{condition, get, kube_with_crd, wait_condition, Operator};
+use common::{condition, get, kube_with_crd, wait_condition, Operator, Queue};
 use serde_json::{json, Value};
-use tidepool::queue::{self, NewJob, Schedule};
-use tidepool_testenv::node::{AppDatabase, Postgres, PrivatePostgres};
+use tidepool::queue::{NewJob, Schedule};
+use tidepool_testenv::node::{Postgres, PrivatePostgres};
 use tidepool_testenv::{wait_for, Kube};
-
-/// A database with Tidepool's schema, a role that may only read the jobs
-/// table (README, "Autoscaling"), and a client to enqueue with.
-struct Queue {
-    pg: Postgres,
-    db: AppDatabase,
-    runtime: tokio::runtime::Runtime,
-    client: tokio_postgres::Client,
-}
-
-impl Queue {
-    fn create(pg: &Postgres, name: &str) -> Result<Queue> {
-        let db = AppDatabase::create(pg, name)?;
-        let runtime = tokio::runtime::Runtime::new()?;
-        let client = runtime.block_on(async {
-            let config: tokio_postgres::Config = db.url(pg).parse()?;
-            let mut client = tidepool::db::connect(config, Duration::from_secs(10)).await?;
-            tidepool::migrate::run(&mut client, tidepool::migrate::MIGRATIONS, Duration::from_secs(10))
-                .await?;
-            anyhow::Ok(client)
-        })?;
-        pg.psql(
-            name,
-            &format!(
-                "CREATE ROLE {name}_scaler LOGIN PASSWORD '{password}-scaler';
-                 GRANT SELECT ON tidepool_jobs TO {name}_scaler",
-                password = db.password
-            ),
-        )?;
-        Ok(Queue { pg: pg.clone(), db, runtime, client })
-    }
-
-    /// The Secrets `shop-app` (the app's role) and `shop-scaler` (the
-    /// read-only one), both pointing at the server on loopback, where the
-    /// in-process operator reads it.
-    fn secrets(&self) -> String {
-        let scaler = AppDatabase {
-            name: format!("{}_scaler", self.db.name),
-            password: format!("{}-scaler", self.db.password),
-        };
-        let mut scaler_secret: Value =
-            serde_json::from_str(&scaler.secret("shop-scaler", "127.0.0.1", self.pg.port))
-                .unwrap_or_default();
-        scaler_secret["stringData"]["dbname"] = json!(self.db.name);
-        format!("{}\n---\n{}", self.db.secret("shop-app", "127.0.0.1", self.pg.port), scaler_secret)
-    }
-
-    fn enqueue(&self, jobs: &[NewJob]) -> Result<()> {
-        for batch in jobs.chunks(queue::MAX_BATCH) {
-            self.runtime.block_on(queue::enqueue_many(&self.client, batch))?;
-        }
-        Ok(())
-    }
-
-    /// Removes every job, as finished workers would.
-    fn drain(&self) -> Result<()> {
-        self.pg.psql(&self.db.name, "DELETE FROM tidepool_jobs")?;
-        Ok(())
-    }
-}
 
 fn jobs(count: usize) -> Vec<NewJob> {
     (0..count).map(|i| NewJob::new("noop", json!({ "i": i }))).collect()

@@ -12,9 +12,10 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use common::{kube_with_crd, AuditLog, Operator, SECRET};
+use common::{kube_with_crd, AuditLog, Operator, Queue};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tidepool_testenv::node::Postgres;
 use tidepool_testenv::{helm, repo_root, wait_for, Kube};
 
 /// Where the probes' service accounts live (the audit policy names it).
@@ -34,6 +35,8 @@ fn tidepool_over_budget() -> String {
     tidepool_with(1, 12)
 }
 
+/// Its worker tier autoscales on an idle queue, so the queue scaler takes
+/// it from 2 replicas to 1 at its first reading.
 fn tidepool_with(web_replicas: u32, max_connections: u32) -> String {
     json!({
         "apiVersion": "tidepool.dev/v1alpha1", "kind": "Tidepool",
@@ -41,7 +44,8 @@ fn tidepool_with(web_replicas: u32, max_connections: u32) -> String {
         "spec": {
             "database": {"secretRef": {"name": "shop-app"}, "maxConnections": max_connections},
             "web": {"replicas": web_replicas, "databasePool": 20},
-            "worker": {"replicas": 1, "concurrency": 6}
+            "worker": {"replicas": 2, "concurrency": 6, "autoscaling": {"minReplicas": 1, "maxReplicas": 2,
+                "pollingIntervalSeconds": 1, "scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 0}}
         }
     })
     .to_string()
@@ -53,25 +57,31 @@ fn tidepool_with(web_replicas: u32, max_connections: u32) -> String {
 struct Refusal {
     resource: Option<&'static str>,
     subresource: Option<&'static str>,
+    /// The verb refused (`None`: any).
+    verb: Option<&'static str>,
     message: &'static str,
 }
 
 impl Refusal {
     fn of(resource: &'static str, subresource: Option<&'static str>) -> Refusal {
-        Refusal { resource: Some(resource), subresource, message: "" }
+        Refusal { resource: Some(resource), subresource, verb: None, message: "" }
     }
 
     /// What the operator is refused without the rule on `resource` (as a
-    /// rule names it, `kind/subresource`).
-    fn without(resource: &str) -> Result<Refusal> {
+    /// rule names it, `kind/subresource`) that allows `verbs`.
+    fn without(resource: &str, verbs: &[&str]) -> Result<Refusal> {
         Ok(match resource {
+            // The queue scaler's write of the worker replicas.
+            "tidepools" if verbs == ["patch"] => {
+                Refusal { verb: Some("patch"), ..Refusal::of("tidepools", None) }
+            }
             "tidepools" => Refusal::of("tidepools", None),
             "tidepools/status" => Refusal::of("tidepools", Some("status")),
             // Any child: each carries an owner reference that blocks the
             // Tidepool's deletion, which the admission plugin allows only to
             // who may update the Tidepool's finalizers.
             "tidepools/finalizers" => {
-                Refusal { resource: None, subresource: None, message: "blockOwnerDeletion" }
+                Refusal { resource: None, subresource: None, verb: None, message: "blockOwnerDeletion" }
             }
             "deployments/scale" => Refusal::of("deployments", Some("scale")),
             "secrets" => Refusal::of("secrets", None),
@@ -92,6 +102,7 @@ impl Refusal {
         entry["responseStatus"]["code"] == 403
             && self.resource.is_none_or(|r| object["resource"] == r)
             && object["subresource"].as_str() == self.subresource
+            && self.verb.is_none_or(|v| entry["verb"] == v)
             && entry["responseStatus"]["message"].as_str().unwrap_or_default().contains(self.message)
     }
 }
@@ -148,6 +159,12 @@ fn resource_of(rule: &Rule) -> Result<String> {
     rule["resources"][0].as_str().map(str::to_owned).context("a rule without resources")
 }
 
+/// The verbs a rule allows.
+fn verbs_of(rule: &Rule) -> Result<Vec<String>> {
+    let rule: Value = serde_json::from_str(&rule.text)?;
+    Ok(rule["verbs"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+}
+
 /// Runs the operator as a service account of its own, bound to the chart's
 /// Roles without `removed`, on a Tidepool of its own, until it is refused
 /// what `removed` allows (or, with every rule, until the Tidepool is Ready,
@@ -188,7 +205,8 @@ fn probe_as(kube: &Kube, ns: &str, account: &str, user: &str, removed: Option<&R
             })?;
         }
     }
-    kube.kubectl(&["apply", "-n", ns, "-f", "-"], Some(SECRET))?;
+    let queue = Queue::create(&Postgres::from_env()?, &ns.replace('-', "_"))?;
+    kube.kubectl(&["apply", "-n", ns, "-f", "-"], Some(&queue.secrets()))?;
     let removed_resource = removed.map(resource_of).transpose()?;
     let first = match removed_resource.as_deref() {
         Some("events") => tidepool_over_budget(),
@@ -239,6 +257,19 @@ fn probe_as(kube: &Kube, ns: &str, account: &str, user: &str, removed: Option<&R
                     .is_some_and(|d| d["status"]["replicas"] == 1 && d["status"]["updatedReplicas"] == 1))
             .then_some(()))
         })?;
+        wait_for("the queue scaler's patch of the worker replicas", Duration::from_secs(60), || {
+            Ok(audit
+                .entries()?
+                .iter()
+                .find(|e| {
+                    e["user"]["username"] == user
+                        && e["verb"] == "patch"
+                        && e["objectRef"]["resource"] == "tidepools"
+                        && e["objectRef"]["subresource"].is_null()
+                        && e["responseStatus"]["code"] == 200
+                })
+                .map(drop))
+        })?;
         kube.kubectl(&["apply", "-n", ns, "-f", "-"], Some(&tidepool_over_budget()))?;
         wait_for("the operator's Warning Event", Duration::from_secs(60), || {
             let events = kube.get_json(&["-n", ns, "events.v1.events.k8s.io"])?;
@@ -254,11 +285,13 @@ fn probe_as(kube: &Kube, ns: &str, account: &str, user: &str, removed: Option<&R
             bail!("with every rule of the chart the operator was refused: {refused}");
         }
         return Ok(
-            "with every rule: Ready, scaled 3 → 1 web pods, Ready again, over budget with a Warning Event, never refused"
+            "with every rule: Ready, scaled 3 → 1 web pods, Ready again, workers scaled 2 → 1 by the queue scaler, over budget with a Warning Event, never refused"
                 .into(),
         );
     };
-    let refusal = Refusal::without(&resource_of(rule)?)?;
+    let verbs = verbs_of(rule)?;
+    let refusal =
+        Refusal::without(&resource_of(rule)?, &verbs.iter().map(String::as_str).collect::<Vec<_>>())?;
     let seen =
         wait_for(&format!("a refusal like {refusal:?}"), Duration::from_secs(60), || refused(Some(refusal)))
             .with_context(|| {

@@ -1,6 +1,6 @@
 //! What the operator's real-API-server tests share: the CRD installed once
-//! per test binary, an operator run in-process, reading a Tidepool, and a
-//! JSON merge for building specs.
+//! per test binary, an operator run in-process, reading a Tidepool, a JSON
+//! merge for building specs, and a jobs table for the queue scaler to read.
 
 #![allow(dead_code)]
 
@@ -11,10 +11,13 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use serde_json::json;
 use serde_json::Value;
+use tidepool::queue::{self, NewJob};
 use tidepool_operator::http::{self, Endpoints};
 use tidepool_operator::leader::{self, Lease};
 use tidepool_operator::metrics::Metrics;
+use tidepool_testenv::node::{AppDatabase, Postgres};
 use tidepool_testenv::{repo_root, wait_for, Kube};
 
 /// The control plane of `make test`, with the Tidepool CRD installed and
@@ -301,5 +304,65 @@ impl AuditLog {
                 )
             })
             .collect())
+    }
+}
+
+/// A database with Tidepool's schema, a role that may only read the jobs
+/// table (README, "Autoscaling"), and a client to enqueue with.
+pub struct Queue {
+    pub pg: Postgres,
+    pub db: AppDatabase,
+    pub runtime: tokio::runtime::Runtime,
+    pub client: tokio_postgres::Client,
+}
+
+impl Queue {
+    pub fn create(pg: &Postgres, name: &str) -> Result<Queue> {
+        let db = AppDatabase::create(pg, name)?;
+        let runtime = tokio::runtime::Runtime::new()?;
+        let client = runtime.block_on(async {
+            let config: tokio_postgres::Config = db.url(pg).parse()?;
+            let mut client = tidepool::db::connect(config, Duration::from_secs(10)).await?;
+            tidepool::migrate::run(&mut client, tidepool::migrate::MIGRATIONS, Duration::from_secs(10))
+                .await?;
+            anyhow::Ok(client)
+        })?;
+        pg.psql(
+            name,
+            &format!(
+                "CREATE ROLE {name}_scaler LOGIN PASSWORD '{password}-scaler';
+                 GRANT SELECT ON tidepool_jobs TO {name}_scaler",
+                password = db.password
+            ),
+        )?;
+        Ok(Queue { pg: pg.clone(), db, runtime, client })
+    }
+
+    /// The Secrets `shop-app` (the app's role) and `shop-scaler` (the
+    /// read-only one), both pointing at the server on loopback, where the
+    /// in-process operator reads it.
+    pub fn secrets(&self) -> String {
+        let scaler = AppDatabase {
+            name: format!("{}_scaler", self.db.name),
+            password: format!("{}-scaler", self.db.password),
+        };
+        let mut scaler_secret: Value =
+            serde_json::from_str(&scaler.secret("shop-scaler", "127.0.0.1", self.pg.port))
+                .unwrap_or_default();
+        scaler_secret["stringData"]["dbname"] = json!(self.db.name);
+        format!("{}\n---\n{}", self.db.secret("shop-app", "127.0.0.1", self.pg.port), scaler_secret)
+    }
+
+    pub fn enqueue(&self, jobs: &[NewJob]) -> Result<()> {
+        for batch in jobs.chunks(queue::MAX_BATCH) {
+            self.runtime.block_on(queue::enqueue_many(&self.client, batch))?;
+        }
+        Ok(())
+    }
+
+    /// Removes every job, as finished workers would.
+    pub fn drain(&self) -> Result<()> {
+        self.pg.psql(&self.db.name, "DELETE FROM tidepool_jobs")?;
+        Ok(())
     }
 }
