@@ -173,8 +173,10 @@ TOML
   ]
 }
 JSON
-  # Pods resolve nothing: a name lookup goes to the pod's own loopback and
-  # fails there, so no DNS query leaves the machine.
+  # Pods of dnsPolicy ClusterFirst (the default) ask the cluster's CoreDNS
+  # (scripts/kube-addons.sh), which forwards nothing; a pod of dnsPolicy
+  # Default gets this file, whose lookups go to its own loopback and fail
+  # there. No DNS query leaves the machine.
   printf 'nameserver 127.0.0.1\noptions timeout:1 attempts:1\n' > "$NODE_DIR/resolv.conf"
   cat > "$NODE_DIR/kubelet.yaml" <<YAML
 apiVersion: kubelet.config.k8s.io/v1beta1
@@ -195,6 +197,8 @@ cgroupDriver: cgroupfs
 failCgroupV1: false
 failSwapOn: false
 resolvConf: $NODE_DIR/resolv.conf
+clusterDNS: ["$DNS_SERVICE_IP"]
+clusterDomain: $CLUSTER_DOMAIN
 registerWithTaints:
 - {key: $REAL_NODE_TAINT, value: "true", effect: NoSchedule}
 # The disk is shared with everything else on the machine: no evictions for
@@ -205,7 +209,9 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
 YAML
-  cat > "$NODE_DIR/kube-proxy.yaml" <<YAML
+  # kube-proxy exits when its configuration file changes: a second `up`
+  # replaces the file only when its content differs.
+  cat > "$NODE_DIR/kube-proxy.yaml.new" <<YAML
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 clientConnection: {kubeconfig: $KUBE/kube-proxy.kubeconfig}
@@ -220,6 +226,11 @@ metricsBindAddress: 127.0.0.1:10249
 nodePortAddresses: ["$TIDEPOOL_NODE_IP/32"]
 conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
 YAML
+  if cmp -s "$NODE_DIR/kube-proxy.yaml.new" "$NODE_DIR/kube-proxy.yaml"; then
+    rm "$NODE_DIR/kube-proxy.yaml.new"
+  else
+    mv "$NODE_DIR/kube-proxy.yaml.new" "$NODE_DIR/kube-proxy.yaml"
+  fi
 }
 
 # Imports the pause image and every image archive of scripts/images.sh into

@@ -5,7 +5,8 @@
 # and Pods that are scheduled and report Running and Ready without a
 # container runtime (for scale); and a real node where pods run
 # (scripts/kube-node.sh: containerd, kubelet and kube-proxy in a network
-# namespace joined to the host by a veth pair). With TIDEPOOL_KUBE_NODE=0
+# namespace joined to the host by a veth pair) with its add-ons
+# (scripts/kube-addons.sh: CoreDNS and metrics-server). With TIDEPOOL_KUBE_NODE=0
 # there is no real node and everything listens on loopback only.
 #
 #   kube.sh up      start (idempotent); the last line printed is `export KUBECONFIG=...`
@@ -42,6 +43,7 @@ if [ "$TIDEPOOL_KUBE_NODE" = 1 ]; then API_ADDRESS=$TIDEPOOL_NODE_HOST_IP; else 
 # The first address of the Service range: the `kubernetes` Service.
 KUBERNETES_SERVICE_IP=$(python3 -c 'import ipaddress,sys; print(ipaddress.ip_network(sys.argv[1])[1])' "$TIDEPOOL_SERVICE_CIDR")
 source "$REPO_ROOT/scripts/kube-node.sh"
+source "$REPO_ROOT/scripts/kube-addons.sh"
 
 # A key and a certificate signed by the cluster CA: $1 name, $2 subject,
 # $3 subjectAltName (optional).
@@ -66,7 +68,7 @@ issue_cert() {
 }
 
 # Bumped when the set of certificates changes, so an older PKI is redone.
-PKI_VERSION=2
+PKI_VERSION=3
 
 make_pki() {
   [ "$(cat "$PKI/.complete" 2>/dev/null)" = "$PKI_VERSION" ] && return
@@ -89,6 +91,11 @@ make_pki() {
   issue_cert kubelet-serving "/CN=$NODE_NAME" "IP:$TIDEPOOL_NODE_IP,DNS:$NODE_NAME"
   issue_cert kube-proxy "/CN=system:kube-proxy"
   issue_cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client"
+  # The aggregation layer: the API server's client to metrics-server, and
+  # metrics-server's serving certificate (scripts/kube-addons.sh).
+  issue_cert front-proxy-client "/CN=front-proxy-client"
+  issue_cert metrics-server "/CN=metrics-server" \
+    "IP:$TIDEPOOL_NODE_HOST_IP,DNS:metrics-server.kube-system.svc"
   openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
   openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
   echo "$PKI_VERSION" > "$PKI/.complete"
@@ -170,6 +177,11 @@ up() {
     --kubelet-preferred-address-types InternalIP,Hostname \
     --authorization-mode Node,RBAC --allow-privileged=true \
     --enable-admission-plugins OwnerReferencesPermissionEnforcement \
+    --requestheader-client-ca-file "$PKI/ca.crt" --requestheader-allowed-names front-proxy-client \
+    --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
+    --requestheader-extra-headers-prefix X-Remote-Extra- \
+    --proxy-client-cert-file "$PKI/front-proxy-client.crt" --proxy-client-key-file "$PKI/front-proxy-client.key" \
+    --enable-aggregator-routing=true \
     --audit-policy-file "$REPO_ROOT/scripts/kube/audit-policy.yaml" --audit-log-path "$LOGS/audit.log" \
     --audit-log-maxsize 100 --audit-log-maxbackup 1 \
     --profiling=false
@@ -181,7 +193,8 @@ up() {
     --authorization-kubeconfig "$KUBE/controller-manager.kubeconfig" \
     --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
     --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
-    --use-service-account-credentials --leader-elect=false --secure-port 0 --profiling=false
+    --use-service-account-credentials --leader-elect=false --secure-port 0 --profiling=false \
+    --horizontal-pod-autoscaler-sync-period 5s
   start kube-scheduler "$TIDEPOOL_KUBE_BIN/kube-scheduler" \
     --kubeconfig "$KUBE/scheduler.kubeconfig" \
     --authentication-kubeconfig "$KUBE/scheduler.kubeconfig" \
@@ -214,7 +227,7 @@ status:
 NODE
   fi
   wait_until "kubectl_ wait --for=condition=Ready node/$NODE --timeout=1s" 60 "the kwok node (see $LOGS/kwok.log)"
-  [ "$TIDEPOOL_KUBE_NODE" != 1 ] || node_up
+  [ "$TIDEPOOL_KUBE_NODE" != 1 ] || { node_up; addons_up; }
   wait_until "kubectl_ get serviceaccount default -n default" 60 "the default service account (see $LOGS/kube-controller-manager.log)"
   say "control plane ready: $("$TIDEPOOL_KUBE_BIN/kubectl" version --kubeconfig "$KUBECONFIG_FILE" 2>/dev/null | tr '\n' ' ')"
   echo "export KUBECONFIG=$KUBECONFIG_FILE"
@@ -222,6 +235,7 @@ NODE
 
 down() {
   local name
+  addons_down
   node_down
   for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
     stop_pid "$RUN/$name.pid" 20 "$name"
@@ -235,6 +249,7 @@ status() {
     print_status "$name" "$RUN/$name.pid"
   done
   node_status
+  addons_status
 }
 
 case ${1:-} in

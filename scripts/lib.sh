@@ -159,6 +159,8 @@ load_kube_tools() {
       helm) export TIDEPOOL_HELM_BIN=$dir ;;
       node) export TIDEPOOL_NODE_BIN=$dir ;;
       monitoring) export TIDEPOOL_MONITORING_CRDS=${dir%/bin}/crds ;;
+      metrics-server) export TIDEPOOL_METRICS_SERVER_BIN=$dir ;;
+      coredns) export TIDEPOOL_COREDNS_BIN=$dir ;;
     esac
   done <<< "$built"
 }
