@@ -336,7 +336,9 @@ async fn scale(shared: &Shared, tidepool: &Tidepool, change: &Change) -> bool {
             .take(1000)
             .collect(),
         ),
-        action: "Scale".into(),
+        // Events with the same action and reason are one series (its note
+        // is the first's): the replicas tell decisions apart.
+        action: format!("ScaleWorkerFrom{}To{}", change.from, change.to),
         secondary: None,
     };
     if let Err(e) = shared.recorder.publish(&event, &tidepool.object_ref(&())).await {

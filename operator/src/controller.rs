@@ -622,7 +622,7 @@ async fn web_scaled(
             crate::scaler::Direction::Down => "ScaledDown".into(),
         },
         note: Some(message.clone()),
-        action: "Scale".into(),
+        action: format!("ScaleWebFrom{from}To{to}"),
         secondary: None,
     };
     if let Err(e) = ctx.recorder.publish(&event, &tidepool.object_ref(&())).await {

@@ -82,7 +82,9 @@ pub struct Recommendation {
 pub struct Change {
     pub from: u32,
     pub to: u32,
-    /// The recommendation in force now, which the window agreed with.
+    /// The latest recommendation of the window that set the bound (going
+    /// down to 1 while a reading of the window still saw running jobs:
+    /// that reading).
     pub because: Recommendation,
 }
 
@@ -205,14 +207,19 @@ pub struct Decision {
 #[derive(Debug, Clone)]
 pub struct Scaler {
     policy: Policy,
-    /// `(time, replicas)`, oldest first; each holds until the next.
-    history: VecDeque<(Duration, u32)>,
+    /// `(time, recommendation)`, oldest first; each holds until the next.
+    history: VecDeque<(Duration, Recommendation)>,
 }
 
 impl Scaler {
     /// A scaler that acts as if `current` had been recommended until `now`.
     pub fn new(policy: Policy, now: Duration, current: u32) -> Self {
-        Self { policy, history: VecDeque::from([(now, current)]) }
+        let started = Recommendation {
+            replicas: current,
+            reason: "ScalerStarted",
+            message: "the replicas the scaler started with".into(),
+        };
+        Self { policy, history: VecDeque::from([(now, started)]) }
     }
 
     pub fn policy(&self) -> &Policy {
@@ -228,34 +235,43 @@ impl Scaler {
         };
         let recommendation = recommend(&self.policy, states, current);
         let now = now.max(self.history.back().map_or(now, |(at, _)| *at));
-        self.history.push_back((now, recommendation.replicas));
+        self.history.push_back((now, recommendation.clone()));
         self.forget_before(now.saturating_sub(self.policy.up_window.max(self.policy.down_window)));
 
-        let up_to = self.over_window(now, self.policy.up_window).map_or(current, |(least, _)| least);
-        let down_to = self.over_window(now, self.policy.down_window).map_or(current, |(_, most)| most);
+        let up_to = self.least_over(now, self.policy.up_window);
+        let down_to = self.greatest_over(now, self.policy.down_window);
         let mut replicas = current;
-        if replicas < up_to {
-            replicas = up_to;
+        let mut because = &recommendation;
+        if let Some(up_to) = up_to.filter(|r| r.replicas > replicas) {
+            (replicas, because) = (up_to.replicas, up_to);
         }
-        if replicas > down_to {
-            replicas = down_to;
+        if let Some(down_to) = down_to.filter(|r| r.replicas < replicas) {
+            (replicas, because) = (down_to.replicas, down_to);
         }
         let replicas = replicas.clamp(min, max);
-        let change = (replicas != current).then(|| Change {
-            from: current,
-            to: replicas,
-            because: recommendation.clone(),
-        });
+        let change =
+            (replicas != current).then(|| Change { from: current, to: replicas, because: because.clone() });
         Decision { replicas, change, recommendation: Some(recommendation) }
     }
 
-    /// The least and greatest recommendation in force at any time of
-    /// `(now − window, now]`, the one in force at its start included.
-    fn over_window(&self, now: Duration, window: Duration) -> Option<(u32, u32)> {
+    /// The recommendations in force at any time of `(now − window, now]`,
+    /// the one in force at its start included, oldest first.
+    fn over(&self, now: Duration, window: Duration) -> impl DoubleEndedIterator<Item = &Recommendation> {
         let start = now.saturating_sub(window);
         let first = self.history.iter().rposition(|(at, _)| *at <= start).unwrap_or(0);
-        let values = self.history.iter().skip(first).map(|(_, r)| *r);
-        Some((values.clone().min()?, values.max()?))
+        self.history.iter().skip(first).map(|(_, r)| r)
+    }
+
+    /// The least recommendation of the window (the latest of equals:
+    /// `min_by_key` keeps the first, of the reversed order).
+    fn least_over(&self, now: Duration, window: Duration) -> Option<&Recommendation> {
+        self.over(now, window).rev().min_by_key(|r| r.replicas)
+    }
+
+    /// The greatest recommendation of the window (the latest of equals:
+    /// `max_by_key` keeps the last).
+    fn greatest_over(&self, now: Duration, window: Duration) -> Option<&Recommendation> {
+        self.over(now, window).max_by_key(|r| r.replicas)
     }
 
     /// Drops what no window can reach: everything before the last entry at
@@ -378,6 +394,24 @@ mod tests {
         assert_eq!(scaler.decide(S(80), &read(0), 10).replicas, 10);
         let down = scaler.decide(S(90), &read(0), 10);
         assert_eq!((down.replicas, down.change.map(|c| c.direction())), (0, Some(Direction::Down)));
+    }
+
+    #[test]
+    fn a_change_names_the_reading_that_set_its_bound() {
+        let mut scaler = Scaler::new(policy(0, 10), S(0), 2);
+        let running = Reading::Read(queue(0, 0, 30));
+        assert_eq!(scaler.decide(S(10), &running, 2).replicas, 2, "running jobs hold one pod of 50");
+        let down = scaler.decide(S(71), &read(0), 2).change.expect("down to the running jobs' pod");
+        assert_eq!((down.to, down.because.reason), (1, "JobsRunning"), "{down:?}");
+        let idle = scaler.decide(S(132), &read(0), 1).change.expect("idle");
+        assert_eq!((idle.to, idle.because.reason), (0, "QueuesIdle"));
+        let mut scaler = Scaler::new(policy(0, 10), S(0), 0);
+        scaler.decide(S(1), &read(950), 0);
+        let up = scaler.decide(S(20), &read(120), 0).change.expect("up to the least of the window");
+        assert_eq!(
+            (up.to, up.because.message.as_str()),
+            (2, "available jobs: default 120 at 100 per replica")
+        );
     }
 
     #[test]

@@ -48,6 +48,17 @@ impl Shop {
     /// waits until the Tidepool is Ready. `prepare` runs on the new role
     /// before any pod connects (e.g. `ALTER ROLE ... SET`).
     fn deploy(pg: &Postgres, prefix: &str, spec: Value, prepare: Option<&str>) -> Result<Shop> {
+        Self::deploy_with(pg, prefix, spec, prepare, Database::HostAddress)
+    }
+
+    /// [`Shop::deploy`], reaching the database as `database` says.
+    fn deploy_with(
+        pg: &Postgres,
+        prefix: &str,
+        spec: Value,
+        prepare: Option<&str>,
+        database: Database,
+    ) -> Result<Shop> {
         let kube = kube_with_crd()?;
         let node = Node::from_env()?;
         let ns = kube.namespace(prefix)?;
@@ -55,10 +66,46 @@ impl Shop {
         if let Some(sql) = prepare {
             pg.psql("postgres", &sql.replace("{role}", &db.name))?;
         }
-        kube.kubectl(
-            &["apply", "-n", &ns.name, "-f", "-"],
-            Some(&db.secret("shop-app", &node.host_ip, pg.port)),
-        )?;
+        let objects = match database {
+            Database::HostAddress => db.secret("shop-app", &node.host_ip, pg.port),
+            Database::ServiceName => {
+                let scaler = AppDatabase {
+                    name: format!("{}_scaler", db.name),
+                    password: format!("{}-scaler", db.password),
+                };
+                pg.psql(
+                    "postgres",
+                    &format!(
+                        "CREATE ROLE {0} LOGIN PASSWORD '{1}' CONNECTION LIMIT 2",
+                        scaler.name, scaler.password
+                    ),
+                )?;
+                // The tables the migration creates as the app's role are
+                // readable by the scaler's.
+                pg.psql(
+                    &db.name,
+                    &format!(
+                        "ALTER DEFAULT PRIVILEGES FOR ROLE {} GRANT SELECT ON TABLES TO {}",
+                        db.name, scaler.name
+                    ),
+                )?;
+                let mut scaler_secret: Value =
+                    serde_json::from_str(&scaler.secret("shop-scaler", "127.0.0.1", pg.port))?;
+                scaler_secret["stringData"]["dbname"] = json!(db.name);
+                let service = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "shop-db"},
+                    "spec": {"ports": [{"name": "postgres", "port": pg.port, "protocol": "TCP"}]}});
+                let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"name": "shop-db-host", "labels": {"kubernetes.io/service-name": "shop-db"}},
+                    "addressType": "IPv4",
+                    "endpoints": [{"addresses": [node.host_ip], "conditions": {"ready": true}}],
+                    "ports": [{"name": "postgres", "port": pg.port, "protocol": "TCP"}]});
+                format!(
+                    "{}\n---\n{scaler_secret}\n---\n{service}\n---\n{slice}",
+                    db.secret("shop-app", "shop-db", pg.port)
+                )
+            }
+        };
+        kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(&objects))?;
         let operator = Operator::start(&ns.name)?;
         let mut tidepool = json!({
             "apiVersion": "tidepool.dev/v1alpha1", "kind": "Tidepool",
@@ -188,6 +235,20 @@ impl Shop {
             self.kube.kubectl(&["get", "tidepool/shop", "-n", ns, "-o", "yaml"], None).unwrap_or_default();
         format!("pods:\n{pods}\nevents:\n{events}\ntidepool:\n{tidepool}")
     }
+}
+
+/// How the pods reach the test's PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Database {
+    /// The Secret's `host` is the veth's host end.
+    HostAddress,
+    /// The Secret's `host` is `shop-db`, a Service without a selector whose
+    /// EndpointSlice names the host end, as a CloudNativePG Secret names its
+    /// `-rw` Service: the pods resolve it through the cluster's CoreDNS.
+    /// Also a role that may only read the jobs table and its Secret
+    /// `shop-scaler` (on loopback, for the operator in the test), for the
+    /// queue scaler.
+    ServiceName,
 }
 
 /// A `tidepool-loadgen` run in the node's namespace, in the background.
@@ -893,4 +954,119 @@ impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// The deployment's replicas of `tier` (spec) and its ready pods.
+fn tier_replicas(shop: &Shop, tier: &str) -> Result<(i64, i64)> {
+    let deployment = shop.kube.get_json(&["-n", &shop.ns.name, &format!("deployment/shop-{tier}")])?;
+    Ok((
+        deployment["spec"]["replicas"].as_i64().unwrap_or(-1),
+        deployment["status"]["readyReplicas"].as_i64().unwrap_or(0),
+    ))
+}
+
+/// Both tiers scale on the real node: a backlog of slow jobs takes the
+/// worker tier from zero to its maximum, the real pods drain it, and it
+/// goes back to zero; a load on the web Service takes the web tier up
+/// through the HorizontalPodAutoscaler on CPU (metrics-server); the pods
+/// reach PostgreSQL by a Service name (CoreDNS) and the operator reads the
+/// queue as a role that may only read it. Through all of it, the app's
+/// PostgreSQL connections, sampled from `pg_stat_activity`, stay within
+/// `available`.
+#[test]
+fn both_tiers_scale_on_the_real_node_within_the_budget() -> Result<()> {
+    let pg = Postgres::from_env()?;
+    let (max_connections, reserved) = (60, 10);
+    let shop = Shop::deploy_with(
+        &pg,
+        "e2e-scale",
+        json!({
+            "database": {"maxConnections": max_connections, "reservedConnections": reserved},
+            "web": {"replicas": 1, "concurrency": 200, "databasePool": 5,
+                    "autoscaling": {"minReplicas": 1, "maxReplicas": 3, "targetCPUUtilizationPercentage": 50}},
+            "worker": {"replicas": 1, "concurrency": 4,
+                       "autoscaling": {"minReplicas": 0, "maxReplicas": 2, "pollingIntervalSeconds": 1,
+                                       "scaleUpStabilizationSeconds": 2, "scaleDownStabilizationSeconds": 10,
+                                       "secretRef": {"name": "shop-scaler"},
+                                       "queues": [{"name": "default", "targetAvailableJobsPerReplica": 8}]}}
+        }),
+        None,
+        Database::ServiceName,
+    )?;
+    let available = i64::from(max_connections - reserved);
+    let status = shop.tidepool()?["status"].clone();
+    assert_eq!(status["connections"]["available"], available);
+    let planned = status["connections"]["plannedPeak"].as_i64().context("plannedPeak")?;
+    assert!(planned <= available, "{status}");
+    wait_for("the queue scaler to read the queue", Duration::from_secs(60), || {
+        Ok(common::condition(&shop.tidepool()?, "WorkerAutoscaling").filter(|(s, _, _)| s == "True"))
+    })?;
+    // Idle: the worker tier goes to zero.
+    wait_for("the worker tier at zero", Duration::from_secs(120), || {
+        Ok((tier_replicas(&shop, "worker")?.0 == 0).then_some(()))
+    })
+    .with_context(|| shop.describe())?;
+
+    let connections = Sampler::start(&shop.pg, &shop.db.name, &shop.db.connections_sql());
+    let started = Instant::now();
+    shop.enqueue("slow_query", r#"{"seconds": 3}"#, 48)?;
+    let load = Load::steady(&shop.node, &shop.web_url("/row/")?, 8, "10s")?;
+    let workers_set = wait_for("the worker tier set to 2", Duration::from_secs(120), || {
+        Ok((tier_replicas(&shop, "worker")?.0 == 2).then(|| started.elapsed()))
+    })
+    .with_context(|| shop.describe())?;
+    let workers_ready = wait_for("2 worker pods ready", Duration::from_secs(180), || {
+        Ok((tier_replicas(&shop, "worker")?.1 == 2).then(|| started.elapsed()))
+    })
+    .with_context(|| shop.describe())?;
+    let web_scaled = wait_for("the HPA to scale the web tier", Duration::from_secs(240), || {
+        Ok((tier_replicas(&shop, "web")?.0 >= 2).then(|| started.elapsed()))
+    })
+    .with_context(|| shop.describe())?;
+    let finished = shop.wait_drained(Duration::from_secs(240))?;
+    let drained = started.elapsed();
+    let report = load.finish()?;
+    wait_for("the worker tier back at zero", Duration::from_secs(120), || {
+        Ok((tier_replicas(&shop, "worker")? == (0, 0)).then_some(()))
+    })
+    .with_context(|| shop.describe())?;
+    let scaled_down = started.elapsed();
+    let samples = connections.finish()?;
+
+    assert_eq!(finished, BTreeMap::from([("succeeded".to_owned(), 48)]));
+    let peak = samples.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    assert!(peak <= available, "the app held {peak} connections, {available} available");
+    assert!(peak > 0, "the sampler saw the app's connections");
+    let tidepool = shop.tidepool()?;
+    let web = &tidepool["status"]["web"]["lastScale"];
+    assert_eq!(web["reason"], "ReplicasChanged", "{web}");
+    assert!(web["message"].as_str().is_some_and(|m| m.contains("through the scale subresource")), "{web}");
+    let hpa = shop.kube.get_json(&["-n", &shop.ns.name, "hpa/shop-web"])?;
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["kind"], "Tidepool");
+    assert!(
+        hpa["status"]["currentMetrics"][0]["resource"]["current"]["averageUtilization"].is_number(),
+        "{hpa}"
+    );
+    let events = shop.kube.get_json(&["-n", &shop.ns.name, "events.events.k8s.io"])?;
+    let notes: Vec<&str> = events["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["reportingController"] == "tidepool-operator")
+        .filter_map(|e| e["note"].as_str())
+        .collect();
+    assert!(notes.iter().any(|n| n.starts_with("worker replicas 0 → 2 (QueueBacklog)")), "{notes:?}");
+    // Down from 2 (to 0, or through 1 while the last jobs ran).
+    assert!(notes.iter().any(|n| n.starts_with("worker replicas 2 → ")), "{notes:?}");
+    assert!(notes.iter().any(|n| n.starts_with("web replicas 1 → ")), "{notes:?}");
+    record_figures(
+        "scaling",
+        json!({
+            "workers_set_seconds": workers_set.as_secs_f64(), "workers_ready_seconds": workers_ready.as_secs_f64(),
+            "web_scaled_seconds": web_scaled.as_secs_f64(), "drained_seconds": drained.as_secs_f64(),
+            "workers_at_zero_seconds": scaled_down.as_secs_f64(), "peak": peak, "planned": planned,
+            "available": available, "requests": report["requests"],
+        }),
+    )?;
+    Ok(())
 }
