@@ -16,7 +16,9 @@
 #   10. the real node: scripts/bench-node.sh;
 #   11. end to end on the real node: scripts/bench-e2e.sh.
 #   12. the "Tidepool" dashboard drawn from real data (docs/img/):
-#       scripts/bench-dashboards.sh.
+#       scripts/bench-dashboards.sh;
+#   13. scaling (a backlog to the target replicas, a load near a
+#       threshold, both tiers on the real node): scripts/bench-autoscaling.sh.
 # All traffic goes to loopback (and, for 10-11, to the test cluster inside
 # the real node's network namespace); every step is bounded in time.
 # BENCH_REPEATS (3) and BENCH_SECONDS (15) size the alternating runs.
@@ -281,3 +283,4 @@ say "wrote the web sections of $OUT"
 "$REPO_ROOT/scripts/bench-node.sh"
 "$REPO_ROOT/scripts/bench-e2e.sh"
 "$REPO_ROOT/scripts/bench-dashboards.sh"
+"$REPO_ROOT/scripts/bench-autoscaling.sh"

@@ -338,3 +338,176 @@ fn kubectl_scale_sets_the_web_tier_within_its_bounds() -> Result<()> {
     web_replicas(1)?;
     Ok(())
 }
+
+/// Appends `figures` as a JSON line to the file named by
+/// `TIDEPOOL_SCALING_FIGURES`, when set (scripts/bench-autoscaling.sh).
+fn record_figures(name: &str, figures: Value) -> Result<()> {
+    let Ok(path) = std::env::var("TIDEPOOL_SCALING_FIGURES") else { return Ok(()) };
+    let line = json!({"name": name, "figures": figures}).to_string();
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    std::io::Write::write_all(&mut file, format!("{line}\n").as_bytes())?;
+    Ok(())
+}
+
+/// The `q`-quantile of a Prometheus histogram's cumulative buckets
+/// `(upper bound, count)`, interpolated within its bucket as
+/// `histogram_quantile` does.
+fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> f64 {
+    let total = buckets.last().map_or(0.0, |(_, c)| *c);
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(bound, count) in buckets {
+        if count >= rank {
+            if bound.is_infinite() {
+                return lower.0;
+            }
+            let within = if count > lower.1 { (rank - lower.1) / (count - lower.1) } else { 1.0 };
+            return lower.0 + (bound - lower.0) * within;
+        }
+        lower = (bound, count);
+    }
+    lower.0
+}
+
+/// The operator's readings of the queues: count, and the buckets of their
+/// duration, from its `/metrics`.
+fn readings(operator: &Operator) -> Result<(f64, Vec<(f64, f64)>)> {
+    let (_, body) = operator.get("/metrics")?;
+    let prefix = "tidepool_operator_database_query_duration_seconds_bucket{le=\"";
+    let mut buckets = Vec::new();
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix(prefix) else { continue };
+        let Some((bound, rest)) = rest.split_once("\",outcome=\"ok\"} ") else { continue };
+        let bound = if bound == "+Inf" { f64::INFINITY } else { bound.parse()? };
+        buckets.push((bound, rest.trim().parse()?));
+    }
+    let count = operator.metric("tidepool_operator_database_query_duration_seconds_count{outcome=\"ok\"}")?;
+    Ok((count, buckets))
+}
+
+/// Benchmark (scripts/bench-autoscaling.sh): from a backlog committed to
+/// the worker Deployment's replicas set, 20 times. Readings every second,
+/// no stabilization window: the mechanism's own delay (reading, decision,
+/// Event, the Tidepool's patch, the reconcile, the Deployment); a spec's
+/// up window and polling interval add to it.
+#[test]
+#[ignore = "a benchmark: scripts/bench-autoscaling.sh"]
+fn bench_backlog_to_target_replicas() -> Result<()> {
+    let trials: usize =
+        std::env::var("TIDEPOOL_BENCH_TRIALS").ok().and_then(|t| t.parse().ok()).unwrap_or(20);
+    let kube = kube_with_crd()?;
+    let ns = kube.namespace("bench-backlog")?;
+    let queue = Queue::create(&Postgres::from_env()?, &format!("bench_backlog_{}", std::process::id()))?;
+    let spec = tidepool(
+        1,
+        json!({"minReplicas": 1, "maxReplicas": 12, "scaleUpStabilizationSeconds": 0,
+               "scaleDownStabilizationSeconds": 0,
+               "queues": [{"name": "default", "targetAvailableJobsPerReplica": 1000}]}),
+    );
+    let _operator = deploy(kube, &ns.name, &queue, &spec)?;
+    let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+        kube::Api::namespaced(queue.runtime.block_on(kube::Client::try_default())?, &ns.name);
+    let replicas = |wanted: i32| -> Result<Duration> {
+        let started = std::time::Instant::now();
+        queue.runtime.block_on(async {
+            loop {
+                let deployment = deployments.get_opt("shop-worker").await?;
+                if deployment.and_then(|d| d.spec).and_then(|s| s.replicas) == Some(wanted) {
+                    return anyhow::Ok(started.elapsed());
+                }
+                ensure!(started.elapsed() < Duration::from_secs(60), "no {wanted} replicas within 60 s");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    replicas(1)?;
+    let mut seconds = Vec::new();
+    for trial in 0..trials {
+        // The backlog at a different moment of the scaler's 1 s cycle each
+        // time (the trials would otherwise start in step with it).
+        std::thread::sleep(Duration::from_millis((trial as u64 * 379) % 1000));
+        queue.enqueue(&jobs(10_000))?;
+        seconds.push(replicas(10)?.as_secs_f64());
+        queue.drain()?;
+        replicas(1)?;
+    }
+    seconds.sort_by(f64::total_cmp);
+    let at = |q: f64| seconds[((seconds.len() - 1) as f64 * q).round() as usize];
+    eprintln!("backlog to 10 replicas over {trials} trials: p50 {:.3} s, p99 {:.3} s", at(0.5), at(0.99));
+    record_figures("backlog", json!({"trials": trials, "seconds": seconds, "p50": at(0.5), "p99": at(0.99)}))
+}
+
+/// Benchmark (scripts/bench-autoscaling.sh): a steady load whose backlog
+/// wavers around a threshold (260 to 340 available jobs, anew each second;
+/// 100 per replica: 3 or 4 replicas by each reading, its peaks needing 4),
+/// for `TIDEPOOL_BENCH_STEADY_SECONDS`
+/// (600), on two Tidepools side by side: the default windows (up 15 s,
+/// down 300 s) and none. Counts their replica changes, and the operator's
+/// readings per minute and their p99.
+#[test]
+#[ignore = "a benchmark: scripts/bench-autoscaling.sh"]
+fn bench_steady_load_near_a_threshold() -> Result<()> {
+    let seconds: u64 =
+        std::env::var("TIDEPOOL_BENCH_STEADY_SECONDS").ok().and_then(|t| t.parse().ok()).unwrap_or(600);
+    let kube = kube_with_crd()?;
+    let pg = Postgres::from_env()?;
+    let settings = [
+        ("default windows", json!({})),
+        ("no windows", json!({"scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 0})),
+    ];
+    let mut shops = Vec::new();
+    for (i, (name, windows)) in settings.iter().enumerate() {
+        let ns = kube.namespace("bench-steady")?;
+        let queue = Queue::create(&pg, &format!("bench_steady_{}_{i}", std::process::id()))?;
+        let mut autoscaling = json!({"minReplicas": 1, "maxReplicas": 8, "pollingIntervalSeconds": 10,
+            "scaleUpStabilizationSeconds": 15, "scaleDownStabilizationSeconds": 300,
+            "queues": [{"name": "default", "targetAvailableJobsPerReplica": 100}]});
+        common::merge(&mut autoscaling, windows);
+        let mut spec: Value = serde_json::from_str(&tidepool(3, json!({})))?;
+        spec["spec"]["worker"]["autoscaling"] = autoscaling;
+        let operator = deploy(kube, &ns.name, &queue, &spec.to_string())?;
+        wait_worker_replicas(kube, &ns.name, 3, Duration::from_secs(60))?;
+        shops.push((*name, ns, queue, operator));
+    }
+    let started = std::time::Instant::now();
+    let mut step: u64 = 0;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        // 260 to 340 each second, pseudo-random, the same for both.
+        step += 1;
+        let level = 300 + ((step.wrapping_mul(2_654_435_761) >> 7) % 81) as i64 - 40;
+        for (_, _, queue, _) in &shops {
+            let count: i64 = queue.pg.psql(&queue.db.name, "SELECT count(*) FROM tidepool_jobs")?.parse()?;
+            if level > count {
+                let missing = usize::try_from(level - count)?;
+                queue.enqueue(&jobs(missing))?;
+            } else if level < count {
+                queue.pg.psql(
+                    &queue.db.name,
+                    &format!("DELETE FROM tidepool_jobs WHERE id IN (SELECT id FROM tidepool_jobs ORDER BY id LIMIT {})", count - level),
+                )?;
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let minutes = started.elapsed().as_secs_f64() / 60.0;
+    let mut results = Vec::new();
+    for (name, ns, _, operator) in &shops {
+        let changes = events(kube, &ns.name, "Tidepool", "shop", "ScaledUp")?.len()
+            + events(kube, &ns.name, "Tidepool", "shop", "ScaledDown")?.len();
+        let decisions = operator
+            .metric("tidepool_operator_scaling_decisions_total{direction=\"up\",tier=\"worker\"}")?
+            + operator
+                .metric("tidepool_operator_scaling_decisions_total{direction=\"down\",tier=\"worker\"}")?;
+        let (count, buckets) = readings(operator)?;
+        let replicas = deployment_replicas(kube, &ns.name)?;
+        eprintln!(
+            "{name}: {decisions} replica changes ({changes} distinct Events) in {minutes:.1} min; {:.1} readings/min, p99 {:.2} ms",
+            count / minutes,
+            histogram_quantile(0.99, &buckets) * 1000.0
+        );
+        results.push(json!({"name": name, "decisions": decisions, "events": changes, "minutes": minutes,
+            "readings_per_minute": count / minutes, "p50_ms": histogram_quantile(0.5, &buckets) * 1000.0,
+            "p99_ms": histogram_quantile(0.99, &buckets) * 1000.0, "final_replicas": replicas}));
+    }
+    record_figures("steady", json!(results))
+}
