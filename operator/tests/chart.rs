@@ -420,7 +420,7 @@ fn dashboards_render_as_configmaps_for_grafanas_sidecar() -> Result<()> {
 /// hides missing data behind a constant, and counts each figure once (the
 /// queue gauges that every worker exports with `max`).
 #[test]
-fn dashboards_select_by_their_variables_and_count_each_figure_once() -> Result<()> {
+fn dashboards_are_laid_out_select_by_their_variables_and_count_each_figure_once() -> Result<()> {
     for file in ["tidepool.json", "tidepool-operator.json"] {
         let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(
             repo_root()?.join("charts/tidepool/files/dashboards").join(file),
@@ -431,11 +431,28 @@ fn dashboards_select_by_their_variables_and_count_each_figure_once() -> Result<(
             .flatten()
             .filter_map(|v| v["name"].as_str())
             .collect();
+        // Every panel on Grafana's 24-column grid, none over another.
+        let mut cells = BTreeSet::new();
+        for panel in dashboard["panels"].as_array().into_iter().flatten() {
+            let at = &panel["gridPos"];
+            let [h, w, x, y] = ["h", "w", "x", "y"].map(|k| at[k].as_u64());
+            let (Some(h), Some(w), Some(x), Some(y)) = (h, w, x, y) else {
+                panic!("{file}: {}: gridPos {at} is not four numbers", panel["title"]);
+            };
+            assert!(w > 0 && h > 0 && x + w <= 24, "{file}: {}: {at}", panel["title"]);
+            for cell in (x..x + w).flat_map(|c| (y..y + h).map(move |r| (c, r))) {
+                assert!(cells.insert(cell), "{file}: {} overlaps another panel at {cell:?}", panel["title"]);
+            }
+        }
         let panels: Vec<&Value> =
             dashboard["panels"].as_array().into_iter().flatten().filter(|p| p["type"] != "row").collect();
         assert!(!panels.is_empty(), "{file}");
         for panel in panels {
             let title = panel["title"].as_str().unwrap_or_default();
+            assert!(
+                panel["description"].as_str().is_some_and(|d| !d.is_empty()),
+                "{file}: {title} undescribed"
+            );
             assert_eq!(panel["datasource"]["uid"], "${datasource}", "{file}: {title}");
             let targets = panel["targets"].as_array().context("targets")?;
             assert!(!targets.is_empty(), "{file}: {title}");
