@@ -373,15 +373,19 @@ fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> f64 {
 /// duration, from its `/metrics`.
 fn readings(operator: &Operator) -> Result<(f64, Vec<(f64, f64)>)> {
     let (_, body) = operator.get("/metrics")?;
-    let prefix = "tidepool_operator_database_query_duration_seconds_bucket{le=\"";
+    let prefix = "tidepool_operator_database_query_duration_seconds_bucket{outcome=\"ok\",le=\"";
     let mut buckets = Vec::new();
     for line in body.lines() {
         let Some(rest) = line.strip_prefix(prefix) else { continue };
-        let Some((bound, rest)) = rest.split_once("\",outcome=\"ok\"} ") else { continue };
+        let Some((bound, rest)) = rest.split_once("\"} ") else { continue };
         let bound = if bound == "+Inf" { f64::INFINITY } else { bound.parse()? };
         buckets.push((bound, rest.trim().parse()?));
     }
     let count = operator.metric("tidepool_operator_database_query_duration_seconds_count{outcome=\"ok\"}")?;
+    ensure!(
+        buckets.len() > 2 && buckets.last().is_some_and(|(_, c)| *c == count),
+        "the buckets of {count} readings: {buckets:?}"
+    );
     Ok((count, buckets))
 }
 
