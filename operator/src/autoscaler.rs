@@ -323,10 +323,7 @@ async fn scale(shared: &Shared, tidepool: &Tidepool, change: &Change) -> bool {
     let direction = change.direction();
     let event = Event {
         type_: EventType::Normal,
-        reason: match direction {
-            crate::scaler::Direction::Up => "ScaledUp".into(),
-            crate::scaler::Direction::Down => "ScaledDown".into(),
-        },
+        reason: direction.event_reason().into(),
         note: Some(
             format!(
                 "worker replicas {} → {} ({}): {}",

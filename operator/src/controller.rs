@@ -602,7 +602,7 @@ async fn web_scaled(
     if from == to {
         return None;
     }
-    let direction = if to > from { crate::scaler::Direction::Up } else { crate::scaler::Direction::Down };
+    let direction = crate::scaler::Direction::of(from, to);
     let by = replicas_set_by(tidepool, "f:web").unwrap_or_else(|| "an unknown client".into());
     let message = format!("web replicas {from} → {to}, set by {by}");
     let cause = Some(ScaleCause { reason: "ReplicasChanged".into(), message: message.clone() });
@@ -617,10 +617,7 @@ async fn web_scaled(
     ctx.endpoints.metrics.scaling_decision(Tier::Web, direction);
     let event = Event {
         type_: EventType::Normal,
-        reason: match direction {
-            crate::scaler::Direction::Up => "ScaledUp".into(),
-            crate::scaler::Direction::Down => "ScaledDown".into(),
-        },
+        reason: direction.event_reason().into(),
         note: Some(message.clone()),
         action: format!("ScaleWebFrom{from}To{to}"),
         secondary: None,

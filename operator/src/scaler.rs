@@ -90,11 +90,7 @@ pub struct Change {
 
 impl Change {
     pub fn direction(&self) -> Direction {
-        if self.to > self.from {
-            Direction::Up
-        } else {
-            Direction::Down
-        }
+        Direction::of(self.from, self.to)
     }
 }
 
@@ -105,6 +101,23 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// The direction of a change from `from` to `to` replicas.
+    pub fn of(from: u32, to: u32) -> Direction {
+        if to > from {
+            Direction::Up
+        } else {
+            Direction::Down
+        }
+    }
+
+    /// The reason of the Event that announces the change.
+    pub fn event_reason(self) -> &'static str {
+        match self {
+            Direction::Up => "ScaledUp",
+            Direction::Down => "ScaledDown",
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Direction::Up => "up",
@@ -220,10 +233,6 @@ impl Scaler {
             message: "the replicas the scaler started with".into(),
         };
         Self { policy, history: VecDeque::from([(now, started)]) }
-    }
-
-    pub fn policy(&self) -> &Policy {
-        &self.policy
     }
 
     /// The decision at `now` (not before the previous reading's time) on

@@ -19,6 +19,21 @@ use tidepool_testenv::{env_path, wait_for, Kube};
 /// applies to its sandbox (pause) too.
 const APP_UID: u32 = 65532;
 
+/// A DNS query of type A for `argv[2]` to `argv[1]`:53 over UDP, printing
+/// the response code and the last answer's address.
+const DNS_QUERY: &str = r#"
+import socket, struct, sys
+server, name = sys.argv[1], sys.argv[2]
+labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split("."))
+query = struct.pack(">HHHHHH", 0x7469, 0x0100, 1, 0, 0, 0) + labels + b"\0" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.sendto(query, (server, 53))
+reply = s.recv(512)
+answers = struct.unpack(">H", reply[6:8])[0]
+print(reply[3] & 0xF, ".".join(map(str, reply[-4:])) if answers else "")
+"#;
+
 #[test]
 fn the_real_node_is_ready_with_containerd_and_tainted() -> Result<()> {
     let kube = Kube::from_env()?;
@@ -120,8 +135,10 @@ fn a_tidepool_runs_on_the_real_node() -> Result<()> {
     }
 
     // From inside a pod: the API server through the `kubernetes` Service
-    // (its endpoint is the veth's host end), and no name server but the
-    // pod's own loopback, so no DNS query can leave the machine.
+    // (its endpoint is the veth's host end), and one name server, the
+    // cluster's (`kube-dns`, whose endpoint is CoreDNS on the host end): it
+    // answers cluster names and forwards nothing, so no DNS query can leave
+    // the machine.
     let web_pod = pods.iter().find(|p| p["metadata"]["labels"]["app.kubernetes.io/component"] == "web");
     let web_uid = web_pod.and_then(|p| p["metadata"]["uid"].as_str()).context("the web pod")?;
     let app = pod_processes(web_uid)?.into_iter().find(|p| p.comm == "tidepool").context("web's process")?;
@@ -142,7 +159,25 @@ fn a_tidepool_runs_on_the_real_node() -> Result<()> {
     assert_eq!(String::from_utf8_lossy(&reached.stdout), "200", "{api} from the web pod");
     let resolv = std::fs::read_to_string(format!("/proc/{}/root/etc/resolv.conf", app.pid))?;
     let servers: Vec<_> = resolv.lines().filter(|l| l.starts_with("nameserver")).collect();
-    assert_eq!(servers, ["nameserver 127.0.0.1"], "{resolv}");
+    let dns = kube.get_json(&["-n", "kube-system", "service/kube-dns"])?;
+    let dns_ip = dns["spec"]["clusterIP"].as_str().context("kube-dns's ClusterIP")?;
+    assert_eq!(servers, [format!("nameserver {dns_ip}")], "{resolv}");
+    let slices =
+        kube.get_json(&["-n", "kube-system", "endpointslices", "-l", "kubernetes.io/service-name=kube-dns"])?;
+    assert_eq!(slices["items"][0]["endpoints"][0]["addresses"][0], node.host_ip.as_str(), "{slices}");
+    // One query of type A from the pod's network namespace: (rcode, the
+    // answer's address).
+    let ask = |name: &str| -> Result<(u8, String)> {
+        let asked = output(app.in_netns("python3").args(["-c", DNS_QUERY, dns_ip, name]))?;
+        ensure!(asked.status.success(), "asking for {name}: {}", String::from_utf8_lossy(&asked.stderr));
+        let answer = String::from_utf8_lossy(&asked.stdout).trim().to_owned();
+        let (rcode, address) = answer.split_once(' ').unwrap_or((&answer, ""));
+        Ok((rcode.parse()?, address.to_owned()))
+    };
+    let kubernetes_ip = kubernetes["spec"]["clusterIP"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(ask("kubernetes.default.svc.cluster.local")?, (0, kubernetes_ip));
+    let (rcode, _) = ask("example.com")?;
+    assert_ne!(rcode, 0, "a name outside the cluster is not resolved (nothing is forwarded)");
 
     // Through the web Service's ClusterIP, from inside the node's namespace:
     // a query reaches PostgreSQL, and a job enqueued through it is run by
