@@ -48,6 +48,11 @@ read -r task_total task_failed < <(psql_super -d "$APP_DB" -At -F ' ' -c "
          (SELECT count(*) FROM tidepool_dead_jobs WHERE id BETWEEN $ids)
   FROM tidepool_job_results WHERE id BETWEEN $ids")
 
+# One line of the report's tables: figure, measured, target, verdict, note.
+# Every column has its width whatever a figure's, so they stay aligned.
+row() { printf '  %-42s %-11s %-10s %-7s %s' "$@" | sed 's/ *$//'; }
+header() { row figure measured target verdict ""; }
+
 cat <<REPORT
 
 Tidepool demo: the seed's two experiments, locally
@@ -55,16 +60,16 @@ Tidepool demo: the seed's two experiments, locally
 transaction mode with $TIDEPOOL_POOLER_POOL_SIZE server connections, planned peak $TIDEPOOL_PLANNED_PEAK with the LISTEN session)
 
 Web: one tidepool web process, a pool of $TIDEPOOL_DB_POOL_SIZE connections
-  figure                                     measured    target     verdict
-  10 x 5 s slow queries, all at once         ${burst_total} s     <= 5.2 s   $(verdict "$burst_total <= 5.2")   (failed: $burst_failed)
-  the same with ab -n 10 -c 10               ${ab_total} s    <= 10.2 s  $(verdict "$ab_total <= 10.2")   (failed: $ab_failed, non-2xx: $ab_non2xx)
-  peak PostgreSQL connections (whole stack) $web_peak          <= $TIDEPOOL_PLANNED_PEAK      $(verdict "$web_peak <= $TIDEPOOL_PLANNED_PEAK")
+$(header)
+$(row "10 x 5 s slow queries, all at once" "$burst_total s" "<= 5.2 s" "$(verdict "$burst_total <= 5.2")" "(failed: $burst_failed)")
+$(row "the same with ab -n 10 -c 10" "$ab_total s" "<= 10.2 s" "$(verdict "$ab_total <= 10.2")" "(failed: $ab_failed, non-2xx: $ab_non2xx)")
+$(row "peak PostgreSQL connections (whole stack)" "$web_peak" "<= $TIDEPOOL_PLANNED_PEAK" "$(verdict "$web_peak <= $TIDEPOOL_PLANNED_PEAK")")
 
 Tasks: one tidepool worker, --concurrency $TIDEPOOL_WORKER_CONCURRENCY
-  figure                                     measured    target     verdict
-  100 x 5 s slow_query jobs, first enqueue
-    to last completion (serially: 500 s)     ${task_total} s    <= 10.5 s  $(verdict "$task_total <= 10.5")   (dead: $task_failed)
-  peak PostgreSQL connections (whole stack) $task_peak          <= $TIDEPOOL_PLANNED_PEAK      $(verdict "$task_peak <= $TIDEPOOL_PLANNED_PEAK")
+$(header)
+$(row "100 x 5 s slow_query jobs, first enqueue")
+$(row "  to last completion (serially: 500 s)" "$task_total s" "<= 10.5 s" "$(verdict "$task_total <= 10.5")" "(dead: $task_failed)")
+$(row "peak PostgreSQL connections (whole stack)" "$task_peak" "<= $TIDEPOOL_PLANNED_PEAK" "$(verdict "$task_peak <= $TIDEPOOL_PLANNED_PEAK")")
 
 ab 2.3 opens one connection, waits for its response, and only then opens the
 other nine, so its total is about two query times whatever the server does.

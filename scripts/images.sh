@@ -3,7 +3,7 @@
 # (images/*/Dockerfile) with no registry and no daemon, and loads them into
 # the real node's containerd when it is up (scripts/kube-node.sh):
 #
-#   images.sh [all|pause|tidepool|operator|pgbouncer ...]   (all by default)
+#   images.sh [all|pause|tidepool|operator|pgbouncer|bases ...]   (all by default)
 #   images.sh sizes                                           name, tag, size
 #
 # `FROM` resolves offline to two local bases that mmdebstrap makes from
@@ -29,6 +29,10 @@ PGBOUNCER_IMAGE=localhost/tidepool-pgbouncer:1.24.1
 buildah_() {
   buildah --root "$STORE" --runroot "$TIDEPOOL_IMAGE_CACHE/run" --storage-driver overlay "$@"
 }
+# A `RUN` step runs runc, whose state folder defaults to /run/runc, after
+# buildah set up CNI, whose lock file defaults to /etc/cni/net.d: both in
+# the cache instead, so building an image changes nothing on the host.
+BUD_HOST_FOLDERS=(--runtime-flag "root=$TIDEPOOL_IMAGE_CACHE/runc" --cni-config-dir "$TIDEPOOL_IMAGE_CACHE/cni")
 
 for tool in buildah mmdebstrap; do
   command -v "$tool" >/dev/null || die "$tool is not installed (run: make deps)"
@@ -67,7 +71,7 @@ build_image() {
     objcopy --strip-debug "$file" "$context/$(basename "$file")"
   done
   say "building $image from images/$dir/Dockerfile"
-  buildah_ bud --quiet --pull=never --network=host --layers \
+  buildah_ bud --quiet --pull=never --network=host --layers "${BUD_HOST_FOLDERS[@]}" \
     -f "$REPO_ROOT/images/$dir/Dockerfile" -t "$image" "$context" >/dev/null \
     || { rm -rf "$context"; die "building $image failed"; }
   rm -rf "$context"
@@ -109,7 +113,7 @@ targets=("$@")
 for target in "${targets[@]}"; do
   case $target in
     all) pause; tidepool; operator; pgbouncer ;;
-    pause|tidepool|operator|pgbouncer|sizes) "$target" ;;
-    *) die "unknown image $target (all, pause, tidepool, operator, pgbouncer, sizes)" ;;
+    pause|tidepool|operator|pgbouncer|bases|sizes) "$target" ;;
+    *) die "unknown image $target (all, pause, tidepool, operator, pgbouncer, bases, sizes)" ;;
   esac
 done

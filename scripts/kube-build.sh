@@ -40,16 +40,31 @@ build() {
   say "building $tool $version (once per machine; cached in $out)"
   rm -rf "$out"
   mkdir -p "$out/bin"
-  local started=$SECONDS
+  local started=$SECONDS together=()
+  # Go packages whose binary takes the package's own name are built by one
+  # `go build`, which compiles what they share once and links them side by
+  # side; the others (renamed, C) one at a time.
   for pair in "$@"; do
     case ${pair#*=} in
       *.c) build_c "$module" "$out/bin/${pair%%=*}" "${pair#*=}" ;;
-      *) (cd "$TOOLS/$module" && go build -trimpath -ldflags "$ldflags" -o "$out/bin/${pair%%=*}" "${pair#*=}") ;;
+      */"${pair%%=*}") together+=("${pair#*=}"); continue ;;
+      *) go_build "$module" "$ldflags" -o "$out/bin/${pair%%=*}" "${pair#*=}" ;;
     esac || die "building ${pair#*=} ($tool $version) failed"
   done
+  if [ ${#together[@]} -gt 0 ]; then
+    go_build "$module" "$ldflags" -o "$out/bin/" "${together[@]}" \
+      || die "building ${together[*]} ($tool $version) failed"
+  fi
   say "built $tool $version in $(( SECONDS - started )) s"
   touch "$out/.complete"
   echo "$tool=$out/bin"
+}
+
+# go build in tools/kube/$1 with ldflags $2, then "${@:3}". The binaries
+# are stripped (-s -w), so the compiler makes no DWARF for them either.
+go_build() {
+  local module=$1 ldflags=$2; shift 2
+  (cd "$TOOLS/$module" && go build -trimpath -gcflags=all=-dwarf=false -ldflags "$ldflags" "$@")
 }
 
 # Compiles the C file $3 (module/path/file.c, of a module tools/kube/$1

@@ -103,12 +103,40 @@ host_state() {
   done | sort
   findmnt -rn -o TARGET | sort | sed 's/^/mount /'
   find /run -mindepth 1 -maxdepth 1 -printf 'run %f\n' | sort
-  for name in /run/containerd/s /var/lib/cni /opt/containerd /etc/cni/net.d; do
+  for name in /run/containerd/s /var/lib/cni /opt/containerd /etc/cni /etc/cni/net.d; do
     if [ -e "$name" ]; then echo "exists $name"; fi
   done
   if command -v iptables-save >/dev/null; then
     iptables-save 2>/dev/null | { grep -v '^#' || true; } | sed 's/\[[0-9]*:[0-9]*\]//; s/^/iptables /'
   fi
+  return 0
+}
+
+# Makes the host as a machine that never ran the project finds it, as far
+# as the tools' default folders go: removes what an earlier run of an older
+# version left there, each only when nothing uses it. libmount's /run/mount
+# (when its utab records no mount and no one holds its lock), runc's
+# /run/runc (when it holds no container's state) and buildah's
+# /etc/cni/net.d (when it holds only its lock file, not held). Today's
+# scripts point all three into their own folders (scripts/lib.sh,
+# scripts/images.sh); scripts/test.sh calls this before it records the
+# host, so its before-and-after check is the check of a first run.
+freshen_host() {
+  local removed=()
+  if [ -d /run/mount ] && [ ! -s /run/mount/utab ] \
+     && { [ ! -e /run/mount/utab.lock ] || flock -n /run/mount/utab.lock true; } \
+     && [ -z "$(find /run/mount -mindepth 1 -maxdepth 1 ! -name utab ! -name utab.lock)" ]; then
+    rm -rf /run/mount && removed+=(/run/mount)
+  fi
+  if [ -d /run/runc ] && [ -z "$(ls -A /run/runc)" ]; then
+    rmdir /run/runc && removed+=(/run/runc)
+  fi
+  if [ -d /etc/cni/net.d ] && [ -z "$(find /etc/cni/net.d -mindepth 1 -maxdepth 1 ! -name cni.lock)" ] \
+     && { [ ! -e /etc/cni/net.d/cni.lock ] || flock -n /etc/cni/net.d/cni.lock true; }; then
+    rm -rf /etc/cni/net.d && removed+=(/etc/cni/net.d)
+    rmdir /etc/cni 2>/dev/null && removed+=(/etc/cni)
+  fi
+  [ ${#removed[@]} -eq 0 ] || say "removed what an earlier run left on the host: ${removed[*]}"
   return 0
 }
 

@@ -12,6 +12,8 @@
 #   kube.sh up      start (idempotent); the last line printed is `export KUBECONFIG=...`
 #   kube.sh down    stop, by recorded PIDs
 #   kube.sh status
+#   kube.sh host-state     what the node may change on the host, a fact a line
+#   kube.sh freshen-host   remove the tools' leftovers of earlier runs (unused)
 #
 # State (certificates, etcd data, logs, kubeconfig) lives in
 # $TIDEPOOL_STATE_DIR/kube; the API server's audit log of every write is
@@ -257,5 +259,6 @@ case ${1:-} in
   down) down ;;
   status) status ;;
   host-state) host_state ;;
-  *) die "usage: kube.sh up|down|status|host-state" ;;
+  freshen-host) freshen_host ;;
+  *) die "usage: kube.sh up|down|status|host-state|freshen-host" ;;
 esac

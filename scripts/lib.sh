@@ -100,6 +100,11 @@ if [ -z "${TIDEPOOL_STATE_DIR:-}" ]; then
 fi
 export TIDEPOOL_STATE_DIR
 
+# util-linux's mount and umount (the scripts', the kubelet's for pod volumes,
+# mmdebstrap's) keep their utab, and create its folder /run/mount, where
+# this says: in the state folder, so a run leaves nothing of its own in /run.
+export LIBMOUNT_UTAB=$TIDEPOOL_STATE_DIR/libmount/utab
+
 # Is something listening on 127.0.0.1:$1?
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 

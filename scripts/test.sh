@@ -4,35 +4,85 @@
 # real Kubernetes cluster built from upstream modules, with a real node
 # (the services are described in scripts/test-env.sh; they are stopped at
 # the end, pass or fail, and after a pass the host is checked to be as it
-# was before they started).
+# was before they started, as a machine that never ran the project has it).
+#
+# The Go-built tools and the images' Debian bases (network and one core
+# most of the time) are made in the background while the Rust builds run;
+# each phase's time is printed at the end (docs/benchmarks.md, "make test,
+# cold and warm").
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 source "$REPO_ROOT/scripts/test-env.sh"
 cd "$REPO_ROOT"
 
-say "cargo fmt --check"
+run_started=$SECONDS
+phase_name=
+phase_started=$SECONDS
+timings=()
+# Ends the phase under way (if any) and starts phase $1.
+phase() {
+  [ -z "$phase_name" ] || timings+=("$(printf '%-44s %5d s' "$phase_name" $(( SECONDS - phase_started )))")
+  phase_name=$1
+  phase_started=$SECONDS
+  [ -z "$phase_name" ] || say "$phase_name"
+}
+print_timings() {
+  phase ""
+  say "phases (total $(( SECONDS - run_started )) s):"
+  printf '    %s\n' "${timings[@]}" >&2
+}
+
+# The tools' cached builds print nothing; a first build says what it builds.
+mkdir -p "$TIDEPOOL_STATE_DIR"
+tools_log=$TIDEPOOL_STATE_DIR/test-tools.log
+tools_started=$SECONDS
+say "building the Kubernetes tools and the image bases in the background (cached per version; log: $tools_log)"
+# In a session of its own, so that a failure here stops all of it.
+setsid bash -c '"$1/scripts/kube-build.sh" >/dev/null && "$1/scripts/images.sh" bases' _ "$REPO_ROOT" \
+  > "$tools_log" 2>&1 < /dev/null &
+tools_pid=$!
+stop_tools() { kill -TERM -- "-$tools_pid" 2>/dev/null || true; wait "$tools_pid" 2>/dev/null || true; }
+trap stop_tools EXIT
+
+phase "cargo fmt --check"
 cargo fmt --all --check
-say "cargo clippy"
+phase "cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-say "building"
+phase "cargo build (debug)"
 cargo build --workspace --bins --quiet
 # The images carry the release binaries.
+phase "cargo build --release"
 cargo build --release --workspace --bins --quiet
+
+phase "waiting for the tools and bases"
+if ! wait "$tools_pid"; then
+  cat "$tools_log" >&2
+  die "building the Kubernetes tools or the image bases failed (above, and in $tools_log)"
+fi
+timings+=("$(printf '%-44s %5d s' "(background: Go tools and image bases)" $(( SECONDS - tools_started )))")
+trap - EXIT
 
 trap test_env_down EXIT
 test_env_down
 # What the real node may change on the host, before it starts: checked
-# against the same after `kube.sh down` below.
-host_before=$(TIDEPOOL_STATE_DIR=$TEST_STATE "$REPO_ROOT/scripts/kube.sh" host-state)
+# against the same after `kube.sh down` below. First the host is made as
+# a fresh machine's, so that the check holds for a first run too.
+test_kube freshen-host
+host_before=$(test_kube host-state)
+phase "starting the test services (images, cluster, PostgreSQL)"
 test_env_up
 
-say "cargo test"
-run_tests
+phase "cargo test"
+status=0
+run_tests || status=$?
 
-say "stopping the test services; checking that the host is as it was"
+phase "stopping the test services"
 trap - EXIT
 test_env_down
-host_after=$(TIDEPOOL_STATE_DIR=$TEST_STATE "$REPO_ROOT/scripts/kube.sh" host-state)
+print_timings
+[ "$status" -eq 0 ] || die "the tests failed (above)"
+say "checking that the host is as it was"
+host_after=$(test_kube host-state)
 if [ "$host_before" != "$host_after" ]; then
   diff <(echo "$host_before") <(echo "$host_after") >&2 || true
   die "make kube-down left the host changed (< before the cluster started, > after it stopped)"
