@@ -29,10 +29,27 @@ PGBOUNCER_IMAGE=localhost/tidepool-pgbouncer:1.24.1
 buildah_() {
   buildah --root "$STORE" --runroot "$TIDEPOOL_IMAGE_CACHE/run" --storage-driver overlay "$@"
 }
-# A `RUN` step runs runc, whose state folder defaults to /run/runc, after
-# buildah set up CNI, whose lock file defaults to /etc/cni/net.d: both in
-# the cache instead, so building an image changes nothing on the host.
-BUD_HOST_FOLDERS=(--runtime-flag "root=$TIDEPOOL_IMAGE_CACHE/runc" --cni-config-dir "$TIDEPOOL_IMAGE_CACHE/cni")
+# Nothing buildah does may change the host. Every buildah command (even
+# `inspect`) sets up CNI, whose folder and lock file default to
+# /etc/cni/net.d: buildah's configuration is the system's with that folder
+# in the cache (CONTAINERS_CONF replaces the system file, so it is copied).
+# A `RUN` step runs runc, whose state folder defaults to /run/runc: in the
+# cache too.
+containers_conf() {
+  local conf=$TIDEPOOL_IMAGE_CACHE/containers.conf system=/usr/share/containers/containers.conf
+  local setting="network_config_dir = \"$TIDEPOOL_IMAGE_CACHE/cni\""
+  if [ -f "$system" ] && grep -q '^\[network\]' "$system"; then
+    awk -v setting="$setting" '{ print } /^\[network\]/ { print setting }' "$system" > "$conf.new"
+  else
+    { [ ! -f "$system" ] || cat "$system"; printf '[network]\n%s\n' "$setting"; } > "$conf.new"
+  fi
+  mv "$conf.new" "$conf"
+  echo "$conf"
+}
+mkdir -p "$TIDEPOOL_IMAGE_CACHE"
+CONTAINERS_CONF=$(containers_conf)
+export CONTAINERS_CONF
+RUNC_ROOT=(--runtime-flag "root=$TIDEPOOL_IMAGE_CACHE/runc")
 
 for tool in buildah mmdebstrap; do
   command -v "$tool" >/dev/null || die "$tool is not installed (run: make deps)"
@@ -71,7 +88,7 @@ build_image() {
     objcopy --strip-debug "$file" "$context/$(basename "$file")"
   done
   say "building $image from images/$dir/Dockerfile"
-  buildah_ bud --quiet --pull=never --network=host --layers "${BUD_HOST_FOLDERS[@]}" \
+  buildah_ bud --quiet --pull=never --network=host --layers "${RUNC_ROOT[@]}" \
     -f "$REPO_ROOT/images/$dir/Dockerfile" -t "$image" "$context" >/dev/null \
     || { rm -rf "$context"; die "building $image failed"; }
   rm -rf "$context"

@@ -32,6 +32,14 @@ print_timings() {
   printf '    %s\n' "${timings[@]}" >&2
 }
 
+# What the run may change on the host (the real node, the image builds),
+# recorded before anything runs: nothing of an earlier run is left up, and
+# the host is made as a fresh machine's, so the check at the end holds for
+# a first run too. Compared with the same after `kube.sh down`.
+test_env_down
+test_kube freshen-host
+host_before=$(test_kube host-state)
+
 # The tools' cached builds print nothing; a first build says what it builds.
 mkdir -p "$TIDEPOOL_STATE_DIR"
 tools_log=$TIDEPOOL_STATE_DIR/test-tools.log
@@ -63,12 +71,6 @@ timings+=("$(printf '%-44s %5d s' "(background: Go tools and image bases)" $(( S
 trap - EXIT
 
 trap test_env_down EXIT
-test_env_down
-# What the real node may change on the host, before it starts: checked
-# against the same after `kube.sh down` below. First the host is made as
-# a fresh machine's, so that the check holds for a first run too.
-test_kube freshen-host
-host_before=$(test_kube host-state)
 phase "starting the test services (images, cluster, PostgreSQL)"
 test_env_up
 

@@ -1,23 +1,31 @@
-//! The command line: every subcommand's flags, each with the environment
-//! variable that sets it, its default and what it is for.
+//! The command line of every application built on Tidepool (and of the
+//! default `tidepool` binary): each subcommand's flags, each with the
+//! environment variable that sets it, its default and what it is for. It
+//! only parses: the flags become [`crate::settings`]' plain values, whose
+//! `validate()` checks them, and their defaults are those values' defaults.
 //!
-//! Connection URLs carry passwords, so they are read as [`SecretUrl`] (whose
-//! `Debug` is redacted) with clap told never to echo environment values in
-//! `--help`. They are parsed into a `tokio_postgres::Config` by
-//! [`SecretUrl::to_pg_config`], whose errors never quote the URL.
+//! Connection URLs carry passwords, so they are read as [`SecretUrl`]
+//! (whose `Debug` is redacted) with clap told never to echo environment
+//! values in `--help`.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::queue::RetryPolicy;
+use crate::settings::{DatabaseSettings, PoolerStatsSettings, SecretUrl, WebSettings, WorkerSettings};
+
+/// A default of the settings types, as clap prints and parses it.
+fn default_of(d: Duration) -> humantime::Duration {
+    d.into()
+}
+
 /// Tidepool: a high-concurrency web and task runtime for PostgreSQL behind PgBouncer.
 #[derive(Debug, Parser)]
-#[command(name = "tidepool", version, about, long_about = None)]
-pub struct Cli {
+#[command(version, about, long_about = None)]
+pub(crate) struct Cli {
     #[command(flatten)]
     pub log: LogArgs,
 
@@ -26,10 +34,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Serve HTTP: the demo endpoints, probes and /metrics.
+pub(crate) enum Command {
+    /// Serve HTTP: the application's routes, probes and /metrics.
     Web(WebArgs),
-    /// Create or update the database schema (idempotent; safe to run concurrently).
+    /// Create or update the database schema: Tidepool's migrations, then the application's (idempotent; safe to run concurrently).
     Migrate(MigrateArgs),
     /// Run background jobs from the PostgreSQL queue; /healthz and /metrics on its own port.
     Worker(WorkerArgs),
@@ -39,6 +47,7 @@ pub enum Command {
     PoolerConfig(PoolerConfigArgs),
 }
 
+/// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -48,7 +57,7 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Args)]
-pub struct LogArgs {
+pub(crate) struct LogArgs {
     /// Log format.
     #[arg(long, global = true, env = "TIDEPOOL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -58,134 +67,65 @@ pub struct LogArgs {
     pub log: String,
 }
 
-/// A connection URL that may contain a password. Never printed.
-#[derive(Clone)]
-pub struct SecretUrl(String);
-
-impl SecretUrl {
-    pub fn new(url: impl Into<String>) -> Self {
-        Self(url.into())
-    }
-
-    /// Parses the URL (or key=value string) into a tokio-postgres config.
-    /// `what` names the setting in the error, e.g. `DATABASE_URL`.
-    pub fn to_pg_config(&self, what: &'static str) -> Result<tokio_postgres::Config, InvalidUrl> {
-        tokio_postgres::Config::from_str(&self.0).map_err(|source| InvalidUrl { what, source })
-    }
+fn parse_duration(s: &str) -> Result<humantime::Duration, String> {
+    s.parse::<humantime::Duration>().map_err(|e| format!("{e} (examples: 500ms, 5s, 2m)"))
 }
 
-impl fmt::Debug for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("SecretUrl(<redacted>)")
-    }
-}
-
-impl FromStr for SecretUrl {
-    type Err = std::convert::Infallible;
-
-    // Never fails: clap would quote the rejected value, password included.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_owned()))
-    }
-}
-
-/// A connection URL that could not be parsed. The URL itself is not quoted.
-#[derive(Debug, thiserror::Error)]
-#[error("{what} is not a valid PostgreSQL connection URL: {source}")]
-pub struct InvalidUrl {
-    what: &'static str,
-    #[source]
-    source: tokio_postgres::Error,
-}
-
-/// Where the database password comes from when a connection URL carries
-/// none: a file, such as a mounted Secret key, so the password never sits
-/// in the environment or on a command line.
-#[derive(Debug, Clone, Default, Args)]
-pub struct PasswordFile {
-    /// File holding the database password, used for every connection URL
-    /// that has none (in Kubernetes, the mounted Secret's `password` key).
-    /// A trailing newline is ignored.
-    #[arg(long = "db-password-file", env = "TIDEPOOL_DB_PASSWORD_FILE", value_name = "FILE")]
-    pub path: Option<PathBuf>,
-}
-
-/// The password file could not be read. Its contents are never quoted.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot read the password file {}: {source}", .path.display())]
-pub struct PasswordFileError {
-    path: PathBuf,
-    #[source]
-    source: std::io::Error,
-}
-
-impl PasswordFile {
-    /// `pg` with the file's password when it has none of its own.
-    pub fn apply(&self, mut pg: tokio_postgres::Config) -> Result<tokio_postgres::Config, PasswordFileError> {
-        if pg.get_password().is_some() {
-            return Ok(pg);
-        }
-        if let Some(path) = &self.path {
-            let bytes =
-                std::fs::read(path).map_err(|source| PasswordFileError { path: path.clone(), source })?;
-            let end = bytes.iter().rposition(|b| !matches!(b, b'\n' | b'\r')).map_or(0, |i| i + 1);
-            pg.password(&bytes[..end]);
-        }
-        Ok(pg)
-    }
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 5s, 2m)"))
+fn parse_std_duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map(Into::into)
 }
 
 /// The pooled database connection and the client pool in front of it.
 #[derive(Debug, Clone, Args)]
-pub struct DatabaseArgs {
+pub(crate) struct DatabaseArgs {
     /// Pooled connection URL: the local PgBouncer in transaction mode,
     /// e.g. postgres://app:PASSWORD@127.0.0.1:6432/app. Never logged.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_name = "URL")]
     pub database_url: SecretUrl,
 
-    #[command(flatten)]
-    pub password_file: PasswordFile,
+    /// File holding the database password, used for every connection URL
+    /// that has none (in Kubernetes, the mounted Secret's `password` key).
+    /// A trailing newline is ignored.
+    #[arg(long = "db-password-file", env = "TIDEPOOL_DB_PASSWORD_FILE", value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
 
-    /// Client connections this process keeps to PgBouncer: how many requests
-    /// (web) or tasks (worker) can run a query at once. Size it close to this
-    /// pod's share of server connections, so waiting happens here, bounded
-    /// and measured. Default: 20 for web, --concurrency for worker.
-    #[arg(long, env = "TIDEPOOL_DB_POOL_SIZE", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    /// Client connections this process keeps to PgBouncer (1 to 10000):
+    /// how many requests (web) or tasks (worker) can run a query at once.
+    /// Size it close to this pod's share of server connections, so waiting
+    /// happens here, bounded and measured. Default: 20 for web,
+    /// --concurrency for worker.
+    #[arg(long, env = "TIDEPOOL_DB_POOL_SIZE")]
     pub db_pool_size: Option<u32>,
 
     /// Longest a request (or a task) waits for a free pooled connection;
     /// a request is then shed with 503 and Retry-After, a task's attempt fails.
-    #[arg(long, env = "TIDEPOOL_DB_POOL_WAIT", default_value = "5s", value_parser = parse_duration)]
-    pub db_pool_wait: Duration,
+    #[arg(long, env = "TIDEPOOL_DB_POOL_WAIT", default_value_t = default_of(DatabaseSettings::default().pool_wait), value_parser = parse_duration)]
+    pub db_pool_wait: humantime::Duration,
 
     /// Longest to open one connection to PgBouncer (TCP and authentication).
-    #[arg(long, env = "TIDEPOOL_DB_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
-    pub db_connect_timeout: Duration,
+    #[arg(long, env = "TIDEPOOL_DB_CONNECT_TIMEOUT", default_value_t = default_of(DatabaseSettings::default().connect_timeout), value_parser = parse_duration)]
+    pub db_connect_timeout: humantime::Duration,
 
     /// Longest a query may take beyond its intended duration (a slow query's
     /// own sleep is added to it). Past it the query is cancelled and the
     /// request answers 504.
-    #[arg(long, env = "TIDEPOOL_QUERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub query_timeout: Duration,
+    #[arg(long, env = "TIDEPOOL_QUERY_TIMEOUT", default_value_t = default_of(DatabaseSettings::default().query_timeout), value_parser = parse_duration)]
+    pub query_timeout: humantime::Duration,
 
     /// Longest /readyz waits for an idle pooled connection to answer
     /// `SELECT 1` through PgBouncer (a pool with none idle is busy, and
     /// ready).
-    #[arg(long, env = "TIDEPOOL_READINESS_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
-    pub readiness_timeout: Duration,
+    #[arg(long, env = "TIDEPOOL_READINESS_TIMEOUT", default_value_t = default_of(DatabaseSettings::default().readiness_timeout), value_parser = parse_duration)]
+    pub readiness_timeout: humantime::Duration,
 
     #[command(flatten)]
     pub pooler_stats: PoolerStatsArgs,
 }
 
 /// PgBouncer's admin console, read at each scrape of `/metrics` for its own
-/// figures (the `pgbouncer_*` series, [`crate::pooler_metrics`]).
-#[derive(Debug, Clone, Default, Args)]
-pub struct PoolerStatsArgs {
+/// figures (the `pgbouncer_*` series).
+#[derive(Debug, Clone, Args)]
+pub(crate) struct PoolerStatsArgs {
     /// The admin console as a stats user, e.g.
     /// postgres://tidepool_stats@127.0.0.1:6432/pgbouncer. Unset: no
     /// pgbouncer_* series. Never logged.
@@ -193,98 +133,114 @@ pub struct PoolerStatsArgs {
     pub pooler_stats_url: Option<SecretUrl>,
 
     /// File holding the stats user's password, when the URL has none (what
-    /// `tidepool pooler-config --stats-user` writes: stats.password).
+    /// `pooler-config --stats-user` writes: stats.password).
     #[arg(long, env = "TIDEPOOL_POOLER_STATS_PASSWORD_FILE", value_name = "FILE")]
     pub pooler_stats_password_file: Option<PathBuf>,
 
     /// Longest one scrape of the admin console may take.
     #[arg(long, env = "TIDEPOOL_POOLER_STATS_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
-    pub pooler_stats_timeout: Duration,
-}
-
-impl PoolerStatsArgs {
-    /// The admin console to read, if one is set.
-    pub fn admin_console(&self) -> Result<Option<crate::pooler_metrics::AdminConsole>, crate::StartError> {
-        let Some(url) = &self.pooler_stats_url else { return Ok(None) };
-        let password = PasswordFile { path: self.pooler_stats_password_file.clone() };
-        let config = password.apply(url.to_pg_config("TIDEPOOL_POOLER_STATS_URL")?)?;
-        Ok(Some(crate::pooler_metrics::AdminConsole::new(config, self.pooler_stats_timeout)))
-    }
+    pub pooler_stats_timeout: humantime::Duration,
 }
 
 impl DatabaseArgs {
-    /// The pool's settings; `default_size` when `--db-pool-size` is not given.
-    pub fn pool_settings(&self, default_size: u32) -> crate::db::PoolSettings {
-        crate::db::PoolSettings {
-            max_size: self.db_pool_size.unwrap_or(default_size) as usize,
-            wait: self.db_pool_wait,
-            connect_timeout: self.db_connect_timeout,
-            query_timeout: self.query_timeout,
+    fn into_settings(self) -> DatabaseSettings {
+        let stats = self.pooler_stats;
+        DatabaseSettings {
+            url: self.database_url,
+            password_file: self.password_file,
+            pool_size: self.db_pool_size,
+            pool_wait: self.db_pool_wait.into(),
+            connect_timeout: self.db_connect_timeout.into(),
+            query_timeout: self.query_timeout.into(),
+            readiness_timeout: self.readiness_timeout.into(),
+            pooler_stats: stats.pooler_stats_url.map(|url| PoolerStatsSettings {
+                url,
+                password_file: stats.pooler_stats_password_file,
+                timeout: stats.pooler_stats_timeout.into(),
+            }),
         }
     }
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct WebArgs {
+pub(crate) struct WebArgs {
     /// Address to listen on for HTTP, /metrics included.
-    #[arg(long, env = "TIDEPOOL_LISTEN", default_value = "127.0.0.1:8000")]
+    #[arg(long, env = "TIDEPOOL_LISTEN", default_value_t = WebSettings::default().listen)]
     pub listen: SocketAddr,
 
     #[command(flatten)]
     pub database: DatabaseArgs,
 
-    /// Requests handled at once, probes excepted; past it a request is shed
-    /// at once with 503 and Retry-After.
-    #[arg(long, env = "TIDEPOOL_MAX_IN_FLIGHT", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Requests handled at once, probes excepted (at least 1); past it a
+    /// request is shed at once with 503 and Retry-After.
+    #[arg(long, env = "TIDEPOOL_MAX_IN_FLIGHT", default_value_t = WebSettings::default().max_in_flight)]
     pub max_in_flight: u32,
 
-    /// Open client connections (TCP). At the limit, new connections wait in
-    /// the kernel's accept queue until one closes.
-    #[arg(long, env = "TIDEPOOL_MAX_CONNECTIONS", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Open client connections (TCP; at least 1). At the limit, new
+    /// connections wait in the kernel's accept queue until one closes.
+    #[arg(long, env = "TIDEPOOL_MAX_CONNECTIONS", default_value_t = WebSettings::default().max_connections)]
     pub max_connections: u32,
 
     /// Longest a client may take to send a request's headers, and longest a
     /// keep-alive connection may sit idle between requests.
-    #[arg(long, env = "TIDEPOOL_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub header_read_timeout: Duration,
+    #[arg(long, env = "TIDEPOOL_HEADER_READ_TIMEOUT", default_value_t = default_of(WebSettings::default().header_read_timeout), value_parser = parse_duration)]
+    pub header_read_timeout: humantime::Duration,
 
     /// Largest request body accepted; larger ones get 413.
-    #[arg(long, env = "TIDEPOOL_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    #[arg(long, env = "TIDEPOOL_MAX_BODY_BYTES", default_value_t = WebSettings::default().max_body_bytes)]
     pub max_body_bytes: u64,
 
     /// Longest a client may take to send a request's body; slower gets 408.
-    #[arg(long, env = "TIDEPOOL_BODY_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub body_read_timeout: Duration,
+    #[arg(long, env = "TIDEPOOL_BODY_READ_TIMEOUT", default_value_t = default_of(WebSettings::default().body_read_timeout), value_parser = parse_duration)]
+    pub body_read_timeout: humantime::Duration,
 
-    /// After refusing a request body it has not read (413, 404, 405, 408),
-    /// the server answers, then reads and discards what the client still
-    /// sends for up to this long before closing, so the client reads the
-    /// answer instead of a connection reset (a lingering close).
-    #[arg(long, env = "TIDEPOOL_LINGERING_CLOSE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
-    pub lingering_close_timeout: Duration,
+    /// After refusing a request body it has not read (413, 408), the server
+    /// answers, then reads and discards what the client still sends for up
+    /// to this long before closing, so the client reads the answer instead
+    /// of a connection reset (a lingering close).
+    #[arg(long, env = "TIDEPOOL_LINGERING_CLOSE_TIMEOUT", default_value_t = default_of(WebSettings::default().lingering_close_timeout), value_parser = parse_duration)]
+    pub lingering_close_timeout: humantime::Duration,
 
     /// Most bytes a lingering close discards; a client that sends more is
     /// cut off.
-    #[arg(long, env = "TIDEPOOL_LINGERING_CLOSE_MAX_BYTES", default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, env = "TIDEPOOL_LINGERING_CLOSE_MAX_BYTES", default_value_t = WebSettings::default().lingering_close_max_bytes)]
     pub lingering_close_max_bytes: u64,
 
     /// After SIGTERM, how long to keep serving while /readyz answers 503, so
     /// load balancers and Endpoints stop sending traffic before the listener
     /// closes.
-    #[arg(long, env = "TIDEPOOL_DRAIN_DELAY", default_value = "5s", value_parser = parse_duration)]
-    pub drain_delay: Duration,
+    #[arg(long, env = "TIDEPOOL_DRAIN_DELAY", default_value_t = default_of(WebSettings::default().drain_delay), value_parser = parse_duration)]
+    pub drain_delay: humantime::Duration,
 
     /// After the listener closes, how long requests in flight may take to
     /// finish. The exit code is 0 if they all did, 3 if the deadline passed.
     /// Keep drain delay + this below the pod's terminationGracePeriodSeconds.
-    #[arg(long, env = "TIDEPOOL_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
-    pub shutdown_timeout: Duration,
+    #[arg(long, env = "TIDEPOOL_SHUTDOWN_TIMEOUT", default_value_t = default_of(WebSettings::default().shutdown_timeout), value_parser = parse_duration)]
+    pub shutdown_timeout: humantime::Duration,
+}
+
+impl WebArgs {
+    pub(crate) fn into_settings(self) -> WebSettings {
+        WebSettings {
+            listen: self.listen,
+            database: self.database.into_settings(),
+            max_in_flight: self.max_in_flight,
+            max_connections: self.max_connections,
+            header_read_timeout: self.header_read_timeout.into(),
+            max_body_bytes: self.max_body_bytes,
+            body_read_timeout: self.body_read_timeout.into(),
+            lingering_close_timeout: self.lingering_close_timeout.into(),
+            lingering_close_max_bytes: self.lingering_close_max_bytes,
+            drain_delay: self.drain_delay.into(),
+            shutdown_timeout: self.shutdown_timeout.into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct WorkerArgs {
+pub(crate) struct WorkerArgs {
     /// Address of the worker's own HTTP server: /healthz and /metrics.
-    #[arg(long, env = "TIDEPOOL_WORKER_LISTEN", default_value = "127.0.0.1:8001")]
+    #[arg(long, env = "TIDEPOOL_WORKER_LISTEN", default_value_t = WorkerSettings::default().listen)]
     pub listen: SocketAddr,
 
     #[command(flatten)]
@@ -297,75 +253,99 @@ pub struct WorkerArgs {
     #[arg(long, env = "TIDEPOOL_DIRECT_DATABASE_URL", hide_env_values = true, value_name = "URL")]
     pub direct_database_url: Option<SecretUrl>,
 
-    /// Jobs run at once (and held at once, counting those being recorded).
-    /// The worker's server connection need is this (for tasks that use the
-    /// database) plus its 4 own queue connections.
-    #[arg(long, env = "TIDEPOOL_WORKER_CONCURRENCY", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    /// Jobs run at once (and held at once, counting those being recorded),
+    /// 1 to 100000. The worker's server connection need is this (for tasks
+    /// that use the database) plus its 4 own queue connections.
+    #[arg(long, env = "TIDEPOOL_WORKER_CONCURRENCY", default_value_t = WorkerSettings::default().concurrency)]
     pub concurrency: u32,
 
     /// Queues to take jobs from, comma-separated, served round-robin.
     #[arg(long, env = "TIDEPOOL_WORKER_QUEUES", value_delimiter = ',', default_value = "default")]
     pub queues: Vec<String>,
 
-    /// Most jobs claimed by one statement, and most outcomes recorded by one.
-    #[arg(long, env = "TIDEPOOL_WORKER_BATCH_SIZE", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    /// Most jobs claimed by one statement, and most outcomes recorded by
+    /// one (1 to 10000).
+    #[arg(long, env = "TIDEPOOL_WORKER_BATCH_SIZE", default_value_t = WorkerSettings::default().batch_size)]
     pub batch_size: u32,
 
     /// How long a claimed job stays this worker's without a heartbeat. A job
     /// whose worker died runs again this long (plus up to one maintenance
     /// interval) after the last heartbeat.
-    #[arg(long, env = "TIDEPOOL_WORKER_LEASE", default_value = "30s", value_parser = parse_duration)]
-    pub lease: Duration,
+    #[arg(long, env = "TIDEPOOL_WORKER_LEASE", default_value_t = default_of(WorkerSettings::default().lease), value_parser = parse_duration)]
+    pub lease: humantime::Duration,
 
     /// How often leases are renewed (at most half the lease), and how soon a
     /// cancelled running job is stopped.
-    #[arg(long, env = "TIDEPOOL_WORKER_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
-    pub heartbeat_interval: Duration,
+    #[arg(long, env = "TIDEPOOL_WORKER_HEARTBEAT_INTERVAL", default_value_t = default_of(WorkerSettings::default().heartbeat_interval), value_parser = parse_duration)]
+    pub heartbeat_interval: humantime::Duration,
 
     /// Pause between claims when the last one found some jobs but not a full batch.
-    #[arg(long, env = "TIDEPOOL_WORKER_POLL_INTERVAL_MIN", default_value = "10ms", value_parser = parse_duration)]
-    pub poll_interval_min: Duration,
+    #[arg(long, env = "TIDEPOOL_WORKER_POLL_INTERVAL_MIN", default_value_t = default_of(WorkerSettings::default().poll_interval_min), value_parser = parse_duration)]
+    pub poll_interval_min: humantime::Duration,
 
     /// Longest pause between claims while the queues stay empty (the pause
     /// doubles from the minimum up to this): the worst added latency of a
     /// polling worker. An idle worker costs the database this many claims
     /// per second per queue (cheap index probes).
-    #[arg(long, env = "TIDEPOOL_WORKER_POLL_INTERVAL_MAX", default_value = "250ms", value_parser = parse_duration)]
-    pub poll_interval_max: Duration,
+    #[arg(long, env = "TIDEPOOL_WORKER_POLL_INTERVAL_MAX", default_value_t = default_of(WorkerSettings::default().poll_interval_max), value_parser = parse_duration)]
+    pub poll_interval_max: humantime::Duration,
 
     /// After SIGTERM, how long running jobs may take to finish; the rest are
     /// stopped and handed back at once (exit code 3). Keep it below the pod's
     /// terminationGracePeriodSeconds.
-    #[arg(long, env = "TIDEPOOL_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
-    pub shutdown_timeout: Duration,
+    #[arg(long, env = "TIDEPOOL_SHUTDOWN_TIMEOUT", default_value_t = default_of(WorkerSettings::default().shutdown_timeout), value_parser = parse_duration)]
+    pub shutdown_timeout: humantime::Duration,
 
     /// How long results of succeeded jobs are kept (for GET /tasks/{id});
     /// 0 keeps none. At most 366 days.
-    #[arg(long, env = "TIDEPOOL_RESULT_RETENTION", default_value = "24h", value_parser = parse_duration)]
-    pub result_retention: Duration,
+    #[arg(long, env = "TIDEPOOL_RESULT_RETENTION", default_value_t = default_of(WorkerSettings::default().result_retention), value_parser = parse_duration)]
+    pub result_retention: humantime::Duration,
 
     /// How long dead and cancelled jobs are kept, with their errors. At most 366 days.
-    #[arg(long, env = "TIDEPOOL_DEAD_RETENTION", default_value = "7days", value_parser = parse_duration)]
-    pub dead_retention: Duration,
+    #[arg(long, env = "TIDEPOOL_DEAD_RETENTION", default_value_t = default_of(WorkerSettings::default().dead_retention), value_parser = parse_duration)]
+    pub dead_retention: humantime::Duration,
 
     /// How often the worker rescues jobs with expired leases, prunes results
     /// and dead jobs past their retention, and refreshes the queue gauges.
-    #[arg(long, env = "TIDEPOOL_WORKER_MAINTENANCE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
-    pub maintenance_interval: Duration,
+    #[arg(long, env = "TIDEPOOL_WORKER_MAINTENANCE_INTERVAL", default_value_t = default_of(WorkerSettings::default().maintenance_interval), value_parser = parse_duration)]
+    pub maintenance_interval: humantime::Duration,
 
     /// Backoff after a job's first failed attempt; it doubles per attempt,
     /// with jitter (between half and all of it).
-    #[arg(long, env = "TIDEPOOL_RETRY_BASE", default_value = "1s", value_parser = parse_duration)]
-    pub retry_base: Duration,
+    #[arg(long, env = "TIDEPOOL_RETRY_BASE", default_value_t = default_of(WorkerSettings::default().retry.base), value_parser = parse_duration)]
+    pub retry_base: humantime::Duration,
 
     /// Longest backoff between attempts.
-    #[arg(long, env = "TIDEPOOL_RETRY_MAX", default_value = "1h", value_parser = parse_duration)]
-    pub retry_max: Duration,
+    #[arg(long, env = "TIDEPOOL_RETRY_MAX", default_value_t = default_of(WorkerSettings::default().retry.max), value_parser = parse_duration)]
+    pub retry_max: humantime::Duration,
+}
+
+impl WorkerArgs {
+    pub(crate) fn into_settings(self) -> WorkerSettings {
+        WorkerSettings {
+            name: crate::settings::default_worker_name(),
+            listen: self.listen,
+            database: self.database.into_settings(),
+            direct_database_url: self.direct_database_url,
+            queues: self.queues,
+            concurrency: self.concurrency,
+            batch_size: self.batch_size,
+            lease: self.lease.into(),
+            heartbeat_interval: self.heartbeat_interval.into(),
+            poll_interval_min: self.poll_interval_min.into(),
+            poll_interval_max: self.poll_interval_max.into(),
+            shutdown_timeout: self.shutdown_timeout.into(),
+            result_retention: self.result_retention.into(),
+            dead_retention: self.dead_retention.into(),
+            maintenance_interval: self.maintenance_interval.into(),
+            retry: RetryPolicy { base: self.retry_base.into(), max: self.retry_max.into() },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct EnqueueArgs {
-    /// The task to run, e.g. slow_query or noop.
+pub(crate) struct EnqueueArgs {
+    /// The task to run, by its name.
     pub task: String,
 
     /// The task's arguments: a JSON object, e.g. '{"seconds": 0.5}'.
@@ -376,15 +356,16 @@ pub struct EnqueueArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub count: u64,
 
-    #[arg(long, default_value = "default")]
-    pub queue: String,
+    /// The queue; the task's own by default.
+    #[arg(long)]
+    pub queue: Option<String>,
 
     /// Higher runs first.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub priority: i16,
 
     /// Run no earlier than this long from now, e.g. 30s.
-    #[arg(long, value_parser = parse_duration, conflicts_with = "run_at")]
+    #[arg(long, value_parser = parse_std_duration, conflicts_with = "run_at")]
     pub delay: Option<Duration>,
 
     /// Run no earlier than this RFC 3339 time, e.g. 2026-12-01T09:00:00Z.
@@ -395,8 +376,9 @@ pub struct EnqueueArgs {
     #[arg(long)]
     pub unique_key: Option<String>,
 
-    #[arg(long, default_value_t = crate::queue::job::DEFAULT_MAX_ATTEMPTS)]
-    pub max_attempts: i32,
+    /// Attempts the job gets; the task's own by default.
+    #[arg(long)]
+    pub max_attempts: Option<i32>,
 
     /// Jobs per INSERT statement; 1 sends one statement per job.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -416,18 +398,12 @@ pub struct EnqueueArgs {
     pub database_url: SecretUrl,
 
     /// Longest to open a connection, and longest one statement may take.
-    #[arg(long, env = "TIDEPOOL_DB_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "TIDEPOOL_DB_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_std_duration)]
     pub db_connect_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct MigrateArgs {
-    #[command(flatten)]
-    pub database: MigrateDatabaseArgs,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct MigrateDatabaseArgs {
+pub(crate) struct MigrateArgs {
     /// Pooled connection URL, used when no direct URL is given (migrations run
     /// in one transaction, so they are safe through transaction pooling).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_name = "URL")]
@@ -439,19 +415,20 @@ pub struct MigrateDatabaseArgs {
     pub direct_database_url: Option<SecretUrl>,
 
     /// Longest to open the connection.
-    #[arg(long, env = "TIDEPOOL_DB_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "TIDEPOOL_DB_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_std_duration)]
     pub db_connect_timeout: Duration,
 
-    #[command(flatten)]
-    pub password_file: PasswordFile,
+    /// File holding the database password, for a URL that has none.
+    #[arg(long = "db-password-file", env = "TIDEPOOL_DB_PASSWORD_FILE", value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
 
     /// Longest to wait for another migrator's lock or a table lock.
-    #[arg(long, env = "TIDEPOOL_MIGRATE_LOCK_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "TIDEPOOL_MIGRATE_LOCK_TIMEOUT", default_value = "60s", value_parser = parse_std_duration)]
     pub lock_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct PoolerConfigArgs {
+pub(crate) struct PoolerConfigArgs {
     /// Upstream PostgreSQL URL with the credentials PgBouncer logs in with,
     /// e.g. postgres://app:PASSWORD@db:5432/app. The password goes only into
     /// the auth file (mode 0600), never into pgbouncer.ini or a log.
@@ -512,7 +489,7 @@ pub struct PoolerConfigArgs {
 
     /// Longest a client's query waits for a server connection inside
     /// PgBouncer: the backstop behind the application's own bounded wait.
-    #[arg(long, env = "TIDEPOOL_POOLER_QUERY_WAIT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "TIDEPOOL_POOLER_QUERY_WAIT_TIMEOUT", default_value = "30s", value_parser = parse_std_duration)]
     pub query_wait_timeout: Duration,
 
     /// Where PgBouncer writes its pid file; none if unset.
@@ -529,23 +506,16 @@ mod tests {
     use super::*;
     use clap::CommandFactory;
 
+    fn parse(argv: &[&str]) -> Command {
+        match Cli::try_parse_from(argv) {
+            Ok(cli) => cli.command,
+            Err(e) => panic!("{argv:?} does not parse: {e}"),
+        }
+    }
+
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn secret_url_debug_is_redacted() {
-        let url = SecretUrl::new("postgres://u:hunter2@h/db");
-        assert!(!format!("{url:?}").contains("hunter2"));
-    }
-
-    #[test]
-    fn invalid_url_error_does_not_quote_the_url() {
-        let url = SecretUrl::new("postgres://u:hunter2@h:notaport/db");
-        let err = url.to_pg_config("DATABASE_URL").unwrap_err().to_string();
-        assert!(err.starts_with("DATABASE_URL is not a valid"), "{err}");
-        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]
@@ -562,7 +532,51 @@ mod tests {
 
     #[test]
     fn durations_parse_with_units() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert!(parse_duration("5").unwrap_err().contains("examples"));
+        assert_eq!(parse_std_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_std_duration("5").unwrap_err().contains("examples"));
+    }
+
+    #[test]
+    fn the_command_line_defaults_are_the_settings_defaults() {
+        let Command::Worker(worker) = parse(&["app", "worker", "--database-url", "postgres://u@h/db"]) else {
+            panic!("not a worker")
+        };
+        let (parsed, defaults) = (worker.into_settings(), WorkerSettings::default());
+        assert_eq!(
+            (parsed.concurrency, parsed.batch_size, parsed.lease, parsed.heartbeat_interval, parsed.retry),
+            (defaults.concurrency, defaults.batch_size, defaults.lease, defaults.heartbeat_interval, defaults.retry)
+        );
+        assert_eq!((parsed.result_retention, parsed.dead_retention), (defaults.result_retention, defaults.dead_retention));
+        assert_eq!(parsed.queues, defaults.queues);
+        assert!(parsed.validate().is_ok());
+        let Command::Web(web) = parse(&["app", "web", "--database-url", "postgres://u@h/db"]) else {
+            panic!("not web")
+        };
+        let (parsed, defaults) = (web.into_settings(), WebSettings::default());
+        assert_eq!(
+            (parsed.listen, parsed.max_in_flight, parsed.max_body_bytes, parsed.drain_delay, parsed.shutdown_timeout),
+            (defaults.listen, defaults.max_in_flight, defaults.max_body_bytes, defaults.drain_delay, defaults.shutdown_timeout)
+        );
+        let db = DatabaseSettings::default();
+        assert_eq!(
+            (parsed.database.pool_wait, parsed.database.query_timeout, parsed.database.readiness_timeout),
+            (db.pool_wait, db.query_timeout, db.readiness_timeout)
+        );
+    }
+
+    #[test]
+    fn a_combination_the_settings_refuse_parses_and_is_refused_by_them() {
+        let argv = ["app", "worker", "--database-url", "postgres://u@h/db", "--lease", "10s", "--heartbeat-interval", "6s"];
+        let Command::Worker(worker) = parse(&argv) else { panic!("not a worker") };
+        let from_the_command_line = worker.into_settings().validate().expect_err("refused");
+        let in_code = WorkerSettings {
+            database: DatabaseSettings::new("postgres://u@h/db"),
+            lease: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(6),
+            ..WorkerSettings::default()
+        }
+        .validate()
+        .expect_err("refused");
+        assert_eq!(from_the_command_line, in_code);
     }
 }

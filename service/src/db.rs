@@ -9,15 +9,34 @@
 //! ("prepared statement does not exist"). PgBouncer 1.18, Debian bookworm's,
 //! has no prepared statement support at all.
 //!
-//! The rules this module follows, and that code using [`Conn::client`] must
-//! follow too:
-//! - outside an explicit transaction, only `query_typed*` (an unnamed
-//!   statement whose parameter types are given, sent in one round trip),
-//!   `simple_query` and `batch_execute`;
+//! So the handles this module lends, [`Conn`] and its transaction [`Tx`],
+//! offer nothing else than what is safe there:
+//! - only unnamed statements whose parameter types are given, sent in one
+//!   round trip (tokio-postgres' `query_typed`), inside a transaction too:
+//!   PgBouncer runs no `server_reset_query` in transaction mode, so a named
+//!   statement prepared inside a transaction would stay on that server
+//!   connection and collide with the next client's of the same name;
 //! - no statement cache (deadpool's `prepare_cached` is never used);
-//! - result columns of built-in types only: for an enum, a domain or a
-//!   composite tokio-postgres looks the type up with a named statement (cast
-//!   such columns to `text`).
+//! - no session state: transactions are the unit, and they end (commit,
+//!   roll back, or roll back when the [`Tx`] is dropped) before the
+//!   connection goes back to the pool.
+//!
+//! Result columns must be of built-in types: for an enum, a domain or a
+//! composite tokio-postgres looks the type up with a named statement (cast
+//! such columns to `text`).
+//!
+//! ```no_run
+//! # async fn example(db: tidepool::db::Database) -> Result<(), tidepool::db::DbError> {
+//! use tidepool::db::Type;
+//!
+//! let mut conn = db.get().await?;
+//! let tx = conn.transaction().await?;
+//! tx.execute("UPDATE accounts SET balance = balance - $1 WHERE id = $2", &[(&10_i64, Type::INT8), (&1_i64, Type::INT8)])
+//!     .await?;
+//! tx.commit().await?;
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! At start a process opens its pools' connections, and the pooler's server
 //! connections behind them, before it says it is ready ([`warm_up`]).
@@ -55,27 +74,69 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_postgres::config::Host;
-use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{AsyncMessage, CancelToken, Client, NoTls, Row, SimpleQueryMessage};
+pub use tokio_postgres::types::{ToSql, Type};
+pub use tokio_postgres::Row;
+use tokio_postgres::{AsyncMessage, CancelToken, Client, NoTls, SimpleQueryMessage, Transaction};
 
 /// Longest a best-effort cancel request may take.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Parameters of a statement, each with its PostgreSQL type:
+/// `&[(&id, Type::INT8), (&name, Type::TEXT)]`.
+pub type Params<'a> = &'a [(&'a (dyn ToSql + Sync), Type)];
+
+/// Why a database call failed. In a web handler each becomes its status:
+/// 503 with `Retry-After` for the first two, 504 for a timeout, 500 else.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
+    /// No pooled connection became free within the pool wait.
     #[error("no database connection became free within {}", humantime::format_duration(*.waited))]
-    PoolExhausted { waited: Duration },
+    PoolExhausted {
+        /// How long the caller waited.
+        waited: Duration,
+    },
+    /// PgBouncer or PostgreSQL cannot be reached.
     #[error("the database is unavailable: {reason}")]
-    Unavailable { reason: String },
+    Unavailable {
+        /// What failed.
+        reason: String,
+    },
+    /// The statement outlived its bound; it was cancelled on the server.
     #[error("the database did not answer within {}", humantime::format_duration(*.after))]
-    QueryTimeout { after: Duration },
+    QueryTimeout {
+        /// The bound.
+        after: Duration,
+    },
+    /// The statement failed (a constraint, a syntax error).
     #[error("database query failed: {0}")]
     Query(#[source] tokio_postgres::Error),
+    /// `query_one` found no row.
+    #[error("the query returned no row")]
+    NoRow,
+    /// The pool could not be built.
     #[error("invalid pool configuration: {0}")]
     Config(String),
 }
 
 impl DbError {
+    /// The error of a statement that failed: unavailable when it says the
+    /// database cannot be reached, else a query error.
+    pub fn from_statement(e: tokio_postgres::Error) -> Self {
+        if is_unavailable(&e) {
+            Self::unavailable_because(&e)
+        } else {
+            Self::Query(e)
+        }
+    }
+
+    /// The SQLSTATE of a failed statement (`23505` for a unique violation).
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Query(e) => e.code().map(|c| c.code()),
+            _ => None,
+        }
+    }
+
     fn unavailable(reason: impl std::fmt::Display) -> Self {
         Self::Unavailable { reason: reason.to_string() }
     }
@@ -88,9 +149,13 @@ impl DbError {
 /// How the pool of client connections to PgBouncer behaves.
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
+    /// Most client connections.
     pub max_size: usize,
+    /// Longest wait for a free one.
     pub wait: Duration,
+    /// Longest to open one.
     pub connect_timeout: Duration,
+    /// Longest a statement may take beyond its expected duration.
     pub query_timeout: Duration,
 }
 
@@ -233,8 +298,7 @@ impl Database {
     fn lend(&self, object: Object, query_timeout: Duration) -> Conn {
         Conn {
             object: Some(object),
-            query_timeout,
-            state: AtomicU8::new(ConnState::Idle as u8),
+            guard: Guard { query_timeout, state: AtomicU8::new(ConnState::Idle as u8) },
             cancel_target: self.cancel_target.clone(),
         }
     }
@@ -393,14 +457,24 @@ pub async fn warm_up(pools: &[&Database], limit: Duration) -> WarmUp {
 /// unless it broke (then it is closed) or it was dropped in the middle of a
 /// query, by a timeout or because the request that ran it went away (then
 /// the query is cancelled and the connection closed).
+///
+/// Every statement is unnamed and bounded by the query timeout (plus what
+/// it is expected to take, for [`Conn::query_slow`]). In a web handler it
+/// is an extractor: the pool wait's bound answers 503 with `Retry-After`.
 pub struct Conn {
     /// Always `Some` until `drop`, which alone takes it.
     object: Option<Object>,
+    guard: Guard,
+    cancel_target: Option<Arc<CancelTarget>>,
+}
+
+/// What bounds a connection's statements, apart from its client so that a
+/// transaction borrowing the client can use it too.
+struct Guard {
     query_timeout: Duration,
     /// A [`ConnState`]; atomic so statements can run through `&self` while
     /// the client is borrowed.
     state: AtomicU8,
-    cancel_target: Option<Arc<CancelTarget>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -411,59 +485,254 @@ enum ConnState {
     Broken = 2,
 }
 
-impl Conn {
-    /// The underlying client, for transactions and `simple_query`. Follow the
-    /// module's rules: no `Client::query(&str, ..)` outside a transaction.
-    pub fn client(&self) -> &Client {
-        match &self.object {
-            Some(object) => object,
-            None => unreachable!("the pooled object is taken only in drop"),
-        }
+impl Guard {
+    fn set(&self, state: ConnState) {
+        self.state.store(state as u8, Ordering::Relaxed);
     }
 
-    /// Runs one unnamed, typed statement. `expected` is how long the statement
-    /// is meant to take (a slow query's sleep); the query timeout is added.
-    pub async fn query_typed(
-        &self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-        expected: Duration,
-    ) -> Result<Vec<Row>, DbError> {
-        self.run(expected, self.client().query_typed(sql, params)).await
-    }
-
-    /// Awaits `statement`, a future that uses [`Conn::client`] (for example
-    /// a function of [`crate::queue`]'s SQL), under the same rules as
-    /// [`Conn::query_typed`]: bounded by `expected` plus the query timeout,
-    /// cancelled on the server if abandoned, the connection discarded if it
-    /// broke.
-    pub async fn run<T>(
+    /// Awaits `statement` bounded by `expected` plus the query timeout; an
+    /// abandoned statement stays `InQuery`, so the connection's drop cancels
+    /// it; a statement that says the database is gone marks it broken.
+    async fn run<T>(
         &self,
         expected: Duration,
         statement: impl Future<Output = Result<T, tokio_postgres::Error>>,
+        closed: impl Fn() -> bool,
     ) -> Result<T, DbError> {
         let budget = expected.saturating_add(self.query_timeout);
-        self.set_state(ConnState::InQuery);
+        self.set(ConnState::InQuery);
         match tokio::time::timeout(budget, statement).await {
             Ok(Ok(value)) => {
-                self.set_state(ConnState::Idle);
+                self.set(ConnState::Idle);
                 Ok(value)
             }
-            Ok(Err(e)) if is_unavailable(&e) || self.client().is_closed() => {
-                self.set_state(ConnState::Broken);
+            Ok(Err(e)) if is_unavailable(&e) || closed() => {
+                self.set(ConnState::Broken);
                 Err(DbError::unavailable_because(&e))
             }
             Ok(Err(e)) => {
-                self.set_state(ConnState::Idle);
+                self.set(ConnState::Idle);
                 Err(DbError::Query(e))
             }
             // Still `InQuery`: the query is cancelled when the conn drops.
             Err(_) => Err(DbError::QueryTimeout { after: budget }),
         }
     }
+}
 
-    fn set_state(&self, state: ConnState) {
-        self.state.store(state as u8, Ordering::Relaxed);
+impl Conn {
+    /// The underlying client. Crate-internal: it offers named statements,
+    /// which the module's rules forbid.
+    pub(crate) fn client(&self) -> &Client {
+        match &self.object {
+            Some(object) => object,
+            None => unreachable!("the pooled object is taken only in drop"),
+        }
+    }
+
+    /// Runs a statement and returns its rows.
+    pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, DbError> {
+        self.query_slow(sql, params, Duration::ZERO).await
+    }
+
+    /// [`Conn::query`] for a statement meant to take `expected` (a slow
+    /// query's sleep): the query timeout is added to it.
+    pub async fn query_slow(&self, sql: &str, params: Params<'_>, expected: Duration) -> Result<Vec<Row>, DbError> {
+        self.run(expected, self.client().query_typed(sql, params)).await
+    }
+
+    /// The one row of a statement; [`DbError::NoRow`] without one.
+    pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, DbError> {
+        self.query_opt(sql, params).await?.ok_or(DbError::NoRow)
+    }
+
+    /// The first row of a statement, if any.
+    pub async fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, DbError> {
+        Ok(self.query(sql, params).await?.into_iter().next())
+    }
+
+    /// Runs a statement and returns how many rows it changed.
+    pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
+        self.run(Duration::ZERO, execute(self.client(), sql, params)).await
+    }
+
+    /// Begins a transaction. It ends with [`Tx::commit`] or
+    /// [`Tx::rollback`]; dropped before either, it rolls back.
+    pub async fn transaction(&mut self) -> Result<Tx<'_>, DbError> {
+        let Conn { object, guard, .. } = self;
+        let Some(object) = object.as_mut() else {
+            unreachable!("the pooled object is taken only in drop")
+        };
+        let client: &mut Client = object;
+        let tx = guard.run(Duration::ZERO, client.transaction(), || false).await?;
+        Ok(Tx { tx, guard })
+    }
+
+    /// Awaits `statement`, a future that uses [`Conn::client`] (for example
+    /// a function of [`crate::queue`]'s SQL), under the same rules as
+    /// [`Conn::query`]: bounded by `expected` plus the query timeout,
+    /// cancelled on the server if abandoned, the connection discarded if it
+    /// broke.
+    pub(crate) async fn run<T>(
+        &self,
+        expected: Duration,
+        statement: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, DbError> {
+        self.guard.run(expected, statement, || self.client().is_closed()).await
+    }
+}
+
+/// A transaction on a [`Conn`]: the same unnamed, bounded statements, and
+/// whatever it enqueues ([`crate::queue::enqueue`]) exists only if it
+/// commits. Dropped without [`Tx::commit`] it rolls back.
+pub struct Tx<'a> {
+    tx: Transaction<'a>,
+    guard: &'a Guard,
+}
+
+impl Tx<'_> {
+    /// Runs a statement and returns its rows.
+    pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, DbError> {
+        self.run(Duration::ZERO, self.tx.query_typed(sql, params)).await
+    }
+
+    /// The one row of a statement; [`DbError::NoRow`] without one.
+    pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, DbError> {
+        self.query_opt(sql, params).await?.ok_or(DbError::NoRow)
+    }
+
+    /// The first row of a statement, if any.
+    pub async fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, DbError> {
+        Ok(self.query(sql, params).await?.into_iter().next())
+    }
+
+    /// Runs a statement and returns how many rows it changed.
+    pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
+        self.run(Duration::ZERO, execute(self.tx.client(), sql, params)).await
+    }
+
+    /// Commits.
+    pub async fn commit(self) -> Result<(), DbError> {
+        let Tx { tx, guard } = self;
+        guard.run(Duration::ZERO, tx.commit(), || false).await
+    }
+
+    /// Rolls back.
+    pub async fn rollback(self) -> Result<(), DbError> {
+        let Tx { tx, guard } = self;
+        guard.run(Duration::ZERO, tx.rollback(), || false).await
+    }
+
+    async fn run<T>(
+        &self,
+        expected: Duration,
+        statement: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, DbError> {
+        self.guard.run(expected, statement, || self.tx.client().is_closed()).await
+    }
+}
+
+/// An unnamed statement's changed-row count.
+async fn execute(client: &Client, sql: &str, params: Params<'_>) -> Result<u64, tokio_postgres::Error> {
+    use futures_util::TryStreamExt;
+    let rows = client.query_typed_raw(sql, params.iter().map(|(value, ty)| (*value, ty.clone()))).await?;
+    futures_util::pin_mut!(rows);
+    while rows.try_next().await?.is_some() {}
+    Ok(rows.rows_affected().unwrap_or(0))
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for tokio_postgres::Client {}
+    impl Sealed for tokio_postgres::Transaction<'_> {}
+    impl Sealed for super::Conn {}
+    impl Sealed for super::Tx<'_> {}
+}
+
+/// Where Tidepool's statements (an enqueue, a lookup) can run: a [`Conn`]
+/// or [`Tx`], bounded and cancelled as they are, or a plain tokio-postgres
+/// `Client` or `Transaction`, unbounded. Sealed: the queue's statements
+/// rely on every implementation sending unnamed statements only.
+pub trait Executor: sealed::Sealed + Sync {
+    #[doc(hidden)]
+    fn query_unnamed<'a>(
+        &'a self,
+        sql: &'a str,
+        params: Params<'a>,
+    ) -> impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a;
+
+    #[doc(hidden)]
+    fn bounded<'a, T: Send + 'a>(
+        &'a self,
+        statement: impl Future<Output = Result<T, tokio_postgres::Error>> + Send + 'a,
+    ) -> impl Future<Output = Result<T, DbError>> + Send + 'a;
+}
+
+impl Executor for Client {
+    fn query_unnamed<'a>(
+        &'a self,
+        sql: &'a str,
+        params: Params<'a>,
+    ) -> impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a {
+        self.query_typed(sql, params)
+    }
+
+    async fn bounded<'a, T: Send + 'a>(
+        &'a self,
+        statement: impl Future<Output = Result<T, tokio_postgres::Error>> + Send + 'a,
+    ) -> Result<T, DbError> {
+        statement.await.map_err(DbError::from_statement)
+    }
+}
+
+impl Executor for Transaction<'_> {
+    fn query_unnamed<'a>(
+        &'a self,
+        sql: &'a str,
+        params: Params<'a>,
+    ) -> impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a {
+        self.query_typed(sql, params)
+    }
+
+    async fn bounded<'a, T: Send + 'a>(
+        &'a self,
+        statement: impl Future<Output = Result<T, tokio_postgres::Error>> + Send + 'a,
+    ) -> Result<T, DbError> {
+        statement.await.map_err(DbError::from_statement)
+    }
+}
+
+impl Executor for Conn {
+    fn query_unnamed<'a>(
+        &'a self,
+        sql: &'a str,
+        params: Params<'a>,
+    ) -> impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a {
+        self.client().query_typed(sql, params)
+    }
+
+    async fn bounded<'a, T: Send + 'a>(
+        &'a self,
+        statement: impl Future<Output = Result<T, tokio_postgres::Error>> + Send + 'a,
+    ) -> Result<T, DbError> {
+        self.run(Duration::ZERO, statement).await
+    }
+}
+
+impl Executor for Tx<'_> {
+    fn query_unnamed<'a>(
+        &'a self,
+        sql: &'a str,
+        params: Params<'a>,
+    ) -> impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a {
+        self.tx.query_typed(sql, params)
+    }
+
+    async fn bounded<'a, T: Send + 'a>(
+        &'a self,
+        statement: impl Future<Output = Result<T, tokio_postgres::Error>> + Send + 'a,
+    ) -> Result<T, DbError> {
+        self.run(Duration::ZERO, statement).await
     }
 }
 
@@ -472,7 +741,7 @@ impl Drop for Conn {
         let Some(object) = self.object.take() else {
             return;
         };
-        match *self.state.get_mut() {
+        match *self.guard.state.get_mut() {
             s if s == ConnState::Idle as u8 => return drop(object),
             s if s == ConnState::InQuery as u8 => {}
             _ => return drop(Object::take(object)),

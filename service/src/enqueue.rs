@@ -14,16 +14,19 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::task::JoinSet;
 
-use crate::cli::{EnqueueArgs, InvalidUrl};
+use crate::cli::EnqueueArgs;
 use crate::db::{self, DbError};
 use crate::queue::job::parse_run_at;
-use crate::queue::{self, EnqueueError, Enqueued, InvalidJob, NewJob, Registry, Schedule};
+use crate::queue::{self, EnqueueError, Enqueued, InvalidJob, NewJob, Schedule};
+use crate::settings::InvalidUrl;
+use crate::task::Registry;
 
 /// Longest one statement may take.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most enqueues in flight at once in `--rate` mode.
 const MAX_IN_FLIGHT: usize = 1_000;
 
+/// Why `enqueue` stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum EnqueueCommandError {
     #[error("--args is not valid JSON: {0}")]
@@ -60,11 +63,13 @@ pub fn job_from_args(args: &EnqueueArgs, registry: &Registry) -> Result<NewJob, 
         (None, Some(delay)) => Schedule::After(delay),
         (None, None) => Schedule::Now,
     };
-    let mut job = NewJob::new(&args.task, task_args)
-        .queue(&args.queue)
-        .priority(args.priority)
-        .schedule(schedule)
-        .max_attempts(args.max_attempts);
+    let mut job = registry.new_job(&args.task, task_args)?.priority(args.priority).schedule(schedule);
+    if let Some(queue) = &args.queue {
+        job.queue = queue.clone();
+    }
+    if let Some(attempts) = args.max_attempts {
+        job.max_attempts = attempts;
+    }
     job.unique_key = args.unique_key.clone();
     registry.check(&job, chrono::Utc::now())?;
     Ok(job)
@@ -105,7 +110,7 @@ pub async fn run(
                 }
             }
             let (client, job) = (client.clone(), job.clone());
-            in_flight.spawn(async move { bounded(queue::enqueue(&*client, &job)).await });
+            in_flight.spawn(async move { bounded(queue::enqueue_job(&*client, &job)).await });
         }
         while let Some(done) = in_flight.join_next().await {
             record(flatten(done)?, out)?;
@@ -117,7 +122,7 @@ pub async fn run(
             let n = left.min(batch);
             left -= n;
             if n == 1 {
-                record(bounded(queue::enqueue(&*client, &job)).await?, out)?;
+                record(bounded(queue::enqueue_job(&*client, &job)).await?, out)?;
             } else {
                 let jobs = vec![job.clone(); usize::try_from(n).unwrap_or(usize::MAX)];
                 for enqueued in bounded(queue::enqueue_many(&*client, &jobs)).await? {

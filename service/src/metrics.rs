@@ -18,7 +18,7 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
@@ -150,6 +150,8 @@ pub struct Metrics {
     /// `TIDEPOOL_MAX_IN_FLIGHT`, for dashboards to put beside the gauge.
     pub http_requests_in_flight_limit: IntGauge,
     pub http_requests_shed: IntCounterVec,
+    /// Handlers that panicked (each answered 500; the process lives on).
+    pub http_handler_panics: IntCounter,
     pub db_pool_wait: Histogram,
     pub jobs_enqueued: IntCounterVec,
     pool: PoolGauges,
@@ -192,6 +194,13 @@ impl Metrics {
                 "tidepool_http_requests_shed_total",
                 "Requests refused with 503 because a limit was reached: reason=in_flight_limit (too many requests at once) or db_pool_wait (no database connection within the wait).",
                 &["reason"],
+            )?,
+            http_handler_panics: register(
+                &registry,
+                IntCounter::new(
+                    "tidepool_http_handler_panics_total",
+                    "Request handlers that panicked; each was answered 500 and the process went on serving.",
+                )?,
             )?,
             db_pool_wait: histogram(
                 &registry,

@@ -1,5 +1,5 @@
-//! `tidepool worker`, the process: turns the command line into the queue
-//! runtime's settings ([`crate::queue::worker`] does the work), opens its two
+//! The `worker` process: validates its [`WorkerSettings`] (the queue
+//! runtime, [`crate::queue::worker`], does the work), opens its two
 //! pools' connections before it claims its first job, and serves `/healthz`,
 //! `/readyz` (200 once those connections are open, while an idle queue
 //! connection answers `SELECT 1` or none is idle: [`Database::check`]) and
@@ -20,14 +20,13 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, Semaphore};
 
-use crate::cli::WorkerArgs;
 use crate::db::{self, Database, PoolSettings};
 use crate::metrics::WorkerMetrics;
 use crate::pooler_metrics::AdminConsole;
-use crate::queue::job::{is_valid_queue_name, MAX_SCHEDULE_AHEAD};
-use crate::queue::retry::RetryPolicy;
 use crate::queue::worker::QUEUE_POOL_SIZE;
-use crate::queue::{Registry, ShutdownReport, Worker, WorkerSettings};
+use crate::queue::{ShutdownReport, Worker};
+use crate::settings::{apply_password_file, WorkerSettings};
+use crate::task::Registry;
 use crate::web::response::{json, with_body, ApiError, Body};
 use crate::StartError;
 
@@ -35,116 +34,50 @@ use crate::StartError;
 const PROBE_CONNECTIONS: usize = 64;
 const PROBE_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Checks the command line and builds the runtime's settings. `name`
-/// identifies this worker in the jobs it holds.
-pub fn settings_from_args(args: &WorkerArgs, name: String) -> Result<WorkerSettings, StartError> {
-    let invalid = |m: String| Err(StartError::Invalid(m));
-    let mut queues: Vec<String> = Vec::new();
-    for queue in &args.queues {
-        let queue = queue.trim();
-        if !is_valid_queue_name(queue) {
-            return invalid(format!(
-                "queue {queue:?} is not a valid name: use 1 to 64 of a-z, A-Z, 0-9, '_', '-', '.'"
-            ));
-        }
-        if !queues.iter().any(|q| q == queue) {
-            queues.push(queue.to_owned());
-        }
-    }
-    if queues.is_empty() {
-        return invalid("--queues names no queue".into());
-    }
-    if args.heartbeat_interval.is_zero() || args.heartbeat_interval * 2 > args.lease {
-        return invalid(format!(
-            "--heartbeat-interval ({}) must be above zero and at most half of --lease ({}), so a lease is renewed at least twice before it expires",
-            humantime::format_duration(args.heartbeat_interval),
-            humantime::format_duration(args.lease)
-        ));
-    }
-    if args.poll_interval_min.is_zero() || args.poll_interval_min > args.poll_interval_max {
-        return invalid("--poll-interval-min must be above zero and at most --poll-interval-max".into());
-    }
-    if args.maintenance_interval.is_zero() {
-        return invalid("--maintenance-interval must be above zero".into());
-    }
-    if args.result_retention > MAX_SCHEDULE_AHEAD || args.dead_retention > MAX_SCHEDULE_AHEAD {
-        return invalid("--result-retention and --dead-retention are at most 366 days".into());
-    }
-    if args.retry_base.is_zero() || args.retry_base > args.retry_max {
-        return invalid("--retry-base must be above zero and at most --retry-max".into());
-    }
-    Ok(WorkerSettings {
-        name,
-        queues,
-        concurrency: args.concurrency as usize,
-        batch_size: args.batch_size as usize,
-        lease: args.lease,
-        heartbeat_interval: args.heartbeat_interval,
-        poll_interval_min: args.poll_interval_min,
-        poll_interval_max: args.poll_interval_max,
-        shutdown_timeout: args.shutdown_timeout,
-        result_retention: args.result_retention,
-        dead_retention: args.dead_retention,
-        maintenance_interval: args.maintenance_interval,
-        retry: RetryPolicy { base: args.retry_base, max: args.retry_max },
-    })
-}
-
-/// `host-pid`: unique among live workers, and says where to look.
-pub fn default_name() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`.
-    let host = if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0 {
-        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        String::from_utf8_lossy(&buf[..end]).into_owned()
-    } else {
-        "worker".to_owned()
-    };
-    format!("{host}-{}", std::process::id())
-}
-
 /// Runs a worker with `registry`'s tasks until `shutdown` resolves and the
-/// runtime has shut down.
+/// runtime has shut down. `settings` are validated first.
 pub async fn run(
-    args: &WorkerArgs,
+    settings: WorkerSettings,
     registry: Registry,
     shutdown: impl Future<Output = ()>,
 ) -> Result<ShutdownReport, StartError> {
-    let settings = settings_from_args(args, default_name())?;
-    let password = &args.database.password_file;
-    let pg = password.apply(args.database.database_url.to_pg_config("DATABASE_URL")?)?;
-    let direct_pg = match &args.direct_database_url {
-        Some(url) => Some(password.apply(url.to_pg_config("TIDEPOOL_DIRECT_DATABASE_URL")?)?),
+    let settings = settings.normalized()?;
+    let database = &settings.database;
+    let pg = database.pg_config()?;
+    let direct_pg = match &settings.direct_database_url {
+        Some(url) => Some(apply_password_file(
+            url.to_pg_config("TIDEPOOL_DIRECT_DATABASE_URL")?,
+            database.password_file.as_deref(),
+        )?),
         None => None,
     };
     let metrics = WorkerMetrics::new()?;
     metrics.start_counters(registry.task_names(), &settings.queues);
-    let task_pool = args.database.pool_settings(args.concurrency);
+    let task_pool = database.pool_settings(settings.concurrency);
     let queue_pool = PoolSettings { max_size: QUEUE_POOL_SIZE, ..task_pool.clone() };
     let task_db = Database::new(pg.clone(), task_pool, metrics.db_pool_wait.clone())?;
     let queue_db = Database::new(pg, queue_pool, metrics.queue_db_pool_wait.clone())?;
-    let probe_listener = crate::bind(args.listen).await?;
+    let pooler = database.pooler_stats.as_ref().map(|stats| stats.admin_console()).transpose()?;
+    let probe_listener = crate::bind(settings.listen).await?;
 
-    tracing::info!(listen = %args.listen, "worker /healthz, /readyz and /metrics are serving; opening database connections");
+    tracing::info!(listen = %settings.listen, "worker /healthz, /readyz and /metrics are serving; opening database connections");
     let (stop_probes, probes_stopped) = watch::channel(false);
     let probe_state = Arc::new(ProbeState {
         metrics: metrics.clone(),
-        pooler: args.database.pooler_stats.admin_console()?,
+        pooler,
         task_db: task_db.clone(),
         queue_db: queue_db.clone(),
-        readiness_timeout: args.database.readiness_timeout,
+        readiness_timeout: database.readiness_timeout,
         ready: AtomicBool::new(false),
     });
     let probes = tokio::spawn(serve_probes(probe_listener, probe_state.clone(), probes_stopped));
-    let limit = args.database.db_connect_timeout;
+    let limit = database.connect_timeout;
     db::warm_up(&[&queue_db, &task_db], limit).await.log("worker");
     probe_state.ready.store(true, Ordering::Relaxed);
     tracing::info!(concurrency = settings.concurrency, queues = ?settings.queues, "tidepool worker is ready");
     let queues = settings.queues.clone();
-    let worker = Worker::new(settings, Arc::new(registry), queue_db, task_db, metrics);
-    let listening = direct_pg.map(|pg| {
-        tokio::spawn(listen_for_jobs(pg, args.database.db_connect_timeout, queues, worker.waker()))
-    });
+    let worker = Worker::new(settings, Arc::new(registry), queue_db, task_db, metrics)?;
+    let listening = direct_pg.map(|pg| tokio::spawn(listen_for_jobs(pg, limit, queues, worker.waker())));
     let report = worker.run(shutdown).await;
     if let Some(task) = listening {
         task.abort();
@@ -273,63 +206,4 @@ async fn probe(state: Arc<ProbeState>, request: Request<Incoming>) -> Result<Res
         path => ApiError::not_found(path).into_response(),
     };
     Ok(response)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cli::{Cli, Command};
-    use clap::Parser;
-
-    fn args(extra: &[&str]) -> WorkerArgs {
-        let mut argv = vec!["tidepool", "worker", "--database-url", "postgres://u@h/db"];
-        argv.extend_from_slice(extra);
-        match Cli::try_parse_from(argv).map(|cli| cli.command) {
-            Ok(Command::Worker(args)) => args,
-            other => panic!("not a worker command line: {other:?}"),
-        }
-    }
-
-    #[test]
-    fn defaults_are_valid_and_match_the_seed() {
-        let settings = settings_from_args(&args(&[]), "w".into()).expect("defaults are valid");
-        assert_eq!(settings.concurrency, 50);
-        assert_eq!(settings.queues, vec!["default".to_owned()]);
-        assert!(settings.heartbeat_interval * 2 <= settings.lease);
-    }
-
-    #[test]
-    fn queues_are_validated_and_deduplicated() {
-        let settings = settings_from_args(&args(&["--queues", "a,b, a"]), "w".into()).expect("valid");
-        assert_eq!(settings.queues, vec!["a".to_owned(), "b".to_owned()]);
-        let err = settings_from_args(&args(&["--queues", "a,b c"]), "w".into()).expect_err("space");
-        assert!(err.to_string().contains("\"b c\""), "{err}");
-    }
-
-    #[test]
-    fn the_heartbeat_must_fit_twice_in_the_lease() {
-        let err = settings_from_args(&args(&["--lease", "10s", "--heartbeat-interval", "6s"]), "w".into())
-            .expect_err("too slow a heartbeat");
-        assert!(err.to_string().contains("at most half of --lease"), "{err}");
-        assert!(
-            settings_from_args(&args(&["--lease", "10s", "--heartbeat-interval", "5s"]), "w".into()).is_ok()
-        );
-    }
-
-    #[test]
-    fn other_bounds_are_checked() {
-        for bad in [
-            &["--poll-interval-min", "2s", "--poll-interval-max", "1s"][..],
-            &["--retry-base", "2h"],
-            &["--result-retention", "400days"],
-            &["--maintenance-interval", "0s"],
-        ] {
-            assert!(settings_from_args(&args(bad), "w".into()).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn the_default_name_names_host_and_process() {
-        assert!(default_name().ends_with(&format!("-{}", std::process::id())));
-    }
 }

@@ -1,7 +1,8 @@
 //! The task queue: PostgreSQL is the broker.
 //!
-//! A job is a row. Producers insert it ([`enqueue`], [`enqueue_many`]) with
-//! any tokio-postgres client **or transaction**, so a handler can enqueue in
+//! A job is a row. Producers insert it ([`enqueue`] a typed task,
+//! [`enqueue_job`] by name, [`enqueue_many`]) through a pooled connection
+//! **or a transaction**, so a handler can enqueue in
 //! the same transaction as its own write: if the write rolls back, the job
 //! was never sent (what a separate broker cannot promise). Workers
 //! ([`worker`]) claim due jobs in batches with one statement
@@ -23,47 +24,130 @@
 //! in the statement that finishes it, for the results table (if its task
 //! returned a result) or the dead table. Both are pruned after their
 //! retention. So the hot table and its indexes stay the size of the
-//! backlog, not of history. The schema is migration 0002; every statement
-//! is in [`sql`].
+//! backlog, not of history. The schema is the `tidepool` migration track;
+//! every statement is in [`sql`].
 //!
-//! Modules: [`job`] (what a job is, validation), [`sql`] (every statement),
-//! [`registry`] (tasks by name, built-ins), [`retry`] (backoff), [`worker`]
-//! (the runtime).
+//! Modules: [`job`] (what a job is, validation), [`sql`] (every statement;
+//! public for the operator's queue scaler, [`sql::queue_stats`], and the
+//! benchmark's bare loop, not for applications), [`worker`] (the runtime).
+//! Tasks, what jobs run, are [`crate::task`]'s.
 
 pub mod job;
-pub mod registry;
-pub mod retry;
+pub(crate) mod retry;
 pub mod sql;
 pub mod worker;
 
-use tokio_postgres::GenericClient;
+use std::time::Duration;
+
+use crate::db::{DbError, Executor};
+use crate::task::Task;
 
 pub use job::{Cancelled, Enqueued, InvalidJob, JobState, JobView, NewJob, Schedule};
-pub use registry::{Registry, TaskContext, TaskError, TaskOptions, TaskResult};
-pub use worker::{ShutdownReport, Worker, WorkerSettings};
+pub use retry::RetryPolicy;
+pub use worker::{ShutdownReport, Worker};
 
 /// Most jobs one [`enqueue_many`] call takes.
 pub const MAX_BATCH: usize = 10_000;
 
+/// Why nothing was enqueued.
 #[derive(Debug, thiserror::Error)]
 pub enum EnqueueError {
+    /// The job is out of bounds, or its args do not fit its task.
     #[error(transparent)]
     Invalid(#[from] InvalidJob),
+    /// More than [`MAX_BATCH`] jobs at once.
     #[error("a batch holds at most {MAX_BATCH} jobs, got {0}")]
     BatchTooLarge(usize),
+    /// The statement failed or timed out.
     #[error("could not enqueue: {0}")]
-    Database(#[from] tokio_postgres::Error),
+    Database(#[from] DbError),
+    /// The unique key's holders kept finishing between the conflict and
+    /// the lookup.
     #[error("unique key {0:?} kept changing hands; try again")]
     UniqueKeyContended(String),
 }
 
-/// Enqueues one job through `client`, a `Client` or a `Transaction`:
-/// inside a transaction the job exists only if the transaction commits.
-/// With a unique key held by a pending job, returns that job's id with
-/// `duplicate` set and inserts nothing.
-pub async fn enqueue(client: &impl GenericClient, job: &NewJob) -> Result<Enqueued, EnqueueError> {
+/// How a typed job is enqueued beyond its arguments. Each field left
+/// `None` takes the task's own default ([`Task::QUEUE`],
+/// [`Task::MAX_ATTEMPTS`]).
+#[derive(Debug, Clone, Default)]
+pub struct EnqueueOptions {
+    /// Another queue than the task's.
+    pub queue: Option<String>,
+    /// Higher runs first; 0 by default.
+    pub priority: i16,
+    /// When it becomes available; at once by default.
+    pub schedule: Schedule,
+    /// While a job with this key is pending, enqueuing another with the
+    /// same key returns the pending job's id instead.
+    pub unique_key: Option<String>,
+    /// Other attempts than the task's.
+    pub max_attempts: Option<i32>,
+}
+
+impl EnqueueOptions {
+    /// Run no earlier than `delay` from now (by the database's clock).
+    pub fn delay(delay: Duration) -> Self {
+        Self { schedule: Schedule::After(delay), ..Self::default() }
+    }
+}
+
+/// The job that enqueuing `task` with `options` would write, checked:
+/// its fields within limits and its args passing [`Task::validate`].
+pub fn typed_job<T: Task>(task: &T, options: EnqueueOptions) -> Result<NewJob, EnqueueError> {
+    task.validate().map_err(|reason| InvalidJob::InvalidArgs { task: T::NAME.to_owned(), reason })?;
+    let args = serde_json::to_value(task)
+        .map_err(|e| InvalidJob::InvalidArgs { task: T::NAME.to_owned(), reason: e.to_string() })?;
+    let job = NewJob {
+        task: T::NAME.to_owned(),
+        args,
+        queue: options.queue.unwrap_or_else(|| T::QUEUE.to_owned()),
+        priority: options.priority,
+        schedule: options.schedule,
+        unique_key: options.unique_key,
+        max_attempts: options.max_attempts.unwrap_or(T::MAX_ATTEMPTS),
+    };
     job.validate(chrono::Utc::now())?;
-    sql::enqueue(client, job)
+    Ok(job)
+}
+
+/// Enqueues `task` through `db`: a [`crate::db::Conn`], a
+/// [`crate::db::Tx`] (then the job exists only if the transaction
+/// commits) or a plain tokio-postgres client. With a unique key held by a
+/// pending job, returns that job's id with `duplicate` set and inserts
+/// nothing.
+///
+/// ```no_run
+/// # use serde::{Deserialize, Serialize};
+/// # use tidepool::task::{Task, TaskContext, TaskError};
+/// # #[derive(Serialize, Deserialize)] struct SendReceipt { order_id: i64 }
+/// # impl Task for SendReceipt {
+/// #     const NAME: &'static str = "send_receipt";
+/// #     type State = (); type Output = ();
+/// #     async fn run(self, _: TaskContext<()>) -> Result<(), TaskError> { Ok(()) }
+/// # }
+/// # async fn example(mut conn: tidepool::db::Conn) -> Result<(), Box<dyn std::error::Error>> {
+/// use tidepool::db::Type;
+/// use tidepool::queue::{self, EnqueueOptions};
+///
+/// let tx = conn.transaction().await?;
+/// let row = tx.query_one("INSERT INTO orders (total) VALUES ($1) RETURNING id", &[(&25_i64, Type::INT8)]).await?;
+/// queue::enqueue(&tx, &SendReceipt { order_id: row.get(0) }, EnqueueOptions::default()).await?;
+/// tx.commit().await?;
+/// # Ok(())
+/// # }
+/// ```
+pub async fn enqueue<T: Task>(db: &impl Executor, task: &T, options: EnqueueOptions) -> Result<Enqueued, EnqueueError> {
+    let job = typed_job(task, options)?;
+    enqueue_job(db, &job).await
+}
+
+/// Enqueues one job given by name and JSON args (the untyped path of
+/// `POST /tasks/` and `enqueue`; check it against the application's
+/// tasks first with [`crate::task::Registry::check`]).
+pub async fn enqueue_job(db: &impl Executor, job: &NewJob) -> Result<Enqueued, EnqueueError> {
+    job.validate(chrono::Utc::now())?;
+    db.bounded(sql::enqueue(db, job))
         .await?
         .ok_or_else(|| EnqueueError::UniqueKeyContended(job.unique_key.clone().unwrap_or_default()))
 }
@@ -71,10 +155,7 @@ pub async fn enqueue(client: &impl GenericClient, job: &NewJob) -> Result<Enqueu
 /// Enqueues up to [`MAX_BATCH`] jobs in one statement (all or none, as any
 /// statement), returning their outcomes in order. Every job is validated
 /// before anything is written.
-pub async fn enqueue_many(
-    client: &impl GenericClient,
-    jobs: &[NewJob],
-) -> Result<Vec<Enqueued>, EnqueueError> {
+pub async fn enqueue_many(db: &impl Executor, jobs: &[NewJob]) -> Result<Vec<Enqueued>, EnqueueError> {
     if jobs.len() > MAX_BATCH {
         return Err(EnqueueError::BatchTooLarge(jobs.len()));
     }
@@ -85,13 +166,13 @@ pub async fn enqueue_many(
     if jobs.is_empty() {
         return Ok(Vec::new());
     }
-    let outcomes = sql::enqueue_many(client, jobs).await?;
+    let outcomes = db.bounded(sql::enqueue_many(db, jobs)).await?;
     let mut out = Vec::with_capacity(jobs.len());
     for (job, outcome) in jobs.iter().zip(outcomes) {
         match outcome {
             Some(enqueued) => out.push(enqueued),
             // The key's holder finished meanwhile: this job is new after all.
-            None => out.push(enqueue(client, job).await?),
+            None => out.push(enqueue_job(db, job).await?),
         }
     }
     Ok(out)
@@ -99,13 +180,13 @@ pub async fn enqueue_many(
 
 /// Cancels a job: a pending one at once, a running one at its worker's next
 /// heartbeat.
-pub async fn cancel(client: &impl GenericClient, id: i64) -> Result<Cancelled, tokio_postgres::Error> {
-    sql::cancel(client, id).await
+pub async fn cancel(db: &impl Executor, id: i64) -> Result<Cancelled, DbError> {
+    db.bounded(sql::cancel(db, id)).await
 }
 
 /// A job wherever it is: pending, succeeded with a kept result, dead or
 /// cancelled. `None` if it never existed, succeeded without a result to
 /// keep, or its record was pruned.
-pub async fn lookup(client: &impl GenericClient, id: i64) -> Result<Option<JobView>, tokio_postgres::Error> {
-    sql::lookup(client, id).await
+pub async fn lookup(db: &impl Executor, id: i64) -> Result<Option<JobView>, DbError> {
+    db.bounded(sql::lookup(db, id)).await
 }

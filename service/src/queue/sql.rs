@@ -21,7 +21,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio_postgres::types::Type;
-use tokio_postgres::{Error, GenericClient, Row};
+use tokio_postgres::{Error, Row};
+
+use crate::db::Executor;
 
 use super::job::{Cancelled, ClaimedJob, Enqueued, JobState, JobView, NewJob, Schedule};
 
@@ -307,7 +309,7 @@ const UNIQUE_RACE_RETRIES: usize = 5;
 /// Inserts one (validated) job, or finds the pending job holding its unique
 /// key. `None` only if the key's holders kept finishing between the
 /// conflict and the lookup, [`UNIQUE_RACE_RETRIES`] times in a row.
-pub async fn enqueue(client: &impl GenericClient, job: &NewJob) -> Result<Option<Enqueued>, Error> {
+pub async fn enqueue(client: &impl Executor, job: &NewJob) -> Result<Option<Enqueued>, Error> {
     for _ in 0..UNIQUE_RACE_RETRIES {
         if let Some(enqueued) = enqueue_once(client, job).await? {
             return Ok(Some(enqueued));
@@ -316,10 +318,10 @@ pub async fn enqueue(client: &impl GenericClient, job: &NewJob) -> Result<Option
     Ok(None)
 }
 
-async fn enqueue_once(client: &impl GenericClient, job: &NewJob) -> Result<Option<Enqueued>, Error> {
+async fn enqueue_once(client: &impl Executor, job: &NewJob) -> Result<Option<Enqueued>, Error> {
     let (at, delay_ms) = schedule_params(job.schedule);
     let rows = client
-        .query_typed(
+        .query_unnamed(
             ENQUEUE,
             &[
                 (&job.queue, Type::TEXT),
@@ -341,7 +343,7 @@ async fn enqueue_once(client: &impl GenericClient, job: &NewJob) -> Result<Optio
 /// batch) gets that job's id with `duplicate` set, and `None` if the holder
 /// finished before it could be looked up.
 pub async fn enqueue_many(
-    client: &impl GenericClient,
+    client: &impl Executor,
     jobs: &[NewJob],
 ) -> Result<Vec<Option<Enqueued>>, Error> {
     let mut queues = Vec::with_capacity(jobs.len());
@@ -364,7 +366,7 @@ pub async fn enqueue_many(
         keys.push(job.unique_key.as_deref());
     }
     let rows = client
-        .query_typed(
+        .query_unnamed(
             ENQUEUE_MANY,
             &[
                 (&queues, Type::TEXT_ARRAY),
@@ -391,7 +393,7 @@ pub async fn enqueue_many(
         jobs.iter().filter_map(|j| j.unique_key.as_deref()).filter(|k| !by_key.contains_key(k)).collect();
     let mut holders: HashMap<String, i64> = HashMap::new();
     if !held.is_empty() {
-        let rows = client.query_typed(PENDING_BY_UNIQUE_KEY, &[(&held, Type::TEXT_ARRAY)]).await?;
+        let rows = client.query_unnamed(PENDING_BY_UNIQUE_KEY, &[(&held, Type::TEXT_ARRAY)]).await?;
         holders = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     }
 
@@ -411,14 +413,14 @@ pub async fn enqueue_many(
 
 /// Claims up to `limit` due jobs of `queue` for `worker` with a lease.
 pub async fn claim(
-    client: &impl GenericClient,
+    client: &impl Executor,
     queue: &str,
     limit: i64,
     worker: &str,
     lease: Duration,
 ) -> Result<Vec<ClaimedJob>, Error> {
     let rows = client
-        .query_typed(
+        .query_unnamed(
             CLAIM,
             &[
                 (&queue, Type::TEXT),
@@ -457,13 +459,13 @@ fn lease_columns(leases: impl Iterator<Item = Lease>) -> (Vec<i64>, Vec<i32>) {
 /// Finishes succeeded jobs; each result (if any) is kept in the results
 /// table. Returns the ids finished: a job missing from it had lost its lease.
 pub async fn complete(
-    client: &impl GenericClient,
+    client: &impl Executor,
     done: &[(Lease, Option<Value>)],
 ) -> Result<Vec<i64>, Error> {
     let (ids, attempts) = lease_columns(done.iter().map(|(l, _)| *l));
     let results: Vec<Option<&Value>> = done.iter().map(|(_, r)| r.as_ref()).collect();
     let rows = client
-        .query_typed(
+        .query_unnamed(
             COMPLETE,
             &[(&ids, Type::INT8_ARRAY), (&attempts, Type::INT4_ARRAY), (&results, Type::JSONB_ARRAY)],
         )
@@ -514,7 +516,7 @@ fn settled_rows(rows: &[Row]) -> Vec<(i64, Settled)> {
 
 /// Records failed attempts: each job is retried after its backoff or, out
 /// of attempts (or told to stop), moved to the dead table with its errors.
-pub async fn fail(client: &impl GenericClient, failures: &[Failure]) -> Result<Vec<(i64, Settled)>, Error> {
+pub async fn fail(client: &impl Executor, failures: &[Failure]) -> Result<Vec<(i64, Settled)>, Error> {
     let (ids, attempts) = lease_columns(failures.iter().map(|f| f.lease));
     let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
     let retry_in: Vec<i64> = failures.iter().map(|f| millis(f.retry_in)).collect();
@@ -528,7 +530,7 @@ pub async fn fail(client: &impl GenericClient, failures: &[Failure]) -> Result<V
         })
         .collect();
     let rows = client
-        .query_typed(
+        .query_unnamed(
             FAIL,
             &[
                 (&ids, Type::INT8_ARRAY),
@@ -543,20 +545,20 @@ pub async fn fail(client: &impl GenericClient, failures: &[Failure]) -> Result<V
 }
 
 /// Fails up to `limit` jobs whose lease expired, so they run again (or die).
-pub async fn rescue(client: &impl GenericClient, limit: i64) -> Result<Vec<(i64, Settled)>, Error> {
-    let rows = client.query_typed(RESCUE, &[(&limit, Type::INT8)]).await?;
+pub async fn rescue(client: &impl Executor, limit: i64) -> Result<Vec<(i64, Settled)>, Error> {
+    let rows = client.query_unnamed(RESCUE, &[(&limit, Type::INT8)]).await?;
     Ok(settled_rows(&rows))
 }
 
 /// Renews leases. Returns, for each job still held, whether it is to be cancelled.
 pub async fn heartbeat(
-    client: &impl GenericClient,
+    client: &impl Executor,
     leases: &[Lease],
     lease: Duration,
 ) -> Result<HashMap<i64, bool>, Error> {
     let (ids, attempts) = lease_columns(leases.iter().copied());
     let rows = client
-        .query_typed(
+        .query_unnamed(
             HEARTBEAT,
             &[(&ids, Type::INT8_ARRAY), (&attempts, Type::INT4_ARRAY), (&millis(lease), Type::INT8)],
         )
@@ -565,15 +567,15 @@ pub async fn heartbeat(
 }
 
 /// Hands claimed jobs back as available. Returns the ids handed back.
-pub async fn hand_back(client: &impl GenericClient, leases: &[Lease]) -> Result<Vec<i64>, Error> {
+pub async fn hand_back(client: &impl Executor, leases: &[Lease]) -> Result<Vec<i64>, Error> {
     let (ids, attempts) = lease_columns(leases.iter().copied());
     let rows =
-        client.query_typed(HAND_BACK, &[(&ids, Type::INT8_ARRAY), (&attempts, Type::INT4_ARRAY)]).await?;
+        client.query_unnamed(HAND_BACK, &[(&ids, Type::INT8_ARRAY), (&attempts, Type::INT4_ARRAY)]).await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-pub async fn cancel(client: &impl GenericClient, id: i64) -> Result<Cancelled, Error> {
-    let rows = client.query_typed(CANCEL, &[(&id, Type::INT8)]).await?;
+pub async fn cancel(client: &impl Executor, id: i64) -> Result<Cancelled, Error> {
+    let rows = client.query_unnamed(CANCEL, &[(&id, Type::INT8)]).await?;
     Ok(match rows.first().map(|r| r.get::<_, &str>(0)) {
         Some("cancelled") => Cancelled::Cancelled,
         Some("requested") => Cancelled::Requested,
@@ -581,8 +583,8 @@ pub async fn cancel(client: &impl GenericClient, id: i64) -> Result<Cancelled, E
     })
 }
 
-pub async fn lookup(client: &impl GenericClient, id: i64) -> Result<Option<JobView>, Error> {
-    let rows = client.query_typed(LOOKUP, &[(&id, Type::INT8)]).await?;
+pub async fn lookup(client: &impl Executor, id: i64) -> Result<Option<JobView>, Error> {
+    let rows = client.query_unnamed(LOOKUP, &[(&id, Type::INT8)]).await?;
     Ok(rows.first().map(|r| JobView {
         id: r.get(0),
         task: r.get(1),
@@ -604,16 +606,16 @@ pub async fn lookup(client: &impl GenericClient, id: i64) -> Result<Option<JobVi
 /// Deletes up to `limit` kept results and up to `limit` dead jobs that
 /// finished more than their retention ago. Returns how many of each.
 pub async fn prune(
-    client: &impl GenericClient,
+    client: &impl Executor,
     result_retention: Duration,
     dead_retention: Duration,
     limit: i64,
 ) -> Result<(i64, i64), Error> {
     let results = client
-        .query_typed(PRUNE_RESULTS, &[(&millis(result_retention), Type::INT8), (&limit, Type::INT8)])
+        .query_unnamed(PRUNE_RESULTS, &[(&millis(result_retention), Type::INT8), (&limit, Type::INT8)])
         .await?;
     let dead = client
-        .query_typed(PRUNE_DEAD, &[(&millis(dead_retention), Type::INT8), (&limit, Type::INT8)])
+        .query_unnamed(PRUNE_DEAD, &[(&millis(dead_retention), Type::INT8), (&limit, Type::INT8)])
         .await?;
     let count = |rows: &[Row]| rows.first().map_or(0, |r| r.get::<_, i64>(0));
     Ok((count(&results), count(&dead)))
@@ -632,8 +634,8 @@ pub struct QueueStats {
 }
 
 /// Per queue of `queues`, in one statement: what [`QueueStats`] holds.
-pub async fn queue_stats(client: &impl GenericClient, queues: &[String]) -> Result<Vec<QueueStats>, Error> {
-    let rows = client.query_typed(QUEUE_STATS, &[(&queues, Type::TEXT_ARRAY)]).await?;
+pub async fn queue_stats(client: &impl Executor, queues: &[String]) -> Result<Vec<QueueStats>, Error> {
+    let rows = client.query_unnamed(QUEUE_STATS, &[(&queues, Type::TEXT_ARRAY)]).await?;
     Ok(rows
         .iter()
         .map(|r| QueueStats {

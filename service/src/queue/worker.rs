@@ -42,11 +42,11 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::job::ClaimedJob;
-use super::registry::{Registry, TaskContext, TaskError, TaskFuture};
-use super::retry::RetryPolicy;
 use super::sql::{self, Failure, GiveUp, Lease, Settled};
 use crate::db::{Conn, Database, DbError};
 use crate::metrics::WorkerMetrics;
+use crate::settings::{InvalidSettings, WorkerSettings};
+use crate::task::{JobInfo, Registry, TaskError, TaskFuture};
 
 /// Connections of the worker's own queue pool: claimer, recorder,
 /// heartbeat and maintenance, one each. The worker's server connection need
@@ -63,26 +63,6 @@ const RECORD_ATTEMPTS: u32 = 5;
 const CLAIM_FAILURE_PAUSE_MAX: Duration = Duration::from_secs(5);
 /// How long shutdown waits for handed-back jobs to be recorded.
 const HAND_BACK_DEADLINE: Duration = Duration::from_secs(15);
-
-#[derive(Debug, Clone)]
-pub struct WorkerSettings {
-    /// This worker's name in `tidepool_jobs.worker` and in logs.
-    pub name: String,
-    pub queues: Vec<String>,
-    pub concurrency: usize,
-    /// Most jobs per claim statement and per recording statement.
-    pub batch_size: usize,
-    pub lease: Duration,
-    pub heartbeat_interval: Duration,
-    pub poll_interval_min: Duration,
-    pub poll_interval_max: Duration,
-    pub shutdown_timeout: Duration,
-    /// How long results are kept; zero keeps none.
-    pub result_retention: Duration,
-    pub dead_retention: Duration,
-    pub maintenance_interval: Duration,
-    pub retry: RetryPolicy,
-}
 
 /// How a worker's shutdown ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +128,8 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// A worker for `settings` (validated here: [`WorkerSettings::validate`];
+    /// the queue names trimmed and deduplicated), running `registry`'s tasks.
     /// `queue_db` should have [`QUEUE_POOL_SIZE`] connections; `task_db` is
     /// lent to tasks.
     pub fn new(
@@ -156,9 +138,10 @@ impl Worker {
         queue_db: Database,
         task_db: Database,
         metrics: WorkerMetrics,
-    ) -> Self {
+    ) -> Result<Self, InvalidSettings> {
+        let settings = settings.normalized()?;
         let shared = Shared {
-            permits: Arc::new(Semaphore::new(settings.concurrency)),
+            permits: Arc::new(Semaphore::new(settings.concurrency as usize)),
             held: HeldJobs::default(),
             wake: Arc::new(Notify::new()),
             settings,
@@ -167,7 +150,7 @@ impl Worker {
             task_db,
             metrics,
         };
-        Self { shared: Arc::new(shared) }
+        Ok(Self { shared: Arc::new(shared) })
     }
 
     /// Wakes the claimer from its pause between polls: call it when jobs
@@ -179,7 +162,7 @@ impl Worker {
     /// Runs until `shutdown` resolves, then shuts down as the module says.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> ShutdownReport {
         let shared = self.shared;
-        let (outcomes_tx, outcomes_rx) = mpsc::channel(shared.settings.concurrency.max(1));
+        let (outcomes_tx, outcomes_rx) = mpsc::channel(shared.settings.concurrency.max(1) as usize);
         let (stop_tx, stop_rx) = watch::channel(false);
         let (stop_claiming_tx, stop_claiming_rx) = watch::channel(false);
 
@@ -201,11 +184,11 @@ impl Worker {
         let _ = claimer.await;
         // The claimer (and its sender) is gone; only running jobs hold senders now.
         tracing::info!(
-            running = shared.settings.concurrency - shared.permits.available_permits(),
+            running = shared.settings.concurrency as usize - shared.permits.available_permits(),
             deadline = %humantime::format_duration(shared.settings.shutdown_timeout),
             "stopped claiming; waiting for running jobs"
         );
-        let all = u32::try_from(shared.settings.concurrency).unwrap_or(u32::MAX);
+        let all = shared.settings.concurrency;
         let mut handed_back = 0;
         if tokio::time::timeout(shared.settings.shutdown_timeout, shared.permits.acquire_many(all))
             .await
@@ -274,7 +257,7 @@ async fn claim_loop(shared: Arc<Shared>, outcomes: mpsc::Sender<Outcome>, mut st
             return;
         };
         let mut permits = vec![first];
-        while permits.len() < settings.batch_size {
+        while permits.len() < settings.batch_size as usize {
             match shared.permits.clone().try_acquire_owned() {
                 Ok(p) => permits.push(p),
                 Err(_) => break,
@@ -352,13 +335,7 @@ fn start_job(
     tracing::debug!(job = job.id, attempt = job.attempt, task = %job.task, "job started");
 
     let task = shared.registry.get(&job.task).cloned();
-    let ctx = TaskContext {
-        job_id: job.id,
-        attempt: job.attempt,
-        max_attempts: job.max_attempts,
-        queue: job.queue.clone(),
-        db: shared.task_db.clone(),
-    };
+    let info = JobInfo { id: job.id, attempt: job.attempt, max_attempts: job.max_attempts, queue: job.queue.clone() };
     let shared = shared.clone();
     tokio::spawn(async move {
         let started = Instant::now();
@@ -370,7 +347,7 @@ fn start_job(
             ))),
             Some(task) => {
                 let timeout = task.options.timeout;
-                let attempt = CatchUnwind(task.start(ctx, job.args));
+                let attempt = CatchUnwind(task.start(info, shared.task_db.clone(), job.args));
                 tokio::select! {
                     outcome = tokio::time::timeout(timeout, attempt) => match outcome {
                         Ok(Ok(Ok(result))) => OutcomeKind::Succeeded(result),
@@ -420,8 +397,9 @@ fn panic_message(panic: &(dyn Any + Send)) -> &str {
 }
 
 async fn record_outcomes(shared: Arc<Shared>, mut outcomes: mpsc::Receiver<Outcome>) {
-    let mut batch = Vec::with_capacity(shared.settings.batch_size);
-    while outcomes.recv_many(&mut batch, shared.settings.batch_size).await > 0 {
+    let batch_size = shared.settings.batch_size as usize;
+    let mut batch = Vec::with_capacity(batch_size);
+    while outcomes.recv_many(&mut batch, batch_size).await > 0 {
         record(&shared, &batch).await;
         let mut permits: Option<OwnedSemaphorePermit> = None;
         {
@@ -559,7 +537,7 @@ async fn heartbeat(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         }
         let leases: Vec<Lease> =
             lock(&shared.held).iter().map(|(&id, h)| Lease { id, attempt: h.attempt }).collect();
-        for chunk in leases.chunks(shared.settings.batch_size.max(1)) {
+        for chunk in leases.chunks((shared.settings.batch_size as usize).max(1)) {
             let renewed = match queue_op!(shared, |client| sql::heartbeat(
                 client,
                 chunk,

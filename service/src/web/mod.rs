@@ -1,15 +1,32 @@
-//! `tidepool web`: a hyper HTTP/1.1 server on tokio.
+//! The `web` process: an application's [`axum::Router`] behind Tidepool's
+//! hyper HTTP/1.1 server on tokio.
 //!
 //! One process serves thousands of concurrent requests, the way gunicorn's
 //! gevent worker does, because a request waiting on the database is a parked
-//! future, not a blocked thread. What bounds it:
-//! - open connections (`--max-connections`): the accept loop waits for a
-//!   free slot, leaving new connections in the kernel's backlog;
-//! - requests in flight (`--max-in-flight`) and the wait for a database
-//!   connection (`--db-pool-wait`): past either, a fast 503;
-//! - header and body read timeouts and a body size limit; a refused body
-//!   is drained for a bounded time before the connection closes, so the
-//!   client reads its 413 (see [`linger`]).
+//! future, not a blocked thread. The application writes ordinary axum
+//! handlers; what Tidepool adds around its router, for every request:
+//! - open connections are bounded (`--max-connections`): the accept loop
+//!   waits for a free slot, leaving new connections in the kernel's backlog;
+//! - the body is read before routing, within a size and a time limit
+//!   (413, 408); a refused body is drained for a bounded time before the
+//!   connection closes, so the client reads its answer (see [`linger`]);
+//! - requests in flight are bounded (`--max-in-flight`): past it, an
+//!   immediate 503 with `Retry-After`;
+//! - a path matches its route with or without a trailing slash;
+//! - a handler that panics answers 500 (counted in
+//!   `tidepool_http_handler_panics_total`) and the process goes on;
+//! - error answers are JSON (`{"error": ...}`): axum's own 404, 405 and
+//!   extractor rejections (plain text or empty) are rewritten as such;
+//! - every answer is counted and timed by route *template* (`/orders/{id}`,
+//!   never the raw path; requests no route serves are `unmatched`);
+//! - a handler gets its database connection as an extractor ([`Conn`]):
+//!   the pool wait's bound becomes 503 with `Retry-After`, the query timeout
+//!   cancels the query on the server and becomes 504.
+//!
+//! `/healthz`, `/readyz` and `/metrics` are Tidepool's (probes skip the
+//! in-flight limit, so a busy pod is neither restarted nor pulled from its
+//! Service for being busy); an application route on one of them, or on its
+//! trailing-slash twin, is refused at start-up ([`StartError::ReservedRoute`]).
 //!
 //! At start, `/readyz` answers 503 until the database pool's connections are
 //! open ([`warm_up`]), so the first burst does not pay for opening them.
@@ -17,15 +34,16 @@
 //! Shutdown follows what Kubernetes needs. At the first SIGTERM or SIGINT:
 //! 1. `/readyz` answers 503 at once, while everything else is still served
 //!    for `--drain-delay` (Endpoints and load balancers take that long to
-//!    stop sending traffic);
+//!    stop sending traffic), each answer with `Connection: close`;
 //! 2. the listener closes: new connections are refused, idle keep-alive
 //!    connections are closed, busy ones close after their current response;
 //! 3. requests in flight get up to `--shutdown-timeout` to finish. The
 //!    outcome ([`Shutdown`]) becomes the exit code.
 
 pub mod linger;
+mod request;
 pub mod response;
-pub mod routes;
+mod routing;
 pub mod tasks;
 
 use std::future::Future;
@@ -33,6 +51,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::FromRequestParts;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -40,16 +59,17 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::cli::WebArgs;
-use crate::db::Database;
+use crate::db::{Conn, Database};
 use crate::metrics::Metrics;
-use crate::queue::Registry;
+use crate::pooler_metrics::AdminConsole;
+use crate::settings::{WebSettings, DEFAULT_WEB_DB_POOL_SIZE};
+use crate::task::Registry;
 use crate::StartError;
 use linger::{Linger, LingeringStream, UnreadBody};
-pub use routes::App;
+pub use response::{ApiError, Body};
+pub use routing::RESERVED_PATHS;
+pub use tasks::tasks_api;
 
-/// Client connections to PgBouncer when `--db-pool-size` is not given.
-pub const DEFAULT_DB_POOL_SIZE: u32 = 20;
 /// Largest request head (request line and headers) accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Pause after a failed `accept` (e.g. out of file descriptors), so the loop
@@ -65,67 +85,84 @@ pub enum Shutdown {
     DeadlineExceeded,
 }
 
-/// Limits of the HTTP layer, independent of the routes.
-#[derive(Debug, Clone)]
-pub struct ServerSettings {
-    pub max_connections: usize,
-    pub header_read_timeout: Duration,
-    pub linger: Linger,
-    pub drain_delay: Duration,
-    pub shutdown_timeout: Duration,
+/// A web process ready to serve: the application's router prepared, its
+/// pool and metrics. Build it with [`Server::new`], then [`serve`] it.
+pub struct Server {
+    router: axum::Router,
+    db: Database,
+    registry: Arc<Registry>,
+    metrics: Metrics,
+    pooler: Option<AdminConsole>,
+    settings: WebSettings,
+    in_flight: Semaphore,
+    /// Set until the pool's connections are open ([`warm_up`]): `/readyz`
+    /// answers 503 until then.
+    starting: AtomicBool,
+    /// Set at the first shutdown signal: `/readyz` answers 503 from then on.
+    draining: AtomicBool,
 }
 
-/// Builds the application state from the command line.
-pub fn app_from_args(args: &WebArgs) -> Result<(App, ServerSettings), StartError> {
-    let db_args = &args.database;
-    let pg = db_args.password_file.apply(db_args.database_url.to_pg_config("DATABASE_URL")?)?;
-    let metrics = Metrics::new()?;
-    metrics.http_requests_in_flight_limit.set(i64::from(args.max_in_flight));
-    // Each reason's series from the start at 0, so a rate sees the first shed.
-    for reason in response::Shed::ALL {
-        metrics.http_requests_shed.with_label_values(&[reason.label()]);
+impl Server {
+    /// Validates `settings`, checks that `router` leaves Tidepool's paths
+    /// alone, and builds the pool (no connection opens yet). `registry` is
+    /// the application's tasks, for [`tasks_api`].
+    pub async fn new(router: axum::Router, registry: Registry, settings: WebSettings) -> Result<Self, StartError> {
+        settings.validate()?;
+        if let Some(path) = routing::reserved_route_taken(&router).await {
+            return Err(StartError::ReservedRoute(path));
+        }
+        let metrics = Metrics::new()?;
+        metrics.http_requests_in_flight_limit.set(i64::from(settings.max_in_flight));
+        // Each reason's series from the start at 0, so a rate sees the first shed.
+        for reason in response::Shed::ALL {
+            metrics.http_requests_shed.with_label_values(&[reason.label()]);
+        }
+        let database = &settings.database;
+        let db = Database::new(
+            database.pg_config()?,
+            database.pool_settings(DEFAULT_WEB_DB_POOL_SIZE),
+            metrics.db_pool_wait.clone(),
+        )?;
+        let pooler = database.pooler_stats.as_ref().map(|stats| stats.admin_console()).transpose()?;
+        Ok(Self {
+            router: routing::prepare(router),
+            db,
+            registry: Arc::new(registry),
+            metrics,
+            pooler,
+            in_flight: Semaphore::new(settings.max_in_flight as usize),
+            settings,
+            starting: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+        })
     }
-    let db = Database::new(pg, db_args.pool_settings(DEFAULT_DB_POOL_SIZE), metrics.db_pool_wait.clone())?;
-    let app = App {
-        db,
-        metrics,
-        pooler: db_args.pooler_stats.admin_console()?,
-        readiness_timeout: db_args.readiness_timeout,
-        in_flight: Semaphore::new(args.max_in_flight as usize),
-        registry: Arc::new(Registry::with_builtins()),
-        max_body_bytes: args.max_body_bytes,
-        body_read_timeout: args.body_read_timeout,
-        starting: AtomicBool::new(true),
-        draining: AtomicBool::new(false),
-    };
-    let settings = ServerSettings {
-        max_connections: args.max_connections as usize,
-        header_read_timeout: args.header_read_timeout,
-        linger: Linger { timeout: args.lingering_close_timeout, max_bytes: args.lingering_close_max_bytes },
-        drain_delay: args.drain_delay,
-        shutdown_timeout: args.shutdown_timeout,
-    };
-    Ok((app, settings))
+
+    /// The process's pool.
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// Where it is to listen.
+    pub fn listen(&self) -> std::net::SocketAddr {
+        self.settings.listen
+    }
 }
 
-/// Opens the pool's connections, bounded by `limit`, then lets `/readyz`
-/// answer: a pod takes traffic once its first burst will not wait for
-/// connections to open. Runs while [`serve`] already answers `/healthz`.
-pub async fn warm_up(app: Arc<App>, limit: Duration) {
-    crate::db::warm_up(&[&app.db], limit).await.log("web");
-    app.starting.store(false, Ordering::Relaxed);
+/// Opens the pool's connections, bounded by the connect timeout, then lets
+/// `/readyz` answer: a pod takes traffic once its first burst will not wait
+/// for connections to open. Runs while [`serve`] already answers `/healthz`.
+pub async fn warm_up(server: Arc<Server>) {
+    crate::db::warm_up(&[&server.db], server.settings.database.connect_timeout).await.log("web");
+    server.starting.store(false, Ordering::Relaxed);
     tracing::info!("tidepool web is ready");
 }
 
-/// Serves until `shutdown` resolves, then drains and shuts down as the
-/// module describes.
-pub async fn serve(
-    listener: TcpListener,
-    app: Arc<App>,
-    settings: ServerSettings,
-    shutdown: impl Future<Output = ()>,
-) -> Shutdown {
-    let connection_slots = Arc::new(Semaphore::new(settings.max_connections));
+/// Serves on `listener` until `shutdown` resolves, then drains and shuts
+/// down as the module describes.
+pub async fn serve(listener: TcpListener, server: Arc<Server>, shutdown: impl Future<Output = ()>) -> Shutdown {
+    let settings = &server.settings;
+    let connection_slots = Arc::new(Semaphore::new(settings.max_connections as usize));
+    let linger = Linger { timeout: settings.lingering_close_timeout, max_bytes: settings.lingering_close_max_bytes };
     let graceful = GracefulShutdown::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -135,7 +172,7 @@ pub async fn serve(
 
     let stop_accepting = async {
         shutdown.await;
-        app.draining.store(true, Ordering::Relaxed);
+        server.draining.store(true, Ordering::Relaxed);
         tracing::info!(
             drain_delay = %humantime::format_duration(settings.drain_delay),
             "draining: /readyz answers 503; still serving until the listener closes"
@@ -165,10 +202,10 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, %peer, "could not set TCP_NODELAY");
         }
-        let app = app.clone();
+        let server = server.clone();
         let unread_body = UnreadBody::default();
-        let stream = LingeringStream::new(stream, unread_body.clone(), settings.linger);
-        let service = service_fn(move |request| routes::handle(app.clone(), unread_body.clone(), request));
+        let stream = LingeringStream::new(stream, unread_body.clone(), linger);
+        let service = service_fn(move |request| request::handle(server.clone(), unread_body.clone(), request));
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -190,7 +227,7 @@ pub async fn serve(
         }
         Err(_) => {
             tracing::warn!(
-                in_flight = app.metrics.http_requests_in_flight.get(),
+                in_flight = server.metrics.http_requests_in_flight.get(),
                 "shutdown deadline passed with requests still in flight"
             );
             Shutdown::DeadlineExceeded
@@ -198,8 +235,25 @@ pub async fn serve(
     };
     // Queries of requests that went away are being cancelled: see db's note
     // on PgBouncer before exiting with a cancel in flight.
-    if !app.db.finish_cancels().await {
+    if !server.db.finish_cancels().await {
         tracing::warn!("exiting with a query cancel still in flight");
     }
     outcome
+}
+
+/// What Tidepool's server puts in every request it hands the router.
+fn server_of(parts: &http::request::Parts) -> Result<&Arc<Server>, ApiError> {
+    parts.extensions.get::<Arc<Server>>().ok_or_else(|| {
+        ApiError::internal("this handler needs Tidepool's server: serve the router with tidepool::web::serve")
+    })
+}
+
+/// A pooled connection for the handler, waiting at most the pool wait:
+/// past it the request is shed with 503 and `Retry-After`.
+impl<S: Send + Sync> FromRequestParts<S> for Conn {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(server_of(parts)?.db.get().await?)
+    }
 }

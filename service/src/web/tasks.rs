@@ -1,4 +1,5 @@
-//! The task routes of `tidepool web`:
+//! A JSON API over the queue, for an application to mount on purpose
+//! ([`tasks_api`]; the demo does):
 //!
 //! | route | answer |
 //! |---|---|
@@ -12,8 +13,12 @@
 //! field 400, `run_at` not RFC 3339 400, args over the limit 413, unknown
 //! task or args the task rejects 422.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::{FromRequestParts, Path};
+use axum::routing::{get, post};
+use axum::Router;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http::header::LOCATION;
@@ -22,9 +27,32 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::response::{json, ApiError, Body};
-use super::routes::App;
+use super::Server;
+use crate::db::Conn;
 use crate::queue::job::parse_run_at;
-use crate::queue::{self, Cancelled, InvalidJob, JobState, NewJob, Registry, Schedule};
+use crate::queue::{self, Cancelled, JobState, NewJob, Schedule};
+use crate::task::Registry;
+
+/// The routes above, for an application to mount on purpose: they enqueue
+/// any of its tasks for whoever reaches the port.
+///
+/// ```
+/// let app: axum::Router = axum::Router::new().merge(tidepool::web::tasks_api());
+/// ```
+pub fn tasks_api<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    Router::new().route("/tasks/", post(enqueue)).route("/tasks/{id}", get(lookup).delete(cancel))
+}
+
+/// Tidepool's server, from the request it handed the router.
+struct Tidepool(Arc<Server>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Tidepool {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Tidepool(super::server_of(parts)?.clone()))
+    }
+}
 
 /// `delay`: seconds as a number, or a duration such as "1m 30s".
 #[derive(Debug, Deserialize)]
@@ -52,17 +80,6 @@ fn empty_object() -> Value {
     Value::Object(serde_json::Map::new())
 }
 
-impl From<InvalidJob> for ApiError {
-    fn from(e: InvalidJob) -> Self {
-        let status = match e {
-            InvalidJob::UnknownTask(..) | InvalidJob::InvalidArgs { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            InvalidJob::ArgsTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            _ => StatusCode::BAD_REQUEST,
-        };
-        ApiError::with_status(status, e.to_string())
-    }
-}
-
 /// The job a `POST /tasks/` body describes, fully checked: nothing is
 /// written for a body this refuses.
 pub fn parse_enqueue(body: &[u8], registry: &Registry, now: DateTime<Utc>) -> Result<NewJob, ApiError> {
@@ -74,7 +91,7 @@ pub fn parse_enqueue(body: &[u8], registry: &Registry, now: DateTime<Utc>) -> Re
         (None, Some(delay)) => Schedule::After(parse_delay(delay)?),
         (None, None) => Schedule::Now,
     };
-    let mut job = NewJob::new(request.task, request.args).schedule(schedule);
+    let mut job = registry.new_job(&request.task, request.args)?.schedule(schedule);
     if let Some(queue) = request.queue {
         job.queue = queue;
     }
@@ -110,13 +127,11 @@ struct Duplicate {
     id: i64,
 }
 
-pub async fn enqueue(app: &App, body: Bytes) -> Result<Response<Body>, ApiError> {
-    let job = parse_enqueue(&body, &app.registry, Utc::now())?;
-    let conn = app.db.get().await?;
-    let enqueued = conn
-        .run(Duration::ZERO, queue::sql::enqueue(conn.client(), &job))
-        .await?
-        .ok_or_else(|| ApiError::unavailable("the unique key kept changing hands; retry"))?;
+async fn enqueue(Tidepool(server): Tidepool, body: Bytes) -> Result<Response<Body>, ApiError> {
+    // Checked before a connection is taken: a bad request never waits for one.
+    let job = parse_enqueue(&body, &server.registry, Utc::now())?;
+    let conn = server.db.get().await?;
+    let enqueued = queue::enqueue_job(&conn, &job).await?;
     if enqueued.duplicate {
         let error = format!(
             "a pending job (scheduled, available or running) already has unique_key {:?}",
@@ -124,7 +139,7 @@ pub async fn enqueue(app: &App, body: Bytes) -> Result<Response<Body>, ApiError>
         );
         return Ok(json(StatusCode::CONFLICT, &Duplicate { error, id: enqueued.id }));
     }
-    app.metrics.jobs_enqueued.with_label_values(&[&job.task, &job.queue]).inc();
+    server.metrics.jobs_enqueued.with_label_values(&[&job.task, &job.queue]).inc();
     let state = match job.schedule {
         Schedule::Now => JobState::Available,
         Schedule::At(at) if at <= Utc::now() => JobState::Available,
@@ -138,23 +153,23 @@ pub async fn enqueue(app: &App, body: Bytes) -> Result<Response<Body>, ApiError>
     Ok(response)
 }
 
-fn job_id(id: Option<i64>) -> Result<i64, ApiError> {
-    id.ok_or_else(|| ApiError::bad_request("a job id is a positive integer, as returned by POST /tasks/"))
+/// A job id from the path: a positive integer.
+fn job_id(id: &str) -> Result<i64, ApiError> {
+    id.parse()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::bad_request("a job id is a positive integer, as returned by POST /tasks/"))
 }
 
 fn not_found(id: i64) -> ApiError {
-    ApiError::with_status(
-        StatusCode::NOT_FOUND,
-        format!(
-            "no job {id}: it never existed, succeeded without a result to keep, or its record was pruned after its retention"
-        ),
-    )
+    ApiError::not_found(format!(
+        "no job {id}: it never existed, succeeded without a result to keep, or its record was pruned after its retention"
+    ))
 }
 
-pub async fn get(app: &App, id: Option<i64>) -> Result<Response<Body>, ApiError> {
-    let id = job_id(id)?;
-    let conn = app.db.get().await?;
-    match conn.run(Duration::ZERO, queue::lookup(conn.client(), id)).await? {
+async fn lookup(Path(id): Path<String>, conn: Conn) -> Result<Response<Body>, ApiError> {
+    let id = job_id(&id)?;
+    match queue::lookup(&conn, id).await? {
         Some(view) => Ok(json(StatusCode::OK, &view)),
         None => Err(not_found(id)),
     }
@@ -167,10 +182,9 @@ struct CancelAnswer {
     cancel_requested: bool,
 }
 
-pub async fn cancel(app: &App, id: Option<i64>) -> Result<Response<Body>, ApiError> {
-    let id = job_id(id)?;
-    let conn = app.db.get().await?;
-    match conn.run(Duration::ZERO, queue::cancel(conn.client(), id)).await? {
+async fn cancel(Path(id): Path<String>, conn: Conn) -> Result<Response<Body>, ApiError> {
+    let id = job_id(&id)?;
+    match queue::cancel(&conn, id).await? {
         Cancelled::Cancelled => Ok(json(
             StatusCode::OK,
             &CancelAnswer { id, state: JobState::Cancelled, cancel_requested: false },
@@ -179,14 +193,11 @@ pub async fn cancel(app: &App, id: Option<i64>) -> Result<Response<Body>, ApiErr
             StatusCode::ACCEPTED,
             &CancelAnswer { id, state: JobState::Running, cancel_requested: true },
         )),
-        Cancelled::NotPending => match conn.run(Duration::ZERO, queue::lookup(conn.client(), id)).await? {
-            Some(view) => Err(ApiError::with_status(
-                StatusCode::CONFLICT,
-                format!(
-                    "job {id} has already finished: {}",
-                    serde_json::to_string(&view.state).unwrap_or_default()
-                ),
-            )),
+        Cancelled::NotPending => match queue::lookup(&conn, id).await? {
+            Some(view) => Err(ApiError::conflict(format!(
+                "job {id} has already finished: {}",
+                serde_json::to_string(&view.state).unwrap_or_default()
+            ))),
             None => Err(not_found(id)),
         },
     }
@@ -196,10 +207,46 @@ pub async fn cancel(app: &App, id: Option<i64>) -> Result<Response<Body>, ApiErr
 mod tests {
     use super::*;
     use crate::queue::job::MAX_ARGS_BYTES;
+    use crate::task::{Task, TaskContext, TaskError};
     use serde_json::json;
 
+    /// Stand-ins for the demo's tasks: what the parser checks is theirs.
+    #[derive(Serialize, Deserialize)]
+    struct Noop {}
+
+    impl Task for Noop {
+        const NAME: &'static str = "noop";
+        type State = ();
+        type Output = ();
+        async fn run(self, _: TaskContext<()>) -> Result<(), TaskError> {
+            Ok(())
+        }
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct SlowQuery {
+        #[serde(default)]
+        seconds: f64,
+    }
+
+    impl Task for SlowQuery {
+        const NAME: &'static str = "slow_query";
+        type State = ();
+        type Output = ();
+        fn validate(&self) -> Result<(), String> {
+            if self.seconds >= 0.0 { Ok(()) } else { Err("seconds must be from 0".into()) }
+        }
+        async fn run(self, _: TaskContext<()>) -> Result<(), TaskError> {
+            Ok(())
+        }
+    }
+
+    fn registry() -> Registry {
+        Registry::new().with::<Noop>(()).and_then(|r| r.with::<SlowQuery>(())).unwrap_or_default()
+    }
+
     fn parse(body: Value) -> Result<NewJob, ApiError> {
-        parse_enqueue(body.to_string().as_bytes(), &Registry::with_builtins(), Utc::now())
+        parse_enqueue(body.to_string().as_bytes(), &registry(), Utc::now())
     }
 
     fn status(body: Value) -> StatusCode {
@@ -258,8 +305,7 @@ mod tests {
         let big = json!({"task": "slow_query", "args": {"pad": "x".repeat(MAX_ARGS_BYTES)}});
         assert_eq!(status(big), StatusCode::PAYLOAD_TOO_LARGE);
         for malformed in [&b"{"[..], b"", b"null", b"[]", b"{\"task\": \"noop\",}"] {
-            let err =
-                parse_enqueue(malformed, &Registry::with_builtins(), Utc::now()).expect_err("malformed");
+            let err = parse_enqueue(malformed, &registry(), Utc::now()).expect_err("malformed");
             assert_eq!(err.status, StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(malformed));
         }
     }

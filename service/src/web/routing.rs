@@ -1,0 +1,163 @@
+//! What Tidepool wraps around an application's router: the route template
+//! of each answer (for its metric label), panics turned into 500s, the
+//! trailing-slash twin of a path that matches no route, and the check that
+//! the application leaves Tidepool's own paths alone.
+
+use std::convert::Infallible;
+use std::panic::AssertUnwindSafe;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use futures_util::FutureExt;
+use http::{StatusCode, Uri};
+use tower::ServiceExt;
+
+use super::response::ApiError;
+use super::Server;
+
+/// Tidepool's own paths, and their trailing-slash twins: no application
+/// route may be on one of them.
+pub const RESERVED_PATHS: [&str; 6] = ["/healthz", "/healthz/", "/readyz", "/readyz/", "/metrics", "/metrics/"];
+
+/// The route template that answered, as a response extension.
+#[derive(Clone)]
+pub(super) struct RouteLabel(pub(super) MatchedPath);
+
+/// The router as Tidepool serves it: every route and fallback labelled and
+/// guarded against panics; a path no route matches tried once more with
+/// its trailing slash added or removed; axum's own body limit off (the
+/// server applies its own before routing).
+pub(super) fn prepare(router: Router) -> Router {
+    let routes = router.layer(middleware::from_fn(label_and_catch_panics)).layer(DefaultBodyLimit::disable());
+    let twin = routes.clone();
+    routes.fallback_service(tower::service_fn(move |request: Request| {
+        let twin = twin.clone();
+        async move { Ok::<_, Infallible>(try_twin(twin, request).await) }
+    }))
+}
+
+/// Serves a request that matched no route on its trailing-slash twin, with
+/// the application's own fallback (or a 404) if that matches none either.
+async fn try_twin(routes: Router, mut request: Request) -> Response {
+    if let Some(uri) = slash_twin(request.uri()) {
+        *request.uri_mut() = uri;
+    }
+    match routes.oneshot(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    }
+}
+
+/// `/a` for `/a/` and `/a/` for `/a`, query kept; `None` for `/`.
+fn slash_twin(uri: &Uri) -> Option<Uri> {
+    let path = uri.path();
+    if path == "/" {
+        return None;
+    }
+    let twin = match path.strip_suffix('/') {
+        Some(stripped) => stripped.to_owned(),
+        None => format!("{path}/"),
+    };
+    let twin = match uri.query() {
+        Some(query) => format!("{twin}?{query}"),
+        None => twin,
+    };
+    twin.parse().ok()
+}
+
+async fn label_and_catch_panics(request: Request, next: Next) -> Response {
+    let label = request.extensions().get::<MatchedPath>().cloned().map(RouteLabel);
+    let server = request.extensions().get::<std::sync::Arc<Server>>().cloned();
+    let mut response = match AssertUnwindSafe(next.run(request)).catch_unwind().await {
+        Ok(response) => response,
+        Err(panic) => {
+            if let Some(server) = &server {
+                server.metrics.http_handler_panics.inc();
+            }
+            let message = panic_message(&*panic);
+            ApiError::internal("the handler failed").because(format!("handler panicked: {message}")).into_response()
+        }
+    };
+    if let Some(label) = label {
+        response.extensions_mut().insert(label);
+    }
+    response
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+/// Marks an answer of the probe router below with the template of the
+/// route that was found.
+#[derive(Clone)]
+struct Taken(Option<MatchedPath>);
+
+/// The first of [`RESERVED_PATHS`] that `router` has a route on, of any
+/// method (a pattern that merely matches it, such as `/{*rest}`, does not
+/// count: Tidepool answers its paths before routing). No handler of the
+/// application runs: every route is wrapped to answer at once with its
+/// template, and the fallback replaced.
+pub(super) async fn reserved_route_taken(router: &Router) -> Option<String> {
+    if !router.has_routes() {
+        return None;
+    }
+    let probe = router
+        .clone()
+        .route_layer(middleware::from_fn(|request: Request, _: Next| async move {
+            axum::Extension(Taken(request.extensions().get::<MatchedPath>().cloned()))
+        }))
+        .fallback(|| async { StatusCode::NOT_FOUND });
+    for path in RESERVED_PATHS {
+        let request = Request::get(path).body(axum::body::Body::empty()).ok()?;
+        let Ok(response) = probe.clone().oneshot(request).await;
+        let template = response.extensions().get::<Taken>().and_then(|t| t.0.clone());
+        if template.is_some_and(|t| t.as_str() == path) {
+            return Some(path.to_owned());
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::{get, post};
+
+    #[test]
+    fn twins_add_or_remove_the_trailing_slash() {
+        let twin = |uri: &str| slash_twin(&uri.parse().expect("valid")).map(|u| u.to_string());
+        assert_eq!(twin("/row").as_deref(), Some("/row/"));
+        assert_eq!(twin("/row/").as_deref(), Some("/row"));
+        assert_eq!(twin("/slow-query?seconds=1").as_deref(), Some("/slow-query/?seconds=1"));
+        assert_eq!(twin("/tasks/42/").as_deref(), Some("/tasks/42"));
+        assert_eq!(twin("/"), None);
+    }
+
+    #[tokio::test]
+    async fn a_route_on_a_reserved_path_is_found_without_running_it() {
+        async fn panics() -> &'static str {
+            panic!("a probe must not run the handler")
+        }
+        for (path, router) in [
+            ("/readyz", Router::new().route("/orders", get(panics)).route("/readyz", get(panics))),
+            ("/metrics", Router::new().route("/metrics", post(panics))),
+            ("/healthz/", Router::new().route("/healthz/", get(panics))),
+        ] {
+            assert_eq!(reserved_route_taken(&router).await.as_deref(), Some(path));
+        }
+        let fine = Router::new()
+            .route("/orders", get(panics))
+            .route("/{page}", get(panics))
+            .route("/{*rest}", post(panics))
+            .fallback(panics);
+        assert_eq!(reserved_route_taken(&fine).await, None);
+        assert_eq!(reserved_route_taken(&Router::new()).await, None);
+    }
+}
