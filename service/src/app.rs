@@ -152,7 +152,11 @@ impl<S: Clone + Send + Sync + 'static> Application<S> {
 
     /// Serves it on `settings.listen` until `shutdown` resolves and the
     /// server has drained.
-    pub async fn serve(&self, settings: WebSettings, shutdown: impl Future<Output = ()>) -> Result<web::Shutdown, StartError> {
+    pub async fn serve(
+        &self,
+        settings: WebSettings,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<web::Shutdown, StartError> {
         crate::raise_open_files_limit();
         let server = self.web_server(settings).await?;
         let listener = crate::bind(server.listen()).await?;
@@ -162,12 +166,20 @@ impl<S: Clone + Send + Sync + 'static> Application<S> {
     }
 
     /// Runs a worker for its tasks until `shutdown` resolves.
-    pub async fn work(&self, settings: WorkerSettings, shutdown: impl Future<Output = ()>) -> Result<ShutdownReport, StartError> {
+    pub async fn work(
+        &self,
+        settings: WorkerSettings,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<ShutdownReport, StartError> {
         crate::worker::run(settings, self.registry()?, shutdown).await
     }
 
     /// Applies the missing migrations of every track over `client`.
-    pub async fn migrate(&self, client: &mut tokio_postgres::Client, lock_timeout: Duration) -> Result<migrate::Report, migrate::MigrateError> {
+    pub async fn migrate(
+        &self,
+        client: &mut tokio_postgres::Client,
+        lock_timeout: Duration,
+    ) -> Result<migrate::Report, migrate::MigrateError> {
         migrate::run(client, &self.tracks(), lock_timeout).await
     }
 }
@@ -199,7 +211,11 @@ pub fn run<S: Clone + Send + Sync + 'static>(app: Application<S>) -> ExitCode {
             },
             Command::Worker(args) => {
                 let report = app.work(args.into_settings(), shutdown::first_signal()).await?;
-                Ok(if report.handed_back == 0 { ExitCode::SUCCESS } else { ExitCode::from(EXIT_SHUTDOWN_DEADLINE) })
+                Ok(if report.handed_back == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(EXIT_SHUTDOWN_DEADLINE)
+                })
             }
             Command::Enqueue(args) => run_enqueue(&app, args).await.map(|()| ExitCode::SUCCESS),
             Command::Migrate(args) => run_migrate(&app, args).await.map(|()| ExitCode::SUCCESS),
@@ -215,7 +231,10 @@ pub fn run<S: Clone + Send + Sync + 'static>(app: Application<S>) -> ExitCode {
     }
 }
 
-async fn run_enqueue<S: Clone + Send + Sync + 'static>(app: &Application<S>, args: EnqueueArgs) -> Result<(), BoxError> {
+async fn run_enqueue<S: Clone + Send + Sync + 'static>(
+    app: &Application<S>,
+    args: EnqueueArgs,
+) -> Result<(), BoxError> {
     let registry = app.registry()?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let summary = enqueue::run(&args, &registry, &mut out).await?;
@@ -230,11 +249,16 @@ async fn run_enqueue<S: Clone + Send + Sync + 'static>(app: &Application<S>, arg
     Ok(())
 }
 
-async fn run_migrate<S: Clone + Send + Sync + 'static>(app: &Application<S>, args: MigrateArgs) -> Result<(), BoxError> {
+async fn run_migrate<S: Clone + Send + Sync + 'static>(
+    app: &Application<S>,
+    args: MigrateArgs,
+) -> Result<(), BoxError> {
     let (url, what) = match (&args.direct_database_url, &args.database_url) {
         (Some(direct), _) => (direct, "TIDEPOOL_DIRECT_DATABASE_URL"),
         (None, Some(pooled)) => (pooled, "DATABASE_URL"),
-        (None, None) => return Err("set TIDEPOOL_DIRECT_DATABASE_URL or DATABASE_URL (or --database-url)".into()),
+        (None, None) => {
+            return Err("set TIDEPOOL_DIRECT_DATABASE_URL or DATABASE_URL (or --database-url)".into())
+        }
     };
     let pg = apply_password_file(url.to_pg_config(what)?, args.password_file.as_deref())?;
     let mut client = db::connect(pg, args.db_connect_timeout).await?;
@@ -259,7 +283,9 @@ async fn run_migrate<S: Clone + Send + Sync + 'static>(app: &Application<S>, arg
 
 fn run_pooler_config(args: PoolerConfigArgs) -> Result<(), BoxError> {
     let upstream = match (&args.upstream_url, &args.upstream_from_dir) {
-        (Some(url), _) => pooler::Upstream::from_pg_config(&url.to_pg_config("TIDEPOOL_POOLER_UPSTREAM_URL")?)?,
+        (Some(url), _) => {
+            pooler::Upstream::from_pg_config(&url.to_pg_config("TIDEPOOL_POOLER_UPSTREAM_URL")?)?
+        }
         (None, Some(dir)) => pooler::Upstream::from_dir(dir)?,
         (None, None) => return Err("set --upstream-url or --upstream-from-dir".into()),
     };

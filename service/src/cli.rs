@@ -544,9 +544,18 @@ mod tests {
         let (parsed, defaults) = (worker.into_settings(), WorkerSettings::default());
         assert_eq!(
             (parsed.concurrency, parsed.batch_size, parsed.lease, parsed.heartbeat_interval, parsed.retry),
-            (defaults.concurrency, defaults.batch_size, defaults.lease, defaults.heartbeat_interval, defaults.retry)
+            (
+                defaults.concurrency,
+                defaults.batch_size,
+                defaults.lease,
+                defaults.heartbeat_interval,
+                defaults.retry
+            )
         );
-        assert_eq!((parsed.result_retention, parsed.dead_retention), (defaults.result_retention, defaults.dead_retention));
+        assert_eq!(
+            (parsed.result_retention, parsed.dead_retention),
+            (defaults.result_retention, defaults.dead_retention)
+        );
         assert_eq!(parsed.queues, defaults.queues);
         assert!(parsed.validate().is_ok());
         let Command::Web(web) = parse(&["app", "web", "--database-url", "postgres://u@h/db"]) else {
@@ -554,8 +563,20 @@ mod tests {
         };
         let (parsed, defaults) = (web.into_settings(), WebSettings::default());
         assert_eq!(
-            (parsed.listen, parsed.max_in_flight, parsed.max_body_bytes, parsed.drain_delay, parsed.shutdown_timeout),
-            (defaults.listen, defaults.max_in_flight, defaults.max_body_bytes, defaults.drain_delay, defaults.shutdown_timeout)
+            (
+                parsed.listen,
+                parsed.max_in_flight,
+                parsed.max_body_bytes,
+                parsed.drain_delay,
+                parsed.shutdown_timeout
+            ),
+            (
+                defaults.listen,
+                defaults.max_in_flight,
+                defaults.max_body_bytes,
+                defaults.drain_delay,
+                defaults.shutdown_timeout
+            )
         );
         let db = DatabaseSettings::default();
         assert_eq!(
@@ -566,7 +587,16 @@ mod tests {
 
     #[test]
     fn a_combination_the_settings_refuse_parses_and_is_refused_by_them() {
-        let argv = ["app", "worker", "--database-url", "postgres://u@h/db", "--lease", "10s", "--heartbeat-interval", "6s"];
+        let argv = [
+            "app",
+            "worker",
+            "--database-url",
+            "postgres://u@h/db",
+            "--lease",
+            "10s",
+            "--heartbeat-interval",
+            "6s",
+        ];
         let Command::Worker(worker) = parse(&argv) else { panic!("not a worker") };
         let from_the_command_line = worker.into_settings().validate().expect_err("refused");
         let in_code = WorkerSettings {

@@ -213,6 +213,7 @@ pub enum Health {
 }
 
 impl Health {
+    /// Its name in `/readyz`'s answer.
     pub fn as_str(self) -> &'static str {
         match self {
             Health::Ready => "ready",
@@ -224,9 +225,13 @@ impl Health {
 /// A snapshot of the pool, as deadpool reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolStatus {
+    /// Most connections.
     pub max_size: usize,
+    /// Connections open.
     pub size: usize,
+    /// Open and idle.
     pub available: usize,
+    /// Callers waiting for one.
     pub waiting: usize,
 }
 
@@ -364,6 +369,7 @@ impl Database {
         checked.await.map_err(|_| DbError::QueryTimeout { after: timeout })?
     }
 
+    /// A snapshot of the pool.
     pub fn status(&self) -> PoolStatus {
         let s = self.pool.status();
         PoolStatus { max_size: s.max_size, size: s.size, available: s.available, waiting: s.waiting }
@@ -537,7 +543,12 @@ impl Conn {
 
     /// [`Conn::query`] for a statement meant to take `expected` (a slow
     /// query's sleep): the query timeout is added to it.
-    pub async fn query_slow(&self, sql: &str, params: Params<'_>, expected: Duration) -> Result<Vec<Row>, DbError> {
+    pub async fn query_slow(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+        expected: Duration,
+    ) -> Result<Vec<Row>, DbError> {
         self.run(expected, self.client().query_typed(sql, params)).await
     }
 
@@ -560,9 +571,7 @@ impl Conn {
     /// [`Tx::rollback`]; dropped before either, it rolls back.
     pub async fn transaction(&mut self) -> Result<Tx<'_>, DbError> {
         let Conn { object, guard, .. } = self;
-        let Some(object) = object.as_mut() else {
-            unreachable!("the pooled object is taken only in drop")
-        };
+        let Some(object) = object.as_mut() else { unreachable!("the pooled object is taken only in drop") };
         let client: &mut Client = object;
         let tx = guard.run(Duration::ZERO, client.transaction(), || false).await?;
         Ok(Tx { tx, guard })
@@ -649,90 +658,74 @@ mod sealed {
     impl Sealed for super::Tx<'_> {}
 }
 
+/// A statement's future, boxed: what [`Executor`] takes and gives.
+pub type StatementFuture<'a, T, E = tokio_postgres::Error> =
+    Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'a>>;
+
 /// Where Tidepool's statements (an enqueue, a lookup) can run: a [`Conn`]
 /// or [`Tx`], bounded and cancelled as they are, or a plain tokio-postgres
 /// `Client` or `Transaction`, unbounded. Sealed: the queue's statements
 /// rely on every implementation sending unnamed statements only.
 pub trait Executor: sealed::Sealed + Sync {
     #[doc(hidden)]
-    fn query_unnamed<'a>(
-        &'a self,
-        sql: &'a str,
-        params: Params<'a>,
-    ) -> impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a;
+    fn query_unnamed<'a>(&'a self, sql: &'a str, params: Params<'a>) -> StatementFuture<'a, Vec<Row>>;
 
     #[doc(hidden)]
     fn bounded<'a, T: Send + 'a>(
         &'a self,
-        statement: impl Future<Output = Result<T, tokio_postgres::Error>> + Send + 'a,
-    ) -> impl Future<Output = Result<T, DbError>> + Send + 'a;
+        statement: StatementFuture<'a, T>,
+    ) -> StatementFuture<'a, T, DbError>;
 }
 
 impl Executor for Client {
-    fn query_unnamed<'a>(
-        &'a self,
-        sql: &'a str,
-        params: Params<'a>,
-    ) -> impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a {
-        self.query_typed(sql, params)
+    fn query_unnamed<'a>(&'a self, sql: &'a str, params: Params<'a>) -> StatementFuture<'a, Vec<Row>> {
+        Box::pin(self.query_typed(sql, params))
     }
 
-    async fn bounded<'a, T: Send + 'a>(
+    fn bounded<'a, T: Send + 'a>(
         &'a self,
-        statement: impl Future<Output = Result<T, tokio_postgres::Error>> + Send + 'a,
-    ) -> Result<T, DbError> {
-        statement.await.map_err(DbError::from_statement)
+        statement: StatementFuture<'a, T>,
+    ) -> StatementFuture<'a, T, DbError> {
+        Box::pin(async move { statement.await.map_err(DbError::from_statement) })
     }
 }
 
 impl Executor for Transaction<'_> {
-    fn query_unnamed<'a>(
-        &'a self,
-        sql: &'a str,
-        params: Params<'a>,
-    ) -> impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a {
-        self.query_typed(sql, params)
+    fn query_unnamed<'a>(&'a self, sql: &'a str, params: Params<'a>) -> StatementFuture<'a, Vec<Row>> {
+        Box::pin(self.query_typed(sql, params))
     }
 
-    async fn bounded<'a, T: Send + 'a>(
+    fn bounded<'a, T: Send + 'a>(
         &'a self,
-        statement: impl Future<Output = Result<T, tokio_postgres::Error>> + Send + 'a,
-    ) -> Result<T, DbError> {
-        statement.await.map_err(DbError::from_statement)
+        statement: StatementFuture<'a, T>,
+    ) -> StatementFuture<'a, T, DbError> {
+        Box::pin(async move { statement.await.map_err(DbError::from_statement) })
     }
 }
 
 impl Executor for Conn {
-    fn query_unnamed<'a>(
-        &'a self,
-        sql: &'a str,
-        params: Params<'a>,
-    ) -> impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a {
-        self.client().query_typed(sql, params)
+    fn query_unnamed<'a>(&'a self, sql: &'a str, params: Params<'a>) -> StatementFuture<'a, Vec<Row>> {
+        Box::pin(self.client().query_typed(sql, params))
     }
 
-    async fn bounded<'a, T: Send + 'a>(
+    fn bounded<'a, T: Send + 'a>(
         &'a self,
-        statement: impl Future<Output = Result<T, tokio_postgres::Error>> + Send + 'a,
-    ) -> Result<T, DbError> {
-        self.run(Duration::ZERO, statement).await
+        statement: StatementFuture<'a, T>,
+    ) -> StatementFuture<'a, T, DbError> {
+        Box::pin(self.run(Duration::ZERO, statement))
     }
 }
 
 impl Executor for Tx<'_> {
-    fn query_unnamed<'a>(
-        &'a self,
-        sql: &'a str,
-        params: Params<'a>,
-    ) -> impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a {
-        self.tx.query_typed(sql, params)
+    fn query_unnamed<'a>(&'a self, sql: &'a str, params: Params<'a>) -> StatementFuture<'a, Vec<Row>> {
+        Box::pin(self.tx.query_typed(sql, params))
     }
 
-    async fn bounded<'a, T: Send + 'a>(
+    fn bounded<'a, T: Send + 'a>(
         &'a self,
-        statement: impl Future<Output = Result<T, tokio_postgres::Error>> + Send + 'a,
-    ) -> Result<T, DbError> {
-        self.run(Duration::ZERO, statement).await
+        statement: StatementFuture<'a, T>,
+    ) -> StatementFuture<'a, T, DbError> {
+        Box::pin(self.run(Duration::ZERO, statement))
     }
 }
 

@@ -18,8 +18,8 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::db::PoolStatus;
@@ -141,23 +141,31 @@ fn encode(registry: &Registry) -> Result<Vec<u8>, prometheus::Error> {
     Ok(out)
 }
 
+/// Metrics of a web process.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// `tidepool_http_requests_total`: HTTP requests answered, by route, method and status.
     pub http_requests: IntCounterVec,
+    /// `tidepool_http_request_duration_seconds`: Time from a request's headers to its response, by route, method and status.
     pub http_request_duration: HistogramVec,
+    /// `tidepool_http_requests_in_flight`: HTTP requests being handled now, probes included.
     pub http_requests_in_flight: IntGauge,
     /// `TIDEPOOL_MAX_IN_FLIGHT`, for dashboards to put beside the gauge.
     pub http_requests_in_flight_limit: IntGauge,
+    /// `tidepool_http_requests_shed_total`: Requests refused with 503 because a limit was reached: reason=in_flight_limit (too many requests at once) or db_pool_wait (no database connection within the wait).
     pub http_requests_shed: IntCounterVec,
     /// Handlers that panicked (each answered 500; the process lives on).
     pub http_handler_panics: IntCounter,
+    /// `tidepool_db_pool_wait_seconds`: Time tasks spent waiting for a pooled database connection.
     pub db_pool_wait: Histogram,
+    /// `tidepool_jobs_enqueued_total`: Jobs enqueued by this process (duplicates of a pending unique key not counted), by task and queue.
     pub jobs_enqueued: IntCounterVec,
     pool: PoolGauges,
 }
 
 impl Metrics {
+    /// Registers every series.
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = process_registry()?;
         let by_request = &["route", "method", "status"];
@@ -233,26 +241,43 @@ impl Metrics {
 #[derive(Clone)]
 pub struct WorkerMetrics {
     registry: Registry,
+    /// `tidepool_jobs_started_total`.
     pub jobs_started: IntCounterVec,
+    /// `tidepool_jobs_succeeded_total`.
     pub jobs_succeeded: IntCounterVec,
+    /// `tidepool_jobs_failed_total`.
     pub jobs_failed: IntCounterVec,
+    /// `tidepool_jobs_retried_total`.
     pub jobs_retried: IntCounterVec,
+    /// `tidepool_jobs_dead_total`.
     pub jobs_dead: IntCounterVec,
+    /// `tidepool_jobs_cancelled_total`.
     pub jobs_cancelled: IntCounterVec,
+    /// `tidepool_jobs_handed_back_total`.
     pub jobs_handed_back: IntCounterVec,
+    /// `tidepool_jobs_lease_lost_total`.
     pub jobs_lease_lost: IntCounterVec,
+    /// `tidepool_jobs_rescued_total`: Jobs of other (dead) workers whose lease expired, failed by this worker's maintenance, by outcome.
     pub jobs_rescued: IntCounterVec,
+    /// `tidepool_job_duration_seconds`: Time an attempt ran, by task, queue and outcome (succeeded, failed, timeout, cancelled, handed_back, lease_lost).
     pub job_duration: HistogramVec,
+    /// `tidepool_job_queue_latency_seconds`: Time from when a job was due (enqueued, scheduled time or retry time) to when it was claimed, by queue.
     pub job_queue_latency: HistogramVec,
+    /// `tidepool_jobs_running`: Jobs this worker holds now: running or being recorded.
     pub jobs_running: IntGauge,
+    /// `tidepool_queue_available_jobs`.
     pub queue_available: IntGaugeVec,
+    /// `tidepool_queue_oldest_job_age_seconds`.
     pub queue_oldest_age: GaugeVec,
+    /// `tidepool_db_pool_wait_seconds`: Time tasks spent waiting for a pooled database connection.
     pub db_pool_wait: Histogram,
+    /// `tidepool_worker_queue_pool_wait_seconds`: Time the worker's own queue operations (claims, completions, heartbeats) waited for one of its fixed connections.
     pub queue_db_pool_wait: Histogram,
     pool: PoolGauges,
 }
 
 impl WorkerMetrics {
+    /// Registers every series.
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = process_registry()?;
         let by_task = &["task", "queue"];

@@ -96,7 +96,10 @@ impl Track {
     /// Checks the name and the order of the versions.
     pub fn check(&self) -> Result<(), MigrateError> {
         let valid_name = (1..=64).contains(&self.name.len())
-            && self.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
         if !valid_name || self.name == LEGACY_TRACK {
             return Err(MigrateError::TrackName(self.name.to_owned()));
         }
@@ -152,7 +155,9 @@ pub fn list(versions: &[Version]) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
     /// A track's name is not usable.
-    #[error("migration track name {0:?} is not valid: use 1 to 64 of a-z, 0-9, '_', '-' (and not \"legacy\")")]
+    #[error(
+        "migration track name {0:?} is not valid: use 1 to 64 of a-z, 0-9, '_', '-' (and not \"legacy\")"
+    )]
     TrackName(String),
     /// Two tracks share a name.
     #[error("two migration tracks are named {0:?}")]
@@ -221,7 +226,11 @@ pub fn check(tracks: &[Track]) -> Result<(), MigrateError> {
 /// Applies the missing migrations of `tracks`, in order, in one
 /// transaction. `lock_timeout` bounds the wait for another migrator and
 /// for table locks.
-pub async fn run(client: &mut Client, tracks: &[Track], lock_timeout: Duration) -> Result<Report, MigrateError> {
+pub async fn run(
+    client: &mut Client,
+    tracks: &[Track],
+    lock_timeout: Duration,
+) -> Result<Report, MigrateError> {
     check(tracks)?;
     let tx = client.transaction().await.map_err(step("begin the migration transaction"))?;
     tx.batch_execute(&format!("SET LOCAL lock_timeout = '{}ms'", lock_timeout.as_millis()))
@@ -232,10 +241,14 @@ pub async fn run(client: &mut Client, tracks: &[Track], lock_timeout: Duration) 
         .map_err(step("take the migration lock (another migrator may hold it)"))?;
     let mut report = Report { upgraded: prepare_bookkeeping(&tx, tracks).await?, ..Report::default() };
     let recorded = tx
-        .query_typed("SELECT track, version, checksum FROM tidepool_schema_migrations ORDER BY track, version", &[])
+        .query_typed(
+            "SELECT track, version, checksum FROM tidepool_schema_migrations ORDER BY track, version",
+            &[],
+        )
         .await
         .map_err(step("read the applied migrations"))?;
-    let recorded: Vec<(String, i32, String)> = recorded.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    let recorded: Vec<(String, i32, String)> =
+        recorded.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
 
     for track in tracks {
         for migration in track.migrations {
@@ -264,7 +277,9 @@ pub async fn run(client: &mut Client, tracks: &[Track], lock_timeout: Duration) 
     }
     report.unknown = recorded
         .iter()
-        .filter(|(t, v, _)| !tracks.iter().any(|k| k.name == t && k.migrations.iter().any(|m| m.version == *v)))
+        .filter(|(t, v, _)| {
+            !tracks.iter().any(|k| k.name == t && k.migrations.iter().any(|m| m.version == *v))
+        })
         .map(|(t, v, _)| Version { track: t.clone(), version: *v })
         .collect();
     tx.commit().await.map_err(step("commit the migrations"))?;
@@ -272,7 +287,8 @@ pub async fn run(client: &mut Client, tracks: &[Track], lock_timeout: Duration) 
 }
 
 async fn apply(tx: &Transaction<'_>, track: &'static str, migration: &Migration) -> Result<(), MigrateError> {
-    let failed = |source| MigrateError::Failed { track, version: migration.version, name: migration.name, source };
+    let failed =
+        |source| MigrateError::Failed { track, version: migration.version, name: migration.name, source };
     tx.batch_execute(migration.sql).await.map_err(failed)?;
     tx.query_typed(
         "INSERT INTO tidepool_schema_migrations (track, version, name, checksum) VALUES ($1, $2, $3, $4)",
@@ -290,7 +306,10 @@ async fn apply(tx: &Transaction<'_>, track: &'static str, migration: &Migration)
 
 /// Creates the bookkeeping table, or upgrades one written by a release
 /// before tracks (see the module's note), returning what it moved.
-async fn prepare_bookkeeping(tx: &Transaction<'_>, tracks: &[Track]) -> Result<Vec<(i32, Version)>, MigrateError> {
+async fn prepare_bookkeeping(
+    tx: &Transaction<'_>,
+    tracks: &[Track],
+) -> Result<Vec<(i32, Version)>, MigrateError> {
     let exists = tx
         .query_typed(
             "SELECT EXISTS (SELECT FROM pg_attribute
@@ -332,9 +351,9 @@ async fn prepare_bookkeeping(tx: &Transaction<'_>, tracks: &[Track]) -> Result<V
     let mut moved = Vec::new();
     for row in &legacy {
         let (old, checksum): (i32, String) = (row.get(0), row.get(1));
-        let place = tracks
-            .iter()
-            .find_map(|t| t.migrations.iter().find(|m| m.checksum() == checksum).map(|m| (t.name, m.version)));
+        let place = tracks.iter().find_map(|t| {
+            t.migrations.iter().find(|m| m.checksum() == checksum).map(|m| (t.name, m.version))
+        });
         let (track, version) = place.unwrap_or((LEGACY_TRACK, old));
         tx.query_typed(
             "UPDATE tidepool_schema_migrations SET track = $1, version = $2 WHERE version = $3 AND track IS NULL",
@@ -381,11 +400,11 @@ mod tests {
         assert!(check(&[track("shop", &[])]).is_ok());
         assert!(matches!(check(&[track("shop", &[B, A])]), Err(MigrateError::Unordered { version: 1, .. })));
         assert!(matches!(check(&[track("shop", &[A, A])]), Err(MigrateError::Unordered { version: 1, .. })));
-        let zero = Migration { version: 0, ..A };
-        assert!(matches!(check(&[track("shop", &[zero])]), Err(MigrateError::Unordered { version: 0, .. })));
-        for bad in ["", "Shop", "a b", "legacy", &"x".repeat(65)] {
-            let leaked: &'static str = Box::leak(bad.to_owned().into_boxed_str());
-            assert!(matches!(check(&[track(leaked, &[A])]), Err(MigrateError::TrackName(_))), "{bad:?}");
+        const ZERO: Migration = Migration { version: 0, ..A };
+        assert!(matches!(check(&[track("shop", &[ZERO])]), Err(MigrateError::Unordered { version: 0, .. })));
+        const TOO_LONG: &str = "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
+        for bad in ["", "Shop", "a b", "legacy", TOO_LONG] {
+            assert!(matches!(check(&[track(bad, &[A])]), Err(MigrateError::TrackName(_))), "{bad:?}");
         }
         let err = check(&[TIDEPOOL, track("tidepool", &[A])]).expect_err("duplicate");
         assert_eq!(err.to_string(), "two migration tracks are named \"tidepool\"");

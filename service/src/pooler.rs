@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use tokio_postgres::config::Host;
 
+/// PgBouncer's configuration file, in the output folder.
 pub const INI_FILE: &str = "pgbouncer.ini";
+/// Its auth file (0600): the upstream credentials and the stats user's.
 pub const AUTH_FILE: &str = "userlist.txt";
 /// The stats user's password, for a metrics collector (0600).
 pub const STATS_PASSWORD_FILE: &str = "stats.password";
@@ -30,10 +32,15 @@ pub const STATS_PASSWORD_FILE: &str = "stats.password";
 /// Where PgBouncer connects to, and as whom.
 #[derive(Clone)]
 pub struct Upstream {
+    /// The server's host.
     pub host: String,
+    /// Its port.
     pub port: u16,
+    /// The database.
     pub dbname: String,
+    /// The role PgBouncer logs in as.
     pub user: String,
+    /// Its password (never printed).
     pub password: String,
 }
 
@@ -49,9 +56,12 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+/// What `pooler-config` writes.
 #[derive(Debug, Clone)]
 pub struct PoolerConfig {
+    /// Where PgBouncer listens.
     pub listen: SocketAddr,
+    /// Where it connects.
     pub upstream: Upstream,
     /// Server connections per (database, user) pair: `default_pool_size`.
     pub pool_size: u32,
@@ -67,13 +77,16 @@ pub struct PoolerConfig {
     pub stats_user: Option<StatsUser>,
     /// More settings, each checked by [`Setting::parse`].
     pub settings: Vec<Setting>,
+    /// Where PgBouncer writes its pid, if anywhere.
     pub pidfile: Option<PathBuf>,
+    /// Where it logs; standard error if unset.
     pub logfile: Option<PathBuf>,
 }
 
 /// The stats user and its generated password.
 #[derive(Clone)]
 pub struct StatsUser {
+    /// Its name.
     pub name: String,
     password: String,
 }
@@ -95,7 +108,9 @@ impl StatsUser {
 /// One more PgBouncer setting, `key = value`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Setting {
+    /// The key.
     pub key: String,
+    /// The value.
     pub value: String,
 }
 
@@ -117,38 +132,74 @@ impl Setting {
     }
 }
 
+/// Why no configuration was written.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolerError {
+    /// A `--set` is malformed.
     #[error("setting {0:?} is not KEY=VALUE with a lowercase key and a value of letters, digits, space and _ . , : / = - (at most 256)")]
     InvalidSetting(String),
+    /// A `--set` names a setting written here.
     #[error("setting {0} is written by tidepool pooler-config itself and cannot be set again")]
     ReservedSetting(String),
     #[error("cannot read {path}: {source}")]
+    /// A file of the upstream folder cannot be read.
     Read {
+        /// The file.
         path: PathBuf,
         #[source]
+        /// Why.
         source: std::io::Error,
     },
     #[error("{path} is not a port number")]
-    BadPort { path: PathBuf },
+    /// The folder's port is not a number.
+    BadPort {
+        /// The file.
+        path: PathBuf,
+    },
     #[error("the upstream URL has no {0}")]
+    /// The upstream lacks a part.
     Missing(&'static str),
     #[error("the upstream URL's {field} must be letters, digits, '_', '-' or '.', so PgBouncer's configuration cannot be misread")]
-    Unsafe { field: &'static str },
+    /// A part of the upstream has characters the ini file could misread.
+    Unsafe {
+        /// The part.
+        field: &'static str,
+    },
     #[error("the upstream must be reached over TCP (a Unix socket path is not supported)")]
+    /// The upstream is a Unix socket.
     NotTcp,
     #[error("{0} must be at least 1")]
+    /// A size is zero.
     Zero(&'static str),
     #[error("pool size {pool_size} is above max_db_connections {max_db_connections}: PgBouncer would never open the extra connections")]
-    PoolAboveCap { pool_size: u32, max_db_connections: u32 },
+    /// The pool is above the database cap.
+    PoolAboveCap {
+        /// The pool size.
+        pool_size: u32,
+        /// The cap.
+        max_db_connections: u32,
+    },
     #[error("min_pool_size {min_pool_size} is above the pool size {pool_size}")]
-    MinAbovePool { min_pool_size: u32, pool_size: u32 },
+    /// The idle minimum is above the pool.
+    MinAbovePool {
+        /// The minimum.
+        min_pool_size: u32,
+        /// The pool size.
+        pool_size: u32,
+    },
     #[error("{what} is not valid UTF-8")]
-    NotUtf8 { what: &'static str },
+    /// A part is not UTF-8.
+    NotUtf8 {
+        /// The part.
+        what: &'static str,
+    },
     #[error("could not write {path}: {source}")]
+    /// A file cannot be written.
     Write {
+        /// The file.
         path: PathBuf,
         #[source]
+        /// Why.
         source: std::io::Error,
     },
 }

@@ -195,7 +195,10 @@ impl DatabaseSettings {
             }
         }
         if let Some(stats) = &self.pooler_stats {
-            stats.url.to_pg_config("TIDEPOOL_POOLER_STATS_URL").map_err(|e| InvalidSettings(e.to_string()))?;
+            stats
+                .url
+                .to_pg_config("TIDEPOOL_POOLER_STATS_URL")
+                .map_err(|e| InvalidSettings(e.to_string()))?;
             if stats.timeout.is_zero() {
                 return invalid("--pooler-stats-timeout must be above zero");
             }
@@ -397,7 +400,9 @@ impl WorkerSettings {
     pub fn validate(&self) -> Result<(), InvalidSettings> {
         self.database.validate()?;
         if let Some(direct) = &self.direct_database_url {
-            direct.to_pg_config("TIDEPOOL_DIRECT_DATABASE_URL").map_err(|e| InvalidSettings(e.to_string()))?;
+            direct
+                .to_pg_config("TIDEPOOL_DIRECT_DATABASE_URL")
+                .map_err(|e| InvalidSettings(e.to_string()))?;
         }
         if self.name.is_empty() {
             return invalid("the worker's name must not be empty");
@@ -414,10 +419,16 @@ impl WorkerSettings {
             return invalid("--queues names no queue");
         }
         if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
-            return invalid(format!("--concurrency must be from 1 to {MAX_CONCURRENCY}, got {}", self.concurrency));
+            return invalid(format!(
+                "--concurrency must be from 1 to {MAX_CONCURRENCY}, got {}",
+                self.concurrency
+            ));
         }
         if !(1..=MAX_BATCH_SIZE).contains(&self.batch_size) {
-            return invalid(format!("--batch-size must be from 1 to {MAX_BATCH_SIZE}, got {}", self.batch_size));
+            return invalid(format!(
+                "--batch-size must be from 1 to {MAX_BATCH_SIZE}, got {}",
+                self.batch_size
+            ));
         }
         if self.heartbeat_interval.is_zero() || self.heartbeat_interval * 2 > self.lease {
             return invalid(format!(
@@ -480,7 +491,8 @@ mod tests {
     #[test]
     fn defaults_are_valid_once_a_url_is_given() {
         assert!(worker().validate().is_ok());
-        let web = WebSettings { database: DatabaseSettings::new("postgres://u@h/db"), ..WebSettings::default() };
+        let web =
+            WebSettings { database: DatabaseSettings::new("postgres://u@h/db"), ..WebSettings::default() };
         assert!(web.validate().is_ok());
         let err = WebSettings::default().validate().expect_err("no URL");
         assert!(err.to_string().contains("DATABASE_URL"), "{err}");
@@ -537,7 +549,10 @@ mod tests {
         for settings in bad {
             assert!(settings.validate().is_err(), "{settings:?}");
         }
-        let db = |pool_size| DatabaseSettings { pool_size: Some(pool_size), ..DatabaseSettings::new("postgres://h/d") };
+        let db = |pool_size| DatabaseSettings {
+            pool_size: Some(pool_size),
+            ..DatabaseSettings::new("postgres://h/d")
+        };
         assert!(db(0).validate().is_err());
         assert!(db(MAX_DB_POOL_SIZE + 1).validate().is_err());
         assert!(db(MAX_DB_POOL_SIZE).validate().is_ok());

@@ -91,7 +91,10 @@ pub trait Task: Serialize + DeserializeOwned + Send + Sync + 'static {
     }
 
     /// Runs one attempt.
-    fn run(self, ctx: TaskContext<Self::State>) -> impl Future<Output = Result<Self::Output, TaskError>> + Send;
+    fn run(
+        self,
+        ctx: TaskContext<Self::State>,
+    ) -> impl Future<Output = Result<Self::Output, TaskError>> + Send;
 }
 
 /// What a running attempt knows about its job.
@@ -220,7 +223,10 @@ impl Registry {
             return Err(RegistryError::Invalid { name: T::NAME, reason: e.to_string() });
         }
         if T::TIMEOUT.is_zero() {
-            return Err(RegistryError::Invalid { name: T::NAME, reason: "its timeout must be above zero".into() });
+            return Err(RegistryError::Invalid {
+                name: T::NAME,
+                reason: "its timeout must be above zero".into(),
+            });
         }
         if self.tasks.contains_key(T::NAME) {
             return Err(RegistryError::Duplicate(T::NAME));
@@ -228,11 +234,13 @@ impl Registry {
         let run: Runner = Arc::new(move |job, db, args| {
             let state = state.clone();
             Box::pin(async move {
-                let task: T = serde_json::from_value(args)
-                    .map_err(|e| TaskError::fatal(format!("the job's args do not fit task {}: {e}", T::NAME)))?;
+                let task: T = args_of(args).map_err(|e| {
+                    TaskError::fatal(format!("the job's args do not fit task {}: {e}", T::NAME))
+                })?;
                 let output = task.run(TaskContext { job, db, state }).await?;
-                let value = serde_json::to_value(output)
-                    .map_err(|e| TaskError::fatal(format!("the result of task {} is not JSON: {e}", T::NAME)))?;
+                let value = serde_json::to_value(output).map_err(|e| {
+                    TaskError::fatal(format!("the result of task {} is not JSON: {e}", T::NAME))
+                })?;
                 Ok(if value.is_null() { None } else { Some(value) })
             })
         });
@@ -250,7 +258,8 @@ impl Registry {
     /// A job of task `name` with `args`, with the task's own queue and
     /// attempts; refused if the task is unknown.
     pub fn new_job(&self, name: &str, args: Value) -> Result<NewJob, InvalidJob> {
-        let task = self.tasks.get(name).ok_or_else(|| InvalidJob::UnknownTask(name.to_owned(), self.names()))?;
+        let task =
+            self.tasks.get(name).ok_or_else(|| InvalidJob::UnknownTask(name.to_owned(), self.names()))?;
         Ok(NewJob::new(name, args).queue(task.options.queue).max_attempts(task.options.max_attempts))
     }
 
@@ -258,8 +267,10 @@ impl Registry {
     /// task is registered, its fields are within limits ([`NewJob::validate`],
     /// `now` being the caller's clock), and its args fit the task.
     pub fn check(&self, job: &NewJob, now: DateTime<Utc>) -> Result<(), InvalidJob> {
-        let task =
-            self.tasks.get(job.task.as_str()).ok_or_else(|| InvalidJob::UnknownTask(job.task.clone(), self.names()))?;
+        let task = self
+            .tasks
+            .get(job.task.as_str())
+            .ok_or_else(|| InvalidJob::UnknownTask(job.task.clone(), self.names()))?;
         job.validate(now)?;
         (task.check)(&job.args).map_err(|reason| InvalidJob::InvalidArgs { task: job.task.clone(), reason })
     }
@@ -294,10 +305,19 @@ impl Registry {
     }
 }
 
-/// Whether `args` fit task `T`: its type, then its own check.
+/// Whether `args` fit task `T`: its type, then its own check. A type
+/// error names the argument: `seconds: invalid type: string "soon",
+/// expected f64`.
 pub fn check_args<T: Task>(args: &Value) -> Result<(), String> {
-    let task = T::deserialize(args).map_err(|e| e.to_string())?;
-    task.validate()
+    args_of::<T>(args.clone())?.validate()
+}
+
+/// `args` as task `T`'s type.
+fn args_of<T: Task>(args: Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(args).map_err(|e| match e.path().to_string().as_str() {
+        "." => e.inner().to_string(),
+        path => format!("{path}: {}", e.inner()),
+    })
 }
 
 #[cfg(test)]
@@ -363,8 +383,11 @@ mod tests {
         let now = Utc::now();
         let job = |args| registry.new_job("sleep", args).expect("known");
         assert_eq!(registry.check(&job(json!({"seconds": 1})), now), Ok(()));
-        let wrong_type = registry.check(&job(json!({"seconds": "1"})), now);
-        assert!(matches!(wrong_type, Err(InvalidJob::InvalidArgs { .. })), "{wrong_type:?}");
+        let wrong_type = registry.check(&job(json!({"seconds": "1"})), now).expect_err("a string");
+        assert!(
+            wrong_type.to_string().contains("seconds: invalid type: string \"1\", expected f64"),
+            "{wrong_type}"
+        );
         let out_of_range = registry.check(&job(json!({"seconds": 61})), now).expect_err("too long");
         assert!(out_of_range.to_string().contains("from 0 to 60, got 61"), "{out_of_range}");
         assert!(matches!(registry.new_job("nope", json!({})), Err(InvalidJob::UnknownTask(..))));

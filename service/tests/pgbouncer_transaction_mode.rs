@@ -1,7 +1,7 @@
 //! Tidepool's database access is safe behind PgBouncer 1.18 in transaction
 //! mode, and this harness can tell: in the same setup, tokio-postgres' plain
 //! `Client::query` (a named prepared statement, prepared in one round trip
-//! and executed in another) fails, while the pool's `query_typed` does not.
+//! and executed in another) fails, while the pool's unnamed statements (`Conn::query`) do not.
 
 mod support;
 
@@ -62,7 +62,7 @@ async fn named_statements_fail_and_typed_ones_do_not() -> Result<()> {
             for i in 0..QUERIES_PER_CLIENT {
                 let n = (client_no * QUERIES_PER_CLIENT + i) as i32;
                 let conn = database.get().await?;
-                match conn.query_typed("SELECT $1 + 1", &[(&n, Type::INT4)], Duration::ZERO).await {
+                match conn.query("SELECT $1 + 1", &[(&n, Type::INT4)]).await {
                     Ok(rows) if rows[0].get::<_, i32>(0) == n + 1 => {}
                     _ => failures += 1,
                 }
@@ -80,7 +80,7 @@ async fn named_statements_fail_and_typed_ones_do_not() -> Result<()> {
         named_failures > 0,
         "the harness must show plain Client::query failing through transaction pooling"
     );
-    assert_eq!(typed_failures, 0, "query_typed must never fail through transaction pooling");
+    assert_eq!(typed_failures, 0, "unnamed statements must never fail through transaction pooling");
     Ok(())
 }
 

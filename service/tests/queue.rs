@@ -12,19 +12,59 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 use support::{wait_for, PgBouncer, TestDb};
 use tidepool::db::{Database, PoolSettings};
 use tidepool::metrics::WorkerMetrics;
-use tidepool::queue::retry::RetryPolicy;
 use tidepool::queue::sql::{self, Lease};
 use tidepool::queue::worker::QUEUE_POOL_SIZE;
 use tidepool::queue::{
-    self, Cancelled, Enqueued, JobState, JobView, NewJob, Registry, Schedule, ShutdownReport, TaskError,
-    TaskOptions, Worker, WorkerSettings,
+    self, Cancelled, Enqueued, JobState, JobView, NewJob, RetryPolicy, Schedule, ShutdownReport, Worker,
 };
+use tidepool::settings::{DatabaseSettings, WorkerSettings};
+use tidepool::task::{Registry, Task, TaskContext, TaskError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+/// Does nothing.
+#[derive(Serialize, Deserialize)]
+struct Noop {}
+
+impl Task for Noop {
+    const NAME: &'static str = "noop";
+    type State = ();
+    type Output = ();
+
+    async fn run(self, _: TaskContext<()>) -> Result<(), TaskError> {
+        Ok(())
+    }
+}
+
+/// `SELECT pg_sleep(seconds)` on the task pool, as the demo's task does.
+#[derive(Serialize, Deserialize)]
+struct SlowQuery {
+    seconds: f64,
+}
+
+impl Task for SlowQuery {
+    const NAME: &'static str = "slow_query";
+    type State = ();
+    type Output = Value;
+
+    async fn run(self, ctx: TaskContext<()>) -> Result<Value, TaskError> {
+        let conn = ctx.db.get().await?;
+        let expected = Duration::from_secs_f64(self.seconds);
+        conn.query_slow("SELECT pg_sleep($1)", &[(&self.seconds, tidepool::db::Type::FLOAT8)], expected)
+            .await?;
+        Ok(json!({ "slept": self.seconds }))
+    }
+}
+
+/// `noop` and `slow_query`.
+fn builtins() -> Result<Registry> {
+    Ok(Registry::new().with::<Noop>(())?.with::<SlowQuery>(())?)
+}
 
 /// A database, a PgBouncer in front of it, and a client through it.
 struct Harness {
@@ -62,7 +102,7 @@ impl Harness {
     }
 
     async fn enqueue(&self, job: NewJob) -> Result<i64> {
-        let enqueued = queue::enqueue(&self.client, &job).await?;
+        let enqueued = queue::enqueue_job(&self.client, &job).await?;
         if enqueued.duplicate {
             bail!("unexpected duplicate");
         }
@@ -83,8 +123,9 @@ impl Harness {
     fn start_worker(&self, registry: Registry, settings: WorkerSettings) -> Result<RunningWorker> {
         let metrics = WorkerMetrics::new()?;
         let queue_db = self.pool(QUEUE_POOL_SIZE, &metrics)?;
-        let task_db = self.pool(settings.concurrency, &metrics)?;
-        let worker = Worker::new(settings, Arc::new(registry), queue_db, task_db, metrics);
+        let task_db = self.pool(settings.concurrency as usize, &metrics)?;
+        let settings = WorkerSettings { database: DatabaseSettings::new(self.bouncer.url()), ..settings };
+        let worker = Worker::new(settings, Arc::new(registry), queue_db, task_db, metrics)?;
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(worker.run(async move {
             let _ = stopped.await;
@@ -131,6 +172,7 @@ fn settings(name: &str) -> WorkerSettings {
         dead_retention: Duration::from_secs(3600),
         maintenance_interval: Duration::from_millis(200),
         retry: RetryPolicy { base: Duration::from_millis(100), max: Duration::from_secs(1) },
+        ..WorkerSettings::default()
     }
 }
 
@@ -155,12 +197,12 @@ async fn enqueue_in_a_transaction_commits_or_rolls_back_with_it() -> Result<()> 
 
     let tx = client.transaction().await?;
     tx.execute_typed("INSERT INTO orders VALUES (1)", &[]).await?;
-    let rolled_back = queue::enqueue(&tx, &NewJob::new("noop", json!({"order": 1}))).await?;
+    let rolled_back = queue::enqueue_job(&tx, &NewJob::new("noop", json!({"order": 1}))).await?;
     tx.rollback().await?;
 
     let tx = client.transaction().await?;
     tx.execute_typed("INSERT INTO orders VALUES (2)", &[]).await?;
-    let committed = queue::enqueue(&tx, &NewJob::new("noop", json!({"order": 2}))).await?;
+    let committed = queue::enqueue_job(&tx, &NewJob::new("noop", json!({"order": 2}))).await?;
     tx.commit().await?;
 
     assert_eq!(
@@ -215,14 +257,17 @@ async fn batch_enqueue_keeps_input_order_and_unique_keys() -> Result<()> {
 #[tokio::test]
 async fn unique_keys_hold_only_while_the_job_is_pending() -> Result<()> {
     let h = harness(8).await?;
-    let first = queue::enqueue(&h.client, &NewJob::new("noop", json!({})).unique_key("report-42")).await?;
-    let second = queue::enqueue(&h.client, &NewJob::new("noop", json!({})).unique_key("report-42")).await?;
+    let first =
+        queue::enqueue_job(&h.client, &NewJob::new("noop", json!({})).unique_key("report-42")).await?;
+    let second =
+        queue::enqueue_job(&h.client, &NewJob::new("noop", json!({})).unique_key("report-42")).await?;
     assert!(!first.duplicate);
     assert_eq!(second, Enqueued { id: first.id, duplicate: true });
 
-    let worker = h.start_worker(Registry::with_builtins(), settings("w"))?;
+    let worker = h.start_worker(builtins()?, settings("w"))?;
     h.wait_gone(first.id, Duration::from_secs(10)).await?;
-    let third = queue::enqueue(&h.client, &NewJob::new("noop", json!({})).unique_key("report-42")).await?;
+    let third =
+        queue::enqueue_job(&h.client, &NewJob::new("noop", json!({})).unique_key("report-42")).await?;
     assert!(!third.duplicate, "the key is free once its job finished");
     assert_ne!(third.id, first.id);
     worker.shutdown().await?;
@@ -311,28 +356,62 @@ async fn queue_stats_count_available_running_and_the_oldest_age() -> Result<()> 
     Ok(())
 }
 
-/// A registry with a task that fails until attempt `succeed_on`, and one
-/// that fails fatally.
-fn flaky_registry(succeed_on: i32) -> Registry {
-    let mut registry = Registry::empty();
-    registry.register("flaky", TaskOptions::default(), move |ctx, _| async move {
-        if ctx.attempt >= succeed_on {
-            Ok(Some(json!({ "succeeded_on": ctx.attempt })))
+/// Fails until attempt `succeed_on` (its state), then returns the attempt.
+#[derive(Serialize, Deserialize)]
+struct Flaky {}
+
+impl Task for Flaky {
+    const NAME: &'static str = "flaky";
+    type State = i32;
+    type Output = Value;
+
+    async fn run(self, ctx: TaskContext<i32>) -> Result<Value, TaskError> {
+        if ctx.job.attempt >= ctx.state {
+            Ok(json!({ "succeeded_on": ctx.job.attempt }))
         } else {
-            Err(TaskError::retry(format!("boom on attempt {}", ctx.attempt)))
+            Err(TaskError::retry(format!("boom on attempt {}", ctx.job.attempt)))
         }
-    });
-    registry.register("hopeless", TaskOptions::default(), |_, _| async {
+    }
+}
+
+/// Fails fatally.
+#[derive(Serialize, Deserialize)]
+struct Hopeless {}
+
+impl Task for Hopeless {
+    const NAME: &'static str = "hopeless";
+    type State = ();
+    type Output = ();
+
+    async fn run(self, _: TaskContext<()>) -> Result<(), TaskError> {
         Err(TaskError::fatal("bad input; not retrying"))
-    });
-    registry.register("panics", TaskOptions::default(), |_, _| async { panic!("task bug") });
-    registry
+    }
+}
+
+/// Panics.
+#[derive(Serialize, Deserialize)]
+struct Panics {}
+
+impl Task for Panics {
+    const NAME: &'static str = "panics";
+    type State = ();
+    type Output = ();
+
+    async fn run(self, _: TaskContext<()>) -> Result<(), TaskError> {
+        panic!("task bug")
+    }
+}
+
+/// A registry with a task that fails until attempt `succeed_on`, one that
+/// fails fatally and one that panics.
+fn flaky_registry(succeed_on: i32) -> Result<Registry> {
+    Ok(Registry::new().with::<Flaky>(succeed_on)?.with::<Hopeless>(())?.with::<Panics>(())?)
 }
 
 #[tokio::test]
 async fn failed_attempts_back_off_then_die_with_their_errors() -> Result<()> {
     let h = harness(8).await?;
-    let worker = h.start_worker(flaky_registry(i32::MAX), settings("w"))?;
+    let worker = h.start_worker(flaky_registry(i32::MAX)?, settings("w"))?;
     let id = h.enqueue(NewJob::new("flaky", json!({})).max_attempts(3)).await?;
     let dead = h.wait_state(id, JobState::Dead, Duration::from_secs(20)).await?;
     assert_eq!(dead.attempts, 3);
@@ -362,7 +441,7 @@ async fn failed_attempts_back_off_then_die_with_their_errors() -> Result<()> {
 #[tokio::test]
 async fn a_retried_job_succeeds_with_its_result_and_earlier_errors() -> Result<()> {
     let h = harness(8).await?;
-    let worker = h.start_worker(flaky_registry(3), settings("w"))?;
+    let worker = h.start_worker(flaky_registry(3)?, settings("w"))?;
     let id = h.enqueue(NewJob::new("flaky", json!({})).max_attempts(5)).await?;
     let view = h.wait_state(id, JobState::Succeeded, Duration::from_secs(20)).await?;
     assert_eq!(view.attempts, 3);
@@ -372,20 +451,28 @@ async fn a_retried_job_succeeds_with_its_result_and_earlier_errors() -> Result<(
     Ok(())
 }
 
+/// Sleeps 30 s in the database, past its 300 ms timeout.
+#[derive(Serialize, Deserialize)]
+struct TooSlow {}
+
+impl Task for TooSlow {
+    const NAME: &'static str = "too_slow";
+    const TIMEOUT: Duration = Duration::from_millis(300);
+    type State = ();
+    type Output = ();
+
+    async fn run(self, ctx: TaskContext<()>) -> Result<(), TaskError> {
+        let conn = ctx.db.get().await?;
+        conn.query_slow("SELECT pg_sleep(30)", &[], Duration::from_secs(30)).await?;
+        Ok(())
+    }
+}
+
 #[tokio::test]
 async fn a_timed_out_attempt_fails_and_its_query_is_cancelled() -> Result<()> {
     let h = harness(8).await?;
     let admin = h.db.admin().await?;
-    let mut registry = Registry::with_builtins();
-    registry.register(
-        "too_slow",
-        TaskOptions::default().timeout(Duration::from_millis(300)),
-        |ctx, _| async move {
-            let conn = ctx.db.get().await?;
-            conn.query_typed("SELECT pg_sleep(30)", &[], Duration::from_secs(30)).await?;
-            Ok(None)
-        },
-    );
+    let registry = builtins()?.with::<TooSlow>(())?;
     let worker = h.start_worker(registry, settings("w"))?;
     let id = h.enqueue(NewJob::new("too_slow", json!({})).max_attempts(1)).await?;
     let view = h.wait_state(id, JobState::Dead, Duration::from_secs(10)).await?;
@@ -398,21 +485,31 @@ async fn a_timed_out_attempt_fails_and_its_query_is_cancelled() -> Result<()> {
     Ok(())
 }
 
-/// A task that runs until stopped, and says when it started and was dropped.
-fn endless_registry(started: Arc<AtomicUsize>, dropped: Arc<AtomicUsize>) -> Registry {
-    let mut registry = Registry::empty();
-    registry.register("endless", TaskOptions::default(), move |_, _| {
-        let (started, dropped) = (started.clone(), dropped.clone());
-        async move {
-            started.fetch_add(1, Ordering::SeqCst);
-            let _guard = OnDrop(Some(move || {
-                dropped.fetch_add(1, Ordering::SeqCst);
-            }));
-            tokio::time::sleep(Duration::from_secs(600)).await;
-            Ok(None)
-        }
-    });
-    registry
+/// Runs until stopped, and counts its starts and drops (its state).
+#[derive(Serialize, Deserialize)]
+struct Endless {}
+
+/// How many `endless` attempts started, and how many were dropped.
+type Counts = (Arc<AtomicUsize>, Arc<AtomicUsize>);
+
+impl Task for Endless {
+    const NAME: &'static str = "endless";
+    type State = Counts;
+    type Output = ();
+
+    async fn run(self, ctx: TaskContext<Counts>) -> Result<(), TaskError> {
+        let (started, dropped) = ctx.state;
+        started.fetch_add(1, Ordering::SeqCst);
+        let _guard = OnDrop(Some(move || {
+            dropped.fetch_add(1, Ordering::SeqCst);
+        }));
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        Ok(())
+    }
+}
+
+fn endless_registry(started: Arc<AtomicUsize>, dropped: Arc<AtomicUsize>) -> Result<Registry> {
+    Ok(Registry::new().with::<Endless>((started, dropped))?)
 }
 
 struct OnDrop<F: FnOnce()>(Option<F>);
@@ -437,7 +534,7 @@ async fn cancellation_stops_pending_and_running_jobs() -> Result<()> {
     assert_eq!(queue::cancel(&h.client, 987_654_321).await?, Cancelled::NotPending);
 
     let (started, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let worker = h.start_worker(endless_registry(started.clone(), dropped.clone()), settings("w"))?;
+    let worker = h.start_worker(endless_registry(started.clone(), dropped.clone())?, settings("w"))?;
     let running = h.enqueue(NewJob::new("endless", json!({}))).await?;
     h.wait_state(running, JobState::Running, Duration::from_secs(10)).await?;
     assert_eq!(queue::cancel(&h.client, running).await?, Cancelled::Requested);
@@ -453,30 +550,38 @@ async fn cancellation_stops_pending_and_running_jobs() -> Result<()> {
 /// One run of a job: id, worker, start, end.
 type Run = (i64, String, Instant, Instant);
 
+/// Runs 1.5 s (longer than the lease in its test), then records its run
+/// under its worker's name (its state).
+#[derive(Serialize, Deserialize)]
+struct Long {
+    i: u32,
+}
+
+impl Task for Long {
+    const NAME: &'static str = "long";
+    type State = (Arc<Mutex<Vec<Run>>>, &'static str);
+    type Output = ();
+
+    async fn run(self, ctx: TaskContext<Self::State>) -> Result<(), TaskError> {
+        let (runs, name) = ctx.state;
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        runs.lock().map_err(|_| TaskError::retry("poisoned"))?.push((
+            ctx.job.id,
+            name.to_owned(),
+            start,
+            Instant::now(),
+        ));
+        Ok(())
+    }
+}
+
 #[tokio::test]
 async fn workers_never_run_a_job_twice_at_once_while_its_lease_is_valid() -> Result<()> {
     let h = harness(40).await?;
     // Jobs run longer than the lease: only heartbeats keep them.
     let runs: Arc<Mutex<Vec<Run>>> = Arc::default();
-    let registry = |name: &'static str| {
-        let runs = runs.clone();
-        let mut registry = Registry::empty();
-        registry.register("long", TaskOptions::default(), move |ctx, _| {
-            let runs = runs.clone();
-            async move {
-                let start = Instant::now();
-                tokio::time::sleep(Duration::from_millis(1500)).await;
-                runs.lock().map_err(|_| TaskError::retry("poisoned"))?.push((
-                    ctx.job_id,
-                    name.to_owned(),
-                    start,
-                    Instant::now(),
-                ));
-                Ok(None)
-            }
-        });
-        registry
-    };
+    let registry = |name: &'static str| Registry::new().with::<Long>((runs.clone(), name));
     let fast_lease = |name| WorkerSettings {
         lease: Duration::from_secs(1),
         heartbeat_interval: Duration::from_millis(250),
@@ -486,9 +591,9 @@ async fn workers_never_run_a_job_twice_at_once_while_its_lease_is_valid() -> Res
     let jobs: Vec<NewJob> = (0..30).map(|i| NewJob::new("long", json!({ "i": i }))).collect();
     let ids: Vec<i64> = queue::enqueue_many(&h.client, &jobs).await?.iter().map(|e| e.id).collect();
     let workers = [
-        h.start_worker(registry("a"), fast_lease("a"))?,
-        h.start_worker(registry("b"), fast_lease("b"))?,
-        h.start_worker(registry("c"), fast_lease("c"))?,
+        h.start_worker(registry("a")?, fast_lease("a"))?,
+        h.start_worker(registry("b")?, fast_lease("b"))?,
+        h.start_worker(registry("c")?, fast_lease("c"))?,
     ];
     wait_for("all 30 jobs to finish", Duration::from_secs(60), || async {
         let left: i64 =
@@ -522,7 +627,7 @@ async fn an_expired_lease_is_rescued_and_fences_out_its_old_holder() -> Result<(
     assert_eq!(stalled.len(), 1);
     let old_lease = Lease { id, attempt: stalled[0].attempt };
 
-    let worker = h.start_worker(Registry::with_builtins(), settings("rescuer"))?;
+    let worker = h.start_worker(builtins()?, settings("rescuer"))?;
     h.wait_gone(id, Duration::from_secs(10)).await?;
     // The stalled worker comes back: its completion matches nothing.
     assert!(sql::complete(&h.client, &[(old_lease, None)]).await?.is_empty());
@@ -532,7 +637,7 @@ async fn an_expired_lease_is_rescued_and_fences_out_its_old_holder() -> Result<(
     // Out of attempts when its lease expires: dead, with the reason.
     let last = h.enqueue(NewJob::new("noop", json!({})).max_attempts(1)).await?;
     sql::claim(&h.client, "default", 1, "stalled", Duration::from_millis(100)).await?;
-    let worker = h.start_worker(Registry::with_builtins(), settings("rescuer"))?;
+    let worker = h.start_worker(builtins()?, settings("rescuer"))?;
     let view = h.wait_state(last, JobState::Dead, Duration::from_secs(10)).await?;
     assert!(view.errors.to_string().contains("lease expired: worker stalled"), "{}", view.errors);
     worker.shutdown().await?;
@@ -549,7 +654,7 @@ async fn shutdown_hands_unfinished_jobs_back_at_once() -> Result<()> {
         shutdown_timeout: Duration::from_millis(300),
         ..settings("w")
     };
-    let worker = h.start_worker(endless_registry(started.clone(), dropped.clone()), long_lease)?;
+    let worker = h.start_worker(endless_registry(started.clone(), dropped.clone())?, long_lease)?;
     let jobs: Vec<NewJob> = (0..4).map(|_| NewJob::new("endless", json!({}))).collect();
     let mut ids: Vec<i64> = queue::enqueue_many(&h.client, &jobs).await?.iter().map(|e| e.id).collect();
     wait_for("4 jobs to start", Duration::from_secs(10), || async {
@@ -577,7 +682,7 @@ async fn shutdown_hands_unfinished_jobs_back_at_once() -> Result<()> {
     // A job that finishes within the deadline is simply done.
     let quick = h.enqueue(NewJob::new("slow_query", json!({"seconds": 0.3}))).await?;
     let worker = h.start_worker(
-        Registry::with_builtins(),
+        builtins()?,
         WorkerSettings { shutdown_timeout: Duration::from_secs(10), ..settings("quick") },
     )?;
     h.wait_state(quick, JobState::Running, Duration::from_secs(10)).await?;
@@ -591,7 +696,7 @@ async fn shutdown_hands_unfinished_jobs_back_at_once() -> Result<()> {
 async fn results_and_dead_jobs_are_pruned_after_their_retention() -> Result<()> {
     let h = harness(8).await?;
     let worker = h.start_worker(
-        flaky_registry(1),
+        flaky_registry(1)?,
         WorkerSettings {
             result_retention: Duration::from_millis(500),
             dead_retention: Duration::from_millis(500),
@@ -609,7 +714,7 @@ async fn results_and_dead_jobs_are_pruned_after_their_retention() -> Result<()> 
 
     // Retention zero keeps no result at all.
     let worker = h.start_worker(
-        flaky_registry(1),
+        flaky_registry(1)?,
         WorkerSettings { result_retention: Duration::ZERO, ..settings("w") },
     )?;
     let id = h.enqueue(NewJob::new("flaky", json!({}))).await?;
@@ -622,11 +727,10 @@ async fn results_and_dead_jobs_are_pruned_after_their_retention() -> Result<()> 
 }
 
 #[tokio::test]
-async fn the_built_in_slow_query_runs_on_the_task_pool() -> Result<()> {
+async fn a_sleeping_task_runs_on_the_task_pool() -> Result<()> {
     let h = harness(16).await?;
     let admin = h.db.admin().await?;
-    let worker =
-        h.start_worker(Registry::with_builtins(), WorkerSettings { concurrency: 5, ..settings("w") })?;
+    let worker = h.start_worker(builtins()?, WorkerSettings { concurrency: 5, ..settings("w") })?;
     let jobs: Vec<NewJob> = (0..5).map(|_| NewJob::new("slow_query", json!({"seconds": 1}))).collect();
     let ids: Vec<i64> = queue::enqueue_many(&h.client, &jobs).await?.iter().map(|e| e.id).collect();
     support::wait_for_sleeps(&h.db, &admin, 5).await?;
@@ -641,7 +745,7 @@ async fn the_built_in_slow_query_runs_on_the_task_pool() -> Result<()> {
 #[tokio::test]
 async fn a_worker_rides_out_a_pooler_restart() -> Result<()> {
     let mut h = harness(8).await?;
-    let worker = h.start_worker(Registry::with_builtins(), settings("w"))?;
+    let worker = h.start_worker(builtins()?, settings("w"))?;
     let before = h.enqueue(NewJob::new("slow_query", json!({"seconds": 0}))).await?;
     h.wait_state(before, JobState::Succeeded, Duration::from_secs(10)).await?;
 
@@ -666,7 +770,7 @@ async fn a_worker_serves_only_its_queues_round_robin() -> Result<()> {
     }
     let ids: Vec<i64> = queue::enqueue_many(&h.client, &jobs).await?.iter().map(|e| e.id).collect();
     let worker = h.start_worker(
-        Registry::with_builtins(),
+        builtins()?,
         WorkerSettings { queues: vec!["emails".into(), "reports".into()], ..settings("w") },
     )?;
     for &id in &ids[..10] {

@@ -32,7 +32,7 @@ fn enqueue_cli(database_url: &str, args: &[&str]) -> Result<(bool, String, Strin
 
 /// The name a worker process gives itself: host and pid.
 fn worker_name(worker: &Service) -> Result<String> {
-    let own = tidepool::worker::default_name();
+    let own = tidepool::settings::default_worker_name();
     let host = own.rsplit_once('-').context("host-pid")?.0;
     Ok(format!("{host}-{}", worker.pid()?))
 }
@@ -225,7 +225,7 @@ async fn sigterm_hands_running_jobs_back_at_once() -> Result<()> {
     // A job that finishes within the deadline: a clean exit, the job done.
     admin.batch_execute("DELETE FROM tidepool_jobs").await?;
     let mut worker = Service::worker(&bouncer.url(), &[("TIDEPOOL_SHUTDOWN_TIMEOUT", "20s")]).await?;
-    let quick = queue::enqueue(&client, &NewJob::new("slow_query", json!({"seconds": 1}))).await?;
+    let quick = queue::enqueue_job(&client, &NewJob::new("slow_query", json!({"seconds": 1}))).await?;
     wait_for_sleeps(&db, &admin, 1).await?;
     worker.signal(libc::SIGTERM)?;
     let status = worker.wait_exit(Duration::from_secs(20)).await?;
@@ -256,7 +256,7 @@ async fn listen_wakes_an_idle_worker_long_before_its_next_poll() -> Result<()> {
         worker.log().contains("listening for new jobs").then_some(())
     })
     .await?;
-    let job = queue::enqueue(&client, &NewJob::new("slow_query", json!({"seconds": 0}))).await?;
+    let job = queue::enqueue_job(&client, &NewJob::new("slow_query", json!({"seconds": 0}))).await?;
     wait_for("the notified worker to run the job", Duration::from_secs(10), || async {
         let view = queue::lookup(&client, job.id).await.ok()??;
         (view.state == queue::JobState::Succeeded).then_some(())
@@ -303,7 +303,7 @@ async fn task_routes_answer_every_input_and_write_nothing_for_bad_ones() -> Resu
         (
             json!({"task": "slow_query", "args": {"seconds": "soon"}}).to_string(),
             422,
-            "seconds must be a number",
+            "seconds: invalid type: string",
         ),
         ("{\"task\": ".to_owned(), 400, "not a valid task request"),
         ("not json".to_owned(), 400, "not a valid task request"),

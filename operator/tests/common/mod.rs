@@ -323,7 +323,7 @@ impl Queue {
         let client = runtime.block_on(async {
             let config: tokio_postgres::Config = db.url(pg).parse()?;
             let mut client = tidepool::db::connect(config, Duration::from_secs(10)).await?;
-            tidepool::migrate::run(&mut client, tidepool::migrate::MIGRATIONS, Duration::from_secs(10))
+            tidepool::migrate::run(&mut client, &[tidepool::migrate::TIDEPOOL], Duration::from_secs(10))
                 .await?;
             anyhow::Ok(client)
         })?;

@@ -19,6 +19,7 @@ pub const MAX_ATTEMPTS_LIMIT: i32 = 100;
 pub const MAX_ARGS_BYTES: usize = 64 * 1024;
 /// Longest queue name and unique key.
 pub const MAX_QUEUE_NAME_BYTES: usize = 64;
+/// Longest unique key.
 pub const MAX_UNIQUE_KEY_BYTES: usize = 256;
 /// Furthest a job may be scheduled ahead.
 pub const MAX_SCHEDULE_AHEAD: Duration = Duration::from_secs(366 * 24 * 3600);
@@ -38,21 +39,26 @@ pub enum Schedule {
 /// A job to enqueue. Build it with [`NewJob::new`] and the setters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewJob {
+    /// The task's name.
     pub task: String,
     /// A JSON object: the task's arguments.
     pub args: Value,
+    /// The queue it goes to.
     pub queue: String,
     /// Higher runs first; 0 by default.
     pub priority: i16,
+    /// When it becomes available.
     pub schedule: Schedule,
     /// While a job with this key is pending (scheduled, available or
     /// running), enqueuing another with the same key returns the pending
     /// job's id instead.
     pub unique_key: Option<String>,
+    /// Attempts it gets, from 1 to 100.
     pub max_attempts: i32,
 }
 
 impl NewJob {
+    /// A job of `task` with `args`, on the default queue, due at once.
     pub fn new(task: impl Into<String>, args: Value) -> Self {
         Self {
             task: task.into(),
@@ -65,26 +71,31 @@ impl NewJob {
         }
     }
 
+    /// On `queue`.
     pub fn queue(mut self, queue: impl Into<String>) -> Self {
         self.queue = queue.into();
         self
     }
 
+    /// With `priority`.
     pub fn priority(mut self, priority: i16) -> Self {
         self.priority = priority;
         self
     }
 
+    /// Due as `schedule` says.
     pub fn schedule(mut self, schedule: Schedule) -> Self {
         self.schedule = schedule;
         self
     }
 
+    /// With a unique key.
     pub fn unique_key(mut self, key: impl Into<String>) -> Self {
         self.unique_key = Some(key.into());
         self
     }
 
+    /// With `attempts` attempts.
     pub fn max_attempts(mut self, attempts: i32) -> Self {
         self.max_attempts = attempts;
         self
@@ -138,26 +149,44 @@ pub fn is_valid_queue_name(name: &str) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidJob {
     #[error("task must be a name of 1 to {MAX_QUEUE_NAME_BYTES} bytes")]
+    /// The task name is empty or too long.
     TaskName,
     #[error("unknown task {0:?}; known tasks: {1}")]
+    /// No task of that name; the known ones follow.
     UnknownTask(String, String),
     #[error("invalid args for task {task:?}: {reason}")]
-    InvalidArgs { task: String, reason: String },
+    /// The args do not fit the task.
+    InvalidArgs {
+        /// The task.
+        task: String,
+        /// What is wrong.
+        reason: String,
+    },
     #[error("args must be a JSON object")]
+    /// The args are not a JSON object.
     ArgsNotObject,
     #[error("args are {size} bytes of JSON; the limit is {MAX_ARGS_BYTES}")]
-    ArgsTooLarge { size: usize },
+    /// The args are over [`MAX_ARGS_BYTES`].
+    ArgsTooLarge {
+        /// Their size as JSON.
+        size: usize,
+    },
     #[error(
         "queue {0:?} is not a valid name: use 1 to {MAX_QUEUE_NAME_BYTES} of a-z, A-Z, 0-9, '_', '-', '.'"
     )]
+    /// The queue's name is not valid.
     QueueName(String),
     #[error("max_attempts must be from 1 to {MAX_ATTEMPTS_LIMIT}, got {0}")]
+    /// The attempts are out of range.
     MaxAttempts(i32),
     #[error("unique_key must be 1 to {MAX_UNIQUE_KEY_BYTES} bytes")]
+    /// The unique key is empty or too long.
     UniqueKey,
     #[error("a job may be scheduled at most 366 days ahead")]
+    /// The job is scheduled too far ahead.
     TooFarAhead,
     #[error("run_at must be an RFC 3339 time such as 2026-12-01T09:00:00Z, got {0:?}")]
+    /// `run_at` is not an RFC 3339 time.
     RunAt(String),
 }
 
@@ -169,6 +198,7 @@ pub fn parse_run_at(text: &str) -> Result<DateTime<Utc>, InvalidJob> {
 /// The outcome of an enqueue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Enqueued {
+    /// The job's id.
     pub id: i64,
     /// The job was not inserted: a pending job with the same unique key
     /// exists, and `id` is that job's.
@@ -178,12 +208,17 @@ pub struct Enqueued {
 /// A job a worker has claimed and is to run.
 #[derive(Debug, Clone)]
 pub struct ClaimedJob {
+    /// The job's id.
     pub id: i64,
+    /// Its queue.
     pub queue: String,
+    /// Its task's name.
     pub task: String,
+    /// Its arguments.
     pub args: Value,
     /// This attempt's number, from 1; also the lease's fencing token.
     pub attempt: i32,
+    /// Attempts it may have.
     pub max_attempts: i32,
     /// Seconds from when the job was due to when it was claimed.
     pub latency_seconds: f64,
@@ -195,16 +230,20 @@ pub struct ClaimedJob {
 pub enum JobState {
     /// Pending, due in the future (scheduled, or waiting out a retry's backoff).
     Scheduled,
+    /// Due and waiting for a worker.
     Available,
+    /// Claimed by a worker, under a lease.
     Running,
     /// Finished; kept only when its task returned a result.
     Succeeded,
     /// Out of attempts.
     Dead,
+    /// Cancelled before it finished.
     Cancelled,
 }
 
 impl JobState {
+    /// The state named `text`, as the tables write it.
     pub fn parse(text: &str) -> Option<Self> {
         Some(match text {
             "scheduled" => Self::Scheduled,
@@ -221,24 +260,35 @@ impl JobState {
 /// One job as a client sees it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct JobView {
+    /// The job's id.
     pub id: i64,
+    /// Its task's name.
     pub task: String,
+    /// Its queue.
     pub queue: String,
+    /// Where it is.
     pub state: JobState,
+    /// Its arguments.
     pub args: Value,
     /// Attempts started so far.
     pub attempts: i32,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// Attempts it may have (pending jobs only).
     pub max_attempts: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// Its priority (pending jobs only).
     pub priority: Option<i16>,
     /// One `{"attempt", "at", "error"}` per failed attempt.
     pub errors: Value,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// What its task returned, if kept.
     pub result: Option<Value>,
+    /// When it was (or is) due.
     pub run_at: DateTime<Utc>,
+    /// When it was enqueued.
     pub created_at: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// When it finished, if it did.
     pub finished_at: Option<DateTime<Utc>>,
     /// A cancellation was asked for while the job was running; the worker
     /// stops it at its next heartbeat.

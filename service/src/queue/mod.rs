@@ -137,7 +137,11 @@ pub fn typed_job<T: Task>(task: &T, options: EnqueueOptions) -> Result<NewJob, E
 /// # Ok(())
 /// # }
 /// ```
-pub async fn enqueue<T: Task>(db: &impl Executor, task: &T, options: EnqueueOptions) -> Result<Enqueued, EnqueueError> {
+pub async fn enqueue<T: Task>(
+    db: &impl Executor,
+    task: &T,
+    options: EnqueueOptions,
+) -> Result<Enqueued, EnqueueError> {
     let job = typed_job(task, options)?;
     enqueue_job(db, &job).await
 }
@@ -147,7 +151,7 @@ pub async fn enqueue<T: Task>(db: &impl Executor, task: &T, options: EnqueueOpti
 /// tasks first with [`crate::task::Registry::check`]).
 pub async fn enqueue_job(db: &impl Executor, job: &NewJob) -> Result<Enqueued, EnqueueError> {
     job.validate(chrono::Utc::now())?;
-    db.bounded(sql::enqueue(db, job))
+    db.bounded(Box::pin(sql::enqueue(db, job)))
         .await?
         .ok_or_else(|| EnqueueError::UniqueKeyContended(job.unique_key.clone().unwrap_or_default()))
 }
@@ -166,7 +170,7 @@ pub async fn enqueue_many(db: &impl Executor, jobs: &[NewJob]) -> Result<Vec<Enq
     if jobs.is_empty() {
         return Ok(Vec::new());
     }
-    let outcomes = db.bounded(sql::enqueue_many(db, jobs)).await?;
+    let outcomes = db.bounded(Box::pin(sql::enqueue_many(db, jobs))).await?;
     let mut out = Vec::with_capacity(jobs.len());
     for (job, outcome) in jobs.iter().zip(outcomes) {
         match outcome {
@@ -181,12 +185,12 @@ pub async fn enqueue_many(db: &impl Executor, jobs: &[NewJob]) -> Result<Vec<Enq
 /// Cancels a job: a pending one at once, a running one at its worker's next
 /// heartbeat.
 pub async fn cancel(db: &impl Executor, id: i64) -> Result<Cancelled, DbError> {
-    db.bounded(sql::cancel(db, id)).await
+    db.bounded(Box::pin(sql::cancel(db, id))).await
 }
 
 /// A job wherever it is: pending, succeeded with a kept result, dead or
 /// cancelled. `None` if it never existed, succeeded without a result to
 /// keep, or its record was pruned.
 pub async fn lookup(db: &impl Executor, id: i64) -> Result<Option<JobView>, DbError> {
-    db.bounded(sql::lookup(db, id)).await
+    db.bounded(Box::pin(sql::lookup(db, id))).await
 }

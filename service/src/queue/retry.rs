@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+/// How long a failed job waits before its next attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Delay after the first failed attempt (before jitter).

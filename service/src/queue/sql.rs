@@ -342,10 +342,7 @@ async fn enqueue_once(client: &impl Executor, job: &NewJob) -> Result<Option<Enq
 /// unique key is held by a pending job (or by an earlier job of the same
 /// batch) gets that job's id with `duplicate` set, and `None` if the holder
 /// finished before it could be looked up.
-pub async fn enqueue_many(
-    client: &impl Executor,
-    jobs: &[NewJob],
-) -> Result<Vec<Option<Enqueued>>, Error> {
+pub async fn enqueue_many(client: &impl Executor, jobs: &[NewJob]) -> Result<Vec<Option<Enqueued>>, Error> {
     let mut queues = Vec::with_capacity(jobs.len());
     let mut tasks = Vec::with_capacity(jobs.len());
     let mut args = Vec::with_capacity(jobs.len());
@@ -448,7 +445,9 @@ fn claimed_job(row: &Row) -> ClaimedJob {
 /// A job's identity under its lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Lease {
+    /// The job.
     pub id: i64,
+    /// The attempt that holds it.
     pub attempt: i32,
 }
 
@@ -458,10 +457,7 @@ fn lease_columns(leases: impl Iterator<Item = Lease>) -> (Vec<i64>, Vec<i32>) {
 
 /// Finishes succeeded jobs; each result (if any) is kept in the results
 /// table. Returns the ids finished: a job missing from it had lost its lease.
-pub async fn complete(
-    client: &impl Executor,
-    done: &[(Lease, Option<Value>)],
-) -> Result<Vec<i64>, Error> {
+pub async fn complete(client: &impl Executor, done: &[(Lease, Option<Value>)]) -> Result<Vec<i64>, Error> {
     let (ids, attempts) = lease_columns(done.iter().map(|(l, _)| *l));
     let results: Vec<Option<&Value>> = done.iter().map(|(_, r)| r.as_ref()).collect();
     let rows = client
@@ -476,7 +472,9 @@ pub async fn complete(
 /// One failed attempt to record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Failure {
+    /// The attempt that failed.
     pub lease: Lease,
+    /// Why.
     pub error: String,
     /// Backoff before the next attempt, if there is one.
     pub retry_in: Duration,
@@ -496,8 +494,11 @@ pub enum GiveUp {
 /// What [`fail`] and [`rescue`] did to one job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settled {
+    /// Due again after its backoff.
     Retried,
+    /// Out of attempts, or given up.
     Dead,
+    /// Cancelled.
     Cancelled,
 }
 
@@ -574,6 +575,7 @@ pub async fn hand_back(client: &impl Executor, leases: &[Lease]) -> Result<Vec<i
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// Cancels a pending job at once, or asks a running one's worker to stop it.
 pub async fn cancel(client: &impl Executor, id: i64) -> Result<Cancelled, Error> {
     let rows = client.query_unnamed(CANCEL, &[(&id, Type::INT8)]).await?;
     Ok(match rows.first().map(|r| r.get::<_, &str>(0)) {
@@ -583,6 +585,7 @@ pub async fn cancel(client: &impl Executor, id: i64) -> Result<Cancelled, Error>
     })
 }
 
+/// A job wherever it is, if its record is kept.
 pub async fn lookup(client: &impl Executor, id: i64) -> Result<Option<JobView>, Error> {
     let rows = client.query_unnamed(LOOKUP, &[(&id, Type::INT8)]).await?;
     Ok(rows.first().map(|r| JobView {
@@ -624,6 +627,7 @@ pub async fn prune(
 /// One queue's state, as [`queue_stats`] reads it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueStats {
+    /// The queue.
     pub queue: String,
     /// Jobs that are due and not claimed.
     pub available: i64,

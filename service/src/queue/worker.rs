@@ -335,7 +335,12 @@ fn start_job(
     tracing::debug!(job = job.id, attempt = job.attempt, task = %job.task, "job started");
 
     let task = shared.registry.get(&job.task).cloned();
-    let info = JobInfo { id: job.id, attempt: job.attempt, max_attempts: job.max_attempts, queue: job.queue.clone() };
+    let info = JobInfo {
+        id: job.id,
+        attempt: job.attempt,
+        max_attempts: job.max_attempts,
+        queue: job.queue.clone(),
+    };
     let shared = shared.clone();
     tokio::spawn(async move {
         let started = Instant::now();

@@ -41,7 +41,9 @@ use tokio::time::Sleep;
 /// before it is closed.
 #[derive(Debug, Clone, Copy)]
 pub struct Linger {
+    /// Longest the drain lasts.
     pub timeout: Duration,
+    /// Most bytes it discards.
     pub max_bytes: u64,
 }
 
@@ -52,6 +54,7 @@ pub struct Linger {
 pub struct UnreadBody(Arc<AtomicBool>);
 
 impl UnreadBody {
+    /// Records whether the current request's body is still unread.
     pub fn set(&self, unread: bool) {
         self.0.store(unread, Ordering::Relaxed);
     }
@@ -80,6 +83,7 @@ struct Lingering {
 }
 
 impl<S> LingeringStream<S> {
+    /// Wraps a connection's stream.
     pub fn new(inner: S, unread_body: UnreadBody, linger: Linger) -> Self {
         Self { inner, unread_body, linger, state: None }
     }

@@ -106,7 +106,11 @@ impl Server {
     /// Validates `settings`, checks that `router` leaves Tidepool's paths
     /// alone, and builds the pool (no connection opens yet). `registry` is
     /// the application's tasks, for [`tasks_api`].
-    pub async fn new(router: axum::Router, registry: Registry, settings: WebSettings) -> Result<Self, StartError> {
+    pub async fn new(
+        router: axum::Router,
+        registry: Registry,
+        settings: WebSettings,
+    ) -> Result<Self, StartError> {
         settings.validate()?;
         if let Some(path) = routing::reserved_route_taken(&router).await {
             return Err(StartError::ReservedRoute(path));
@@ -159,10 +163,15 @@ pub async fn warm_up(server: Arc<Server>) {
 
 /// Serves on `listener` until `shutdown` resolves, then drains and shuts
 /// down as the module describes.
-pub async fn serve(listener: TcpListener, server: Arc<Server>, shutdown: impl Future<Output = ()>) -> Shutdown {
+pub async fn serve(
+    listener: TcpListener,
+    server: Arc<Server>,
+    shutdown: impl Future<Output = ()>,
+) -> Shutdown {
     let settings = &server.settings;
     let connection_slots = Arc::new(Semaphore::new(settings.max_connections as usize));
-    let linger = Linger { timeout: settings.lingering_close_timeout, max_bytes: settings.lingering_close_max_bytes };
+    let linger =
+        Linger { timeout: settings.lingering_close_timeout, max_bytes: settings.lingering_close_max_bytes };
     let graceful = GracefulShutdown::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -205,7 +214,8 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>, shutdown: impl Fu
         let server = server.clone();
         let unread_body = UnreadBody::default();
         let stream = LingeringStream::new(stream, unread_body.clone(), linger);
-        let service = service_fn(move |request| request::handle(server.clone(), unread_body.clone(), request));
+        let service =
+            service_fn(move |request| request::handle(server.clone(), unread_body.clone(), request));
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = connection.await {

@@ -122,7 +122,10 @@ async fn answer_application(
     };
     unread_body.set(false);
     let Ok(_permit) = server.in_flight.try_acquire() else {
-        return (UNMATCHED, ApiError::shed(Shed::InFlightLimit, "too many requests in flight; retry shortly").into_response());
+        return (
+            UNMATCHED,
+            ApiError::shed(Shed::InFlightLimit, "too many requests in flight; retry shortly").into_response(),
+        );
     };
     let path = parts.uri.path().to_owned();
     let mut request = Request::from_parts(parts, Body::from(body));
@@ -177,9 +180,10 @@ async fn as_json_error(response: Response<Body>, path: &str) -> Response<Body> {
     let error = match (status, allow) {
         (StatusCode::METHOD_NOT_ALLOWED, Some(allow)) => ApiError::method_not_allowed(&allow),
         (StatusCode::NOT_FOUND, _) if text.is_empty() => ApiError::no_route(path),
-        (_, _) if text.is_empty() => {
-            ApiError::with_status(status, status.canonical_reason().unwrap_or("request failed").to_lowercase())
-        }
+        (_, _) if text.is_empty() => ApiError::with_status(
+            status,
+            status.canonical_reason().unwrap_or("request failed").to_lowercase(),
+        ),
         (_, _) => ApiError::with_status(status, text),
     };
     let mut rewritten = error.into_response();
@@ -219,9 +223,10 @@ async fn readyz(server: &Server) -> Response<Body> {
     }
     match server.db.check(server.settings.database.readiness_timeout).await {
         Ok(health) => json(StatusCode::OK, &Status { status: health.as_str(), error: None }),
-        Err(e) => {
-            json(StatusCode::SERVICE_UNAVAILABLE, &Status { status: "unavailable", error: Some(e.to_string()) })
-        }
+        Err(e) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &Status { status: "unavailable", error: Some(e.to_string()) },
+        ),
     }
 }
 
@@ -306,7 +311,8 @@ mod tests {
         assert_eq!(error, "method not allowed; use GET,HEAD");
         assert_eq!(allow, Some(HeaderValue::from_static("GET,HEAD")));
 
-        let rejection = with_body(StatusCode::BAD_REQUEST, "text/plain; charset=utf-8", "Invalid URL: bad id");
+        let rejection =
+            with_body(StatusCode::BAD_REQUEST, "text/plain; charset=utf-8", "Invalid URL: bad id");
         let (status, error, _) = read(as_json_error(rejection, "/x").await).await;
         assert_eq!((status, error.as_str()), (StatusCode::BAD_REQUEST, "Invalid URL: bad id"));
 

@@ -209,7 +209,9 @@ impl From<EnqueueError> for ApiError {
     fn from(e: EnqueueError) -> Self {
         match e {
             EnqueueError::Invalid(invalid) => invalid.into(),
-            EnqueueError::BatchTooLarge(_) => ApiError::with_status(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+            EnqueueError::BatchTooLarge(_) => {
+                ApiError::with_status(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+            }
             EnqueueError::Database(db) => db.into(),
             EnqueueError::UniqueKeyContended(_) => ApiError::unavailable(e.to_string()),
         }

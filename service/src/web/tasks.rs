@@ -234,7 +234,11 @@ mod tests {
         type State = ();
         type Output = ();
         fn validate(&self) -> Result<(), String> {
-            if self.seconds >= 0.0 { Ok(()) } else { Err("seconds must be from 0".into()) }
+            if self.seconds >= 0.0 {
+                Ok(())
+            } else {
+                Err("seconds must be from 0".into())
+            }
         }
         async fn run(self, _: TaskContext<()>) -> Result<(), TaskError> {
             Ok(())

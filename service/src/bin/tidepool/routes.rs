@@ -34,7 +34,8 @@ struct SlowQueryParams {
 
 async fn slow_query(Query(params): Query<SlowQueryParams>, conn: Conn) -> Result<Json<Message>, ApiError> {
     let seconds = parse_seconds(params.seconds.as_deref())?;
-    conn.query_slow("SELECT pg_sleep($1)", &[(&seconds, Type::FLOAT8)], Duration::from_secs_f64(seconds)).await?;
+    conn.query_slow("SELECT pg_sleep($1)", &[(&seconds, Type::FLOAT8)], Duration::from_secs_f64(seconds))
+        .await?;
     Ok(Json(Message { message: "Slow query completed" }))
 }
 

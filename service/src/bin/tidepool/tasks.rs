@@ -16,7 +16,6 @@ fn default_seconds() -> f64 {
 
 /// The seed's task: `SELECT pg_sleep(seconds)` through the task pool.
 #[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SlowQuery {
     #[serde(default = "default_seconds")]
     seconds: f64,
@@ -66,14 +65,14 @@ impl Task for Noop {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidepool::task::check_args;
     use tidepool::serde_json::json;
+    use tidepool::task::check_args;
 
     #[test]
     fn slow_query_takes_seconds_within_range() {
         assert_eq!(check_args::<SlowQuery>(&json!({})), Ok(()));
         assert_eq!(check_args::<SlowQuery>(&json!({"seconds": 0.5})), Ok(()));
-        for bad in [json!({"seconds": -1}), json!({"seconds": 3601}), json!({"seconds": "5"}), json!({"secs": 1})] {
+        for bad in [json!({"seconds": -1}), json!({"seconds": 3601}), json!({"seconds": "5"})] {
             assert!(check_args::<SlowQuery>(&bad).is_err(), "{bad}");
         }
         assert_eq!(check_args::<Noop>(&json!({})), Ok(()));
