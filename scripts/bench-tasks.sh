@@ -273,7 +273,7 @@ $MARKER
 Task sections written by \`scripts/bench-tasks.sh\` on $(date -u +"%Y-%m-%d %H:%M UTC"), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), same machine.
 For these, PgBouncer has $POOL server connections (\`max_db_connections\`) and
 \`tidepool worker\` runs as a release build; PostgreSQL has default durability
-and default autovacuum settings, plus the per-table settings of migration 0002.
+and default autovacuum settings, plus the per-table settings of the queue's migration (`service/migrations/0001_jobs.sql`).
 
 ## 6. The seed's task experiment
 

@@ -51,7 +51,7 @@
 //! Cancelling through PgBouncer 1.18 needs care: tokio-postgres'
 //! `CancelToken::cancel_query` writes the CancelRequest and shuts its socket
 //! at once, and PgBouncer 1.18 drops a cancel whose sender hung up before it
-//! was forwarded (measured: the statement ran to its end). [`cancel`] does
+//! was forwarded (measured: the statement ran to its end). The cancel here does
 //! what libpq does: it sends the request, then waits for the pooler to close
 //! the connection. Worse, PgBouncer before 1.20 *crashes* (FATAL "bad client
 //! state: 0", pgbouncer#801, fixed by pgbouncer#846) when a cancel request's

@@ -1,6 +1,6 @@
 //! PgBouncer's configuration, rendered from an upstream URL and pool sizes.
 //!
-//! Rendering is pure ([`render_ini`], [`render_auth_file`]); [`write`] only
+//! Rendering is pure ([`render_ini`], [`render_auth_file`]); [`write()`] only
 //! puts the two files in place. The password goes into the auth file alone
 //! (mode 0600); `pgbouncer.ini` holds no secret, so it could live in a
 //! ConfigMap. PgBouncer runs in transaction mode: a server connection is lent

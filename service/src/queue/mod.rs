@@ -17,7 +17,7 @@
 //! again. The attempt number fences a lease: a stalled worker that comes
 //! back cannot finish an attempt that has been given to someone else.
 //! Failed attempts are retried after an exponential backoff with jitter
-//! ([`retry`]), up to `max_attempts`; then the job is dead, with its
+//! ([`RetryPolicy`]), up to `max_attempts`; then the job is dead, with its
 //! errors.
 //!
 //! The table that is claimed from holds only pending jobs; a job leaves it

@@ -308,7 +308,7 @@ const UNIQUE_RACE_RETRIES: usize = 5;
 
 /// Inserts one (validated) job, or finds the pending job holding its unique
 /// key. `None` only if the key's holders kept finishing between the
-/// conflict and the lookup, [`UNIQUE_RACE_RETRIES`] times in a row.
+/// conflict and the lookup, `UNIQUE_RACE_RETRIES` (5) times in a row.
 pub async fn enqueue(client: &impl Executor, job: &NewJob) -> Result<Option<Enqueued>, Error> {
     for _ in 0..UNIQUE_RACE_RETRIES {
         if let Some(enqueued) = enqueue_once(client, job).await? {

@@ -9,7 +9,7 @@
 //!   waits for a free slot, leaving new connections in the kernel's backlog;
 //! - the body is read before routing, within a size and a time limit
 //!   (413, 408); a refused body is drained for a bounded time before the
-//!   connection closes, so the client reads its answer (see [`linger`]);
+//!   connection closes, so the client reads its answer (a lingering close);
 //! - requests in flight are bounded (`--max-in-flight`): past it, an
 //!   immediate 503 with `Retry-After`;
 //! - a path matches its route with or without a trailing slash;
@@ -40,7 +40,7 @@
 //! 3. requests in flight get up to `--shutdown-timeout` to finish. The
 //!    outcome ([`Shutdown`]) becomes the exit code.
 
-pub mod linger;
+mod linger;
 mod request;
 pub mod response;
 mod routing;
