@@ -43,11 +43,13 @@ host_before=$(test_kube host-state)
 # The tools' cached builds print nothing; a first build says what it builds.
 mkdir -p "$TIDEPOOL_STATE_DIR"
 tools_log=$TIDEPOOL_STATE_DIR/test-tools.log
-tools_started=$SECONDS
+tools_seconds=$TIDEPOOL_STATE_DIR/test-tools.seconds
+rm -f "$tools_seconds"
 say "building the Kubernetes tools and the image bases in the background (cached per version; log: $tools_log)"
-# In a session of its own, so that a failure here stops all of it.
-setsid bash -c '"$1/scripts/kube-build.sh" >/dev/null && "$1/scripts/images.sh" bases' _ "$REPO_ROOT" \
-  > "$tools_log" 2>&1 < /dev/null &
+# In a session of its own, so that a failure here stops all of it; it
+# writes how long it took when it is done.
+setsid bash -c '"$1/scripts/kube-build.sh" >/dev/null && "$1/scripts/images.sh" bases && echo "$SECONDS" > "$2"' \
+  _ "$REPO_ROOT" "$tools_seconds" > "$tools_log" 2>&1 < /dev/null &
 tools_pid=$!
 stop_tools() { kill -TERM -- "-$tools_pid" 2>/dev/null || true; wait "$tools_pid" 2>/dev/null || true; }
 trap stop_tools EXIT
@@ -69,7 +71,7 @@ if ! wait "$tools_pid"; then
   cat "$tools_log" >&2
   die "building the Kubernetes tools or the image bases failed (above, and in $tools_log)"
 fi
-timings+=("$(printf '%-44s %5d s' "(background: Go tools and image bases)" $(( SECONDS - tools_started )))")
+timings+=("$(printf '%-44s %5d s' "(beside them: Go tools and image bases)" "$(cat "$tools_seconds")")")
 trap - EXIT
 
 trap test_env_down EXIT

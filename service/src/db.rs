@@ -677,31 +677,26 @@ pub trait Executor: sealed::Sealed + Sync {
     ) -> StatementFuture<'a, T, DbError>;
 }
 
-impl Executor for Client {
-    fn query_unnamed<'a>(&'a self, sql: &'a str, params: Params<'a>) -> StatementFuture<'a, Vec<Row>> {
-        Box::pin(self.query_typed(sql, params))
-    }
+/// A plain tokio-postgres client or transaction: statements unbounded,
+/// their errors classified.
+macro_rules! unbounded_executor {
+    ($($client:ty),*) => {$(
+        impl Executor for $client {
+            fn query_unnamed<'a>(&'a self, sql: &'a str, params: Params<'a>) -> StatementFuture<'a, Vec<Row>> {
+                Box::pin(self.query_typed(sql, params))
+            }
 
-    fn bounded<'a, T: Send + 'a>(
-        &'a self,
-        statement: StatementFuture<'a, T>,
-    ) -> StatementFuture<'a, T, DbError> {
-        Box::pin(async move { statement.await.map_err(DbError::from_statement) })
-    }
+            fn bounded<'a, T: Send + 'a>(
+                &'a self,
+                statement: StatementFuture<'a, T>,
+            ) -> StatementFuture<'a, T, DbError> {
+                Box::pin(async move { statement.await.map_err(DbError::from_statement) })
+            }
+        }
+    )*};
 }
 
-impl Executor for Transaction<'_> {
-    fn query_unnamed<'a>(&'a self, sql: &'a str, params: Params<'a>) -> StatementFuture<'a, Vec<Row>> {
-        Box::pin(self.query_typed(sql, params))
-    }
-
-    fn bounded<'a, T: Send + 'a>(
-        &'a self,
-        statement: StatementFuture<'a, T>,
-    ) -> StatementFuture<'a, T, DbError> {
-        Box::pin(async move { statement.await.map_err(DbError::from_statement) })
-    }
-}
+unbounded_executor!(Client, Transaction<'_>);
 
 impl Executor for Conn {
     fn query_unnamed<'a>(&'a self, sql: &'a str, params: Params<'a>) -> StatementFuture<'a, Vec<Row>> {
