@@ -61,8 +61,9 @@ TICK_US=$(( 1000000 / $(getconf CLK_TCK) ))
 # "rps p50_ms p99_ms cpu_us_per_request" to $2.
 web_run() {
   local bin=$1 out=$2 pid before after requests
-  "$REPO_ROOT/scripts/stack.sh" down web >/dev/null 2>&1
-  TIDEPOOL_BIN=$bin "$REPO_ROOT/scripts/stack.sh" up web >/dev/null 2>&1
+  "$REPO_ROOT/scripts/stack.sh" down web > "$WORK/stack.log" 2>&1
+  TIDEPOOL_BIN=$bin TIDEPOOL_OPERATOR_BIN=$TIDEPOOL_OPERATOR_BIN "$REPO_ROOT/scripts/stack.sh" up web >> "$WORK/stack.log" 2>&1 \
+    || die "tidepool web from $bin did not start: $(tail -n 5 "$WORK/stack.log")"
   pid=$(head -n 1 "$TIDEPOOL_STATE_DIR/run/web.pid")
   wrk -t2 -c64 -d2s "$WEB/row/" > /dev/null  # warm: connections, caches
   before=$(cpu_ticks "$pid")

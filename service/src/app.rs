@@ -187,7 +187,14 @@ impl<S: Clone + Send + Sync + 'static> Application<S> {
 /// Parses the command line (exiting with 2 and a usage message when it
 /// does not parse), sets up logging and runs one subcommand for `app`.
 pub fn run<S: Clone + Send + Sync + 'static>(app: Application<S>) -> ExitCode {
-    let matches = Cli::command().name(app.name).version(app.version).get_matches();
+    // Named as the binary is (`tidepool`, `tidepool-shop`), as people call it.
+    let binary = std::env::args_os()
+        .next()
+        .and_then(|arg| {
+            std::path::Path::new(&arg).file_name().map(|name| name.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| app.name.to_owned());
+    let matches = Cli::command().name(binary).version(app.version).get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),

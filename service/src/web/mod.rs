@@ -129,7 +129,7 @@ impl Server {
         )?;
         let pooler = database.pooler_stats.as_ref().map(|stats| stats.admin_console()).transpose()?;
         Ok(Self {
-            router: routing::prepare(router),
+            router: routing::prepare(router, settings.max_body_bytes),
             db,
             registry: Arc::new(registry),
             metrics,

@@ -116,23 +116,30 @@ async fn answer_application(
     unread_body: &UnreadBody,
 ) -> (Label, Response<Body>) {
     let (parts, body) = request.into_parts();
-    let body = match read_body(server, &parts.headers, body).await {
-        Ok(body) => body,
-        Err(e) => return (UNMATCHED, e.into_response()),
+    // Most requests (a GET) have no body: nothing to read or to time.
+    let body = if body.is_end_stream() {
+        Body::empty()
+    } else {
+        match read_body(server, &parts.headers, body).await {
+            Ok(body) => Body::from(body),
+            Err(e) => return (UNMATCHED, e.into_response()),
+        }
     };
     unread_body.set(false);
     let Ok(_permit) = server.in_flight.try_acquire() else {
-        return (
-            UNMATCHED,
-            ApiError::shed(Shed::InFlightLimit, "too many requests in flight; retry shortly").into_response(),
-        );
+        let shed = ApiError::shed(Shed::InFlightLimit, "too many requests in flight; retry shortly");
+        return (UNMATCHED, shed.into_response());
     };
-    let path = parts.uri.path().to_owned();
-    let mut request = Request::from_parts(parts, Body::from(body));
+    let uri = parts.uri.clone();
+    let mut request = Request::from_parts(parts, body);
     request.extensions_mut().insert(server.clone());
     let Ok(response) = server.router.clone().oneshot(request).await;
     let label = response.extensions().get::<RouteLabel>().map_or(UNMATCHED, |l| Label::Route(l.0.clone()));
-    (label, as_json_error(response, &path).await)
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return (label, response);
+    }
+    (label, as_json_error(response, uri.path()).await)
 }
 
 /// Reads the body within the size and time limits, so an oversized or

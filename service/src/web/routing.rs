@@ -5,14 +5,17 @@
 
 use std::convert::Infallible;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::Router;
+use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use http::{StatusCode, Uri};
-use tower::ServiceExt;
+use tower::{Service, ServiceExt};
 
 use super::response::ApiError;
 use super::Server;
@@ -26,17 +29,69 @@ pub const RESERVED_PATHS: [&str; 6] =
 #[derive(Clone)]
 pub(super) struct RouteLabel(pub(super) MatchedPath);
 
+/// axum's own limit on the body its extractors read, when none is set.
+const AXUM_DEFAULT_BODY_LIMIT: u64 = 2 * 1024 * 1024;
+
 /// The router as Tidepool serves it: every route and fallback labelled and
 /// guarded against panics; a path no route matches tried once more with
-/// its trailing slash added or removed; axum's own body limit off (the
-/// server applies its own before routing).
-pub(super) fn prepare(router: Router) -> Router {
-    let routes = router.layer(middleware::from_fn(label_and_catch_panics)).layer(DefaultBodyLimit::disable());
+/// its trailing slash added or removed. The server reads the body within
+/// `max_body_bytes` before routing, so axum's own limit is lifted when it
+/// is lower than that.
+pub(super) fn prepare(router: Router, max_body_bytes: u64) -> Router {
+    let mut routes = router.layer(tower::layer::layer_fn(|inner| Guarded { inner }));
+    if max_body_bytes > AXUM_DEFAULT_BODY_LIMIT {
+        routes = routes.layer(DefaultBodyLimit::disable());
+    }
     let twin = routes.clone();
     routes.fallback_service(tower::service_fn(move |request: Request| {
         let twin = twin.clone();
         async move { Ok::<_, Infallible>(try_twin(twin, request).await) }
     }))
+}
+
+/// A route (or fallback) that labels its answer with the route's template
+/// and answers 500 when its handler panics.
+#[derive(Clone)]
+struct Guarded<S> {
+    inner: S,
+}
+
+impl<S> Service<Request> for Guarded<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let label = request.extensions().get::<MatchedPath>().cloned().map(RouteLabel);
+        let server = request.extensions().get::<Arc<Server>>().cloned();
+        let inner = &mut self.inner;
+        let answer = std::panic::catch_unwind(AssertUnwindSafe(|| inner.call(request)));
+        Box::pin(async move {
+            let answered = match answer {
+                Ok(future) => AssertUnwindSafe(future).catch_unwind().await.map(|Ok(response)| response),
+                Err(panic) => Err(panic),
+            };
+            let mut response = answered.unwrap_or_else(|panic| {
+                if let Some(server) = &server {
+                    server.metrics.http_handler_panics.inc();
+                }
+                let cause = format!("handler panicked: {}", panic_message(&*panic));
+                ApiError::internal("the handler failed").because(cause).into_response()
+            });
+            if let Some(label) = label {
+                response.extensions_mut().insert(label);
+            }
+            Ok(response)
+        })
+    }
 }
 
 /// Serves a request that matched no route on its trailing-slash twin, with
@@ -66,27 +121,6 @@ fn slash_twin(uri: &Uri) -> Option<Uri> {
         None => twin,
     };
     twin.parse().ok()
-}
-
-async fn label_and_catch_panics(request: Request, next: Next) -> Response {
-    let label = request.extensions().get::<MatchedPath>().cloned().map(RouteLabel);
-    let server = request.extensions().get::<std::sync::Arc<Server>>().cloned();
-    let mut response = match AssertUnwindSafe(next.run(request)).catch_unwind().await {
-        Ok(response) => response,
-        Err(panic) => {
-            if let Some(server) = &server {
-                server.metrics.http_handler_panics.inc();
-            }
-            let message = panic_message(&*panic);
-            ApiError::internal("the handler failed")
-                .because(format!("handler panicked: {message}"))
-                .into_response()
-        }
-    };
-    if let Some(label) = label {
-        response.extensions_mut().insert(label);
-    }
-    response
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
