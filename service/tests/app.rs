@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -370,7 +369,7 @@ async fn an_application_route_on_a_reserved_path_is_refused_at_start_up() -> Res
 /// Settings built in code are checked exactly as the command line's.
 #[tokio::test]
 async fn invalid_settings_built_in_code_are_refused() -> Result<()> {
-    let app = Arc::new(application());
+    let app = application();
     let settings = WebSettings {
         database: DatabaseSettings {
             pool_size: Some(0),
