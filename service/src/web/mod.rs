@@ -251,9 +251,9 @@ pub async fn serve(
     outcome
 }
 
-/// What Tidepool's server puts in every request it hands the router.
-fn server_of(parts: &http::request::Parts) -> Result<&Arc<Server>, ApiError> {
-    parts.extensions.get::<Arc<Server>>().ok_or_else(|| {
+/// The server of the request a handler serves.
+fn current_server() -> Result<Arc<Server>, ApiError> {
+    routing::current_server().ok_or_else(|| {
         ApiError::internal("this handler needs Tidepool's server: serve the router with tidepool::web::serve")
     })
 }
@@ -263,7 +263,7 @@ fn server_of(parts: &http::request::Parts) -> Result<&Arc<Server>, ApiError> {
 impl<S: Send + Sync> FromRequestParts<S> for Conn {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(server_of(parts)?.db.get().await?)
+    async fn from_request_parts(_: &mut http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(current_server()?.db.get().await?)
     }
 }

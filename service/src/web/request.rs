@@ -18,11 +18,10 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Incoming};
 use serde::Serialize;
-use tower::ServiceExt;
 
 use super::linger::UnreadBody;
 use super::response::{json, with_body, ApiError, Body, Shed};
-use super::routing::RouteLabel;
+use super::routing;
 use super::Server;
 
 /// Largest plain-text error body that is rewritten as JSON; a larger one
@@ -131,10 +130,8 @@ async fn answer_application(
         return (UNMATCHED, shed.into_response());
     };
     let uri = parts.uri.clone();
-    let mut request = Request::from_parts(parts, body);
-    request.extensions_mut().insert(server.clone());
-    let Ok(response) = server.router.clone().oneshot(request).await;
-    let label = response.extensions().get::<RouteLabel>().map_or(UNMATCHED, |l| Label::Route(l.0.clone()));
+    let (response, route) = routing::route(server, Request::from_parts(parts, body)).await;
+    let label = route.map_or(UNMATCHED, Label::Route);
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return (label, response);

@@ -2,17 +2,25 @@
 //! of each answer (for its metric label), panics turned into 500s, the
 //! trailing-slash twin of a path that matches no route, and the check that
 //! the application leaves Tidepool's own paths alone.
+//!
+//! While a request is routed, its server and the template of the route
+//! that took it live in a task-local [`Routing`] scope rather than in the
+//! request's and the response's extensions: nothing is allocated for them
+//! per request, and the route's guard future needs no box.
 
+use std::cell::Cell;
 use std::convert::Infallible;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::Router;
-use futures_util::future::BoxFuture;
+use futures_util::future::CatchUnwind;
 use futures_util::FutureExt;
 use http::{StatusCode, Uri};
 use tower::{Service, ServiceExt};
@@ -25,9 +33,35 @@ use super::Server;
 pub const RESERVED_PATHS: [&str; 6] =
     ["/healthz", "/healthz/", "/readyz", "/readyz/", "/metrics", "/metrics/"];
 
-/// The route template that answered, as a response extension.
-#[derive(Clone)]
-pub(super) struct RouteLabel(pub(super) MatchedPath);
+tokio::task_local! {
+    static ROUTING: Routing;
+}
+
+/// The request being routed: the server serving it, and the template of
+/// the route that took it (set by the route's [`Guarded`]).
+struct Routing {
+    server: Arc<Server>,
+    route: Cell<Option<MatchedPath>>,
+}
+
+/// Routes `request` through `server`'s router; the answer and the template
+/// of the route that took it (`None` when none did).
+pub(super) async fn route(server: &Arc<Server>, request: Request) -> (Response, Option<MatchedPath>) {
+    let router = server.router.clone();
+    let scope = Routing { server: server.clone(), route: Cell::new(None) };
+    ROUTING
+        .scope(scope, async move {
+            let Ok(response) = router.oneshot(request).await;
+            (response, ROUTING.with(|routing| routing.route.take()))
+        })
+        .await
+}
+
+/// The server of the request being routed; `None` outside [`route`] (a
+/// router served by something else than Tidepool's server).
+pub(super) fn current_server() -> Option<Arc<Server>> {
+    ROUTING.try_with(|routing| routing.server.clone()).ok()
+}
 
 /// axum's own limit on the body its extractors read, when none is set.
 const AXUM_DEFAULT_BODY_LIMIT: u64 = 2 * 1024 * 1024;
@@ -58,39 +92,54 @@ struct Guarded<S> {
 
 impl<S> Service<Request> for Guarded<S>
 where
-    S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
-    S::Future: Send + 'static,
+    S: Service<Request, Response = Response, Error = Infallible>,
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+    type Future = GuardedFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let label = request.extensions().get::<MatchedPath>().cloned().map(RouteLabel);
-        let server = request.extensions().get::<Arc<Server>>().cloned();
+        if let Some(template) = request.extensions().get::<MatchedPath>() {
+            // Outside Tidepool's server there is no scope: nothing to label.
+            let _ = ROUTING.try_with(|routing| routing.route.set(Some(template.clone())));
+        }
         let inner = &mut self.inner;
-        let answer = std::panic::catch_unwind(AssertUnwindSafe(|| inner.call(request)));
-        Box::pin(async move {
-            let answered = match answer {
-                Ok(future) => AssertUnwindSafe(future).catch_unwind().await.map(|Ok(response)| response),
-                Err(panic) => Err(panic),
-            };
-            let mut response = answered.unwrap_or_else(|panic| {
-                if let Some(server) = &server {
-                    server.metrics.http_handler_panics.inc();
-                }
-                let cause = format!("handler panicked: {}", panic_message(&*panic));
-                ApiError::internal("the handler failed").because(cause).into_response()
-            });
-            if let Some(label) = label {
-                response.extensions_mut().insert(label);
-            }
-            Ok(response)
-        })
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.call(request))) {
+            Ok(future) => GuardedFuture::Running { future: AssertUnwindSafe(future).catch_unwind() },
+            Err(panic) => GuardedFuture::Panicked { message: panic_message(&*panic).to_owned() },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A guarded route's answer: its handler's, or a 500 if that panicked.
+    #[project = GuardedProjection]
+    enum GuardedFuture<F> {
+        Running { #[pin] future: CatchUnwind<AssertUnwindSafe<F>> },
+        Panicked { message: String },
+    }
+}
+
+impl<F: Future<Output = Result<Response, Infallible>>> Future for GuardedFuture<F> {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let message = match self.project() {
+            GuardedProjection::Running { future } => match ready!(future.poll(cx)) {
+                Ok(answer) => return Poll::Ready(answer),
+                Err(panic) => panic_message(&*panic).to_owned(),
+            },
+            GuardedProjection::Panicked { message } => std::mem::take(message),
+        };
+        if let Some(server) = current_server() {
+            server.metrics.http_handler_panics.inc();
+        }
+        let cause = format!("handler panicked: {message}");
+        Poll::Ready(Ok(ApiError::internal("the handler failed").because(cause).into_response()))
     }
 }
 

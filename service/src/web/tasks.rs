@@ -43,14 +43,14 @@ pub fn tasks_api<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new().route("/tasks/", post(enqueue)).route("/tasks/{id}", get(lookup).delete(cancel))
 }
 
-/// Tidepool's server, from the request it handed the router.
+/// The server of the request being served.
 struct Tidepool(Arc<Server>);
 
 impl<S: Send + Sync> FromRequestParts<S> for Tidepool {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Tidepool(super::server_of(parts)?.clone()))
+    async fn from_request_parts(_: &mut http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Tidepool(super::current_server()?))
     }
 }
 
