@@ -12,6 +12,10 @@
 //!   keep-alive connection (a new one after `Connection: close` or an
 //!   error) until a stop file appears, counting every failure: the load
 //!   a rolling update or a fault must not disturb.
+//! - `rate`: requests at a fixed total rate over N keep-alive connections
+//!   for a fixed time (wrk only saturates; Debian has no wrk2), so two
+//!   servers' CPU time per request is compared at the same load rather
+//!   than at whatever load each one reaches.
 //! - `queue-loop`: the limit a worker is measured against: the queue's own
 //!   claim and completion statements ([`tidepool::queue::sql`]), back to
 //!   back on one connection per loop, with nothing around them.
@@ -91,6 +95,23 @@ enum Command {
         /// start), latency and status, one per line, to this file.
         #[arg(long)]
         timeline: Option<PathBuf>,
+    },
+    /// Requests at a fixed rate over N keep-alive connections for a fixed time.
+    Rate {
+        /// Target, e.g. http://127.0.0.1:8000/row/ (loopback or --cluster-cidr).
+        #[arg(long)]
+        url: String,
+        /// Requests per second, all connections together.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=200_000))]
+        rate: u32,
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// How long to send (at most an hour).
+        #[arg(long, value_parser = parse_duration)]
+        duration: Duration,
+        /// A request not answered within this counts as failed.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        request_timeout: Duration,
     },
     /// Claim and complete every due job with the queue's own SQL and nothing else.
     QueueLoop {
@@ -425,6 +446,75 @@ struct Outcome {
     status: Result<u16, String>,
 }
 
+/// One client's keep-alive connection, opened again after `Connection:
+/// close` or an error.
+struct Client {
+    target: Arc<Target>,
+    sender: Option<SendRequest<Empty<Bytes>>>,
+    opened: usize,
+}
+
+impl Client {
+    fn new(target: Arc<Target>) -> Self {
+        Self { target, sender: None, opened: 0 }
+    }
+
+    /// One request, its outcome timed from `start`.
+    async fn request(&mut self, start: Instant, timeout: Duration) -> Outcome {
+        let began = Instant::now();
+        let attempt = async {
+            if self.sender.is_none() {
+                self.opened += 1;
+                self.sender = Some(self.target.connect().await?);
+            }
+            match self.sender.as_mut() {
+                Some(s) => self.target.get_keep_alive(s).await,
+                None => bail!("no connection"),
+            }
+        };
+        let status = match tokio::time::timeout(timeout, attempt).await {
+            Ok(Ok((code, keep_alive))) => {
+                if !keep_alive {
+                    self.sender = None;
+                }
+                Ok(code)
+            }
+            Ok(Err(e)) => {
+                self.sender = None;
+                Err(format!("{e:#}"))
+            }
+            Err(_) => {
+                self.sender = None;
+                Err(format!("no answer within {timeout:?}"))
+            }
+        };
+        Outcome { finished: start.elapsed(), latency: began.elapsed(), status }
+    }
+}
+
+/// Status codes, and errors by their message.
+fn statuses(outcomes: &[Outcome]) -> BTreeMap<String, usize> {
+    let mut statuses = BTreeMap::new();
+    for outcome in outcomes {
+        let label = match &outcome.status {
+            Ok(code) => code.to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        *statuses.entry(label).or_insert(0) += 1;
+    }
+    statuses
+}
+
+fn succeeded(outcomes: &[Outcome]) -> usize {
+    outcomes.iter().filter(|o| matches!(o.status, Ok(code) if (200..300).contains(&code))).count()
+}
+
+fn sorted_latencies(outcomes: &[Outcome]) -> Vec<f64> {
+    let mut latencies: Vec<f64> = outcomes.iter().map(|o| o.latency.as_secs_f64()).collect();
+    latencies.sort_by(f64::total_cmp);
+    latencies
+}
+
 async fn steady(
     target: Target,
     clients: usize,
@@ -439,39 +529,12 @@ async fn steady(
     for _ in 0..clients {
         let (target, mut stopped) = (target.clone(), stopped.clone());
         running.spawn(async move {
-            let (mut outcomes, mut opened) = (Vec::new(), 0usize);
-            let mut sender = None;
+            let mut client = Client::new(target);
+            let mut outcomes = Vec::new();
             while !*stopped.borrow_and_update() {
-                let began = Instant::now();
-                let attempt = async {
-                    if sender.is_none() {
-                        opened += 1;
-                        sender = Some(target.connect().await?);
-                    }
-                    match sender.as_mut() {
-                        Some(s) => target.get_keep_alive(s).await,
-                        None => bail!("no connection"),
-                    }
-                };
-                let status = match tokio::time::timeout(request_timeout, attempt).await {
-                    Ok(Ok((code, keep_alive))) => {
-                        if !keep_alive {
-                            sender = None;
-                        }
-                        Ok(code)
-                    }
-                    Ok(Err(e)) => {
-                        sender = None;
-                        Err(format!("{e:#}"))
-                    }
-                    Err(_) => {
-                        sender = None;
-                        Err(format!("no answer within {request_timeout:?}"))
-                    }
-                };
-                outcomes.push(Outcome { finished: start.elapsed(), latency: began.elapsed(), status });
+                outcomes.push(client.request(start, request_timeout).await);
             }
-            (outcomes, opened)
+            (outcomes, client.opened)
         });
     }
     // The stop file is polled: the test or script that started this run
@@ -488,35 +551,107 @@ async fn steady(
     }
     let seconds = start.elapsed().as_secs_f64();
     outcomes.sort_by_key(|o| o.finished);
-    let mut statuses = BTreeMap::new();
     let mut lines = String::new();
     for outcome in &outcomes {
-        let label = match &outcome.status {
+        let short = match &outcome.status {
             Ok(code) => code.to_string(),
-            Err(e) => format!("error: {e}"),
+            Err(_) => "error".to_owned(),
         };
-        let short = if outcome.status.is_ok() { label.as_str() } else { "error" };
         lines.push_str(&format!(
             "{:.4} {:.4} {short}\n",
             outcome.finished.as_secs_f64(),
             outcome.latency.as_secs_f64()
         ));
-        *statuses.entry(label).or_insert(0) += 1;
     }
     if let Some(path) = timeline {
         std::fs::write(&path, lines).with_context(|| format!("writing {}", path.display()))?;
     }
-    let mut latencies: Vec<f64> = outcomes.iter().map(|o| o.latency.as_secs_f64()).collect();
-    latencies.sort_by(f64::total_cmp);
-    let succeeded =
-        outcomes.iter().filter(|o| matches!(o.status, Ok(code) if (200..300).contains(&code))).count();
+    let latencies = sorted_latencies(&outcomes);
+    let succeeded = succeeded(&outcomes);
     Ok(SteadyReport {
         clients,
         requests: outcomes.len(),
         succeeded,
         failed: outcomes.len() - succeeded,
-        statuses,
+        statuses: statuses(&outcomes),
         connections_opened,
+        seconds,
+        requests_per_second: outcomes.len() as f64 / seconds,
+        latency_p50_seconds: percentile(&latencies, 0.50),
+        latency_p99_seconds: percentile(&latencies, 0.99),
+        latency_max_seconds: latencies.last().copied().unwrap_or(0.0),
+    })
+}
+
+#[derive(Serialize)]
+struct RateReport {
+    rate: u32,
+    connections: usize,
+    requests: usize,
+    succeeded: usize,
+    failed: usize,
+    /// Status codes, and errors by their message.
+    statuses: BTreeMap<String, usize>,
+    /// Requests not sent because their connection was still waiting for
+    /// an earlier answer: the server did not keep up with the rate.
+    missed: usize,
+    seconds: f64,
+    requests_per_second: f64,
+    latency_p50_seconds: f64,
+    latency_p99_seconds: f64,
+    latency_max_seconds: f64,
+}
+
+/// Longest `rate` may send.
+const MAX_RATE_DURATION: Duration = Duration::from_secs(3600);
+
+/// Sends `rate` requests per second, spread evenly over `connections`
+/// keep-alive connections, for `duration`. A connection whose previous
+/// answer is late skips the requests it missed (counted) rather than
+/// sending them in a burst.
+async fn rate(
+    target: Target,
+    rate: u32,
+    connections: usize,
+    duration: Duration,
+    request_timeout: Duration,
+) -> Result<RateReport> {
+    let target = Arc::new(target);
+    let period = Duration::from_secs_f64(connections as f64 / f64::from(rate));
+    let start = Instant::now();
+    let end = tokio::time::Instant::from_std(start + duration);
+    let mut running = tokio::task::JoinSet::new();
+    for i in 0..connections {
+        let mut client = Client::new(target.clone());
+        // Each connection starts a fraction of a period after the one
+        // before, so the requests arrive evenly rather than in waves.
+        let first = tokio::time::Instant::from_std(start) + period.mul_f64(i as f64 / connections as f64);
+        running.spawn(async move {
+            let mut ticks = tokio::time::interval_at(first, period);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut outcomes = Vec::new();
+            while ticks.tick().await < end {
+                outcomes.push(client.request(start, request_timeout).await);
+            }
+            outcomes
+        });
+    }
+    let mut outcomes = Vec::new();
+    while let Some(joined) = running.join_next().await {
+        outcomes.append(&mut joined?);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let scheduled = (duration.as_secs_f64() * f64::from(rate)).round() as usize;
+    let latencies = sorted_latencies(&outcomes);
+    let succeeded = succeeded(&outcomes);
+    Ok(RateReport {
+        rate,
+        connections,
+        requests: outcomes.len(),
+        succeeded,
+        failed: outcomes.len() - succeeded,
+        statuses: statuses(&outcomes),
+        missed: scheduled.saturating_sub(outcomes.len()),
         seconds,
         requests_per_second: outcomes.len() as f64 / seconds,
         latency_p50_seconds: percentile(&latencies, 0.50),
@@ -620,6 +755,21 @@ async fn main() -> Result<()> {
                     .with_context(|| format!("the steady run did not stop within {timeout:?}"))??;
             println!("{}", serde_json::to_string(&report)?);
         }
+        Command::Rate { url, rate: per_second, connections, duration, request_timeout } => {
+            if connections == 0 || connections > MAX_CONNECTIONS {
+                bail!("--connections must be from 1 to {MAX_CONNECTIONS}");
+            }
+            if duration.is_zero() || duration > MAX_RATE_DURATION {
+                bail!("--duration must be more than 0 and at most {MAX_RATE_DURATION:?}");
+            }
+            let target = Target::parse(&url, &cluster)?;
+            let bound = duration + request_timeout + Duration::from_secs(5);
+            let report =
+                tokio::time::timeout(bound, rate(target, per_second, connections, duration, request_timeout))
+                    .await
+                    .with_context(|| format!("the rate run did not stop within {bound:?}"))??;
+            println!("{}", serde_json::to_string(&report)?);
+        }
         Command::QueueLoop { database_url, queue, loops, batch_size, timeout } => {
             let report =
                 tokio::time::timeout(timeout, queue_loop(&database_url, &queue, loops as usize, batch_size))
@@ -658,6 +808,45 @@ mod tests {
             assert!(Cidr::parse(refused).is_err(), "{refused}");
         }
         assert!(Cidr::parse("192.168.0.0/16").is_ok() && Cidr::parse("172.20.1.0/24").is_ok());
+        Ok(())
+    }
+
+    /// A loopback server answering 200 to everything; its address, and how
+    /// many requests it served.
+    async fn counting_server() -> Result<(SocketAddr, Arc<std::sync::atomic::AtomicUsize>)> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let served = Arc::new(AtomicUsize::new(0));
+        let counter = served.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let counter = counter.clone();
+                let service = hyper::service::service_fn(move |_: Request<hyper::body::Incoming>| {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    async { Ok::<_, std::convert::Infallible>(hyper::Response::new(Empty::<Bytes>::new())) }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        Ok((addr, served))
+    }
+
+    #[tokio::test]
+    async fn rate_sends_no_more_than_its_schedule_and_counts_every_answer() -> Result<()> {
+        let (addr, served) = counting_server().await?;
+        let target = Target::parse(&format!("http://{addr}/row/"), &[])?;
+        let (per_second, connections, duration) = (200, 4, Duration::from_millis(500));
+        let report = rate(target, per_second, connections, duration, Duration::from_secs(10)).await?;
+        // 100 scheduled; each connection's last tick may fall on either side of the end.
+        assert!(report.requests > 0 && report.requests <= 100 + connections, "{} requests", report.requests);
+        assert_eq!(report.succeeded, report.requests);
+        assert_eq!(report.statuses.get("200"), Some(&report.requests));
+        assert_eq!(served.load(std::sync::atomic::Ordering::Relaxed), report.requests);
+        assert_eq!(report.missed, 100_usize.saturating_sub(report.requests));
         Ok(())
     }
 
