@@ -51,7 +51,11 @@
 //!
 //! Tidepool re-exports what an application writes against ([`axum`],
 //! [`serde`], [`serde_json`], [`tokio`], [`tokio_postgres`], [`chrono`],
-//! [`tracing`]), so a dependency on `tidepool` alone builds one.
+//! [`tracing`]), so a dependency on `tidepool` alone builds one. Its axum
+//! has the `form`, `json`, `matched-path` and `query` features, not axum's
+//! own server (Tidepool serves) nor `original-uri` (an insert and a URI
+//! copy on every request); an application that wants another feature
+//! depends on `axum = "0.8"` with it, and Cargo builds one axum with both.
 
 #![warn(missing_docs)]
 
