@@ -48,6 +48,8 @@
 //!   application's.
 //! - [`pooler`]: renders PgBouncer's configuration.
 //! - [`metrics`]: the Prometheus metrics every process exports.
+//! - [`testing`]: for an application's own tests: run one task, drain a
+//!   queue, against a real database.
 //!
 //! Tidepool re-exports what an application writes against ([`axum`],
 //! [`serde`], [`serde_json`], [`tokio`], [`tokio_postgres`], [`chrono`],
@@ -72,6 +74,7 @@ pub mod settings;
 mod shutdown;
 pub mod task;
 mod telemetry;
+pub mod testing;
 pub mod web;
 mod worker;
 

@@ -786,3 +786,99 @@ async fn a_worker_serves_only_its_queues_round_robin() -> Result<()> {
     }
     Ok(())
 }
+
+/// Doubles its number; refuses a negative one; fails fatally on 13 and
+/// for another attempt on 7; sleeps past its timeout on 99.
+#[derive(Debug, Serialize, Deserialize)]
+struct Double {
+    n: i64,
+}
+
+impl Task for Double {
+    const NAME: &'static str = "double";
+    const TIMEOUT: Duration = Duration::from_millis(300);
+    const MAX_ATTEMPTS: i32 = 3;
+    type State = i64;
+    type Output = i64;
+
+    fn validate(&self) -> Result<(), String> {
+        if self.n < 0 {
+            return Err(format!("n must not be negative, got {}", self.n));
+        }
+        Ok(())
+    }
+
+    async fn run(self, ctx: TaskContext<i64>) -> Result<i64, TaskError> {
+        match self.n {
+            13 => Err(TaskError::fatal("13 is unlucky")),
+            7 => Err(TaskError::retry("7 fails this time")),
+            99 => {
+                let conn = ctx.db.get().await?;
+                conn.query("SELECT pg_sleep(5)", &[]).await?;
+                Ok(0)
+            }
+            n => {
+                let conn = ctx.db.get().await?;
+                let row = conn.query_one("SELECT $1::int8 * 2", &[(&n, tidepool::db::Type::INT8)]).await?;
+                Ok(row.get::<_, i64>(0) + ctx.state)
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn perform_runs_one_task_and_gives_its_typed_output_or_error() -> Result<()> {
+    use tidepool::testing::{perform, PerformError};
+    let h = harness(4).await?;
+    let db = h.pool(4, &WorkerMetrics::new()?)?;
+    assert_eq!(perform(&db, 1, Double { n: 21 }).await?, 43, "doubled by the database, plus the state");
+    match perform(&db, 0, Double { n: -1 }).await {
+        Err(PerformError::InvalidArgs { task: "double", reason }) => {
+            assert!(reason.contains("negative"), "{reason}")
+        }
+        other => bail!("a negative n must be refused: {other:?}"),
+    }
+    match perform(&db, 0, Double { n: 13 }).await {
+        Err(PerformError::Failed { error: TaskError::Fatal(message), .. }) => {
+            assert_eq!(message, "13 is unlucky")
+        }
+        other => bail!("13 must fail fatally: {other:?}"),
+    }
+    match perform(&db, 0, Double { n: 99 }).await {
+        Err(PerformError::TimedOut { after, .. }) => assert_eq!(after, Double::TIMEOUT),
+        other => bail!("99 must time out: {other:?}"),
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn drain_runs_every_due_job_through_the_worker_and_counts_how_they_ended() -> Result<()> {
+    let h = harness(4).await?;
+    let app = tidepool::Application::with_state("drained", 100_i64).task::<Double>();
+    let mut ids = Vec::new();
+    for n in [1, 2, 3, 13, 7] {
+        let job = NewJob::new("double", json!({ "n": n })).max_attempts(3);
+        ids.push(h.enqueue(job).await?);
+    }
+    // Retries are due only after a backoff far longer than the drain.
+    let worker = WorkerSettings {
+        database: DatabaseSettings::new(h.bouncer.url()),
+        retry: RetryPolicy { base: Duration::from_secs(3600), max: Duration::from_secs(3600) },
+        ..settings("drain")
+    };
+    let drained = tidepool::testing::drain(&app, worker.clone(), Duration::from_secs(60)).await?;
+    assert_eq!(
+        drained,
+        tidepool::testing::Drained { succeeded: 3, failed: 2, retried: 1, dead: 1 },
+        "three doubled, 13 dead, 7 scheduled again"
+    );
+    for (id, n) in ids.iter().zip([1, 2, 3]) {
+        let view = h.view(*id).await?.context("a completed job with a result is kept")?;
+        assert_eq!((view.state, view.result), (JobState::Succeeded, Some(json!(2 * n + 100))));
+    }
+    assert_eq!(h.view(ids[3]).await?.context("the dead job")?.state, JobState::Dead);
+    assert_eq!(h.view(ids[4]).await?.context("the retried job")?.state, JobState::Scheduled);
+    // Nothing due: a second drain runs nothing.
+    assert_eq!(tidepool::testing::drain(&app, worker, Duration::from_secs(60)).await?, Default::default());
+    Ok(())
+}
