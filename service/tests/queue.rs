@@ -788,7 +788,7 @@ async fn a_worker_serves_only_its_queues_round_robin() -> Result<()> {
 }
 
 /// Doubles its number; refuses a negative one; fails fatally on 13 and
-/// for another attempt on 7; sleeps past its timeout on 99.
+/// for another attempt on 7.
 #[derive(Debug, Serialize, Deserialize)]
 struct Double {
     n: i64,
@@ -796,7 +796,6 @@ struct Double {
 
 impl Task for Double {
     const NAME: &'static str = "double";
-    const TIMEOUT: Duration = Duration::from_millis(300);
     const MAX_ATTEMPTS: i32 = 3;
     type State = i64;
     type Output = i64;
@@ -812,17 +811,28 @@ impl Task for Double {
         match self.n {
             13 => Err(TaskError::fatal("13 is unlucky")),
             7 => Err(TaskError::retry("7 fails this time")),
-            99 => {
-                let conn = ctx.db.get().await?;
-                conn.query("SELECT pg_sleep(5)", &[]).await?;
-                Ok(0)
-            }
             n => {
                 let conn = ctx.db.get().await?;
                 let row = conn.query_one("SELECT $1::int8 * 2", &[(&n, tidepool::db::Type::INT8)]).await?;
                 Ok(row.get::<_, i64>(0) + ctx.state)
             }
         }
+    }
+}
+
+/// Sleeps on the database far past its timeout.
+#[derive(Debug, Serialize, Deserialize)]
+struct Sleepy {}
+
+impl Task for Sleepy {
+    const NAME: &'static str = "sleepy";
+    const TIMEOUT: Duration = Duration::from_millis(200);
+    type State = ();
+    type Output = ();
+
+    async fn run(self, ctx: TaskContext<()>) -> Result<(), TaskError> {
+        ctx.db.get().await?.query("SELECT pg_sleep(30)", &[]).await?;
+        Ok(())
     }
 }
 
@@ -844,9 +854,9 @@ async fn perform_runs_one_task_and_gives_its_typed_output_or_error() -> Result<(
         }
         other => bail!("13 must fail fatally: {other:?}"),
     }
-    match perform(&db, 0, Double { n: 99 }).await {
-        Err(PerformError::TimedOut { after, .. }) => assert_eq!(after, Double::TIMEOUT),
-        other => bail!("99 must time out: {other:?}"),
+    match perform(&db, (), Sleepy {}).await {
+        Err(PerformError::TimedOut { task: "sleepy", after }) => assert_eq!(after, Sleepy::TIMEOUT),
+        other => bail!("a task past its timeout must be reported so: {other:?}"),
     }
     Ok(())
 }
