@@ -13,7 +13,12 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 : "${TIDEPOOL_POOLER_MAX_CLIENT_CONN:=2000}"
 : "${CARGO_TARGET_DIR:=$HOME/.cache/tidepool/cargo-target}"
 : "${TIDEPOOL_BIN:=$CARGO_TARGET_DIR/release/tidepool}"
-: "${TIDEPOOL_OPERATOR_BIN:=$(dirname "$TIDEPOOL_BIN")/tidepool-operator}"
+if [ -z "${TIDEPOOL_OPERATOR_BIN:-}" ]; then
+  TIDEPOOL_OPERATOR_BIN=$(dirname "$TIDEPOOL_BIN")/tidepool-operator
+  # An application's own binary (TIDEPOOL_BIN=~/my-shop/target/debug/my-shop)
+  # has no operator beside it: the planner is the project's own build.
+  [ -x "$TIDEPOOL_OPERATOR_BIN" ] || TIDEPOOL_OPERATOR_BIN=$CARGO_TARGET_DIR/release/tidepool-operator
+fi
 : "${TIDEPOOL_LOADGEN_BIN:=$CARGO_TARGET_DIR/release/tidepool-loadgen}"
 export CARGO_TARGET_DIR
 
