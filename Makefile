@@ -23,7 +23,7 @@ help:
 	@echo "make bench-dashboards redraw the dashboard from a real Prometheus (section 12)"
 	@echo "make bench-autoscaling run only the scaling ones (section 13)"
 	@echo "make bench-router    the router layer beside the previous hand-written one and pgbench (section 14)"
-	@echo "make images  build the container images from images/*/Dockerfile (no registry) and load them into the real node"
+	@echo "make images  build the container images from images/*/Dockerfile and examples/shop (no registry) and load them into the real node"
 	@echo "make kube-up start a real Kubernetes cluster: control plane, kwok's fake node and a real node (containerd, kubelet, kube-proxy) in a network namespace"
 	@echo "make kube-down stop it and put back what the node changed on the host"
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds Tidepool's container images from the repository's Dockerfiles
-# (images/*/Dockerfile) with no registry and no daemon, and loads them into
+# (images/*/Dockerfile, and the example application's examples/shop/Dockerfile)
+# with no registry and no daemon, and loads them into
 # the real node's containerd when it is up (scripts/kube-node.sh):
 #
-#   images.sh [all|pause|tidepool|operator|pgbouncer|bases ...]   (all by default)
+#   images.sh [all|pause|tidepool|operator|pgbouncer|shop|bases ...]   (all by default)
 #   images.sh sizes                                           name, tag, size
 #
 # `FROM` resolves offline to two local bases that mmdebstrap makes from
@@ -25,6 +26,8 @@ VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO_ROOT/service/Cargo.toml" | 
 TIDEPOOL_IMAGE=localhost/tidepool:$VERSION
 OPERATOR_IMAGE=localhost/tidepool-operator:$VERSION
 PGBOUNCER_IMAGE=localhost/tidepool-pgbouncer:1.24.1
+SHOP_VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO_ROOT/examples/shop/Cargo.toml" | head -n 1)
+SHOP_IMAGE=localhost/tidepool-shop:$SHOP_VERSION
 
 buildah_() {
   buildah --root "$STORE" --runroot "$TIDEPOOL_IMAGE_CACHE/run" --storage-driver overlay "$@"
@@ -77,19 +80,21 @@ bases() {
   base_image localhost/tidepool-debian:trixie apt
 }
 
-# Builds images/$1/Dockerfile as image $2 with the files "${@:3}" in its
-# context, and writes the archive $TIDEPOOL_IMAGE_DIR/$1.tar.
+# Builds $1/Dockerfile (a folder of the repository: images/tidepool,
+# examples/shop) as image $2 with the files "${@:3}" in its context, and
+# writes the archive $TIDEPOOL_IMAGE_DIR/<the folder's name>.tar.
 build_image() {
-  local dir=$1 image=$2 context file started=$SECONDS
+  local folder=$1 image=$2 dir context file started=$SECONDS
+  dir=$(basename "$folder")
   shift 2
   context=$(mktemp -d)
   for file in "$@"; do
     [ -f "$file" ] || die "$file is missing (run: make build)"
     objcopy --strip-debug "$file" "$context/$(basename "$file")"
   done
-  say "building $image from images/$dir/Dockerfile"
+  say "building $image from $folder/Dockerfile"
   buildah_ bud --quiet --pull=never --network=host --layers "${RUNC_ROOT[@]}" \
-    -f "$REPO_ROOT/images/$dir/Dockerfile" -t "$image" "$context" >/dev/null \
+    -f "$REPO_ROOT/$folder/Dockerfile" -t "$image" "$context" >/dev/null \
     || { rm -rf "$context"; die "building $image failed"; }
   rm -rf "$context"
   rm -f "$TIDEPOOL_IMAGE_DIR/$dir.tar"
@@ -114,12 +119,13 @@ pause() {
   if [ -f "$TIDEPOOL_IMAGE_DIR/pause.tar" ] && sha256sum --status -c "$stamp" 2>/dev/null; then
     return
   fi
-  build_image pause "$PAUSE_IMAGE" "$TIDEPOOL_NODE_BIN/pause"
+  build_image images/pause "$PAUSE_IMAGE" "$TIDEPOOL_NODE_BIN/pause"
   sha256sum "$TIDEPOOL_NODE_BIN/pause" > "$stamp"
 }
-tidepool() { bases; build_image tidepool "$TIDEPOOL_IMAGE" "$TIDEPOOL_BIN"; }
-operator() { bases; build_image operator "$OPERATOR_IMAGE" "$TIDEPOOL_OPERATOR_BIN"; }
-pgbouncer() { bases; build_image pgbouncer "$PGBOUNCER_IMAGE"; }
+tidepool() { bases; build_image images/tidepool "$TIDEPOOL_IMAGE" "$TIDEPOOL_BIN"; }
+operator() { bases; build_image images/operator "$OPERATOR_IMAGE" "$TIDEPOOL_OPERATOR_BIN"; }
+pgbouncer() { bases; build_image images/pgbouncer "$PGBOUNCER_IMAGE"; }
+shop() { bases; build_image examples/shop "$SHOP_IMAGE" "$TIDEPOOL_SHOP_BIN"; }
 
 sizes() {
   buildah_ images --format '{{.Name}}:{{.Tag}} {{.Size}}' | grep -v '<none>' | sort
@@ -129,8 +135,8 @@ targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(all)
 for target in "${targets[@]}"; do
   case $target in
-    all) pause; tidepool; operator; pgbouncer ;;
-    pause|tidepool|operator|pgbouncer|bases|sizes) "$target" ;;
-    *) die "unknown image $target (all, pause, tidepool, operator, pgbouncer, bases, sizes)" ;;
+    all) pause; tidepool; operator; pgbouncer; shop ;;
+    pause|tidepool|operator|pgbouncer|shop|bases|sizes) "$target" ;;
+    *) die "unknown image $target (all, pause, tidepool, operator, pgbouncer, shop, bases, sizes)" ;;
   esac
 done

@@ -20,6 +20,7 @@ if [ -z "${TIDEPOOL_OPERATOR_BIN:-}" ]; then
   [ -x "$TIDEPOOL_OPERATOR_BIN" ] || TIDEPOOL_OPERATOR_BIN=$CARGO_TARGET_DIR/release/tidepool-operator
 fi
 : "${TIDEPOOL_LOADGEN_BIN:=$CARGO_TARGET_DIR/release/tidepool-loadgen}"
+: "${TIDEPOOL_SHOP_BIN:=$CARGO_TARGET_DIR/release/tidepool-shop}"
 export CARGO_TARGET_DIR
 
 # The test cluster's real node (scripts/kube-node.sh): its network
