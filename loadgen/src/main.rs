@@ -8,7 +8,8 @@
 //!   server does; `burst` measures the server instead.
 //! - `idle`: opens N keep-alive connections, makes one request on each, then
 //!   holds them open, so the server's memory per idle connection can be read.
-//! - `steady`: N clients, each sending one request after another on a
+//! - `steady`: N clients, each sending one request (a GET, or a JSON POST
+//!   with `--json-body`) after another on a
 //!   keep-alive connection (a new one after `Connection: close` or an
 //!   error) until a stop file appears, counting every failure: the load
 //!   a rolling update or a fault must not disturb.
@@ -34,7 +35,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{handshake, SendRequest};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
@@ -45,6 +46,8 @@ use tokio::sync::Barrier;
 
 /// Upper bound of connections or requests one run may open.
 const MAX_CONNECTIONS: usize = 20_000;
+/// Largest body `steady --json-body` sends.
+const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 #[derive(Parser)]
 #[command(name = "tidepool-loadgen", about = "Loopback load generator for Tidepool's demo and benchmarks")]
@@ -95,6 +98,9 @@ enum Command {
         /// start), latency and status, one per line, to this file.
         #[arg(long)]
         timeline: Option<PathBuf>,
+        /// POST this JSON with every request instead of a GET (at most 1 MiB).
+        #[arg(long)]
+        json_body: Option<String>,
     },
     /// Requests at a fixed rate over N keep-alive connections for a fixed time.
     Rate {
@@ -201,6 +207,8 @@ struct Target {
     addr: SocketAddr,
     path_and_query: String,
     host: String,
+    /// Each request's body (then sent as a JSON `POST`); none for a `GET`.
+    body: Option<Bytes>,
 }
 
 impl Target {
@@ -225,10 +233,11 @@ impl Target {
             addr: SocketAddr::new(ip, port),
             path_and_query: uri.path_and_query().map_or("/".to_owned(), |p| p.as_str().to_owned()),
             host: format!("{host}:{port}"),
+            body: None,
         })
     }
 
-    async fn connect(&self) -> Result<SendRequest<Empty<Bytes>>> {
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>> {
         let stream =
             TcpStream::connect(self.addr).await.with_context(|| format!("connecting to {}", self.addr))?;
         stream.set_nodelay(true)?;
@@ -237,15 +246,22 @@ impl Target {
         Ok(sender)
     }
 
-    async fn get(&self, sender: &mut SendRequest<Empty<Bytes>>) -> Result<u16> {
+    async fn get(&self, sender: &mut SendRequest<Full<Bytes>>) -> Result<u16> {
         Ok(self.get_keep_alive(sender).await?.0)
     }
 
     /// The status, and whether the server keeps the connection open.
-    async fn get_keep_alive(&self, sender: &mut SendRequest<Empty<Bytes>>) -> Result<(u16, bool)> {
+    async fn get_keep_alive(&self, sender: &mut SendRequest<Full<Bytes>>) -> Result<(u16, bool)> {
         sender.ready().await?;
-        let request =
-            Request::get(self.path_and_query.as_str()).header("host", &self.host).body(Empty::new())?;
+        let request = match &self.body {
+            None => {
+                Request::get(self.path_and_query.as_str()).header("host", &self.host).body(Full::default())?
+            }
+            Some(body) => Request::post(self.path_and_query.as_str())
+                .header("host", &self.host)
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(body.clone()))?,
+        };
         let response = sender.send_request(request).await?;
         let status = response.status().as_u16();
         let close = response
@@ -450,7 +466,7 @@ struct Outcome {
 /// close` or an error.
 struct Client {
     target: Arc<Target>,
-    sender: Option<SendRequest<Empty<Bytes>>>,
+    sender: Option<SendRequest<Full<Bytes>>>,
     opened: usize,
 }
 
@@ -744,11 +760,18 @@ async fn main() -> Result<()> {
             let report = idle(target, connections, hold, ready_file, connect_timeout).await?;
             println!("{}", serde_json::to_string(&report)?);
         }
-        Command::Steady { url, clients, stop_file, timeout, request_timeout, timeline } => {
+        Command::Steady { url, clients, stop_file, timeout, request_timeout, timeline, json_body } => {
             if clients == 0 || clients > MAX_CONNECTIONS {
                 bail!("--clients must be from 1 to {MAX_CONNECTIONS}");
             }
-            let target = Target::parse(&url, &cluster)?;
+            let mut target = Target::parse(&url, &cluster)?;
+            if let Some(body) = json_body {
+                if body.len() > MAX_BODY_BYTES {
+                    bail!("--json-body is at most {MAX_BODY_BYTES} bytes");
+                }
+                serde_json::from_str::<serde_json::Value>(&body).context("--json-body is not JSON")?;
+                target.body = Some(Bytes::from(body));
+            }
             let report =
                 tokio::time::timeout(timeout, steady(target, clients, stop_file, request_timeout, timeline))
                     .await
@@ -824,7 +847,9 @@ mod tests {
                 let counter = counter.clone();
                 let service = hyper::service::service_fn(move |_: Request<hyper::body::Incoming>| {
                     counter.fetch_add(1, Ordering::Relaxed);
-                    async { Ok::<_, std::convert::Infallible>(hyper::Response::new(Empty::<Bytes>::new())) }
+                    async {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::<Bytes>::default()))
+                    }
                 });
                 tokio::spawn(
                     hyper::server::conn::http1::Builder::new()

@@ -147,9 +147,10 @@ impl Shop {
         .with_context(|| self.describe())
     }
 
-    /// Waits until `/row/` through the web Service's ClusterIP answers 200.
+    /// Waits until `/readyz` through the web Service's ClusterIP answers
+    /// 200 (the demo and an application's image alike serve it).
     fn wait_serving(&self) -> Result<()> {
-        let url = self.web_url("/row/")?;
+        let url = self.web_url("/readyz")?;
         wait_for("the web Service to serve", Duration::from_secs(60), || {
             let (code, _) = self.node.curl(&[&url])?;
             Ok((code == 200).then_some(()))
@@ -272,6 +273,17 @@ impl Load {
 
     /// `steady`: `clients` clients back to back until [`Load::finish`].
     fn steady(node: &Node, url: &str, clients: usize, request_timeout: &str) -> Result<Load> {
+        Self::steady_posting(node, url, clients, request_timeout, None)
+    }
+
+    /// [`Load::steady`], each request a POST of `json_body` when given.
+    fn steady_posting(
+        node: &Node,
+        url: &str,
+        clients: usize,
+        request_timeout: &str,
+        json_body: Option<&str>,
+    ) -> Result<Load> {
         static RUNS: AtomicU32 = AtomicU32::new(0);
         let stop_file = std::env::temp_dir().join(format!(
             "tidepool-steady-{}-{}",
@@ -283,6 +295,7 @@ impl Load {
             .loadgen()?
             .args(["steady", "--url", url, "--clients", &clients.to_string(), "--timeout", "600s"])
             .args(["--request-timeout", request_timeout, "--stop-file", path_arg(&stop_file)?])
+            .args(json_body.map(|body| ["--json-body", body]).into_iter().flatten())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -339,6 +352,70 @@ fn jobs_span_seconds(shop: &Shop) -> Result<f64> {
 /// The number of requests a loadgen report counts under `status`.
 fn status_count(report: &Value, status: &str) -> i64 {
     report["statuses"][status].as_i64().unwrap_or(0)
+}
+
+/// The example application under the operator, from its own image
+/// (examples/shop, built by `make images`), as a team's image would run:
+/// its migration Job applies both tracks, an order through the web Service
+/// gets its receipt from the worker pod, and under 20 clients ordering for
+/// 30 s the app's connections stay within the budget's `available`,
+/// every order written gets its receipt.
+#[test]
+fn the_shop_example_runs_under_the_operator_from_its_own_image() -> Result<()> {
+    let pg = Postgres::from_env()?;
+    let shop = Shop::deploy(
+        &pg,
+        "example",
+        json!({
+            "image": "localhost/tidepool-shop:0.1.0",
+            "database": {"maxConnections": 200, "reservedConnections": 10},
+            "web": {"replicas": 1, "concurrency": 200, "databasePool": 10},
+            "worker": {"replicas": 1, "concurrency": 20}
+        }),
+        None,
+    )?;
+    let tracks = shop.sql("SELECT track || '/' || version FROM tidepool_schema_migrations ORDER BY 1")?;
+    let tracks: Vec<&str> = tracks.lines().collect();
+    assert!(tracks.contains(&"shop/1") && tracks.contains(&"tidepool/1"), "both tracks applied: {tracks:?}");
+
+    let url = shop.web_url("/orders")?;
+    let order =
+        r#"{"customer": "ada@example.com", "items": [{"sku": "tea", "quantity": 2, "price_cents": 450}]}"#;
+    let (code, created) =
+        shop.node.curl(&["-X", "POST", "-H", "content-type: application/json", "-d", order, &url])?;
+    ensure!(code == 201, "POST /orders: {code} {created}");
+    let id = serde_json::from_str::<Value>(&created)?["id"].as_i64().context("an order id")?;
+    let order_url = shop.web_url(&format!("/orders/{id}"))?;
+    wait_for("the order's receipt from the worker pod", Duration::from_secs(60), || {
+        let (code, shown) = shop.node.curl(&[&order_url])?;
+        let shown: Value = serde_json::from_str(&shown).unwrap_or_default();
+        Ok((code == 200 && shown["receipt"]["state"] == "sent").then_some(()))
+    })
+    .with_context(|| shop.describe())?;
+
+    let available = shop.tidepool()?["status"]["connections"]["available"].as_i64().context("available")?;
+    let sampler = Sampler::start(&shop.pg, &shop.db.name, &shop.db.connections_sql());
+    let load = Load::steady_posting(&shop.node, &url, 20, "10s", Some(order))?;
+    // The load's length (30 s of orders), not a wait for something to happen.
+    std::thread::sleep(Duration::from_secs(30));
+    let report = load.finish()?;
+    let samples = sampler.finish()?;
+    let peak = samples.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    assert!(peak <= available, "the app's connections stay within the budget: {peak} of {available}");
+    let placed = status_count(&report, "201");
+    assert!(placed > 0, "orders were placed: {report}");
+    assert_eq!(
+        status_count(&report, "201") + status_count(&report, "503"),
+        report["requests"].as_i64().unwrap_or(-1),
+        "every order placed or shed with 503, nothing else: {report}"
+    );
+    assert_eq!(shop.count("SELECT count(*) FROM shop_order")?, placed + 1, "each 201 is one order: {report}");
+    wait_for("every order's receipt", Duration::from_secs(120), || {
+        Ok((shop.count("SELECT count(*) FROM shop_order WHERE receipt_sent_at IS NULL")? == 0).then_some(()))
+    })
+    .with_context(|| shop.describe())?;
+    record_figures("shop", json!({"orders": placed, "connections_peak": peak, "available": available}))?;
+    Ok(())
 }
 
 /// The seed's two experiments through Kubernetes: ten slow requests through
