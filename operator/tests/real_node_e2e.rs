@@ -410,7 +410,7 @@ fn the_shop_example_runs_under_the_operator_from_its_own_image() -> Result<()> {
         "every order placed or shed with 503, nothing else: {report}"
     );
     assert_eq!(shop.count("SELECT count(*) FROM shop_order")?, placed + 1, "each 201 is one order: {report}");
-    wait_for("every order's receipt", Duration::from_secs(120), || {
+    wait_for("every order's receipt", Duration::from_secs(300), || {
         Ok((shop.count("SELECT count(*) FROM shop_order WHERE receipt_sent_at IS NULL")? == 0).then_some(()))
     })
     .with_context(|| shop.describe())?;
