@@ -47,6 +47,15 @@ fn wait_worker_replicas(kube: &Kube, ns: &str, replicas: i64, limit: Duration) -
     })
 }
 
+/// Waits until the Tidepool's status says its worker tier was last scaled
+/// for `reason`; the Tidepool then.
+fn wait_last_scale(kube: &Kube, ns: &str, reason: &str) -> Result<Value> {
+    wait_for(&format!("the status to say the workers scaled for {reason}"), Duration::from_secs(30), || {
+        let tidepool = get(kube, ns, "tidepool/shop")?.context("the Tidepool")?;
+        Ok((tidepool["status"]["worker"]["lastScale"]["reason"] == reason).then_some(tidepool))
+    })
+}
+
 /// The Events about `kind`/`name` with `reason`, oldest first, as (time in
 /// microseconds since the epoch, note).
 fn events(kube: &Kube, ns: &str, kind: &str, name_prefix: &str, reason: &str) -> Result<Vec<(i64, String)>> {
@@ -188,13 +197,13 @@ fn workers_scale_from_zero_when_a_job_arrives_and_to_zero_when_idle() -> Result<
 
     queue.enqueue(&jobs(1))?;
     wait_worker_replicas(kube, &ns.name, 1, Duration::from_secs(60))?;
-    let tidepool = get(kube, &ns.name, "tidepool/shop")?.context("the Tidepool")?;
-    assert_eq!(tidepool["status"]["worker"]["lastScale"]["reason"], "JobsWaiting", "{tidepool}");
+    // The status follows the Deployment: it is written at the end of the
+    // reconcile that applied it.
+    wait_last_scale(kube, &ns.name, "JobsWaiting")?;
 
     queue.drain()?;
     wait_worker_replicas(kube, &ns.name, 0, Duration::from_secs(60))?;
-    let tidepool = get(kube, &ns.name, "tidepool/shop")?.context("the Tidepool")?;
-    assert_eq!(tidepool["status"]["worker"]["lastScale"]["reason"], "QueuesIdle");
+    let tidepool = wait_last_scale(kube, &ns.name, "QueuesIdle")?;
     assert_eq!(tidepool["spec"]["worker"]["replicas"], 0);
     Ok(())
 }
