@@ -22,12 +22,13 @@ source "$(dirname "$0")/lib.sh"
 STORE=$TIDEPOOL_IMAGE_CACHE/storage
 BASES=$TIDEPOOL_IMAGE_CACHE/bases
 MIRROR=${TIDEPOOL_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO_ROOT/service/Cargo.toml" | head -n 1)
+# The version in crate manifest $1.
+crate_version() { sed -n 's/^version = "\(.*\)"/\1/p' "$1" | head -n 1; }
+VERSION=$(crate_version "$REPO_ROOT/service/Cargo.toml")
 TIDEPOOL_IMAGE=localhost/tidepool:$VERSION
 OPERATOR_IMAGE=localhost/tidepool-operator:$VERSION
 PGBOUNCER_IMAGE=localhost/tidepool-pgbouncer:1.24.1
-SHOP_VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO_ROOT/examples/shop/Cargo.toml" | head -n 1)
-SHOP_IMAGE=localhost/tidepool-shop:$SHOP_VERSION
+SHOP_IMAGE=localhost/tidepool-shop:$(crate_version "$REPO_ROOT/examples/shop/Cargo.toml")
 
 buildah_() {
   buildah --root "$STORE" --runroot "$TIDEPOOL_IMAGE_CACHE/run" --storage-driver overlay "$@"

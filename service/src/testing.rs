@@ -20,12 +20,13 @@
 //! # }
 //! # async fn example(db: tidepool::db::Database, app: tidepool::Application) -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;
-//! use tidepool::settings::WorkerSettings;
+//! use tidepool::settings::{DatabaseSettings, WorkerSettings};
 //!
 //! let receipt = tidepool::testing::perform(&db, (), SendReceipt { order_id: 7 }).await?;
 //! assert!(!receipt.is_empty());
 //!
-//! let settings = WorkerSettings::default(); // its database URL: the test database's
+//! # let test_database_url = String::new();
+//! let settings = WorkerSettings { database: DatabaseSettings::new(test_database_url), ..WorkerSettings::default() };
 //! let drained = tidepool::testing::drain(&app, settings, Duration::from_secs(30)).await?;
 //! assert_eq!((drained.succeeded, drained.failed), (3, 0));
 //! # Ok(())
@@ -37,10 +38,10 @@ use std::time::Duration;
 use prometheus::IntCounterVec;
 
 use crate::app::Application;
-use crate::db::{Database, DbError, PoolSettings};
+use crate::db::{Database, DbError};
 use crate::metrics::WorkerMetrics;
 use crate::queue::sql;
-use crate::queue::worker::{Worker, QUEUE_POOL_SIZE};
+use crate::queue::worker::Worker;
 use crate::settings::WorkerSettings;
 use crate::task::{check_args, JobInfo, Task, TaskContext, TaskError};
 use crate::StartError;
@@ -140,13 +141,9 @@ pub async fn drain<S: Clone + Send + Sync + 'static>(
 ) -> Result<Drained, DrainError> {
     let settings = settings.normalized().map_err(StartError::from)?;
     let registry = app.registry().map_err(StartError::from)?;
-    let database = &settings.database;
-    let pg = database.pg_config()?;
+    let pg = settings.database.pg_config()?;
     let metrics = WorkerMetrics::new().map_err(StartError::from)?;
-    let task_pool = database.pool_settings(settings.concurrency);
-    let queue_pool = PoolSettings { max_size: QUEUE_POOL_SIZE, ..task_pool.clone() };
-    let task_db = Database::new(pg.clone(), task_pool, metrics.db_pool_wait.clone())?;
-    let queue_db = Database::new(pg, queue_pool, metrics.queue_db_pool_wait.clone())?;
+    let (task_db, queue_db) = crate::worker::pools(&settings, pg, &metrics)?;
     let queues = settings.queues.clone();
     let worker = Worker::new(settings, registry.into(), queue_db.clone(), task_db, metrics.clone())
         .map_err(StartError::from)?;

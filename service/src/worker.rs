@@ -20,7 +20,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, Semaphore};
 
-use crate::db::{self, Database, PoolSettings};
+use crate::db::{self, Database, DbError, PoolSettings};
 use crate::metrics::WorkerMetrics;
 use crate::pooler_metrics::AdminConsole;
 use crate::queue::worker::QUEUE_POOL_SIZE;
@@ -53,10 +53,7 @@ pub async fn run(
     };
     let metrics = WorkerMetrics::new()?;
     metrics.start_counters(registry.task_names(), &settings.queues);
-    let task_pool = database.pool_settings(settings.concurrency);
-    let queue_pool = PoolSettings { max_size: QUEUE_POOL_SIZE, ..task_pool.clone() };
-    let task_db = Database::new(pg.clone(), task_pool, metrics.db_pool_wait.clone())?;
-    let queue_db = Database::new(pg, queue_pool, metrics.queue_db_pool_wait.clone())?;
+    let (task_db, queue_db) = pools(&settings, pg, &metrics)?;
     let pooler = database.pooler_stats.as_ref().map(|stats| stats.admin_console()).transpose()?;
     let probe_listener = crate::bind(settings.listen).await?;
 
@@ -85,6 +82,20 @@ pub async fn run(
     let _ = stop_probes.send(true);
     let _ = probes.await;
     Ok(report)
+}
+
+/// A worker's two pools on `pg`: its tasks' (`--concurrency` connections)
+/// and its own for the queue's statements ([`QUEUE_POOL_SIZE`]).
+pub(crate) fn pools(
+    settings: &WorkerSettings,
+    pg: tokio_postgres::Config,
+    metrics: &WorkerMetrics,
+) -> Result<(Database, Database), DbError> {
+    let task_pool = settings.database.pool_settings(settings.concurrency);
+    let queue_pool = PoolSettings { max_size: QUEUE_POOL_SIZE, ..task_pool.clone() };
+    let task_db = Database::new(pg.clone(), task_pool, metrics.db_pool_wait.clone())?;
+    let queue_db = Database::new(pg, queue_pool, metrics.queue_db_pool_wait.clone())?;
+    Ok((task_db, queue_db))
 }
 
 /// Pauses between attempts to re-open the listening connection.

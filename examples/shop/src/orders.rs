@@ -6,7 +6,7 @@ use tidepool::axum::routing::{get, post};
 use tidepool::axum::{Json, Router};
 use tidepool::chrono::{DateTime, Utc};
 use tidepool::db::{Conn, Tx, Type};
-use tidepool::queue::{self, EnqueueOptions, JobState};
+use tidepool::queue::{self, EnqueueOptions};
 use tidepool::serde::{Deserialize, Serialize};
 use tidepool::serde_json::Value;
 use tidepool::web::ApiError;
@@ -176,7 +176,7 @@ async fn load(db: &Conn, id: i64) -> Result<Option<OrderView>, ApiError> {
     let state = match (sent_at, job_id) {
         (Some(_), _) => "sent".to_owned(),
         (None, Some(job)) => match queue::lookup(db, job).await? {
-            Some(view) => job_state(view.state).to_owned(),
+            Some(view) => view.state.as_str().to_owned(),
             None => "unknown".to_owned(),
         },
         (None, None) => "unknown".to_owned(),
@@ -189,15 +189,4 @@ async fn load(db: &Conn, id: i64) -> Result<Option<OrderView>, ApiError> {
         created_at: row.get(4),
         receipt: ReceiptView { state, job_id, number: row.get(6), sent_at },
     }))
-}
-
-fn job_state(state: JobState) -> &'static str {
-    match state {
-        JobState::Scheduled => "scheduled",
-        JobState::Available => "available",
-        JobState::Running => "running",
-        JobState::Succeeded => "succeeded",
-        JobState::Dead => "dead",
-        JobState::Cancelled => "cancelled",
-    }
 }

@@ -243,17 +243,23 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// Its name, as the tables write it and `GET /tasks/{id}` reports it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Scheduled => "scheduled",
+            Self::Available => "available",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Dead => "dead",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
     /// The state named `text`, as the tables write it.
     pub fn parse(text: &str) -> Option<Self> {
-        Some(match text {
-            "scheduled" => Self::Scheduled,
-            "available" => Self::Available,
-            "running" => Self::Running,
-            "succeeded" => Self::Succeeded,
-            "dead" => Self::Dead,
-            "cancelled" => Self::Cancelled,
-            _ => return None,
-        })
+        [Self::Scheduled, Self::Available, Self::Running, Self::Succeeded, Self::Dead, Self::Cancelled]
+            .into_iter()
+            .find(|state| state.as_str() == text)
     }
 }
 
@@ -311,6 +317,22 @@ pub enum Cancelled {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_state_is_named_as_it_parses_and_serializes() {
+        for state in [
+            JobState::Scheduled,
+            JobState::Available,
+            JobState::Running,
+            JobState::Succeeded,
+            JobState::Dead,
+            JobState::Cancelled,
+        ] {
+            assert_eq!(JobState::parse(state.as_str()), Some(state));
+            assert_eq!(serde_json::to_value(state).ok(), Some(json!(state.as_str())));
+        }
+        assert_eq!(JobState::parse("done"), None);
+    }
 
     fn now() -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default()
