@@ -92,6 +92,20 @@ pub struct Placed {
 /// Writes `order` and enqueues its receipt in `tx`: both exist once `tx`
 /// commits, neither if it rolls back.
 pub async fn place(tx: &Tx<'_>, order: &NewOrder) -> Result<Placed, ApiError> {
+    let id = write(tx, order).await?;
+    let job = queue::enqueue(tx, &SendReceipt { order_id: id }, EnqueueOptions::default()).await?;
+    tx.execute(
+        "UPDATE shop_order SET receipt_job = $1 WHERE id = $2",
+        &[(&job.id, Type::INT8), (&id, Type::INT8)],
+    )
+    .await?;
+    Ok(Placed { id, receipt_job: job.id })
+}
+
+/// Writes `order` alone, with no receipt to follow, and returns its id: what
+/// [`place`] does before it enqueues the receipt (the benchmark's baseline,
+/// `examples/without_receipts.rs`).
+pub async fn write(tx: &Tx<'_>, order: &NewOrder) -> Result<i64, ApiError> {
     let total = order.total_cents().map_err(ApiError::unprocessable)?;
     let items = tidepool::serde_json::to_value(&order.items)
         .map_err(|e| ApiError::internal(format!("could not encode the items: {e}")))?;
@@ -101,14 +115,7 @@ pub async fn place(tx: &Tx<'_>, order: &NewOrder) -> Result<Placed, ApiError> {
             &[(&order.customer.trim(), Type::TEXT), (&items, Type::JSONB), (&total, Type::INT8)],
         )
         .await?;
-    let id: i64 = row.get(0);
-    let job = queue::enqueue(tx, &SendReceipt { order_id: id }, EnqueueOptions::default()).await?;
-    tx.execute(
-        "UPDATE shop_order SET receipt_job = $1 WHERE id = $2",
-        &[(&job.id, Type::INT8), (&id, Type::INT8)],
-    )
-    .await?;
-    Ok(Placed { id, receipt_job: job.id })
+    Ok(row.get(0))
 }
 
 async fn create(
@@ -119,12 +126,12 @@ async fn create(
     let placed = place(&tx, &order).await?;
     tx.commit().await?;
     let view =
-        load(&conn, placed.id).await?.ok_or_else(|| ApiError::internal("the order just placed is gone"))?;
+        find(&conn, placed.id).await?.ok_or_else(|| ApiError::internal("the order just placed is gone"))?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
 async fn show(conn: Conn, Path(id): Path<i64>) -> Result<Json<OrderView>, ApiError> {
-    load(&conn, id).await?.map(Json).ok_or_else(|| ApiError::not_found(format!("there is no order {id}")))
+    find(&conn, id).await?.map(Json).ok_or_else(|| ApiError::not_found(format!("there is no order {id}")))
 }
 
 /// An order as `GET /orders/{id}` shows it.
@@ -160,7 +167,8 @@ pub struct ReceiptView {
     pub sent_at: Option<DateTime<Utc>>,
 }
 
-async fn load(db: &Conn, id: i64) -> Result<Option<OrderView>, ApiError> {
+/// Order `id` with its receipt's state, or `None` if there is none.
+pub async fn find(db: &Conn, id: i64) -> Result<Option<OrderView>, ApiError> {
     let Some(row) = db
         .query_opt(
             "SELECT id, customer, items, total_cents, created_at, receipt_job, receipt_number, receipt_sent_at
