@@ -20,6 +20,8 @@
 # queue's NOTIFY trigger: where the cost is, without HTTP or the runtime. Everything on loopback, every wait bounded;
 # the stack runs in a state folder of its own, removed at the end.
 set -euo pipefail
+# The local plan's sizes, also when run from bench.sh (which shrinks the pooler).
+unset TIDEPOOL_POOLER_POOL_SIZE TIDEPOOL_POOLER_MIN_POOL_SIZE
 source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
 

@@ -18,7 +18,10 @@
 #   12. the "Tidepool" dashboard drawn from real data (docs/img/):
 #       scripts/bench-dashboards.sh;
 #   13. scaling (a backlog to the target replicas, a load near a
-#       threshold, both tiers on the real node): scripts/bench-autoscaling.sh.
+#       threshold, both tiers on the real node): scripts/bench-autoscaling.sh;
+#   16. the shop's POST /orders with and without its receipt job, orders to
+#       receipts: scripts/bench-shop.sh.
+# (14, the router layer beside an old commit's, is `make bench-router`.)
 # All traffic goes to loopback (and, for 10-11, to the test cluster inside
 # the real node's network namespace); every step is bounded in time.
 # BENCH_REPEATS (3) and BENCH_SECONDS (15) size the alternating runs.
@@ -284,3 +287,4 @@ say "wrote the web sections of $OUT"
 "$REPO_ROOT/scripts/bench-e2e.sh"
 "$REPO_ROOT/scripts/bench-dashboards.sh"
 "$REPO_ROOT/scripts/bench-autoscaling.sh"
+"$REPO_ROOT/scripts/bench-shop.sh"
