@@ -1,7 +1,10 @@
-//! The README's "Write your own app" builds exactly as printed: its files
-//! (each fenced block after a `<!-- readme-app: PATH -->` marker) written
-//! into `my-shop/`, beside `tidepool/` (this checkout), and built with
-//! cargo, offline, at the versions of this workspace's lock file.
+//! The README's "Write your own app" works as printed: its files (each
+//! fenced block after a `<!-- readme-app: PATH -->` marker) written into
+//! `my-shop/`, beside `tidepool/` (this checkout), and built with cargo,
+//! offline, at the versions of this workspace's lock file; its Dockerfile
+//! puts that binary in the image as its entrypoint, on a base `make images`
+//! makes; and its Tidepool, naming the image the README tags, plans and
+//! renders as the operator would apply it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -43,7 +46,10 @@ fn the_readmes_own_app_builds_as_printed() -> Result<()> {
     let readme = std::fs::read_to_string(repo.join("README.md"))?;
     let files = readme_files(&readme)?;
     let paths: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
-    assert_eq!(paths, ["Cargo.toml", "migrations/0001_orders.sql", "src/main.rs"]);
+    assert_eq!(
+        paths,
+        ["Cargo.toml", "migrations/0001_orders.sql", "src/main.rs", "Dockerfile", "tidepool.yaml"]
+    );
     let main = &files[2].1;
     assert!(main.lines().count() <= 80, "the README's main.rs stays short: {} lines", main.lines().count());
 
@@ -82,6 +88,74 @@ fn the_readmes_own_app_builds_as_printed() -> Result<()> {
     for command in ["web", "worker", "migrate", "enqueue", "pooler-config"] {
         assert!(usage.contains(command), "my-shop --help lists {command}:\n{usage}");
     }
+    Ok(())
+}
+
+#[test]
+fn the_readmes_image_and_tidepool_deploy_that_binary() -> Result<()> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let readme = std::fs::read_to_string(repo.join("README.md"))?;
+    let files = readme_files(&readme)?;
+    let file = |name: &str| {
+        files.iter().find(|(path, _)| path == name).map(|(_, text)| text.as_str()).context(name.to_owned())
+    };
+    let binary = file("Cargo.toml")?
+        .lines()
+        .find_map(|line| line.strip_prefix("name = \""))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .context("the README's Cargo.toml names its package")?;
+
+    // The image: the release binary, as the entrypoint (the operator passes
+    // only the subcommand), on a base that scripts/images.sh makes.
+    let dockerfile = file("Dockerfile")?;
+    let from =
+        dockerfile.lines().find_map(|l| l.strip_prefix("FROM ")).context("the Dockerfile has a FROM")?;
+    let images = std::fs::read_to_string(repo.join("scripts/images.sh"))?;
+    assert!(images.contains(&format!("base_image {from} ")), "scripts/images.sh does not make {from}");
+    assert!(
+        dockerfile.contains(&format!("COPY target/release/{binary} /usr/local/bin/{binary}\n")),
+        "{dockerfile}"
+    );
+    assert!(dockerfile.contains(&format!("ENTRYPOINT [\"/usr/local/bin/{binary}\"]\n")), "{dockerfile}");
+
+    // The Tidepool names the image the README's build command tags.
+    let tag = readme
+        .split("buildah bud -t ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .context("the README tags the image with `buildah bud -t`")?;
+    let tidepool = file("tidepool.yaml")?;
+    let plan = tidepool_operator::cli::plan(tidepool, "default", tidepool_operator::cli::Format::Table)?;
+    assert!(plan.contains("Tidepool default/my-shop: maxConnections 100 "), "{plan}");
+    let rendered = tidepool_operator::cli::render(tidepool, "default")?;
+    let children: Vec<tidepool::serde_json::Value> = rendered
+        .split("---\n")
+        .filter(|doc| !doc.trim().is_empty())
+        .map(serde_norway::from_str)
+        .collect::<Result<_, _>>()?;
+    // Every container of the app's pods runs the README's image with one of
+    // Tidepool's subcommands, except the PgBouncer sidecar.
+    let mut subcommands = Vec::new();
+    for child in &children {
+        let spec = match child["kind"].as_str() {
+            Some("Deployment") => &child["spec"]["template"]["spec"],
+            Some("Job") => &child["spec"]["template"]["spec"],
+            _ => continue,
+        };
+        for list in ["initContainers", "containers"] {
+            for container in spec[list].as_array().into_iter().flatten() {
+                if container["name"] == "pgbouncer" {
+                    continue;
+                }
+                assert_eq!(container["image"], tag, "{}", container["name"]);
+                assert!(container["command"].is_null(), "the image's entrypoint runs: {}", container["name"]);
+                subcommands.push(container["args"][0].as_str().unwrap_or_default().to_owned());
+            }
+        }
+    }
+    subcommands.sort();
+    subcommands.dedup();
+    assert_eq!(subcommands, ["migrate", "pooler-config", "web", "worker"]);
     Ok(())
 }
 
