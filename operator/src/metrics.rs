@@ -50,6 +50,53 @@ impl Outcome {
     }
 }
 
+/// The step of a reconcile that failed, as the `kind` label of
+/// `tidepool_operator_reconcile_errors_total` says it (the controller's
+/// `Error::kind` maps each of its variants to one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The Tidepool has no namespace.
+    NoNamespace,
+    /// Reading the database Secret.
+    ReadSecret,
+    /// Reading the live Deployments and pods.
+    ReadChildren,
+    /// Applying (or scaling) a child.
+    ApplyChild,
+    /// Listing or deleting children the spec no longer has.
+    DeleteOrphan,
+    /// Admitting a pod (removing its scheduling gate).
+    AdmitPod,
+    /// Writing the Tidepool's status.
+    WriteStatus,
+}
+
+impl ErrorKind {
+    /// Every kind, for the counters to start at 0.
+    pub const ALL: [ErrorKind; 7] = [
+        ErrorKind::NoNamespace,
+        ErrorKind::ReadSecret,
+        ErrorKind::ReadChildren,
+        ErrorKind::ApplyChild,
+        ErrorKind::DeleteOrphan,
+        ErrorKind::AdmitPod,
+        ErrorKind::WriteStatus,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::NoNamespace => "no_namespace",
+            ErrorKind::ReadSecret => "read_secret",
+            ErrorKind::ReadChildren => "read_children",
+            ErrorKind::ApplyChild => "apply_child",
+            ErrorKind::DeleteOrphan => "delete_orphan",
+            ErrorKind::AdmitPod => "admit_pod",
+            ErrorKind::WriteStatus => "write_status",
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
@@ -165,8 +212,8 @@ impl Metrics {
         for result in [Outcome::Applied, Outcome::Blocked, Outcome::Deleting, Outcome::Error] {
             reconciles.with_label_values(&[result.label()]);
         }
-        for kind in crate::controller::Error::KINDS {
-            errors.with_label_values(&[kind]);
+        for kind in ErrorKind::ALL {
+            errors.with_label_values(&[kind.label()]);
         }
         Ok(Self {
             registry,
@@ -254,8 +301,8 @@ impl Metrics {
         self.database_queries.with_label_values(&[outcome]).observe(took.as_secs_f64());
     }
 
-    pub fn error(&self, kind: &'static str) {
-        self.errors.with_label_values(&[kind]).inc();
+    pub fn error(&self, kind: ErrorKind) {
+        self.errors.with_label_values(&[kind.label()]).inc();
     }
 
     fn histogram(&self, outcome: Outcome) -> Histogram {
@@ -278,12 +325,15 @@ mod tests {
     fn reconciles_are_counted_by_result() {
         let metrics = Metrics::new().expect("metrics");
         metrics.record(Outcome::Applied, Instant::now());
-        metrics.error("kube_api");
+        metrics.error(ErrorKind::ApplyChild);
         let text = String::from_utf8(metrics.render().expect("renders")).expect("utf-8");
         assert!(text.contains("tidepool_operator_reconciles_total{result=\"applied\"} 1"), "{text}");
         assert!(text.contains("tidepool_operator_reconciles_total{result=\"error\"} 0"), "{text}");
-        assert!(text.contains("tidepool_operator_reconcile_errors_total{kind=\"kube_api\"} 1"), "{text}");
-        assert!(text.contains("tidepool_operator_reconcile_errors_total{kind=\"no_namespace\"} 0"), "{text}");
+        assert!(text.contains("tidepool_operator_reconcile_errors_total{kind=\"apply_child\"} 1"), "{text}");
+        for kind in ErrorKind::ALL.iter().filter(|&&k| k != ErrorKind::ApplyChild) {
+            let series = format!("tidepool_operator_reconcile_errors_total{{kind=\"{}\"}} 0", kind.label());
+            assert!(text.contains(&series), "{series} in {text}");
+        }
         assert!(
             text.contains("tidepool_operator_reconcile_duration_seconds_count{result=\"applied\"} 1"),
             "{text}"

@@ -109,6 +109,45 @@ impl Tier {
     }
 }
 
+/// One value for each tier, indexed by [`Tier`]: the one way the code keeps
+/// something per tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PerTier<T> {
+    pub web: T,
+    pub worker: T,
+}
+
+impl<T> PerTier<T> {
+    /// A value for each tier from `value`.
+    pub fn from_fn(mut value: impl FnMut(Tier) -> T) -> Self {
+        PerTier { web: value(Tier::Web), worker: value(Tier::Worker) }
+    }
+
+    /// Each value changed by `change`, which also gets its tier.
+    pub fn map<U>(self, mut change: impl FnMut(Tier, T) -> U) -> PerTier<U> {
+        PerTier { web: change(Tier::Web, self.web), worker: change(Tier::Worker, self.worker) }
+    }
+}
+
+impl<T> std::ops::Index<Tier> for PerTier<T> {
+    type Output = T;
+    fn index(&self, tier: Tier) -> &T {
+        match tier {
+            Tier::Web => &self.web,
+            Tier::Worker => &self.worker,
+        }
+    }
+}
+
+impl<T> std::ops::IndexMut<Tier> for PerTier<T> {
+    fn index_mut(&mut self, tier: Tier) -> &mut T {
+        match tier {
+            Tier::Web => &mut self.web,
+            Tier::Worker => &mut self.worker,
+        }
+    }
+}
+
 impl fmt::Display for Tier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -796,9 +835,9 @@ mod tests {
             let (Ok(from), Ok(to)) = (plan(&a), plan(&b)) else { return Ok(()) };
             let wants_roll = |tier: Tier| match tier { Tier::Web => roll_web, Tier::Worker => roll_worker };
             let mut live = Step::at(&from);
-            let mut rolled = [false, false];
+            let mut rolled = PerTier::<bool>::default();
             for _ in 0..4 {
-                let next = next_step(live, &to, |tier| wants_roll(tier) && !rolled[tier as usize], true, false);
+                let next = next_step(live, &to, |tier| wants_roll(tier) && !rolled[tier], true, false);
                 // A change that keeps every cost goes at once: the plan covers it.
                 let changes_cost = Tier::ALL.iter().any(|&t| live.tier(t).per_pod != to.tier(t).per_pod());
                 let mut total = 0u64;
@@ -809,7 +848,7 @@ mod tests {
                         total += worst.unwrap_or(0);
                     }
                     if next.tier(tier).template == Template::New {
-                        rolled[tier as usize] = true;
+                        rolled[tier] = true;
                     }
                 }
                 prop_assert!(total <= u64::from(from.available), "{} > {}: {:?} → {:?}", total, from.available, live, next);

@@ -19,7 +19,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{ConnectionsStatus, LastScale, TidepoolStatus, TierStatus};
-use crate::plan::{Plan, Tier};
+use crate::plan::{PerTier, Plan, Tier};
 
 pub const READY: &str = "Ready";
 pub const CONNECTION_BUDGET: &str = "ConnectionBudget";
@@ -82,9 +82,10 @@ pub enum Migration {
 #[derive(Debug, Clone)]
 pub struct Applied<'a> {
     pub plan: &'a Plan,
-    pub web: ObservedTier,
-    pub worker: ObservedTier,
-    pub selectors: [String; 2],
+    /// What each tier's Deployment reports.
+    pub observed: PerTier<ObservedTier>,
+    /// Each tier's pod selector (for the scale subresource).
+    pub selectors: PerTier<String>,
     /// The sum of the live pods' annotated shares.
     pub live_peak: i32,
     /// Set when the Tidepools sharing this database server plan more
@@ -94,7 +95,7 @@ pub struct Applied<'a> {
     /// What holds a change back: a paced step, pods waiting for the budget.
     pub pacing: Vec<String>,
     /// Why each tier's (web, worker) desired replicas changed, if known.
-    pub scale_causes: [Option<ScaleCause>; 2],
+    pub scale_causes: PerTier<Option<ScaleCause>>,
     /// The queue scaler's health, while the worker tier autoscales.
     pub autoscaling: Option<AutoscalingHealth>,
 }
@@ -176,7 +177,7 @@ pub fn status(
 fn record_scales(
     previous: Option<&TidepoolStatus>,
     next: &mut TidepoolStatus,
-    causes: &[Option<ScaleCause>; 2],
+    causes: &PerTier<Option<ScaleCause>>,
     now: &Time,
 ) {
     for tier in Tier::ALL {
@@ -185,7 +186,7 @@ fn record_scales(
         after.last_scale = match before {
             Some(before) if before.desired_replicas != after.desired_replicas => {
                 let (from, to) = (before.desired_replicas, after.desired_replicas);
-                let cause = causes[tier as usize].clone().unwrap_or_else(|| ScaleCause {
+                let cause = causes[tier].clone().unwrap_or_else(|| ScaleCause {
                     reason: "ReplicasChanged".into(),
                     message: format!("the Tidepool's {tier} replicas were set to {to}"),
                 });
@@ -230,15 +231,16 @@ fn applied_status(applied: &Applied<'_>, generation: Option<i64>) -> TidepoolSta
             last_scale: None,
         }
     };
-    let web = tier_status(Tier::Web, &applied.web, &applied.selectors[0]);
-    let worker = tier_status(Tier::Worker, &applied.worker, &applied.selectors[1]);
+    let web = tier_status(Tier::Web, &applied.observed.web, &applied.selectors.web);
+    let worker = tier_status(Tier::Worker, &applied.observed.worker, &applied.selectors.worker);
     let settled = |status: &TierStatus, observed: &ObservedTier| {
         observed.observed
             && observed.ready == status.desired_replicas
             && observed.updated == status.desired_replicas
             && observed.replicas == status.desired_replicas
     };
-    let (web_settled, worker_settled) = (settled(&web, &applied.web), settled(&worker, &applied.worker));
+    let (web_settled, worker_settled) =
+        (settled(&web, &applied.observed.web), settled(&worker, &applied.observed.worker));
     let mut pods = format!("web {}, worker {} ready", web.ready_of_desired, worker.ready_of_desired);
     for note in &applied.pacing {
         pods.push_str("; ");
@@ -383,14 +385,16 @@ mod tests {
     fn applied(plan: &Plan, web_ready: i32) -> Applied<'_> {
         Applied {
             plan,
-            web: ObservedTier { replicas: 2, ready: web_ready, updated: 2, observed: true },
-            worker: ObservedTier { replicas: 1, ready: 1, updated: 1, observed: true },
-            selectors: ["w".into(), "k".into()],
+            observed: PerTier {
+                web: ObservedTier { replicas: 2, ready: web_ready, updated: 2, observed: true },
+                worker: ObservedTier { replicas: 1, ready: 1, updated: 1, observed: true },
+            },
+            selectors: PerTier { web: "w".into(), worker: "k".into() },
             live_peak: 94,
             pacing: Vec::new(),
             over_commit: None,
             migration: Migration::Done,
-            scale_causes: [None, None],
+            scale_causes: PerTier::default(),
             autoscaling: None,
         }
     }
@@ -455,7 +459,8 @@ mod tests {
         more.tier_mut(Tier::Web).replicas = 1;
         let cause =
             ScaleCause { reason: "QueueBacklog".into(), message: "available jobs: default 300".into() };
-        let scaled = Applied { scale_causes: [None, Some(cause)], ..applied(&more, 2) };
+        let scaled =
+            Applied { scale_causes: PerTier { web: None, worker: Some(cause) }, ..applied(&more, 2) };
         let second = status(Some(&first), Some(1), Ok(scaled), at(20));
         let worker = second.worker.as_ref().and_then(|w| w.last_scale.clone()).expect("worker scaled");
         assert_eq!(

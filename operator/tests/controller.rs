@@ -288,8 +288,8 @@ fn nothing_is_applied_into_a_terminating_namespace() -> Result<()> {
         Ok(left["items"].as_array().is_some_and(Vec::is_empty).then_some(()))
     })?;
     assert_eq!(operator.metric("tidepool_operator_reconciles_total{result=\"error\"}")?, 0.0);
-    for kind in tidepool_operator::controller::Error::KINDS {
-        let series = format!("tidepool_operator_reconcile_errors_total{{kind=\"{kind}\"}}");
+    for kind in tidepool_operator::metrics::ErrorKind::ALL {
+        let series = format!("tidepool_operator_reconcile_errors_total{{kind=\"{}\"}}", kind.label());
         assert_eq!(operator.metric(&series)?, 0.0, "{series}");
     }
 

@@ -28,7 +28,8 @@ pub enum Child {
     Job(Box<Job>),
     Service(Service),
     PodDisruptionBudget(PodDisruptionBudget),
-    Deployment(Box<Deployment>),
+    /// A tier's Deployment.
+    Deployment(Tier, Box<Deployment>),
     HorizontalPodAutoscaler(HorizontalPodAutoscaler),
 }
 
@@ -38,7 +39,7 @@ impl Child {
             Child::Job(_) => "Job",
             Child::Service(_) => "Service",
             Child::PodDisruptionBudget(_) => "PodDisruptionBudget",
-            Child::Deployment(_) => "Deployment",
+            Child::Deployment(..) => "Deployment",
             Child::HorizontalPodAutoscaler(_) => "HorizontalPodAutoscaler",
         }
     }
@@ -48,7 +49,7 @@ impl Child {
             Child::Job(o) => &o.metadata,
             Child::Service(o) => &o.metadata,
             Child::PodDisruptionBudget(o) => &o.metadata,
-            Child::Deployment(o) => &o.metadata,
+            Child::Deployment(_, o) => &o.metadata,
             Child::HorizontalPodAutoscaler(o) => &o.metadata,
         };
         metadata.name.as_deref().unwrap_or_default()
@@ -68,7 +69,7 @@ impl Child {
             Child::Job(o) => typed(o.as_ref()),
             Child::Service(o) => typed(o),
             Child::PodDisruptionBudget(o) => typed(o),
-            Child::Deployment(o) => typed(o.as_ref()),
+            Child::Deployment(_, o) => typed(o.as_ref()),
             Child::HorizontalPodAutoscaler(o) => typed(o),
         }
     }
@@ -88,7 +89,7 @@ pub fn children(validated: &Validated, plan: &Plan) -> Vec<Child> {
     }
     for tier in Tier::ALL {
         if has_pods(tier) {
-            children.push(Child::Deployment(Box::new(deployment::deployment(validated, plan, tier))));
+            children.push(Child::Deployment(tier, Box::new(deployment::deployment(validated, plan, tier))));
         }
     }
     if let (true, Some(autoscaling)) = (has_pods(Tier::Web), &validated.spec.web.autoscaling) {
@@ -124,7 +125,7 @@ mod tests {
         children
             .iter()
             .find_map(|c| match c {
-                Child::Deployment(d) if c.name() == format!("shop-{tier}") => {
+                Child::Deployment(t, d) if *t == tier => {
                     d.spec.as_ref().and_then(|s| s.template.spec.clone())
                 }
                 _ => None,
@@ -186,7 +187,7 @@ mod tests {
         let (plan, children) = render(spec);
         assert!(!plan.asks_met, "a short budget, so the share differs from the ask");
         for child in &children {
-            let Child::Deployment(deployment) = child else { continue };
+            let Child::Deployment(_, deployment) = child else { continue };
             let template = &deployment.spec.as_ref().expect("spec").template;
             let annotation = template
                 .metadata
