@@ -59,7 +59,7 @@ cargo fmt --all --check
 phase "cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 phase "cargo doc (the runtime's public API: no broken links)"
-RUSTDOCFLAGS="-D warnings" cargo doc -p tidepool --no-deps --quiet
+RUSTDOCFLAGS="-D warnings" cargo doc -p tidepool -p tidepool-contract --no-deps --quiet
 phase "cargo build (debug)"
 cargo build --workspace --bins --quiet
 # The images carry the release binaries.

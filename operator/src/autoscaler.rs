@@ -28,6 +28,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
+use tidepool_contract::secret::{DatabaseSecret, SecretError};
 use tokio::sync::mpsc;
 
 use crate::crd::Tidepool;
@@ -107,10 +108,8 @@ pub struct Report {
 enum ReadError {
     #[error("the Secret {0} does not exist")]
     SecretMissing(String),
-    #[error("the Secret {secret} lacks the key {key}")]
-    SecretKey { secret: String, key: &'static str },
-    #[error("the Secret {secret} has a port that is not a number")]
-    SecretPort { secret: String },
+    #[error("the Secret {secret} is not a database Secret: {source}")]
+    Secret { secret: String, source: SecretError },
     #[error("could not read the Secret {secret}: {source}")]
     Kube { secret: String, source: kube::Error },
     #[error(transparent)]
@@ -295,22 +294,16 @@ async fn database_config(
         .await
         .map_err(|source| ReadError::Kube { secret: name.to_owned(), source })?
         .ok_or_else(|| ReadError::SecretMissing(name.to_owned()))?;
-    let value = |key: &'static str| {
-        secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .map(|v| String::from_utf8_lossy(&v.0).trim().to_owned())
-            .ok_or(ReadError::SecretKey { secret: name.to_owned(), key })
-    };
-    let port: u16 = value("port")?.parse().map_err(|_| ReadError::SecretPort { secret: name.to_owned() })?;
+    let data = secret.data.unwrap_or_default();
+    let secret = DatabaseSecret::parse(|key| data.get(key).map(|bytes| bytes.0.as_slice()))
+        .map_err(|source| ReadError::Secret { secret: name.to_owned(), source })?;
     let mut config = tokio_postgres::Config::new();
     config
-        .host(value("host")?)
-        .port(port)
-        .dbname(value("dbname")?)
-        .user(value("username")?)
-        .password(value("password")?)
+        .host(&secret.host)
+        .port(secret.port)
+        .dbname(&secret.dbname)
+        .user(&secret.username)
+        .password(&secret.password)
         .application_name("tidepool-operator")
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30));

@@ -174,8 +174,8 @@ pub fn local_env(plan: &Plan) -> String {
         ("TIDEPOOL_PLANNED_PEAK", peak),
         ("TIDEPOOL_POOLER_POOL_SIZE", pooler),
         ("TIDEPOOL_POOLER_MIN_POOL_SIZE", pooler),
-        ("TIDEPOOL_DB_POOL_SIZE", plan.web.pools.database_pool),
-        ("TIDEPOOL_WORKER_CONCURRENCY", plan.worker.pools.worker_concurrency),
+        (tidepool_contract::env::DB_POOL_SIZE, plan.web.pools.database_pool),
+        (tidepool_contract::env::WORKER_CONCURRENCY, plan.worker.pools.worker_concurrency),
         ("TIDEPOOL_WORKER_LISTEN_NOTIFY", plan.worker.listen),
     ];
     settings.iter().map(|(name, value)| format!("{name}={value}\n")).collect()

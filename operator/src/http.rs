@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tidepool_contract::{HEALTH_PATH, METRICS_PATH, READY_PATH};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -43,10 +44,10 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match (request.method() == http::Method::GET, request.uri().path()) {
         (false, _) => text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
-        (true, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (true, "/readyz") if endpoints.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n"),
-        (true, "/readyz") => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
-        (true, "/metrics") => match endpoints.metrics.render() {
+        (true, HEALTH_PATH) => text(StatusCode::OK, "ok\n"),
+        (true, READY_PATH) if endpoints.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n"),
+        (true, READY_PATH) => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
+        (true, METRICS_PATH) => match endpoints.metrics.render() {
             Ok(body) => {
                 let mut response = text(StatusCode::OK, body);
                 response.headers_mut().insert(

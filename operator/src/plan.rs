@@ -48,8 +48,9 @@
 use std::fmt;
 
 /// The worker's own connections, outside its task pool: claims, outcomes,
-/// heartbeats and maintenance (`tidepool::queue::worker::QUEUE_POOL_SIZE`).
-pub const WORKER_QUEUE_CONNECTIONS: u32 = 4;
+/// heartbeats and maintenance (the pod contract's
+/// [`tidepool_contract::QUEUE_POOL_SIZE`], which the runtime opens).
+pub const WORKER_QUEUE_CONNECTIONS: u32 = tidepool_contract::QUEUE_POOL_SIZE as u32;
 /// Client connections a pod's PgBouncer accepts beyond the app's pools: the
 /// readiness check's own connection, the metrics collector on the admin
 /// console, and room for an operator's `psql`.
@@ -866,15 +867,5 @@ mod tests {
             }
             prop_assert_eq!(next_step(Step::at(&to), &to, |_| true, false, true), Step::at(&to));
         }
-    }
-
-    /// The worker's queue pool here and in the runtime are the same number.
-    #[test]
-    fn queue_connections_match_the_runtime() {
-        let runtime = include_str!("../../service/src/queue/worker.rs");
-        assert!(
-            runtime.contains(&format!("pub const QUEUE_POOL_SIZE: usize = {WORKER_QUEUE_CONNECTIONS};")),
-            "tidepool's QUEUE_POOL_SIZE changed: update WORKER_QUEUE_CONNECTIONS"
-        );
     }
 }

@@ -46,7 +46,8 @@ pub struct AutoscalingHealth {
 /// Why the spec could not be applied. The children are left as they are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Blocked {
-    /// `SecretMissing`, `SecretIncomplete`, `InvalidSpec` or `BudgetDoesNotFit`.
+    /// `SecretMissing`, `SecretIncomplete`, `SecretInvalid`, `InvalidSpec` or
+    /// `BudgetDoesNotFit`.
     pub reason: &'static str,
     pub message: String,
 }

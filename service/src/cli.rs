@@ -13,6 +13,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+// The variables the operator sets on a pod: named in the pod contract.
+use tidepool_contract::env as pod;
 
 use crate::queue::RetryPolicy;
 use crate::settings::{DatabaseSettings, PoolerStatsSettings, SecretUrl, WebSettings, WorkerSettings};
@@ -59,7 +61,7 @@ pub enum LogFormat {
 #[derive(Debug, Args)]
 pub(crate) struct LogArgs {
     /// Log format.
-    #[arg(long, global = true, env = "TIDEPOOL_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(long, global = true, env = pod::LOG_FORMAT, value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
     /// Log filter in tracing's EnvFilter syntax, e.g. `info` or `tidepool=debug,info`.
@@ -80,13 +82,13 @@ fn parse_std_duration(s: &str) -> Result<Duration, String> {
 pub(crate) struct DatabaseArgs {
     /// Pooled connection URL: the local PgBouncer in transaction mode,
     /// e.g. postgres://app:PASSWORD@127.0.0.1:6432/app. Never logged.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_name = "URL")]
+    #[arg(long, env = pod::DATABASE_URL, hide_env_values = true, value_name = "URL")]
     pub database_url: SecretUrl,
 
     /// File holding the database password, used for every connection URL
     /// that has none (in Kubernetes, the mounted Secret's `password` key).
     /// A trailing newline is ignored.
-    #[arg(long = "db-password-file", env = "TIDEPOOL_DB_PASSWORD_FILE", value_name = "FILE")]
+    #[arg(long = "db-password-file", env = pod::DB_PASSWORD_FILE, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
 
     /// Client connections this process keeps to PgBouncer (1 to 10000):
@@ -94,7 +96,7 @@ pub(crate) struct DatabaseArgs {
     /// Size it close to this pod's share of server connections, so waiting
     /// happens here, bounded and measured. Default: 20 for web,
     /// --concurrency for worker.
-    #[arg(long, env = "TIDEPOOL_DB_POOL_SIZE")]
+    #[arg(long, env = pod::DB_POOL_SIZE)]
     pub db_pool_size: Option<u32>,
 
     /// Longest a request (or a task) waits for a free pooled connection;
@@ -129,12 +131,12 @@ pub(crate) struct PoolerStatsArgs {
     /// The admin console as a stats user, e.g.
     /// postgres://tidepool_stats@127.0.0.1:6432/pgbouncer. Unset: no
     /// pgbouncer_* series. Never logged.
-    #[arg(long, env = "TIDEPOOL_POOLER_STATS_URL", hide_env_values = true, value_name = "URL")]
+    #[arg(long, env = pod::POOLER_STATS_URL, hide_env_values = true, value_name = "URL")]
     pub pooler_stats_url: Option<SecretUrl>,
 
     /// File holding the stats user's password, when the URL has none (what
     /// `pooler-config --stats-user` writes: stats.password).
-    #[arg(long, env = "TIDEPOOL_POOLER_STATS_PASSWORD_FILE", value_name = "FILE")]
+    #[arg(long, env = pod::POOLER_STATS_PASSWORD_FILE, value_name = "FILE")]
     pub pooler_stats_password_file: Option<PathBuf>,
 
     /// Longest one scrape of the admin console may take.
@@ -165,7 +167,7 @@ impl DatabaseArgs {
 #[derive(Debug, Clone, Args)]
 pub(crate) struct WebArgs {
     /// Address to listen on for HTTP, /metrics included.
-    #[arg(long, env = "TIDEPOOL_LISTEN", default_value_t = WebSettings::default().listen)]
+    #[arg(long, env = pod::LISTEN, default_value_t = WebSettings::default().listen)]
     pub listen: SocketAddr,
 
     #[command(flatten)]
@@ -173,7 +175,7 @@ pub(crate) struct WebArgs {
 
     /// Requests handled at once, probes excepted (at least 1); past it a
     /// request is shed at once with 503 and Retry-After.
-    #[arg(long, env = "TIDEPOOL_MAX_IN_FLIGHT", default_value_t = WebSettings::default().max_in_flight)]
+    #[arg(long, env = pod::MAX_IN_FLIGHT, default_value_t = WebSettings::default().max_in_flight)]
     pub max_in_flight: u32,
 
     /// Open client connections (TCP; at least 1). At the limit, new
@@ -209,13 +211,13 @@ pub(crate) struct WebArgs {
     /// After SIGTERM, how long to keep serving while /readyz answers 503, so
     /// load balancers and Endpoints stop sending traffic before the listener
     /// closes.
-    #[arg(long, env = "TIDEPOOL_DRAIN_DELAY", default_value_t = default_of(WebSettings::default().drain_delay), value_parser = parse_duration)]
+    #[arg(long, env = pod::DRAIN_DELAY, default_value_t = default_of(WebSettings::default().drain_delay), value_parser = parse_duration)]
     pub drain_delay: humantime::Duration,
 
     /// After the listener closes, how long requests in flight may take to
     /// finish. The exit code is 0 if they all did, 3 if the deadline passed.
     /// Keep drain delay + this below the pod's terminationGracePeriodSeconds.
-    #[arg(long, env = "TIDEPOOL_SHUTDOWN_TIMEOUT", default_value_t = default_of(WebSettings::default().shutdown_timeout), value_parser = parse_duration)]
+    #[arg(long, env = pod::SHUTDOWN_TIMEOUT, default_value_t = default_of(WebSettings::default().shutdown_timeout), value_parser = parse_duration)]
     pub shutdown_timeout: humantime::Duration,
 }
 
@@ -240,7 +242,7 @@ impl WebArgs {
 #[derive(Debug, Clone, Args)]
 pub(crate) struct WorkerArgs {
     /// Address of the worker's own HTTP server: /healthz and /metrics.
-    #[arg(long, env = "TIDEPOOL_WORKER_LISTEN", default_value_t = WorkerSettings::default().listen)]
+    #[arg(long, env = pod::WORKER_LISTEN, default_value_t = WorkerSettings::default().listen)]
     pub listen: SocketAddr,
 
     #[command(flatten)]
@@ -250,17 +252,17 @@ pub(crate) struct WorkerArgs {
     /// one session that LISTENs for new jobs, so an idle worker claims them
     /// at once rather than at its next poll. Without it the worker polls.
     /// It is one more server connection per worker, outside PgBouncer's cap.
-    #[arg(long, env = "TIDEPOOL_DIRECT_DATABASE_URL", hide_env_values = true, value_name = "URL")]
+    #[arg(long, env = pod::DIRECT_DATABASE_URL, hide_env_values = true, value_name = "URL")]
     pub direct_database_url: Option<SecretUrl>,
 
     /// Jobs run at once (and held at once, counting those being recorded),
     /// 1 to 100000. The worker's server connection need is this (for tasks
     /// that use the database) plus its 4 own queue connections.
-    #[arg(long, env = "TIDEPOOL_WORKER_CONCURRENCY", default_value_t = WorkerSettings::default().concurrency)]
+    #[arg(long, env = pod::WORKER_CONCURRENCY, default_value_t = WorkerSettings::default().concurrency)]
     pub concurrency: u32,
 
     /// Queues to take jobs from, comma-separated, served round-robin.
-    #[arg(long, env = "TIDEPOOL_WORKER_QUEUES", value_delimiter = ',', default_value = "default")]
+    #[arg(long, env = pod::WORKER_QUEUES, value_delimiter = ',', default_value = "default")]
     pub queues: Vec<String>,
 
     /// Most jobs claimed by one statement, and most outcomes recorded by
@@ -293,7 +295,7 @@ pub(crate) struct WorkerArgs {
     /// After SIGTERM, how long running jobs may take to finish; the rest are
     /// stopped and handed back at once (exit code 3). Keep it below the pod's
     /// terminationGracePeriodSeconds.
-    #[arg(long, env = "TIDEPOOL_SHUTDOWN_TIMEOUT", default_value_t = default_of(WorkerSettings::default().shutdown_timeout), value_parser = parse_duration)]
+    #[arg(long, env = pod::SHUTDOWN_TIMEOUT, default_value_t = default_of(WorkerSettings::default().shutdown_timeout), value_parser = parse_duration)]
     pub shutdown_timeout: humantime::Duration,
 
     /// How long results of succeeded jobs are kept (for GET /tasks/{id});
@@ -394,7 +396,7 @@ pub(crate) struct EnqueueArgs {
     pub quiet: bool,
 
     /// Connection URL (PgBouncer or PostgreSQL). Never logged.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_name = "URL")]
+    #[arg(long, env = pod::DATABASE_URL, hide_env_values = true, value_name = "URL")]
     pub database_url: SecretUrl,
 
     /// Longest to open a connection, and longest one statement may take.
@@ -406,12 +408,12 @@ pub(crate) struct EnqueueArgs {
 pub(crate) struct MigrateArgs {
     /// Pooled connection URL, used when no direct URL is given (migrations run
     /// in one transaction, so they are safe through transaction pooling).
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_name = "URL")]
+    #[arg(long, env = pod::DATABASE_URL, hide_env_values = true, value_name = "URL")]
     pub database_url: Option<SecretUrl>,
 
     /// Direct connection URL to PostgreSQL, bypassing PgBouncer; preferred for
     /// migrations when set.
-    #[arg(long, env = "TIDEPOOL_DIRECT_DATABASE_URL", hide_env_values = true, value_name = "URL")]
+    #[arg(long, env = pod::DIRECT_DATABASE_URL, hide_env_values = true, value_name = "URL")]
     pub direct_database_url: Option<SecretUrl>,
 
     /// Longest to open the connection.
@@ -419,7 +421,7 @@ pub(crate) struct MigrateArgs {
     pub db_connect_timeout: Duration,
 
     /// File holding the database password, for a URL that has none.
-    #[arg(long = "db-password-file", env = "TIDEPOOL_DB_PASSWORD_FILE", value_name = "FILE")]
+    #[arg(long = "db-password-file", env = pod::DB_PASSWORD_FILE, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
 
     /// Longest to wait for another migrator's lock or a table lock.
@@ -444,8 +446,8 @@ pub(crate) struct PoolerConfigArgs {
 
     /// Instead of a URL, a folder with one file per key, as a mounted
     /// database Secret in CloudNativePG's shape has: `username`,
-    /// `password`, `host`, `port` (5432 if absent) and `dbname` (the user
-    /// name if absent).
+    /// `password`, `host`, `port` and `dbname`, all required (the operator
+    /// checks the Secret by the same rule).
     #[arg(long, env = "TIDEPOOL_POOLER_UPSTREAM_FROM_DIR", value_name = "DIR")]
     pub upstream_from_dir: Option<PathBuf>,
 
@@ -608,5 +610,19 @@ mod tests {
         .validate()
         .expect_err("refused");
         assert_eq!(from_the_command_line, in_code);
+    }
+
+    /// Every variable the operator sets on a pod is one a subcommand reads.
+    #[test]
+    fn the_command_line_reads_every_variable_of_the_pod_contract() {
+        let cli = Cli::command();
+        let read: Vec<String> = cli
+            .get_subcommands()
+            .flat_map(|command| command.get_arguments().chain(cli.get_arguments()))
+            .filter_map(|arg| arg.get_env().map(|name| name.to_string_lossy().into_owned()))
+            .collect();
+        for name in tidepool_contract::env::ALL {
+            assert!(read.iter().any(|r| r == name), "no flag reads {name}");
+        }
     }
 }

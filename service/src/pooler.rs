@@ -20,6 +20,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tidepool_contract::secret::{DatabaseSecret, SecretError, KEYS};
 use tokio_postgres::config::Host;
 
 /// PgBouncer's configuration file, in the output folder.
@@ -27,7 +28,7 @@ pub const INI_FILE: &str = "pgbouncer.ini";
 /// Its auth file (0600): the upstream credentials and the stats user's.
 pub const AUTH_FILE: &str = "userlist.txt";
 /// The stats user's password, for a metrics collector (0600).
-pub const STATS_PASSWORD_FILE: &str = "stats.password";
+pub use tidepool_contract::STATS_PASSWORD_FILE;
 
 /// Where PgBouncer connects to, and as whom.
 #[derive(Clone)]
@@ -150,11 +151,14 @@ pub enum PoolerError {
         /// Why.
         source: std::io::Error,
     },
-    #[error("{path} is not a port number")]
-    /// The folder's port is not a number.
-    BadPort {
-        /// The file.
-        path: PathBuf,
+    #[error("the database Secret in {dir} is not usable: {source}")]
+    /// The upstream folder is not a complete database Secret.
+    Secret {
+        /// The folder.
+        dir: PathBuf,
+        #[source]
+        /// What is wrong with it.
+        source: SecretError,
     },
     #[error("the upstream URL has no {0}")]
     /// The upstream lacks a part.
@@ -206,34 +210,28 @@ pub enum PoolerError {
 
 impl Upstream {
     /// Reads the upstream from a folder of one file per key, as a mounted
-    /// Secret in CloudNativePG's application shape has them: `username`,
-    /// `password`, `host`, and optionally `port` (5432) and `dbname` (the
-    /// user name). Trailing newlines are ignored.
+    /// database Secret has them ([`tidepool_contract::secret`]: CloudNativePG's
+    /// application shape, `username`, `password`, `host`, `port`, `dbname`,
+    /// parsed as the operator parses the Secret itself).
     pub fn from_dir(dir: &Path) -> Result<Self, PoolerError> {
-        let read = |key: &'static str| -> Result<Option<String>, PoolerError> {
+        let mut files = Vec::with_capacity(KEYS.len());
+        for key in KEYS {
             let path = dir.join(key);
             match fs::read(&path) {
-                Ok(bytes) => {
-                    let text = String::from_utf8(bytes).map_err(|_| PoolerError::NotUtf8 { what: key })?;
-                    Ok(Some(text.trim_end_matches(['\n', '\r']).to_owned()))
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(source) => Err(PoolerError::Read { path, source }),
+                Ok(bytes) => files.push((key, bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(PoolerError::Read { path, source }),
             }
-        };
-        let required =
-            |key: &'static str| read(key)?.filter(|v| !v.is_empty()).ok_or(PoolerError::Missing(key));
-        let user = required("username")?;
-        let port = match read("port")? {
-            Some(port) => port.parse().map_err(|_| PoolerError::BadPort { path: dir.join("port") })?,
-            None => 5432,
-        };
+        }
+        let value = |key: &str| files.iter().find(|(k, _)| *k == key).map(|(_, bytes)| bytes.as_slice());
+        let secret = DatabaseSecret::parse(value)
+            .map_err(|source| PoolerError::Secret { dir: dir.to_owned(), source })?;
         Ok(Self {
-            host: required("host")?,
-            port,
-            dbname: read("dbname")?.filter(|v| !v.is_empty()).unwrap_or_else(|| user.clone()),
-            password: required("password")?,
-            user,
+            host: secret.host,
+            port: secret.port,
+            dbname: secret.dbname,
+            user: secret.username,
+            password: secret.password,
         })
     }
 
@@ -506,21 +504,33 @@ mod tests {
     fn upstream_from_a_mounted_secret_folder() {
         let dir = std::env::temp_dir().join(format!("tidepool-upstream-test-{}", std::process::id()));
         fs::create_dir_all(&dir).expect("dir");
-        for (key, value) in
-            [("username", "shop"), ("password", "pw\n"), ("host", "db.internal"), ("uri", "ignored")]
-        {
+        for (key, value) in [
+            ("username", "shop"),
+            ("password", "pw\n"),
+            ("host", "db.internal"),
+            ("port", "5433"),
+            ("dbname", "orders"),
+            ("uri", "ignored"),
+        ] {
             fs::write(dir.join(key), value).expect("write");
         }
         let upstream = Upstream::from_dir(&dir).expect("complete");
         assert_eq!(
             (upstream.port, upstream.dbname.as_str(), upstream.password.as_str()),
-            (5432, "shop", "pw")
+            (5433, "orders", "pw")
         );
         fs::write(dir.join("port"), "x").expect("write");
-        assert!(matches!(Upstream::from_dir(&dir), Err(PoolerError::BadPort { .. })));
+        assert!(matches!(
+            Upstream::from_dir(&dir),
+            Err(PoolerError::Secret { source: SecretError::BadPort, .. })
+        ));
         fs::write(dir.join("port"), "5433").expect("write");
         fs::remove_file(dir.join("password")).expect("remove");
-        assert!(matches!(Upstream::from_dir(&dir), Err(PoolerError::Missing("password"))));
+        let missing = Upstream::from_dir(&dir).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            missing.ends_with("it lacks the keys password (it needs username, password, host, port, dbname)"),
+            "{missing}"
+        );
         fs::remove_dir_all(&dir).expect("cleanup");
     }
 

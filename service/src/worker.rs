@@ -17,6 +17,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
+use tidepool_contract::{HEALTH_PATH, METRICS_PATH, READY_PATH};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, Semaphore};
 
@@ -190,8 +191,8 @@ async fn probe(state: Arc<ProbeState>, request: Request<Incoming>) -> Result<Res
     let jobs_running = state.metrics.jobs_running.get();
     let response = match request.uri().path() {
         _ if request.method() != http::Method::GET => ApiError::method_not_allowed("GET").into_response(),
-        "/healthz" => json(StatusCode::OK, &Health { status: "ok", jobs_running, error: None }),
-        "/readyz" if state.ready.load(Ordering::Relaxed) => {
+        HEALTH_PATH => json(StatusCode::OK, &Health { status: "ok", jobs_running, error: None }),
+        READY_PATH if state.ready.load(Ordering::Relaxed) => {
             match state.queue_db.check(state.readiness_timeout).await {
                 Ok(health) => {
                     json(StatusCode::OK, &Health { status: health.as_str(), jobs_running, error: None })
@@ -202,10 +203,10 @@ async fn probe(state: Arc<ProbeState>, request: Request<Incoming>) -> Result<Res
                 ),
             }
         }
-        "/readyz" => {
+        READY_PATH => {
             json(StatusCode::SERVICE_UNAVAILABLE, &Health { status: "starting", jobs_running, error: None })
         }
-        "/metrics" => match state.metrics.render(state.task_db.status()) {
+        METRICS_PATH => match state.metrics.render(state.task_db.status()) {
             Ok(mut body) => {
                 if let Some(pooler) = &state.pooler {
                     body.extend_from_slice(pooler.render().await.as_bytes());

@@ -28,6 +28,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, Resource, ResourceExt};
+use tidepool_contract::secret::{DatabaseSecret, SecretError};
 
 use super::apply::{apply_one, delete_orphans, migration_of, observe, scale};
 use super::pace::{pace, Move};
@@ -36,7 +37,6 @@ use crate::autoscaler;
 use crate::crd::{Tidepool, TidepoolStatus};
 use crate::metrics::{Metrics, Outcome};
 use crate::plan::{self, PerTier, Plan, Tier};
-use crate::render::deployment::SECRET_KEYS;
 use crate::render::labels::{self, MANAGED_BY};
 use crate::render::{self, Child};
 use crate::status::{self, Applied, Blocked, Migration, ObservedTier, ScaleCause};
@@ -128,24 +128,22 @@ async fn check(tidepool: &Tidepool, namespace: &str, client: &Client) -> Result<
         .get_opt(name)
         .await
         .map_err(|source| Error::ReadSecret { secret: name.clone(), source })?;
-    let server = match secret.as_ref().map(database_server) {
-        None => {
-            return Ok(Gate::Closed(Blocked {
-                reason: "SecretMissing",
-                message: format!("the database Secret {name} does not exist in namespace {namespace}"),
-            }))
+    let Some(secret) = secret else {
+        return Ok(Gate::Closed(Blocked {
+            reason: "SecretMissing",
+            message: format!("the database Secret {name} does not exist in namespace {namespace}"),
+        }));
+    };
+    let data = secret.data.unwrap_or_default();
+    let server = match DatabaseSecret::parse(|key| data.get(key).map(|bytes| bytes.0.as_slice())) {
+        Ok(parsed) => parsed.server(),
+        Err(e) => {
+            let reason = match e {
+                SecretError::Missing(_) => "SecretIncomplete",
+                SecretError::NotText(_) | SecretError::BadPort => "SecretInvalid",
+            };
+            return Ok(Gate::Closed(Blocked { reason, message: format!("the database Secret {name}: {e}") }));
         }
-        Some(Err(missing)) => {
-            return Ok(Gate::Closed(Blocked {
-                reason: "SecretIncomplete",
-                message: format!(
-                    "the database Secret {name} lacks the keys {} (it needs {})",
-                    missing.join(", "),
-                    SECRET_KEYS.join(", ")
-                ),
-            }))
-        }
-        Some(Ok(server)) => server,
     };
     let validated = match validate::validate(tidepool, namespace) {
         Ok(validated) => validated,
@@ -155,19 +153,6 @@ async fn check(tidepool: &Tidepool, namespace: &str, client: &Client) -> Result<
         Ok(plan) => Gate::Open(Box::new(Ready { validated, plan, server })),
         Err(e) => Gate::Closed(Blocked { reason: "BudgetDoesNotFit", message: e.to_string() }),
     })
-}
-
-/// The Secret's `host:port`, or the keys it lacks.
-fn database_server(secret: &Secret) -> Result<String, Vec<&'static str>> {
-    let keys: BTreeSet<&str> = secret.data.iter().flat_map(|data| data.keys()).map(String::as_str).collect();
-    let missing: Vec<&str> = SECRET_KEYS.iter().copied().filter(|key| !keys.contains(key)).collect();
-    if !missing.is_empty() {
-        return Err(missing);
-    }
-    let value = |key: &str| {
-        secret.data.as_ref().and_then(|d| d.get(key)).map(|v| String::from_utf8_lossy(&v.0).trim().to_owned())
-    };
-    Ok(format!("{}:{}", value("host").unwrap_or_default(), value("port").unwrap_or_default()))
 }
 
 /// What applying the children found.

@@ -42,6 +42,9 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use tidepool_contract::env as pod;
+use tidepool_contract::secret::KEYS as SECRET_KEYS;
+use tidepool_contract::{HEALTH_PATH, READY_PATH, STATS_PASSWORD_FILE};
 
 use super::labels::{self, DIRECT_ANNOTATION, SHARE_ANNOTATION};
 use crate::admission::GATE;
@@ -68,13 +71,10 @@ pub(super) const DATABASE_VOLUME: &str = "database";
 pub(super) const DATABASE_DIR: &str = "/etc/tidepool/database";
 const POOLER_VOLUME: &str = "pgbouncer";
 const POOLER_DIR: &str = "/etc/pgbouncer";
-/// The stats user's password, as `tidepool pooler-config` writes it into the
-/// pooler's folder (`tidepool::pooler::STATS_PASSWORD_FILE`), and where the
-/// app finds that one file (it reads PgBouncer's figures for `/metrics`).
-const STATS_PASSWORD_FILE: &str = "stats.password";
+/// Where the app finds the stats user's password, the one file
+/// ([`STATS_PASSWORD_FILE`]) of the pooler's folder it mounts (it reads
+/// PgBouncer's figures for `/metrics`).
 const APP_STATS_PASSWORD: &str = "/etc/tidepool/pgbouncer-stats.password";
-/// The Secret's keys the pods read (CloudNativePG's application Secret).
-pub const SECRET_KEYS: [&str; 5] = ["username", "password", "host", "port", "dbname"];
 
 /// A tier's Deployment.
 pub fn deployment(validated: &Validated, plan: &Plan, tier: Tier) -> Deployment {
@@ -331,28 +331,31 @@ fn app(validated: &Validated, tier: &TierPlan) -> Container {
     let mut environment = vec![
         env_from_secret("TIDEPOOL_DB_USER", secret, "username"),
         env_from_secret("TIDEPOOL_DB_NAME", secret, "dbname"),
-        env("DATABASE_URL", format!("postgres://$(TIDEPOOL_DB_USER)@{POOLER_ADDRESS}/$(TIDEPOOL_DB_NAME)")),
-        env("TIDEPOOL_DB_PASSWORD_FILE", format!("{DATABASE_DIR}/password")),
-        env("TIDEPOOL_POOLER_STATS_URL", format!("postgres://{STATS_USER}@{POOLER_ADDRESS}/pgbouncer")),
-        env("TIDEPOOL_POOLER_STATS_PASSWORD_FILE", APP_STATS_PASSWORD),
-        env("TIDEPOOL_DB_POOL_SIZE", tier.pools.database_pool.to_string()),
-        env("TIDEPOOL_SHUTDOWN_TIMEOUT", seconds(SHUTDOWN_TIMEOUT)),
-        env("TIDEPOOL_LOG_FORMAT", "json"),
+        env(
+            pod::DATABASE_URL,
+            format!("postgres://$(TIDEPOOL_DB_USER)@{POOLER_ADDRESS}/$(TIDEPOOL_DB_NAME)"),
+        ),
+        env(pod::DB_PASSWORD_FILE, format!("{DATABASE_DIR}/password")),
+        env(pod::POOLER_STATS_URL, format!("postgres://{STATS_USER}@{POOLER_ADDRESS}/pgbouncer")),
+        env(pod::POOLER_STATS_PASSWORD_FILE, APP_STATS_PASSWORD),
+        env(pod::DB_POOL_SIZE, tier.pools.database_pool.to_string()),
+        env(pod::SHUTDOWN_TIMEOUT, seconds(SHUTDOWN_TIMEOUT)),
+        env(pod::LOG_FORMAT, "json"),
     ];
     let (args, port_name, port, resources_spec) = match tier.tier {
         Tier::Web => {
             environment.extend([
-                env("TIDEPOOL_LISTEN", format!("0.0.0.0:{WEB_PORT}")),
-                env("TIDEPOOL_MAX_IN_FLIGHT", spec.web.concurrency.to_string()),
-                env("TIDEPOOL_DRAIN_DELAY", seconds(DRAIN_DELAY)),
+                env(pod::LISTEN, format!("0.0.0.0:{WEB_PORT}")),
+                env(pod::MAX_IN_FLIGHT, spec.web.concurrency.to_string()),
+                env(pod::DRAIN_DELAY, seconds(DRAIN_DELAY)),
             ]);
             ("web", "http", WEB_PORT, &spec.web.resources)
         }
         Tier::Worker => {
             environment.extend([
-                env("TIDEPOOL_WORKER_LISTEN", format!("0.0.0.0:{WORKER_PORT}")),
-                env("TIDEPOOL_WORKER_CONCURRENCY", tier.pools.worker_concurrency.to_string()),
-                env("TIDEPOOL_WORKER_QUEUES", spec.worker.queues.join(",")),
+                env(pod::WORKER_LISTEN, format!("0.0.0.0:{WORKER_PORT}")),
+                env(pod::WORKER_CONCURRENCY, tier.pools.worker_concurrency.to_string()),
+                env(pod::WORKER_QUEUES, spec.worker.queues.join(",")),
             ]);
             if tier.listen > 0 {
                 environment.extend([
@@ -379,9 +382,9 @@ fn app(validated: &Validated, tier: &TierPlan) -> Container {
             protocol: Some("TCP".to_owned()),
             ..ContainerPort::default()
         }]),
-        startup_probe: Some(http_probe("/healthz", port_name, 1, 30)),
-        liveness_probe: Some(http_probe("/healthz", port_name, 10, 3)),
-        readiness_probe: Some(http_probe("/readyz", port_name, 5, 2)),
+        startup_probe: Some(http_probe(HEALTH_PATH, port_name, 1, 30)),
+        liveness_probe: Some(http_probe(HEALTH_PATH, port_name, 10, 3)),
+        readiness_probe: Some(http_probe(READY_PATH, port_name, 5, 2)),
         volume_mounts: Some(vec![
             mount(DATABASE_VOLUME, DATABASE_DIR),
             VolumeMount {

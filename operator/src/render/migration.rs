@@ -9,6 +9,7 @@ use std::hash::{Hash, Hasher};
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use tidepool_contract::env as pod;
 
 use super::deployment::{
     env, env_from_secret, hardened, mount, node_selector, pod_security, resources, tolerations, volumes,
@@ -65,8 +66,8 @@ pub fn job(validated: &Validated) -> Job {
                 "TIDEPOOL_DIRECT_DATABASE_URL",
                 "postgres://$(TIDEPOOL_DB_USER)@$(TIDEPOOL_DB_HOST):$(TIDEPOOL_DB_PORT)/$(TIDEPOOL_DB_NAME)",
             ),
-            env("TIDEPOOL_DB_PASSWORD_FILE", format!("{DATABASE_DIR}/password")),
-            env("TIDEPOOL_LOG_FORMAT", "json"),
+            env(pod::DB_PASSWORD_FILE, format!("{DATABASE_DIR}/password")),
+            env(pod::LOG_FORMAT, "json"),
         ]),
         volume_mounts: Some(vec![mount(DATABASE_VOLUME, DATABASE_DIR)]),
         security_context: Some(hardened()),

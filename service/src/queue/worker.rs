@@ -51,7 +51,7 @@ use crate::task::{JobInfo, Registry, TaskError, TaskFuture};
 /// Connections of the worker's own queue pool: claimer, recorder,
 /// heartbeat and maintenance, one each. The worker's server connection need
 /// is `--concurrency` (tasks) plus this.
-pub const QUEUE_POOL_SIZE: usize = 4;
+pub use tidepool_contract::QUEUE_POOL_SIZE;
 /// Rows a rescue or prune statement touches at most; maintenance repeats it
 /// up to [`MAINTENANCE_ROUNDS`] times while it finds a full batch.
 const MAINTENANCE_BATCH: i64 = 1_000;

@@ -18,6 +18,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Incoming};
 use serde::Serialize;
+use tidepool_contract::{HEALTH_PATH, METRICS_PATH, READY_PATH};
 
 use super::linger::UnreadBody;
 use super::response::{json, with_body, ApiError, Body, Shed};
@@ -56,18 +57,18 @@ enum Probe {
 impl Probe {
     fn from_path(path: &str) -> Option<Probe> {
         match path.strip_suffix('/').unwrap_or(path) {
-            "/healthz" => Some(Probe::Healthz),
-            "/readyz" => Some(Probe::Readyz),
-            "/metrics" => Some(Probe::Metrics),
+            HEALTH_PATH => Some(Probe::Healthz),
+            READY_PATH => Some(Probe::Readyz),
+            METRICS_PATH => Some(Probe::Metrics),
             _ => None,
         }
     }
 
     fn label(self) -> &'static str {
         match self {
-            Probe::Healthz => "/healthz",
-            Probe::Readyz => "/readyz",
-            Probe::Metrics => "/metrics",
+            Probe::Healthz => HEALTH_PATH,
+            Probe::Readyz => READY_PATH,
+            Probe::Metrics => METRICS_PATH,
         }
     }
 }

@@ -246,4 +246,15 @@ mod tests {
         }
         assert_eq!(reserved_route_taken(&Router::new()).await, None);
     }
+
+    #[test]
+    fn the_reserved_paths_are_the_pod_contracts_and_their_twins() {
+        for path in
+            [tidepool_contract::HEALTH_PATH, tidepool_contract::READY_PATH, tidepool_contract::METRICS_PATH]
+        {
+            assert!(RESERVED_PATHS.contains(&path), "{path}");
+            assert!(RESERVED_PATHS.contains(&format!("{path}/").as_str()), "{path}/");
+        }
+        assert_eq!(RESERVED_PATHS.len(), 6);
+    }
 }
