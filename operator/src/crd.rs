@@ -320,7 +320,7 @@ pub struct WorkerAutoscaling {
 
     /// The Secret with the credentials the operator reads the queues with
     /// (the same keys as `database.secretRef`; default that Secret). A role
-    /// that may only read the jobs table is enough (README, "Autoscaling").
+    /// that may only read the jobs table is enough (docs/operator.md, "Autoscaling").
     /// Its one connection goes to PostgreSQL directly: count it in
     /// `database.reservedConnections`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

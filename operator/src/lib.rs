@@ -25,3 +25,9 @@ pub mod render;
 pub mod scaler;
 pub mod status;
 pub mod validate;
+
+/// A count as Kubernetes' `int32` fields take it, saturating (no count
+/// planned here comes near `i32::MAX`, but none may wrap).
+pub fn to_i32(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}

@@ -20,6 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{ConnectionsStatus, LastScale, TidepoolStatus, TierStatus};
 use crate::plan::{PerTier, Plan, Tier};
+use crate::to_i32;
 
 pub const READY: &str = "Ready";
 pub const CONNECTION_BUDGET: &str = "ConnectionBudget";
@@ -99,10 +100,6 @@ pub struct Applied<'a> {
     pub scale_causes: PerTier<Option<ScaleCause>>,
     /// The queue scaler's health, while the worker tier autoscales.
     pub autoscaling: Option<AutoscalingHealth>,
-}
-
-fn to_i32(n: u32) -> i32 {
-    i32::try_from(n).unwrap_or(i32::MAX)
 }
 
 fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {

@@ -98,7 +98,7 @@ pub fn pace(
                 ));
             }
             if to.replicas != now.replicas {
-                Move::Scale(i32::try_from(to.replicas).unwrap_or(i32::MAX))
+                Move::Scale(crate::to_i32(to.replicas))
             } else {
                 Move::Hold
             }
@@ -160,7 +160,7 @@ mod tests {
     fn live(validated: &Validated, plan: &Plan, settled: bool) -> PerTier<Option<Deployment>> {
         PerTier::from_fn(|tier| {
             let mut deployment = render::deployment::deployment(validated, plan, tier);
-            let replicas = i32::try_from(plan.tier(tier).replicas).unwrap_or(i32::MAX);
+            let replicas = crate::to_i32(plan.tier(tier).replicas);
             let ready = if settled { replicas } else { 0 };
             deployment.status = Some(DeploymentStatus {
                 replicas: Some(replicas),

@@ -49,6 +49,7 @@ use tidepool_contract::{HEALTH_PATH, READY_PATH, STATS_PASSWORD_FILE};
 use super::labels::{self, DIRECT_ANNOTATION, SHARE_ANNOTATION};
 use crate::admission::GATE;
 use crate::plan::{Plan, Tier, TierPlan};
+use crate::to_i32;
 use crate::validate::Validated;
 
 /// Where PgBouncer listens in every pod; the app connects here.
@@ -133,10 +134,6 @@ pub fn deployment(validated: &Validated, plan: &Plan, tier: Tier) -> Deployment 
         }),
         status: None,
     }
-}
-
-fn to_i32(n: u32) -> i32 {
-    i32::try_from(n).unwrap_or(i32::MAX)
 }
 
 pub(super) fn volumes(validated: &Validated) -> Vec<Volume> {

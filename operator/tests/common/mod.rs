@@ -308,7 +308,7 @@ impl AuditLog {
 }
 
 /// A database with Tidepool's schema, a role that may only read the jobs
-/// table (README, "Autoscaling"), and a client to enqueue with.
+/// table (docs/operator.md, "Autoscaling"), and a client to enqueue with.
 pub struct Queue {
     pub pg: Postgres,
     pub db: AppDatabase,
