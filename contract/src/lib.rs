@@ -11,9 +11,14 @@
 //! for itself. A rename on one side is a compile error on the other, not a
 //! pod that starts with a default.
 //!
-//! No dependency on Kubernetes or PostgreSQL: plain names and one parser.
+//! The worker's probes and the operator's endpoints are served by the one
+//! small bounded server in [`probes`].
+//!
+//! No dependency on Kubernetes or PostgreSQL: plain names, one parser, one
+//! probe server.
 
 pub mod env;
+pub mod probes;
 pub mod secret;
 
 /// Connections a worker keeps for the queue's own statements (claims,

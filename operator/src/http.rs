@@ -1,10 +1,9 @@
 //! The operator's HTTP endpoints: `/metrics`, `/healthz` (the process
 //! serves) and `/readyz` (a follower waiting for the Lease is ready; a
-//! leader once its controller has its first view of the Tidepools). Bounded: a fixed number of connections at once and a header
-//! timeout.
+//! leader once its controller has its first view of the Tidepools), on
+//! the pod contract's bounded probe server ([`tidepool_contract::probes`]).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,17 +12,14 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+pub use tidepool_contract::probes::bind;
+use tidepool_contract::probes::{self, Limits};
 use tidepool_contract::{HEALTH_PATH, METRICS_PATH, READY_PATH};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::metrics::Metrics;
 
-const CONNECTIONS: usize = 64;
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const LIMITS: Limits = Limits { connections: 64, header_read_timeout: Duration::from_secs(10) };
 
 /// What the endpoints report.
 pub struct Endpoints {
@@ -62,32 +58,8 @@ async fn handle(
     })
 }
 
-/// Binds `addr`; the error names the address.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
-}
-
 /// Serves until the task is dropped or aborted.
 pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>) {
-    let slots = Arc::new(Semaphore::new(CONNECTIONS));
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let endpoints = endpoints.clone();
-        let connection = http.serve_connection(
-            TokioIo::new(stream),
-            service_fn(move |request| handle(endpoints.clone(), request)),
-        );
-        tokio::spawn(async move {
-            let _ = connection.await;
-            drop(slot);
-        });
-    }
+    let handler = move |request| handle(endpoints.clone(), request);
+    probes::serve(listener, LIMITS, handler, std::future::pending()).await;
 }

@@ -13,13 +13,11 @@ use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
+use tidepool_contract::probes::{self, Limits};
 use tidepool_contract::{HEALTH_PATH, METRICS_PATH, READY_PATH};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify};
 
 use crate::db::{self, Database, DbError, PoolSettings};
 use crate::metrics::WorkerMetrics;
@@ -32,8 +30,7 @@ use crate::web::response::{json, with_body, ApiError, Body};
 use crate::StartError;
 
 /// Connections the probe server serves at once; more wait in the backlog.
-const PROBE_CONNECTIONS: usize = 64;
-const PROBE_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const PROBE_LIMITS: Limits = Limits { connections: 64, header_read_timeout: Duration::from_secs(10) };
 
 /// Runs a worker with `registry`'s tasks until `shutdown` resolves and the
 /// runtime has shut down. `settings` are validated first.
@@ -161,30 +158,11 @@ struct ProbeState {
 }
 
 async fn serve_probes(listener: TcpListener, state: Arc<ProbeState>, mut stop: watch::Receiver<bool>) {
-    let slots = Arc::new(Semaphore::new(PROBE_CONNECTIONS));
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(PROBE_HEADER_TIMEOUT);
-    loop {
-        let next = async {
-            let slot = slots.clone().acquire_owned().await;
-            (slot, listener.accept().await)
-        };
-        let (slot, accepted) = tokio::select! {
-            _ = stop.changed() => return,
-            next = next => next,
-        };
-        let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let state = state.clone();
-        let service = service_fn(move |request| probe(state.clone(), request));
-        let connection = http.serve_connection(TokioIo::new(stream), service);
-        tokio::spawn(async move {
-            let _ = connection.await;
-            drop(slot);
-        });
-    }
+    let handler = move |request| probe(state.clone(), request);
+    probes::serve(listener, PROBE_LIMITS, handler, async move {
+        let _ = stop.changed().await;
+    })
+    .await;
 }
 
 async fn probe(state: Arc<ProbeState>, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
