@@ -84,22 +84,18 @@ web_run() {
   "$TIDEPOOL_LOADGEN_BIN" rate --url "$WEB/row/" --rate "$BENCH_ROUTER_RATE" --connections 64 \
     --duration "${BENCH_ROUTER_SECONDS}s" > "$WORK/rate.json"
   rate_after=$(cpu_ticks "$pid")
-  py 'import json,re,sys
-text = open(sys.argv[1]).read()
-unit = {"us": 0.001, "ms": 1, "s": 1000}
-def pct(p):
-    v, u = re.search(r"\s%s%%\s+([\d.]+)(us|ms|s)" % p, text).groups()
-    return float(v) * unit[u]
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+  py 'import json,sys
+rps, p50, p99 = map(float, sys.argv[9].split())
 before, after, tick, requests, rate_before, rate_after = map(int, sys.argv[3:9])
 at_rate = json.load(open(sys.argv[2]))
 if at_rate["failed"]:
     sys.exit("%d requests failed at the fixed rate: %s" % (at_rate["failed"], at_rate["statuses"]))
 if at_rate["missed"] > at_rate["rate"]:
     sys.exit("the server did not keep up with %d requests/s (%d missed): lower BENCH_ROUTER_RATE" % (at_rate["rate"], at_rate["missed"]))
-print("%.1f %.3f %.3f %.1f %.1f %.3f" % (rps, pct(50), pct(99), (after - before) * tick / requests,
+print("%.1f %.3f %.3f %.1f %.1f %.3f" % (rps, p50, p99, (after - before) * tick / requests,
       (rate_after - rate_before) * tick / at_rate["requests"], 1000 * at_rate["latency_p50_seconds"]))' \
-    "$WORK/wrk.txt" "$WORK/rate.json" "$before" "$after" "$TICK_US" "$requests" "$rate_before" "$rate_after" >> "$out"
+    "$WORK/wrk.txt" "$WORK/rate.json" "$before" "$after" "$TICK_US" "$requests" "$rate_before" "$rate_after" \
+    "$(wrk_summary "$WORK/wrk.txt")" >> "$out"
 }
 
 # One pgbench run in protocol $1 (simple, extended); appends its tps to $2.

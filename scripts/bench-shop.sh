@@ -103,14 +103,7 @@ run_variant() {
   first=$(sql "SELECT coalesce(max(id), 0) + 1 FROM shop_order")
   wrk -t2 -c64 -d"${BENCH_SHOP_SECONDS}s" --latency -s "$WORK/order.lua" "$WEB/orders" > "$WORK/wrk.txt"
   grep -q "Non-2xx" "$WORK/wrk.txt" && die "$variant: answers other than 201: $(grep Non-2xx "$WORK/wrk.txt")"
-  py 'import re,sys
-text = open(sys.argv[1]).read()
-unit = {"us": 0.001, "ms": 1, "s": 1000}
-def pct(p):
-    v, u = re.search(r"\s%s%%\s+([\d.]+)(us|ms|s)" % p, text).groups()
-    return float(v) * unit[u]
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-print("%.1f %.3f %.3f" % (rps, pct(50), pct(99)))' "$WORK/wrk.txt" >> "$WORK/$variant"
+  wrk_summary "$WORK/wrk.txt" >> "$WORK/$variant"
   # Every order placed has its job, and the baseline's none.
   local orders jobs
   orders=$(sql "SELECT count(*) FROM shop_order")

@@ -213,6 +213,19 @@ kept_results() { psql_super -d "$APP_DB" -At -c "SELECT count(*) FROM tidepool_j
 # of the arguments, and the arguments as a list, each with DECIMALS (2)
 # decimals; with DECIMALS=0, whole numbers with thousands separators.
 py() { python3 -c "$@"; }
+
+# The requests per second, p50 and p99 (ms) of a `wrk --latency` report $1,
+# as "rps p50_ms p99_ms".
+wrk_summary() {
+  py 'import re,sys
+text = open(sys.argv[1]).read()
+unit = {"us": 0.001, "ms": 1, "s": 1000}
+def pct(p):
+    v, u = re.search(r"\s%s%%\s+([\d.]+)(us|ms|s)" % p, text).groups()
+    return float(v) * unit[u]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+print("%.1f %.3f %.3f" % (rps, pct(50), pct(99)))' "$1"
+}
 median() { py 'import os,statistics,sys; print("{:,.{}f}".format(statistics.median(float(x) for x in sys.argv[1:]), int(os.environ.get("DECIMALS", "2"))).replace(",", "" if os.environ.get("DECIMALS", "2") != "0" else ","))' "$@"; }
 runs() { py 'import os,sys; d=os.environ.get("DECIMALS", "2"); print(", ".join("{:,.{}f}".format(float(x), int(d)).replace(",", "" if d != "0" else ",") for x in sys.argv[1:]))' "$@"; }
 # Puts the report section in file $4, which starts with marker $2 and ends
