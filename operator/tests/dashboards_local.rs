@@ -13,54 +13,8 @@ use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 use tidepool_testenv::node::release_binary;
 use tidepool_testenv::prometheus::Prometheus;
+use tidepool_testenv::stack::LocalStack;
 use tidepool_testenv::{repo_root, wait_for};
-
-/// The local stack in a state folder of its own, stopped when dropped.
-struct LocalStack {
-    state: std::path::PathBuf,
-    ports: [u16; 4],
-}
-
-impl LocalStack {
-    fn up() -> Result<LocalStack> {
-        let state = std::env::temp_dir().join(format!("tidepool-local-dashboards-{}", std::process::id()));
-        std::fs::create_dir_all(&state)?;
-        // PostgreSQL runs as the service user, which must reach its folder.
-        std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-        let mut ports = [0; 4];
-        for port in &mut ports {
-            *port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        }
-        let stack = LocalStack { state, ports };
-        let up = stack.run("up")?;
-        ensure!(up.status.success(), "stack.sh up: {}", String::from_utf8_lossy(&up.stderr));
-        Ok(stack)
-    }
-
-    fn run(&self, action: &str) -> Result<std::process::Output> {
-        Ok(Command::new("bash")
-            .arg(repo_root()?.join("scripts/stack.sh"))
-            .arg(action)
-            .env("TIDEPOOL_STATE_DIR", &self.state)
-            .env("TIDEPOOL_PG_PORT", self.ports[0].to_string())
-            .env("TIDEPOOL_POOLER_PORT", self.ports[1].to_string())
-            .env("TIDEPOOL_WEB_PORT", self.ports[2].to_string())
-            .env("TIDEPOOL_WORKER_PORT", self.ports[3].to_string())
-            .env("TIDEPOOL_BIN", release_binary("tidepool")?)
-            .output()?)
-    }
-
-    fn web(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.ports[2])
-    }
-}
-
-impl Drop for LocalStack {
-    fn drop(&mut self) {
-        let _ = self.run("down");
-        let _ = std::fs::remove_dir_all(&self.state);
-    }
-}
 
 fn curl(args: &[&str]) -> Result<u16> {
     let output = Command::new("curl")
@@ -72,14 +26,16 @@ fn curl(args: &[&str]) -> Result<u16> {
 
 #[test]
 fn the_dashboard_reads_the_local_stack() -> Result<()> {
-    let stack = LocalStack::up()?;
+    let stack = LocalStack::new("local-dashboards", release_binary("tidepool")?)?;
+    stack.up(&[])?;
     let prometheus = Prometheus::start(&format!(
         r#"  - job_name: tidepool-local
     static_configs:
       - {{targets: ["127.0.0.1:{}"], labels: {{namespace: local, tidepool: local, tier: web}}}}
       - {{targets: ["127.0.0.1:{}"], labels: {{namespace: local, tidepool: local, tier: worker}}}}
 "#,
-        stack.ports[2], stack.ports[3]
+        stack.web_port(),
+        stack.worker_port()
     ))?;
     wait_for("Prometheus to scrape web and worker", Duration::from_secs(30), || {
         let targets = prometheus.targets()?;

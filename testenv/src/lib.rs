@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod node;
 pub mod prometheus;
+pub mod stack;
 
 pub struct Kube {
     pub kubeconfig: PathBuf,

@@ -2,8 +2,6 @@
 //! PgBouncer in transaction mode, `tidepool-shop web` and `worker`), run
 //! with the shop's binary exactly as the stack runs the default one.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -16,91 +14,29 @@ use tidepool::tokio;
 use tidepool::tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tidepool_shop::orders::{self, Item, NewOrder};
 use tidepool_shop::receipts::{Receipt, SendReceipt};
+use tidepool_testenv::stack::LocalStack;
 
 /// The body limit the shop's web runs with here.
 const MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// A local stack of the test's own: its folder and ports.
-struct Stack {
-    state: PathBuf,
-    ports: [u16; 4],
-}
-
-impl Stack {
-    fn new() -> Result<Self> {
-        let base = std::env::var("TIDEPOOL_TEST_STATE_DIR")
-            .context("TIDEPOOL_TEST_STATE_DIR is not set: run the tests with `make test`")?;
-        let state = PathBuf::from(base).join("scratch").join(format!("shop-{}", std::process::id()));
-        if state.exists() {
-            std::fs::remove_dir_all(&state)?;
-        }
-        std::fs::create_dir_all(&state)?;
-        if let Ok(user) = std::env::var("TIDEPOOL_RUN_AS") {
-            let chown = Command::new("chown").arg(format!("{user}:")).arg(&state).output()?;
-            ensure!(chown.status.success(), "chown: {}", String::from_utf8_lossy(&chown.stderr));
-        }
-        let mut ports = [0; 4];
-        for port in &mut ports {
-            *port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        }
-        Ok(Stack { state, ports })
-    }
-
-    fn run(&self, args: &[&str]) -> Result<Output> {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/stack.sh");
-        Ok(Command::new("bash")
-            .arg(script)
-            .args(args)
-            .env("TIDEPOOL_STATE_DIR", &self.state)
-            .env("TIDEPOOL_PG_PORT", self.ports[0].to_string())
-            .env("TIDEPOOL_POOLER_PORT", self.ports[1].to_string())
-            .env("TIDEPOOL_WEB_PORT", self.ports[2].to_string())
-            .env("TIDEPOOL_WORKER_PORT", self.ports[3].to_string())
-            .env("TIDEPOOL_BIN", env!("CARGO_BIN_EXE_tidepool-shop"))
-            .env("TIDEPOOL_MAX_BODY_BYTES", MAX_BODY_BYTES.to_string())
-            .output()?)
-    }
-
-    fn up(&self) -> Result<()> {
-        let up = self.run(&["up"])?;
-        ensure!(up.status.success(), "stack.sh up failed:\n{}", String::from_utf8_lossy(&up.stderr));
-        Ok(())
-    }
-
-    /// The pooled URL the stack wrote for shells (`$STATE/env`).
-    fn pooled_url(&self) -> Result<String> {
-        let env = std::fs::read_to_string(self.state.join("env"))?;
-        env.lines()
-            .find_map(|line| line.strip_prefix("export DATABASE_URL="))
-            .map(|url| url.trim_matches('\'').to_owned())
-            .context("the stack's env file has no DATABASE_URL")
-    }
-
-    /// One HTTP/1.1 request to the shop's web; its status and JSON body.
-    async fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<(u16, Value)> {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.ports[2])).await?;
-        let body = body.unwrap_or_default();
-        let head = format!(
+/// One HTTP/1.1 request to the shop's web on `stack`; its status and JSON body.
+async fn request(stack: &LocalStack, method: &str, path: &str, body: Option<&[u8]>) -> Result<(u16, Value)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", stack.web_port())).await?;
+    let body = body.unwrap_or_default();
+    let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
-        stream.write_all(head.as_bytes()).await?;
-        // An oversized body may be refused before it is all read.
-        let _ = stream.write_all(body).await;
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).await?;
-        let text = String::from_utf8_lossy(&answer);
-        let (head, body) = text.split_once("\r\n\r\n").context("no end of the response head")?;
-        let status = head.split(' ').nth(1).context("no status")?.parse()?;
-        let value = serde_json::from_str(body).with_context(|| format!("not JSON: {body:?}"))?;
-        Ok((status, value))
-    }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        let _ = self.run(&["down"]);
-    }
+    stream.write_all(head.as_bytes()).await?;
+    // An oversized body may be refused before it is all read.
+    let _ = stream.write_all(body).await;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text.split_once("\r\n\r\n").context("no end of the response head")?;
+    let status = head.split(' ').nth(1).context("no status")?.parse()?;
+    let value = serde_json::from_str(body).with_context(|| format!("not JSON: {body:?}"))?;
+    Ok((status, value))
 }
 
 fn order(customer: &str, items: &[(&str, i32, i64)]) -> NewOrder {
@@ -123,21 +59,22 @@ fn error_of(value: &Value) -> &str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shop_on_the_local_stack() -> Result<()> {
-    let stack = Stack::new()?;
-    stack.up()?;
+    let stack = LocalStack::new("shop", env!("CARGO_BIN_EXE_tidepool-shop"))?
+        .with("TIDEPOOL_MAX_BODY_BYTES", MAX_BODY_BYTES);
+    stack.up(&[])?;
 
     // An order and its receipt, end to end through the web and the worker.
     let body = json!({"customer": "ada@example.com", "items": [
         {"sku": "tea", "quantity": 2, "price_cents": 450},
         {"sku": "cup", "quantity": 1, "price_cents": 1200}
     ]});
-    let (status, created) = stack.request("POST", "/orders", Some(body.to_string().as_bytes())).await?;
+    let (status, created) = request(&stack, "POST", "/orders", Some(body.to_string().as_bytes())).await?;
     ensure!(status == 201, "POST /orders: {status} {created}");
     assert_eq!(created["total_cents"], 2100);
     let id = created["id"].as_i64().context("an id")?;
     let deadline = Instant::now() + Duration::from_secs(60);
     let shown = loop {
-        let (status, shown) = stack.request("GET", &format!("/orders/{id}"), None).await?;
+        let (status, shown) = request(&stack, "GET", &format!("/orders/{id}"), None).await?;
         ensure!(status == 200, "GET /orders/{id}: {status} {shown}");
         if shown["receipt"]["state"] == "sent" {
             break shown;
@@ -156,16 +93,16 @@ async fn the_shop_on_the_local_stack() -> Result<()> {
         (&br#"{"customer": "ada@example.com", "items": [{"sku": "tea", "quantity": 0, "price_cents": 1}]}"#[..], 422, "items[0].quantity"),
         (&br#"{"customer": "ada@example.com", "items": [], "coupon": "x"}"#[..], 422, "coupon"),
     ] {
-        let (status, answer) = stack.request("POST", "/orders", Some(body)).await?;
+        let (status, answer) = request(&stack, "POST", "/orders", Some(body)).await?;
         assert_eq!(status, want, "{} -> {answer}", String::from_utf8_lossy(body));
         assert!(error_of(&answer).contains(says), "{} -> {answer}", String::from_utf8_lossy(body));
     }
-    let (status, answer) = stack.request("GET", "/orders/999999", None).await?;
+    let (status, answer) = request(&stack, "GET", "/orders/999999", None).await?;
     assert_eq!((status, error_of(&answer)), (404, "there is no order 999999"));
-    let (status, answer) = stack.request("GET", "/orders/tea", None).await?;
+    let (status, answer) = request(&stack, "GET", "/orders/tea", None).await?;
     assert_eq!(status, 400, "{answer}");
     let oversized = vec![b' '; MAX_BODY_BYTES + 1];
-    let (status, answer) = stack.request("POST", "/orders", Some(&oversized)).await?;
+    let (status, answer) = request(&stack, "POST", "/orders", Some(&oversized)).await?;
     assert_eq!(status, 413, "{answer}");
 
     // The shop's own code through the library, on the stack's pooler.
@@ -189,8 +126,7 @@ async fn the_shop_on_the_local_stack() -> Result<()> {
 
     // The receipt task through the test helpers: one attempt, then a drain
     // of the queue (the stack's worker stopped, so the drain runs them all).
-    let down = stack.run(&["down", "worker"])?;
-    ensure!(down.status.success(), "stack.sh down worker: {}", String::from_utf8_lossy(&down.stderr));
+    stack.down(&["worker"])?;
     let tx = conn.transaction().await?;
     let mut placed = Vec::new();
     for customer in ["cy@example.com", "di@example.com", "ed@example.com"] {
@@ -216,7 +152,7 @@ async fn the_shop_on_the_local_stack() -> Result<()> {
         "the three jobs, the first one's again"
     );
     for p in &placed {
-        let (status, shown) = stack.request("GET", &format!("/orders/{}", p.id), None).await?;
+        let (status, shown) = request(&stack, "GET", &format!("/orders/{}", p.id), None).await?;
         assert_eq!((status, shown["receipt"]["state"].as_str()), (200, Some("sent")), "{shown}");
     }
     Ok(())
