@@ -129,6 +129,25 @@ impl Drop for Namespace<'_> {
     }
 }
 
+/// Awaits `check` every 20 ms until it gives `Some`, failing after `limit`:
+/// [`wait_for`] for async tests.
+pub async fn wait_for_async<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Polls `check` every 100 ms until it returns `Some`, failing after `limit`
 /// with the last error, if any.
 pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
