@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use support::{
-    env, get, raw, wait_for, wait_for_sleeps, wait_for_status, BusyCores, PgBouncer, PrivatePostgres, Stack,
-    TestDb, Web,
+    env, get, raw, wait_for, wait_for_sleeps, wait_for_status, BusyCores, PgBouncer, Stack, TestDb, Web,
 };
+use tidepool_testenv::node::PrivatePostgres;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -507,8 +507,8 @@ fn metric(body: &str, series: &str) -> Option<f64> {
 /// itself; no request hangs past its timeout meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_the_database() -> Result<()> {
-    let mut postgres = PrivatePostgres::start().await?;
-    let db = TestDb::create_on(postgres.port).await?;
+    let postgres = PrivatePostgres::on_loopback("readiness", 100)?;
+    let db = TestDb::create_on(postgres.postgres.port).await?;
     // PgBouncer would hold a query for a server far longer than the test
     // client waits (90 s): only Tidepool's own timeouts can answer in time.
     let bouncer = PgBouncer::start_with_query_wait(&db, 2, Duration::from_secs(600)).await?;
@@ -524,7 +524,7 @@ async fn readiness_follows_the_database() -> Result<()> {
     let row = get(&web.url("/row/")).await?;
     ensure!(matches!(row.status, 503 | 504), "expected 503 or 504, got {}: {}", row.status, row.body);
 
-    postgres.restart().await?;
+    postgres.start_again()?;
     wait_for_status(&web.url("/readyz"), 200, Duration::from_secs(20)).await?;
     wait_for_status(&web.url("/row/"), 200, Duration::from_secs(20)).await?;
     Ok(())

@@ -206,36 +206,58 @@ impl Postgres {
 }
 
 /// A PostgreSQL of one test's own, started by scripts/stack.sh like the
-/// test PostgreSQL (listening on loopback and the veth's host end, for
-/// pods), with a `max_connections` of the test's choosing; it can be
-/// restarted. Deleted when dropped.
+/// test PostgreSQL (on loopback, and with [`PrivatePostgres::start`] on the
+/// veth's host end too, for pods), with a `max_connections` of the test's
+/// choosing and the test PostgreSQL's passwords (so what connects to one
+/// connects to the other); it can be stopped and restarted. Deleted when
+/// dropped. The one private PostgreSQL of the tests.
 pub struct PrivatePostgres {
     pub postgres: Postgres,
     max_connections: u32,
+    for_node: bool,
 }
 
 impl PrivatePostgres {
+    /// One that pods on the real node reach too.
     pub fn start(name: &str, max_connections: u32) -> Result<PrivatePostgres> {
+        Self::start_on(name, max_connections, true)
+    }
+
+    /// One on loopback only, for tests without the node.
+    pub fn on_loopback(name: &str, max_connections: u32) -> Result<PrivatePostgres> {
+        Self::start_on(name, max_connections, false)
+    }
+
+    fn start_on(name: &str, max_connections: u32, for_node: bool) -> Result<PrivatePostgres> {
         static NEXT: AtomicU16 = AtomicU16::new(0);
-        let state_dir = env_path("TIDEPOOL_TEST_STATE_DIR")?.join(format!(
+        let test_state = env_path("TIDEPOOL_TEST_STATE_DIR")?;
+        let state_dir = test_state.join(format!(
             "private-{name}-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let host_ip: Ipv4Addr = Node::from_env()?.host_ip.parse().context("TIDEPOOL_NODE_HOST_IP")?;
+        // The test PostgreSQL's passwords (stack.sh makes new ones only
+        // where there are none).
+        let secrets = state_dir.join("secrets");
+        std::fs::create_dir_all(&secrets)?;
+        std::fs::set_permissions(&secrets, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        for file in ["postgres.password", "app.password"] {
+            std::fs::copy(test_state.join("secrets").join(file), secrets.join(file))
+                .with_context(|| format!("copying the test PostgreSQL's {file}"))?;
+        }
+        let mut addresses = vec![Ipv4Addr::LOCALHOST];
+        if for_node {
+            addresses.push(Node::from_env()?.host_ip.parse().context("TIDEPOOL_NODE_HOST_IP")?);
+        }
         // Below the kernel's ephemeral range, away from the test
-        // PostgreSQL's 15432, free on both addresses it listens on.
+        // PostgreSQL's 15432, free on every address it listens on.
         let first = 15500 + (std::process::id() % 50) as u16 * 10;
         let port = (first..first + 400)
             .map(|p| 15500 + (p - 15500) % 500)
-            .find(|p| {
-                [Ipv4Addr::LOCALHOST, host_ip]
-                    .iter()
-                    .all(|ip| TcpListener::bind(SocketAddrV4::new(*ip, *p)).is_ok())
-            })
+            .find(|p| addresses.iter().all(|ip| TcpListener::bind(SocketAddrV4::new(*ip, *p)).is_ok()))
             .context("no free port for a private PostgreSQL in 15500-15999")?;
         let postgres = Postgres { port, password: String::new(), state_dir };
-        let mut private = PrivatePostgres { postgres, max_connections };
+        let mut private = PrivatePostgres { postgres, max_connections, for_node };
         private.stack(&["up", "postgres"])?;
         private.postgres = Postgres::at(private.postgres.state_dir.clone(), port)?;
         Ok(private)
@@ -248,7 +270,7 @@ impl PrivatePostgres {
                 .env("TIDEPOOL_STATE_DIR", &self.postgres.state_dir)
                 .env("TIDEPOOL_PG_PORT", self.postgres.port.to_string())
                 .env("TIDEPOOL_PG_MAX_CONNECTIONS", self.max_connections.to_string())
-                .env("TIDEPOOL_PG_FOR_NODE", "1"),
+                .env("TIDEPOOL_PG_FOR_NODE", if self.for_node { "1" } else { "0" }),
         )?;
         ensure!(
             result.status.success(),

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
@@ -348,86 +348,6 @@ fn pgbouncer_binary() -> PathBuf {
         .map(PathBuf::from)
         .find(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("pgbouncer"))
-}
-
-/// A PostgreSQL cluster of one test's own, which it may stop and start.
-pub struct PrivatePostgres {
-    child: Option<Child>,
-    data: PathBuf,
-    pub port: u16,
-}
-
-impl PrivatePostgres {
-    pub async fn start() -> Result<PrivatePostgres> {
-        let dir = scratch_dir("postgres")?;
-        let data = dir.join("data");
-        let pwfile = dir.join("pwfile");
-        std::fs::write(&pwfile, &env().superuser_password)?;
-        chown_to_service_user(&pwfile)?;
-        let output = service_command(pg_bindir()?.join("initdb"))
-            .args(["-U", "postgres", "--auth=scram-sha-256", "--encoding=UTF8", "--no-locale", "--no-sync"])
-            .arg(format!("--pwfile={}", pwfile.display()))
-            .arg("-D")
-            .arg(&data)
-            .current_dir(&dir)
-            .output()?;
-        if !output.status.success() {
-            bail!("initdb failed: {}", String::from_utf8_lossy(&output.stderr));
-        }
-        let mut pg = PrivatePostgres { child: None, data, port: free_port()? };
-        pg.run().await?;
-        let admin = connect(&url("postgres", &env().superuser_password, pg.port, "postgres")).await?;
-        admin
-            .batch_execute(&format!("CREATE ROLE {} LOGIN PASSWORD '{}'", env().app_user, env().app_password))
-            .await?;
-        Ok(pg)
-    }
-
-    async fn run(&mut self) -> Result<()> {
-        let mut command = service_command(pg_bindir()?.join("postgres"));
-        command
-            .arg("-D")
-            .arg(&self.data)
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=", "-c", "fsync=off"])
-            .args(["-p", &self.port.to_string()])
-            .current_dir(self.data.parent().unwrap_or(Path::new("/")));
-        self.child = Some(spawn_logged(&mut command, &self.data.with_file_name("postgres.log"))?);
-        let admin_url = url("postgres", &env().superuser_password, self.port, "postgres");
-        wait_for("PostgreSQL to accept connections", Duration::from_secs(30), || {
-            let admin_url = admin_url.clone();
-            async move { connect(&admin_url).await.ok().map(drop) }
-        })
-        .await
-    }
-
-    /// Fast shutdown (SIGINT), waiting for the server to exit.
-    pub fn stop(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            signal(child.id(), libc::SIGINT)?;
-            child.wait()?;
-        }
-        Ok(())
-    }
-
-    pub async fn restart(&mut self) -> Result<()> {
-        self.stop()?;
-        self.run().await
-    }
-}
-
-impl Drop for PrivatePostgres {
-    fn drop(&mut self) {
-        kill_child(&mut self.child);
-    }
-}
-
-fn pg_bindir() -> Result<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")?
-        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-        .filter(|p| p.join("initdb").exists())
-        .collect();
-    dirs.sort();
-    dirs.pop().ok_or_else(|| anyhow!("no PostgreSQL server under /usr/lib/postgresql"))
 }
 
 pub fn signal(pid: u32, signal: i32) -> Result<()> {
