@@ -92,3 +92,30 @@ fn a_budget_that_cannot_fit_is_refused_with_its_numbers() {
     assert!(!ok && stderr.contains("cannot read no/such/file.yaml"), "{stderr}");
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+/// Every field path docs/operator.md names (`spec.…`) is a field of the
+/// CRD's schema, as `tidepool-operator crd` prints it.
+#[test]
+fn the_reference_names_fields_the_crd_has() {
+    let (ok, crd, stderr) = operator(&["crd"]);
+    assert!(ok, "{stderr}");
+    let crd: serde_json::Value = serde_norway::from_str(&crd).expect("the CRD is YAML");
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    let docs = std::fs::read_to_string(repo().join("docs/operator.md")).expect("docs/operator.md");
+    let paths: Vec<&str> = docs
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|quoted| {
+            quoted.starts_with("spec.") && quoted.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')
+        })
+        .collect();
+    assert!(paths.len() >= 5, "the reference names fields: {paths:?}");
+    for path in paths {
+        let mut node = schema;
+        for field in path.split('.') {
+            node = &node["properties"][field];
+            assert!(!node.is_null(), "docs/operator.md names {path}, which the CRD does not have");
+        }
+    }
+}

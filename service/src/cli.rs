@@ -625,4 +625,58 @@ mod tests {
             assert!(read.iter().any(|r| r == name), "no flag reads {name}");
         }
     }
+
+    /// Every flag and variable the runtime's reference names is one a
+    /// subcommand reads, and every default its tables quote is the
+    /// command line's (docs/runtime.md from "The command line" on, and
+    /// docs/queue.md).
+    #[test]
+    fn the_reference_quotes_the_command_line() {
+        let runtime = include_str!("../../docs/runtime.md");
+        let reference = [
+            runtime.split_once("## The command line").map_or(runtime, |(_, rest)| rest),
+            include_str!("../../docs/queue.md"),
+        ]
+        .concat();
+        let cli = Cli::command();
+        let args: Vec<&clap::Arg> =
+            cli.get_subcommands().flat_map(|c| c.get_arguments()).chain(cli.get_arguments()).collect();
+        let by_env = |name: &str| args.iter().copied().find(|a| a.get_env().is_some_and(|e| e == name));
+        let words = |prefix: &'static str| {
+            reference
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+                .filter(move |w| w.starts_with(prefix) && w.len() > prefix.len())
+        };
+        let is_flag = |f: &&str| f.as_bytes().get(2).is_some_and(u8::is_ascii_lowercase) && *f != "--help";
+        for flag in words("--").filter(is_flag) {
+            let long = &flag[2..];
+            assert!(
+                args.iter().any(|a| a.get_long() == Some(long)),
+                "docs name {flag}, which no subcommand has"
+            );
+        }
+        for variable in words("TIDEPOOL_") {
+            assert!(by_env(variable).is_some(), "docs name {variable}, which no flag reads");
+        }
+        // Table rows: | `VARIABLE` | default | meaning |
+        let mut checked = 0;
+        for row in reference.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let (Some(name), Some(quoted)) = (cells.get(1), cells.get(2)) else { continue };
+            let name = name.trim_matches('`');
+            let Some(arg) = by_env(name) else { continue };
+            let Some(default) = arg.get_default_values().first() else { continue };
+            let default = default.to_string_lossy();
+            let in_bytes = quoted
+                .strip_suffix(" MiB")
+                .and_then(|n| n.parse::<u64>().ok())
+                .map(|n| (n * 1024 * 1024).to_string());
+            assert!(
+                *quoted == default || in_bytes.as_deref() == Some(&*default),
+                "docs give {name} the default {quoted}, the command line {default}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 5, "the tables' defaults were found ({checked})");
+    }
 }
