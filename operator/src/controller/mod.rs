@@ -103,7 +103,7 @@ pub struct Context {
     /// reconcile of Tidepools whose server total changed.
     servers: Arc<Servers>,
     /// What is remembered of each Tidepool between reconciles.
-    memory: Arc<Memory>,
+    memory: Memory,
     /// The queue scalers of the Tidepools whose worker tier autoscales.
     autoscalers: Arc<Autoscalers>,
 }
@@ -130,6 +130,45 @@ impl Servers {
 }
 
 impl Context {
+    fn new(
+        client: Client,
+        endpoints: Arc<Endpoints>,
+        store: Store<Tidepool>,
+        retrigger: mpsc::Sender<ObjectRef<Tidepool>>,
+    ) -> Context {
+        let servers = Arc::new(Servers { index: Mutex::new(ServerIndex::default()), retrigger });
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() },
+        );
+        let autoscalers = Arc::new(Autoscalers::new(autoscaler::Shared {
+            client: client.clone(),
+            recorder: recorder.clone(),
+            store: store.clone(),
+            metrics: endpoints.metrics.clone(),
+            retrigger: servers.retrigger.clone(),
+        }));
+        Context {
+            client,
+            recorder,
+            store,
+            endpoints,
+            servers,
+            memory: Memory::default(),
+            autoscalers,
+        }
+    }
+
+    /// Everything kept about a deleted Tidepool goes with it, here only:
+    /// its server total, its gauges, its memory, its queue scaler.
+    fn forget(&self, gone: &Tidepool) {
+        let (namespace, name) = (gone.namespace().unwrap_or_default(), gone.name_any());
+        self.servers.remove(&(namespace.clone(), name.clone()));
+        self.endpoints.metrics.forget(&namespace, &name);
+        self.memory.forget(&ObjectRef::from_obj(gone));
+        self.autoscalers.stop(&ObjectRef::from_obj(gone));
+    }
+
     /// Records this Tidepool's planned peak on `server` and says whether the
     /// Tidepools there plan more together than this one's budget.
     fn shared_server(&self, key: &Key, server: &str, plan: &Plan) -> Option<String> {
@@ -201,73 +240,27 @@ pub async fn run(
 ) {
     let shutdown = shutdown.shared();
     let ns = namespace.as_deref();
-    let children = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     // The Tidepools' own reflector, so /readyz can say when the first list
     // has arrived (the store's own readiness wakes a single waiter, and the
     // controller is that waiter).
     let (store, writer) = reflector::store::<Tidepool>();
-    let readiness = endpoints.clone();
     let (retrigger, retriggered) = mpsc::channel(RETRIGGER_QUEUE);
-    let servers = Arc::new(Servers { index: Mutex::new(ServerIndex::default()), retrigger });
-    let forget = servers.clone();
-    let forget_gauges = endpoints.clone();
-    let memory = Arc::new(Memory::default());
-    let forget_memory = memory.clone();
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() },
-    );
-    let autoscalers = Arc::new(Autoscalers::new(autoscaler::Shared {
-        client: client.clone(),
-        recorder: recorder.clone(),
-        store: store.clone(),
-        metrics: endpoints.metrics.clone(),
-        retrigger: servers.retrigger.clone(),
-    }));
-    let forget_autoscaler = autoscalers.clone();
+    let context = Arc::new(Context::new(client.clone(), endpoints, store.clone(), retrigger));
+    let watched = context.clone();
     let tidepools = watcher(api::<Tidepool>(&client, ns), watcher::Config::default())
         .default_backoff()
         .reflect(writer)
         .inspect(move |event| match event {
-            Ok(watcher::Event::InitDone) => readiness.ready.store(true, std::sync::atomic::Ordering::Relaxed),
-            // Everything kept about a Tidepool goes with it, here only.
-            Ok(watcher::Event::Delete(gone)) => {
-                let (namespace, name) = (gone.namespace().unwrap_or_default(), gone.name_any());
-                forget.remove(&(namespace.clone(), name.clone()));
-                forget_gauges.metrics.forget(&namespace, &name);
-                forget_memory.forget(&ObjectRef::from_obj(gone));
-                forget_autoscaler.stop(&ObjectRef::from_obj(gone));
+            Ok(watcher::Event::InitDone) => {
+                watched.endpoints.ready.store(true, std::sync::atomic::Ordering::Relaxed)
             }
+            Ok(watcher::Event::Delete(gone)) => watched.forget(gone),
             _ => {}
         })
         .applied_objects();
     let controller = Controller::for_stream(tidepools, store.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES));
-    let secret_store = store.clone();
-    // Metadata only: the watch holds no Secret's values (a reconcile reads
-    // its one Secret when it runs).
-    let secrets = watcher(api::<PartialObjectMeta<Secret>>(&client, ns), watcher::Config::default())
-        .default_backoff()
-        .touched_objects();
-    let context = Arc::new(Context {
-        client: client.clone(),
-        recorder,
-        store,
-        endpoints,
-        servers,
-        memory,
-        autoscalers,
-    });
-    // Children and pods only start reconciles, which read what they need:
-    // their watches hold metadata only.
-    let running = controller
-        .owns_stream(metadata::<Deployment>(&client, ns, &children))
-        .owns_stream(metadata::<Service>(&client, ns, &children))
-        .owns_stream(metadata::<PodDisruptionBudget>(&client, ns, &children))
-        .owns_stream(metadata::<HorizontalPodAutoscaler>(&client, ns, &children))
-        .owns_stream(metadata::<Job>(&client, ns, &children))
-        .watches_stream(metadata::<Pod>(&client, ns, &children), |pod| owner_of(&pod))
-        .watches_stream(secrets, move |secret| tidepools_using(&secret_store, &secret))
+    let running = with_triggers(controller, &client, ns, &store)
         .reconcile_on(stream_of(retriggered))
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile, error_policy, context)
@@ -284,6 +277,30 @@ pub async fn run(
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         } => tracing::warn!(grace = ?SHUTDOWN_GRACE, "reconciles still running at the end of the shutdown grace: dropped"),
     }
+}
+
+/// What else starts a Tidepool's reconcile: its children (`owns`), its
+/// pods, and the Secrets Tidepools refer to. Metadata-only watches: a
+/// reconcile reads what it needs afresh, and no Secret's values are held.
+fn with_triggers(
+    controller: Controller<Tidepool>,
+    client: &Client,
+    ns: Option<&str>,
+    store: &Store<Tidepool>,
+) -> Controller<Tidepool> {
+    let children = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    let secrets = watcher(api::<PartialObjectMeta<Secret>>(client, ns), watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
+    let store = store.clone();
+    controller
+        .owns_stream(metadata::<Deployment>(client, ns, &children))
+        .owns_stream(metadata::<Service>(client, ns, &children))
+        .owns_stream(metadata::<PodDisruptionBudget>(client, ns, &children))
+        .owns_stream(metadata::<HorizontalPodAutoscaler>(client, ns, &children))
+        .owns_stream(metadata::<Job>(client, ns, &children))
+        .watches_stream(metadata::<Pod>(client, ns, &children), |pod| owner_of(&pod))
+        .watches_stream(secrets, move |secret| tidepools_using(&store, &secret))
 }
 
 /// A metadata-only watch of the operator's objects of kind `K`.
