@@ -148,15 +148,7 @@ impl Context {
             metrics: endpoints.metrics.clone(),
             retrigger: servers.retrigger.clone(),
         }));
-        Context {
-            client,
-            recorder,
-            store,
-            endpoints,
-            servers,
-            memory: Memory::default(),
-            autoscalers,
-        }
+        Context { client, recorder, store, endpoints, servers, memory: Memory::default(), autoscalers }
     }
 
     /// Everything kept about a deleted Tidepool goes with it, here only:
