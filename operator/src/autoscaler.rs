@@ -59,7 +59,7 @@ pub fn settings(tidepool: &Tidepool, plan: &Plan) -> Option<Settings> {
     let autoscaling = worker.autoscaling.as_ref()?;
     let seconds = |s: i32| Duration::from_secs(u64::try_from(s).unwrap_or(0));
     let count = |n: i32| u32::try_from(n).unwrap_or(0);
-    let jobs_per_pod = plan.tier(Tier::Worker).pools.worker_concurrency.max(1);
+    let jobs_per_pod = plan.tier(Tier::Worker).map_or(1, |t| t.pools.worker_concurrency.max(1));
     let targets = worker
         .queues
         .iter()

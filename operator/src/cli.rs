@@ -9,7 +9,7 @@ use kube::CustomResourceExt;
 use serde::Deserialize;
 
 use crate::crd::Tidepool;
-use crate::plan::{self, Plan, PlanError, Tier};
+use crate::plan::{self, Plan, PlanError, Tier, TierPlan};
 use crate::render;
 use crate::validate::{self, InvalidTidepool};
 
@@ -119,7 +119,7 @@ pub fn table(validated: &validate::Validated, plan: &Plan) -> String {
         "{:<7} {:>6} {:>6} {:>5} {:>5} {:>6} {:>7}  {:<24} {:>5}",
         "tier", "pods", "", "ask", "floor", "share", "+LISTEN", "app pools per pod", "peak"
     );
-    for tier in plan.tiers() {
+    for tier in &plan.tiers {
         let pods = format!("{} + {}", tier.max_replicas, if tier.max_replicas == 0 { 0 } else { tier.surge });
         let pools = match tier.tier {
             Tier::Web => format!("{} (requests)", tier.pools.database_pool),
@@ -150,7 +150,7 @@ pub fn table(validated: &validate::Validated, plan: &Plan) -> String {
     if plan.asks_met {
         let _ = writeln!(out, "Every tier gets what it asks for.");
     } else {
-        for tier in plan.tiers().iter().filter(|t| t.limited()) {
+        for tier in plan.tiers.iter().filter(|t| t.limited()) {
             let _ = writeln!(
                 out,
                 "The budget is short: each {} pod gets {} of the {} connections it asks for.",
@@ -166,17 +166,18 @@ pub fn table(validated: &validate::Validated, plan: &Plan) -> String {
 /// the peak they can hold with the LISTEN sessions. Nothing rolls locally,
 /// so the local spec has no surge.
 pub fn local_env(plan: &Plan) -> String {
-    let running = || plan.tiers().into_iter().filter(|t| t.replicas > 0);
+    let running = || plan.tiers.iter().filter(|t| t.replicas > 0);
     let pooler: u32 = running().map(|t| t.replicas * t.share).sum();
     let peak: u32 = running().map(|t| t.replicas * t.per_pod()).sum();
+    let of = |tier: Tier, figure: fn(&TierPlan) -> u32| plan.tier(tier).map_or(0, figure);
     let settings = [
         ("TIDEPOOL_PG_MAX_CONNECTIONS", plan.max_connections),
         ("TIDEPOOL_PLANNED_PEAK", peak),
         ("TIDEPOOL_POOLER_POOL_SIZE", pooler),
         ("TIDEPOOL_POOLER_MIN_POOL_SIZE", pooler),
-        (tidepool_contract::env::DB_POOL_SIZE, plan.web.pools.database_pool),
-        (tidepool_contract::env::WORKER_CONCURRENCY, plan.worker.pools.worker_concurrency),
-        ("TIDEPOOL_WORKER_LISTEN_NOTIFY", plan.worker.listen),
+        (tidepool_contract::env::DB_POOL_SIZE, of(Tier::Web, |t| t.pools.database_pool)),
+        (tidepool_contract::env::WORKER_CONCURRENCY, of(Tier::Worker, |t| t.pools.worker_concurrency)),
+        ("TIDEPOOL_WORKER_LISTEN_NOTIFY", of(Tier::Worker, |t| t.listen)),
     ];
     settings.iter().map(|(name, value)| format!("{name}={value}\n")).collect()
 }

@@ -15,9 +15,11 @@
 //! A worker's optional LISTEN session bypasses PgBouncer and costs one more
 //! connection per pod: a pod's **cost** is `c + listen`.
 //!
+//! The tiers are a list ([`Input::tiers`]), each of a kind ([`Process`]).
 //! Each tier **asks** `a` per pod (web: its database pool; worker:
 //! concurrency + `q`) and has a **floor** `f`, the least that works (web 1;
-//! worker `q + 1`, below which it starves its own heartbeats).
+//! worker `q + 1`, below which it starves its own heartbeats); both come
+//! from its kind, its replicas and surge from its own spec.
 //!
 //! **Pods at once** per tier: `P = R + s`, `R` the most replicas the tier
 //! may have (its autoscaling maximum, else its replicas), `s` the rolling
@@ -45,6 +47,7 @@
 //! the smaller of the old and new surge), then the rest roll, and replicas
 //! go up last.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 /// The worker's own connections, outside its task pool: claims, outcomes,
@@ -66,33 +69,75 @@ pub struct Input {
     pub max_connections: u32,
     /// Connections kept out of every pod's reach.
     pub reserved_connections: u32,
-    /// Extra pods a rolling update may add per tier (`maxSurge`).
-    pub surge: u32,
-    pub web: WebInput,
-    pub worker: WorkerInput,
+    /// Every tier, each kind at most once, in the order they are planned,
+    /// rendered and reported.
+    pub tiers: Vec<TierInput>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WebInput {
+/// One tier as the spec declares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TierInput {
     /// Replicas wanted now, within `[min_replicas, max_replicas]`.
     pub replicas: u32,
     pub min_replicas: u32,
     pub max_replicas: u32,
-    /// Connections the web process asks for: its pool to PgBouncer.
-    pub database_pool: u32,
+    /// Extra pods a rolling update may add (`maxSurge`).
+    pub surge: u32,
+    /// What each of its processes does, which decides its ask and floor.
+    pub process: Process,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkerInput {
-    pub replicas: u32,
-    pub min_replicas: u32,
-    pub max_replicas: u32,
-    /// Jobs one worker runs at once, each of which may use a connection.
-    pub concurrency: u32,
-    /// Whether each worker holds a LISTEN session outside PgBouncer.
-    pub listen: bool,
+/// What a tier's process does with its connections: its kind, with the
+/// numbers its ask and floor come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Process {
+    /// Serves requests from one pool to PgBouncer: asks for that pool.
+    Web { database_pool: u32 },
+    /// Runs `concurrency` jobs at once, each of which may hold a connection,
+    /// beside its own queue pool; with `listen`, one LISTEN session outside
+    /// PgBouncer.
+    Worker { concurrency: u32, listen: bool },
 }
 
+impl Process {
+    pub fn tier(self) -> Tier {
+        match self {
+            Process::Web { .. } => Tier::Web,
+            Process::Worker { .. } => Tier::Worker,
+        }
+    }
+
+    /// `(ask, floor, listen)` per pod, or why the numbers cannot work.
+    fn demand(self) -> Result<(u32, u32, u32), String> {
+        match self {
+            Process::Web { database_pool: 0 } => Err("databasePool must be at least 1".into()),
+            Process::Web { database_pool } => Ok((database_pool, 1, 0)),
+            Process::Worker { concurrency: 0, .. } => Err("concurrency must be at least 1".into()),
+            Process::Worker { concurrency, listen } => Ok((
+                concurrency.saturating_add(WORKER_QUEUE_CONNECTIONS),
+                WORKER_QUEUE_CONNECTIONS + 1,
+                u32::from(listen),
+            )),
+        }
+    }
+
+    /// The app's pools within a pod's `share`.
+    fn pools(self, share: u32) -> AppPools {
+        match self {
+            Process::Web { .. } => AppPools { database_pool: share, queue_pool: 0, worker_concurrency: 0 },
+            Process::Worker { .. } => {
+                let tasks = share - WORKER_QUEUE_CONNECTIONS;
+                AppPools {
+                    database_pool: tasks,
+                    queue_pool: WORKER_QUEUE_CONNECTIONS,
+                    worker_concurrency: tasks,
+                }
+            }
+        }
+    }
+}
+
+/// A tier's kind, and its name in children, labels and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Tier {
     Web,
@@ -100,6 +145,7 @@ pub enum Tier {
 }
 
 impl Tier {
+    /// Every kind there is.
     pub const ALL: [Tier; 2] = [Tier::Web, Tier::Worker];
 
     pub fn name(self) -> &'static str {
@@ -108,44 +154,11 @@ impl Tier {
             Tier::Worker => "worker",
         }
     }
-}
 
-/// One value for each tier, indexed by [`Tier`]: the one way the code keeps
-/// something per tier.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PerTier<T> {
-    pub web: T,
-    pub worker: T,
-}
-
-impl<T> PerTier<T> {
-    /// A value for each tier from `value`.
-    pub fn from_fn(mut value: impl FnMut(Tier) -> T) -> Self {
-        PerTier { web: value(Tier::Web), worker: value(Tier::Worker) }
-    }
-
-    /// Each value changed by `change`, which also gets its tier.
-    pub fn map<U>(self, mut change: impl FnMut(Tier, T) -> U) -> PerTier<U> {
-        PerTier { web: change(Tier::Web, self.web), worker: change(Tier::Worker, self.worker) }
-    }
-}
-
-impl<T> std::ops::Index<Tier> for PerTier<T> {
-    type Output = T;
-    fn index(&self, tier: Tier) -> &T {
-        match tier {
-            Tier::Web => &self.web,
-            Tier::Worker => &self.worker,
-        }
-    }
-}
-
-impl<T> std::ops::IndexMut<Tier> for PerTier<T> {
-    fn index_mut(&mut self, tier: Tier) -> &mut T {
-        match tier {
-            Tier::Web => &mut self.web,
-            Tier::Worker => &mut self.worker,
-        }
+    /// The tier whose [`name`](Self::name) is `name` (a pod's component
+    /// label, say).
+    pub fn named(name: &str) -> Option<Tier> {
+        Tier::ALL.into_iter().find(|tier| tier.name() == name)
     }
 }
 
@@ -154,6 +167,9 @@ impl fmt::Display for Tier {
         f.write_str(self.name())
     }
 }
+
+/// Something kept per tier: the one way the code does so.
+pub type PerTier<T> = BTreeMap<Tier, T>;
 
 /// The plan: what every pod of every tier gets, and the totals.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,27 +183,17 @@ pub struct Plan {
     pub planned_peak: u32,
     /// Whether every tier got its ask.
     pub asks_met: bool,
-    pub web: TierPlan,
-    pub worker: TierPlan,
+    /// Every tier of the input, in its order.
+    pub tiers: Vec<TierPlan>,
 }
 
 impl Plan {
-    pub fn tier(&self, tier: Tier) -> &TierPlan {
-        match tier {
-            Tier::Web => &self.web,
-            Tier::Worker => &self.worker,
-        }
+    pub fn tier(&self, tier: Tier) -> Option<&TierPlan> {
+        self.tiers.iter().find(|t| t.tier == tier)
     }
 
-    pub fn tier_mut(&mut self, tier: Tier) -> &mut TierPlan {
-        match tier {
-            Tier::Web => &mut self.web,
-            Tier::Worker => &mut self.worker,
-        }
-    }
-
-    pub fn tiers(&self) -> [&TierPlan; 2] {
-        [&self.web, &self.worker]
+    pub fn tier_mut(&mut self, tier: Tier) -> Option<&mut TierPlan> {
+        self.tiers.iter_mut().find(|t| t.tier == tier)
     }
 }
 
@@ -195,6 +201,7 @@ impl Plan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TierPlan {
     pub tier: Tier,
+    pub process: Process,
     /// Replicas now.
     pub replicas: u32,
     pub min_replicas: u32,
@@ -228,6 +235,15 @@ impl TierPlan {
     /// Whether the budget cut this tier below its ask.
     pub fn limited(&self) -> bool {
         self.share < self.ask
+    }
+
+    /// What one pod's app may do at once within its share: web, its
+    /// request pool; a worker, its jobs.
+    pub fn app_pool_per_pod(&self) -> u32 {
+        match self.process {
+            Process::Web { .. } => self.pools.database_pool,
+            Process::Worker { .. } => self.pools.worker_concurrency,
+        }
     }
 }
 
@@ -272,22 +288,36 @@ pub enum PlanError {
 /// What one tier demands of the budget, in the planner's terms.
 #[derive(Debug, Clone, Copy)]
 struct Demand {
-    tier: Tier,
-    replicas: u32,
-    min_replicas: u32,
-    max_replicas: u32,
-    surge: u32,
+    input: TierInput,
     ask: u32,
     floor: u32,
     listen: u32,
 }
 
 impl Demand {
+    fn of(input: &TierInput) -> Result<Demand, PlanError> {
+        let tier = input.process.tier();
+        let invalid = |message: String| PlanError::Invalid { tier, message };
+        let (replicas, min, max) = (input.replicas, input.min_replicas, input.max_replicas);
+        if min > max {
+            return Err(invalid(format!("minReplicas ({min}) is above maxReplicas ({max})")));
+        }
+        if !(min..=max).contains(&replicas) {
+            return Err(invalid(format!("replicas ({replicas}) must be within [{min}, {max}]")));
+        }
+        let (ask, floor, listen) = input.process.demand().map_err(invalid)?;
+        Ok(Demand { input: *input, ask, floor, listen })
+    }
+
+    fn tier(&self) -> Tier {
+        self.input.process.tier()
+    }
+
     fn pods_at_once(&self) -> u32 {
-        if self.max_replicas == 0 {
+        if self.input.max_replicas == 0 {
             0
         } else {
-            self.max_replicas.saturating_add(self.surge)
+            self.input.max_replicas.saturating_add(self.input.surge)
         }
     }
 
@@ -297,56 +327,21 @@ impl Demand {
     }
 }
 
-fn check_replicas(tier: Tier, replicas: u32, min: u32, max: u32) -> Result<(), PlanError> {
-    let invalid = |message: String| Err(PlanError::Invalid { tier, message });
-    if min > max {
-        return invalid(format!("minReplicas ({min}) is above maxReplicas ({max})"));
-    }
-    if !(min..=max).contains(&replicas) {
-        return invalid(format!("replicas ({replicas}) must be within [{min}, {max}]"));
-    }
-    Ok(())
-}
-
-fn demands(input: &Input) -> Result<[Demand; 2], PlanError> {
-    let web = &input.web;
-    let worker = &input.worker;
-    check_replicas(Tier::Web, web.replicas, web.min_replicas, web.max_replicas)?;
-    check_replicas(Tier::Worker, worker.replicas, worker.min_replicas, worker.max_replicas)?;
-    if web.database_pool == 0 {
-        return Err(PlanError::Invalid {
-            tier: Tier::Web,
-            message: "databasePool must be at least 1".into(),
-        });
-    }
-    if worker.concurrency == 0 {
-        return Err(PlanError::Invalid {
-            tier: Tier::Worker,
-            message: "concurrency must be at least 1".into(),
-        });
-    }
-    Ok([
-        Demand {
-            tier: Tier::Web,
-            replicas: web.replicas,
-            min_replicas: web.min_replicas,
-            max_replicas: web.max_replicas,
-            surge: input.surge,
-            ask: web.database_pool,
-            floor: 1,
-            listen: 0,
-        },
-        Demand {
-            tier: Tier::Worker,
-            replicas: worker.replicas,
-            min_replicas: worker.min_replicas,
-            max_replicas: worker.max_replicas,
-            surge: input.surge,
-            ask: worker.concurrency.saturating_add(WORKER_QUEUE_CONNECTIONS),
-            floor: WORKER_QUEUE_CONNECTIONS + 1,
-            listen: u32::from(worker.listen),
-        },
-    ])
+fn demands(input: &Input) -> Result<Vec<Demand>, PlanError> {
+    let mut seen = BTreeSet::new();
+    input
+        .tiers
+        .iter()
+        .map(|tier| {
+            if !seen.insert(tier.process.tier()) {
+                return Err(PlanError::Invalid {
+                    tier: tier.process.tier(),
+                    message: "is declared twice".into(),
+                });
+            }
+            Demand::of(tier)
+        })
+        .collect()
 }
 
 fn total_at(demands: &[Demand], level: u32) -> u64 {
@@ -371,7 +366,7 @@ pub fn plan(input: &Input) -> Result<Plan, PlanError> {
             .filter(|d| d.pods_at_once() > 0)
             .map(|d| {
                 let listen = if d.listen > 0 { format!(" + {} LISTEN", d.listen) } else { String::new() };
-                format!("{} {} pods × ({}{listen})", d.tier, d.pods_at_once(), d.floor)
+                format!("{} {} pods × ({}{listen})", d.tier(), d.pods_at_once(), d.floor)
             })
             .collect::<Vec<_>>()
             .join(" + ");
@@ -393,40 +388,32 @@ pub fn plan(input: &Input) -> Result<Plan, PlanError> {
         fits
     };
 
-    let [web, worker] = demands.map(|d| tier_plan(&d, d.ask.min(level.max(d.floor))));
-    let planned_peak = web.peak() + worker.peak();
-    let asks_met = !web.limited() && !worker.limited();
+    let tiers: Vec<TierPlan> = demands.iter().map(|d| tier_plan(d, d.ask.min(level.max(d.floor)))).collect();
     Ok(Plan {
         max_connections: max,
         reserved_connections: reserved,
         available,
-        planned_peak,
-        asks_met,
-        web,
-        worker,
+        planned_peak: tiers.iter().map(TierPlan::peak).sum(),
+        asks_met: !tiers.iter().any(TierPlan::limited),
+        tiers,
     })
 }
 
 fn tier_plan(demand: &Demand, share: u32) -> TierPlan {
-    let pools = match demand.tier {
-        Tier::Web => AppPools { database_pool: share, queue_pool: 0, worker_concurrency: 0 },
-        Tier::Worker => {
-            let tasks = share - WORKER_QUEUE_CONNECTIONS;
-            AppPools { database_pool: tasks, queue_pool: WORKER_QUEUE_CONNECTIONS, worker_concurrency: tasks }
-        }
-    };
+    let input = &demand.input;
     TierPlan {
-        tier: demand.tier,
-        replicas: demand.replicas,
-        min_replicas: demand.min_replicas,
-        max_replicas: demand.max_replicas,
-        surge: demand.surge,
+        tier: demand.tier(),
+        process: input.process,
+        replicas: input.replicas,
+        min_replicas: input.min_replicas,
+        max_replicas: input.max_replicas,
+        surge: input.surge,
         pods_at_once: demand.pods_at_once(),
         ask: demand.ask,
         floor: demand.floor,
         share,
         listen: demand.listen,
-        pools,
+        pools: input.process.pools(share),
         pooler: PoolerSizing {
             max_db_connections: share,
             default_pool_size: share,
@@ -455,76 +442,85 @@ pub struct TierStep {
     pub surge: u32,
 }
 
-/// The state both tiers are brought to by one step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Step {
-    pub web: TierStep,
-    pub worker: TierStep,
+impl TierStep {
+    /// A tier's pods once its plan has rolled out.
+    pub fn at(tier: &TierPlan) -> TierStep {
+        TierStep {
+            replicas: tier.replicas,
+            template: Template::Old,
+            per_pod: tier.per_pod(),
+            surge: tier.surge,
+        }
+    }
 }
 
-impl Step {
-    pub fn tier(&self, tier: Tier) -> &TierStep {
-        match tier {
-            Tier::Web => &self.web,
-            Tier::Worker => &self.worker,
-        }
-    }
-
-    pub fn tier_mut(&mut self, tier: Tier) -> &mut TierStep {
-        match tier {
-            Tier::Web => &mut self.web,
-            Tier::Worker => &mut self.worker,
-        }
-    }
+/// The state every tier is brought to by one step.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Step {
+    pub tiers: PerTier<TierStep>,
 }
 
 impl Step {
     /// The state a plan's children are in once rolled out.
     pub fn at(plan: &Plan) -> Step {
-        let at = |t: &TierPlan| TierStep {
-            replicas: t.replicas,
-            template: Template::Old,
-            per_pod: t.per_pod(),
-            surge: t.surge,
-        };
-        Step { web: at(&plan.web), worker: at(&plan.worker) }
+        Step { tiers: plan.tiers.iter().map(|t| (t.tier, TierStep::at(t))).collect() }
+    }
+
+    pub fn tier(&self, tier: Tier) -> Option<&TierStep> {
+        self.tiers.get(&tier)
     }
 }
 
 /// The steps from the children as they are (`from`, every tier with its
-/// old template) to those of `to`, starting with `from`. `rolls(tier)` says
-/// whether that tier's pod template changes at all (a new image or setting
-/// rolls the pods even when the share stays). Each step changes a tier's
-/// replicas or its template, not both; see the module's "Changes".
-pub fn transition(from: Step, to: &Plan, rolls: impl Fn(Tier) -> bool) -> Vec<Step> {
-    // A new share is a new pod annotation and PgBouncer setting: a roll.
-    let rolls = |tier: Tier| rolls(tier) || from.tier(tier).per_pod != to.tier(tier).per_pod();
-    let mut steps = vec![from];
+/// old template; a tier it lacks has no pods yet) to those of `to`,
+/// starting with `from` (over `to`'s tiers). `rolls(tier)` says whether
+/// that tier's pod template changes at all (a new image or setting rolls
+/// the pods even when the share stays). Each step changes a tier's replicas
+/// or its template, not both; see the module's "Changes".
+pub fn transition(from: &Step, to: &Plan, rolls: impl Fn(Tier) -> bool) -> Vec<Step> {
+    let legs: PerTier<Leg> = to
+        .tiers
+        .iter()
+        .map(|t| {
+            let new = TierStep::at(t);
+            let old = from.tier(t.tier).copied().unwrap_or(TierStep { replicas: 0, ..new });
+            // A new share is a new pod annotation and PgBouncer setting: a roll.
+            let rolls = rolls(t.tier) || old.per_pod != new.per_pod;
+            (t.tier, Leg { old, new, rolls })
+        })
+        .collect();
+    let mut steps = vec![Step { tiers: legs.iter().map(|(&tier, leg)| (tier, leg.old)).collect() }];
     // 1. Fewer replicas first, with the old pods.
-    push_step(&mut steps, |tier, step| step.replicas = step.replicas.min(to.tier(tier).replicas));
+    push_step(&mut steps, &legs, |leg, step| step.replicas = step.replicas.min(leg.new.replicas));
     // 2. Shares that shrink, with the smaller surge of the two.
-    push_step(&mut steps, |tier, step| {
-        let (old, new) = (from.tier(tier), to.tier(tier));
-        if rolls(tier) && new.per_pod() < old.per_pod {
+    push_step(&mut steps, &legs, |leg, step| {
+        if leg.rolls && leg.new.per_pod < leg.old.per_pod {
             *step = TierStep {
                 template: Template::New,
-                per_pod: new.per_pod(),
-                surge: old.surge.min(new.surge),
+                per_pod: leg.new.per_pod,
+                surge: leg.old.surge.min(leg.new.surge),
                 ..*step
             };
         }
     });
     // 3. Every other template change, and the new surge.
-    push_step(&mut steps, |tier, step| {
-        let new = to.tier(tier);
-        if rolls(tier) && step.template == Template::Old {
-            *step = TierStep { template: Template::New, per_pod: new.per_pod(), ..*step };
+    push_step(&mut steps, &legs, |leg, step| {
+        if leg.rolls && step.template == Template::Old {
+            *step = TierStep { template: Template::New, per_pod: leg.new.per_pod, ..*step };
         }
-        step.surge = new.surge;
+        step.surge = leg.new.surge;
     });
     // 4. More replicas last, with the new pods.
-    push_step(&mut steps, |tier, step| step.replicas = to.tier(tier).replicas);
+    push_step(&mut steps, &legs, |leg, step| step.replicas = leg.new.replicas);
     steps
+}
+
+/// One tier's way through a [`transition`].
+struct Leg {
+    old: TierStep,
+    new: TierStep,
+    /// Whether its pod template changes.
+    rolls: bool,
 }
 
 /// The state to bring the children to next, from `live` (what the
@@ -536,33 +532,36 @@ pub fn transition(from: Step, to: &Plan, rolls: impl Fn(Tier) -> bool) -> Vec<St
 /// `settled` on the last (rolled out, or given up on by their progress
 /// deadline).
 pub fn next_step(
-    live: Step,
+    live: &Step,
     to: &Plan,
     rolls: impl Fn(Tier) -> bool,
     settled: bool,
     pods_at_other_costs: bool,
 ) -> Step {
-    let steps = transition(live, to, rolls);
-    let last = steps.last().copied().unwrap_or(live);
+    let mut steps = transition(live, to, rolls);
     let cost_changes = pods_at_other_costs
-        || Tier::ALL.iter().any(|&tier| live.tier(tier).per_pod != to.tier(tier).per_pod());
+        || to.tiers.iter().any(|t| live.tier(t.tier).is_some_and(|now| now.per_pod != t.per_pod()));
     match (cost_changes, settled) {
-        (false, _) => last,
-        (true, false) => live,
-        (true, true) => steps.get(1).copied().unwrap_or(last),
+        (false, _) => steps.pop().unwrap_or_else(|| live.clone()),
+        (true, false) => steps.swap_remove(0),
+        (true, true) if steps.len() > 1 => steps.swap_remove(1),
+        (true, true) => steps.swap_remove(0),
     }
 }
 
-/// Appends the last step changed by `change`, unless nothing changed.
-fn push_step(steps: &mut Vec<Step>, change: impl Fn(Tier, &mut TierStep)) {
-    let Some(&last) = steps.last() else {
+/// Appends the last step with each tier changed by `change`, unless
+/// nothing changed.
+fn push_step(steps: &mut Vec<Step>, legs: &PerTier<Leg>, change: impl Fn(&Leg, &mut TierStep)) {
+    let Some(last) = steps.last() else {
         return;
     };
-    let mut next = last;
-    for tier in Tier::ALL {
-        change(tier, next.tier_mut(tier));
+    let mut next = last.clone();
+    for (tier, step) in &mut next.tiers {
+        if let Some(leg) = legs.get(tier) {
+            change(leg, step);
+        }
     }
-    if next != last {
+    if &next != last {
         steps.push(next);
     }
 }
@@ -597,20 +596,40 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn web(replicas: u32, max_replicas: u32, database_pool: u32) -> TierInput {
+        TierInput {
+            replicas,
+            min_replicas: replicas,
+            max_replicas,
+            surge: 1,
+            process: Process::Web { database_pool },
+        }
+    }
+
+    fn worker(replicas: u32, max_replicas: u32, concurrency: u32, listen: bool) -> TierInput {
+        TierInput {
+            replicas,
+            min_replicas: replicas,
+            max_replicas,
+            surge: 1,
+            process: Process::Worker { concurrency, listen },
+        }
+    }
+
     fn input(available_total: u32) -> Input {
         Input {
             max_connections: available_total + 10,
             reserved_connections: 10,
-            surge: 1,
-            web: WebInput { replicas: 3, min_replicas: 3, max_replicas: 3, database_pool: 20 },
-            worker: WorkerInput {
-                replicas: 2,
-                min_replicas: 2,
-                max_replicas: 2,
-                concurrency: 50,
-                listen: false,
-            },
+            tiers: vec![web(3, 3, 20), worker(2, 2, 50, false)],
         }
+    }
+
+    fn tier(plan: &Plan, tier: Tier) -> &TierPlan {
+        plan.tier(tier).expect("the tier is planned")
+    }
+
+    fn shares(plan: &Plan) -> (u32, u32) {
+        (tier(plan, Tier::Web).share, tier(plan, Tier::Worker).share)
     }
 
     #[test]
@@ -618,11 +637,16 @@ mod tests {
         // web 4 × 20 + worker 3 × 54 = 242.
         let plan = plan(&input(242)).expect("fits");
         assert!(plan.asks_met);
-        assert_eq!((plan.web.share, plan.worker.share), (20, 54));
+        assert_eq!(shares(&plan), (20, 54));
         assert_eq!(plan.planned_peak, 242);
-        assert_eq!(plan.worker.pools, AppPools { database_pool: 50, queue_pool: 4, worker_concurrency: 50 });
-        assert_eq!(plan.web.pooler.max_db_connections, 20);
-        assert_eq!(plan.web.pooler.max_client_conn, 20 + POOLER_SPARE_CLIENTS);
+        assert_eq!(
+            tier(&plan, Tier::Worker).pools,
+            AppPools { database_pool: 50, queue_pool: 4, worker_concurrency: 50 }
+        );
+        assert_eq!(tier(&plan, Tier::Worker).app_pool_per_pod(), 50);
+        assert_eq!(tier(&plan, Tier::Web).app_pool_per_pod(), 20);
+        assert_eq!(tier(&plan, Tier::Web).pooler.max_db_connections, 20);
+        assert_eq!(tier(&plan, Tier::Web).pooler.max_client_conn, 20 + POOLER_SPARE_CLIENTS);
     }
 
     #[test]
@@ -630,14 +654,33 @@ mod tests {
         // 90 available: web 4 pods, worker 3 pods. At level 12: 4 × 12 + 3 × 12 = 84; at 13: 91.
         let plan = plan(&input(90)).expect("fits");
         assert!(!plan.asks_met);
-        assert_eq!((plan.web.share, plan.worker.share), (12, 12));
+        assert_eq!(shares(&plan), (12, 12));
         assert_eq!(plan.planned_peak, 84);
-        assert_eq!(plan.worker.pools.worker_concurrency, 8);
+        assert_eq!(tier(&plan, Tier::Worker).pools.worker_concurrency, 8);
         // A small web ask is met in full while the worker is cut.
         let mut small_web = input(90);
-        small_web.web.database_pool = 5;
-        let plan = super::plan(&small_web).expect("fits");
-        assert_eq!((plan.web.share, plan.worker.share), (5, 23));
+        small_web.tiers[0] = web(3, 3, 5);
+        assert_eq!(shares(&super::plan(&small_web).expect("fits")), (5, 23));
+    }
+
+    #[test]
+    fn tiers_are_planned_in_the_inputs_order_whatever_it_is() {
+        let mut reversed = input(90);
+        reversed.tiers.reverse();
+        let (plan, reversed) = (plan(&input(90)).expect("fits"), super::plan(&reversed).expect("fits"));
+        assert_eq!(reversed.tiers.iter().map(|t| t.tier).collect::<Vec<_>>(), [Tier::Worker, Tier::Web]);
+        assert_eq!(shares(&plan), shares(&reversed));
+        assert_eq!(plan.planned_peak, reversed.planned_peak);
+    }
+
+    #[test]
+    fn one_tier_alone_gets_the_budget_and_none_plans_nothing() {
+        let alone = Input { tiers: vec![web(2, 2, 50)], ..input(60) };
+        let plan = plan(&alone).expect("fits");
+        assert_eq!((plan.tiers.len(), tier(&plan, Tier::Web).share, plan.planned_peak), (1, 20, 60));
+        assert_eq!(plan.tier(Tier::Worker), None);
+        let none = super::plan(&Input { tiers: vec![], ..input(60) }).expect("nothing to fit");
+        assert_eq!((none.planned_peak, none.asks_met), (0, true));
     }
 
     #[test]
@@ -656,19 +699,18 @@ mod tests {
     #[test]
     fn listen_costs_one_connection_per_worker_pod() {
         let mut with_listen = input(1000);
-        with_listen.worker.listen = true;
+        with_listen.tiers[1] = worker(2, 2, 50, true);
         let plan = plan(&with_listen).expect("fits");
-        assert_eq!(plan.worker.per_pod(), 55);
+        assert_eq!(tier(&plan, Tier::Worker).per_pod(), 55);
         assert_eq!(plan.planned_peak, 4 * 20 + 3 * 55);
     }
 
     #[test]
     fn a_tier_without_pods_costs_nothing() {
         let mut no_worker = input(80);
-        no_worker.worker =
-            WorkerInput { replicas: 0, min_replicas: 0, max_replicas: 0, concurrency: 50, listen: true };
+        no_worker.tiers[1] = worker(0, 0, 50, true);
         let plan = plan(&no_worker).expect("fits");
-        assert_eq!(plan.worker.pods_at_once, 0);
+        assert_eq!(tier(&plan, Tier::Worker).pods_at_once, 0);
         assert_eq!(plan.planned_peak, 80);
     }
 
@@ -677,27 +719,62 @@ mod tests {
         let mut bad = input(100);
         bad.reserved_connections = bad.max_connections;
         assert!(matches!(plan(&bad), Err(PlanError::NothingAvailable { .. })));
-        let mut bad = input(100);
-        bad.web.min_replicas = 5;
-        assert!(plan(&bad)
-            .expect_err("min > max")
-            .to_string()
-            .contains("minReplicas (5) is above maxReplicas (3)"));
+        let refusal =
+            |tiers: Vec<TierInput>| plan(&Input { tiers, ..input(100) }).expect_err("refused").to_string();
+        let mut min_above_max = web(3, 3, 20);
+        min_above_max.min_replicas = 5;
+        assert_eq!(refusal(vec![min_above_max]), "web: minReplicas (5) is above maxReplicas (3)");
+        assert_eq!(
+            refusal(vec![TierInput { min_replicas: 1, ..web(4, 3, 20) }]),
+            "web: replicas (4) must be within [1, 3]"
+        );
+        let mut outside = worker(1, 3, 5, false);
+        outside.min_replicas = 2;
+        assert_eq!(refusal(vec![outside]), "worker: replicas (1) must be within [2, 3]");
+        assert_eq!(refusal(vec![web(1, 1, 0)]), "web: databasePool must be at least 1");
+        assert_eq!(refusal(vec![worker(1, 1, 0, false)]), "worker: concurrency must be at least 1");
+        assert_eq!(
+            refusal(vec![web(1, 1, 5), worker(1, 1, 5, false), web(1, 1, 5)]),
+            "web: is declared twice"
+        );
     }
 
     #[test]
     fn a_share_that_shrinks_rolls_before_replicas_grow() {
         // Web goes from 3 pods of 20 to 7 pods of 10 on 90 available.
-        let mut old = input(90);
-        old.web = WebInput { replicas: 3, min_replicas: 3, max_replicas: 3, database_pool: 20 };
-        old.worker =
-            WorkerInput { replicas: 0, min_replicas: 0, max_replicas: 0, concurrency: 1, listen: false };
-        let mut new = old.clone();
-        new.web = WebInput { replicas: 7, min_replicas: 7, max_replicas: 7, database_pool: 10 };
+        let old = Input { tiers: vec![web(3, 3, 20), worker(0, 0, 1, false)], ..input(90) };
+        let new = Input { tiers: vec![web(7, 7, 10), worker(0, 0, 1, false)], ..old.clone() };
         let (from, to) = (plan(&old).expect("fits"), plan(&new).expect("fits"));
-        let steps = transition(Step::at(&from), &to, |tier| tier == Tier::Web);
-        let web: Vec<_> = steps.iter().map(|s| (s.web.replicas, s.web.template, s.web.per_pod)).collect();
+        let steps = transition(&Step::at(&from), &to, |tier| tier == Tier::Web);
+        let web: Vec<_> = steps
+            .iter()
+            .filter_map(|s| s.tier(Tier::Web))
+            .map(|s| (s.replicas, s.template, s.per_pod))
+            .collect();
         assert_eq!(web, [(3, Template::Old, 20), (3, Template::New, 10), (7, Template::New, 10)]);
+    }
+
+    #[test]
+    fn a_tier_new_to_the_children_starts_from_no_pods() {
+        let only_web = plan(&Input { tiers: vec![web(3, 3, 20)], ..input(242) }).expect("fits");
+        let both = plan(&input(242)).expect("fits");
+        let steps = transition(&Step::at(&only_web), &both, |_| false);
+        let worker: Vec<_> =
+            steps.iter().map(|s| s.tier(Tier::Worker).map(|w| (w.replicas, w.template))).collect();
+        assert_eq!(worker.first(), Some(&Some((0, Template::Old))));
+        assert_eq!(steps.last(), Some(&Step::at(&both)));
+        // A tier the new plan lacks is not the planner's any more (its
+        // Deployment is swept): no step names it.
+        let back = transition(&Step::at(&both), &only_web, |_| false);
+        assert!(back.iter().all(|s| s.tier(Tier::Worker).is_none()), "{back:?}");
+    }
+
+    #[test]
+    fn tiers_are_named_by_their_kind() {
+        for tier in Tier::ALL {
+            assert_eq!(Tier::named(tier.name()), Some(tier));
+        }
+        assert_eq!(Tier::named("web-1"), None);
     }
 
     fn arb_input() -> impl Strategy<Value = Input> {
@@ -707,29 +784,49 @@ mod tests {
             0u32..4,
             (0u32..6, 0u32..6, 1u32..60),
             (0u32..6, 0u32..6, 1u32..120, any::<bool>()),
+            any::<bool>(),
         )
             .prop_map(
-                |(available, reserved, surge, (web_r, web_extra, pool), (wr, wr_extra, conc, listen))| {
+                |(
+                    available,
+                    reserved,
+                    surge,
+                    (web_r, web_extra, pool),
+                    (wr, wr_extra, conc, listen),
+                    flip,
+                )| {
+                    let web = TierInput { surge, ..web(web_r, web_r + web_extra, pool) };
+                    let worker = TierInput {
+                        surge,
+                        min_replicas: wr.min(1),
+                        ..worker(wr, wr + wr_extra, conc, listen)
+                    };
                     Input {
                         max_connections: available + reserved,
                         reserved_connections: reserved,
-                        surge,
-                        web: WebInput {
-                            replicas: web_r,
-                            min_replicas: web_r,
-                            max_replicas: web_r + web_extra,
-                            database_pool: pool,
-                        },
-                        worker: WorkerInput {
-                            replicas: wr,
-                            min_replicas: wr.min(1),
-                            max_replicas: wr + wr_extra,
-                            concurrency: conc,
-                            listen,
-                        },
+                        tiers: if flip { vec![worker, web] } else { vec![web, worker] },
                     }
                 },
             )
+    }
+
+    /// `rolls` of a change: where the share changes, or where the test says so.
+    fn rolls<'a>(
+        from: &'a Plan,
+        to: &'a Plan,
+        roll_web: bool,
+        roll_worker: bool,
+    ) -> impl Fn(Tier) -> bool + 'a {
+        move |t: Tier| {
+            let share_changes = from.tier(t).map(TierPlan::per_pod) != to.tier(t).map(TierPlan::per_pod);
+            share_changes || if t == Tier::Web { roll_web } else { roll_worker }
+        }
+    }
+
+    /// The most the pods of every tier hold going from `a` to `b`, or
+    /// `None` where a tier changes both replicas and template.
+    fn worst_of(a: &Step, b: &Step) -> Option<u64> {
+        a.tiers.iter().map(|(tier, a)| b.tier(*tier).and_then(|b| worst_mix(a, b))).sum()
     }
 
     proptest! {
@@ -741,14 +838,16 @@ mod tests {
         fn the_invariant_holds_at_every_tiers_maximum(input in arb_input()) {
             match plan(&input) {
                 Ok(plan) => {
-                    let sum: u64 = plan.tiers().iter().map(|t| u64::from(t.pods_at_once) * u64::from(t.share + t.listen)).sum();
+                    let sum: u64 = plan.tiers.iter().map(|t| u64::from(t.pods_at_once) * u64::from(t.share + t.listen)).sum();
                     prop_assert!(sum <= u64::from(plan.available));
                     prop_assert_eq!(sum, u64::from(plan.planned_peak));
-                    for t in plan.tiers() {
+                    prop_assert_eq!(plan.tiers.len(), input.tiers.len());
+                    for (t, asked) in plan.tiers.iter().zip(&input.tiers) {
+                        prop_assert_eq!(t.tier, asked.process.tier());
                         prop_assert!(t.floor <= t.share && t.share <= t.ask, "{:?}", t);
                         prop_assert_eq!(t.pools.database_pool + t.pools.queue_pool, t.share);
                         prop_assert_eq!(t.pooler.max_db_connections, t.share);
-                        prop_assert!(t.pods_at_once == 0 || t.pods_at_once == t.max_replicas + input.surge);
+                        prop_assert!(t.pods_at_once == 0 || t.pods_at_once == t.max_replicas + asked.surge);
                     }
                 }
                 Err(PlanError::FloorsDoNotFit { need, available, .. }) => prop_assert!(need > u64::from(available)),
@@ -759,9 +858,13 @@ mod tests {
         /// Refused exactly when the floors do not fit.
         #[test]
         fn refused_iff_the_floors_do_not_fit(input in arb_input()) {
-            let floors = u64::from(if input.web.max_replicas == 0 { 0 } else { input.web.max_replicas + input.surge })
-                + u64::from(if input.worker.max_replicas == 0 { 0 } else { input.worker.max_replicas + input.surge })
-                    * u64::from(WORKER_QUEUE_CONNECTIONS + 1 + u32::from(input.worker.listen));
+            let floors: u64 = input.tiers.iter().map(|t| {
+                let pods = u64::from(if t.max_replicas == 0 { 0 } else { t.max_replicas + t.surge });
+                pods * u64::from(match t.process {
+                    Process::Web { .. } => 1,
+                    Process::Worker { listen, .. } => WORKER_QUEUE_CONNECTIONS + 1 + u32::from(listen),
+                })
+            }).sum();
             let available = u64::from(input.max_connections - input.reserved_connections);
             prop_assert_eq!(plan(&input).is_err(), floors > available);
         }
@@ -776,10 +879,11 @@ mod tests {
             richer.max_connections += extra;
             match (first, plan(&richer)) {
                 (Ok(poor), Ok(rich)) => {
-                    prop_assert!(rich.web.share >= poor.web.share);
-                    prop_assert!(rich.worker.share >= poor.worker.share);
-                    prop_assert_eq!(rich.web.surge, poor.web.surge);
-                    prop_assert_eq!(rich.worker.pods_at_once, poor.worker.pods_at_once);
+                    for (poor, rich) in poor.tiers.iter().zip(&rich.tiers) {
+                        prop_assert!(rich.share >= poor.share);
+                        prop_assert_eq!(rich.surge, poor.surge);
+                        prop_assert_eq!(rich.pods_at_once, poor.pods_at_once);
+                    }
                 }
                 (Ok(_), Err(e)) => prop_assert!(false, "more budget refused: {e}"),
                 _ => {}
@@ -798,23 +902,14 @@ mod tests {
             b.max_connections = a.max_connections;
             b.reserved_connections = a.reserved_connections;
             let (Ok(from), Ok(to)) = (plan(&a), plan(&b)) else { return Ok(()) };
-            let rolls = |tier: Tier| {
-                let share_changes = from.tier(tier).per_pod() != to.tier(tier).per_pod();
-                share_changes || match tier { Tier::Web => roll_web, Tier::Worker => roll_worker }
-            };
-            let steps = transition(Step::at(&from), &to, rolls);
-            let last = steps.last().expect("at least the start");
-            for tier in Tier::ALL {
-                prop_assert_eq!(last.tier(tier).replicas, to.tier(tier).replicas);
-                prop_assert_eq!(last.tier(tier).per_pod, to.tier(tier).per_pod());
-            }
+            let steps = transition(&Step::at(&from), &to, rolls(&from, &to, roll_web, roll_worker));
+            let last = steps.last().map(|s| s.tiers.iter().map(|(&t, s)| (t, s.replicas, s.per_pod)).collect::<Vec<_>>());
+            let planned = to.tiers.iter().map(|t| (t.tier, t.replicas, t.per_pod())).collect::<BTreeSet<_>>();
+            prop_assert_eq!(last.map(BTreeSet::from_iter), Some(planned));
             for pair in steps.windows(2) {
-                let mut total = 0u64;
-                for tier in Tier::ALL {
-                    let worst = worst_mix(pair[0].tier(tier), pair[1].tier(tier));
-                    prop_assert!(worst.is_some(), "a step changes both replicas and template: {:?}", pair);
-                    total += worst.unwrap_or(0);
-                }
+                let worst = worst_of(&pair[0], &pair[1]);
+                prop_assert!(worst.is_some(), "a step changes both replicas and template: {:?}", pair);
+                let total = worst.unwrap_or(0);
                 prop_assert!(total <= u64::from(from.available), "{} > {} in {:?}", total, from.available, pair);
             }
         }
@@ -834,38 +929,36 @@ mod tests {
             b.max_connections = a.max_connections;
             b.reserved_connections = a.reserved_connections;
             let (Ok(from), Ok(to)) = (plan(&a), plan(&b)) else { return Ok(()) };
-            let wants_roll = |tier: Tier| match tier { Tier::Web => roll_web, Tier::Worker => roll_worker };
+            let wants_roll = |tier: Tier| if tier == Tier::Web { roll_web } else { roll_worker };
             let mut live = Step::at(&from);
-            let mut rolled = PerTier::<bool>::default();
+            let mut rolled = BTreeSet::new();
             for _ in 0..4 {
-                let next = next_step(live, &to, |tier| wants_roll(tier) && !rolled[tier], true, false);
+                let next = next_step(&live, &to, |tier| wants_roll(tier) && !rolled.contains(&tier), true, false);
                 // A change that keeps every cost goes at once: the plan covers it.
-                let changes_cost = Tier::ALL.iter().any(|&t| live.tier(t).per_pod != to.tier(t).per_pod());
-                let mut total = 0u64;
-                for tier in Tier::ALL {
-                    if changes_cost {
-                        let worst = worst_mix(live.tier(tier), next.tier(tier));
-                        prop_assert!(worst.is_some(), "a step changes both replicas and template: {:?} → {:?}", live, next);
-                        total += worst.unwrap_or(0);
-                    }
-                    if next.tier(tier).template == Template::New {
-                        rolled[tier] = true;
+                let changes_cost = to.tiers.iter().any(|t| live.tier(t.tier).map(|s| s.per_pod) != Some(t.per_pod()));
+                if changes_cost {
+                    let worst = worst_of(&live, &next);
+                    prop_assert!(worst.is_some(), "a step changes both replicas and template: {:?} → {:?}", live, next);
+                    let total = worst.unwrap_or(0);
+                    prop_assert!(total <= u64::from(from.available), "{} > {}: {:?} → {:?}", total, from.available, live, next);
+                }
+                for (tier, step) in &next.tiers {
+                    if step.template == Template::New {
+                        rolled.insert(*tier);
                     }
                 }
-                prop_assert!(total <= u64::from(from.available), "{} > {}: {:?} → {:?}", total, from.available, live, next);
                 live = Step {
-                    web: TierStep { template: Template::Old, ..next.web },
-                    worker: TierStep { template: Template::Old, ..next.worker },
+                    tiers: next.tiers.iter().map(|(&t, s)| (t, TierStep { template: Template::Old, ..*s })).collect(),
                 };
             }
-            prop_assert_eq!(live, Step::at(&to));
+            prop_assert_eq!(&live, &Step::at(&to));
             // Unsettled Deployments hold a change of cost where it is, also
             // when only pods of the last step still have another cost.
-            let unsettled = next_step(Step::at(&from), &to, |_| true, false, false);
-            if Tier::ALL.iter().any(|&t| from.tier(t).per_pod() != to.tier(t).per_pod()) {
+            let unsettled = next_step(&Step::at(&from), &to, |_| true, false, false);
+            if to.tiers.iter().any(|t| from.tier(t.tier).map(TierPlan::per_pod) != Some(t.per_pod())) {
                 prop_assert_eq!(unsettled, Step::at(&from));
             }
-            prop_assert_eq!(next_step(Step::at(&to), &to, |_| true, false, true), Step::at(&to));
+            prop_assert_eq!(next_step(&Step::at(&to), &to, |_| true, false, true), Step::at(&to));
         }
     }
 }

@@ -97,7 +97,7 @@ pub struct Applied<'a> {
     /// What holds a change back: a paced step, pods waiting for the budget.
     pub pacing: Vec<String>,
     /// Why each tier's (web, worker) desired replicas changed, if known.
-    pub scale_causes: PerTier<Option<ScaleCause>>,
+    pub scale_causes: PerTier<ScaleCause>,
     /// The queue scaler's health, while the worker tier autoscales.
     pub autoscaling: Option<AutoscalingHealth>,
 }
@@ -175,7 +175,7 @@ pub fn status(
 fn record_scales(
     previous: Option<&TidepoolStatus>,
     next: &mut TidepoolStatus,
-    causes: &PerTier<Option<ScaleCause>>,
+    causes: &PerTier<ScaleCause>,
     now: &Time,
 ) {
     for tier in Tier::ALL {
@@ -184,7 +184,7 @@ fn record_scales(
         after.last_scale = match before {
             Some(before) if before.desired_replicas != after.desired_replicas => {
                 let (from, to) = (before.desired_replicas, after.desired_replicas);
-                let cause = causes[tier].clone().unwrap_or_else(|| ScaleCause {
+                let cause = causes.get(&tier).cloned().unwrap_or_else(|| ScaleCause {
                     reason: "ReplicasChanged".into(),
                     message: format!("the Tidepool's {tier} replicas were set to {to}"),
                 });
@@ -212,34 +212,30 @@ fn tier_status_mut(status: &mut TidepoolStatus, tier: Tier) -> &mut Option<TierS
 
 fn applied_status(applied: &Applied<'_>, generation: Option<i64>) -> TidepoolStatus {
     let plan = applied.plan;
-    let tier_status = |tier: Tier, observed: &ObservedTier, selector: &str| {
-        let planned = plan.tier(tier);
-        TierStatus {
+    let mut tiers = TidepoolStatus::default();
+    let mut all_settled = true;
+    let mut ready_of_desired = Vec::new();
+    for planned in &plan.tiers {
+        let observed = applied.observed.get(&planned.tier).copied().unwrap_or_default();
+        let status = TierStatus {
             desired_replicas: to_i32(planned.replicas),
             replicas: observed.replicas,
             ready_replicas: observed.ready,
             ready_of_desired: format!("{}/{}", observed.ready, planned.replicas),
-            selector: selector.to_owned(),
+            selector: applied.selectors.get(&planned.tier).cloned().unwrap_or_default(),
             server_connections_per_pod: to_i32(planned.share),
-            app_pool_per_pod: to_i32(match tier {
-                Tier::Web => planned.pools.database_pool,
-                Tier::Worker => planned.pools.worker_concurrency,
-            }),
+            app_pool_per_pod: to_i32(planned.app_pool_per_pod()),
             limited: planned.limited(),
             last_scale: None,
-        }
-    };
-    let web = tier_status(Tier::Web, &applied.observed.web, &applied.selectors.web);
-    let worker = tier_status(Tier::Worker, &applied.observed.worker, &applied.selectors.worker);
-    let settled = |status: &TierStatus, observed: &ObservedTier| {
-        observed.observed
+        };
+        all_settled &= observed.observed
             && observed.ready == status.desired_replicas
             && observed.updated == status.desired_replicas
-            && observed.replicas == status.desired_replicas
-    };
-    let (web_settled, worker_settled) =
-        (settled(&web, &applied.observed.web), settled(&worker, &applied.observed.worker));
-    let mut pods = format!("web {}, worker {} ready", web.ready_of_desired, worker.ready_of_desired);
+            && observed.replicas == status.desired_replicas;
+        ready_of_desired.push(format!("{} {}", planned.tier, status.ready_of_desired));
+        *tier_status_mut(&mut tiers, planned.tier) = Some(status);
+    }
+    let mut pods = format!("{} ready", ready_of_desired.join(", "));
     for note in &applied.pacing {
         pods.push_str("; ");
         pods.push_str(note);
@@ -251,7 +247,7 @@ fn applied_status(applied: &Applied<'_>, generation: Option<i64>) -> TidepoolSta
         )
     } else {
         let cuts: Vec<String> = plan
-            .tiers()
+            .tiers
             .iter()
             .filter(|t| t.limited())
             .map(|t| format!("each {} pod gets {} of the {} connections it asks for", t.tier, t.share, t.ask))
@@ -267,15 +263,15 @@ fn applied_status(applied: &Applied<'_>, generation: Option<i64>) -> TidepoolSta
         Migration::Done => (
             condition(
                 READY,
-                web_settled && worker_settled,
-                if web_settled && worker_settled { "AllPodsReady" } else { "PodsNotReady" },
+                all_settled,
+                if all_settled { "AllPodsReady" } else { "PodsNotReady" },
                 pods.clone(),
                 generation,
             ),
             condition(
                 PROGRESSING,
-                !(web_settled && worker_settled),
-                match (web_settled && worker_settled, applied.pacing.is_empty()) {
+                !all_settled,
+                match (all_settled, applied.pacing.is_empty()) {
                     (true, true) => "Complete",
                     (false, true) => "RollingOut",
                     (_, false) => "Paced",
@@ -326,14 +322,13 @@ fn applied_status(applied: &Applied<'_>, generation: Option<i64>) -> TidepoolSta
     TidepoolStatus {
         observed_generation: generation,
         conditions,
-        web: Some(web),
-        worker: Some(worker),
         connections: Some(ConnectionsStatus {
             available: to_i32(plan.available),
             planned_peak: to_i32(plan.planned_peak),
             live_peak: Some(applied.live_peak),
             planned_of_available: format!("{}/{}", plan.planned_peak, plan.available),
         }),
+        ..tiers
     }
 }
 
@@ -357,21 +352,23 @@ pub fn find<'a>(status: Option<&'a TidepoolStatus>, type_: &str) -> Option<&'a C
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::{plan, Input, WebInput, WorkerInput};
+    use crate::plan::{plan, Input, Process, TierInput};
 
     fn a_plan() -> Plan {
+        let tier = |replicas, process| TierInput {
+            replicas,
+            min_replicas: replicas,
+            max_replicas: replicas,
+            surge: 1,
+            process,
+        };
         plan(&Input {
             max_connections: 300,
             reserved_connections: 10,
-            surge: 1,
-            web: WebInput { replicas: 2, min_replicas: 2, max_replicas: 2, database_pool: 20 },
-            worker: WorkerInput {
-                replicas: 1,
-                min_replicas: 1,
-                max_replicas: 1,
-                concurrency: 50,
-                listen: false,
-            },
+            tiers: vec![
+                tier(2, Process::Web { database_pool: 20 }),
+                tier(1, Process::Worker { concurrency: 50, listen: false }),
+            ],
         })
         .expect("fits")
     }
@@ -383,11 +380,11 @@ mod tests {
     fn applied(plan: &Plan, web_ready: i32) -> Applied<'_> {
         Applied {
             plan,
-            observed: PerTier {
-                web: ObservedTier { replicas: 2, ready: web_ready, updated: 2, observed: true },
-                worker: ObservedTier { replicas: 1, ready: 1, updated: 1, observed: true },
-            },
-            selectors: PerTier { web: "w".into(), worker: "k".into() },
+            observed: PerTier::from([
+                (Tier::Web, ObservedTier { replicas: 2, ready: web_ready, updated: 2, observed: true }),
+                (Tier::Worker, ObservedTier { replicas: 1, ready: 1, updated: 1, observed: true }),
+            ]),
+            selectors: PerTier::from([(Tier::Web, "w".into()), (Tier::Worker, "k".into())]),
             live_peak: 94,
             pacing: Vec::new(),
             over_commit: None,
@@ -403,6 +400,9 @@ mod tests {
         let first = status(None, Some(1), Ok(applied(&plan, 1)), at(10));
         assert_eq!(find(Some(&first), READY).map(|c| c.status.as_str()), Some("False"));
         assert_eq!(first.web.as_ref().map(|w| w.ready_of_desired.as_str()), Some("1/2"));
+        assert_eq!(first.worker.as_ref().map(|w| (w.selector.as_str(), w.app_pool_per_pod)), Some(("k", 50)));
+        let pods = find(Some(&first), PROGRESSING).map(|c| c.message.as_str());
+        assert_eq!(pods, Some("web 1/2, worker 1/1 ready"));
         let second = status(Some(&first), Some(1), Ok(applied(&plan, 2)), at(20));
         let ready = find(Some(&second), READY).expect("Ready");
         assert_eq!((ready.status.as_str(), ready.last_transition_time.clone()), ("True", at(20)));
@@ -453,12 +453,12 @@ mod tests {
         let first = status(None, Some(1), Ok(applied(&plan, 2)), at(10));
         assert_eq!(first.web.as_ref().and_then(|w| w.last_scale.clone()), None, "nothing changed yet");
         let mut more = plan.clone();
-        more.tier_mut(Tier::Worker).replicas = 3;
-        more.tier_mut(Tier::Web).replicas = 1;
+        for (tier, replicas) in [(Tier::Worker, 3), (Tier::Web, 1)] {
+            more.tier_mut(tier).expect("planned").replicas = replicas;
+        }
         let cause =
             ScaleCause { reason: "QueueBacklog".into(), message: "available jobs: default 300".into() };
-        let scaled =
-            Applied { scale_causes: PerTier { web: None, worker: Some(cause) }, ..applied(&more, 2) };
+        let scaled = Applied { scale_causes: PerTier::from([(Tier::Worker, cause)]), ..applied(&more, 2) };
         let second = status(Some(&first), Some(1), Ok(scaled), at(20));
         let worker = second.worker.as_ref().and_then(|w| w.last_scale.clone()).expect("worker scaled");
         assert_eq!(

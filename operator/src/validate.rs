@@ -7,7 +7,7 @@
 //! messages.
 
 use crate::crd::{Tidepool, TidepoolSpec};
-use crate::plan::{Input, WebInput, WorkerInput};
+use crate::plan::{Input, Process, TierInput};
 
 /// Who owns the children: captured once, so rendering is stable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,33 +46,32 @@ pub fn validate(tidepool: &Tidepool, default_namespace: &str) -> Result<Validate
     }
     let spec = tidepool.spec.clone();
     let count = |n: i32| u32::try_from(n).unwrap_or(0);
-    let (web_min, web_max) = spec
-        .web
-        .autoscaling
-        .as_ref()
-        .map_or((spec.web.replicas, spec.web.replicas), |a| (a.min_replicas, a.max_replicas));
-    let (worker_min, worker_max) = spec
-        .worker
-        .autoscaling
-        .as_ref()
-        .map_or((spec.worker.replicas, spec.worker.replicas), |a| (a.min_replicas, a.max_replicas));
+    let surge = count(spec.rollout.max_surge);
+    let tier = |replicas: i32, autoscaling: Option<(i32, i32)>, process: Process| {
+        let (min, max) = autoscaling.unwrap_or((replicas, replicas));
+        TierInput {
+            replicas: count(replicas),
+            min_replicas: count(min),
+            max_replicas: count(max),
+            surge,
+            process,
+        }
+    };
     let input = Input {
         max_connections: count(spec.database.max_connections),
         reserved_connections: count(spec.database.reserved_connections),
-        surge: count(spec.rollout.max_surge),
-        web: WebInput {
-            replicas: count(spec.web.replicas),
-            min_replicas: count(web_min),
-            max_replicas: count(web_max),
-            database_pool: count(spec.web.database_pool),
-        },
-        worker: WorkerInput {
-            replicas: count(spec.worker.replicas),
-            min_replicas: count(worker_min),
-            max_replicas: count(worker_max),
-            concurrency: count(spec.worker.concurrency),
-            listen: spec.worker.listen,
-        },
+        tiers: vec![
+            tier(
+                spec.web.replicas,
+                spec.web.autoscaling.as_ref().map(|a| (a.min_replicas, a.max_replicas)),
+                Process::Web { database_pool: count(spec.web.database_pool) },
+            ),
+            tier(
+                spec.worker.replicas,
+                spec.worker.autoscaling.as_ref().map(|a| (a.min_replicas, a.max_replicas)),
+                Process::Worker { concurrency: count(spec.worker.concurrency), listen: spec.worker.listen },
+            ),
+        ],
     };
     Ok(Validated { owner: Owner { name, namespace, uid }, spec, input })
 }

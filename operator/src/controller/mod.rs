@@ -70,7 +70,7 @@ use crate::http::Endpoints;
 use crate::index::{Key, ServerIndex};
 use crate::metrics::Outcome;
 use crate::plan::Plan;
-use crate::render::labels::MANAGED_BY;
+use crate::render::labels;
 
 /// The field manager of every child.
 pub const FIELD_MANAGER: &str = "tidepool-operator";
@@ -280,7 +280,7 @@ fn with_triggers(
     ns: Option<&str>,
     store: &Store<Tidepool>,
 ) -> Controller<Tidepool> {
-    let children = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    let children = watcher::Config::default().labels(&labels::managed_selector());
     let secrets = watcher(api::<PartialObjectMeta<Secret>>(client, ns), watcher::Config::default())
         .default_backoff()
         .touched_objects();
@@ -316,7 +316,7 @@ where
 
 /// The Tidepool a pod of a tier belongs to, by its labels.
 fn owner_of(pod: &PartialObjectMeta<Pod>) -> Option<ObjectRef<Tidepool>> {
-    let instance = pod.labels().get("app.kubernetes.io/instance")?;
+    let instance = pod.labels().get(labels::INSTANCE)?;
     Some(ObjectRef::new(instance).within(pod.namespace().as_deref()?))
 }
 

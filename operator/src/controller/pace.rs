@@ -11,7 +11,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::apply::contains;
 use super::pods::ListedPod;
-use crate::plan::{self, PerTier, Plan, Tier};
+use std::collections::BTreeSet;
+
+use crate::plan::{self, PerTier, Plan};
 use crate::render::{self, labels};
 use crate::validate;
 
@@ -37,32 +39,34 @@ pub struct Paced {
     pub note: Vec<String>,
 }
 
-/// Where the Deployments go next ([`plan::next_step`]), from what they are.
-/// A tier's template "rolls" when the live one lacks what is rendered now.
+/// Where the Deployments go next ([`plan::next_step`]), from what they are
+/// (`live`: each tier's Deployment, where it has one). A tier's template
+/// "rolls" when the live one lacks what is rendered now.
 pub fn pace(
     validated: &validate::Validated,
     plan: &Plan,
-    live: &PerTier<Option<Deployment>>,
+    live: &PerTier<Deployment>,
     pods: &[ListedPod],
 ) -> Paced {
-    let mut live_step = plan::Step::at(plan);
-    let mut rolls = PerTier::<bool>::default();
+    let mut live_step = plan::Step::default();
+    let mut rolls = BTreeSet::new();
     let mut settled = true;
-    for tier in Tier::ALL {
-        let step = live_step.tier_mut(tier);
-        let Some(deployment) = &live[tier] else {
+    for tier in &plan.tiers {
+        let Some(deployment) = live.get(&tier.tier) else {
             // A new Deployment: from nothing, with the new template.
-            step.replicas = 0;
-            rolls[tier] = true;
+            rolls.insert(tier.tier);
             continue;
         };
         let spec = deployment.spec.as_ref();
         let template = spec.map(|s| &s.template);
-        let rendered = render::deployment::deployment(validated, plan, tier).spec.map(|s| s.template);
-        rolls[tier] = match (template.map(serde_json::to_value), rendered.map(|t| serde_json::to_value(&t))) {
+        let rendered = render::deployment::deployment(validated, tier).spec.map(|s| s.template);
+        if match (template.map(serde_json::to_value), rendered.map(|t| serde_json::to_value(&t))) {
             (Some(Ok(live)), Some(Ok(rendered))) => !contains(&live, &rendered),
             _ => true,
-        };
+        } {
+            rolls.insert(tier.tier);
+        }
+        let mut step = plan::TierStep::at(tier);
         step.per_pod = template
             .and_then(|t| t.metadata.as_ref())
             .and_then(|m| m.annotations.as_ref())
@@ -75,26 +79,31 @@ pub fn pace(
         {
             step.surge = u32::try_from(surge).unwrap_or(0);
         }
+        live_step.tiers.insert(tier.tier, step);
         settled &= rolled_out(deployment);
     }
     let other_costs = pods.iter().any(|pod| {
-        !pod.live.finished && pod.tier.is_some_and(|tier| pod.live.cost != plan.tier(tier).per_pod())
+        !pod.live.finished
+            && pod.tier.and_then(|tier| plan.tier(tier)).is_some_and(|tier| pod.live.cost != tier.per_pod())
     });
-    let next = plan::next_step(live_step, plan, |tier| rolls[tier], settled, other_costs);
+    let next = plan::next_step(&live_step, plan, |tier| rolls.contains(&tier), settled, other_costs);
     let mut stepped = plan.clone();
     let mut note = Vec::new();
-    let moves = PerTier::from_fn(|tier| {
-        let (now, to) = (live_step.tier(tier), next.tier(tier));
-        let stepped_tier = stepped.tier_mut(tier);
-        stepped_tier.replicas = to.replicas;
-        stepped_tier.surge = to.surge;
-        if rolls[tier] && to.template == plan::Template::Old {
-            if now.per_pod != plan.tier(tier).per_pod() {
+    let mut moves = PerTier::new();
+    for tier in &mut stepped.tiers {
+        let Some(to) = next.tier(tier.tier).copied() else { continue };
+        let now = live_step
+            .tier(tier.tier)
+            .copied()
+            .unwrap_or(plan::TierStep { replicas: 0, ..plan::TierStep::at(tier) });
+        let cost = tier.per_pod();
+        tier.replicas = to.replicas;
+        tier.surge = to.surge;
+        let step = if rolls.contains(&tier.tier) && to.template == plan::Template::Old {
+            if now.per_pod != cost {
                 note.push(format!(
                     "{} pods change from {} to {} connections each once the other changes have rolled out",
-                    tier,
-                    now.per_pod,
-                    plan.tier(tier).per_pod()
+                    tier.tier, now.per_pod, cost
                 ));
             }
             if to.replicas != now.replicas {
@@ -104,8 +113,9 @@ pub fn pace(
             }
         } else {
             Move::Apply
-        }
-    });
+        };
+        moves.insert(tier.tier, step);
+    }
     Paced { plan: stepped, moves, note }
 }
 
@@ -133,6 +143,7 @@ mod tests {
     use super::*;
     use crate::admission::LivePod;
     use crate::crd::Tidepool;
+    use crate::plan::Tier;
     use crate::validate::{validate, Validated};
     use k8s_openapi::api::apps::v1::DeploymentStatus;
     use serde_json::json;
@@ -155,51 +166,62 @@ mod tests {
         (validated, plan)
     }
 
-    /// Both Deployments as `plan` renders them, rolled out (`settled`) or
-    /// still rolling.
-    fn live(validated: &Validated, plan: &Plan, settled: bool) -> PerTier<Option<Deployment>> {
-        PerTier::from_fn(|tier| {
-            let mut deployment = render::deployment::deployment(validated, plan, tier);
-            let replicas = crate::to_i32(plan.tier(tier).replicas);
-            let ready = if settled { replicas } else { 0 };
-            deployment.status = Some(DeploymentStatus {
-                replicas: Some(replicas),
-                updated_replicas: Some(ready),
-                available_replicas: Some(ready),
-                ready_replicas: Some(ready),
-                ..Default::default()
-            });
-            Some(deployment)
-        })
+    /// Each tier's Deployment as `plan` renders it, rolled out (`settled`)
+    /// or still rolling.
+    fn live(validated: &Validated, plan: &Plan, settled: bool) -> PerTier<Deployment> {
+        plan.tiers
+            .iter()
+            .map(|tier| {
+                let mut deployment = render::deployment::deployment(validated, tier);
+                let replicas = crate::to_i32(tier.replicas);
+                let ready = if settled { replicas } else { 0 };
+                deployment.status = Some(DeploymentStatus {
+                    replicas: Some(replicas),
+                    updated_replicas: Some(ready),
+                    available_replicas: Some(ready),
+                    ready_replicas: Some(ready),
+                    ..Default::default()
+                });
+                (tier.tier, deployment)
+            })
+            .collect()
     }
 
     /// The running pods of `plan`, at its costs.
     fn pods(plan: &Plan) -> Vec<ListedPod> {
-        Tier::ALL
+        plan.tiers
             .iter()
-            .flat_map(|&tier| {
-                (0..plan.tier(tier).replicas).map(move |i| {
+            .flat_map(|tier| {
+                (0..tier.replicas).map(move |i| {
                     ListedPod::of(
                         LivePod {
-                            name: format!("shop-{tier}-{i}"),
+                            name: format!("shop-{}-{i}", tier.tier),
                             created: i64::from(i),
                             gated: false,
                             terminating: false,
                             finished: false,
-                            cost: plan.tier(tier).per_pod(),
+                            cost: tier.per_pod(),
                         },
-                        Some(tier),
+                        Some(tier.tier),
                     )
                 })
             })
             .collect()
     }
 
+    fn moves(web: Move, worker: Move) -> PerTier<Move> {
+        PerTier::from([(Tier::Web, web), (Tier::Worker, worker)])
+    }
+
+    fn cost(plan: &Plan, tier: Tier) -> u32 {
+        plan.tier(tier).map_or(0, |t| t.per_pod())
+    }
+
     #[test]
     fn new_deployments_are_applied_whole() {
         let (validated, plan) = planned(10, 20, 2);
-        let paced = pace(&validated, &plan, &PerTier::default(), &[]);
-        assert_eq!(paced.moves, PerTier { web: Move::Apply, worker: Move::Apply });
+        let paced = pace(&validated, &plan, &PerTier::new(), &[]);
+        assert_eq!(paced.moves, moves(Move::Apply, Move::Apply));
         assert_eq!(paced.plan, plan, "nothing runs yet: no mix to pace");
         assert!(paced.note.is_empty());
     }
@@ -208,7 +230,7 @@ mod tests {
     fn deployments_at_the_plan_are_applied_as_they_are() {
         let (validated, plan) = planned(10, 20, 2);
         let paced = pace(&validated, &plan, &live(&validated, &plan, true), &pods(&plan));
-        assert_eq!(paced.moves, PerTier { web: Move::Apply, worker: Move::Apply });
+        assert_eq!(paced.moves, moves(Move::Apply, Move::Apply));
         assert_eq!(paced.plan, plan);
     }
 
@@ -216,15 +238,18 @@ mod tests {
     fn a_share_that_grows_waits_for_the_one_that_shrinks() {
         let (old_validated, old) = planned(20, 20, 2);
         let (validated, new) = planned(10, 40, 2);
-        assert!(new.web.per_pod() < old.web.per_pod() && new.worker.per_pod() > old.worker.per_pod());
+        assert!(
+            cost(&new, Tier::Web) < cost(&old, Tier::Web)
+                && cost(&new, Tier::Worker) > cost(&old, Tier::Worker)
+        );
         let paced = pace(&validated, &new, &live(&old_validated, &old, true), &pods(&old));
-        assert_eq!(paced.moves, PerTier { web: Move::Apply, worker: Move::Hold });
+        assert_eq!(paced.moves, moves(Move::Apply, Move::Hold));
         assert_eq!(
             paced.note,
             [format!(
                 "worker pods change from {} to {} connections each once the other changes have rolled out",
-                old.worker.per_pod(),
-                new.worker.per_pod()
+                cost(&old, Tier::Worker),
+                cost(&new, Tier::Worker)
             )]
         );
     }
@@ -234,8 +259,8 @@ mod tests {
         let (old_validated, old) = planned(20, 20, 3);
         let (validated, new) = planned(10, 20, 2);
         let paced = pace(&validated, &new, &live(&old_validated, &old, true), &pods(&old));
-        assert_eq!(paced.moves, PerTier { web: Move::Scale(2), worker: Move::Apply });
-        assert_eq!(paced.plan.web.replicas, 2);
+        assert_eq!(paced.moves, moves(Move::Scale(2), Move::Apply));
+        assert_eq!(paced.plan.tier(Tier::Web).map(|t| t.replicas), Some(2));
     }
 
     #[test]
@@ -243,18 +268,16 @@ mod tests {
         let (old_validated, old) = planned(20, 20, 2);
         let (validated, new) = planned(10, 40, 2);
         let paced = pace(&validated, &new, &live(&old_validated, &old, false), &pods(&old));
-        assert_eq!(paced.moves, PerTier { web: Move::Hold, worker: Move::Hold });
+        assert_eq!(paced.moves, moves(Move::Hold, Move::Hold));
         assert_eq!(paced.note.len(), 2, "{:?}", paced.note);
     }
 
     #[test]
     fn a_deployment_has_rolled_out_when_every_pod_is_new_and_available_or_it_gave_up() {
         let (validated, plan) = planned(10, 20, 2);
-        let PerTier { web: Some(done), .. } = live(&validated, &plan, true) else { panic!("rendered") };
+        let done = live(&validated, &plan, true).remove(&Tier::Web).expect("rendered");
         assert!(rolled_out(&done));
-        let PerTier { web: Some(mut rolling), .. } = live(&validated, &plan, false) else {
-            panic!("rendered")
-        };
+        let mut rolling = live(&validated, &plan, false).remove(&Tier::Web).expect("rendered");
         assert!(!rolled_out(&rolling));
         let gave_up =
             json!([{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]);

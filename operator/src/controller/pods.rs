@@ -78,11 +78,7 @@ pub async fn admit(
 fn listed_pod(pod: &Pod) -> ListedPod {
     let gates: Vec<String> =
         pod.spec.iter().flat_map(|s| s.scheduling_gates.iter().flatten()).map(|g| g.name.clone()).collect();
-    let tier = match pod.labels().get("app.kubernetes.io/component").map(String::as_str) {
-        Some("web") => Some(Tier::Web),
-        Some("worker") => Some(Tier::Worker),
-        _ => None,
-    };
+    let tier = pod.labels().get(labels::COMPONENT).and_then(|name| Tier::named(name));
     ListedPod {
         live: LivePod {
             name: pod.name_any(),

@@ -57,7 +57,7 @@ pub async fn web_scaled(
     plan: &Plan,
 ) -> Option<ScaleCause> {
     let from = u32::try_from(previous?.web.as_ref()?.desired_replicas).ok()?;
-    let to = plan.tier(Tier::Web).replicas;
+    let to = plan.tier(Tier::Web)?.replicas;
     if from == to {
         return None;
     }

@@ -37,7 +37,7 @@ use crate::autoscaler;
 use crate::crd::{Tidepool, TidepoolStatus};
 use crate::metrics::{Metrics, Outcome};
 use crate::plan::{self, PerTier, Plan, Tier};
-use crate::render::labels::{self, MANAGED_BY};
+use crate::render::labels;
 use crate::render::{self, Child};
 use crate::status::{self, Applied, Blocked, Migration, ObservedTier, ScaleCause};
 use crate::validate::{self, Validated};
@@ -88,7 +88,12 @@ pub async fn reconcile_once(tidepool: &Tidepool, ctx: &Context) -> Result<Outcom
             let applied = Applied {
                 plan: &ready.plan,
                 observed: children.observed,
-                selectors: PerTier::from_fn(|tier| labels::selector_string(&ready.validated.owner, tier)),
+                selectors: ready
+                    .plan
+                    .tiers
+                    .iter()
+                    .map(|t| (t.tier, labels::selector_string(&ready.validated.owner, t.tier)))
+                    .collect(),
                 live_peak: i32::try_from(admission.live_cost).unwrap_or(i32::MAX),
                 over_commit: scaling.over_commit,
                 migration: children.migration,
@@ -174,16 +179,22 @@ async fn apply_children(ctx: &Context, namespace: &str, ready: &Ready) -> Result
     let (client, metrics) = (&ctx.client, &ctx.endpoints.metrics);
     let owner = &ready.validated.owner;
     let deployments = Api::<Deployment>::namespaced(client.clone(), namespace);
-    let mut live = PerTier::<Option<Deployment>>::default();
-    for tier in Tier::ALL {
-        live[tier] = deployments
+    let mut live = PerTier::new();
+    for tier in ready.plan.tiers.iter().map(|t| t.tier) {
+        let deployment = deployments
             .get_opt(&labels::tier_name(owner, tier))
             .await
             .map_err(|source| Error::ReadChildren { what: "Deployment", source })?;
+        live.extend(deployment.map(|d| (tier, d)));
     }
-    let pods = pods::list(client, namespace, &children_selector(owner.name.as_str())).await?;
+    let pods = pods::list(client, namespace, &labels::children_selector(&owner.name)).await?;
     let paced = pace(&ready.validated, &ready.plan, &live, &pods);
-    let mut observed = PerTier::from_fn(|tier| live[tier].as_ref().map(observe).unwrap_or_default());
+    let mut observed: PerTier<ObservedTier> = ready
+        .plan
+        .tiers
+        .iter()
+        .map(|t| (t.tier, live.get(&t.tier).map(observe).unwrap_or_default()))
+        .collect();
     let mut kept = BTreeSet::new();
     let mut migration = Migration::Done;
     for child in render::children(&ready.validated, &paced.plan) {
@@ -205,10 +216,11 @@ async fn apply_children(ctx: &Context, namespace: &str, ready: &Ready) -> Result
             Child::HorizontalPodAutoscaler(_) => {
                 drop(apply_one::<HorizontalPodAutoscaler>(client, namespace, &name, body, &writes).await?)
             }
-            Child::Deployment(tier, _) => match paced.moves[tier] {
+            // Every tier of the paced plan has its move.
+            Child::Deployment(tier, _) => match paced.moves.get(&tier).copied().unwrap_or(Move::Apply) {
                 Move::Apply => {
                     let deployment = apply_one::<Deployment>(client, namespace, &name, body, &writes).await?;
-                    observed[tier] = observe(&deployment);
+                    observed.insert(tier, observe(&deployment));
                 }
                 Move::Scale(replicas) => scale(client, namespace, &name, replicas, &writes).await?,
                 Move::Hold => {}
@@ -216,11 +228,6 @@ async fn apply_children(ctx: &Context, namespace: &str, ready: &Ready) -> Result
         }
     }
     Ok(AppliedChildren { observed, kept, pods, migration, pacing: paced.note })
-}
-
-/// The label selector of every child and pod of the Tidepool `name`.
-fn children_selector(name: &str) -> String {
-    format!("app.kubernetes.io/instance={name},app.kubernetes.io/managed-by={MANAGED_BY}")
 }
 
 /// Step 3: deletes the children of kind `K` the Tidepool owns and did not
@@ -238,7 +245,7 @@ where
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
 {
-    let selector = children_selector(&tidepool.name_any());
+    let selector = labels::children_selector(&tidepool.name_any());
     let uid = tidepool.uid().unwrap_or_default();
     delete_orphans::<K>(&ctx.client, namespace, &selector, &uid, kept, &ctx.endpoints.metrics).await
 }
@@ -246,7 +253,7 @@ where
 /// What step 5 found.
 struct Scaling {
     over_commit: Option<String>,
-    causes: PerTier<Option<ScaleCause>>,
+    causes: PerTier<ScaleCause>,
     autoscaling: Option<status::AutoscalingHealth>,
 }
 
@@ -263,7 +270,7 @@ async fn observe_scaling(
     let over_commit = ctx.shared_server(&(namespace.to_owned(), tidepool.name_any()), &ready.server, plan);
     let settings = autoscaler::settings(tidepool, plan);
     let report = ctx.autoscalers.ensure(tidepool, settings.clone());
-    let workers = plan.tier(Tier::Worker).replicas;
+    let workers = plan.tier(Tier::Worker).map_or(0, |t| t.replicas);
     let autoscaling = settings
         .zip(report.as_ref())
         .map(|(settings, report)| scaling::scaler_health(&settings, report, workers));
@@ -272,7 +279,9 @@ async fn observe_scaling(
         .filter(|change| change.to == workers)
         .map(|change| ScaleCause { reason: change.because.reason.into(), message: change.because.message });
     let web = scaling::web_scaled(ctx, tidepool, previous, plan).await;
-    Scaling { over_commit, causes: PerTier { web, worker }, autoscaling }
+    let causes = [(Tier::Web, web), (Tier::Worker, worker)];
+    let causes = causes.into_iter().filter_map(|(tier, cause)| Some((tier, cause?))).collect();
+    Scaling { over_commit, causes, autoscaling }
 }
 
 /// Step 6: the status, when it says something new, after an Event for

@@ -48,7 +48,7 @@ use tidepool_contract::{HEALTH_PATH, READY_PATH, STATS_PASSWORD_FILE};
 
 use super::labels::{self, DIRECT_ANNOTATION, SHARE_ANNOTATION};
 use crate::admission::GATE;
-use crate::plan::{Plan, Tier, TierPlan};
+use crate::plan::{Tier, TierPlan};
 use crate::to_i32;
 use crate::validate::Validated;
 
@@ -78,9 +78,9 @@ const POOLER_DIR: &str = "/etc/pgbouncer";
 const APP_STATS_PASSWORD: &str = "/etc/tidepool/pgbouncer-stats.password";
 
 /// A tier's Deployment.
-pub fn deployment(validated: &Validated, plan: &Plan, tier: Tier) -> Deployment {
+pub fn deployment(validated: &Validated, tier_plan: &TierPlan) -> Deployment {
     let owner = &validated.owner;
-    let tier_plan = plan.tier(tier);
+    let tier = tier_plan.tier;
     let mut annotations =
         BTreeMap::from([(SHARE_ANNOTATION.to_owned(), tier_plan.pooler.max_db_connections.to_string())]);
     if tier_plan.listen > 0 {

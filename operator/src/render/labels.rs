@@ -10,6 +10,11 @@ use crate::validate::Owner;
 /// `app.kubernetes.io/managed-by` of every child: how the operator finds
 /// what it made.
 pub const MANAGED_BY: &str = "tidepool-operator";
+/// The label with the Tidepool a child or pod belongs to.
+pub const INSTANCE: &str = "app.kubernetes.io/instance";
+/// The label with a child's or pod's tier (its [`Tier::name`]), or `migrate`.
+pub const COMPONENT: &str = "app.kubernetes.io/component";
+const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// The pod annotation with the pod's share of server connections, from the
 /// same plan field as its PgBouncer's `max_db_connections`.
 pub const SHARE_ANNOTATION: &str = "tidepool.dev/max-db-connections";
@@ -38,14 +43,25 @@ pub fn selector(owner: &Owner, tier: Tier) -> BTreeMap<String, String> {
 pub fn component_selector(owner: &Owner, component: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_owned(), "tidepool".to_owned()),
-        ("app.kubernetes.io/instance".to_owned(), owner.name.clone()),
-        ("app.kubernetes.io/component".to_owned(), component.to_owned()),
+        (INSTANCE.to_owned(), owner.name.clone()),
+        (COMPONENT.to_owned(), component.to_owned()),
     ])
 }
 
 /// The selector as the string the scale subresource and `kubectl -l` take.
 pub fn selector_string(owner: &Owner, tier: Tier) -> String {
     selector(owner, tier).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+/// The selector of every child and pod the operator made for the Tidepool
+/// `name`.
+pub fn children_selector(name: &str) -> String {
+    format!("{INSTANCE}={name},{}", managed_selector())
+}
+
+/// The selector of everything the operator made.
+pub fn managed_selector() -> String {
+    format!("{MANAGED_BY_LABEL}={MANAGED_BY}")
 }
 
 /// Every label of a tier's objects: the selector's and the managed-by.
@@ -56,7 +72,7 @@ pub fn labels(owner: &Owner, tier: Tier) -> BTreeMap<String, String> {
 /// Every label of one component's objects.
 pub fn component_labels(owner: &Owner, component: &str) -> BTreeMap<String, String> {
     let mut labels = component_selector(owner, component);
-    labels.insert("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned());
+    labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned());
     labels.insert("app.kubernetes.io/part-of".to_owned(), owner.name.clone());
     labels
 }

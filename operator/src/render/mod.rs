@@ -75,24 +75,25 @@ impl Child {
     }
 }
 
-/// Every child of a Tidepool, in apply order.
+/// Every child of a Tidepool, in apply order: the migration Job, each
+/// tier's Service (web) and disruption budget, the Deployments, the HPA.
+/// A tier that may have no pods at all has none of its children.
 pub fn children(validated: &Validated, plan: &Plan) -> Vec<Child> {
     let owner = &validated.owner;
-    let has_pods = |tier: Tier| plan.tier(tier).max_replicas > 0;
+    let with_pods = || plan.tiers.iter().filter(|t| t.max_replicas > 0);
     let mut children = vec![Child::Job(Box::new(migration::job(validated)))];
-    if has_pods(Tier::Web) {
-        children.push(Child::Service(service::web_service(owner)));
-        children.push(Child::PodDisruptionBudget(pdb::pdb(owner, Tier::Web)));
-    }
-    if has_pods(Tier::Worker) {
-        children.push(Child::PodDisruptionBudget(pdb::pdb(owner, Tier::Worker)));
-    }
-    for tier in Tier::ALL {
-        if has_pods(tier) {
-            children.push(Child::Deployment(tier, Box::new(deployment::deployment(validated, plan, tier))));
+    for tier in with_pods() {
+        if tier.tier == Tier::Web {
+            children.push(Child::Service(service::web_service(owner)));
         }
+        children.push(Child::PodDisruptionBudget(pdb::pdb(owner, tier.tier)));
     }
-    if let (true, Some(autoscaling)) = (has_pods(Tier::Web), &validated.spec.web.autoscaling) {
+    for tier in with_pods() {
+        children.push(Child::Deployment(tier.tier, Box::new(deployment::deployment(validated, tier))));
+    }
+    if let (true, Some(autoscaling)) =
+        (with_pods().any(|t| t.tier == Tier::Web), &validated.spec.web.autoscaling)
+    {
         children.push(Child::HorizontalPodAutoscaler(hpa::web_hpa(owner, autoscaling)));
     }
     children
@@ -146,9 +147,8 @@ mod tests {
         let spec = serde_json::json!({"database": {"secretRef": {"name": "db"}, "maxConnections": 300, "reservedConnections": 10},
             "worker": {"listen": true}});
         let (plan, children) = render(spec);
-        for tier in Tier::ALL {
-            let pod = pod(&children, tier);
-            let plan = plan.tier(tier);
+        for plan in &plan.tiers {
+            let pod = pod(&children, plan.tier);
             let init = pod.init_containers.as_ref().expect("init containers");
             assert_eq!(
                 init.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
