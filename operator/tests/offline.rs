@@ -64,6 +64,20 @@ fn examples_plan_and_render_as_their_golden_files() {
 }
 
 #[test]
+fn the_readme_quotes_the_plan_command_as_it_prints() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");
+    let command = "$ tidepool-operator plan -f manifests/examples/production.yaml";
+    let quoted = readme.split_once(&format!("{command}\n")).expect("the README quotes the command").1;
+    let quoted = quoted.split_once("```").expect("the quote ends its block").0;
+    let (ok, printed, stderr) = operator(&["plan", "-f", "manifests/examples/production.yaml"]);
+    assert!(ok, "{stderr}");
+    // The README quotes the table, not the notes under it.
+    let table: String =
+        printed.split_inclusive('\n').take_while(|line| !line.starts_with("pods =")).collect();
+    assert_eq!(quoted.trim_end(), table.trim_end(), "README.md quotes another plan than the command prints");
+}
+
+#[test]
 fn the_local_stack_is_sized_by_the_same_plan() {
     let (ok, env, stderr) = operator(&["plan", "-f", "scripts/local-tidepool.yaml", "-o", "env"]);
     assert!(ok, "{stderr}");
