@@ -11,15 +11,15 @@
 //! for itself. A rename on one side is a compile error on the other, not a
 //! pod that starts with a default.
 //!
-//! The worker's probes and the operator's endpoints are served by the one
-//! small bounded server in [`probes`].
+//! Every Tidepool process serves HTTP with the one bounded server in
+//! [`server`]: the web tier, the worker's probes, the operator's endpoints.
 //!
 //! No dependency on Kubernetes or PostgreSQL: plain names, one parser, one
-//! probe server.
+//! server.
 
 pub mod env;
-pub mod probes;
 pub mod secret;
+pub mod server;
 
 /// Connections a worker keeps for the queue's own statements (claims,
 /// heartbeats, completions, maintenance), beside its task pool: part of a

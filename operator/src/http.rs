@@ -1,7 +1,7 @@
 //! The operator's HTTP endpoints: `/metrics`, `/healthz` (the process
 //! serves) and `/readyz` (a follower waiting for the Lease is ready; a
 //! leader once its controller has its first view of the Tidepools), on
-//! the pod contract's bounded probe server ([`tidepool_contract::probes`]).
+//! the pod contract's bounded probe server ([`tidepool_contract::server`]).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,8 +12,8 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-pub use tidepool_contract::probes::bind;
-use tidepool_contract::probes::{self, Limits};
+pub use tidepool_contract::server::bind;
+use tidepool_contract::server::{self, Limits};
 use tidepool_contract::{HEALTH_PATH, METRICS_PATH, READY_PATH};
 use tokio::net::TcpListener;
 
@@ -61,5 +61,5 @@ async fn handle(
 /// Serves until the task is dropped or aborted.
 pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>) {
     let handler = move |request| handle(endpoints.clone(), request);
-    probes::serve(listener, LIMITS, handler, std::future::pending()).await;
+    server::serve(listener, LIMITS, handler, std::future::pending()).await;
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::Serialize;
-use tidepool_contract::probes::{self, Limits};
+use tidepool_contract::server::{self, Limits};
 use tidepool_contract::{HEALTH_PATH, METRICS_PATH, READY_PATH};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
@@ -159,7 +159,7 @@ struct ProbeState {
 
 async fn serve_probes(listener: TcpListener, state: Arc<ProbeState>, mut stop: watch::Receiver<bool>) {
     let handler = move |request| probe(state.clone(), request);
-    probes::serve(listener, PROBE_LIMITS, handler, async move {
+    server::serve(listener, PROBE_LIMITS, handler, async move {
         let _ = stop.changed().await;
     })
     .await;

@@ -6,6 +6,7 @@
 //! future, not a blocked thread. The application writes ordinary axum
 //! handlers; what Tidepool adds around its router, for every request:
 //! - open connections are bounded (`--max-connections`): the accept loop
+//!   (the one every Tidepool server shares, [`tidepool_contract::server`])
 //!   waits for a free slot, leaving new connections in the kernel's backlog;
 //! - the body is read before routing, within a size and a time limit
 //!   (413, 408); a refused body is drained for a bounded time before the
@@ -49,12 +50,10 @@ pub mod tasks;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::FromRequestParts;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -69,13 +68,10 @@ use linger::{Linger, LingeringStream, UnreadBody};
 pub use response::{ApiError, Body};
 pub use routing::RESERVED_PATHS;
 pub use tasks::tasks_api;
+use tidepool_contract::server::{accept, Limits};
 
 /// Largest request head (request line and headers) accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// Pause after a failed `accept` (e.g. out of file descriptors), so the loop
-/// does not spin while the condition lasts.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
-
 /// How a graceful shutdown ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shutdown {
@@ -169,15 +165,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Shutdown {
     let settings = &server.settings;
-    let connection_slots = Arc::new(Semaphore::new(settings.max_connections as usize));
     let linger =
         Linger { timeout: settings.lingering_close_timeout, max_bytes: settings.lingering_close_max_bytes };
     let graceful = GracefulShutdown::new();
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(MAX_HEAD_BYTES)
-        .keep_alive(true);
+    let limits = Limits {
+        connections: settings.max_connections as usize,
+        header_read_timeout: settings.header_read_timeout,
+    };
+    let mut http = tidepool_contract::server::http1(&limits);
+    http.max_buf_size(MAX_HEAD_BYTES).keep_alive(true);
 
     let stop_accepting = async {
         shutdown.await;
@@ -188,26 +184,8 @@ pub async fn serve(
         );
         tokio::time::sleep(settings.drain_delay).await;
     };
-    tokio::pin!(stop_accepting);
 
-    loop {
-        let next = async {
-            let slot = connection_slots.clone().acquire_owned().await;
-            (slot, listener.accept().await)
-        };
-        let (slot, accepted) = tokio::select! {
-            biased;
-            () = &mut stop_accepting => break,
-            next = next => next,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-                continue;
-            }
-        };
+    accept(&listener, limits.connections, stop_accepting, |stream, peer| {
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, %peer, "could not set TCP_NODELAY");
         }
@@ -217,13 +195,13 @@ pub async fn serve(
         let service =
             service_fn(move |request| request::handle(server.clone(), unread_body.clone(), request));
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
+        async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
-            drop(slot);
-        });
-    }
+        }
+    })
+    .await;
 
     drop(listener);
     tracing::info!(

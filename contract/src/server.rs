@@ -1,11 +1,19 @@
-//! A small HTTP/1 server for probes and metrics, bounded: at most
-//! [`Limits::connections`] connections at once (the next waits in the
-//! listen backlog), each with [`Limits::header_read_timeout`] to send its
-//! headers. The worker serves [`HEALTH_PATH`](crate::HEALTH_PATH),
-//! [`READY_PATH`](crate::READY_PATH) and
-//! [`METRICS_PATH`](crate::METRICS_PATH) with it, the operator its own
-//! endpoints; the web tier has a server of its own with the request limits
-//! an application needs.
+//! The bounded HTTP/1 server every Tidepool process serves with: the web
+//! tier's application server, the worker's probes and metrics
+//! ([`HEALTH_PATH`](crate::HEALTH_PATH), [`READY_PATH`](crate::READY_PATH),
+//! [`METRICS_PATH`](crate::METRICS_PATH)) and the operator's endpoints.
+//!
+//! - [`accept`] is the accept loop: at most a given number of connections
+//!   at once (the next waits in the kernel's listen backlog, not in
+//!   memory), each served on a task of its own that holds its slot until it
+//!   ends; a failed accept (out of file descriptors, say) is logged and
+//!   retried after [`ACCEPT_ERROR_BACKOFF`]; it returns when `stop`
+//!   resolves, leaving the accepted connections to finish.
+//! - [`http1()`] is hyper's connection settings from the [`Limits`]: a client
+//!   gets [`Limits::header_read_timeout`] to send a request's headers.
+//! - [`serve`] joins the two for a plain handler: what the probe servers
+//!   need. The web tier calls [`accept`] and [`http1()`] itself, to add its
+//!   own request limits, lingering close and graceful drain around them.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,10 +26,14 @@ use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-/// How much a probe server takes at once.
+/// The pause after a failed `accept`, so the loop does not spin while the
+/// process is out of file descriptors.
+pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How much a server takes at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Connections served at once.
@@ -37,9 +49,58 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
+/// hyper's HTTP/1 connection settings for `limits`.
+pub fn http1(limits: &Limits) -> http1::Builder {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    http
+}
+
+/// Accepts connections on `listener`, at most `connections` at once, until
+/// `stop` resolves (checked first). Each accepted stream and its peer go to
+/// `connect`, whose future serves it on a task of its own and holds the
+/// connection's slot until it ends.
+pub async fn accept<C, F>(
+    listener: &TcpListener,
+    connections: usize,
+    stop: impl Future<Output = ()>,
+    mut connect: C,
+) where
+    C: FnMut(TcpStream, SocketAddr) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(connections));
+    tokio::pin!(stop);
+    loop {
+        let next = async {
+            let slot = slots.clone().acquire_owned().await;
+            (slot, listener.accept().await)
+        };
+        let (slot, accepted) = tokio::select! {
+            biased;
+            () = &mut stop => return,
+            next = next => next,
+        };
+        // The semaphore is never closed: an error here cannot happen.
+        let Ok(slot) = slot else { return };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        let connection = connect(stream, peer);
+        tokio::spawn(async move {
+            connection.await;
+            drop(slot);
+        });
+    }
+}
+
 /// Serves `handler` on `listener` within `limits` until `stop` resolves
-/// (connections already accepted finish on their own tasks). A failed
-/// accept (say, out of file descriptors) is retried after 100 ms.
+/// (connections already accepted finish on their own tasks).
 pub async fn serve<H, F, B>(listener: TcpListener, limits: Limits, handler: H, stop: impl Future<Output = ()>)
 where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -48,31 +109,14 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let slots = Arc::new(Semaphore::new(limits.connections));
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
-    tokio::pin!(stop);
-    loop {
-        let next = async {
-            let slot = slots.clone().acquire_owned().await;
-            (slot, listener.accept().await)
-        };
-        let (slot, accepted) = tokio::select! {
-            () = &mut stop => return,
-            next = next => next,
-        };
-        let Ok(slot) = slot else { return };
-        let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let handler = handler.clone();
-        let connection = http.serve_connection(TokioIo::new(stream), service_fn(handler));
-        tokio::spawn(async move {
+    let http = http1(&limits);
+    accept(&listener, limits.connections, stop, |stream, _| {
+        let connection = http.serve_connection(TokioIo::new(stream), service_fn(handler.clone()));
+        async move {
             let _ = connection.await;
-            drop(slot);
-        });
-    }
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]
