@@ -30,8 +30,6 @@ cd "$REPO_ROOT"
 # The most a backlog may take to drain after a run before the run fails.
 : "${BENCH_SHOP_DRAIN_LIMIT:=300}"
 OUT=$REPO_ROOT/docs/benchmarks.md
-MARKER="<!-- shop benchmark: scripts/bench-shop.sh -->"
-END_MARKER="<!-- end of the shop benchmark -->"
 WORK=$(mktemp -d)
 for tool in wrk pgbench; do command -v "$tool" >/dev/null || die "$tool is not installed (run: scripts/install-deps.sh bench)"; done
 [ -x "$TIDEPOOL_SHOP_BIN" ] || die "tidepool-shop is not built (run: make build)"
@@ -141,63 +139,6 @@ for round in $(seq 1 "$BENCH_SHOP_ROUNDS"); do
   say "round $round/$BENCH_SHOP_ROUNDS: write $(tail -n 1 "$WORK/write"), enqueue $(tail -n 1 "$WORK/enqueue"), shop $(tail -n 1 "$WORK/shop"), receipts $(tail -n 1 "$WORK/receipts"); pgbench $(tail -n 1 "$WORK/pgbench-write") / $(tail -n 1 "$WORK/pgbench-enqueue") / $(tail -n 1 "$WORK/pgbench-quiet") tps"
 done
 
-python3 - "$WORK" "$(git rev-parse --short HEAD)" "$BENCH_SHOP_ROUNDS" "$BENCH_SHOP_SECONDS" "$(date -u +"%Y-%m-%d %H:%M UTC")" "$WORK/section.md" <<'PY'
-import statistics, sys
-work, commit, rounds, seconds, date, out = sys.argv[1:]
-rows = lambda name: [list(map(float, l.split())) for l in open(f"{work}/{name}")]
-col = lambda rs, i: [r[i] for r in rs]
-med = statistics.median
-write, enqueue, shop, receipts = rows("write"), rows("enqueue"), rows("shop"), rows("receipts")
-pg = {k: [float(l) for l in open(f"{work}/pgbench-{k}")] for k in ("write", "enqueue", "quiet")}
-pg_paired = lambda a, b: med([100 * x / y for x, y in zip(pg[a], pg[b])])
-def spread(v):
-    return "%.0f to %.0f" % (min(v), max(v))
-paired = lambda a, b: [100 * (x / y - 1) for x, y in zip(col(a, 0), col(b, 0))]
-p_enqueue, p_shop = paired(enqueue, write), paired(shop, write)
-row = lambda name, rs: "| %s | %.0f | %s | %.2f ms | %.2f ms |" % (name, med(col(rs, 0)), spread(col(rs, 0)), med(col(rs, 1)), med(col(rs, 2)))
-lines = [
-    "<!-- shop benchmark: scripts/bench-shop.sh -->",
-    "## 16. The shop: `POST /orders` with its receipt job",
-    "",
-    f"Written by `make bench-shop` (scripts/bench-shop.sh) on {date}, commit {commit}, same machine.",
-    "`POST /orders` of the example application (examples/shop: a three-line order, JSON) with",
-    f"`wrk -t2 -c64 -d{seconds}s --latency` on the local stack as the local plan sizes it (release",
-    "builds; PgBouncer in transaction mode; `web` with a pool of 20, `worker` of concurrency 50), three",
-    f"variants in each of {rounds} rounds (the order rotates every round), each on empty tables after a",
-    "2 s warm-up:",
-    "",
-    "- *write*: the same handler with `orders::write` in place of `orders::place`: the order's `INSERT`",
-    "  and the answer's `SELECT`, no job (examples/shop/examples/without_receipts.rs); the worker idle;",
-    "- *write + enqueue*: the shop as it is, the order, its `send_receipt` job and the order's",
-    "  `receipt_job` in one transaction, and the job's state looked up for the answer; the worker",
-    "  stopped, so this is the request's own cost;",
-    "- *the shop*: the same with the worker sending the receipts meanwhile, on the same two cores.",
-    "",
-    "| variant | requests/s (median) | runs: min to max | p50 | p99 |",
-    "|---|---|---|---|---|",
-    row("write", write),
-    row("write + enqueue, worker stopped", enqueue),
-    row("the shop, worker running", shop),
-    "",
-    "- The transactional enqueue: **%.1f %%** of the write-alone requests per second (paired by round:" % (100 * med(col(enqueue, 0)) / med(col(write, 0))),
-    "  %+.1f %% to %+.1f %%, median %+.1f %%); p99 %.2f ms against %.2f ms." % (min(p_enqueue), max(p_enqueue), med(p_enqueue), med(col(enqueue, 2)), med(col(write, 2))),
-    "- With the worker sending receipts beside it: **%.1f %%** of the write-alone requests per second" % (100 * med(col(shop, 0)) / med(col(write, 0))),
-    "  (paired: %+.1f %% to %+.1f %%, median %+.1f %%); p99 %.2f ms." % (min(p_shop), max(p_shop), med(p_shop), med(col(shop, 2))),
-    "- The same statements from pgbench (`-M extended -c 20 -j 2 -T %s` through the same PgBouncer, in" % seconds,
-    "  the same rounds): the write alone %.0f transactions/s, with the job %.0f (%.0f %%, paired), with" % (med(pg["write"]), med(pg["enqueue"]), pg_paired("enqueue", "write")),
-    "  the job but the queue's `NOTIFY` trigger disabled %.0f (%.0f %%): the enqueue's cost is the" % (med(pg["quiet"]), pg_paired("quiet", "write")),
-    "  database's, and the trigger's `NOTIFY` alone takes %.0f %% of the enqueuing throughput" % (100 - pg_paired("enqueue", "quiet")),
-    "  (PostgreSQL serializes the commits of notifying transactions on one lock).",
-    "- Orders to receipts (the shop, from each order's `created_at` and its `receipt_sent_at`, both the",
-    "  start of their transactions; %.0f orders per run, median): the last order had its receipt" % med(col(receipts, 4)),
-    "  **%.2f s** after it was placed (runs: %.2f to %.2f s), the last receipt of the run came %.2f s" % (med(col(receipts, 0)), min(col(receipts, 0)), max(col(receipts, 0)), med(col(receipts, 1))),
-    "  after the last order; an order waited %.2f s for its receipt at the median and %.2f s at p99." % (med(col(receipts, 2)), med(col(receipts, 3))),
-    "",
-    "<!-- end of the shop benchmark -->",
-    "",
-    "",
-]
-open(out, "w").write("\n".join(lines))
-PY
-replace_report_section "$OUT" "$MARKER" "$END_MARKER" "$WORK/section.md"
+bench_report shop --work "$WORK" --report "$OUT" --date "$(date -u +"%Y-%m-%d %H:%M UTC")" \
+  --commit "$(git rev-parse --short HEAD)" --rounds "$BENCH_SHOP_ROUNDS" --seconds "$BENCH_SHOP_SECONDS"
 say "16. written to docs/benchmarks.md"

@@ -21,6 +21,8 @@ if [ -z "${TIDEPOOL_OPERATOR_BIN:-}" ]; then
 fi
 : "${TIDEPOOL_LOADGEN_BIN:=$CARGO_TARGET_DIR/release/tidepool-loadgen}"
 : "${TIDEPOOL_SHOP_BIN:=$CARGO_TARGET_DIR/release/tidepool-shop}"
+# The benchmarks' figures and report sections (tools/bench-report).
+: "${TIDEPOOL_BENCH_REPORT_BIN:=$CARGO_TARGET_DIR/release/tidepool-bench-report}"
 export CARGO_TARGET_DIR
 
 # The test cluster's real node (scripts/kube-node.sh): its network
@@ -209,44 +211,30 @@ id_range() { sort -n "$1" | sed -n "${2:-1},\$p" | sed -n '1p;$p' | paste -sd ' 
 # How many jobs with ids in range $1 (from id_range) have a kept result.
 kept_results() { psql_super -d "$APP_DB" -At -c "SELECT count(*) FROM tidepool_job_results WHERE id BETWEEN $1"; }
 
-# Small figures for the benchmark reports: python3 one-liners, the median
-# of the arguments, and the arguments as a list, each with DECIMALS (2)
-# decimals; with DECIMALS=0, whole numbers with thousands separators.
+# The benchmarks' figures and report sections: tools/bench-report, whose
+# commands parse the tools' output, take medians and write the Markdown.
+bench_report() {
+  [ -x "$TIDEPOOL_BENCH_REPORT_BIN" ] || die "$TIDEPOOL_BENCH_REPORT_BIN is not built (run: make build)"
+  "$TIDEPOOL_BENCH_REPORT_BIN" "$@"
+}
+# Arithmetic on a report's figures, in a python3 one-liner.
 py() { python3 -c "$@"; }
 
 # The requests per second, p50 and p99 (ms) of a `wrk --latency` report $1,
 # as "rps p50_ms p99_ms".
-wrk_summary() {
-  py 'import re,sys
-text = open(sys.argv[1]).read()
-unit = {"us": 0.001, "ms": 1, "s": 1000}
-def pct(p):
-    v, u = re.search(r"\s%s%%\s+([\d.]+)(us|ms|s)" % p, text).groups()
-    return float(v) * unit[u]
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-print("%.1f %.3f %.3f" % (rps, pct(50), pct(99)))' "$1"
-}
-median() { py 'import os,statistics,sys; print("{:,.{}f}".format(statistics.median(float(x) for x in sys.argv[1:]), int(os.environ.get("DECIMALS", "2"))).replace(",", "" if os.environ.get("DECIMALS", "2") != "0" else ","))' "$@"; }
-runs() { py 'import os,sys; d=os.environ.get("DECIMALS", "2"); print(", ".join("{:,.{}f}".format(float(x), int(d)).replace(",", "" if d != "0" else ",") for x in sys.argv[1:]))' "$@"; }
+wrk_summary() { bench_report wrk "$1"; }
+# The median of the arguments, and the arguments as a list, each with
+# DECIMALS (2) decimals; with DECIMALS=0, whole numbers with thousands
+# separators.
+figure_format() { if [ "${DECIMALS:-2}" = 0 ]; then echo "--decimals 0 --thousands"; else echo "--decimals ${DECIMALS:-2}"; fi; }
+# shellcheck disable=SC2046 # the format is two or three words
+median() { bench_report median $(figure_format) -- "$@"; }
+# shellcheck disable=SC2046
+runs() { bench_report runs $(figure_format) -- "$@"; }
 # Puts the report section in file $4, which starts with marker $2 and ends
 # with marker $3, into report $1: in place of the section between those
 # markers, or at the end when there is none.
-replace_report_section() {
-  py 'import sys
-path, start_marker, end_marker, section = sys.argv[1:]
-try:
-    text = open(path).read()
-except FileNotFoundError:
-    text = "# Benchmarks\n"
-start = text.find(start_marker)
-if start < 0:
-    text = text.rstrip("\n") + "\n\n" + open(section).read()
-else:
-    stop = text.find(end_marker, start)
-    tail = text[stop + len(end_marker):] if stop >= 0 else ""
-    text = text[:start] + open(section).read() + tail.lstrip("\n")
-open(path, "w").write(text)' "$@"
-}
+replace_report_section() { bench_report splice --report "$1" --start "$2" --end "$3" "$4"; }
 
 # "met" or "missed" for a Python condition.
 verdict() { py "print('met' if $1 else 'missed')"; }
@@ -254,4 +242,4 @@ verdict() { py "print('met' if $1 else 'missed')"; }
 # Figures from the output of ab ($1) and from tidepool-loadgen's JSON report.
 ab_total_seconds() { awk '/^Time taken for tests:/ {print $5}' "$1"; }
 ab_failed_requests() { awk '/^Failed requests:/ {print $3}' "$1"; }
-json_field() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
+json_field() { bench_report json "$1" "$2"; }
