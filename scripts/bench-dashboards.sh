@@ -24,7 +24,6 @@ OUT=$REPO_ROOT/docs/benchmarks.md
 IMG=$REPO_ROOT/docs/img/dashboard-tidepool.png
 MARKER='<!-- dashboard pictures: scripts/bench-dashboards.sh -->'
 END_MARKER='<!-- end of dashboard pictures -->'
-json_of() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
 [ -x "$TIDEPOOL_BIN" ] && [ -x "$TIDEPOOL_LOADGEN_BIN" ] || die "the release binaries are not built (run: make build)"
 command -v prometheus >/dev/null || die "prometheus is not installed (run: make deps)"
 # Debian's Python, with Debian's matplotlib (not whatever python3 is first
@@ -65,14 +64,12 @@ prometheus --config.file="$WORK/prometheus.yml" --storage.tsdb.path="$WORK/prome
 prometheus_pid=$!
 wait_until "curl -fsS http://127.0.0.1:$PROMETHEUS_PORT/-/ready" 30 "Prometheus (see $WORK/prometheus.log)"
 targets_up() {
-  [ "$(curl -fsS "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/targets" | python3 -c \
-    'import json,sys; print(sum(t["health"] == "up" for t in json.load(sys.stdin)["data"]["activeTargets"]))')" = 2 ]
+  [ "$(curl -fsS "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/targets" | bench_report prometheus-targets-up)" = 2 ]
 }
 wait_until targets_up 30 "Prometheus to scrape web and worker"
 # The value of the instant query $1 (empty when it has no series).
 prom_value() {
-  curl -fsS --get --data-urlencode "query=$1" "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/query" | python3 -c \
-    'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else "")'
+  curl -fsS --get --data-urlencode "query=$1" "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/query" | bench_report prometheus-value
 }
 # Whether Prometheus has scraped web and worker at or after the time $1.
 scraped_since() { [ "$(prom_value "min(timestamp(up{job=\"tidepool-local\"})) >= $1")" != "" ]; }
@@ -138,10 +135,10 @@ the replicas) have no data without Kubernetes; the e2e test
 included, on the real node.
 
 The run, $(( end - start )) s: 4 clients on \`/row/\` throughout; the seed's
-experiments (10 × \`/slow-query/\` at once: $(json_of "$WORK/seed-burst.json" total_seconds | cut -c1-4) s; then 100 \`slow_query\` (5 s) jobs
+experiments (10 × \`/slow-query/\` at once: $(json_field "$WORK/seed-burst.json" total_seconds | cut -c1-4) s; then 100 \`slow_query\` (5 s) jobs
 posted to \`/tasks/\` for one worker of concurrency 50: queue depth and oldest
 age rise while 50 run); an overload burst of 300 × \`/slow-query/?seconds=2\`
-($(json_of "$WORK/overload.json" succeeded) answered 200; $in_flight_shed requests shed for the concurrency and $pool_shed for the pool wait
+($(json_field "$WORK/overload.json" succeeded) answered 200; $in_flight_shed requests shed for the concurrency and $pool_shed for the pool wait
 over the run, the steady clients' included); then 4 jobs whose queries
 were terminated: 2 with one attempt (dead), 2 with three (retried, then run
 again to the end).

@@ -19,7 +19,6 @@ cd "$REPO_ROOT"
 
 : "${BENCH_APPLIES:=10}"
 OUT=$REPO_ROOT/docs/benchmarks.md
-MARKER='<!-- node benchmarks: scripts/bench-node.sh -->'
 WORK=$(mktemp -d)
 # PostgreSQL runs as $TIDEPOOL_RUN_AS, which must reach its folder.
 chmod 755 "$WORK"
@@ -81,7 +80,6 @@ wait_until crd_established 60 "the Tidepool CRD to be established"
 TIDEPOOL_OPERATOR_LOG=warn TIDEPOOL_OPERATOR_LISTEN=127.0.0.1:0 \
   "$TIDEPOOL_OPERATOR_BIN" run --no-leader-election > "$WORK/operator.log" 2>&1 &
 OPERATOR=$!
-applies=() job_phase=() pods_phase=()
 for i in $(seq 1 "$BENCH_APPLIES"); do
   ns=bench-$i
   kubectl_ create namespace "$ns" > /dev/null
@@ -103,76 +101,17 @@ spec:
 YAML
   kubectl_ -n "$ns" wait --for=condition=Ready tidepool/shop --timeout=180s > /dev/null \
     || die "Tidepool $ns/shop was not Ready within 180 s (operator log: $WORK/operator.log)"
-  applies+=("$(since "$started")")
+  apply_s=$(since "$started")
   # Where the time went, from the objects' own timestamps (whole seconds):
   # the migration Job from its creation to its completion, then the app
   # pods from their creation to Ready.
-  read -r job_s pods_s < <(kubectl_ -n "$ns" get jobs,pods -o json | python3 -c '
-import json, sys
-from datetime import datetime
-t = lambda s: datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").timestamp()
-items = json.load(sys.stdin)["items"]
-job = next(i for i in items if i["kind"] == "Job")
-pods = [i for i in items if i["kind"] == "Pod" and i["metadata"]["labels"].get("app.kubernetes.io/component") in ("web", "worker")]
-ready = [t(c["lastTransitionTime"]) for p in pods for c in p["status"]["conditions"] if c["type"] == "Ready"]
-print(int(t(job["status"]["completionTime"]) - t(job["metadata"]["creationTimestamp"])),
-      int(max(ready) - min(t(p["metadata"]["creationTimestamp"]) for p in pods)))')
-  job_phase+=("$job_s")
-  pods_phase+=("$pods_s")
+  read -r job_s pods_s < <(kubectl_ -n "$ns" get jobs,pods -o json | bench_report rollout-phases)
+  echo "$apply_s $job_s $pods_s" >> "$WORK/applies"
   # One at a time: the next starts on an idle node.
   kubectl_ delete namespace "$ns" --wait=true --timeout=120s > /dev/null
 done
-apply_median=$(median "${applies[@]}")
-apply_runs=$(DECIMALS=1 runs "${applies[@]}")
-job_median=$(DECIMALS=0 median "${job_phase[@]}")
-pods_median=$(DECIMALS=0 median "${pods_phase[@]}")
-
-python3 - "$WORK/section.md" "$MARKER" "$(date -u +"%Y-%m-%d %H:%M UTC")" \
-  "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" "$images_cold" "$images_warm" "$sizes" \
-  "$kube_fresh" "$kube_warm" "$kube_down" "$BENCH_APPLIES" "$apply_median" "$apply_runs" \
-  "$job_median" "$pods_median" <<'PY'
-import sys
-(out, marker, when, commit, images_cold, images_warm, sizes, kube_fresh, kube_warm, kube_down,
- applies, apply_median, apply_runs, job_median, pods_median) = sys.argv[1:]
-size_rows = "\n".join("| `%s` | %s |" % (line.split()[0], " ".join(line.split()[1:])) for line in sizes.splitlines() if " " in line)
-section = f"""{marker}
-
-## 10. The real node
-
-Written by `scripts/bench-node.sh` on {when}, commit {commit}, same machine.
-The node is containerd, kubelet and kube-proxy in a network namespace of
-their own (scripts/kube-node.sh), the images are built from
-`images/*/Dockerfile` by buildah on mmdebstrap bases (scripts/images.sh).
-
-| step | seconds |
-|---|---|
-| `scripts/images.sh` cold (empty image cache: both mmdebstrap bases, then pause, tidepool, tidepool-operator, pgbouncer) | {images_cold} |
-| `scripts/images.sh` warm (bases and the pgbouncer layer cached; the binaries copied again) | {images_warm} |
-| `scripts/kube.sh up` with the real node, fresh state (certificates, etcd, the node's containerd and the image imports) | {kube_fresh} |
-| `scripts/kube.sh up` warm (state kept) | {kube_warm} |
-| `scripts/kube.sh down` (the node, the control plane, the host's settings put back) | {kube_down} |
-
-Images (as buildah stores them, uncompressed):
-
-| image | size |
-|---|---|
-{size_rows}
-
-`kubectl apply` of a Tidepool (1 web and 1 worker pod, each with its
-PgBouncer sidecar, after the migration Job) on the real node, until its Ready
-condition is True, {applies} times one after the other: median **{apply_median} s**
-(runs: {apply_runs}). Where it goes, medians from the objects' own
-timestamps (whole seconds): the migration Job from its creation to its
-completion {job_median} s (its pod's sandbox, the container, `tidepool migrate`),
-then the web and worker pods from their creation to both Ready {pods_median} s
-(the scheduling gate's removal, PgBouncer's startup probe every 1 s, the app's
-warm-up of every connection, its startup probe every 1 s and readiness probe
-every 5 s); the rest is the operator's and the controllers' turns between.
-
-<!-- end of node benchmarks -->
-"""
-open(out, "w").write(section)
-PY
-
-replace_report_section "$OUT" "$MARKER" "<!-- end of node benchmarks -->" "$WORK/section.md"
+echo "$images_cold $images_warm $kube_fresh $kube_warm $kube_down" > "$WORK/steps"
+echo "$sizes" > "$WORK/sizes"
+bench_report node --work "$WORK" --report "$OUT" --date "$(date -u +"%Y-%m-%d %H:%M UTC")" \
+  --commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 say "wrote section 10 of $OUT"

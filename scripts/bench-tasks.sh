@@ -183,7 +183,7 @@ work_with_workers() {
 }
 work_with_bare_loop() {
   "$TIDEPOOL_LOADGEN_BIN" queue-loop --loops "$1" --batch-size "$BENCH_BATCH" > "$WORK/bare.json"
-  py 'import json,sys; print("%.0f" % json.load(open(sys.argv[1]))["jobs_per_second"])' "$WORK/bare.json"
+  printf '%.0f\n' "$(json_field "$WORK/bare.json" jobs_per_second)"
 }
 worker1=(); worker2=(); bare1=(); bare2=(); enqueue_batched=(); round=0
 for i in $(seq 1 "$BENCH_REPEATS"); do
@@ -346,18 +346,9 @@ retention, then a worker with \`--result-retention 1s --dead-retention 1s\`
 | when | table | size | indexes | live tuples | dead tuples |
 |---|---|---|---|---|---|
 $(cat "$WORK/health-pruning.md")
+
+<!-- end of task benchmarks -->
 REPORT
 
-# Keep the web sections and the operator's (scripts/bench-operator.sh),
-# replace the task sections.
-touch "$OUT"
-py 'import sys
-path, marker, tasks = sys.argv[1:]
-text = open(path).read()
-operator = text.find("<!-- operator benchmarks: scripts/bench-operator.sh -->")
-tail = "" if operator < 0 else "\n" + text[operator:]
-text = text if operator < 0 else text[:operator]
-cut = text.find(marker)
-head = (text if cut < 0 else text[:cut]).rstrip("\n")
-open(path, "w").write((head + "\n\n" if head else "") + open(tasks).read() + tail)' "$OUT" "$MARKER" "$WORK/tasks.md"
+replace_report_section "$OUT" "$MARKER" "<!-- end of task benchmarks -->" "$WORK/tasks.md"
 say "wrote the task sections of $OUT"

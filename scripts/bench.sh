@@ -109,21 +109,14 @@ SQL
 wrk_rps=(); wrk_p50=(); wrk_p99=(); pgb_tps=(); pgb_p50=(); pgb_p99=(); wrk_errors=0
 for i in $(seq 1 "$BENCH_REPEATS"); do
   wrk -t2 -c64 -d"${BENCH_SECONDS}s" --latency "$WEB/row/" > "$WORK/wrk.txt"
-  wrk_rps+=("$(awk '/^Requests\/sec:/ {print $2}' "$WORK/wrk.txt")")
-  wrk_p50+=("$(py 'import re,sys
-t=open(sys.argv[1]).read(); v,u=re.search(r"\s50%\s+([\d.]+)(us|ms|s)",t).groups()
-print(float(v)*{"us":0.001,"ms":1,"s":1000}[u])' "$WORK/wrk.txt")")
-  wrk_p99+=("$(py 'import re,sys
-t=open(sys.argv[1]).read(); v,u=re.search(r"\s99%\s+([\d.]+)(us|ms|s)",t).groups()
-print(float(v)*{"us":0.001,"ms":1,"s":1000}[u])' "$WORK/wrk.txt")")
+  read -r rps p50 p99 < <(wrk_summary "$WORK/wrk.txt")
+  wrk_rps+=("$rps"); wrk_p50+=("$p50"); wrk_p99+=("$p99")
   non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $5}' "$WORK/wrk.txt"); wrk_errors=$(( wrk_errors + ${non2xx:-0} ))
   rm -f "$WORK"/pgbench_log.*
   (cd "$WORK" && PGPASSWORD=$(secret app.password) pgbench -n -M simple -c 64 -j 2 -T "$BENCH_SECONDS" \
      -h 127.0.0.1 -p "$TIDEPOOL_POOLER_PORT" -U "$APP_USER" -f row.sql -l --log-prefix=pgbench_log "$APP_DB" > pgbench.txt 2>&1)
   pgb_tps+=("$(awk '/^tps = / {print $3}' "$WORK/pgbench.txt")")
-  read -r p50 p99 < <(cat "$WORK"/pgbench_log.* | py 'import sys
-v=sorted(int(l.split()[2]) for l in sys.stdin)
-print("%.3f %.3f" % (v[len(v)//2]/1000, v[int(len(v)*0.99)]/1000))')
+  read -r p50 p99 < <(cat "$WORK"/pgbench_log.* | bench_report pgbench-latency)
   pgb_p50+=("$p50"); pgb_p99+=("$p99")
 done
 row_rps=$(median "${wrk_rps[@]}"); row_p50=$(median "${wrk_p50[@]}"); row_p99=$(median "${wrk_p99[@]}")
@@ -179,7 +172,8 @@ fi
 
 # --- Report -------------------------------------------------------------------
 cpu=$(lscpu | awk -F: '/Model name/ {gsub(/^ +/, "", $2); print $2; exit}')
-cat > "$OUT" <<REPORT
+cat > "$WORK/web.md" <<REPORT
+<!-- web benchmarks: scripts/bench.sh -->
 # Benchmarks
 
 Written by \`make bench\` (scripts/bench.sh) on $(date -u +"%Y-%m-%d %H:%M UTC"), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown).
@@ -279,7 +273,12 @@ and the default service account exists, with the tools already built:
 | warm (state kept from a previous start) | $kube_warm |
 
 $kube_cold_line
+
+<!-- end of web benchmarks -->
 REPORT
+# In place of their last run: the sections of the other scripts, and what
+# was measured by hand between them, stay.
+replace_report_section "$OUT" "<!-- web benchmarks: scripts/bench.sh -->" "<!-- end of web benchmarks -->" "$WORK/web.md"
 say "wrote the web sections of $OUT"
 "$REPO_ROOT/scripts/bench-tasks.sh"
 "$REPO_ROOT/scripts/bench-operator.sh"

@@ -34,6 +34,44 @@ enum Command {
         #[arg(long)]
         rate: u32,
     },
+    /// Section 9: the operator at scale (scripts/bench-operator.sh); --work
+    /// holds the scale benchmark's `result.json`.
+    Operator {
+        #[command(flatten)]
+        out: Out,
+        /// The whole run's seconds.
+        #[arg(long)]
+        elapsed: u64,
+        /// Pods on the control plane at the end.
+        #[arg(long)]
+        pods: u64,
+        #[arg(long)]
+        cores: u64,
+    },
+    /// Section 10: the real node (scripts/bench-node.sh); --work holds
+    /// `steps`, `sizes` and `applies`.
+    Node {
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Section 11: end to end on the real node (scripts/bench-e2e.sh);
+    /// --work holds `figures.jsonl` and `local.txt`.
+    E2e {
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Section 13: scaling (scripts/bench-autoscaling.sh); --work holds
+    /// `scaling.jsonl` and `e2e.jsonl`.
+    Autoscaling {
+        #[command(flatten)]
+        out: Out,
+        #[arg(long)]
+        trials: u32,
+        #[arg(long)]
+        steady_seconds: u32,
+        #[arg(long)]
+        repeats: u32,
+    },
     /// One server's round of section 14, as its file keeps it.
     RouterRound {
         /// wrk's report.
@@ -78,6 +116,11 @@ enum Command {
     /// Field FIELD (a dotted path: `burst.total_seconds`) of the JSON
     /// object in FILE, as it is (a string without its quotes).
     Json { file: PathBuf, field: String },
+    /// Prometheus's `/api/v1/targets` on standard input: how many are up.
+    PrometheusTargetsUp,
+    /// Prometheus's answer to an instant query on standard input: its
+    /// first series' value (nothing when it has none).
+    PrometheusValue,
     /// The median of the numbers.
     Median {
         #[command(flatten)]
@@ -116,9 +159,9 @@ impl Out {
         Provenance { date: self.date.clone(), commit: self.commit.clone() }
     }
 
-    fn write(&self, section: Section, text: &str) -> Result<(), ReportError> {
+    fn write(&self, section: Section<'_>, text: &str) -> Result<(), ReportError> {
         match &self.report {
-            Some(path) => report::splice_file(path, section.start, section.end, text),
+            Some(path) => report::splice_file(path, &section, text),
             None => {
                 print!("{text}");
                 Ok(())
@@ -143,6 +186,27 @@ fn run(cli: Cli) -> Result<(), ReportError> {
             let runs = sections::router::load(&out.work)?;
             out.write(sections::router::SECTION, &sections::router::render(&setup, &runs))
         }
+        Command::Operator { out, elapsed, pods, cores } => {
+            use sections::operator;
+            let setup =
+                operator::Setup { provenance: out.provenance(), elapsed_seconds: elapsed, pods, cores };
+            let scale = operator::load(&read(&out.work.join("result.json"))?)?;
+            out.write(operator::SECTION, &operator::render(&setup, &scale))
+        }
+        Command::Node { out } => {
+            let runs = sections::node::load(&out.work)?;
+            out.write(sections::node::SECTION, &sections::node::render(&out.provenance(), &runs))
+        }
+        Command::E2e { out } => {
+            let runs = sections::e2e::load(&out.work.join("figures.jsonl"), &out.work.join("local.txt"))?;
+            out.write(sections::e2e::SECTION, &sections::e2e::render(&out.provenance(), &runs))
+        }
+        Command::Autoscaling { out, trials, steady_seconds, repeats } => {
+            use sections::autoscaling;
+            let setup = autoscaling::Setup { provenance: out.provenance(), trials, steady_seconds, repeats };
+            let runs = autoscaling::load(&out.work.join("scaling.jsonl"), &out.work.join("e2e.jsonl"))?;
+            out.write(autoscaling::SECTION, &autoscaling::render(&setup, &runs))
+        }
         Command::RouterRound { wrk, cpu_us, at_rate, rate_cpu_us } => {
             let wrk = parse::wrk(&read(&wrk)?)?;
             let what = at_rate.display().to_string();
@@ -158,11 +222,11 @@ fn run(cli: Cli) -> Result<(), ReportError> {
             out.write(sections::shop::SECTION, &sections::shop::render(&setup, &runs))
         }
         Command::Splice { report, start, end, file } => {
-            report::splice_file(&report, &start, &end, &read(&file)?)
+            report::splice_file(&report, &Section { start: &start, end: &end, heading: None }, &read(&file)?)
         }
         Command::Wrk { file } => {
             let wrk = parse::wrk(&read(&file)?)?;
-            println!("{:.1} {:.3} {:.3}", wrk.requests_per_second, wrk.p50_ms, wrk.p99_ms);
+            println!("{} {:.3} {:.3}", wrk.requests_per_second, wrk.p50_ms, wrk.p99_ms);
             Ok(())
         }
         Command::PgbenchLatency => {
@@ -171,8 +235,7 @@ fn run(cli: Cli) -> Result<(), ReportError> {
             Ok(())
         }
         Command::RolloutPhases => {
-            let list = serde_json::from_str(&stdin()?)
-                .map_err(|e| ReportError::invalid("kubectl's JSON", e.to_string()))?;
+            let list = stdin_json("kubectl's JSON")?;
             let (job, pods) = parse::rollout_phases(&list)?;
             println!("{job} {pods}");
             Ok(())
@@ -186,6 +249,14 @@ fn run(cli: Cli) -> Result<(), ReportError> {
                 parse::json_field(&value, &field)
                     .ok_or_else(|| ReportError::invalid(what, format!("has no {field}")))?
             );
+            Ok(())
+        }
+        Command::PrometheusTargetsUp => {
+            println!("{}", parse::prometheus_targets_up(&stdin_json("Prometheus's targets")?));
+            Ok(())
+        }
+        Command::PrometheusValue => {
+            println!("{}", parse::prometheus_value(&stdin_json("Prometheus's answer")?).unwrap_or_default());
             Ok(())
         }
         Command::Median { format, values } => {
@@ -205,6 +276,10 @@ fn stdin() -> Result<String, ReportError> {
         .read_to_string(&mut text)
         .map_err(|source| ReportError::Read { path: "standard input".into(), source })?;
     Ok(text)
+}
+
+fn stdin_json(what: &str) -> Result<serde_json::Value, ReportError> {
+    serde_json::from_str(&stdin()?).map_err(|e| ReportError::invalid(what, e.to_string()))
 }
 
 fn main() -> ExitCode {

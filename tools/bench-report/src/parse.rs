@@ -59,6 +59,20 @@ pub fn json_field(value: &Value, path: &str) -> Option<String> {
     })
 }
 
+/// How many of Prometheus's active targets are up, from its
+/// `/api/v1/targets`.
+pub fn prometheus_targets_up(targets: &Value) -> usize {
+    targets["data"]["activeTargets"]
+        .as_array()
+        .map_or(0, |t| t.iter().filter(|t| t["health"] == "up").count())
+}
+
+/// The value of an instant query's first series, from Prometheus's
+/// `/api/v1/query` (none when the query has no series).
+pub fn prometheus_value(answer: &Value) -> Option<String> {
+    answer["data"]["result"][0]["value"][1].as_str().map(str::to_owned)
+}
+
 /// The p50 and p99 latency (ms) of pgbench's per-transaction log (`-l`:
 /// the third field of each line is the transaction's latency in µs), as the
 /// element at those ranks of the sorted latencies.
@@ -171,6 +185,17 @@ Transfer/sec:    504.08KB
         assert_eq!(json_field(&report, "total_seconds").as_deref(), Some("5.0123"));
         assert_eq!(json_field(&report, "burst.name").as_deref(), Some("x"));
         assert_eq!(json_field(&report, "burst.other"), None);
+    }
+
+    #[test]
+    fn prometheus_answers() {
+        let targets = serde_json::json!({"data": {"activeTargets": [{"health": "up"}, {"health": "down"}, {"health": "up"}]}});
+        assert_eq!(prometheus_targets_up(&targets), 2);
+        assert_eq!(prometheus_targets_up(&serde_json::json!({"status": "error"})), 0);
+        let answer =
+            serde_json::json!({"data": {"result": [{"metric": {}, "value": [1700000000.0, "42.5"]}]}});
+        assert_eq!(prometheus_value(&answer).as_deref(), Some("42.5"));
+        assert_eq!(prometheus_value(&serde_json::json!({"data": {"result": []}})), None);
     }
 
     #[test]

@@ -41,6 +41,47 @@ fn the_shop_section() {
 }
 
 #[test]
+fn the_operator_section() {
+    let json = std::fs::read_to_string(fixtures().join("operator/result.json")).expect("the report");
+    let scale = sections::operator::load(&json).expect("the scale benchmark's report");
+    let setup =
+        sections::operator::Setup { provenance: provenance(), elapsed_seconds: 1234, pods: 412, cores: 2 };
+    assert_eq!(sections::operator::render(&setup, &scale), expected("operator"));
+    assert!(sections::operator::load("{}").is_err(), "a report without its figures");
+}
+
+#[test]
+fn the_node_section() {
+    let runs = sections::node::load(&fixtures().join("node")).expect("the runs");
+    assert_eq!(sections::node::render(&provenance(), &runs), expected("node"));
+}
+
+#[test]
+fn the_end_to_end_section() {
+    let dir = fixtures().join("e2e");
+    let runs = sections::e2e::load(&dir.join("figures.jsonl"), &dir.join("local")).expect("the runs");
+    assert_eq!(sections::e2e::render(&provenance(), &runs), expected("e2e"));
+    let error = sections::e2e::load(&fixtures().join("autoscaling/e2e.jsonl"), &dir.join("local"))
+        .expect_err("not the end-to-end tests' figures")
+        .to_string();
+    assert!(error.ends_with("has no figures of seed"), "{error}");
+}
+
+#[test]
+fn the_scaling_section() {
+    let dir = fixtures().join("autoscaling");
+    let runs =
+        sections::autoscaling::load(&dir.join("scaling.jsonl"), &dir.join("e2e.jsonl")).expect("the runs");
+    let setup = sections::autoscaling::Setup {
+        provenance: provenance(),
+        trials: 20,
+        steady_seconds: 600,
+        repeats: 3,
+    };
+    assert_eq!(sections::autoscaling::render(&setup, &runs), expected("autoscaling"));
+}
+
+#[test]
 fn a_missing_round_file_is_named() {
     let error =
         sections::shop::load(&fixtures().join("router")).expect_err("not the shop's files").to_string();

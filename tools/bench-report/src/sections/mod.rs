@@ -4,14 +4,21 @@
 //! and ends with its [`Section::end`] marker, as [`crate::report::splice`]
 //! finds them.
 
+pub mod autoscaling;
+pub mod e2e;
+pub mod node;
+pub mod operator;
 pub mod router;
 pub mod shop;
 
 /// Where a section is in the report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Section {
-    pub start: &'static str,
-    pub end: &'static str,
+pub struct Section<'a> {
+    pub start: &'a str,
+    pub end: &'a str,
+    /// Its heading, where it stands before the start marker (written with
+    /// the section's first run, and left alone after).
+    pub heading: Option<&'a str>,
 }
 
 /// When and from what a section was measured, as its first line says.

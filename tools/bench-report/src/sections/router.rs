@@ -11,9 +11,10 @@ use crate::parse::Wrk;
 use crate::stats::{max, median, min, paired, ratio, verdict};
 use crate::{column, numbers, rows, ReportError};
 
-pub const SECTION: Section = Section {
+pub const SECTION: Section<'static> = Section {
     start: "<!-- router benchmark: scripts/bench-router.sh -->",
     end: "<!-- end of the router benchmark -->",
+    heading: None,
 };
 
 /// How the rounds were run.

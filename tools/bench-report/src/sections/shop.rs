@@ -9,9 +9,10 @@ use super::{Provenance, Section};
 use crate::stats::{max, median, min, paired};
 use crate::{column, numbers, rows, ReportError};
 
-pub const SECTION: Section = Section {
+pub const SECTION: Section<'static> = Section {
     start: "<!-- shop benchmark: scripts/bench-shop.sh -->",
     end: "<!-- end of the shop benchmark -->",
+    heading: None,
 };
 
 /// How the rounds were run.

@@ -1,0 +1,260 @@
+//! Section 11, `make bench-e2e`: the end-to-end tests on the real node,
+//! round by round (each writes what it measured, a JSON object a line),
+//! beside the seed's experiments on the local stack in the same rounds.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::autoscaling::{figure, json_lines};
+use super::{Provenance, Section};
+use crate::stats::{list, median, number};
+use crate::{column, rows, ReportError};
+
+pub const SECTION: Section<'static> = Section {
+    start: "<!-- end-to-end benchmarks: scripts/bench-e2e.sh -->",
+    end: "<!-- end of end-to-end benchmarks -->",
+    heading: None,
+};
+
+/// What the rounds measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Runs {
+    /// Each test's figures, a record per round, by the test's name.
+    pub tests: BTreeMap<String, Vec<Value>>,
+    /// Per round on the local stack: the burst's and the jobs' seconds.
+    pub local: Vec<Vec<f64>>,
+}
+
+/// The tests' figures (`figures`) and the local rounds (`local`).
+pub fn load(figures: &Path, local: &Path) -> Result<Runs, ReportError> {
+    let mut tests: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for record in json_lines(figures)? {
+        let name = record["test"].as_str().unwrap_or_default().to_owned();
+        tests.entry(name).or_default().push(record["figures"].clone());
+    }
+    for needed in ["seed", "budget", "rollout", "sidecar", "postgres_restart", "worker"] {
+        if !tests.contains_key(needed) {
+            return Err(ReportError::invalid(
+                figures.display().to_string(),
+                format!("has no figures of {needed}"),
+            ));
+        }
+    }
+    Ok(Runs { tests, local: rows(local)? })
+}
+
+/// A target's verdict, a miss in bold.
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "**missed**"
+    }
+}
+
+/// How much median `a` differs from median `b`, in percent, to one decimal
+/// (a negative zero is zero).
+fn difference(a: &[f64], b: &[f64]) -> f64 {
+    let rounded: f64 = format!("{:.1}", (median(a) / median(b) - 1.0) * 100.0).parse().unwrap_or(f64::NAN);
+    rounded + 0.0
+}
+
+/// The value at `path` (keys) of `value`.
+fn at<'a>(value: &'a Value, path: &[&str]) -> &'a Value {
+    path.iter().fold(value, |value, key| &value[*key])
+}
+
+pub fn render(provenance: &Provenance, runs: &Runs) -> String {
+    let Provenance { date, commit } = provenance;
+    let none = Vec::new();
+    let test = |name: &str| runs.tests.get(name).unwrap_or(&none);
+    let of = |name: &str, path: &[&str]| -> Vec<f64> {
+        test(name).iter().map(|f| at(f, path).as_f64().unwrap_or(f64::NAN)).collect()
+    };
+    let last = |name: &str| test(name).last().cloned().unwrap_or(Value::Null);
+    let (seed, budget, rollout) = (test("seed"), test("budget"), test("rollout"));
+    let k8s_requests = of("seed", &["requests_seconds"]);
+    let k8s_jobs = of("seed", &["jobs_seconds"]);
+    let local_requests = column(&runs.local, 0);
+    let local_jobs = column(&runs.local, 1);
+    let requests_difference = difference(&k8s_requests, &local_requests);
+    let jobs_difference = difference(&k8s_jobs, &local_jobs);
+    let b_last = last("budget");
+    let rps: Vec<f64> = budget
+        .iter()
+        .map(|f| figure(f, "requests") / at(f, &["burst", "total_seconds"]).as_f64().unwrap_or(f64::NAN))
+        .collect();
+    let budget_rows = budget
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            format!(
+                "| {} | {} | {} | {:.2} s | {:.2} s | {:.1} s | {} | {} | {} | {} |",
+                i + 1,
+                f["ok"],
+                f["shed"],
+                figure(&f["burst"], "latency_p99_seconds"),
+                figure(&f["burst"], "total_seconds"),
+                figure(f, "jobs_seconds"),
+                f["peak"],
+                f["live_pods"],
+                f["planned"],
+                f["available"]
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let rollout_rows = rollout
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let load = &f["load"];
+            format!(
+                "| {} | {:.1} s | {} | {} | {} | {:.1} ms | {:.0} ms | {} | {} of {} |",
+                i + 1,
+                figure(f, "rollout_seconds"),
+                number(figure(load, "requests"), 0, true),
+                number(figure(load, "requests_per_second"), 0, true),
+                load["failed"],
+                figure(load, "latency_p99_seconds") * 1000.0,
+                figure(load, "latency_max_seconds") * 1000.0,
+                load["connections_opened"],
+                f["peak_shares"],
+                f["available"]
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let median_and_runs = |values: &[f64], digits: usize| {
+        format!("{} | {}", number(median(values), digits, false), list(values, digits, false))
+    };
+    let sidecar = |key: &str| of("sidecar", &[key]);
+    let restart = |path: &[&str]| of("postgres_restart", path);
+    let shed_503: Vec<f64> = test("postgres_restart")
+        .iter()
+        .map(|f| f["load"]["statuses"]["503"].as_f64().unwrap_or(0.0))
+        .collect();
+    let worker = |key: &str| of("worker", &[key]);
+    let (sidecar_last, worker_last) = (last("sidecar"), last("worker"));
+    format!(
+        "{start}
+
+## 11. End to end on the real node
+
+Written by `scripts/bench-e2e.sh` on {date}, commit {commit}, same machine.
+The tests of `operator/tests/real_node_e2e.rs`, one at a time, {rounds}
+rounds; each records what it measured (the tests assert no timing). Pods:
+the images of section 10 on the real node, PgBouncer 1.24.1 sidecars sized
+by the operator; PostgreSQL 15 on the veth's host end (the test cluster's,
+or one of the test's own where it restarts it or sets `max_connections`).
+Clients: `tidepool-loadgen` inside the node's network namespace, through the
+web Service's ClusterIP (kube-proxy, iptables). The local stack: the same
+binaries on loopback with PgBouncer 1.18 (scripts/stack.sh), in the same run,
+alternating with the tests.
+
+### The seed's experiments: Kubernetes beside the local stack
+
+| experiment | through Kubernetes (median) | runs | local stack (median) | runs | difference | target |
+|---|---|---|---|---|---|---|
+| 10 × `/slow-query/` (5 s) at once, web pool 10 | {k8s_requests_median:.2} s | {k8s_requests_runs} | {local_requests_median:.2} s | {local_requests_runs} | {requests_difference:+.1} % | ≤ 5.2 s: {requests_target}; within 2 %: {requests_within} |
+| 100 × `slow_query` (5 s), one worker, concurrency 50 | {k8s_jobs_median:.2} s | {k8s_jobs_runs} | {local_jobs_median:.2} s | {local_jobs_runs} | {jobs_difference:+.1} % | ≤ 10.5 s: {jobs_target}; within 2 %: {jobs_within} |
+
+Jobs: the first enqueue (`created_at`) to the last completion
+(`finished_at`), enqueued one statement each (`tidepool enqueue --batch-size 1`,
+as the seed's loop of `delay()`); on Kubernetes the worker pod polls through
+its PgBouncer (no LISTEN), locally it also LISTENs. In every Kubernetes run the
+worker pod ran 50 `pg_sleep` backends at once (sampled peaks:
+{jobs_peaks}).
+
+### The budget under overload
+
+PostgreSQL's `max_connections` = {max_connections} = reserved 10 + available
+{available}; web 2 replicas (pool ask 20), worker 2 replicas (concurrency
+20); the planner gives each web pod {web_share} and each worker pod
+{worker_share} server connections (3 pods per tier with the surge:
+planned peak {planned}). Offered at once: 200 ×
+`/slow-query/?seconds=1` and 100 `slow_query` jobs of 1 s, against 4 live
+pods' {live_pods} server connections.
+
+| run | 200 | 503 (shed) | p99 | burst total | 100 jobs drained | peak app connections (sampled) | live pods' shares | planned peak | available |
+|---|---|---|---|---|---|---|---|---|---|
+{budget_rows}
+
+Requests per second of the burst (served and shed): median {rps:.1}.
+PostgreSQL refused no connection in any run (\"too many clients\" and
+\"remaining connection slots\" absent from its log); the excess waited in the
+app's pool up to `TIDEPOOL_DB_POOL_WAIT` (5 s), then got a 503.
+
+### Rolling update under load
+
+20 clients, `GET /row/` back to back through the Service, for the whole
+rollout of `spec.web.concurrency` 100 → 150 (2 web pods with pool 10, surge 1;
+available 50). \"Live shares\" is the largest sum of the annotated shares of
+the pods alive at once (running or terminating), over every event of a watch.
+
+| run | patch to old pods gone | requests | per second | failed | p99 | max | connections opened | live shares (peak) |
+|---|---|---|---|---|---|---|---|---|
+{rollout_rows}
+
+### Recovery
+
+| fault | figure | median | runs |
+|---|---|---|---|
+| PgBouncer sidecar killed (kill -9) with its 5 server connections in 60 s queries | old backends gone after (`client_connection_check_interval` 1 s) | {overlap} s | {overlap_runs} |
+| | `/row/` through the Service 200 again after | {recovered} s | {recovered_runs} |
+| | peak app connections during the overlap (web share {share}, worker share {sidecar_worker_share}) | {sidecar_peak} |
+| PostgreSQL restarted (`pg_ctl stop -m fast`, start) under 5 clients of `/row/` | the restart itself | {restart_s} s | {restart_runs} |
+| | from the restart's start to `/row/` 200 again | {restart_recovered} s | {restart_recovered_runs} |
+| | requests answered 503 meanwhile | {shed} |
+| | slowest request | {slowest} s | {slowest_runs} |
+| worker container killed (kill -9) holding {held}+ of 20 jobs (5 s) | all 20 done after the kill (lease 30 s) | {kill} s | {kill_runs} |
+| worker pod deleted holding 12 jobs (35 s) | all 12 done after the delete (shutdown deadline 20 s, hand-back, rerun) | {delete} s | {delete_runs} |
+
+{end}
+",
+        start = SECTION.start,
+        end = SECTION.end,
+        rounds = seed.len(),
+        k8s_requests_median = median(&k8s_requests),
+        k8s_requests_runs = list(&k8s_requests, 2, false),
+        local_requests_median = median(&local_requests),
+        local_requests_runs = list(&local_requests, 2, false),
+        requests_target = verdict(median(&k8s_requests) <= 5.2),
+        requests_within = verdict(requests_difference.abs() <= 2.0),
+        k8s_jobs_median = median(&k8s_jobs),
+        k8s_jobs_runs = list(&k8s_jobs, 2, false),
+        local_jobs_median = median(&local_jobs),
+        local_jobs_runs = list(&local_jobs, 2, false),
+        jobs_target = verdict(median(&k8s_jobs) <= 10.5),
+        jobs_within = verdict(jobs_difference.abs() <= 2.0),
+        jobs_peaks = list(&of("seed", &["jobs_peak"]), 0, false),
+        max_connections = b_last["max_connections"],
+        available = b_last["available"],
+        web_share = b_last["web_share"],
+        worker_share = b_last["worker_share"],
+        planned = b_last["planned"],
+        live_pods = b_last["live_pods"],
+        rps = median(&rps),
+        overlap = number(median(&sidecar("overlap_seconds")), 2, false),
+        overlap_runs = list(&sidecar("overlap_seconds"), 2, false),
+        recovered = number(median(&sidecar("recovered_seconds")), 2, false),
+        recovered_runs = list(&sidecar("recovered_seconds"), 2, false),
+        share = sidecar_last["share"],
+        sidecar_worker_share = sidecar_last["worker_share"],
+        sidecar_peak = median_and_runs(&sidecar("peak"), 0),
+        restart_s = number(median(&restart(&["restart_seconds"])), 2, false),
+        restart_runs = list(&restart(&["restart_seconds"]), 2, false),
+        restart_recovered = number(median(&restart(&["recovered_seconds"])), 2, false),
+        restart_recovered_runs = list(&restart(&["recovered_seconds"]), 2, false),
+        shed = median_and_runs(&shed_503, 0),
+        slowest = number(median(&restart(&["load", "latency_max_seconds"])), 2, false),
+        slowest_runs = list(&restart(&["load", "latency_max_seconds"]), 2, false),
+        held = worker_last["held"],
+        kill = number(median(&worker("kill_drained_seconds")), 1, false),
+        kill_runs = list(&worker("kill_drained_seconds"), 1, false),
+        delete = number(median(&worker("delete_drained_seconds")), 1, false),
+        delete_runs = list(&worker("delete_drained_seconds"), 1, false),
+    )
+}
