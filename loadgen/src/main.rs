@@ -441,17 +441,42 @@ async fn idle(
 #[derive(Serialize)]
 struct SteadyReport {
     clients: usize,
+    connections_opened: usize,
+    #[serde(flatten)]
+    answers: Answers,
+}
+
+/// What a run's requests got, over its `seconds`.
+#[derive(Serialize)]
+struct Answers {
     requests: usize,
     succeeded: usize,
     failed: usize,
     /// Status codes, and errors by their message.
     statuses: BTreeMap<String, usize>,
-    connections_opened: usize,
     seconds: f64,
     requests_per_second: f64,
     latency_p50_seconds: f64,
     latency_p99_seconds: f64,
     latency_max_seconds: f64,
+}
+
+impl Answers {
+    fn of(outcomes: &[Outcome], seconds: f64) -> Answers {
+        let latencies = sorted_latencies(outcomes);
+        let succeeded = succeeded(outcomes);
+        Answers {
+            requests: outcomes.len(),
+            succeeded,
+            failed: outcomes.len() - succeeded,
+            statuses: statuses(outcomes),
+            seconds,
+            requests_per_second: outcomes.len() as f64 / seconds,
+            latency_p50_seconds: percentile(&latencies, 0.50),
+            latency_p99_seconds: percentile(&latencies, 0.99),
+            latency_max_seconds: latencies.last().copied().unwrap_or(0.0),
+        }
+    }
 }
 
 /// One answered (or failed) request: when it finished, how long it took,
@@ -582,40 +607,18 @@ async fn steady(
     if let Some(path) = timeline {
         std::fs::write(&path, lines).with_context(|| format!("writing {}", path.display()))?;
     }
-    let latencies = sorted_latencies(&outcomes);
-    let succeeded = succeeded(&outcomes);
-    Ok(SteadyReport {
-        clients,
-        requests: outcomes.len(),
-        succeeded,
-        failed: outcomes.len() - succeeded,
-        statuses: statuses(&outcomes),
-        connections_opened,
-        seconds,
-        requests_per_second: outcomes.len() as f64 / seconds,
-        latency_p50_seconds: percentile(&latencies, 0.50),
-        latency_p99_seconds: percentile(&latencies, 0.99),
-        latency_max_seconds: latencies.last().copied().unwrap_or(0.0),
-    })
+    Ok(SteadyReport { clients, connections_opened, answers: Answers::of(&outcomes, seconds) })
 }
 
 #[derive(Serialize)]
 struct RateReport {
     rate: u32,
     connections: usize,
-    requests: usize,
-    succeeded: usize,
-    failed: usize,
-    /// Status codes, and errors by their message.
-    statuses: BTreeMap<String, usize>,
     /// Requests not sent because their connection was still waiting for
     /// an earlier answer: the server did not keep up with the rate.
     missed: usize,
-    seconds: f64,
-    requests_per_second: f64,
-    latency_p50_seconds: f64,
-    latency_p99_seconds: f64,
-    latency_max_seconds: f64,
+    #[serde(flatten)]
+    answers: Answers,
 }
 
 /// Longest `rate` may send.
@@ -658,22 +661,8 @@ async fn rate(
     }
     let seconds = start.elapsed().as_secs_f64();
     let scheduled = (duration.as_secs_f64() * f64::from(rate)).round() as usize;
-    let latencies = sorted_latencies(&outcomes);
-    let succeeded = succeeded(&outcomes);
-    Ok(RateReport {
-        rate,
-        connections,
-        requests: outcomes.len(),
-        succeeded,
-        failed: outcomes.len() - succeeded,
-        statuses: statuses(&outcomes),
-        missed: scheduled.saturating_sub(outcomes.len()),
-        seconds,
-        requests_per_second: outcomes.len() as f64 / seconds,
-        latency_p50_seconds: percentile(&latencies, 0.50),
-        latency_p99_seconds: percentile(&latencies, 0.99),
-        latency_max_seconds: latencies.last().copied().unwrap_or(0.0),
-    })
+    let missed = scheduled.saturating_sub(outcomes.len());
+    Ok(RateReport { rate, connections, missed, answers: Answers::of(&outcomes, seconds) })
 }
 
 #[derive(Serialize)]
@@ -866,12 +855,13 @@ mod tests {
         let target = Target::parse(&format!("http://{addr}/row/"), &[])?;
         let (per_second, connections, duration) = (200, 4, Duration::from_millis(500));
         let report = rate(target, per_second, connections, duration, Duration::from_secs(10)).await?;
+        let (missed, report) = (report.missed, report.answers);
         // 100 scheduled; each connection's last tick may fall on either side of the end.
         assert!(report.requests > 0 && report.requests <= 100 + connections, "{} requests", report.requests);
         assert_eq!(report.succeeded, report.requests);
         assert_eq!(report.statuses.get("200"), Some(&report.requests));
         assert_eq!(served.load(std::sync::atomic::Ordering::Relaxed), report.requests);
-        assert_eq!(report.missed, 100_usize.saturating_sub(report.requests));
+        assert_eq!(missed, 100_usize.saturating_sub(report.requests));
         Ok(())
     }
 

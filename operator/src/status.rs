@@ -212,105 +212,13 @@ fn tier_status_mut(status: &mut TidepoolStatus, tier: Tier) -> &mut Option<TierS
 
 fn applied_status(applied: &Applied<'_>, generation: Option<i64>) -> TidepoolStatus {
     let plan = applied.plan;
-    let mut tiers = TidepoolStatus::default();
-    let mut all_settled = true;
-    let mut ready_of_desired = Vec::new();
-    for planned in &plan.tiers {
-        let observed = applied.observed.get(&planned.tier).copied().unwrap_or_default();
-        let status = TierStatus {
-            desired_replicas: to_i32(planned.replicas),
-            replicas: observed.replicas,
-            ready_replicas: observed.ready,
-            ready_of_desired: format!("{}/{}", observed.ready, planned.replicas),
-            selector: applied.selectors.get(&planned.tier).cloned().unwrap_or_default(),
-            server_connections_per_pod: to_i32(planned.share),
-            app_pool_per_pod: to_i32(planned.app_pool_per_pod()),
-            limited: planned.limited(),
-            last_scale: None,
-        };
-        all_settled &= observed.observed
-            && observed.ready == status.desired_replicas
-            && observed.updated == status.desired_replicas
-            && observed.replicas == status.desired_replicas;
-        ready_of_desired.push(format!("{} {}", planned.tier, status.ready_of_desired));
-        *tier_status_mut(&mut tiers, planned.tier) = Some(status);
-    }
-    let mut pods = format!("{} ready", ready_of_desired.join(", "));
+    let (tiers, settled, mut pods) = tier_statuses(applied);
     for note in &applied.pacing {
         pods.push_str("; ");
         pods.push_str(note);
     }
-    let budget_message = if plan.asks_met {
-        format!(
-            "planned peak {} of {} available connections; every tier gets what it asks for",
-            plan.planned_peak, plan.available
-        )
-    } else {
-        let cuts: Vec<String> = plan
-            .tiers
-            .iter()
-            .filter(|t| t.limited())
-            .map(|t| format!("each {} pod gets {} of the {} connections it asks for", t.tier, t.share, t.ask))
-            .collect();
-        format!(
-            "planned peak {} of {} available connections; the budget is short: {}",
-            plan.planned_peak,
-            plan.available,
-            cuts.join(", ")
-        )
-    };
-    let (ready, progressing, degraded) = match &applied.migration {
-        Migration::Done => (
-            condition(
-                READY,
-                all_settled,
-                if all_settled { "AllPodsReady" } else { "PodsNotReady" },
-                pods.clone(),
-                generation,
-            ),
-            condition(
-                PROGRESSING,
-                !all_settled,
-                match (all_settled, applied.pacing.is_empty()) {
-                    (true, true) => "Complete",
-                    (false, true) => "RollingOut",
-                    (_, false) => "Paced",
-                },
-                pods,
-                generation,
-            ),
-            condition(DEGRADED, false, "AsPlanned", "the children match the spec".into(), generation),
-        ),
-        Migration::Running { name } => {
-            let message = format!("the migration Job {name} runs before the pods roll out; {pods}");
-            (
-                condition(READY, false, "Migrating", message.clone(), generation),
-                condition(PROGRESSING, true, "Migrating", message, generation),
-                condition(DEGRADED, false, "AsPlanned", "the children match the spec".into(), generation),
-            )
-        }
-        Migration::Failed { name, message } => {
-            let message = format!("the migration Job {name} failed, so the pods stay as they are: {message}");
-            (
-                condition(READY, false, "MigrationFailed", message.clone(), generation),
-                condition(PROGRESSING, false, "MigrationFailed", message.clone(), generation),
-                condition(DEGRADED, true, "MigrationFailed", message, generation),
-            )
-        }
-    };
-    let budget = match &applied.over_commit {
-        Some(message) => {
-            condition(CONNECTION_BUDGET, false, "ServerOverCommitted", message.clone(), generation)
-        }
-        None => condition(
-            CONNECTION_BUDGET,
-            true,
-            if plan.asks_met { "Fits" } else { "Limited" },
-            budget_message,
-            generation,
-        ),
-    };
-    let mut conditions = vec![ready, budget, progressing, degraded];
+    let [ready, progressing, degraded] = rollout_conditions(applied, settled, pods, generation);
+    let mut conditions = vec![ready, budget_condition(applied, generation), progressing, degraded];
     conditions.extend(applied.autoscaling.as_ref().map(|health| Condition {
         type_: WORKER_AUTOSCALING.to_owned(),
         status: health.status.to_owned(),
@@ -330,6 +238,116 @@ fn applied_status(applied: &Applied<'_>, generation: Option<i64>) -> TidepoolSta
         }),
         ..tiers
     }
+}
+
+/// Each planned tier's status (in a status that has nothing else yet),
+/// whether every tier has settled on its desired replicas, and what the
+/// pods are (`web 1/2, worker 1/1 ready`).
+fn tier_statuses(applied: &Applied<'_>) -> (TidepoolStatus, bool, String) {
+    let mut tiers = TidepoolStatus::default();
+    let mut all_settled = true;
+    let mut ready_of_desired = Vec::new();
+    for planned in &applied.plan.tiers {
+        let observed = applied.observed.get(&planned.tier).copied().unwrap_or_default();
+        let status = TierStatus {
+            desired_replicas: to_i32(planned.replicas),
+            replicas: observed.replicas,
+            ready_replicas: observed.ready,
+            ready_of_desired: format!("{}/{}", observed.ready, planned.replicas),
+            selector: applied.selectors.get(&planned.tier).cloned().unwrap_or_default(),
+            server_connections_per_pod: to_i32(planned.share),
+            app_pool_per_pod: to_i32(planned.app_pool_per_pod()),
+            limited: planned.limited(),
+            last_scale: None,
+        };
+        all_settled &= observed.observed
+            && observed.ready == status.desired_replicas
+            && observed.updated == status.desired_replicas
+            && observed.replicas == status.desired_replicas;
+        ready_of_desired.push(format!("{} {}", planned.tier, status.ready_of_desired));
+        *tier_status_mut(&mut tiers, planned.tier) = Some(status);
+    }
+    (tiers, all_settled, format!("{} ready", ready_of_desired.join(", ")))
+}
+
+/// Ready, Progressing and Degraded: from the migration and whether the
+/// pods have `settled`, each saying what the `pods` are.
+fn rollout_conditions(
+    applied: &Applied<'_>,
+    settled: bool,
+    pods: String,
+    generation: Option<i64>,
+) -> [Condition; 3] {
+    let as_planned =
+        || condition(DEGRADED, false, "AsPlanned", "the children match the spec".into(), generation);
+    match &applied.migration {
+        Migration::Done => [
+            condition(
+                READY,
+                settled,
+                if settled { "AllPodsReady" } else { "PodsNotReady" },
+                pods.clone(),
+                generation,
+            ),
+            condition(
+                PROGRESSING,
+                !settled,
+                match (settled, applied.pacing.is_empty()) {
+                    (true, true) => "Complete",
+                    (false, true) => "RollingOut",
+                    (_, false) => "Paced",
+                },
+                pods,
+                generation,
+            ),
+            as_planned(),
+        ],
+        Migration::Running { name } => {
+            let message = format!("the migration Job {name} runs before the pods roll out; {pods}");
+            [
+                condition(READY, false, "Migrating", message.clone(), generation),
+                condition(PROGRESSING, true, "Migrating", message, generation),
+                as_planned(),
+            ]
+        }
+        Migration::Failed { name, message } => {
+            let message = format!("the migration Job {name} failed, so the pods stay as they are: {message}");
+            [
+                condition(READY, false, "MigrationFailed", message.clone(), generation),
+                condition(PROGRESSING, false, "MigrationFailed", message.clone(), generation),
+                condition(DEGRADED, true, "MigrationFailed", message, generation),
+            ]
+        }
+    }
+}
+
+/// ConnectionBudget: whether the plan fits and every tier gets its ask, or
+/// that the server's Tidepools plan more together than it has.
+fn budget_condition(applied: &Applied<'_>, generation: Option<i64>) -> Condition {
+    let plan = applied.plan;
+    if let Some(message) = &applied.over_commit {
+        return condition(CONNECTION_BUDGET, false, "ServerOverCommitted", message.clone(), generation);
+    }
+    let message = if plan.asks_met {
+        format!(
+            "planned peak {} of {} available connections; every tier gets what it asks for",
+            plan.planned_peak, plan.available
+        )
+    } else {
+        let cuts: Vec<String> = plan
+            .tiers
+            .iter()
+            .filter(|t| t.limited())
+            .map(|t| format!("each {} pod gets {} of the {} connections it asks for", t.tier, t.share, t.ask))
+            .collect();
+        format!(
+            "planned peak {} of {} available connections; the budget is short: {}",
+            plan.planned_peak,
+            plan.available,
+            cuts.join(", ")
+        )
+    };
+    condition(CONNECTION_BUDGET, true, if plan.asks_met { "Fits" } else { "Limited" }, message, generation)
 }
 
 /// Whether two statuses say the same, transition times aside.

@@ -73,24 +73,22 @@ impl LocalStack {
 
     /// `stack.sh up ARGS…` (every piece when empty), which must succeed.
     pub fn up(&self, pieces: &[&str]) -> Result<()> {
-        let up = self.run(&[&["up"], pieces].concat())?;
-        ensure!(
-            up.status.success(),
-            "stack.sh up {} failed:\n{}",
-            pieces.join(" "),
-            String::from_utf8_lossy(&up.stderr)
-        );
-        Ok(())
+        self.must("up", pieces)
     }
 
     /// `stack.sh down ARGS…` (every piece when empty), which must succeed.
     pub fn down(&self, pieces: &[&str]) -> Result<()> {
-        let down = self.run(&[&["down"], pieces].concat())?;
+        self.must("down", pieces)
+    }
+
+    /// `stack.sh VERB ARGS…`, which must succeed.
+    fn must(&self, verb: &str, pieces: &[&str]) -> Result<()> {
+        let run = self.run(&[&[verb], pieces].concat())?;
         ensure!(
-            down.status.success(),
-            "stack.sh down {} failed:\n{}",
+            run.status.success(),
+            "stack.sh {verb} {} failed:\n{}",
             pieces.join(" "),
-            String::from_utf8_lossy(&down.stderr)
+            String::from_utf8_lossy(&run.stderr)
         );
         Ok(())
     }

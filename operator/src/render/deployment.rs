@@ -220,6 +220,24 @@ pub(super) fn resources(cpu: &str, memory: &str, memory_limit: &str) -> Resource
     }
 }
 
+/// The database Secret's keys as variables, from which Kubernetes composes
+/// the connection URLs (`$(TIDEPOOL_DB_USER)`): the operator's own, which
+/// the runtime never reads.
+pub(super) const DB_USER: &str = "TIDEPOOL_DB_USER";
+pub(super) const DB_NAME: &str = "TIDEPOOL_DB_NAME";
+pub(super) const DB_HOST: &str = "TIDEPOOL_DB_HOST";
+pub(super) const DB_PORT: &str = "TIDEPOOL_DB_PORT";
+/// All four, for the test that the operator renders no other variable.
+#[cfg(test)]
+pub(super) const COMPOSED_FROM: [&str; 4] = [DB_USER, DB_NAME, DB_HOST, DB_PORT];
+
+/// The direct connection URL (to PostgreSQL, not through PgBouncer),
+/// composed of the Secret's variables: the worker's LISTEN session and the
+/// migration Job.
+pub(super) fn direct_database_url() -> EnvVar {
+    env(pod::DIRECT_DATABASE_URL, format!("postgres://$({DB_USER})@$({DB_HOST}):$({DB_PORT})/$({DB_NAME})"))
+}
+
 pub(super) fn env(name: &str, value: impl Into<String>) -> EnvVar {
     EnvVar { name: name.to_owned(), value: Some(value.into()), value_from: None }
 }
@@ -326,12 +344,9 @@ fn app(validated: &Validated, tier: &TierPlan) -> Container {
     let spec = &validated.spec;
     let secret = &spec.database.secret_ref.name;
     let mut environment = vec![
-        env_from_secret("TIDEPOOL_DB_USER", secret, "username"),
-        env_from_secret("TIDEPOOL_DB_NAME", secret, "dbname"),
-        env(
-            pod::DATABASE_URL,
-            format!("postgres://$(TIDEPOOL_DB_USER)@{POOLER_ADDRESS}/$(TIDEPOOL_DB_NAME)"),
-        ),
+        env_from_secret(DB_USER, secret, "username"),
+        env_from_secret(DB_NAME, secret, "dbname"),
+        env(pod::DATABASE_URL, format!("postgres://$({DB_USER})@{POOLER_ADDRESS}/$({DB_NAME})")),
         env(pod::DB_PASSWORD_FILE, format!("{DATABASE_DIR}/password")),
         env(pod::POOLER_STATS_URL, format!("postgres://{STATS_USER}@{POOLER_ADDRESS}/pgbouncer")),
         env(pod::POOLER_STATS_PASSWORD_FILE, APP_STATS_PASSWORD),
@@ -356,12 +371,9 @@ fn app(validated: &Validated, tier: &TierPlan) -> Container {
             ]);
             if tier.listen > 0 {
                 environment.extend([
-                    env_from_secret("TIDEPOOL_DB_HOST", secret, "host"),
-                    env_from_secret("TIDEPOOL_DB_PORT", secret, "port"),
-                    env(
-                        "TIDEPOOL_DIRECT_DATABASE_URL",
-                        "postgres://$(TIDEPOOL_DB_USER)@$(TIDEPOOL_DB_HOST):$(TIDEPOOL_DB_PORT)/$(TIDEPOOL_DB_NAME)",
-                    ),
+                    env_from_secret(DB_HOST, secret, "host"),
+                    env_from_secret(DB_PORT, secret, "port"),
+                    direct_database_url(),
                 ]);
             }
             ("worker", "metrics", WORKER_PORT, &spec.worker.resources)

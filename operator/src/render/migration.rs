@@ -12,8 +12,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tidepool_contract::env as pod;
 
 use super::deployment::{
-    env, env_from_secret, hardened, mount, node_selector, pod_security, resources, tolerations, volumes,
-    DATABASE_DIR, DATABASE_VOLUME,
+    direct_database_url, env, env_from_secret, hardened, mount, node_selector, pod_security, resources,
+    tolerations, volumes, DATABASE_DIR, DATABASE_VOLUME, DB_HOST, DB_NAME, DB_PORT, DB_USER,
 };
 use super::labels;
 use crate::validate::Validated;
@@ -58,14 +58,11 @@ pub fn job(validated: &Validated) -> Job {
         image_pull_policy: Some(spec.image_pull_policy.clone()),
         args: Some(vec!["migrate".to_owned()]),
         env: Some(vec![
-            env_from_secret("TIDEPOOL_DB_USER", secret, "username"),
-            env_from_secret("TIDEPOOL_DB_HOST", secret, "host"),
-            env_from_secret("TIDEPOOL_DB_PORT", secret, "port"),
-            env_from_secret("TIDEPOOL_DB_NAME", secret, "dbname"),
-            env(
-                "TIDEPOOL_DIRECT_DATABASE_URL",
-                "postgres://$(TIDEPOOL_DB_USER)@$(TIDEPOOL_DB_HOST):$(TIDEPOOL_DB_PORT)/$(TIDEPOOL_DB_NAME)",
-            ),
+            env_from_secret(DB_USER, secret, "username"),
+            env_from_secret(DB_HOST, secret, "host"),
+            env_from_secret(DB_PORT, secret, "port"),
+            env_from_secret(DB_NAME, secret, "dbname"),
+            direct_database_url(),
             env(pod::DB_PASSWORD_FILE, format!("{DATABASE_DIR}/password")),
             env(pod::LOG_FORMAT, "json"),
         ]),

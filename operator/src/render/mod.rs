@@ -181,6 +181,40 @@ mod tests {
         assert!(env(&worker.containers[0], "TIDEPOOL_DIRECT_DATABASE_URL").is_some());
     }
 
+    /// Every variable of every container (the Job's, each tier's app and
+    /// sidecars) is one the runtime reads, from the pod contract, or one
+    /// Kubernetes composes the URLs from.
+    #[test]
+    fn every_variable_rendered_is_the_contracts_or_composes_one() {
+        let spec = serde_json::json!({"database": {"secretRef": {"name": "db"}, "maxConnections": 300},
+            "worker": {"listen": true}});
+        let (_, children) = render(spec);
+        let mut seen = Vec::new();
+        for child in &children {
+            let pod = match child {
+                Child::Deployment(_, d) => d.spec.as_ref().and_then(|s| s.template.spec.clone()),
+                Child::Job(j) => j.spec.as_ref().and_then(|s| s.template.spec.clone()),
+                _ => None,
+            };
+            let Some(pod) = pod else { continue };
+            for container in pod.init_containers.iter().flatten().chain(&pod.containers) {
+                for var in container.env.iter().flatten() {
+                    let known = tidepool_contract::env::ALL.contains(&var.name.as_str())
+                        || deployment::COMPOSED_FROM.contains(&var.name.as_str());
+                    assert!(
+                        known,
+                        "{} sets {}, which the pod contract does not name",
+                        container.name, var.name
+                    );
+                    seen.push(var.name.clone());
+                }
+            }
+        }
+        for name in tidepool_contract::env::ALL {
+            assert!(seen.iter().any(|s| s == name), "no container gets {name}");
+        }
+    }
+
     #[test]
     fn the_share_annotation_is_pgbouncers_cap() {
         let spec = serde_json::json!({"database": {"secretRef": {"name": "db"}, "maxConnections": 50}});

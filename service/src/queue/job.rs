@@ -243,6 +243,10 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// Every state, in a job's order.
+    pub const ALL: [JobState; 6] =
+        [Self::Scheduled, Self::Available, Self::Running, Self::Succeeded, Self::Dead, Self::Cancelled];
+
     /// Its name, as the tables write it and `GET /tasks/{id}` reports it.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -257,9 +261,7 @@ impl JobState {
 
     /// The state named `text`, as the tables write it.
     pub fn parse(text: &str) -> Option<Self> {
-        [Self::Scheduled, Self::Available, Self::Running, Self::Succeeded, Self::Dead, Self::Cancelled]
-            .into_iter()
-            .find(|state| state.as_str() == text)
+        Self::ALL.into_iter().find(|state| state.as_str() == text)
     }
 }
 
@@ -320,14 +322,7 @@ mod tests {
 
     #[test]
     fn a_state_is_named_as_it_parses_and_serializes() {
-        for state in [
-            JobState::Scheduled,
-            JobState::Available,
-            JobState::Running,
-            JobState::Succeeded,
-            JobState::Dead,
-            JobState::Cancelled,
-        ] {
+        for state in JobState::ALL {
             assert_eq!(JobState::parse(state.as_str()), Some(state));
             assert_eq!(serde_json::to_value(state).ok(), Some(json!(state.as_str())));
         }
@@ -404,14 +399,7 @@ mod tests {
 
     #[test]
     fn states_round_trip_through_their_names() {
-        for state in [
-            JobState::Scheduled,
-            JobState::Available,
-            JobState::Running,
-            JobState::Succeeded,
-            JobState::Dead,
-            JobState::Cancelled,
-        ] {
+        for state in JobState::ALL {
             let name = serde_json::to_value(state).ok().and_then(|v| v.as_str().map(str::to_owned));
             assert_eq!(name.as_deref().and_then(JobState::parse), Some(state));
         }
