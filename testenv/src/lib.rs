@@ -118,6 +118,38 @@ pub fn env_path(name: &str) -> Result<PathBuf> {
     })
 }
 
+/// A new, empty folder of a test's own under the tests' state folder
+/// (`TIDEPOOL_TEST_STATE_DIR`/scratch), given to the service user, which
+/// runs PostgreSQL and PgBouncer in it.
+pub fn scratch_dir(kind: &str) -> Result<PathBuf> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let dir = env_path("TIDEPOOL_TEST_STATE_DIR")?.join("scratch").join(format!(
+        "{kind}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    chown_to_service_user(&dir)?;
+    Ok(dir)
+}
+
+/// Gives `path` to the service user (`TIDEPOOL_RUN_AS`, when the tests
+/// run as another: PostgreSQL and PgBouncer refuse root).
+pub fn chown_to_service_user(path: &Path) -> Result<()> {
+    let Ok(user) = std::env::var("TIDEPOOL_RUN_AS") else { return Ok(()) };
+    let chown = Command::new("chown").arg(format!("{user}:")).arg(path).output()?;
+    anyhow::ensure!(
+        chown.status.success(),
+        "chown {user}: {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&chown.stderr)
+    );
+    Ok(())
+}
+
 pub struct Namespace<'a> {
     kube: &'a Kube,
     pub name: String,

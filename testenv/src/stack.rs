@@ -5,11 +5,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{ensure, Context, Result};
 
-use crate::{env_path, repo_root};
+use crate::repo_root;
 
 /// The stack's four ports, in the order of its variables.
 const PORT_VARIABLES: [&str; 4] =
@@ -26,22 +25,7 @@ impl LocalStack {
     /// A stack named `name` (its folder under the tests' state folder) that
     /// runs `binary` (`tidepool` or an application's); nothing started yet.
     pub fn new(name: &str, binary: impl AsRef<Path>) -> Result<LocalStack> {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let state = env_path("TIDEPOOL_TEST_STATE_DIR")?.join("scratch").join(format!(
-            "{name}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        if state.exists() {
-            std::fs::remove_dir_all(&state)?;
-        }
-        std::fs::create_dir_all(&state)?;
-        // PostgreSQL and PgBouncer run as the service user, which must own
-        // their folder.
-        if let Ok(user) = std::env::var("TIDEPOOL_RUN_AS") {
-            let chown = Command::new("chown").arg(format!("{user}:")).arg(&state).output()?;
-            ensure!(chown.status.success(), "chown: {}", String::from_utf8_lossy(&chown.stderr));
-        }
+        let state = crate::scratch_dir(name)?;
         let mut ports = [0; 4];
         for port in &mut ports {
             *port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();

@@ -90,30 +90,7 @@ fn service_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     command
 }
 
-fn chown_to_service_user(path: &Path) -> Result<()> {
-    if let Some((uid, gid)) = env().run_as {
-        std::os::unix::fs::chown(path, Some(uid), Some(gid))
-            .with_context(|| format!("chown {}", path.display()))?;
-    }
-    Ok(())
-}
-
-/// A folder of this test's own in the state folder, reachable by the
-/// service user.
-pub fn scratch_dir(kind: &str) -> Result<PathBuf> {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let dir = env().state_dir.join("scratch").join(format!(
-        "{kind}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)?;
-    }
-    std::fs::create_dir_all(&dir)?;
-    chown_to_service_user(&dir)?;
-    Ok(dir)
-}
+pub use tidepool_testenv::{chown_to_service_user, scratch_dir};
 
 /// A script of the checkout under test. The path comes from the
 /// CARGO_MANIFEST_DIR cargo sets when it runs the test, not the one compiled
