@@ -66,27 +66,115 @@ fn at<'a>(value: &'a Value, path: &[&str]) -> &'a Value {
     path.iter().fold(value, |value, key| &value[*key])
 }
 
+impl Runs {
+    /// The records of test `name`, a figure object per round.
+    fn test(&self, name: &str) -> &[Value] {
+        self.tests.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    /// The figure at `path` of each of test `name`'s rounds.
+    fn of(&self, name: &str, path: &[&str]) -> Vec<f64> {
+        self.test(name).iter().map(|f| at(f, path).as_f64().unwrap_or(f64::NAN)).collect()
+    }
+
+    /// Test `name`'s last round.
+    fn last(&self, name: &str) -> Value {
+        self.test(name).last().cloned().unwrap_or(Value::Null)
+    }
+}
+
+/// `median unit | runs` of a table row, `digits` decimals.
+fn median_and_runs(values: &[f64], digits: usize, unit: &str) -> String {
+    format!("{}{unit} | {}", number(median(values), digits, false), list(values, digits, false))
+}
+
 pub fn render(provenance: &Provenance, runs: &Runs) -> String {
     let Provenance { date, commit } = provenance;
-    let none = Vec::new();
-    let test = |name: &str| runs.tests.get(name).unwrap_or(&none);
-    let of = |name: &str, path: &[&str]| -> Vec<f64> {
-        test(name).iter().map(|f| at(f, path).as_f64().unwrap_or(f64::NAN)).collect()
+    format!(
+        "{start}
+
+## 11. End to end on the real node
+
+Written by `scripts/bench-e2e.sh` on {date}, commit {commit}, same machine.
+The tests of `operator/tests/real_node_e2e.rs`, one at a time, {rounds}
+rounds; each records what it measured (the tests assert no timing). Pods:
+the images of section 10 on the real node, PgBouncer 1.24.1 sidecars sized
+by the operator; PostgreSQL 15 on the veth's host end (the test cluster's,
+or one of the test's own where it restarts it or sets `max_connections`).
+Clients: `tidepool-loadgen` inside the node's network namespace, through the
+web Service's ClusterIP (kube-proxy, iptables). The local stack: the same
+binaries on loopback with PgBouncer 1.18 (scripts/stack.sh), in the same run,
+alternating with the tests.
+
+{seed}
+
+{budget}
+
+{rollout}
+
+{recovery}
+
+{end}
+",
+        start = SECTION.start,
+        end = SECTION.end,
+        rounds = runs.test("seed").len(),
+        seed = seed(runs),
+        budget = budget(runs),
+        rollout = rollout(runs),
+        recovery = recovery(runs),
+    )
+}
+
+/// The seed's experiments through Kubernetes beside the local stack.
+fn seed(runs: &Runs) -> String {
+    let row = |label: &str, k8s: &[f64], local: &[f64], target: f64| {
+        let difference = difference(k8s, local);
+        format!(
+            "| {label} | {:.2} s | {} | {:.2} s | {} | {difference:+.1} % | ≤ {target} s: {}; within 2 %: {} |",
+            median(k8s),
+            list(k8s, 2, false),
+            median(local),
+            list(local, 2, false),
+            verdict(median(k8s) <= target),
+            verdict(difference.abs() <= 2.0)
+        )
     };
-    let last = |name: &str| test(name).last().cloned().unwrap_or(Value::Null);
-    let (seed, budget, rollout) = (test("seed"), test("budget"), test("rollout"));
-    let k8s_requests = of("seed", &["requests_seconds"]);
-    let k8s_jobs = of("seed", &["jobs_seconds"]);
-    let local_requests = column(&runs.local, 0);
-    let local_jobs = column(&runs.local, 1);
-    let requests_difference = difference(&k8s_requests, &local_requests);
-    let jobs_difference = difference(&k8s_jobs, &local_jobs);
-    let b_last = last("budget");
-    let rps: Vec<f64> = budget
-        .iter()
-        .map(|f| figure(f, "requests") / at(f, &["burst", "total_seconds"]).as_f64().unwrap_or(f64::NAN))
-        .collect();
-    let budget_rows = budget
+    let requests = row(
+        "10 × `/slow-query/` (5 s) at once, web pool 10",
+        &runs.of("seed", &["requests_seconds"]),
+        &column(&runs.local, 0),
+        5.2,
+    );
+    let jobs = row(
+        "100 × `slow_query` (5 s), one worker, concurrency 50",
+        &runs.of("seed", &["jobs_seconds"]),
+        &column(&runs.local, 1),
+        10.5,
+    );
+    format!(
+        "### The seed's experiments: Kubernetes beside the local stack
+
+| experiment | through Kubernetes (median) | runs | local stack (median) | runs | difference | target |
+|---|---|---|---|---|---|---|
+{requests}
+{jobs}
+
+Jobs: the first enqueue (`created_at`) to the last completion
+(`finished_at`), enqueued one statement each (`tidepool enqueue --batch-size 1`,
+as the seed's loop of `delay()`); on Kubernetes the worker pod polls through
+its PgBouncer (no LISTEN), locally it also LISTENs. In every Kubernetes run the
+worker pod ran 50 `pg_sleep` backends at once (sampled peaks:
+{peaks}).",
+        peaks = list(&runs.of("seed", &["jobs_peak"]), 0, false),
+    )
+}
+
+/// The budget under overload.
+fn budget(runs: &Runs) -> String {
+    let budget = runs.test("budget");
+    let last = runs.last("budget");
+    let rows = budget
         .iter()
         .enumerate()
         .map(|(i, f)| {
@@ -106,7 +194,41 @@ pub fn render(provenance: &Provenance, runs: &Runs) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n");
-    let rollout_rows = rollout
+    let rps: Vec<f64> =
+        budget.iter().map(|f| figure(f, "requests") / figure(&f["burst"], "total_seconds")).collect();
+    format!(
+        "### The budget under overload
+
+PostgreSQL's `max_connections` = {max_connections} = reserved 10 + available
+{available}; web 2 replicas (pool ask 20), worker 2 replicas (concurrency
+20); the planner gives each web pod {web_share} and each worker pod
+{worker_share} server connections (3 pods per tier with the surge:
+planned peak {planned}). Offered at once: 200 ×
+`/slow-query/?seconds=1` and 100 `slow_query` jobs of 1 s, against 4 live
+pods' {live_pods} server connections.
+
+| run | 200 | 503 (shed) | p99 | burst total | 100 jobs drained | peak app connections (sampled) | live pods' shares | planned peak | available |
+|---|---|---|---|---|---|---|---|---|---|
+{rows}
+
+Requests per second of the burst (served and shed): median {rps:.1}.
+PostgreSQL refused no connection in any run (\"too many clients\" and
+\"remaining connection slots\" absent from its log); the excess waited in the
+app's pool up to `TIDEPOOL_DB_POOL_WAIT` (5 s), then got a 503.",
+        max_connections = last["max_connections"],
+        available = last["available"],
+        web_share = last["web_share"],
+        worker_share = last["worker_share"],
+        planned = last["planned"],
+        live_pods = last["live_pods"],
+        rps = median(&rps),
+    )
+}
+
+/// A rolling update under load.
+fn rollout(runs: &Runs) -> String {
+    let rows = runs
+        .test("rollout")
         .iter()
         .enumerate()
         .map(|(i, f)| {
@@ -127,67 +249,8 @@ pub fn render(provenance: &Provenance, runs: &Runs) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n");
-    let median_and_runs = |values: &[f64], digits: usize| {
-        format!("{} | {}", number(median(values), digits, false), list(values, digits, false))
-    };
-    let sidecar = |key: &str| of("sidecar", &[key]);
-    let restart = |path: &[&str]| of("postgres_restart", path);
-    let shed_503: Vec<f64> = test("postgres_restart")
-        .iter()
-        .map(|f| f["load"]["statuses"]["503"].as_f64().unwrap_or(0.0))
-        .collect();
-    let worker = |key: &str| of("worker", &[key]);
-    let (sidecar_last, worker_last) = (last("sidecar"), last("worker"));
     format!(
-        "{start}
-
-## 11. End to end on the real node
-
-Written by `scripts/bench-e2e.sh` on {date}, commit {commit}, same machine.
-The tests of `operator/tests/real_node_e2e.rs`, one at a time, {rounds}
-rounds; each records what it measured (the tests assert no timing). Pods:
-the images of section 10 on the real node, PgBouncer 1.24.1 sidecars sized
-by the operator; PostgreSQL 15 on the veth's host end (the test cluster's,
-or one of the test's own where it restarts it or sets `max_connections`).
-Clients: `tidepool-loadgen` inside the node's network namespace, through the
-web Service's ClusterIP (kube-proxy, iptables). The local stack: the same
-binaries on loopback with PgBouncer 1.18 (scripts/stack.sh), in the same run,
-alternating with the tests.
-
-### The seed's experiments: Kubernetes beside the local stack
-
-| experiment | through Kubernetes (median) | runs | local stack (median) | runs | difference | target |
-|---|---|---|---|---|---|---|
-| 10 × `/slow-query/` (5 s) at once, web pool 10 | {k8s_requests_median:.2} s | {k8s_requests_runs} | {local_requests_median:.2} s | {local_requests_runs} | {requests_difference:+.1} % | ≤ 5.2 s: {requests_target}; within 2 %: {requests_within} |
-| 100 × `slow_query` (5 s), one worker, concurrency 50 | {k8s_jobs_median:.2} s | {k8s_jobs_runs} | {local_jobs_median:.2} s | {local_jobs_runs} | {jobs_difference:+.1} % | ≤ 10.5 s: {jobs_target}; within 2 %: {jobs_within} |
-
-Jobs: the first enqueue (`created_at`) to the last completion
-(`finished_at`), enqueued one statement each (`tidepool enqueue --batch-size 1`,
-as the seed's loop of `delay()`); on Kubernetes the worker pod polls through
-its PgBouncer (no LISTEN), locally it also LISTENs. In every Kubernetes run the
-worker pod ran 50 `pg_sleep` backends at once (sampled peaks:
-{jobs_peaks}).
-
-### The budget under overload
-
-PostgreSQL's `max_connections` = {max_connections} = reserved 10 + available
-{available}; web 2 replicas (pool ask 20), worker 2 replicas (concurrency
-20); the planner gives each web pod {web_share} and each worker pod
-{worker_share} server connections (3 pods per tier with the surge:
-planned peak {planned}). Offered at once: 200 ×
-`/slow-query/?seconds=1` and 100 `slow_query` jobs of 1 s, against 4 live
-pods' {live_pods} server connections.
-
-| run | 200 | 503 (shed) | p99 | burst total | 100 jobs drained | peak app connections (sampled) | live pods' shares | planned peak | available |
-|---|---|---|---|---|---|---|---|---|---|
-{budget_rows}
-
-Requests per second of the burst (served and shed): median {rps:.1}.
-PostgreSQL refused no connection in any run (\"too many clients\" and
-\"remaining connection slots\" absent from its log); the excess waited in the
-app's pool up to `TIDEPOOL_DB_POOL_WAIT` (5 s), then got a 503.
-
-### Rolling update under load
+        "### Rolling update under load
 
 20 clients, `GET /row/` back to back through the Service, for the whole
 rollout of `spec.web.concurrency` 100 → 150 (2 web pods with pool 10, surge 1;
@@ -196,65 +259,47 @@ the pods alive at once (running or terminating), over every event of a watch.
 
 | run | patch to old pods gone | requests | per second | failed | p99 | max | connections opened | live shares (peak) |
 |---|---|---|---|---|---|---|---|---|
-{rollout_rows}
+{rows}"
+    )
+}
 
-### Recovery
+/// Recovery from a killed sidecar, a restarted PostgreSQL, a killed or
+/// deleted worker.
+fn recovery(runs: &Runs) -> String {
+    let sidecar = |key: &str| median_and_runs(&runs.of("sidecar", &[key]), 2, " s");
+    let restart = |path: &[&str]| median_and_runs(&runs.of("postgres_restart", path), 2, " s");
+    let worker = |key: &str| median_and_runs(&runs.of("worker", &[key]), 1, " s");
+    let shed: Vec<f64> = runs
+        .test("postgres_restart")
+        .iter()
+        .map(|f| f["load"]["statuses"]["503"].as_f64().unwrap_or(0.0))
+        .collect();
+    let (sidecar_last, worker_last) = (runs.last("sidecar"), runs.last("worker"));
+    format!(
+        "### Recovery
 
 | fault | figure | median | runs |
 |---|---|---|---|
-| PgBouncer sidecar killed (kill -9) with its 5 server connections in 60 s queries | old backends gone after (`client_connection_check_interval` 1 s) | {overlap} s | {overlap_runs} |
-| | `/row/` through the Service 200 again after | {recovered} s | {recovered_runs} |
-| | peak app connections during the overlap (web share {share}, worker share {sidecar_worker_share}) | {sidecar_peak} |
-| PostgreSQL restarted (`pg_ctl stop -m fast`, start) under 5 clients of `/row/` | the restart itself | {restart_s} s | {restart_runs} |
-| | from the restart's start to `/row/` 200 again | {restart_recovered} s | {restart_recovered_runs} |
+| PgBouncer sidecar killed (kill -9) with its 5 server connections in 60 s queries | old backends gone after (`client_connection_check_interval` 1 s) | {overlap} |
+| | `/row/` through the Service 200 again after | {recovered} |
+| | peak app connections during the overlap (web share {share}, worker share {worker_share}) | {peak} |
+| PostgreSQL restarted (`pg_ctl stop -m fast`, start) under 5 clients of `/row/` | the restart itself | {restart_s} |
+| | from the restart's start to `/row/` 200 again | {restart_recovered} |
 | | requests answered 503 meanwhile | {shed} |
-| | slowest request | {slowest} s | {slowest_runs} |
-| worker container killed (kill -9) holding {held}+ of 20 jobs (5 s) | all 20 done after the kill (lease 30 s) | {kill} s | {kill_runs} |
-| worker pod deleted holding 12 jobs (35 s) | all 12 done after the delete (shutdown deadline 20 s, hand-back, rerun) | {delete} s | {delete_runs} |
-
-{end}
-",
-        start = SECTION.start,
-        end = SECTION.end,
-        rounds = seed.len(),
-        k8s_requests_median = median(&k8s_requests),
-        k8s_requests_runs = list(&k8s_requests, 2, false),
-        local_requests_median = median(&local_requests),
-        local_requests_runs = list(&local_requests, 2, false),
-        requests_target = verdict(median(&k8s_requests) <= 5.2),
-        requests_within = verdict(requests_difference.abs() <= 2.0),
-        k8s_jobs_median = median(&k8s_jobs),
-        k8s_jobs_runs = list(&k8s_jobs, 2, false),
-        local_jobs_median = median(&local_jobs),
-        local_jobs_runs = list(&local_jobs, 2, false),
-        jobs_target = verdict(median(&k8s_jobs) <= 10.5),
-        jobs_within = verdict(jobs_difference.abs() <= 2.0),
-        jobs_peaks = list(&of("seed", &["jobs_peak"]), 0, false),
-        max_connections = b_last["max_connections"],
-        available = b_last["available"],
-        web_share = b_last["web_share"],
-        worker_share = b_last["worker_share"],
-        planned = b_last["planned"],
-        live_pods = b_last["live_pods"],
-        rps = median(&rps),
-        overlap = number(median(&sidecar("overlap_seconds")), 2, false),
-        overlap_runs = list(&sidecar("overlap_seconds"), 2, false),
-        recovered = number(median(&sidecar("recovered_seconds")), 2, false),
-        recovered_runs = list(&sidecar("recovered_seconds"), 2, false),
+| | slowest request | {slowest} |
+| worker container killed (kill -9) holding {held}+ of 20 jobs (5 s) | all 20 done after the kill (lease 30 s) | {kill} |
+| worker pod deleted holding 12 jobs (35 s) | all 12 done after the delete (shutdown deadline 20 s, hand-back, rerun) | {delete} |",
+        overlap = sidecar("overlap_seconds"),
+        recovered = sidecar("recovered_seconds"),
         share = sidecar_last["share"],
-        sidecar_worker_share = sidecar_last["worker_share"],
-        sidecar_peak = median_and_runs(&sidecar("peak"), 0),
-        restart_s = number(median(&restart(&["restart_seconds"])), 2, false),
-        restart_runs = list(&restart(&["restart_seconds"]), 2, false),
-        restart_recovered = number(median(&restart(&["recovered_seconds"])), 2, false),
-        restart_recovered_runs = list(&restart(&["recovered_seconds"]), 2, false),
-        shed = median_and_runs(&shed_503, 0),
-        slowest = number(median(&restart(&["load", "latency_max_seconds"])), 2, false),
-        slowest_runs = list(&restart(&["load", "latency_max_seconds"]), 2, false),
+        worker_share = sidecar_last["worker_share"],
+        peak = median_and_runs(&runs.of("sidecar", &["peak"]), 0, ""),
+        restart_s = restart(&["restart_seconds"]),
+        restart_recovered = restart(&["recovered_seconds"]),
+        shed = median_and_runs(&shed, 0, ""),
+        slowest = restart(&["load", "latency_max_seconds"]),
         held = worker_last["held"],
-        kill = number(median(&worker("kill_drained_seconds")), 1, false),
-        kill_runs = list(&worker("kill_drained_seconds"), 1, false),
-        delete = number(median(&worker("delete_drained_seconds")), 1, false),
-        delete_runs = list(&worker("delete_drained_seconds"), 1, false),
+        kill = worker("kill_drained_seconds"),
+        delete = worker("delete_drained_seconds"),
     )
 }
