@@ -8,7 +8,7 @@ SHELL := /bin/bash
 # machine reuses it.
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/tidepool/cargo-target
 
-.PHONY: help deps build up down status demo test soak lint bench bench-operator bench-node bench-e2e bench-dashboards bench-autoscaling bench-router bench-shop clean kube-build kube-up kube-down images
+.PHONY: help deps build up down status demo test soak lint bench bench-web bench-operator bench-node bench-e2e bench-dashboards bench-autoscaling bench-router bench-shop clean kube-build kube-up kube-down images
 
 help:
 	@echo "make demo    install, build, start the local stack, run the seed's experiments"
@@ -17,6 +17,7 @@ help:
 	@echo "make down    stop them"
 	@echo "make soak    run the whole test suite ROUNDS (5) times with every core busy"
 	@echo "make bench   run the benchmarks and write docs/benchmarks.md"
+	@echo "make bench-web       run only the web ones (sections 1 to 5)"
 	@echo "make bench-operator  run only the operator's (section 9)"
 	@echo "make bench-node      run only the real node's (section 10)"
 	@echo "make bench-e2e       run only the end-to-end ones on the real node (section 11)"
@@ -62,6 +63,10 @@ lint:
 bench: build
 	@scripts/install-deps.sh bench
 	@scripts/bench.sh
+
+bench-web: build
+	@scripts/install-deps.sh bench
+	@BENCH_WEB_ONLY=1 scripts/bench.sh
 
 bench-operator: deps
 	@scripts/bench-operator.sh

@@ -24,7 +24,8 @@
 # (14, the router layer beside an old commit's, is `make bench-router`.)
 # All traffic goes to loopback (and, for 10-11, to the test cluster inside
 # the real node's network namespace); every step is bounded in time.
-# BENCH_REPEATS (3) and BENCH_SECONDS (15) size the alternating runs.
+# BENCH_REPEATS (3) and BENCH_SECONDS (15) size the alternating runs;
+# BENCH_WEB_ONLY=1 (`make bench-web`) runs 1 to 5 only.
 set -euo pipefail
 # The web sections measure one process behind 20 server connections.
 export TIDEPOOL_POOLER_POOL_SIZE=${TIDEPOOL_POOLER_POOL_SIZE:-20}
@@ -280,6 +281,8 @@ REPORT
 # was measured by hand between them, stay.
 replace_report_section "$OUT" "<!-- web benchmarks: scripts/bench.sh -->" "<!-- end of web benchmarks -->" "$WORK/web.md"
 say "wrote the web sections of $OUT"
+# `make bench-web`: these sections alone.
+[ -z "${BENCH_WEB_ONLY:-}" ] || exit 0
 "$REPO_ROOT/scripts/bench-tasks.sh"
 "$REPO_ROOT/scripts/bench-operator.sh"
 "$REPO_ROOT/scripts/bench-node.sh"
