@@ -120,7 +120,9 @@ wait_for_autovacuum() {
 
 "$REPO_ROOT/scripts/stack.sh" up postgres
 "$REPO_ROOT/scripts/stack.sh" down web worker pooler
-TIDEPOOL_POOLER_POOL_SIZE=$POOL "$REPO_ROOT/scripts/stack.sh" up pooler
+# None kept open while idle (the local plan keeps its pools'): the sampled
+# peaks are the connections the worker and the enqueuer open.
+TIDEPOOL_POOLER_POOL_SIZE=$POOL TIDEPOOL_POOLER_MIN_POOL_SIZE=0 "$REPO_ROOT/scripts/stack.sh" up pooler
 export DATABASE_URL
 DATABASE_URL=$(pooled_url)
 [ "$(q "SELECT count(*) FROM tidepool_jobs")" = 0 ] || die "the local queue has pending jobs; run make clean (or wait) before benchmarking"
@@ -273,7 +275,7 @@ $MARKER
 Task sections written by \`scripts/bench-tasks.sh\` on $(date -u +"%Y-%m-%d %H:%M UTC"), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), same machine.
 For these, PgBouncer has $POOL server connections (\`max_db_connections\`) and
 \`tidepool worker\` runs as a release build; PostgreSQL has default durability
-and default autovacuum settings, plus the per-table settings of the queue's migration (`service/migrations/0001_jobs.sql`).
+and default autovacuum settings, plus the per-table settings of the queue's migration (\`service/migrations/0001_jobs.sql\`).
 
 ## 6. The seed's task experiment
 
