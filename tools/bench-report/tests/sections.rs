@@ -48,6 +48,11 @@ fn the_operator_section() {
         sections::operator::Setup { provenance: provenance(), elapsed_seconds: 1234, pods: 412, cores: 2 };
     assert_eq!(sections::operator::render(&setup, &scale), expected("operator"));
     assert!(sections::operator::load("{}").is_err(), "a report without its figures");
+    // An operator that wrote nothing at rest has no entry: 0.0, not -0.0.
+    let mut quiet = scale.clone();
+    quiet.writes_per_minute_at_rest.retain(|client, _| !client.starts_with("tidepool-operator/"));
+    let text = sections::operator::render(&setup, &quiet);
+    assert!(text.contains("| the operator's writes at rest | 0.0 per minute |"), "{text}");
 }
 
 #[test]

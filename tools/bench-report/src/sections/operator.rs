@@ -102,12 +102,14 @@ pub fn render(setup: &Setup, scale: &Scale) -> String {
             .collect::<Vec<_>>()
             .join("\n")
     };
+    // A sum of none is -0.0 in Rust: + 0.0 makes it the 0.0 it means.
     let operator_writes: f64 = scale
         .writes_per_minute_at_rest
         .iter()
         .filter(|(key, _)| key.starts_with("tidepool-operator/"))
         .map(|(_, per_minute)| per_minute)
-        .sum();
+        .sum::<f64>()
+        + 0.0;
     format!(
         "{start}
 
