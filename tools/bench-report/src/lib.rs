@@ -19,6 +19,8 @@ pub mod stats;
 
 use std::path::{Path, PathBuf};
 
+use serde_json::Value;
+
 /// What keeps a figure or a section from being written.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
@@ -68,6 +70,34 @@ pub fn rows(path: &Path) -> Result<Vec<Vec<f64>>, ReportError> {
 /// report shows rather than hides).
 pub fn column(rows: &[Vec<f64>], index: usize) -> Vec<f64> {
     rows.iter().map(|row| row.get(index).copied().unwrap_or(f64::NAN)).collect()
+}
+
+/// Each line's JSON object in `path` (what the tests write their figures
+/// as, one record a line).
+pub fn json_lines(path: &Path) -> Result<Vec<Value>, ReportError> {
+    read(path)?
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(index, line)| {
+            serde_json::from_str(line).map_err(|e| ReportError::Line {
+                path: path.to_owned(),
+                line: index + 1,
+                message: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The value at `path` (its keys, outermost first) of `value`; null where
+/// a key is missing.
+pub fn at<'a>(value: &'a Value, path: &[&str]) -> &'a Value {
+    path.iter().fold(value, |value, key| &value[*key])
+}
+
+/// `value[key]` as a number (NaN when it is none, which the report shows).
+pub fn figure(value: &Value, key: &str) -> f64 {
+    value[key].as_f64().unwrap_or(f64::NAN)
 }
 
 /// The one number of each line of `path`.

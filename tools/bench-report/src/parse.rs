@@ -10,8 +10,6 @@ pub struct Wrk {
     pub requests_per_second: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
-    /// Its "Non-2xx or 3xx responses" (0 when it prints none).
-    pub non_2xx: u64,
     /// The requests it made ("30137 requests in 10.01s").
     pub requests: u64,
 }
@@ -41,7 +39,6 @@ pub fn wrk(text: &str) -> Result<Wrk, ReportError> {
         requests_per_second,
         p50_ms: percentile("50").ok_or_else(|| missing("50% latency"))?,
         p99_ms: percentile("99").ok_or_else(|| missing("99% latency"))?,
-        non_2xx: after("Non-2xx or 3xx responses:").and_then(|v| v.parse().ok()).unwrap_or(0),
         requests: text
             .lines()
             .find_map(|line| line.trim().split_once(" requests in ").and_then(|(n, _)| n.parse().ok()))
@@ -52,8 +49,9 @@ pub fn wrk(text: &str) -> Result<Wrk, ReportError> {
 /// The field at `path` (dotted: `burst.total_seconds`) of `value`, as a
 /// script uses it: a string without its quotes, anything else as JSON.
 pub fn json_field(value: &Value, path: &str) -> Option<String> {
-    let field = path.split('.').try_fold(value, |value, key| value.get(key))?;
+    let field = crate::at(value, &path.split('.').collect::<Vec<_>>());
     Some(match field {
+        Value::Null => return None,
         Value::String(text) => text.clone(),
         other => other.to_string(),
     })
@@ -170,7 +168,7 @@ Transfer/sec:    504.08KB
         let figures = wrk(WRK).expect("a report");
         assert_eq!(
             figures,
-            Wrk { requests_per_second: 3010.32, p50_ms: 20.41, p99_ms: 1210.0, non_2xx: 3, requests: 30137 }
+            Wrk { requests_per_second: 3010.32, p50_ms: 20.41, p99_ms: 1210.0, requests: 30137 }
         );
         let micro = WRK.replace("20.41ms", "830.00us");
         assert!((wrk(&micro).expect("a report").p50_ms - 0.83).abs() < 1e-9);

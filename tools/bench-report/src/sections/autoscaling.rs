@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::{Provenance, Section};
 use crate::stats::{list, max, median, min};
-use crate::{read, ReportError};
+use crate::{figure, json_lines, ReportError};
 
 pub const SECTION: Section<'static> = Section {
     start: "<!-- scaling benchmarks: scripts/bench-autoscaling.sh -->",
@@ -37,22 +37,6 @@ pub struct Runs {
     pub e2e: Vec<Value>,
 }
 
-/// Each line's JSON object in `path`.
-pub(crate) fn json_lines(path: &Path) -> Result<Vec<Value>, ReportError> {
-    read(path)?
-        .lines()
-        .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty())
-        .map(|(index, line)| {
-            serde_json::from_str(line).map_err(|e| ReportError::Line {
-                path: path.to_owned(),
-                line: index + 1,
-                message: e.to_string(),
-            })
-        })
-        .collect()
-}
-
 /// The figures the tests wrote: `figures` (records named `backlog` and
 /// `steady`) and `e2e` (a record per run) in `work`.
 pub fn load(figures: &Path, e2e: &Path) -> Result<Runs, ReportError> {
@@ -68,11 +52,6 @@ pub fn load(figures: &Path, e2e: &Path) -> Result<Runs, ReportError> {
         steady,
         e2e: json_lines(e2e)?.into_iter().map(|r| r["figures"].clone()).collect(),
     })
-}
-
-/// `value[key]` as a number (NaN when it is none, which the report shows).
-pub(crate) fn figure(value: &Value, key: &str) -> f64 {
-    value[key].as_f64().unwrap_or(f64::NAN)
 }
 
 pub fn render(setup: &Setup, runs: &Runs) -> String {

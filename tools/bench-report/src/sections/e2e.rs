@@ -7,10 +7,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::autoscaling::{figure, json_lines};
 use super::{Provenance, Section};
 use crate::stats::{list, median, number};
-use crate::{column, rows, ReportError};
+use crate::{at, column, figure, json_lines, rows, ReportError};
 
 pub const SECTION: Section<'static> = Section {
     start: "<!-- end-to-end benchmarks: scripts/bench-e2e.sh -->",
@@ -59,11 +58,6 @@ fn verdict(ok: bool) -> &'static str {
 fn difference(a: &[f64], b: &[f64]) -> f64 {
     let rounded: f64 = format!("{:.1}", (median(a) / median(b) - 1.0) * 100.0).parse().unwrap_or(f64::NAN);
     rounded + 0.0
-}
-
-/// The value at `path` (keys) of `value`.
-fn at<'a>(value: &'a Value, path: &[&str]) -> &'a Value {
-    path.iter().fold(value, |value, key| &value[*key])
 }
 
 impl Runs {
