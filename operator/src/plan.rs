@@ -469,6 +469,12 @@ impl Step {
     pub fn tier(&self, tier: Tier) -> Option<&TierStep> {
         self.tiers.get(&tier)
     }
+
+    /// Where `tier` is in this step: a tier the step lacks has no pods yet
+    /// (its Deployment is still to be made, with the plan's template).
+    pub fn of(&self, tier: &TierPlan) -> TierStep {
+        self.tier(tier.tier).copied().unwrap_or(TierStep { replicas: 0, ..TierStep::at(tier) })
+    }
 }
 
 /// The steps from the children as they are (`from`, every tier with its
@@ -482,8 +488,7 @@ pub fn transition(from: &Step, to: &Plan, rolls: impl Fn(Tier) -> bool) -> Vec<S
         .tiers
         .iter()
         .map(|t| {
-            let new = TierStep::at(t);
-            let old = from.tier(t.tier).copied().unwrap_or(TierStep { replicas: 0, ..new });
+            let (new, old) = (TierStep::at(t), from.of(t));
             // A new share is a new pod annotation and PgBouncer setting: a roll.
             let rolls = rolls(t.tier) || old.per_pod != new.per_pod;
             (t.tier, Leg { old, new, rolls })

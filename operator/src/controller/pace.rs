@@ -9,10 +9,10 @@
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::apply::contains;
-use super::pods::ListedPod;
 use std::collections::BTreeSet;
 
+use super::apply::contains;
+use super::pods::ListedPod;
 use crate::plan::{self, PerTier, Plan};
 use crate::render::{self, labels};
 use crate::validate;
@@ -60,10 +60,12 @@ pub fn pace(
         let spec = deployment.spec.as_ref();
         let template = spec.map(|s| &s.template);
         let rendered = render::deployment::deployment(validated, tier).spec.map(|s| s.template);
-        if match (template.map(serde_json::to_value), rendered.map(|t| serde_json::to_value(&t))) {
-            (Some(Ok(live)), Some(Ok(rendered))) => !contains(&live, &rendered),
-            _ => true,
-        } {
+        let lacks_rendered =
+            match (template.map(serde_json::to_value), rendered.map(|t| serde_json::to_value(&t))) {
+                (Some(Ok(live)), Some(Ok(rendered))) => !contains(&live, &rendered),
+                _ => true,
+            };
+        if lacks_rendered {
             rolls.insert(tier.tier);
         }
         let mut step = plan::TierStep::at(tier);
@@ -92,10 +94,7 @@ pub fn pace(
     let mut moves = PerTier::new();
     for tier in &mut stepped.tiers {
         let Some(to) = next.tier(tier.tier).copied() else { continue };
-        let now = live_step
-            .tier(tier.tier)
-            .copied()
-            .unwrap_or(plan::TierStep { replicas: 0, ..plan::TierStep::at(tier) });
+        let now = live_step.of(tier);
         let cost = tier.per_pod();
         tier.replicas = to.replicas;
         tier.surge = to.surge;
