@@ -289,4 +289,7 @@ say "wrote the web sections of $OUT"
 "$REPO_ROOT/scripts/bench-e2e.sh"
 "$REPO_ROOT/scripts/bench-dashboards.sh"
 "$REPO_ROOT/scripts/bench-autoscaling.sh"
+# The shop's stack runs on the local stack's ports: the one bench-tasks.sh
+# leaves up stops first.
+"$REPO_ROOT/scripts/stack.sh" down
 "$REPO_ROOT/scripts/bench-shop.sh"
