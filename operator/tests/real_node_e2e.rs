@@ -225,6 +225,18 @@ impl Shop {
         Ok(counts)
     }
 
+    /// The restart counts once `container` (`pod/name`) has restarted
+    /// `times`: the kubelet starts the container again before it reports
+    /// the restart to the API server, so a pod that already serves again
+    /// may still show the old count for a while.
+    fn wait_restarted(&self, container: &str, times: i64) -> Result<BTreeMap<String, i64>> {
+        wait_for(&format!("{container} to show {times} restart(s)"), Duration::from_secs(60), || {
+            let counts = self.restart_counts()?;
+            Ok((counts.get(container).copied().unwrap_or(0) >= times).then_some(counts))
+        })
+        .with_context(|| self.describe())
+    }
+
     fn describe(&self) -> String {
         let ns = &self.ns.name;
         let pods = self.kube.kubectl(&["get", "pods", "-n", ns, "-o", "wide"], None).unwrap_or_default();
@@ -706,8 +718,8 @@ fn a_killed_or_deleted_worker_loses_no_job() -> Result<()> {
         id_list(&held)
     ))?;
     assert_eq!(rerun, held.len() as i64, "every job the killed worker held ran again after its lease");
-    let restarts = shop.restart_counts()?;
     let worker_app = format!("{}/worker", pod["metadata"]["name"].as_str().unwrap_or_default());
+    let restarts = shop.wait_restarted(&worker_app, 1)?;
     assert_eq!(restarts.get(&worker_app), Some(&1), "{restarts:?}");
 
     // A pod deleted gracefully.
@@ -791,7 +803,7 @@ fn a_killed_pgbouncer_is_restarted_and_its_old_connections_end_in_bounded_time()
     let samples = connections.finish()?;
     let peak = samples.iter().map(|(_, n)| *n).max().unwrap_or(0);
     let pod_name = pod["metadata"]["name"].as_str().unwrap_or_default();
-    let restarts = shop.restart_counts()?;
+    let restarts = shop.wait_restarted(&format!("{pod_name}/pgbouncer"), 1)?;
     assert_eq!(restarts.get(&format!("{pod_name}/pgbouncer")), Some(&1), "{restarts:?}");
     assert_eq!(restarts.get(&format!("{pod_name}/web")), Some(&0), "{restarts:?}");
     // Old and new together are at most two shares of the web pod, plus the
