@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
@@ -91,11 +92,10 @@ pub async fn accept<C, F>(
                 continue;
             }
         };
-        let connection = connect(stream, peer);
-        tokio::spawn(async move {
-            connection.await;
-            drop(slot);
-        });
+        // `map`, not an `async move` block around it: such a block keeps
+        // the connection's future twice (as its capture and as what it
+        // awaits), which is about 2 KB more per open connection.
+        tokio::spawn(connect(stream, peer).map(move |()| drop(slot)));
     }
 }
 
@@ -111,10 +111,7 @@ where
 {
     let http = http1(&limits);
     accept(&listener, limits.connections, stop, |stream, _| {
-        let connection = http.serve_connection(TokioIo::new(stream), service_fn(handler.clone()));
-        async move {
-            let _ = connection.await;
-        }
+        http.serve_connection(TokioIo::new(stream), service_fn(handler.clone())).map(|_| ())
     })
     .await;
 }

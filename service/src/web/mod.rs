@@ -52,6 +52,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
+use futures_util::FutureExt;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -195,11 +196,11 @@ pub async fn serve(
         let service =
             service_fn(move |request| request::handle(server.clone(), unread_body.clone(), request));
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        async move {
-            if let Err(e) = connection.await {
+        connection.map(move |ended| {
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
-        }
+        })
     })
     .await;
 
