@@ -262,11 +262,9 @@ hyper's 8 KB read buffer and 8 KB header buffer (of which only the first page
 is touched), its connection state (1.6 KB) and the slot it keeps for the
 request handler's future, which is why the route dispatch is boxed (a 4.7 KB
 future kept per connection put the 10,000-connection figure at 167 MB), and
-the task that serves the connection. That task's future holds the connection
-once, through \`FutureExt::map\`: the \`async\` blocks it was wrapped in at
-8be252e each held it twice (as a capture and as what they await): 155.5 MB
-in this benchmark, against 128.2 MB with \`map\` and 136.1 MB at 9fc07bf (side by side,
-median of 3, 2026-12-02).
+the task that serves the connection, whose future holds the connection once
+(through \`FutureExt::map\`; an \`async\` block around it holds it twice, as a
+capture and as what it awaits, about 2 KB more per connection).
 
 ## 5. The Kubernetes test control plane
 
