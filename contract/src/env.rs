@@ -22,8 +22,13 @@ variables! {
     /// A direct connection URL to PostgreSQL: the worker's LISTEN session, the
     /// migration Job.
     DIRECT_DATABASE_URL = "TIDEPOOL_DIRECT_DATABASE_URL";
-    /// The file holding the database password (the mounted Secret's key).
+    /// The file holding the password of the pooled connection: the pod's
+    /// own PgBouncer user's, written at the pod's start (the migration Job:
+    /// the mounted Secret's key).
     DB_PASSWORD_FILE = "TIDEPOOL_DB_PASSWORD_FILE";
+    /// The file holding the direct connection's password (the mounted
+    /// Secret's key), for the worker's LISTEN session alone.
+    DIRECT_DB_PASSWORD_FILE = "TIDEPOOL_DIRECT_DB_PASSWORD_FILE";
     /// The app's pool of connections to PgBouncer.
     DB_POOL_SIZE = "TIDEPOOL_DB_POOL_SIZE";
     /// PgBouncer's admin console, for the `pgbouncer_*` series of `/metrics`.
@@ -46,4 +51,50 @@ variables! {
     WORKER_CONCURRENCY = "TIDEPOOL_WORKER_CONCURRENCY";
     /// The queues a worker claims from, comma-separated.
     WORKER_QUEUES = "TIDEPOOL_WORKER_QUEUES";
+}
+
+/// The plan as every container of a tier gets it, whatever the container
+/// runs (Tidepool's own process or an application's: gunicorn, Celery, a
+/// Node server), beside [`DATABASE_URL`] and [`DB_PASSWORD_FILE`]. An
+/// application maps them onto its framework's knobs with Kubernetes'
+/// `$(NAME)` expansion (docs/foreign-apps.md).
+pub mod plan {
+    variables! {
+        /// PgBouncer's address in the pod (libpq's variables: psycopg2,
+        /// Rails and node-postgres read them).
+        HOST = "PGHOST";
+        /// PgBouncer's port in the pod.
+        PORT = "PGPORT";
+        /// The database, as PgBouncer names it.
+        DATABASE = "PGDATABASE";
+        /// The pod's own PgBouncer user (not a role of the server).
+        USER = "PGUSER";
+        /// A libpq password file (0600) with that user's pod-local password.
+        PASSFILE = "PGPASSFILE";
+        /// `disable`: the sidecar is on loopback.
+        SSLMODE = "PGSSLMODE";
+        /// What one pod of the tier does at once: web, requests (gunicorn's
+        /// `--worker-connections`); worker, jobs (Celery's `--concurrency`).
+        CONCURRENCY = "TIDEPOOL_CONCURRENCY";
+        /// The pod's share: server connections its PgBouncer may hold
+        /// (`max_db_connections`). An application pool sized to it never
+        /// waits inside PgBouncer.
+        DB_CONNECTIONS = "TIDEPOOL_DB_CONNECTIONS";
+    }
+}
+
+/// The database Secret's keys as variables, from which Kubernetes composes
+/// the connection URLs (`$(TIDEPOOL_DB_USER)`): the operator's own, which
+/// the runtime never reads.
+pub mod composed {
+    variables! {
+        /// The Secret's `username`.
+        DB_USER = "TIDEPOOL_DB_USER";
+        /// The Secret's `dbname`.
+        DB_NAME = "TIDEPOOL_DB_NAME";
+        /// The Secret's `host`.
+        DB_HOST = "TIDEPOOL_DB_HOST";
+        /// The Secret's `port`.
+        DB_PORT = "TIDEPOOL_DB_PORT";
+    }
 }

@@ -37,3 +37,10 @@ pub const HEALTH_PATH: &str = "/healthz";
 pub const READY_PATH: &str = "/readyz";
 /// Prometheus metrics.
 pub const METRICS_PATH: &str = "/metrics";
+
+/// The file, in the same folder, with the password of the pod's own
+/// PgBouncer user (`tidepool pooler-config --client-user`), generated at
+/// the pod's start: the app logs in to its PgBouncer with it.
+pub const CLIENT_PASSWORD_FILE: &str = "client.password";
+/// The same password as a libpq password file (0600), for `PGPASSFILE`.
+pub const CLIENT_PASSFILE: &str = "client.pgpass";

@@ -13,13 +13,18 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{EnvVarSource, Probe, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-/// The application image when the spec names none: the project's own.
+/// Tidepool's own image, of the operator's version: the application image
+/// when the spec names none, and the one `pooler-config` and the PgBouncer
+/// exporter run from in every pod (`spec.tidepoolImage`).
 pub const DEFAULT_IMAGE: &str = concat!("localhost/tidepool:", env!("CARGO_PKG_VERSION"));
+/// The port a tier's container with a command of its own serves on, by
+/// name: its probes and (web) the Service name it.
+pub const PROCESS_PORT_NAME: &str = "app";
 /// The PgBouncer sidecar's image when the spec names none (PgBouncer ≥ 1.23:
 /// it waits for its clients on SIGTERM).
 pub const DEFAULT_POOLER_IMAGE: &str = "localhost/tidepool-pgbouncer:1.24.1";
@@ -105,13 +110,31 @@ pub const POOLER_PARAMETERS: &[&str] = &[
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(MIGRATION_NAMED_RULE).message("spec.migration is required when a tier runs a command of its own: name the application's migration command (python manage.py migrate) or set migration.enabled: false"))]
+#[x_kube(validation = Rule::new(secret_reference_rule()).message("an env entry may not read the database Secret (database.secretRef): the password reaches only PgBouncer, and the plan's variables say where the database is"))]
 pub struct TidepoolSpec {
-    /// The application image: `tidepool` itself or an application built on
-    /// its library. It runs `tidepool web`, `tidepool worker`, `tidepool
-    /// migrate` and `tidepool pooler-config`.
+    /// The application image: `tidepool` itself, an application built on
+    /// its library (it runs `tidepool web`, `tidepool worker` and `tidepool
+    /// migrate`), or any other image whose tiers name their `command`
+    /// (a Django + Celery app). A tier's `image` overrides it.
     #[serde(default = "default_image")]
     #[x_kube(validation = Rule::new("self != ''").message("image must not be empty"))]
     pub image: String,
+
+    /// Tidepool's own image, for the containers Tidepool adds to every pod
+    /// (`pooler-config`, which writes PgBouncer's files): the application
+    /// image need not have the `tidepool` binary. Default: the operator's
+    /// own version of it.
+    #[serde(default = "default_image")]
+    #[x_kube(validation = Rule::new("self != ''").message("tidepoolImage must not be empty"))]
+    pub tidepool_image: String,
+
+    /// The migration Job, run on a direct connection before the
+    /// Deployments. Absent: `tidepool migrate` from `image`. Required when a
+    /// tier runs a command of its own: name the application's migration
+    /// command, or `enabled: false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationSpec>,
 
     /// When the kubelet pulls the images: Always, IfNotPresent or Never.
     #[serde(default = "default_pull_policy")]
@@ -185,6 +208,12 @@ pub struct SecretRef {
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.autoscaling) || (self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas)").message("web.replicas must be within [autoscaling.minReplicas, autoscaling.maxReplicas]"))]
+#[x_kube(validation = Rule::new(format!("!({FOREIGN}) || has(self.port)")).message("web.port is required with web.command or web.args: the Service sends requests to it"))]
+#[x_kube(validation = Rule::new(format!("({FOREIGN}) || (!has(self.port) && !has(self.readinessProbe) && !has(self.livenessProbe))")).message("web.port, web.readinessProbe and web.livenessProbe apply only with web.command or web.args (tidepool web has its own)"))]
+#[x_kube(validation = Rule::new(probe_port_rule("readinessProbe")).message("web.readinessProbe names a port the container does not declare: use web.port or its name 'app'"))]
+#[x_kube(validation = Rule::new(probe_port_rule("livenessProbe")).message("web.livenessProbe names a port the container does not declare: use web.port or its name 'app'"))]
+#[x_kube(validation = Rule::new(env_names_rule()).message(env_names_message("web").as_str()))]
+#[x_kube(validation = Rule::new(references_rule()).message(references_message("web").as_str()))]
 pub struct WebSpec {
     /// Web pods. With `autoscaling`, the autoscaler sets it through the
     /// Tidepool's scale subresource (`kubectl scale tp/NAME --replicas=N`
@@ -214,6 +243,10 @@ pub struct WebSpec {
     /// The web container's resources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+
+    /// What the web container runs; by default `tidepool web`.
+    #[serde(flatten)]
+    pub process: ProcessSpec,
 }
 
 /// Bounds and target of the web tier's autoscaler.
@@ -239,6 +272,12 @@ pub struct WebAutoscaling {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.autoscaling) || (self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas)").message("worker.replicas must be within [autoscaling.minReplicas, autoscaling.maxReplicas]"))]
 #[x_kube(validation = Rule::new("!has(self.autoscaling) || !has(self.autoscaling.queues) || self.autoscaling.queues.all(q, q.name in self.queues)").message("worker.autoscaling.queues may name only queues of worker.queues"))]
+#[x_kube(validation = Rule::new(format!("({FOREIGN}) || (!has(self.port) && !has(self.readinessProbe) && !has(self.livenessProbe))")).message("worker.port, worker.readinessProbe and worker.livenessProbe apply only with worker.command or worker.args (tidepool worker has its own)"))]
+#[x_kube(validation = Rule::new(format!("!({FOREIGN}) || !self.listen")).message("worker.listen is Tidepool's own worker's LISTEN session: it does not apply with worker.command or worker.args"))]
+#[x_kube(validation = Rule::new(probe_port_rule("readinessProbe")).message("worker.readinessProbe names a port the container does not declare: use worker.port or its name 'app'"))]
+#[x_kube(validation = Rule::new(probe_port_rule("livenessProbe")).message("worker.livenessProbe names a port the container does not declare: use worker.port or its name 'app'"))]
+#[x_kube(validation = Rule::new(env_names_rule()).message(env_names_message("worker").as_str()))]
+#[x_kube(validation = Rule::new(references_rule()).message(references_message("worker").as_str()))]
 pub struct WorkerSpec {
     /// Worker pods; 0 runs none. With `autoscaling`, the operator's queue
     /// scaler sets it.
@@ -275,6 +314,225 @@ pub struct WorkerSpec {
     /// The worker container's resources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+
+    /// What the worker container runs; by default `tidepool worker`.
+    #[serde(flatten)]
+    pub process: ProcessSpec,
+}
+
+/// What a tier's container runs. Without `command` and `args` it is
+/// Tidepool's own process (`tidepool web|worker`) from the image; with
+/// them, an application's process (gunicorn, Celery, a Node server) that
+/// gets the plan in its environment (docs/foreign-apps.md) and connects
+/// through the pod's PgBouncer like Tidepool's own.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessSpec {
+    /// The tier's image; default `spec.image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self != ''").message("a tier's image must not be empty"))]
+    pub image: Option<String>,
+
+    /// The container's entrypoint (`["gunicorn"]`, `["celery"]`), in place
+    /// of the image's. `$(TIDEPOOL_CONCURRENCY)` and the plan's other
+    /// variables are expanded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 1024)))]
+    pub command: Vec<String>,
+
+    /// The entrypoint's arguments, with the same expansion.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 1024)))]
+    pub args: Vec<String>,
+
+    /// More environment variables, after the plan's (so `$(NAME)` may
+    /// refer to those). They may not set `DATABASE_URL`, `PG*` or a
+    /// variable the plan sets, refer to a `$(TIDEPOOL_…)` the plan does not
+    /// define, or read the database Secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub env: Vec<EnvEntry>,
+
+    /// The port the process serves on (named `app`): web, where the
+    /// Service sends requests (required with a command); worker, optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("a tier's port must be from 1 to 65535"))]
+    pub port: Option<i32>,
+
+    /// When the process is ready for work (HTTP, TCP or exec, as in a
+    /// Pod). Default with a port: a TCP check of it; without one, none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<Probe>,
+
+    /// When the kubelet restarts the process (HTTP, TCP or exec). Default:
+    /// none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness_probe: Option<Probe>,
+
+    /// How long a client of the pod's PgBouncer may wait for a server
+    /// connection before its query fails: for a process that opens more
+    /// client connections than its share, this wait is where the bound
+    /// lives.
+    #[serde(default = "default_query_wait_timeout")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 3600").message("queryWaitTimeoutSeconds must be from 1 to 3600"))]
+    pub query_wait_timeout_seconds: i32,
+}
+
+impl Default for ProcessSpec {
+    fn default() -> Self {
+        Self {
+            image: None,
+            command: Vec::new(),
+            args: Vec::new(),
+            env: Vec::new(),
+            port: None,
+            readiness_probe: None,
+            liveness_probe: None,
+            query_wait_timeout_seconds: default_query_wait_timeout(),
+        }
+    }
+}
+
+impl ProcessSpec {
+    /// Whether the tier runs an application's process rather than
+    /// Tidepool's own.
+    pub fn is_foreign(&self) -> bool {
+        !self.command.is_empty() || !self.args.is_empty()
+    }
+}
+
+/// One environment variable of a container, as in a Pod, with its sizes
+/// bounded (so the API server can afford the rules over them).
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvEntry {
+    /// The variable's name.
+    #[schemars(length(min = 1, max = 256))]
+    pub name: String,
+    /// Its value; `$(NAME)` refers to a variable defined before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub value: Option<String>,
+    /// Where the value comes from instead (a ConfigMap, another Secret, a
+    /// field of the pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<EnvVarSource>,
+}
+
+/// The migration Job.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(env_names_rule()).message(env_names_message("migration").as_str()))]
+#[x_kube(validation = Rule::new(references_rule()).message(references_message("migration").as_str()))]
+pub struct MigrationSpec {
+    /// Whether a migration Job runs at all (`false`: the application
+    /// migrates otherwise).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Its image; default `spec.image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self != ''").message("migration.image must not be empty"))]
+    pub image: Option<String>,
+    /// The entrypoint (`["python", "manage.py", "migrate"]`); without it
+    /// and `args`, `tidepool migrate`. It connects to PostgreSQL directly,
+    /// through libpq's variables and a password file (docs/foreign-apps.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 1024)))]
+    pub command: Vec<String>,
+    /// The entrypoint's arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 1024)))]
+    pub args: Vec<String>,
+    /// More environment variables, with the tiers' rules.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub env: Vec<EnvEntry>,
+}
+
+impl MigrationSpec {
+    /// Whether the Job runs the application's command rather than
+    /// `tidepool migrate`.
+    pub fn is_foreign(&self) -> bool {
+        !self.command.is_empty() || !self.args.is_empty()
+    }
+}
+
+/// A CEL expression: the tier (`self`) runs a command of its own.
+const FOREIGN: &str =
+    "(has(self.command) && size(self.command) > 0) || (has(self.args) && size(self.args) > 0)";
+
+/// Either tier runs a command of its own, then the spec names its migration.
+const MIGRATION_NAMED_RULE: &str = "has(self.migration) || !((has(self.web) && ((has(self.web.command) && size(self.web.command) > 0) || (has(self.web.args) && size(self.web.args) > 0))) || (has(self.worker) && ((has(self.worker.command) && size(self.worker.command) > 0) || (has(self.worker.args) && size(self.worker.args) > 0))))";
+
+/// No env entry of a tier or the migration sets a variable the plan sets.
+fn env_names_rule() -> String {
+    let owned = cel_list(owned_variables(), str::to_owned);
+    format!("!has(self.env) || self.env.all(e, !e.name.startsWith('PG') && !(e.name in {owned}))")
+}
+
+/// The names an `env` entry may not set: the plan's, the runtime's that the
+/// operator sets, and those it composes the URLs from.
+pub fn owned_variables() -> Vec<&'static str> {
+    use tidepool_contract::env;
+    env::ALL.iter().chain(env::plan::ALL).chain(env::composed::ALL).copied().collect()
+}
+
+/// The `$(TIDEPOOL_…)` references every container may make: the plan's
+/// variables with that prefix, the password file and the database's name.
+pub fn referable_variables() -> Vec<&'static str> {
+    use tidepool_contract::env;
+    env::plan::ALL
+        .iter()
+        .copied()
+        .chain([env::DB_PASSWORD_FILE, env::composed::DB_NAME])
+        .filter(|name| name.starts_with("TIDEPOOL_"))
+        .collect()
+}
+
+fn cel_list<'a>(names: impl IntoIterator<Item = &'a str>, wrap: impl Fn(&str) -> String) -> String {
+    let quoted: Vec<String> = names.into_iter().map(|n| format!("'{}'", wrap(n))).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+fn env_names_message(what: &str) -> String {
+    format!("{what}.env may not set DATABASE_URL, a PG* variable or one the plan sets ({}): the operator sets them", owned_variables().join(", "))
+}
+
+/// Every `$(TIDEPOOL_…)` in the command, the arguments and the env values
+/// is one the plan defines.
+fn references_rule() -> String {
+    let allowed = cel_list(referable_variables(), |n| format!("$({n})"));
+    let found = "findAll('[$][(]TIDEPOOL_[A-Za-z0-9_]*[)]')";
+    format!(
+        "(!has(self.command) || self.command.all(c, c.{found}.all(r, r in {allowed}))) && \
+         (!has(self.args) || self.args.all(c, c.{found}.all(r, r in {allowed}))) && \
+         (!has(self.env) || self.env.all(e, !has(e.value) || e.value.{found}.all(r, r in {allowed})))"
+    )
+}
+
+fn references_message(what: &str) -> String {
+    format!(
+        "{what} refers to a $(TIDEPOOL_...) variable the plan does not define (Kubernetes would leave it as literal text); it defines {}",
+        referable_variables().join(", ")
+    )
+}
+
+/// A tier's probe names no port but the tier's own (by number or name).
+fn probe_port_rule(probe: &str) -> String {
+    let check = |action: &str| {
+        format!(
+            "(!has(self.{probe}.{action}) || (has(self.port) && string(self.{probe}.{action}.port) in [string(self.port), '{PROCESS_PORT_NAME}']))"
+        )
+    };
+    format!("!has(self.{probe}) || ({} && {})", check("httpGet"), check("tcpSocket"))
+}
+
+/// No env entry of a tier or the migration reads the database Secret.
+fn secret_reference_rule() -> String {
+    let none_reads = |part: &str| {
+        format!("(!has(self.{part}) || !has(self.{part}.env) || self.{part}.env.all(e, !has(e.valueFrom) || !has(e.valueFrom.secretKeyRef) || e.valueFrom.secretKeyRef.name != self.database.secretRef.name))")
+    };
+    [none_reads("web"), none_reads("worker"), none_reads("migration")].join(" && ")
 }
 
 /// The worker tier's queue scaler: the operator reads the queues from
@@ -539,6 +797,12 @@ fn default_queues() -> Vec<String> {
 fn default_max_surge() -> i32 {
     1
 }
+fn default_query_wait_timeout() -> i32 {
+    crate::plan::POOLER_QUERY_WAIT_TIMEOUT_SECONDS as i32
+}
+fn default_true() -> bool {
+    true
+}
 
 impl Default for WebSpec {
     fn default() -> Self {
@@ -548,6 +812,7 @@ impl Default for WebSpec {
             database_pool: default_web_database_pool(),
             autoscaling: None,
             resources: None,
+            process: ProcessSpec::default(),
         }
     }
 }
@@ -561,6 +826,7 @@ impl Default for WorkerSpec {
             listen: false,
             autoscaling: None,
             resources: None,
+            process: ProcessSpec::default(),
         }
     }
 }
@@ -644,6 +910,18 @@ mod tests {
             refusals(with(json!({"pooler": {"parameters": {"server_idle_timeout": "300"}}}))),
             Vec::<String>::new()
         );
+        let django = json!({
+            "migration": {"command": ["python3", "manage.py", "migrate"], "env": [{"name": "DJANGO_SETTINGS_MODULE", "value": "shop.settings"}]},
+            "web": {"command": ["gunicorn"], "port": 8000,
+                "args": ["--worker-connections", "$(TIDEPOOL_CONCURRENCY)"],
+                "env": [{"name": "GUNICORN_CMD_ARGS", "value": "--timeout $(TIDEPOOL_DB_CONNECTIONS) $(PGHOST) $(HOME)"},
+                        {"name": "BROKER", "valueFrom": {"secretKeyRef": {"name": "redis", "key": "url"}}}],
+                "readinessProbe": {"httpGet": {"path": "/healthz/", "port": "app"}},
+                "livenessProbe": {"tcpSocket": {"port": 8000}}},
+            "worker": {"command": ["celery"], "args": ["-c", "$(TIDEPOOL_CONCURRENCY)"],
+                "readinessProbe": {"exec": {"command": ["celery", "inspect", "ping"]}}},
+        });
+        assert_eq!(refusals(with(django)), Vec::<String>::new());
     }
 
     /// Every rule refuses what it is for, with its own message (the cases

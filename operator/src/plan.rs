@@ -85,6 +85,14 @@ pub struct TierInput {
     pub surge: u32,
     /// What each of its processes does, which decides its ask and floor.
     pub process: Process,
+    /// Client connections the process may open to its PgBouncer at once
+    /// when that can be more than its pools: an application's process
+    /// (gevent, a misconfigured pool) opens one per request or job, and
+    /// those beyond the share wait inside PgBouncer. `None`: Tidepool's
+    /// own, whose pools equal the share.
+    pub client_connections: Option<u32>,
+    /// How long such a client may wait there for a server connection.
+    pub query_wait_timeout_seconds: u32,
 }
 
 /// What a tier's process does with its connections: its kind, with the
@@ -97,13 +105,16 @@ pub enum Process {
     /// beside its own queue pool; with `listen`, one LISTEN session outside
     /// PgBouncer.
     Worker { concurrency: u32, listen: bool },
+    /// An application's worker (Celery): `concurrency` jobs at once, each
+    /// of which may hold a connection, and no connections of its own.
+    ForeignWorker { concurrency: u32 },
 }
 
 impl Process {
     pub fn tier(self) -> Tier {
         match self {
             Process::Web { .. } => Tier::Web,
-            Process::Worker { .. } => Tier::Worker,
+            Process::Worker { .. } | Process::ForeignWorker { .. } => Tier::Worker,
         }
     }
 
@@ -112,7 +123,10 @@ impl Process {
         match self {
             Process::Web { database_pool: 0 } => Err("databasePool must be at least 1".into()),
             Process::Web { database_pool } => Ok((database_pool, 1, 0)),
-            Process::Worker { concurrency: 0, .. } => Err("concurrency must be at least 1".into()),
+            Process::Worker { concurrency: 0, .. } | Process::ForeignWorker { concurrency: 0 } => {
+                Err("concurrency must be at least 1".into())
+            }
+            Process::ForeignWorker { concurrency } => Ok((concurrency, 1, 0)),
             Process::Worker { concurrency, listen } => Ok((
                 concurrency.saturating_add(WORKER_QUEUE_CONNECTIONS),
                 WORKER_QUEUE_CONNECTIONS + 1,
@@ -125,6 +139,9 @@ impl Process {
     fn pools(self, share: u32) -> AppPools {
         match self {
             Process::Web { .. } => AppPools { database_pool: share, queue_pool: 0, worker_concurrency: 0 },
+            Process::ForeignWorker { .. } => {
+                AppPools { database_pool: share, queue_pool: 0, worker_concurrency: share }
+            }
             Process::Worker { .. } => {
                 let tasks = share - WORKER_QUEUE_CONNECTIONS;
                 AppPools {
@@ -242,7 +259,7 @@ impl TierPlan {
     pub fn app_pool_per_pod(&self) -> u32 {
         match self.process {
             Process::Web { .. } => self.pools.database_pool,
-            Process::Worker { .. } => self.pools.worker_concurrency,
+            Process::Worker { .. } | Process::ForeignWorker { .. } => self.pools.worker_concurrency,
         }
     }
 }
@@ -418,8 +435,10 @@ fn tier_plan(demand: &Demand, share: u32) -> TierPlan {
             max_db_connections: share,
             default_pool_size: share,
             min_pool_size: share,
-            max_client_conn: share + POOLER_SPARE_CLIENTS,
-            query_wait_timeout_seconds: POOLER_QUERY_WAIT_TIMEOUT_SECONDS,
+            max_client_conn: share
+                .max(input.client_connections.unwrap_or(0))
+                .saturating_add(POOLER_SPARE_CLIENTS),
+            query_wait_timeout_seconds: input.query_wait_timeout_seconds,
         },
     }
 }
@@ -608,6 +627,8 @@ mod tests {
             max_replicas,
             surge: 1,
             process: Process::Web { database_pool },
+            client_connections: None,
+            query_wait_timeout_seconds: POOLER_QUERY_WAIT_TIMEOUT_SECONDS,
         }
     }
 
@@ -618,6 +639,8 @@ mod tests {
             max_replicas,
             surge: 1,
             process: Process::Worker { concurrency, listen },
+            client_connections: None,
+            query_wait_timeout_seconds: POOLER_QUERY_WAIT_TIMEOUT_SECONDS,
         }
     }
 
@@ -774,6 +797,31 @@ mod tests {
         assert!(back.iter().all(|s| s.tier(Tier::Worker).is_none()), "{back:?}");
     }
 
+    /// An application's worker asks one connection per job and nothing of
+    /// its own; the clients it may open beyond its share are PgBouncer's to
+    /// hold, for the tier's wait.
+    #[test]
+    fn an_applications_worker_asks_its_concurrency_and_its_clients_wait_in_pgbouncer() {
+        let celery = TierInput {
+            process: Process::ForeignWorker { concurrency: 50 },
+            client_connections: Some(500),
+            query_wait_timeout_seconds: 10,
+            ..worker(2, 2, 50, false)
+        };
+        let roomy = plan(&Input { max_connections: 1000, reserved_connections: 10, tiers: vec![celery] })
+            .expect("fits");
+        let tier = &roomy.tiers[0];
+        assert_eq!((tier.ask, tier.floor, tier.share, tier.listen), (50, 1, 50, 0));
+        assert_eq!(tier.pools, AppPools { database_pool: 50, queue_pool: 0, worker_concurrency: 50 });
+        assert_eq!(tier.pooler.max_client_conn, 500 + POOLER_SPARE_CLIENTS);
+        assert_eq!(tier.pooler.query_wait_timeout_seconds, 10);
+        // Short of budget: (2 + 1 surge) pods share 30; each runs 10 jobs.
+        let short = plan(&Input { max_connections: 40, reserved_connections: 10, tiers: vec![celery] })
+            .expect("fits");
+        assert_eq!((short.tiers[0].share, short.tiers[0].app_pool_per_pod()), (10, 10));
+        assert_eq!(short.tiers[0].pooler.max_client_conn, 500 + POOLER_SPARE_CLIENTS);
+    }
+
     #[test]
     fn tiers_are_named_by_their_kind() {
         for tier in Tier::ALL {
@@ -788,23 +836,28 @@ mod tests {
             0u32..40,
             0u32..4,
             (0u32..6, 0u32..6, 1u32..60),
-            (0u32..6, 0u32..6, 1u32..120, any::<bool>()),
+            (0u32..6, 0u32..6, 1u32..120, 0u8..3),
             any::<bool>(),
         )
             .prop_map(
-                |(
-                    available,
-                    reserved,
-                    surge,
-                    (web_r, web_extra, pool),
-                    (wr, wr_extra, conc, listen),
-                    flip,
-                )| {
+                |(available, reserved, surge, (web_r, web_extra, pool), (wr, wr_extra, conc, kind), flip)| {
+                    // Tidepool's worker without and with LISTEN, or an
+                    // application's that opens three clients per job.
+                    let (listen, foreign) = (kind == 1, kind == 2);
                     let web = TierInput { surge, ..web(web_r, web_r + web_extra, pool) };
                     let worker = TierInput {
                         surge,
                         min_replicas: wr.min(1),
                         ..worker(wr, wr + wr_extra, conc, listen)
+                    };
+                    let worker = if foreign {
+                        TierInput {
+                            process: Process::ForeignWorker { concurrency: conc },
+                            client_connections: Some(conc * 3),
+                            ..worker
+                        }
+                    } else {
+                        worker
                     };
                     Input {
                         max_connections: available + reserved,
@@ -868,6 +921,7 @@ mod tests {
                 pods * u64::from(match t.process {
                     Process::Web { .. } => 1,
                     Process::Worker { listen, .. } => WORKER_QUEUE_CONNECTIONS + 1 + u32::from(listen),
+                    Process::ForeignWorker { .. } => 1,
                 })
             }).sum();
             let available = u64::from(input.max_connections - input.reserved_connections);

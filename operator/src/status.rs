@@ -379,6 +379,8 @@ mod tests {
             max_replicas: replicas,
             surge: 1,
             process,
+            client_connections: None,
+            query_wait_timeout_seconds: crate::plan::POOLER_QUERY_WAIT_TIMEOUT_SECONDS,
         };
         plan(&Input {
             max_connections: 300,

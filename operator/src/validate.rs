@@ -6,7 +6,7 @@
 //! so a file refused by the API server is refused offline with the same
 //! messages.
 
-use crate::crd::{Tidepool, TidepoolSpec};
+use crate::crd::{ProcessSpec, Tidepool, TidepoolSpec};
 use crate::plan::{Input, Process, TierInput};
 
 /// Who owns the children: captured once, so rendering is stable.
@@ -47,7 +47,11 @@ pub fn validate(tidepool: &Tidepool, default_namespace: &str) -> Result<Validate
     let spec = tidepool.spec.clone();
     let count = |n: i32| u32::try_from(n).unwrap_or(0);
     let surge = count(spec.rollout.max_surge);
-    let tier = |replicas: i32, autoscaling: Option<(i32, i32)>, process: Process| {
+    let tier = |replicas: i32,
+                autoscaling: Option<(i32, i32)>,
+                process: Process,
+                how: &ProcessSpec,
+                clients: i32| {
         let (min, max) = autoscaling.unwrap_or((replicas, replicas));
         TierInput {
             replicas: count(replicas),
@@ -55,7 +59,16 @@ pub fn validate(tidepool: &Tidepool, default_namespace: &str) -> Result<Validate
             max_replicas: count(max),
             surge,
             process,
+            // An application's process opens a client connection per
+            // request or job it runs at once; Tidepool's own, its pools.
+            client_connections: how.is_foreign().then(|| count(clients)),
+            query_wait_timeout_seconds: count(how.query_wait_timeout_seconds),
         }
+    };
+    let worker = if spec.worker.process.is_foreign() {
+        Process::ForeignWorker { concurrency: count(spec.worker.concurrency) }
+    } else {
+        Process::Worker { concurrency: count(spec.worker.concurrency), listen: spec.worker.listen }
     };
     let input = Input {
         max_connections: count(spec.database.max_connections),
@@ -65,11 +78,15 @@ pub fn validate(tidepool: &Tidepool, default_namespace: &str) -> Result<Validate
                 spec.web.replicas,
                 spec.web.autoscaling.as_ref().map(|a| (a.min_replicas, a.max_replicas)),
                 Process::Web { database_pool: count(spec.web.database_pool) },
+                &spec.web.process,
+                spec.web.concurrency,
             ),
             tier(
                 spec.worker.replicas,
                 spec.worker.autoscaling.as_ref().map(|a| (a.min_replicas, a.max_replicas)),
-                Process::Worker { concurrency: count(spec.worker.concurrency), listen: spec.worker.listen },
+                worker,
+                &spec.worker.process,
+                spec.worker.concurrency,
             ),
         ],
     };

@@ -227,6 +227,10 @@ pub fn run<S: Clone + Send + Sync + 'static>(app: Application<S>) -> ExitCode {
             Command::Enqueue(args) => run_enqueue(&app, args).await.map(|()| ExitCode::SUCCESS),
             Command::Migrate(args) => run_migrate(&app, args).await.map(|()| ExitCode::SUCCESS),
             Command::PoolerConfig(args) => run_pooler_config(args).map(|()| ExitCode::SUCCESS),
+            Command::Pgpass(args) => pooler::Upstream::from_dir(&args.from_dir)
+                .and_then(|upstream| pooler::write_passfile(&upstream, &args.out))
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(Into::into),
         }
     });
     match outcome {
@@ -305,7 +309,8 @@ fn run_pooler_config(args: PoolerConfigArgs) -> Result<(), BoxError> {
         max_db_connections: args.max_db_connections.unwrap_or(args.pool_size),
         max_client_conn: args.max_client_conn,
         query_wait_timeout: args.query_wait_timeout,
-        stats_user: args.stats_user.map(pooler::StatsUser::generate),
+        stats_user: args.stats_user.map(pooler::LocalUser::generate),
+        client_user: args.client_user.map(pooler::LocalUser::generate),
         settings,
         pidfile: args.pidfile,
         logfile: args.logfile,

@@ -47,6 +47,8 @@ pub(crate) enum Command {
     Enqueue(EnqueueArgs),
     /// Write a PgBouncer configuration (pgbouncer.ini and its auth file) for one upstream database.
     PoolerConfig(PoolerConfigArgs),
+    /// Write a libpq password file (0600) from a mounted database Secret, for a process that reads PGPASSFILE.
+    Pgpass(PgpassArgs),
 }
 
 /// How log lines are written.
@@ -255,6 +257,12 @@ pub(crate) struct WorkerArgs {
     #[arg(long, env = pod::DIRECT_DATABASE_URL, hide_env_values = true, value_name = "URL")]
     pub direct_database_url: Option<SecretUrl>,
 
+    /// File holding the direct connection's password, for a URL that has
+    /// none; default the pooled connection's (`--db-password-file`). In a
+    /// pod they differ: the pooled one is the pod's own PgBouncer user's.
+    #[arg(long = "direct-db-password-file", env = pod::DIRECT_DB_PASSWORD_FILE, value_name = "FILE")]
+    pub direct_password_file: Option<PathBuf>,
+
     /// Jobs run at once (and held at once, counting those being recorded),
     /// 1 to 100000. The worker's server connection need is this (for tasks
     /// that use the database) plus its 4 own queue connections.
@@ -329,6 +337,7 @@ impl WorkerArgs {
             listen: self.listen,
             database: self.database.into_settings(),
             direct_database_url: self.direct_database_url,
+            direct_password_file: self.direct_password_file,
             queues: self.queues,
             concurrency: self.concurrency,
             batch_size: self.batch_size,
@@ -457,6 +466,14 @@ pub(crate) struct PoolerConfigArgs {
     #[arg(long, env = "TIDEPOOL_POOLER_STATS_USER", value_name = "NAME")]
     pub stats_user: Option<String>,
 
+    /// A user for the clients, other than the upstream's, with a password
+    /// generated here and written to `client.password` and the libpq
+    /// password file `client.pgpass` (both 0600): PgBouncer logs in
+    /// upstream as the upstream's user for every client, so the clients
+    /// never hold the upstream password.
+    #[arg(long, env = "TIDEPOOL_POOLER_CLIENT_USER", value_name = "NAME")]
+    pub client_user: Option<String>,
+
     /// One more PgBouncer setting, KEY=VALUE (repeatable): settings this
     /// command writes itself cannot be set again.
     #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -501,6 +518,18 @@ pub(crate) struct PoolerConfigArgs {
     /// Where PgBouncer writes its log; standard error if unset.
     #[arg(long, env = "TIDEPOOL_POOLER_LOGFILE")]
     pub logfile: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub(crate) struct PgpassArgs {
+    /// A folder with one file per key, as a mounted database Secret has
+    /// them (`username`, `password`, `host`, `port`, `dbname`).
+    #[arg(long, value_name = "DIR")]
+    pub from_dir: PathBuf,
+
+    /// The password file to write (its folder is created if missing).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 #[cfg(test)]

@@ -29,6 +29,8 @@ pub const INI_FILE: &str = "pgbouncer.ini";
 pub const AUTH_FILE: &str = "userlist.txt";
 /// The stats user's password, for a metrics collector (0600).
 pub use tidepool_contract::STATS_PASSWORD_FILE;
+/// The client user's password (0600), and the same as a libpq password file.
+pub use tidepool_contract::{CLIENT_PASSFILE, CLIENT_PASSWORD_FILE};
 
 /// Where PgBouncer connects to, and as whom.
 #[derive(Clone)]
@@ -75,7 +77,12 @@ pub struct PoolerConfig {
     /// How long a query may wait for a server connection inside PgBouncer.
     pub query_wait_timeout: Duration,
     /// A user that may read `SHOW` statistics on the admin console.
-    pub stats_user: Option<StatsUser>,
+    pub stats_user: Option<LocalUser>,
+    /// The user clients log in as, when not the upstream's: its password is
+    /// written to [`CLIENT_PASSWORD_FILE`] and [`CLIENT_PASSFILE`], and
+    /// every server connection is the upstream user's (PgBouncer's forced
+    /// user), so the clients never hold the upstream password.
+    pub client_user: Option<LocalUser>,
     /// More settings, each checked by [`Setting::parse`].
     pub settings: Vec<Setting>,
     /// Where PgBouncer writes its pid, if anywhere.
@@ -84,21 +91,23 @@ pub struct PoolerConfig {
     pub logfile: Option<PathBuf>,
 }
 
-/// The stats user and its generated password.
+/// A PgBouncer user that exists only in this PgBouncer's auth file, with a
+/// password generated here: the stats user, and the pod's client user that
+/// the app logs in as (PgBouncer logs in upstream as the upstream's user).
 #[derive(Clone)]
-pub struct StatsUser {
+pub struct LocalUser {
     /// Its name.
     pub name: String,
     password: String,
 }
 
-impl std::fmt::Debug for StatsUser {
+impl std::fmt::Debug for LocalUser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StatsUser").field("name", &self.name).field("password", &"<redacted>").finish()
+        f.debug_struct("LocalUser").field("name", &self.name).field("password", &"<redacted>").finish()
     }
 }
 
-impl StatsUser {
+impl LocalUser {
     /// `name` with a fresh random password (128 bits, hex).
     pub fn generate(name: String) -> Self {
         let password: String = (0..16).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
@@ -282,6 +291,9 @@ impl PoolerConfig {
         if let Some(stats) = &self.stats_user {
             check_safe("stats user", &stats.name)?;
         }
+        if let Some(client) = &self.client_user {
+            check_safe("client user", &client.name)?;
+        }
         let written = rendered_settings(self, Path::new(""));
         if let Some(setting) = self.settings.iter().find(|s| written.iter().any(|(key, _)| *key == s.key)) {
             return Err(PoolerError::ReservedSetting(setting.key.clone()));
@@ -353,7 +365,13 @@ pub fn render_ini(config: &PoolerConfig, dir: &Path) -> Result<String, PoolerErr
         "; Written by `tidepool pooler-config`. No secrets here: the password is in {AUTH_FILE}."
     );
     let _ = writeln!(ini, "[databases]");
-    let _ = writeln!(ini, "{} = host={} port={} dbname={}", u.dbname, u.host, u.port, u.dbname);
+    let forced_user = match &config.client_user {
+        // Every client's server connection logs in as the upstream user,
+        // with its password from the auth file.
+        Some(_) => format!(" user={}", u.user),
+        None => String::new(),
+    };
+    let _ = writeln!(ini, "{} = host={} port={} dbname={}{forced_user}", u.dbname, u.host, u.port, u.dbname);
     let _ = writeln!(ini);
     let _ = writeln!(ini, "[pgbouncer]");
     for (key, value) in rendered_settings(config, dir) {
@@ -366,14 +384,33 @@ pub fn render_ini(config: &PoolerConfig, dir: &Path) -> Result<String, PoolerErr
 }
 
 /// The auth file: one `"user" "password"` line per user (the upstream's,
-/// then the stats user's), quotes doubled.
-pub fn render_auth_file(upstream: &Upstream, stats_user: Option<&StatsUser>) -> String {
+/// then the stats user's and the client user's), quotes doubled.
+pub fn render_auth_file(config: &PoolerConfig) -> String {
     let quote = |s: &str| s.replace('"', "\"\"");
+    let upstream = &config.upstream;
     let mut file = format!("\"{}\" \"{}\"\n", quote(&upstream.user), quote(&upstream.password));
-    if let Some(stats) = stats_user {
-        file.push_str(&format!("\"{}\" \"{}\"\n", quote(&stats.name), quote(&stats.password)));
+    for local in config.stats_user.iter().chain(&config.client_user) {
+        file.push_str(&format!("\"{}\" \"{}\"\n", quote(&local.name), quote(&local.password)));
     }
     file
+}
+
+/// A libpq password file of one line, `host:port:dbname:user:password`,
+/// with `:` and `\` escaped as libpq reads them.
+pub fn render_passfile(host: &str, port: u16, dbname: &str, user: &str, password: &str) -> String {
+    let escape = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
+    format!("{}:{port}:{}:{}:{}\n", escape(host), escape(dbname), escape(user), escape(password))
+}
+
+/// Writes `upstream`'s password file to `path` (0600, atomically): the
+/// direct connection of a process that reads libpq's `PGPASSFILE` (an
+/// application's migration).
+pub fn write_passfile(upstream: &Upstream, path: &Path) -> Result<(), PoolerError> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|source| PoolerError::Write { path: dir.to_owned(), source })?;
+    }
+    let line = render_passfile(&upstream.host, upstream.port, "*", &upstream.user, &upstream.password);
+    write_atomic(path, line.as_bytes(), 0o600)
 }
 
 /// Writes both files into `dir` (created if missing), each atomically; the
@@ -383,13 +420,15 @@ pub fn write(config: &PoolerConfig, dir: &Path) -> Result<(PathBuf, PathBuf), Po
     fs::create_dir_all(dir).map_err(|source| PoolerError::Write { path: dir.to_owned(), source })?;
     let auth_path = dir.join(AUTH_FILE);
     let ini_path = dir.join(INI_FILE);
-    write_atomic(
-        &auth_path,
-        render_auth_file(&config.upstream, config.stats_user.as_ref()).as_bytes(),
-        0o600,
-    )?;
+    write_atomic(&auth_path, render_auth_file(config).as_bytes(), 0o600)?;
     if let Some(stats) = &config.stats_user {
         write_atomic(&dir.join(STATS_PASSWORD_FILE), stats.password.as_bytes(), 0o600)?;
+    }
+    if let Some(client) = &config.client_user {
+        write_atomic(&dir.join(CLIENT_PASSWORD_FILE), client.password.as_bytes(), 0o600)?;
+        let host = config.listen.ip().to_string();
+        let passfile = render_passfile(&host, config.listen.port(), "*", &client.name, &client.password);
+        write_atomic(&dir.join(CLIENT_PASSFILE), passfile.as_bytes(), 0o600)?;
     }
     write_atomic(&ini_path, ini.as_bytes(), 0o644)?;
     Ok((ini_path, auth_path))
@@ -422,6 +461,7 @@ mod tests {
             max_client_conn: 500,
             query_wait_timeout: Duration::from_secs(30),
             stats_user: None,
+            client_user: None,
             settings: Vec::new(),
             pidfile: None,
             logfile: None,
@@ -443,7 +483,7 @@ mod tests {
 
     #[test]
     fn auth_file_doubles_quotes() {
-        assert_eq!(render_auth_file(&config().upstream, None), "\"shop\" \"s3cr\"\"et\"\n");
+        assert_eq!(render_auth_file(&config()), "\"shop\" \"s3cr\"\"et\"\n");
     }
 
     #[test]
@@ -491,13 +531,44 @@ mod tests {
     #[test]
     fn the_stats_user_gets_a_generated_password_of_its_own() {
         let mut c = config();
-        c.stats_user = Some(StatsUser::generate("tidepool_stats".into()));
+        c.stats_user = Some(LocalUser::generate("tidepool_stats".into()));
         let ini = render_ini(&c, Path::new("/x")).expect("valid");
         assert!(ini.contains("stats_users = tidepool_stats\n"));
-        let auth = render_auth_file(&c.upstream, c.stats_user.as_ref());
+        let auth = render_auth_file(&c);
         assert_eq!(auth.lines().count(), 2);
         assert!(auth.lines().nth(1).is_some_and(|l| l.starts_with("\"tidepool_stats\" \"") && l.len() > 40));
         assert!(!format!("{:?}", c.stats_user).contains(&auth[auth.len() - 10..auth.len() - 2]));
+    }
+
+    /// The client user logs in to PgBouncer with a password of its own, and
+    /// every server connection is the upstream user's.
+    #[test]
+    fn a_client_user_of_its_own_gets_a_password_file_and_the_upstream_user_is_forced() {
+        use std::os::unix::fs::PermissionsExt;
+        let mut c = config();
+        c.client_user = Some(LocalUser::generate("tidepool_app".into()));
+        let ini = render_ini(&c, Path::new("/x")).expect("valid");
+        assert!(ini.contains("shopdb = host=db.internal port=5433 dbname=shopdb user=shop\n"), "{ini}");
+        assert!(!ini.contains("s3cr"), "{ini}");
+        let dir = std::env::temp_dir().join(format!("tidepool-client-user-test-{}", std::process::id()));
+        write(&c, &dir).expect("writes");
+        let password = fs::read_to_string(dir.join(CLIENT_PASSWORD_FILE)).expect("the password");
+        assert_eq!(password.len(), 32);
+        let passfile = fs::read_to_string(dir.join(CLIENT_PASSFILE)).expect("the passfile");
+        assert_eq!(passfile, format!("127.0.0.1:6432:*:tidepool_app:{password}\n"));
+        for file in [CLIENT_PASSWORD_FILE, CLIENT_PASSFILE, AUTH_FILE] {
+            let mode = fs::metadata(dir.join(file)).expect("exists").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{file}");
+        }
+        let auth = fs::read_to_string(dir.join(AUTH_FILE)).expect("auth file");
+        assert!(auth.contains(&format!("\"tidepool_app\" \"{password}\"")));
+        assert!(!passfile.contains("s3cr"));
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_passfile_escapes_what_libpq_would_split_on() {
+        assert_eq!(render_passfile("db", 5432, "*", "u:1", "p\\w:d"), "db:5432:*:u\\:1:p\\\\w\\:d\n");
     }
 
     #[test]

@@ -339,6 +339,9 @@ pub struct WorkerSettings {
     /// claims new jobs at once (`TIDEPOOL_DIRECT_DATABASE_URL`); polling
     /// without it.
     pub direct_database_url: Option<SecretUrl>,
+    /// The direct connection's password file, for a URL that has none
+    /// (`--direct-db-password-file`); default the pooled connection's.
+    pub direct_password_file: Option<PathBuf>,
     /// Queues to take jobs from, served round-robin (`--queues`, `default`).
     pub queues: Vec<String>,
     /// Jobs run (and held) at once (`--concurrency`, 50; 1 to 100,000).
@@ -373,6 +376,7 @@ impl Default for WorkerSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8001)),
             database: DatabaseSettings::default(),
             direct_database_url: None,
+            direct_password_file: None,
             queues: vec![crate::queue::job::DEFAULT_QUEUE.to_owned()],
             concurrency: 50,
             batch_size: 100,

@@ -45,7 +45,7 @@ pub async fn run(
     let direct_pg = match &settings.direct_database_url {
         Some(url) => Some(apply_password_file(
             url.to_pg_config("TIDEPOOL_DIRECT_DATABASE_URL")?,
-            database.password_file.as_deref(),
+            settings.direct_password_file.as_deref().or(database.password_file.as_deref()),
         )?),
         None => None,
     };

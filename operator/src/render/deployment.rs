@@ -9,11 +9,18 @@
 //! 2. `pgbouncer` (init, `restartPolicy: Always`: a native sidecar, started
 //!    before the app and stopped after it), transaction mode on
 //!    127.0.0.1:6432, `max_db_connections` = the pod's share;
-//! 3. the app, whose pools add up to the share, with its password from the
-//!    mounted Secret file (never an environment literal); it also reads
-//!    PgBouncer's figures for its `/metrics` from the admin console, as the
-//!    stats user whose password `pooler-config` wrote (that one file is
-//!    mounted).
+//! 3. the app: `tidepool web|worker`, whose pools add up to the share, or an
+//!    application's process (a tier's `command`), with the plan in its
+//!    environment ([`plan_env`]). Either logs in to its PgBouncer as the
+//!    pod's own user [`CLIENT_USER`], with a password `pooler-config`
+//!    generated at the pod's start (a file and a libpq password file, the
+//!    only files of the pooler's folder it mounts); PgBouncer alone logs in
+//!    upstream with the Secret's password, so no app container holds it
+//!    (except Tidepool's worker with `listen`, whose LISTEN session goes to
+//!    PostgreSQL directly). Tidepool's own app also reads PgBouncer's
+//!    figures for its `/metrics` from the admin console, as the stats user.
+//!    `/tmp` is a small memory volume (gunicorn's heartbeat file, Celery
+//!    beat's schedule); the root filesystem stays read-only.
 //!
 //! The share is also the pod's annotation `tidepool.dev/max-db-connections`,
 //! written from the same plan field, and every pod starts behind the
@@ -36,24 +43,33 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy,
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
     HTTPGetAction, KeyToPath, PodSchedulingGate, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Toleration,
-    Volume, VolumeMount,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    TCPSocketAction, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tidepool_contract::env as pod;
+use tidepool_contract::env::composed::{DB_HOST, DB_NAME, DB_PORT, DB_USER};
 use tidepool_contract::secret::KEYS as SECRET_KEYS;
-use tidepool_contract::{HEALTH_PATH, READY_PATH, STATS_PASSWORD_FILE};
+use tidepool_contract::{
+    CLIENT_PASSFILE, CLIENT_PASSWORD_FILE, HEALTH_PATH, READY_PATH, STATS_PASSWORD_FILE,
+};
 
 use super::labels::{self, DIRECT_ANNOTATION, SHARE_ANNOTATION};
 use crate::admission::GATE;
+use crate::crd::{EnvEntry, ProcessSpec, PROCESS_PORT_NAME};
 use crate::plan::{Tier, TierPlan};
 use crate::to_i32;
 use crate::validate::Validated;
 
 /// Where PgBouncer listens in every pod; the app connects here.
 pub const POOLER_ADDRESS: &str = "127.0.0.1:6432";
+const POOLER_HOST: &str = "127.0.0.1";
+const POOLER_PORT: &str = "6432";
+/// The pod's own PgBouncer user, the one the app logs in as: not a role of
+/// the server (PgBouncer logs in upstream as the Secret's).
+pub const CLIENT_USER: &str = "tidepool_app";
 pub const WEB_PORT: i32 = 8000;
 pub const WORKER_PORT: i32 = 8001;
 /// The uid and gid every container runs as (no image needs root).
@@ -70,8 +86,14 @@ const GRACE_MARGIN: Duration = Duration::from_secs(5);
 
 pub(super) const DATABASE_VOLUME: &str = "database";
 pub(super) const DATABASE_DIR: &str = "/etc/tidepool/database";
-const POOLER_VOLUME: &str = "pgbouncer";
+pub(super) const POOLER_VOLUME: &str = "pgbouncer";
 const POOLER_DIR: &str = "/etc/pgbouncer";
+/// `/tmp` of the app containers: writable, in memory, small.
+pub(super) const TMP_VOLUME: &str = "tmp";
+/// Where the app finds its PgBouncer user's password, as a file and as a
+/// libpq password file (from the pooler's folder).
+const APP_PASSWORD: &str = "/etc/tidepool/db.password";
+const APP_PASSFILE: &str = "/etc/tidepool/pgpass";
 /// Where the app finds the stats user's password, the one file
 /// ([`STATS_PASSWORD_FILE`]) of the pooler's folder it mounts (it reads
 /// PgBouncer's figures for `/metrics`).
@@ -154,15 +176,26 @@ pub(super) fn volumes(validated: &Validated) -> Vec<Volume> {
             }),
             ..Volume::default()
         },
-        Volume {
-            name: POOLER_VOLUME.to_owned(),
-            empty_dir: Some(EmptyDirVolumeSource {
-                medium: Some("Memory".to_owned()),
-                size_limit: Some(Quantity("1Mi".to_owned())),
-            }),
-            ..Volume::default()
-        },
+        memory_volume(POOLER_VOLUME, "1Mi"),
+        memory_volume(TMP_VOLUME, "64Mi"),
     ]
+}
+
+/// An `emptyDir` in memory (it counts against the pod's memory).
+pub(super) fn memory_volume(name: &str, size: &str) -> Volume {
+    Volume {
+        name: name.to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: Some("Memory".to_owned()),
+            size_limit: Some(Quantity(size.to_owned())),
+        }),
+        ..Volume::default()
+    }
+}
+
+/// A writable `/tmp` for a container whose root filesystem is read-only.
+pub(super) fn tmp_mount() -> VolumeMount {
+    VolumeMount { read_only: None, ..mount(TMP_VOLUME, "/tmp") }
 }
 
 /// The spec's node selector, if it has one.
@@ -220,17 +253,6 @@ pub(super) fn resources(cpu: &str, memory: &str, memory_limit: &str) -> Resource
     }
 }
 
-/// The database Secret's keys as variables, from which Kubernetes composes
-/// the connection URLs (`$(TIDEPOOL_DB_USER)`): the operator's own, which
-/// the runtime never reads.
-pub(super) const DB_USER: &str = "TIDEPOOL_DB_USER";
-pub(super) const DB_NAME: &str = "TIDEPOOL_DB_NAME";
-pub(super) const DB_HOST: &str = "TIDEPOOL_DB_HOST";
-pub(super) const DB_PORT: &str = "TIDEPOOL_DB_PORT";
-/// All four, for the test that the operator renders no other variable.
-#[cfg(test)]
-pub(super) const COMPOSED_FROM: [&str; 4] = [DB_USER, DB_NAME, DB_HOST, DB_PORT];
-
 /// The direct connection URL (to PostgreSQL, not through PgBouncer),
 /// composed of the Secret's variables: the worker's LISTEN session and the
 /// migration Job.
@@ -266,6 +288,7 @@ fn pooler_config(validated: &Validated, tier: &TierPlan) -> Container {
     let sizing = &tier.pooler;
     let mut args = vec![
         "pooler-config".to_owned(),
+        format!("--client-user={CLIENT_USER}"),
         format!("--upstream-from-dir={DATABASE_DIR}"),
         format!("--out-dir={POOLER_DIR}"),
         format!("--listen={POOLER_ADDRESS}"),
@@ -279,7 +302,7 @@ fn pooler_config(validated: &Validated, tier: &TierPlan) -> Container {
     args.extend(validated.spec.pooler.parameters.iter().map(|(key, value)| format!("--set={key}={value}")));
     Container {
         name: "pooler-config".to_owned(),
-        image: Some(validated.spec.image.clone()),
+        image: Some(validated.spec.tidepool_image.clone()),
         image_pull_policy: Some(validated.spec.image_pull_policy.clone()),
         args: Some(args),
         volume_mounts: Some(vec![
@@ -339,30 +362,114 @@ fn http_probe(path: &str, port: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// The name of the web container's port, which the Service targets.
+pub fn web_port_name(validated: &Validated) -> &'static str {
+    if validated.spec.web.process.is_foreign() {
+        PROCESS_PORT_NAME
+    } else {
+        "http"
+    }
+}
+
+/// What a tier's container runs, and its resources.
+fn tier_spec(validated: &Validated, tier: Tier) -> (&ProcessSpec, &Option<ResourceRequirements>) {
+    let spec = &validated.spec;
+    match tier {
+        Tier::Web => (&spec.web.process, &spec.web.resources),
+        Tier::Worker => (&spec.worker.process, &spec.worker.resources),
+    }
+}
+
+/// The plan as every app container of a tier gets it, Tidepool's own or an
+/// application's (`tidepool_contract::env::plan`): where the database is
+/// (the pod's PgBouncer, as its own user, with the password in a file and a
+/// libpq password file), what one pod does at once, and its share.
+pub fn plan_env(validated: &Validated, tier: &TierPlan) -> Vec<EnvVar> {
+    let secret = &validated.spec.database.secret_ref.name;
+    let concurrency = match tier.tier {
+        Tier::Web => validated.spec.web.concurrency.to_string(),
+        Tier::Worker => tier.pools.worker_concurrency.to_string(),
+    };
+    vec![
+        env_from_secret(DB_NAME, secret, "dbname"),
+        env(pod::DATABASE_URL, format!("postgres://{CLIENT_USER}@{POOLER_ADDRESS}/$({DB_NAME})")),
+        env(pod::DB_PASSWORD_FILE, APP_PASSWORD),
+        env(pod::plan::HOST, POOLER_HOST),
+        env(pod::plan::PORT, POOLER_PORT),
+        env(pod::plan::DATABASE, format!("$({DB_NAME})")),
+        env(pod::plan::USER, CLIENT_USER),
+        env(pod::plan::PASSFILE, APP_PASSFILE),
+        env(pod::plan::SSLMODE, "disable"),
+        env(pod::plan::CONCURRENCY, concurrency),
+        env(pod::plan::DB_CONNECTIONS, tier.share.to_string()),
+    ]
+}
+
+/// The spec's `env` entries, after the plan's.
+pub(super) fn user_env(entries: &[EnvEntry]) -> impl Iterator<Item = EnvVar> + '_ {
+    entries.iter().map(|entry| EnvVar {
+        name: entry.name.clone(),
+        value: entry.value.clone(),
+        value_from: entry.value_from.clone(),
+    })
+}
+
+fn non_empty(list: &[String]) -> Option<Vec<String>> {
+    Some(list.to_vec()).filter(|l| !l.is_empty())
+}
+
 /// The app container of a tier.
 fn app(validated: &Validated, tier: &TierPlan) -> Container {
     let spec = &validated.spec;
+    let (process, resources_spec) = tier_spec(validated, tier.tier);
+    let mut environment = plan_env(validated, tier);
+    let mut volume_mounts = vec![
+        VolumeMount { sub_path: Some(CLIENT_PASSWORD_FILE.to_owned()), ..mount(POOLER_VOLUME, APP_PASSWORD) },
+        VolumeMount { sub_path: Some(CLIENT_PASSFILE.to_owned()), ..mount(POOLER_VOLUME, APP_PASSFILE) },
+        tmp_mount(),
+    ];
+    let mut container = if process.is_foreign() {
+        foreign_process(process)
+    } else {
+        environment.extend(tidepool_env(validated, tier));
+        volume_mounts.push(VolumeMount {
+            sub_path: Some(STATS_PASSWORD_FILE.to_owned()),
+            ..mount(POOLER_VOLUME, APP_STATS_PASSWORD)
+        });
+        if tier.listen > 0 {
+            // The LISTEN session logs in to PostgreSQL itself.
+            volume_mounts.push(mount(DATABASE_VOLUME, DATABASE_DIR));
+        }
+        tidepool_process(tier.tier)
+    };
+    environment.extend(user_env(&process.env));
+    container.name = tier.tier.name().to_owned();
+    container.image = Some(process.image.clone().unwrap_or_else(|| spec.image.clone()));
+    container.image_pull_policy = Some(spec.image_pull_policy.clone());
+    container.env = Some(environment);
+    container.volume_mounts = Some(volume_mounts);
+    container.security_context = Some(hardened());
+    container.resources = Some(resources_spec.clone().unwrap_or_else(|| resources("100m", "64Mi", "512Mi")));
+    container
+}
+
+/// The variables `tidepool web|worker` reads beyond the plan's.
+fn tidepool_env(validated: &Validated, tier: &TierPlan) -> Vec<EnvVar> {
+    let spec = &validated.spec;
     let secret = &spec.database.secret_ref.name;
     let mut environment = vec![
-        env_from_secret(DB_USER, secret, "username"),
-        env_from_secret(DB_NAME, secret, "dbname"),
-        env(pod::DATABASE_URL, format!("postgres://$({DB_USER})@{POOLER_ADDRESS}/$({DB_NAME})")),
-        env(pod::DB_PASSWORD_FILE, format!("{DATABASE_DIR}/password")),
         env(pod::POOLER_STATS_URL, format!("postgres://{STATS_USER}@{POOLER_ADDRESS}/pgbouncer")),
         env(pod::POOLER_STATS_PASSWORD_FILE, APP_STATS_PASSWORD),
         env(pod::DB_POOL_SIZE, tier.pools.database_pool.to_string()),
         env(pod::SHUTDOWN_TIMEOUT, seconds(SHUTDOWN_TIMEOUT)),
         env(pod::LOG_FORMAT, "json"),
     ];
-    let (args, port_name, port, resources_spec) = match tier.tier {
-        Tier::Web => {
-            environment.extend([
-                env(pod::LISTEN, format!("0.0.0.0:{WEB_PORT}")),
-                env(pod::MAX_IN_FLIGHT, spec.web.concurrency.to_string()),
-                env(pod::DRAIN_DELAY, seconds(DRAIN_DELAY)),
-            ]);
-            ("web", "http", WEB_PORT, &spec.web.resources)
-        }
+    match tier.tier {
+        Tier::Web => environment.extend([
+            env(pod::LISTEN, format!("0.0.0.0:{WEB_PORT}")),
+            env(pod::MAX_IN_FLIGHT, spec.web.concurrency.to_string()),
+            env(pod::DRAIN_DELAY, seconds(DRAIN_DELAY)),
+        ]),
         Tier::Worker => {
             environment.extend([
                 env(pod::WORKER_LISTEN, format!("0.0.0.0:{WORKER_PORT}")),
@@ -371,38 +478,63 @@ fn app(validated: &Validated, tier: &TierPlan) -> Container {
             ]);
             if tier.listen > 0 {
                 environment.extend([
+                    env_from_secret(DB_USER, secret, "username"),
                     env_from_secret(DB_HOST, secret, "host"),
                     env_from_secret(DB_PORT, secret, "port"),
                     direct_database_url(),
+                    env(pod::DIRECT_DB_PASSWORD_FILE, format!("{DATABASE_DIR}/password")),
                 ]);
             }
-            ("worker", "metrics", WORKER_PORT, &spec.worker.resources)
         }
+    }
+    environment
+}
+
+/// `tidepool web|worker`: its port, and its probes on the paths it serves.
+fn tidepool_process(tier: Tier) -> Container {
+    let (args, port_name, port) = match tier {
+        Tier::Web => ("web", "http", WEB_PORT),
+        Tier::Worker => ("worker", "metrics", WORKER_PORT),
     };
     Container {
-        name: tier.tier.name().to_owned(),
-        image: Some(spec.image.clone()),
-        image_pull_policy: Some(spec.image_pull_policy.clone()),
         args: Some(vec![args.to_owned()]),
-        env: Some(environment),
-        ports: Some(vec![ContainerPort {
-            name: Some(port_name.to_owned()),
-            container_port: port,
-            protocol: Some("TCP".to_owned()),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(vec![container_port(port_name, port)]),
         startup_probe: Some(http_probe(HEALTH_PATH, port_name, 1, 30)),
         liveness_probe: Some(http_probe(HEALTH_PATH, port_name, 10, 3)),
         readiness_probe: Some(http_probe(READY_PATH, port_name, 5, 2)),
-        volume_mounts: Some(vec![
-            mount(DATABASE_VOLUME, DATABASE_DIR),
-            VolumeMount {
-                sub_path: Some(STATS_PASSWORD_FILE.to_owned()),
-                ..mount(POOLER_VOLUME, APP_STATS_PASSWORD)
-            },
-        ]),
-        security_context: Some(hardened()),
-        resources: Some(resources_spec.clone().unwrap_or_else(|| resources("100m", "64Mi", "512Mi"))),
         ..Container::default()
+    }
+}
+
+/// An application's process: the spec's command, arguments, port and
+/// probes (with a port and no readiness probe, a TCP check of the port).
+fn foreign_process(process: &ProcessSpec) -> Container {
+    let readiness = process.readiness_probe.clone().or_else(|| {
+        process.port.map(|_| Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::String(PROCESS_PORT_NAME.to_owned()),
+                ..TCPSocketAction::default()
+            }),
+            period_seconds: Some(5),
+            failure_threshold: Some(2),
+            ..Probe::default()
+        })
+    });
+    Container {
+        command: non_empty(&process.command),
+        args: non_empty(&process.args),
+        ports: process.port.map(|port| vec![container_port(PROCESS_PORT_NAME, port)]),
+        readiness_probe: readiness,
+        liveness_probe: process.liveness_probe.clone(),
+        ..Container::default()
+    }
+}
+
+fn container_port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: port,
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
     }
 }

@@ -1,28 +1,53 @@
-//! The migration Job: `tidepool migrate` on a direct connection (not through
-//! PgBouncer; its one connection is in `reservedConnections`), once per
-//! image, before that image's pods roll out. Named after the image, so a new
-//! image gets a Job of its own and the controller holds the Deployments
-//! until it has succeeded.
+//! The migration Job, once per migration (its image, command and what its
+//! pod template depends on), before the Deployments roll out: the
+//! controller holds them until it has succeeded. Named after a hash of its
+//! template, so a new image or command gets a Job of its own.
+//!
+//! It connects to PostgreSQL directly, not through PgBouncer: its one
+//! connection is in `reservedConnections`. `tidepool migrate` (the default)
+//! reads the password from the mounted Secret; an application's command
+//! (`python manage.py migrate`) gets libpq's variables and a password file
+//! (0600: libpq ignores a group-readable one, and the Secret's files are
+//! 0440) that an init container from Tidepool's image writes into a memory
+//! volume, and never mounts the Secret itself.
 
 use std::hash::{Hash, Hasher};
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
-use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, PodTemplateSpec, VolumeMount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tidepool_contract::env as pod;
+use tidepool_contract::env::composed::{DB_HOST, DB_NAME, DB_PORT, DB_USER};
 
 use super::deployment::{
-    direct_database_url, env, env_from_secret, hardened, mount, node_selector, pod_security, resources,
-    tolerations, volumes, DATABASE_DIR, DATABASE_VOLUME, DB_HOST, DB_NAME, DB_PORT, DB_USER,
+    direct_database_url, env, env_from_secret, hardened, memory_volume, mount, node_selector, pod_security,
+    resources, tmp_mount, tolerations, user_env, volumes, DATABASE_DIR, DATABASE_VOLUME, TMP_VOLUME,
 };
 use super::labels;
+use crate::crd::MigrationSpec;
 use crate::validate::Validated;
 
 pub const COMPONENT: &str = "migrate";
+/// The memory volume with the application's password file.
+const PASSFILE_VOLUME: &str = "pgpass";
+const PASSFILE_DIR: &str = "/run/tidepool";
+const PASSFILE: &str = "/run/tidepool/pgpass";
+
+/// The spec's migration, or the default one (`tidepool migrate`).
+fn migration(validated: &Validated) -> MigrationSpec {
+    validated.spec.migration.clone().unwrap_or(MigrationSpec {
+        enabled: true,
+        image: None,
+        command: Vec::new(),
+        args: Vec::new(),
+        env: Vec::new(),
+    })
+}
 
 /// `<tidepool>-migrate-<8 hex digits>` of what the Job's pod template
-/// depends on (the image, its pull policy, the Secret, where it may be
-/// scheduled): a Job's template cannot change, so a change makes a new Job.
+/// depends on (the images, pull policy, command, its environment, the
+/// Secret, where it may be scheduled): a Job's template cannot change, so a
+/// change makes a new Job.
 pub fn job_name(validated: &Validated) -> String {
     // FNV-1a: stable across builds and platforms, unlike std's hasher.
     struct Fnv(u64);
@@ -37,9 +62,20 @@ pub fn job_name(validated: &Validated) -> String {
         }
     }
     let mut hasher = Fnv(0xcbf2_9ce4_8422_2325);
-    (&validated.spec.image, &validated.spec.image_pull_policy, &validated.spec.database.secret_ref.name)
-        .hash(&mut hasher);
     let spec = &validated.spec;
+    let migration = migration(validated);
+    (
+        migration.image.as_ref().unwrap_or(&spec.image),
+        &spec.image_pull_policy,
+        &spec.database.secret_ref.name,
+    )
+        .hash(&mut hasher);
+    // Hashed only when set, so the default migration's Job keeps its name.
+    if migration.is_foreign() || !migration.env.is_empty() {
+        serde_json::to_string(&(&migration.command, &migration.args, &migration.env, &spec.tidepool_image))
+            .unwrap_or_default()
+            .hash(&mut hasher);
+    }
     if !spec.node_selector.is_empty() || !spec.tolerations.is_empty() {
         serde_json::to_string(&(&spec.node_selector, &spec.tolerations))
             .unwrap_or_default()
@@ -48,30 +84,87 @@ pub fn job_name(validated: &Validated) -> String {
     format!("{}-migrate-{:08x}", validated.owner.name, hasher.finish() as u32)
 }
 
-pub fn job(validated: &Validated) -> Job {
+/// The Job, or none when the spec's migration is disabled.
+pub fn job(validated: &Validated) -> Option<Job> {
     let spec = &validated.spec;
+    let migration = migration(validated);
+    if !migration.enabled {
+        return None;
+    }
     let secret = &spec.database.secret_ref.name;
     let owner = &validated.owner;
-    let container = Container {
-        name: COMPONENT.to_owned(),
-        image: Some(spec.image.clone()),
-        image_pull_policy: Some(spec.image_pull_policy.clone()),
-        args: Some(vec!["migrate".to_owned()]),
-        env: Some(vec![
-            env_from_secret(DB_USER, secret, "username"),
-            env_from_secret(DB_HOST, secret, "host"),
-            env_from_secret(DB_PORT, secret, "port"),
-            env_from_secret(DB_NAME, secret, "dbname"),
+    let from_secret = [
+        env_from_secret(DB_USER, secret, "username"),
+        env_from_secret(DB_HOST, secret, "host"),
+        env_from_secret(DB_PORT, secret, "port"),
+        env_from_secret(DB_NAME, secret, "dbname"),
+    ];
+    // A Job's template cannot change: `tidepool migrate`'s stays as it was.
+    let foreign = migration.is_foreign();
+    let mut volumes: Vec<_> = volumes(validated)
+        .into_iter()
+        .filter(|v| v.name == DATABASE_VOLUME || (foreign && v.name == TMP_VOLUME))
+        .collect();
+    let mut init_containers = Vec::new();
+    let mut container = if foreign {
+        volumes.push(memory_volume(PASSFILE_VOLUME, "1Mi"));
+        init_containers.push(Container {
+            name: "pgpass".to_owned(),
+            image: Some(spec.tidepool_image.clone()),
+            image_pull_policy: Some(spec.image_pull_policy.clone()),
+            args: Some(vec![
+                "pgpass".to_owned(),
+                format!("--from-dir={DATABASE_DIR}"),
+                format!("--out={PASSFILE}"),
+            ]),
+            volume_mounts: Some(vec![
+                mount(DATABASE_VOLUME, DATABASE_DIR),
+                VolumeMount { read_only: None, ..mount(PASSFILE_VOLUME, PASSFILE_DIR) },
+            ]),
+            security_context: Some(hardened()),
+            resources: Some(resources("10m", "16Mi", "64Mi")),
+            ..Container::default()
+        });
+        let mut environment: Vec<EnvVar> = from_secret.into();
+        environment.extend([
+            env(pod::DATABASE_URL, format!("postgres://$({DB_USER})@$({DB_HOST}):$({DB_PORT})/$({DB_NAME})")),
+            env(pod::plan::HOST, format!("$({DB_HOST})")),
+            env(pod::plan::PORT, format!("$({DB_PORT})")),
+            env(pod::plan::DATABASE, format!("$({DB_NAME})")),
+            env(pod::plan::USER, format!("$({DB_USER})")),
+            env(pod::plan::PASSFILE, PASSFILE),
+        ]);
+        Container {
+            command: Some(migration.command.clone()).filter(|c| !c.is_empty()),
+            args: Some(migration.args.clone()).filter(|a| !a.is_empty()),
+            env: Some(environment),
+            volume_mounts: Some(vec![mount(PASSFILE_VOLUME, PASSFILE_DIR), tmp_mount()]),
+            ..Container::default()
+        }
+    } else {
+        let mut environment: Vec<EnvVar> = from_secret.into();
+        environment.extend([
             direct_database_url(),
             env(pod::DB_PASSWORD_FILE, format!("{DATABASE_DIR}/password")),
             env(pod::LOG_FORMAT, "json"),
-        ]),
-        volume_mounts: Some(vec![mount(DATABASE_VOLUME, DATABASE_DIR)]),
-        security_context: Some(hardened()),
-        resources: Some(resources("50m", "32Mi", "128Mi")),
-        ..Container::default()
+        ]);
+        Container {
+            args: Some(vec!["migrate".to_owned()]),
+            env: Some(environment),
+            volume_mounts: Some(vec![mount(DATABASE_VOLUME, DATABASE_DIR)]),
+            ..Container::default()
+        }
     };
-    Job {
+    if let Some(environment) = container.env.as_mut() {
+        environment.extend(user_env(&migration.env));
+    }
+    container.name = COMPONENT.to_owned();
+    container.image = Some(migration.image.clone().unwrap_or_else(|| spec.image.clone()));
+    container.image_pull_policy = Some(spec.image_pull_policy.clone());
+    container.security_context = Some(hardened());
+    container.resources =
+        Some(if foreign { resources("50m", "64Mi", "256Mi") } else { resources("50m", "32Mi", "128Mi") });
+    Some(Job {
         metadata: labels::component_metadata(owner, job_name(validated), COMPONENT),
         spec: Some(JobSpec {
             backoff_limit: Some(3),
@@ -88,9 +181,8 @@ pub fn job(validated: &Validated) -> Job {
                     security_context: Some(pod_security()),
                     node_selector: node_selector(validated),
                     tolerations: tolerations(validated),
-                    volumes: Some(
-                        volumes(validated).into_iter().filter(|v| v.name == DATABASE_VOLUME).collect(),
-                    ),
+                    volumes: Some(volumes),
+                    init_containers: Some(init_containers).filter(|c| !c.is_empty()),
                     containers: vec![container],
                     ..PodSpec::default()
                 }),
@@ -98,7 +190,7 @@ pub fn job(validated: &Validated) -> Job {
             ..JobSpec::default()
         }),
         status: None,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -125,7 +217,7 @@ mod tests {
 
     #[test]
     fn the_job_migrates_on_a_direct_connection_with_the_password_from_a_file() {
-        let job = serde_json::to_value(job(&validated("app:1", 2))).expect("serializes");
+        let job = serde_json::to_value(job(&validated("app:1", 2)).expect("a Job")).expect("serializes");
         let pod = &job["spec"]["template"]["spec"];
         assert_eq!(pod["restartPolicy"], "Never");
         let env = pod["containers"][0]["env"].as_array().cloned().unwrap_or_default();

@@ -81,10 +81,11 @@ impl Child {
 pub fn children(validated: &Validated, plan: &Plan) -> Vec<Child> {
     let owner = &validated.owner;
     let with_pods = || plan.tiers.iter().filter(|t| t.max_replicas > 0);
-    let mut children = vec![Child::Job(Box::new(migration::job(validated)))];
+    let mut children: Vec<Child> =
+        migration::job(validated).map(|job| Child::Job(Box::new(job))).into_iter().collect();
     for tier in with_pods() {
         if tier.tier == Tier::Web {
-            children.push(Child::Service(service::web_service(owner)));
+            children.push(Child::Service(service::web_service(owner, deployment::web_port_name(validated))));
         }
         children.push(Child::PodDisruptionBudget(pdb::pdb(owner, tier.tier)));
     }
@@ -134,6 +135,18 @@ mod tests {
             .expect("the tier's Deployment")
     }
 
+    /// The container never gets the password as a variable, and mounts the
+    /// Secret (its only way to the server's password) only when it `may`.
+    fn assert_no_secret_password(container: &Container, may_mount_the_secret: bool) {
+        let password_in_env = container.env.iter().flatten().any(|e| {
+            e.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).is_some_and(|k| k.key == "password")
+        });
+        assert!(!password_in_env, "{}: the password is never a variable", container.name);
+        let mounts_secret =
+            container.volume_mounts.iter().flatten().any(|m| m.name == deployment::DATABASE_VOLUME);
+        assert_eq!(mounts_secret, may_mount_the_secret, "{}: the Secret's mount", container.name);
+    }
+
     fn env<'a>(container: &'a Container, name: &str) -> Option<&'a str> {
         container.env.as_ref()?.iter().find(|e| e.name == name)?.value.as_deref()
     }
@@ -162,14 +175,15 @@ mod tests {
                 env(app, "TIDEPOOL_DB_POOL_SIZE"),
                 Some(plan.pools.database_pool.to_string().as_str())
             );
-            assert_eq!(env(app, "TIDEPOOL_DB_PASSWORD_FILE"), Some("/etc/tidepool/database/password"));
-            let password_in_env = app.env.iter().flatten().any(|e| {
-                e.value_from
-                    .as_ref()
-                    .and_then(|v| v.secret_key_ref.as_ref())
-                    .is_some_and(|k| k.key == "password")
-            });
-            assert!(!password_in_env, "the password reaches the app only as a file");
+            assert_eq!(env(app, "TIDEPOOL_DB_PASSWORD_FILE"), Some("/etc/tidepool/db.password"));
+            assert_eq!(
+                env(app, "DATABASE_URL"),
+                Some("postgres://tidepool_app@127.0.0.1:6432/$(TIDEPOOL_DB_NAME)")
+            );
+            assert_eq!(env(app, "TIDEPOOL_DB_CONNECTIONS"), Some(plan.share.to_string().as_str()));
+            assert_eq!(arg(&init[0], "--client-user"), Some("tidepool_app"));
+            assert_eq!(init[0].image.as_deref(), Some(crate::crd::DEFAULT_IMAGE), "Tidepool's image");
+            assert_no_secret_password(app, plan.listen > 0);
             for container in init.iter().chain(&pod.containers) {
                 let security = container.security_context.as_ref().expect("hardened");
                 assert_eq!(security.read_only_root_filesystem, Some(true), "{}", container.name);
@@ -199,8 +213,7 @@ mod tests {
             let Some(pod) = pod else { continue };
             for container in pod.init_containers.iter().flatten().chain(&pod.containers) {
                 for var in container.env.iter().flatten() {
-                    let known = tidepool_contract::env::ALL.contains(&var.name.as_str())
-                        || deployment::COMPOSED_FROM.contains(&var.name.as_str());
+                    let known = crate::crd::owned_variables().contains(&var.name.as_str());
                     assert!(
                         known,
                         "{} sets {}, which the pod contract does not name",
@@ -210,7 +223,7 @@ mod tests {
                 }
             }
         }
-        for name in tidepool_contract::env::ALL {
+        for name in tidepool_contract::env::ALL.iter().chain(tidepool_contract::env::plan::ALL) {
             assert!(seen.iter().any(|s| s == name), "no container gets {name}");
         }
     }
@@ -279,5 +292,118 @@ mod tests {
         let spec = serde_json::json!({"database": {"secretRef": {"name": "db"}, "maxConnections": 100}, "worker": {"replicas": 0}});
         let (_, children) = render(spec);
         assert!(children.iter().all(|c| !c.name().ends_with("-worker")));
+    }
+
+    fn django(extra: serde_json::Value) -> serde_json::Value {
+        let mut spec = serde_json::json!({
+            "image": "localhost/django-shop:1",
+            "database": {"secretRef": {"name": "db"}, "maxConnections": 200, "reservedConnections": 10},
+            "migration": {"command": ["python3", "manage.py", "migrate"]},
+            "web": {"replicas": 2, "concurrency": 500, "databasePool": 10, "port": 8000,
+                "command": ["gunicorn"], "args": ["-k", "gevent", "--worker-connections", "$(TIDEPOOL_CONCURRENCY)", "shop.wsgi"],
+                "env": [{"name": "DJANGO_SETTINGS_MODULE", "value": "shop.settings"}],
+                "readinessProbe": {"httpGet": {"path": "/healthz/", "port": "app"}}},
+            "worker": {"replicas": 1, "concurrency": 50, "queryWaitTimeoutSeconds": 10,
+                "command": ["celery"], "args": ["-A", "shop", "worker", "-P", "gevent", "-c", "$(TIDEPOOL_CONCURRENCY)"],
+                "livenessProbe": {"exec": {"command": ["celery", "-A", "shop", "inspect", "ping"]}}},
+        });
+        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
+        }
+        spec
+    }
+
+    /// An application's tiers run their own command with the plan in their
+    /// environment, Tidepool's containers keep Tidepool's image, and the
+    /// password stays with PgBouncer.
+    #[test]
+    fn an_applications_tiers_run_their_command_with_the_plan() {
+        let (plan, children) = render(django(serde_json::json!({})));
+        let web = pod(&children, Tier::Web);
+        let app = &web.containers[0];
+        assert_eq!(app.image.as_deref(), Some("localhost/django-shop:1"));
+        assert_eq!(app.command.as_deref(), Some(&["gunicorn".to_owned()][..]));
+        assert_eq!(
+            web.init_containers.as_ref().expect("init")[0].image.as_deref(),
+            Some(crate::crd::DEFAULT_IMAGE)
+        );
+        let names: Vec<&str> = app.env.iter().flatten().map(|e| e.name.as_str()).collect();
+        let plan_vars = names.iter().position(|n| *n == "TIDEPOOL_CONCURRENCY").expect("the plan");
+        let users = names.iter().position(|n| *n == "DJANGO_SETTINGS_MODULE").expect("the spec's");
+        assert!(
+            plan_vars < users,
+            "the plan's variables come first, so $(NAME) can refer to them: {names:?}"
+        );
+        assert_eq!(env(app, "TIDEPOOL_CONCURRENCY"), Some("500"));
+        assert_eq!(env(app, "PGHOST"), Some("127.0.0.1"));
+        assert_eq!(env(app, "PGPASSFILE"), Some("/etc/tidepool/pgpass"));
+        assert!(
+            env(app, "TIDEPOOL_MAX_IN_FLIGHT").is_none(),
+            "Tidepool's own variables are for Tidepool's process"
+        );
+        assert_no_secret_password(app, false);
+        let port = &app.ports.as_ref().expect("a port")[0];
+        assert_eq!((port.name.as_deref(), port.container_port), (Some("app"), 8000));
+        assert!(app.startup_probe.is_none());
+        assert_eq!(
+            app.volume_mounts.iter().flatten().find(|m| m.mount_path == "/tmp").map(|m| m.read_only),
+            Some(None),
+            "a writable /tmp"
+        );
+        let service = children.iter().find(|c| c.kind() == "Service").expect("a Service").to_json();
+        assert_eq!(service["spec"]["ports"][0]["targetPort"], "app");
+
+        let worker_plan = plan.tier(Tier::Worker).expect("a worker");
+        assert_eq!(worker_plan.ask, 50, "a foreign worker asks its concurrency, no queue connections");
+        let worker = pod(&children, Tier::Worker);
+        let config = &worker.init_containers.as_ref().expect("init")[0];
+        assert_eq!(arg(config, "--query-wait-timeout"), Some("10s"));
+        assert_eq!(arg(config, "--max-client-conn"), Some("66"));
+        let celery = &worker.containers[0];
+        assert!(celery.ports.is_none() && celery.readiness_probe.is_none());
+        assert!(celery.liveness_probe.as_ref().is_some_and(|p| p.exec.is_some()));
+        assert_eq!(env(celery, "TIDEPOOL_CONCURRENCY"), Some("50"));
+    }
+
+    /// An application's migration gets libpq's variables and a 0600
+    /// password file from an init container of Tidepool's image, never the
+    /// Secret's mount or a URL with a password; disabled, no Job at all.
+    #[test]
+    fn an_applications_migration_reads_a_password_file() {
+        let (_, children) = render(django(serde_json::json!({})));
+        let Some(Child::Job(job)) = children.first() else { panic!("the Job comes first") };
+        let pod = job.spec.as_ref().and_then(|s| s.template.spec.clone()).expect("a pod");
+        let init = &pod.init_containers.as_ref().expect("the password file's writer")[0];
+        assert_eq!(init.image.as_deref(), Some(crate::crd::DEFAULT_IMAGE));
+        assert_eq!(arg(init, "--out"), Some("/run/tidepool/pgpass"));
+        let migrate = &pod.containers[0];
+        assert_eq!(migrate.image.as_deref(), Some("localhost/django-shop:1"));
+        assert_eq!(env(migrate, "PGPASSFILE"), Some("/run/tidepool/pgpass"));
+        let url = env(migrate, "DATABASE_URL").unwrap_or_default();
+        assert!(url.starts_with("postgres://$(TIDEPOOL_DB_USER)@$(TIDEPOOL_DB_HOST)"), "{url}");
+        assert_no_secret_password(migrate, false);
+
+        let (_, none) = render(django(serde_json::json!({"migration": {"enabled": false}})));
+        assert!(none.iter().all(|c| c.kind() != "Job"));
+    }
+
+    #[test]
+    fn the_migrations_name_covers_its_image_and_command() {
+        let name = |migration: serde_json::Value| {
+            migration::job_name(
+                &validate(&tidepool(django(serde_json::json!({"migration": migration}))), "default")
+                    .expect("valid"),
+            )
+        };
+        let base = name(serde_json::json!({"command": ["python3", "manage.py", "migrate"]}));
+        assert_ne!(
+            base,
+            name(serde_json::json!({"command": ["python3", "manage.py", "migrate", "--noinput"]}))
+        );
+        assert_ne!(
+            base,
+            name(serde_json::json!({"command": ["python3", "manage.py", "migrate"], "image": "other:2"}))
+        );
+        assert_eq!(base, name(serde_json::json!({"command": ["python3", "manage.py", "migrate"]})));
     }
 }

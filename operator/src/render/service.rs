@@ -1,4 +1,5 @@
-//! The web tier's Service: port 80 to the pods' `http` port.
+//! The web tier's Service: port 80 to the web container's port (`http` for
+//! `tidepool web`, `app` for an application's process).
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -7,7 +8,7 @@ use super::labels;
 use crate::plan::Tier;
 use crate::validate::Owner;
 
-pub fn web_service(owner: &Owner) -> Service {
+pub fn web_service(owner: &Owner, target_port: &str) -> Service {
     Service {
         metadata: labels::metadata(owner, Tier::Web),
         spec: Some(ServiceSpec {
@@ -16,7 +17,7 @@ pub fn web_service(owner: &Owner) -> Service {
             ports: Some(vec![ServicePort {
                 name: Some("http".to_owned()),
                 port: 80,
-                target_port: Some(IntOrString::String("http".to_owned())),
+                target_port: Some(IntOrString::String(target_port.to_owned())),
                 protocol: Some("TCP".to_owned()),
                 ..ServicePort::default()
             }]),

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
-use tidepool::pooler::{self, PoolerConfig, StatsUser, Upstream};
+use tidepool::pooler::{self, LocalUser, PoolerConfig, Upstream};
 use tokio_postgres::NoTls;
 
 /// Where the run's shared PostgreSQL is, from scripts/test.sh.
@@ -237,7 +237,7 @@ impl PgBouncer {
     /// With a stats user `name` ([`PgBouncer::STATS_USER`]) that may read
     /// the admin console; its password is in [`PgBouncer::stats_password_file`].
     pub async fn start_with_stats_user(db: &TestDb, pool_size: u32) -> Result<PgBouncer> {
-        let stats = StatsUser::generate(Self::STATS_USER.to_owned());
+        let stats = LocalUser::generate(Self::STATS_USER.to_owned());
         Self::start_with(db, pool_size, Duration::from_secs(30), Some(stats)).await
     }
 
@@ -247,7 +247,7 @@ impl PgBouncer {
         db: &TestDb,
         pool_size: u32,
         query_wait: Duration,
-        stats_user: Option<StatsUser>,
+        stats_user: Option<LocalUser>,
     ) -> Result<PgBouncer> {
         let dir = scratch_dir("pgbouncer")?;
         let pg = db.direct_url().parse::<tokio_postgres::Config>()?;
@@ -260,6 +260,7 @@ impl PgBouncer {
             max_client_conn: 1000,
             query_wait_timeout: query_wait,
             stats_user,
+            client_user: None,
             settings: Vec::new(),
             pidfile: None,
             logfile: None,
