@@ -227,6 +227,15 @@ pub fn run<S: Clone + Send + Sync + 'static>(app: Application<S>) -> ExitCode {
             Command::Enqueue(args) => run_enqueue(&app, args).await.map(|()| ExitCode::SUCCESS),
             Command::Migrate(args) => run_migrate(&app, args).await.map(|()| ExitCode::SUCCESS),
             Command::PoolerConfig(args) => run_pooler_config(args).map(|()| ExitCode::SUCCESS),
+            Command::PoolerExporter(args) => {
+                let listen = args.listen;
+                let stats = args.stats().ok_or("set --pooler-stats-url: the admin console to read")?;
+                let listener = crate::bind(listen).await?;
+                tracing::info!(%listen, "serving PgBouncer's figures on /metrics");
+                crate::pooler_metrics::export(listener, stats.admin_console()?, shutdown::first_signal())
+                    .await;
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Pgpass(args) => pooler::Upstream::from_dir(&args.from_dir)
                 .and_then(|upstream| pooler::write_passfile(&upstream, &args.out))
                 .map(|()| ExitCode::SUCCESS)

@@ -49,6 +49,8 @@ pub(crate) enum Command {
     PoolerConfig(PoolerConfigArgs),
     /// Write a libpq password file (0600) from a mounted database Secret, for a process that reads PGPASSFILE.
     Pgpass(PgpassArgs),
+    /// Serve the pod's PgBouncer figures (the pgbouncer_* series) on /metrics, for a pod whose app is not Tidepool's.
+    PoolerExporter(PoolerExporterArgs),
 }
 
 /// How log lines are written.
@@ -518,6 +520,28 @@ pub(crate) struct PoolerConfigArgs {
     /// Where PgBouncer writes its log; standard error if unset.
     #[arg(long, env = "TIDEPOOL_POOLER_LOGFILE")]
     pub logfile: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub(crate) struct PoolerExporterArgs {
+    /// Where /metrics and /healthz are served (pgbouncer_exporter's port).
+    #[arg(long, env = "TIDEPOOL_POOLER_EXPORTER_LISTEN", default_value = "0.0.0.0:9127")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub pooler_stats: PoolerStatsArgs,
+}
+
+impl PoolerExporterArgs {
+    /// The admin console to read, or why there is none.
+    pub(crate) fn stats(self) -> Option<PoolerStatsSettings> {
+        let stats = self.pooler_stats;
+        stats.pooler_stats_url.map(|url| PoolerStatsSettings {
+            url,
+            password_file: stats.pooler_stats_password_file,
+            timeout: stats.pooler_stats_timeout.into(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -28,6 +28,10 @@
 //! | `SHOW CONFIG` | `pgbouncer_config_max_client_connections`, `pgbouncer_config_max_user_connections` |
 //! | `SHOW VERSION` | `pgbouncer_version_info{version}` |
 //!
+//! A pod whose app is not Tidepool's (gunicorn, Celery) gets the same
+//! series from [`export`], `tidepool pooler-exporter`: a second sidecar
+//! that serves only them on pgbouncer_exporter's port, 9127.
+//!
 //! One difference from the exporter: `pgbouncer_pools_client_maxwait_seconds`
 //! adds the `maxwait_us` column to `maxwait`, where the exporter reads whole
 //! seconds only (a wait of 0.4 s would show as 0).
@@ -36,7 +40,43 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use std::convert::Infallible;
+use std::future::Future;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tidepool_contract::server::{self, Limits};
+use tidepool_contract::{HEALTH_PATH, METRICS_PATH};
+use tokio::net::TcpListener;
 use tokio_postgres::{NoTls, SimpleQueryMessage};
+
+use crate::web::response::{with_body, ApiError, Body};
+
+/// The exporter serves a scraper and a probe: a few connections at once.
+const EXPORTER_LIMITS: Limits = Limits { connections: 16, header_read_timeout: Duration::from_secs(10) };
+
+/// Serves `console`'s figures on `/metrics` (each scrape reads the console
+/// afresh) and `/healthz` on `listener` until `stop` resolves.
+pub async fn export(listener: TcpListener, console: AdminConsole, stop: impl Future<Output = ()>) {
+    let handler = move |request: Request<Incoming>| {
+        let console = console.clone();
+        async move { Ok::<_, Infallible>(exporter_response(&console, &request).await) }
+    };
+    server::serve(listener, EXPORTER_LIMITS, handler, stop).await;
+}
+
+async fn exporter_response(console: &AdminConsole, request: &Request<Incoming>) -> Response<Body> {
+    match request.uri().path() {
+        _ if request.method() != http::Method::GET => ApiError::method_not_allowed("GET").into_response(),
+        METRICS_PATH => with_body(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            console.render().await.into_bytes(),
+        ),
+        HEALTH_PATH => with_body(StatusCode::OK, "text/plain; charset=utf-8", b"ok\n".to_vec()),
+        path => ApiError::not_found(path).into_response(),
+    }
+}
 
 /// Why PgBouncer's figures could not be read.
 #[derive(Debug, thiserror::Error)]

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use support::{
-    env, get, raw, wait_for, wait_for_sleeps, wait_for_status, BusyCores, PgBouncer, Stack, TestDb, Web,
+    env, get, raw, request, wait_for, wait_for_sleeps, wait_for_status, BusyCores, PgBouncer, Service, Stack,
+    TestDb, Web,
 };
 use tidepool_testenv::node::PrivatePostgres;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -490,6 +491,37 @@ async fn metrics_carry_pgbouncers_figures() -> Result<()> {
     assert_eq!(metric(&gone.body, "pgbouncer_up"), Some(0.0), "{}", gone.body);
     assert!(!gone.body.contains("pgbouncer_pools_"), "{}", gone.body);
     assert!(gone.body.contains("tidepool_db_pool_max_size"), "{}", gone.body);
+    Ok(())
+}
+
+/// `tidepool pooler-exporter`, the sidecar of a pod whose app is not
+/// Tidepool's: the same `pgbouncer_*` series as the app's `/metrics`, and
+/// nothing of Tidepool's own; `pgbouncer_up` 0 while PgBouncer is gone; GET
+/// only; SIGTERM ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exporter_serves_pgbouncers_figures_alone() -> Result<()> {
+    let db = TestDb::create().await?;
+    let mut bouncer = PgBouncer::start_with_stats_user(&db, 3).await?;
+    let mut exporter = Service::exporter(&bouncer).await?;
+    let body = get(&exporter.url("/metrics")).await?.body;
+    assert_eq!(metric(&body, "pgbouncer_up"), Some(1.0), "{body}");
+    assert_eq!(
+        metric(&body, &format!("pgbouncer_databases_max_connections{{name=\"{0}\",", db.name)),
+        Some(3.0),
+        "{body}"
+    );
+    assert!(body.contains("pgbouncer_pools_client_active_connections{"), "{body}");
+    assert!(!body.contains("tidepool_"), "only PgBouncer's series: {body}");
+    let posted = request(http::Method::POST, &exporter.url("/metrics"), "").await?;
+    assert_eq!(posted.status, 405);
+    assert_eq!(get(&exporter.url("/nothing")).await?.status, 404);
+
+    bouncer.stop();
+    let gone = get(&exporter.url("/metrics")).await?;
+    assert_eq!((gone.status, metric(&gone.body, "pgbouncer_up")), (200, Some(0.0)), "{}", gone.body);
+    exporter.signal(libc::SIGTERM)?;
+    let status = exporter.wait_exit(Duration::from_secs(10)).await?;
+    assert!(status.success(), "{status:?}: {}", exporter.log());
     Ok(())
 }
 

@@ -72,6 +72,10 @@ const POOLER_PORT: &str = "6432";
 pub const CLIENT_USER: &str = "tidepool_app";
 pub const WEB_PORT: i32 = 8000;
 pub const WORKER_PORT: i32 = 8001;
+/// The exporter of PgBouncer's figures in a pod of an application's
+/// process: pgbouncer_exporter's port, and the name the PodMonitor scrapes.
+pub const EXPORTER_PORT: i32 = 9127;
+pub const EXPORTER_PORT_NAME: &str = "pooler-metrics";
 /// The uid and gid every container runs as (no image needs root).
 pub const RUN_AS: i64 = 65532;
 /// The PgBouncer user that may read `SHOW` statistics on the admin console.
@@ -147,7 +151,7 @@ pub fn deployment(validated: &Validated, tier_plan: &TierPlan) -> Deployment {
                     node_selector: node_selector(validated),
                     tolerations: tolerations(validated),
                     volumes: Some(volumes(validated)),
-                    init_containers: Some(vec![pooler_config(validated, tier_plan), pooler(validated)]),
+                    init_containers: Some(sidecars(validated, tier_plan)),
                     containers: vec![app(validated, tier_plan)],
                     ..PodSpec::default()
                 }),
@@ -309,6 +313,43 @@ fn pooler_config(validated: &Validated, tier: &TierPlan) -> Container {
             mount(DATABASE_VOLUME, DATABASE_DIR),
             VolumeMount { read_only: None, ..mount(POOLER_VOLUME, POOLER_DIR) },
         ]),
+        security_context: Some(hardened()),
+        resources: Some(resources("10m", "16Mi", "64Mi")),
+        ..Container::default()
+    }
+}
+
+/// The init containers, in start order: `pooler-config`, PgBouncer, and
+/// for an application's process (which has no `/metrics` of Tidepool's)
+/// the exporter of PgBouncer's figures.
+fn sidecars(validated: &Validated, tier: &TierPlan) -> Vec<Container> {
+    let mut containers = vec![pooler_config(validated, tier), pooler(validated)];
+    if tier_spec(validated, tier.tier).0.is_foreign() {
+        containers.push(exporter(validated));
+    }
+    containers
+}
+
+/// `tidepool pooler-exporter`, as a native sidecar: the `pgbouncer_*`
+/// series on pgbouncer_exporter's port, read as the stats user.
+fn exporter(validated: &Validated) -> Container {
+    Container {
+        name: "pgbouncer-exporter".to_owned(),
+        image: Some(validated.spec.tidepool_image.clone()),
+        image_pull_policy: Some(validated.spec.image_pull_policy.clone()),
+        restart_policy: Some("Always".to_owned()),
+        args: Some(vec!["pooler-exporter".to_owned(), format!("--listen=0.0.0.0:{EXPORTER_PORT}")]),
+        env: Some(vec![
+            env(pod::POOLER_STATS_URL, format!("postgres://{STATS_USER}@{POOLER_ADDRESS}/pgbouncer")),
+            env(pod::POOLER_STATS_PASSWORD_FILE, APP_STATS_PASSWORD),
+            env(pod::LOG_FORMAT, "json"),
+        ]),
+        ports: Some(vec![container_port(EXPORTER_PORT_NAME, EXPORTER_PORT)]),
+        liveness_probe: Some(http_probe(HEALTH_PATH, EXPORTER_PORT_NAME, 10, 3)),
+        volume_mounts: Some(vec![VolumeMount {
+            sub_path: Some(STATS_PASSWORD_FILE.to_owned()),
+            ..mount(POOLER_VOLUME, APP_STATS_PASSWORD)
+        }]),
         security_context: Some(hardened()),
         resources: Some(resources("10m", "16Mi", "64Mi")),
         ..Container::default()

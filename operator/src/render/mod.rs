@@ -359,6 +359,13 @@ mod tests {
         let config = &worker.init_containers.as_ref().expect("init")[0];
         assert_eq!(arg(config, "--query-wait-timeout"), Some("10s"));
         assert_eq!(arg(config, "--max-client-conn"), Some("66"));
+        let sidecars: Vec<&str> = worker.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
+        assert_eq!(sidecars, ["pooler-config", "pgbouncer", "pgbouncer-exporter"]);
+        let exporter = &worker.init_containers.as_ref().expect("init")[2];
+        assert_eq!(exporter.restart_policy.as_deref(), Some("Always"));
+        assert_eq!(exporter.image.as_deref(), Some(crate::crd::DEFAULT_IMAGE));
+        assert_eq!(exporter.ports.as_ref().map(|p| p[0].container_port), Some(9127));
+        assert_no_secret_password(exporter, false);
         let celery = &worker.containers[0];
         assert!(celery.ports.is_none() && celery.readiness_probe.is_none());
         assert!(celery.liveness_probe.as_ref().is_some_and(|p| p.exec.is_some()));

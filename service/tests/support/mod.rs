@@ -364,6 +364,19 @@ impl Service {
         Self::start_kind("worker", "TIDEPOOL_WORKER_LISTEN", database_url, extra_env).await
     }
 
+    /// Starts `tidepool pooler-exporter` for `bouncer`'s admin console,
+    /// waiting until it serves.
+    pub async fn exporter(bouncer: &PgBouncer) -> Result<Service> {
+        let password_file = bouncer.stats_password_file();
+        let password_file = password_file.to_str().context("a UTF-8 path")?;
+        let stats_url = bouncer.stats_url();
+        let env = [
+            ("TIDEPOOL_POOLER_STATS_URL", stats_url.as_str()),
+            ("TIDEPOOL_POOLER_STATS_PASSWORD_FILE", password_file),
+        ];
+        Self::start_kind("pooler-exporter", "TIDEPOOL_POOLER_EXPORTER_LISTEN", "", &env).await
+    }
+
     async fn start_kind(
         kind: &'static str,
         listen_var: &str,
@@ -389,7 +402,10 @@ impl Service {
                 async move { get(&health).await.ok().filter(|r| r.status == 200).map(drop) }
             })
             .await;
-        let ready_line = format!("tidepool {kind} is ready");
+        let ready_line = match kind {
+            "pooler-exporter" => "serving PgBouncer's figures on /metrics".to_owned(),
+            _ => format!("tidepool {kind} is ready"),
+        };
         let ready = match started {
             Ok(()) => {
                 wait_for(&format!("tidepool {kind} to log that it is ready"), Duration::from_secs(30), || {
