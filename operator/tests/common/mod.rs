@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod shop;
+
 use std::io::{Read, Write};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
