@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Builds Tidepool's container images from the repository's Dockerfiles
-# (images/*/Dockerfile, and the example application's examples/shop/Dockerfile)
+# (images/*/Dockerfile, and the example applications': examples/shop, and
+# examples/django-celery with its Redis)
 # with no registry and no daemon, and loads them into
 # the real node's containerd when it is up (scripts/kube-node.sh):
 #
-#   images.sh [all|pause|tidepool|operator|pgbouncer|shop|bases ...]   (all by default)
+#   images.sh [all|pause|tidepool|operator|pgbouncer|shop|django|redis|bases ...]   (all by default)
 #   images.sh sizes                                           name, tag, size
 #
 # `FROM` resolves offline to two local bases that mmdebstrap makes from
@@ -29,6 +30,8 @@ TIDEPOOL_IMAGE=localhost/tidepool:$VERSION
 OPERATOR_IMAGE=localhost/tidepool-operator:$VERSION
 PGBOUNCER_IMAGE=localhost/tidepool-pgbouncer:1.24.1
 SHOP_IMAGE=localhost/tidepool-shop:$(crate_version "$REPO_ROOT/examples/shop/Cargo.toml")
+DJANGO_IMAGE=localhost/tidepool-django-celery:0.1.0
+REDIS_IMAGE=localhost/tidepool-example-redis:0.1.0
 
 buildah_() {
   buildah --root "$STORE" --runroot "$TIDEPOOL_IMAGE_CACHE/run" --storage-driver overlay "$@"
@@ -82,13 +85,18 @@ bases() {
 }
 
 # Builds $1/Dockerfile (a folder of the repository: images/tidepool,
-# examples/shop) as image $2 with the files "${@:3}" in its context, and
-# writes the archive $TIDEPOOL_IMAGE_DIR/<the folder's name>.tar.
+# examples/shop) as image $2 with the binaries "${@:3}" in its context
+# (stripped), or with the folder itself as its context when none are
+# given (examples/django-celery), and writes the archive
+# $TIDEPOOL_IMAGE_DIR/<the folder's name>.tar.
 build_image() {
   local folder=$1 image=$2 dir context file started=$SECONDS
   dir=$(basename "$folder")
   shift 2
   context=$(mktemp -d)
+  if [ $# -eq 0 ]; then
+    cp -r "$REPO_ROOT/$folder/." "$context/"
+  fi
   for file in "$@"; do
     [ -f "$file" ] || die "$file is missing (run: make build)"
     objcopy --strip-debug "$file" "$context/$(basename "$file")"
@@ -127,6 +135,8 @@ tidepool() { bases; build_image images/tidepool "$TIDEPOOL_IMAGE" "$TIDEPOOL_BIN
 operator() { bases; build_image images/operator "$OPERATOR_IMAGE" "$TIDEPOOL_OPERATOR_BIN"; }
 pgbouncer() { bases; build_image images/pgbouncer "$PGBOUNCER_IMAGE"; }
 shop() { bases; build_image examples/shop "$SHOP_IMAGE" "$TIDEPOOL_SHOP_BIN"; }
+django() { bases; build_image examples/django-celery "$DJANGO_IMAGE"; }
+redis() { bases; build_image examples/django-celery/redis "$REDIS_IMAGE"; }
 
 sizes() {
   buildah_ images --format '{{.Name}}:{{.Tag}} {{.Size}}' | grep -v '<none>' | sort
@@ -136,8 +146,8 @@ targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(all)
 for target in "${targets[@]}"; do
   case $target in
-    all) pause; tidepool; operator; pgbouncer; shop ;;
-    pause|tidepool|operator|pgbouncer|shop|bases|sizes) "$target" ;;
-    *) die "unknown image $target (all, pause, tidepool, operator, pgbouncer, shop, bases, sizes)" ;;
+    all) pause; tidepool; operator; pgbouncer; shop; django; redis ;;
+    pause|tidepool|operator|pgbouncer|shop|django|redis|bases|sizes) "$target" ;;
+    *) die "unknown image $target (all, pause, tidepool, operator, pgbouncer, shop, django, redis, bases, sizes)" ;;
   esac
 done

@@ -9,7 +9,7 @@ use kube::CustomResourceExt;
 use serde::Deserialize;
 
 use crate::crd::Tidepool;
-use crate::plan::{self, Plan, PlanError, Tier, TierPlan};
+use crate::plan::{self, Plan, PlanError, Process, Tier, TierPlan};
 use crate::render;
 use crate::validate::{self, InvalidTidepool};
 
@@ -121,9 +121,12 @@ pub fn table(validated: &validate::Validated, plan: &Plan) -> String {
     );
     for tier in &plan.tiers {
         let pods = format!("{} + {}", tier.max_replicas, if tier.max_replicas == 0 { 0 } else { tier.surge });
-        let pools = match tier.tier {
-            Tier::Web => format!("{} (requests)", tier.pools.database_pool),
-            Tier::Worker => format!("{} tasks + {} queue", tier.pools.database_pool, tier.pools.queue_pool),
+        let pools = match tier.process {
+            Process::Web { .. } => format!("{} (requests)", tier.pools.database_pool),
+            Process::Worker { .. } => {
+                format!("{} tasks + {} queue", tier.pools.database_pool, tier.pools.queue_pool)
+            }
+            Process::ForeignWorker { .. } => format!("{} (jobs)", tier.pools.database_pool),
         };
         let _ = writeln!(
             out,

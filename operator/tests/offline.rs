@@ -51,7 +51,7 @@ fn the_checked_in_crd_is_what_the_crd_command_prints() {
 
 #[test]
 fn examples_plan_and_render_as_their_golden_files() {
-    for example in ["minimal", "production", "shop"] {
+    for example in ["minimal", "production", "shop", "django-celery"] {
         let file = format!("manifests/examples/{example}.yaml");
         let (ok, plan, stderr) = operator(&["plan", "-f", &file]);
         assert!(ok, "{example}: {stderr}");

@@ -1,0 +1,96 @@
+"""The seed's `/slow-query/`, and a way to start and count its slow tasks.
+
+Bad input gets a 400 with a JSON error; a database that does not answer a
+503, never a traceback.
+"""
+import os
+
+from django.db import DatabaseError, connection
+from django.http import JsonResponse
+
+from .models import TaskRun
+from .tasks import slow_query_task
+
+MAX_TASKS = 1000
+MAX_SECONDS = 60.0
+
+
+def healthz(request):
+    return JsonResponse({"status": "ok"})
+
+
+def readyz(request):
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except DatabaseError as error:
+        return JsonResponse({"status": "unavailable", "error": str(error).strip()}, status=503)
+    return JsonResponse({"status": "ok"})
+
+
+def _number(request, name, default, cast, low, high):
+    raw = request.GET.get(name)
+    if raw is None:
+        return default, None
+    try:
+        value = cast(raw)
+    except ValueError:
+        return None, f"{name} must be a number"
+    if not low <= value <= high:
+        return None, f"{name} must be from {low} to {high}"
+    return value, None
+
+
+def slow_query(request):
+    seconds, error = _number(request, "seconds", 5.0, float, 0.0, MAX_SECONDS)
+    if error:
+        return JsonResponse({"error": error}, status=400)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_sleep(%s)", [seconds])
+    except DatabaseError as error:
+        return JsonResponse({"error": str(error).strip()}, status=503)
+    return JsonResponse({"message": "Slow query completed", "pod": os.environ.get("HOSTNAME", "")})
+
+
+def enqueue_slow(request):
+    if request.method != "POST":
+        return JsonResponse({"error": "POST only"}, status=405)
+    count, error = _number(request, "count", 1, int, 1, MAX_TASKS)
+    seconds = None
+    if not error:
+        seconds, error = _number(request, "seconds", 5.0, float, 0.0, MAX_SECONDS)
+    batch = request.GET.get("batch", "")
+    if not error and not (1 <= len(batch) <= 64 and batch.replace("-", "").replace("_", "").isalnum()):
+        error = "batch must be 1 to 64 of letters, digits, '-' and '_'"
+    if error:
+        return JsonResponse({"error": error}, status=400)
+    for _ in range(count):
+        slow_query_task.delay(batch, seconds)
+    return JsonResponse({"enqueued": count, "batch": batch}, status=202)
+
+
+def task_runs(request):
+    batch = request.GET.get("batch", "")
+    if not batch:
+        return JsonResponse({"error": "batch is required"}, status=400)
+    try:
+        runs = list(TaskRun.objects.filter(batch=batch).values_list("started", "finished", "hostname"))
+    except DatabaseError as error:
+        return JsonResponse({"error": str(error).strip()}, status=503)
+    # The most runs that overlapped: a sweep over starts and ends.
+    events = sorted([(s, 1) for s, _, _ in runs] + [(f, -1) for _, f, _ in runs], key=lambda e: (e[0], e[1]))
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return JsonResponse(
+        {
+            "batch": batch,
+            "runs": len(runs),
+            "peak_overlap": peak,
+            "hosts": sorted({h for _, _, h in runs}),
+            "first_start": min((s for s, _, _ in runs), default=None),
+            "last_finish": max((f for _, f, _ in runs), default=None),
+        }
+    )
