@@ -9,9 +9,13 @@
 //! other clients).
 //!
 //! A pod's **share** `c` is the most server connections its PgBouncer may
-//! hold (`max_db_connections = c`). The app's pools add up to `c`, so clients
-//! never queue inside PgBouncer: web has one pool of `c`; a worker has a task
+//! hold (`max_db_connections = c`). Tidepool's own app's pools add up to `c`, so
+//! its clients never queue inside PgBouncer: web has one pool of `c`; a worker has a task
 //! pool of `c − q` and its own queue pool of `q` ([`WORKER_QUEUE_CONNECTIONS`]).
+//! An application's process ([`Process::ForeignWorker`], or a web tier
+//! with a command) may open more clients than `c` ([`TierInput::client_connections`]):
+//! PgBouncer accepts them all and they wait there, for at most the tier's
+//! `query_wait_timeout`; its server connections still never pass `c`.
 //! A worker's optional LISTEN session bypasses PgBouncer and costs one more
 //! connection per pod: a pod's **cost** is `c + listen`.
 //!
@@ -58,8 +62,9 @@ pub const WORKER_QUEUE_CONNECTIONS: u32 = tidepool_contract::QUEUE_POOL_SIZE as 
 /// readiness check's own connection, the metrics collector on the admin
 /// console, and room for an operator's `psql`.
 pub const POOLER_SPARE_CLIENTS: u32 = 16;
-/// How long a query may wait inside PgBouncer for a server connection. The
-/// app's pools equal the share, so this is a backstop, not a queue.
+/// How long a query may wait inside PgBouncer for a server connection, by
+/// default. Tidepool's own pools equal the share, so for them this is a
+/// backstop, not a queue; for an application's process it is the bound.
 pub const POOLER_QUERY_WAIT_TIMEOUT_SECONDS: u32 = 30;
 
 /// What the planner needs to know, in the spec's terms.
