@@ -471,6 +471,18 @@ fn dashboards_are_laid_out_select_by_their_variables_and_count_each_figure_once(
                     if expr.contains("tidepool_queue_") {
                         assert!(expr.starts_with("max by"), "{title}: every worker exports it: {expr}");
                     }
+                    // A pod of an application's process exports only the
+                    // pgbouncer_* series: a panel of Tidepool's own says so.
+                    let own = expr
+                        .match_indices("tidepool_")
+                        .any(|(at, _)| !expr[at..].starts_with("tidepool_operator_"));
+                    if own {
+                        let description = panel["description"].as_str().unwrap_or_default();
+                        assert!(
+                            description.contains("Tidepool's own processes only"),
+                            "{title}: say that an application's tier has none of {expr}"
+                        );
+                    }
                 }
             }
         }
