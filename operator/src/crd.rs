@@ -200,6 +200,7 @@ pub struct DatabaseSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct SecretRef {
     /// The Secret's name.
+    #[schemars(length(max = 253))]
     #[x_kube(validation = Rule::new("self != ''").message("secretRef.name must not be empty"))]
     pub name: String,
 }
@@ -213,7 +214,9 @@ pub struct SecretRef {
 #[x_kube(validation = Rule::new(probe_port_rule("readinessProbe")).message("web.readinessProbe names a port the container does not declare: use web.port or its name 'app'"))]
 #[x_kube(validation = Rule::new(probe_port_rule("livenessProbe")).message("web.livenessProbe names a port the container does not declare: use web.port or its name 'app'"))]
 #[x_kube(validation = Rule::new(env_names_rule()).message(env_names_message("web").as_str()))]
-#[x_kube(validation = Rule::new(references_rule()).message(references_message("web").as_str()))]
+#[x_kube(validation = Rule::new(references_rule("command")).message(references_message("web.command").as_str()))]
+#[x_kube(validation = Rule::new(references_rule("args")).message(references_message("web.args").as_str()))]
+#[x_kube(validation = Rule::new(env_references_rule()).message(references_message("web.env").as_str()))]
 pub struct WebSpec {
     /// Web pods. With `autoscaling`, the autoscaler sets it through the
     /// Tidepool's scale subresource (`kubectl scale tp/NAME --replicas=N`
@@ -277,7 +280,9 @@ pub struct WebAutoscaling {
 #[x_kube(validation = Rule::new(probe_port_rule("readinessProbe")).message("worker.readinessProbe names a port the container does not declare: use worker.port or its name 'app'"))]
 #[x_kube(validation = Rule::new(probe_port_rule("livenessProbe")).message("worker.livenessProbe names a port the container does not declare: use worker.port or its name 'app'"))]
 #[x_kube(validation = Rule::new(env_names_rule()).message(env_names_message("worker").as_str()))]
-#[x_kube(validation = Rule::new(references_rule()).message(references_message("worker").as_str()))]
+#[x_kube(validation = Rule::new(references_rule("command")).message(references_message("worker.command").as_str()))]
+#[x_kube(validation = Rule::new(references_rule("args")).message(references_message("worker.args").as_str()))]
+#[x_kube(validation = Rule::new(env_references_rule()).message(references_message("worker.env").as_str()))]
 pub struct WorkerSpec {
     /// Worker pods; 0 runs none. With `autoscaling`, the operator's queue
     /// scaler sets it.
@@ -337,12 +342,12 @@ pub struct ProcessSpec {
     /// of the image's. `$(TIDEPOOL_CONCURRENCY)` and the plan's other
     /// variables are expanded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), inner(length(max = 1024)))]
+    #[schemars(length(max = 16), inner(length(max = 512)))]
     pub command: Vec<String>,
 
     /// The entrypoint's arguments, with the same expansion.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), inner(length(max = 1024)))]
+    #[schemars(length(max = 32), inner(length(max = 1024)))]
     pub args: Vec<String>,
 
     /// More environment variables, after the plan's (so `$(NAME)` may
@@ -350,7 +355,7 @@ pub struct ProcessSpec {
     /// variable the plan sets, refer to a `$(TIDEPOOL_…)` the plan does not
     /// define, or read the database Secret.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 32))]
     pub env: Vec<EnvEntry>,
 
     /// The port the process serves on (named `app`): web, where the
@@ -411,19 +416,48 @@ pub struct EnvEntry {
     pub name: String,
     /// Its value; `$(NAME)` refers to a variable defined before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 4096))]
+    #[schemars(length(max = 1024))]
     pub value: Option<String>,
     /// Where the value comes from instead (a ConfigMap, another Secret, a
     /// field of the pod).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "bounded_env_source")]
     pub value_from: Option<EnvVarSource>,
+}
+
+/// A Pod's `valueFrom`, with every string bounded (a Secret's or
+/// ConfigMap's name, a key, a field path), so the API server can afford the
+/// rule that compares it with the database Secret.
+fn bounded_env_source(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    fn bound(value: &mut serde_json::Value) {
+        let Some(object) = value.as_object_mut() else { return };
+        if object.get("type").and_then(|t| t.as_str()) == Some("string") && !object.contains_key("maxLength")
+        {
+            object.insert("maxLength".into(), 253.into());
+        }
+        for child in object.values_mut() {
+            match child {
+                serde_json::Value::Array(items) => items.iter_mut().for_each(bound),
+                other => bound(other),
+            }
+        }
+    }
+    let mut schema = <EnvVarSource as schemars::JsonSchema>::json_schema(generator);
+    let mut value = serde_json::to_value(&schema).unwrap_or_default();
+    bound(&mut value);
+    if let Ok(bounded) = serde_json::from_value(value) {
+        schema = bounded;
+    }
+    schema
 }
 
 /// The migration Job.
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new(env_names_rule()).message(env_names_message("migration").as_str()))]
-#[x_kube(validation = Rule::new(references_rule()).message(references_message("migration").as_str()))]
+#[x_kube(validation = Rule::new(references_rule("command")).message(references_message("migration.command").as_str()))]
+#[x_kube(validation = Rule::new(references_rule("args")).message(references_message("migration.args").as_str()))]
+#[x_kube(validation = Rule::new(env_references_rule()).message(references_message("migration.env").as_str()))]
 pub struct MigrationSpec {
     /// Whether a migration Job runs at all (`false`: the application
     /// migrates otherwise).
@@ -437,15 +471,15 @@ pub struct MigrationSpec {
     /// and `args`, `tidepool migrate`. It connects to PostgreSQL directly,
     /// through libpq's variables and a password file (docs/foreign-apps.md).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), inner(length(max = 1024)))]
+    #[schemars(length(max = 16), inner(length(max = 512)))]
     pub command: Vec<String>,
     /// The entrypoint's arguments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), inner(length(max = 1024)))]
+    #[schemars(length(max = 32), inner(length(max = 1024)))]
     pub args: Vec<String>,
     /// More environment variables, with the tiers' rules.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 32))]
     pub env: Vec<EnvEntry>,
 }
 
@@ -498,16 +532,21 @@ fn env_names_message(what: &str) -> String {
     format!("{what}.env may not set DATABASE_URL, a PG* variable or one the plan sets ({}): the operator sets them", owned_variables().join(", "))
 }
 
-/// Every `$(TIDEPOOL_…)` in the command, the arguments and the env values
-/// is one the plan defines.
-fn references_rule() -> String {
+/// The regular expression of a `$(TIDEPOOL_…)` reference.
+const REFERENCE: &str = "[$][(]TIDEPOOL_[A-Za-z0-9_]*[)]";
+
+/// Every `$(TIDEPOOL_…)` in the list `field` (`command`, `args`) is one the
+/// plan defines. One rule per list: each has its own cost budget in the API
+/// server.
+fn references_rule(field: &str) -> String {
     let allowed = cel_list(referable_variables(), |n| format!("$({n})"));
-    let found = "findAll('[$][(]TIDEPOOL_[A-Za-z0-9_]*[)]')";
-    format!(
-        "(!has(self.command) || self.command.all(c, c.{found}.all(r, r in {allowed}))) && \
-         (!has(self.args) || self.args.all(c, c.{found}.all(r, r in {allowed}))) && \
-         (!has(self.env) || self.env.all(e, !has(e.value) || e.value.{found}.all(r, r in {allowed})))"
-    )
+    format!("!has(self.{field}) || self.{field}.all(c, c.findAll('{REFERENCE}').all(r, r in {allowed}))")
+}
+
+/// The same for the `env` values.
+fn env_references_rule() -> String {
+    let allowed = cel_list(referable_variables(), |n| format!("$({n})"));
+    format!("!has(self.env) || self.env.all(e, !has(e.value) || e.value.findAll('{REFERENCE}').all(r, r in {allowed}))")
 }
 
 fn references_message(what: &str) -> String {

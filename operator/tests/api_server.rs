@@ -66,6 +66,25 @@ fn examples_and_their_children_are_accepted_by_the_api_server() -> Result<()> {
             assert!(accepted.contains("horizontalpodautoscaler.autoscaling/shop-web created"), "{accepted}");
         }
     }
+    // An application's image: its tiers' commands, probes and env, its
+    // migration Job with the password file's init container, the exporter.
+    let text = example("django-celery", &ns.name)?;
+    let accepted = kube.kubectl(&["apply", "--dry-run=server", "-n", &ns.name, "-f", "-"], Some(&text))?;
+    assert!(accepted.contains("tidepool.tidepool.dev/django-shop created (server dry run)"), "{accepted}");
+    let tidepool_only: String = text
+        .split("\n---\n")
+        .filter(|doc| doc.contains("kind: Tidepool"))
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    let children = operator(&["render", "-f", "-", "-n", &ns.name], &tidepool_only)?;
+    let accepted =
+        kube.kubectl(&["apply", "--dry-run=server", "-n", &ns.name, "-f", "-"], Some(&children))?;
+    for object in
+        ["deployment.apps/django-shop-web", "deployment.apps/django-shop-worker", "service/django-shop-web"]
+    {
+        assert!(accepted.contains(&format!("{object} created (server dry run)")), "{object} in {accepted}");
+    }
+    assert!(accepted.contains("job.batch/django-shop-migrate-"), "{accepted}");
     Ok(())
 }
 

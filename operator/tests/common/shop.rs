@@ -37,6 +37,13 @@ impl Shop {
         Self::deploy_with(pg, prefix, spec, prepare, Database::HostAddress)
     }
 
+    /// [`Shop::deploy`] with more `objects` (JSON or YAML documents, a
+    /// broker for an application's workers, say) applied before the
+    /// Tidepool.
+    pub fn deploy_beside(pg: &Postgres, prefix: &str, spec: Value, objects: &str) -> Result<Shop> {
+        Self::deploy_all(pg, prefix, spec, None, Database::HostAddress, objects)
+    }
+
     /// [`Shop::deploy`], reaching the database as `database` says.
     pub fn deploy_with(
         pg: &Postgres,
@@ -44,6 +51,17 @@ impl Shop {
         spec: Value,
         prepare: Option<&str>,
         database: Database,
+    ) -> Result<Shop> {
+        Self::deploy_all(pg, prefix, spec, prepare, database, "")
+    }
+
+    fn deploy_all(
+        pg: &Postgres,
+        prefix: &str,
+        spec: Value,
+        prepare: Option<&str>,
+        database: Database,
+        extra_objects: &str,
     ) -> Result<Shop> {
         let kube = kube_with_crd()?;
         let node = Node::from_env()?;
@@ -92,6 +110,9 @@ impl Shop {
             }
         };
         kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(&objects))?;
+        if !extra_objects.is_empty() {
+            kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(extra_objects))?;
+        }
         let operator = Operator::start(&ns.name)?;
         let mut tidepool = json!({
             "apiVersion": "tidepool.dev/v1alpha1", "kind": "Tidepool",

@@ -1,0 +1,292 @@
+//! An application that is not Tidepool's under the operator, on the real
+//! node: the Django + Celery example (examples/django-celery, built by
+//! `make images`; manifests/examples/django-celery.yaml, its Redis and its
+//! Tidepool, applied as a user would), with the seed's experiments, the
+//! connection budget under overload, and the secrets kept out of the
+//! application's containers.
+//!
+//! Every client runs inside the node's network namespace
+//! (`tidepool-loadgen`, `curl`); every load is bounded in count and time.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use common::kube_with_crd;
+use common::shop::{record_figures, status_count, Load, Shop};
+use serde_json::{json, Value};
+use tidepool_testenv::node::{pod_processes, Node, Postgres, PrivatePostgres, Sampler};
+use tidepool_testenv::{repo_root, wait_for};
+
+/// The example's objects as a user applies them, for the test's namespace:
+/// Redis (its Deployment and Service, scheduled on the real node), and the
+/// Tidepool's spec (the test's Secret and sizes are merged over it).
+struct Example {
+    redis: String,
+    spec: Value,
+}
+
+impl Example {
+    fn load(overrides: Value) -> Result<Example> {
+        let kube = kube_with_crd()?;
+        let file = repo_root()?.join("manifests/examples/django-celery.yaml");
+        let file = file.to_str().context("a UTF-8 path")?;
+        // One JSON object per document of the file.
+        let printed = kube.kubectl(&["create", "--dry-run=client", "-o", "json", "-f", file], None)?;
+        let items = serde_json::Deserializer::from_str(&printed)
+            .into_iter::<Value>()
+            .collect::<Result<Vec<_>, _>>()
+            .context("kubectl's objects")?;
+        let mut redis = Vec::new();
+        let mut spec = None;
+        for mut item in items {
+            // kubectl filled in its default namespace: the test's is given at apply.
+            if let Some(metadata) = item["metadata"].as_object_mut() {
+                metadata.remove("namespace");
+            }
+            match item["kind"].as_str() {
+                Some("Tidepool") => spec = Some(item["spec"].take()),
+                Some("Deployment") => {
+                    let pod = &mut item["spec"]["template"]["spec"];
+                    pod["nodeSelector"] = json!({"type": "real"});
+                    pod["tolerations"] =
+                        json!([{"key": Node::TAINT, "operator": "Exists", "effect": "NoSchedule"}]);
+                    redis.push(item);
+                }
+                Some("Service") => redis.push(item),
+                _ => {}
+            }
+        }
+        let mut spec = spec.context("the example's Tidepool")?;
+        spec["database"].as_object_mut().context("spec.database")?.remove("secretRef");
+        common::merge(&mut spec, &overrides);
+        ensure!(redis.len() == 2, "the example's Redis Deployment and Service: {redis:?}");
+        Ok(Example { redis: json!({"apiVersion": "v1", "kind": "List", "items": redis}).to_string(), spec })
+    }
+
+    fn deploy(self, pg: &Postgres, prefix: &str) -> Result<Shop> {
+        Shop::deploy_beside(pg, prefix, self.spec, &self.redis)
+    }
+}
+
+/// The environment and the files under `dirs` of every process of `pod`'s
+/// application containers (PgBouncer's and the exporter's excepted), read
+/// from this machine's `/proc`: where the database password must not be.
+fn application_processes_hold(pod: &Value, secret: &str, dirs: &[&str]) -> Result<Vec<String>> {
+    let uid = pod["metadata"]["uid"].as_str().context("a pod uid")?;
+    let mut found = Vec::new();
+    let processes = pod_processes(uid)?;
+    let apps: Vec<_> =
+        processes.iter().filter(|p| !["pgbouncer", "pause", "tidepool"].contains(&p.comm.as_str())).collect();
+    ensure!(!apps.is_empty(), "no application process in the pod: {processes:?}");
+    for process in apps {
+        let environ = std::fs::read(format!("/proc/{}/environ", process.pid)).unwrap_or_default();
+        if String::from_utf8_lossy(&environ).contains(secret) {
+            found.push(format!("{} ({}): its environment", process.comm, process.pid));
+        }
+        for dir in dirs {
+            let root = format!("/proc/{}/root{dir}", process.pid);
+            for file in files_under(Path::new(&root), 4) {
+                if std::fs::read(&file).is_ok_and(|bytes| String::from_utf8_lossy(&bytes).contains(secret)) {
+                    found.push(format!("{} ({}): {}", process.comm, process.pid, file.display()));
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The regular files under `dir`, `depth` folders deep at most.
+fn files_under(dir: &Path, depth: u32) -> Vec<std::path::PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut files = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(kind) if kind.is_file() => files.push(path),
+            Ok(kind) if kind.is_dir() && depth > 0 => files.extend(files_under(&path, depth - 1)),
+            _ => {}
+        }
+    }
+    files
+}
+
+/// `GET url` from the node; its JSON body.
+fn get_json(shop: &Shop, url: &str) -> Result<Value> {
+    let (code, body) = shop.node.curl(&[url])?;
+    ensure!(code == 200, "GET {url}: {code} {body}");
+    serde_json::from_str(&body).with_context(|| format!("GET {url}: {body}"))
+}
+
+/// Starts `count` slow tasks of `seconds` in batch `batch` through the web
+/// Service (a view calls Celery's `delay`).
+fn start_tasks(shop: &Shop, batch: &str, count: u32, seconds: f64) -> Result<()> {
+    let url = shop.web_url(&format!("/tasks/slow/?batch={batch}&count={count}&seconds={seconds}"))?;
+    let (code, body) = shop.node.curl(&["-X", "POST", &url])?;
+    ensure!(code == 202, "POST {url}: {code} {body}");
+    Ok(())
+}
+
+/// Waits until batch `batch` has `count` runs recorded; its summary.
+fn wait_runs(shop: &Shop, batch: &str, count: i64, limit: Duration) -> Result<Value> {
+    let url = shop.web_url(&format!("/tasks/runs/?batch={batch}"))?;
+    wait_for(&format!("{count} runs of batch {batch}"), limit, || {
+        let runs = get_json(shop, &url)?;
+        Ok((runs["runs"].as_i64() == Some(count)).then_some(runs))
+    })
+    .with_context(|| shop.describe())
+}
+
+/// The example goes Ready from its own image: each pod's PgBouncer has the
+/// plan's share and client limit (read through the pod's exporter, from
+/// `SHOW DATABASES` and `SHOW CONFIG`), a request through the web Service
+/// reaches PostgreSQL through the sidecar, a task a view starts runs on a
+/// worker pod, and no process of the application's containers holds the
+/// database password in its environment or files.
+#[test]
+fn the_django_celery_example_runs_with_its_share_and_without_the_password() -> Result<()> {
+    let pg = Postgres::from_env()?;
+    let example = Example::load(json!({
+        "database": {"maxConnections": 200, "reservedConnections": 10},
+        "web": {"replicas": 1},
+    }))?;
+    let shop = example.deploy(&pg, "django")?;
+    let status = shop.tidepool()?["status"].clone();
+
+    for tier in ["web", "worker"] {
+        let share = status[tier]["serverConnectionsPerPod"].as_i64().context("a share")?;
+        for pod in shop.pods(tier)? {
+            let annotated = pod["metadata"]["annotations"]["tidepool.dev/max-db-connections"].as_str();
+            assert_eq!(annotated, Some(share.to_string().as_str()), "{tier}: the annotated share");
+            let ip = pod["status"]["podIP"].as_str().context("a pod IP")?;
+            let (code, metrics) = shop.node.curl(&[&format!("http://{ip}:9127/metrics")])?;
+            ensure!(code == 200, "{tier}'s exporter: {code} {metrics}");
+            let series = |prefix: &str| {
+                metrics
+                    .lines()
+                    .find(|l| l.starts_with(prefix))
+                    .and_then(|l| l.rsplit(' ').next())
+                    .map(str::to_owned)
+            };
+            assert_eq!(series("pgbouncer_up"), Some("1".into()), "{metrics}");
+            assert_eq!(
+                series(&format!("pgbouncer_databases_max_connections{{name=\"{}\"", shop.db.name)),
+                Some(share.to_string()),
+                "{tier}: PgBouncer's max_db_connections is the share: {metrics}"
+            );
+            let concurrency =
+                shop.tidepool()?["spec"][tier]["concurrency"].as_i64().context("concurrency")?;
+            let clients: i64 =
+                series("pgbouncer_config_max_client_connections").context("max_client_conn")?.parse()?;
+            assert!(
+                clients >= concurrency,
+                "{tier}: PgBouncer takes every client the app may open: {clients}"
+            );
+            let holders = application_processes_hold(&pod, &shop.db.password, &["/etc", "/tmp", "/app"])?;
+            assert!(holders.is_empty(), "{tier}: the database password is in {holders:?}");
+        }
+    }
+
+    let answer = get_json(&shop, &shop.web_url("/slow-query/?seconds=0.2")?)?;
+    assert_eq!(answer["message"], "Slow query completed", "{answer}");
+    start_tasks(&shop, "first", 1, 0.1)?;
+    let runs = wait_runs(&shop, "first", 1, Duration::from_secs(120))?;
+    let workers: Vec<String> = shop
+        .pods("worker")?
+        .iter()
+        .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
+        .collect();
+    let host = runs["hosts"][0].as_str().unwrap_or_default();
+    assert!(workers.iter().any(|w| w == host), "the task ran on a worker pod: {runs} {workers:?}");
+    Ok(())
+}
+
+/// The seed's two experiments on the example: ten `/slow-query/` at once
+/// through the Service sleep together in PostgreSQL, and a hundred slow
+/// tasks run fifty at a time on one worker of concurrency 50.
+#[test]
+fn the_seeds_experiments_run_on_the_django_celery_example() -> Result<()> {
+    let pg = Postgres::from_env()?;
+    let example = Example::load(json!({
+        "database": {"maxConnections": 200, "reservedConnections": 10},
+        "web": {"replicas": 1, "databasePool": 10},
+        "worker": {"replicas": 1, "concurrency": 50},
+    }))?;
+    let shop = example.deploy(&pg, "djseed")?;
+
+    let sleeping = Sampler::start(&shop.pg, &shop.db.name, &shop.db.sleeping_sql());
+    let report = Load::burst(&shop.node, &shop.web_url("/slow-query/?seconds=5")?, 10, "60s")?.finish()?;
+    let samples = sleeping.finish()?;
+    assert_eq!(report["succeeded"], 10, "{report}");
+    let together = samples.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    assert_eq!(together, 10, "the ten requests' queries run at once: {report}");
+
+    let sampler = Sampler::start(&shop.pg, &shop.db.name, &shop.db.sleeping_sql());
+    start_tasks(&shop, "seed", 100, 5.0)?;
+    let runs = wait_runs(&shop, "seed", 100, Duration::from_secs(180))?;
+    let samples = sampler.finish()?;
+    let peak = samples.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    assert_eq!(runs["peak_overlap"], 50, "fifty tasks at a time: {runs}");
+    assert!(peak <= 50, "at most the worker's concurrency sleeps at once: {peak}");
+    record_figures(
+        "django_seed",
+        json!({"requests_seconds": report["total_seconds"], "tasks": runs, "tasks_peak": peak}),
+    )?;
+    Ok(())
+}
+
+/// PostgreSQL's `max_connections` is exactly `reserved + available`, both
+/// tiers at their replicas, and more than twice the planned connections
+/// offered (requests and tasks), with gunicorn taking far more requests at
+/// once than its share: PostgreSQL refuses nothing, the role's sampled peak
+/// stays within the plan, and the excess waits in PgBouncer, bounded by
+/// the tier's `queryWaitTimeoutSeconds`.
+#[test]
+fn the_budget_holds_for_the_django_celery_example_under_overload() -> Result<()> {
+    let (max_connections, reserved) = (50, 10);
+    let private = PrivatePostgres::start("djbudget", max_connections)?;
+    let example = Example::load(json!({
+        "database": {"maxConnections": max_connections, "reservedConnections": reserved},
+        "web": {"replicas": 2, "concurrency": 200, "databasePool": 10, "queryWaitTimeoutSeconds": 20},
+        "worker": {"replicas": 1, "concurrency": 20},
+    }))?;
+    let shop = example.deploy(&private.postgres, "djbudget")?;
+    let status = shop.tidepool()?["status"].clone();
+    let planned = status["connections"]["plannedPeak"].as_i64().context("plannedPeak")?;
+    let available = status["connections"]["available"].as_i64().context("available")?;
+    assert_eq!(available, i64::from(max_connections - reserved), "{status}");
+    let web_share = status["web"]["serverConnectionsPerPod"].as_i64().context("web share")?;
+
+    let connections = Sampler::start(&shop.pg, &shop.db.name, &shop.db.connections_sql());
+    let requests = 200;
+    let burst = Load::burst(&shop.node, &shop.web_url("/slow-query/?seconds=1")?, requests, "120s")?;
+    start_tasks(&shop, "overload", 60, 1.0)?;
+    let report = burst.finish()?;
+    let runs = wait_runs(&shop, "overload", 60, Duration::from_secs(180))?;
+    let samples = connections.finish()?;
+
+    let offered = requests as i64 + 20;
+    assert!(offered >= 2 * planned, "the load asks for {offered}, planned {planned}");
+    assert!(requests as i64 > 2 * web_share, "the app opens far more clients than its share");
+    let log = shop.pg.log()?;
+    for refusal in ["too many clients", "remaining connection slots"] {
+        assert!(!log.contains(refusal), "PostgreSQL refused connections ({refusal}):\n{log}");
+    }
+    let peak = samples.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    assert!(peak <= planned, "the app held {peak} connections, planned {planned}");
+    let ok = status_count(&report, "200");
+    let failed = status_count(&report, "503");
+    assert_eq!(ok + failed, requests as i64, "only 200s and 503s (a wait past its bound): {report}");
+    assert!(ok > 0, "{report}");
+    assert!(report["latency_max_seconds"].as_f64().unwrap_or(f64::MAX) < 60.0, "bounded: {report}");
+    record_figures(
+        "django_budget",
+        json!({
+            "requests": requests, "ok": ok, "failed": failed, "burst": report, "tasks": runs,
+            "peak": peak, "planned": planned, "available": available, "max_connections": max_connections,
+        }),
+    )?;
+    Ok(())
+}
