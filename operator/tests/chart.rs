@@ -254,29 +254,36 @@ fn monitors_render_only_when_enabled_and_their_api_is_served() -> Result<()> {
         // The PodMonitor's ports are the names the operator gives the web
         // and worker containers' ports, and it selects what it renders.
         let pod_monitor = find(&objects, "PodMonitor")?;
-        let example = std::fs::read_to_string(repo_root()?.join("manifests/examples/minimal.yaml"))?;
-        let rendered = tidepool_operator::cli::render(&example, "shop")?;
+        // Tidepool's own pods and an application's (whose own port, `app`,
+        // serves no metrics: its exporter's does).
         let mut port_names = BTreeSet::new();
-        for document in serde_norway::Deserializer::from_str(&rendered) {
-            let object = Value::deserialize(document)?;
-            if object["kind"] != "Deployment" {
-                continue;
+        for example in ["minimal", "django-celery"] {
+            let text =
+                std::fs::read_to_string(repo_root()?.join(format!("manifests/examples/{example}.yaml")))?;
+            let rendered = tidepool_operator::cli::render(&text, "shop")?;
+            for document in serde_norway::Deserializer::from_str(&rendered) {
+                let object = Value::deserialize(document)?;
+                if object["kind"] != "Deployment" {
+                    continue;
+                }
+                let labels = &object["spec"]["template"]["metadata"]["labels"];
+                for (key, value) in
+                    pod_monitor["spec"]["selector"]["matchLabels"].as_object().context("matchLabels")?
+                {
+                    assert_eq!(&labels[key], value, "{which}: the PodMonitor selects {key}");
+                }
+                let pod = &object["spec"]["template"]["spec"];
+                let containers =
+                    pod["containers"].as_array().into_iter().chain(pod["initContainers"].as_array());
+                port_names.extend(
+                    containers
+                        .flatten()
+                        .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+                        .filter_map(|p| p["name"].as_str())
+                        .filter(|name| *name != tidepool_operator::crd::PROCESS_PORT_NAME)
+                        .map(str::to_owned),
+                );
             }
-            let labels = &object["spec"]["template"]["metadata"]["labels"];
-            for (key, value) in
-                pod_monitor["spec"]["selector"]["matchLabels"].as_object().context("matchLabels")?
-            {
-                assert_eq!(&labels[key], value, "{which}: the PodMonitor selects {key}");
-            }
-            let app = &object["spec"]["template"]["spec"]["containers"][0];
-            port_names.extend(
-                app["ports"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|p| p["name"].as_str())
-                    .map(str::to_owned),
-            );
         }
         let monitored: BTreeSet<String> = pod_monitor["spec"]["podMetricsEndpoints"]
             .as_array()

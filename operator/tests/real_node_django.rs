@@ -17,7 +17,8 @@ use anyhow::{ensure, Context, Result};
 use common::kube_with_crd;
 use common::shop::{record_figures, status_count, Load, Shop};
 use serde_json::{json, Value};
-use tidepool_testenv::node::{pod_processes, Node, Postgres, PrivatePostgres, Sampler};
+use tidepool_testenv::node::{path_arg, pod_processes, Node, Postgres, PrivatePostgres, Sampler};
+use tidepool_testenv::prometheus::Prometheus;
 use tidepool_testenv::{repo_root, wait_for};
 
 /// The example's objects as a user applies them, for the test's namespace:
@@ -288,5 +289,92 @@ fn the_budget_holds_for_the_django_celery_example_under_overload() -> Result<()>
             "peak": peak, "planned": planned, "available": available, "max_connections": max_connections,
         }),
     )?;
+    Ok(())
+}
+
+/// The exporter's `pgbouncer_*` series of the example's pods, scraped by a
+/// real Prometheus from the ports the chart's PodMonitor selects (the
+/// application's own port, `app`, is not among them): each tier's
+/// `max_db_connections` is its share, and the dashboard's PgBouncer panels
+/// answer for the Tidepool.
+#[test]
+fn prometheus_scrapes_the_exporters_of_an_applications_pods() -> Result<()> {
+    let pg = Postgres::from_env()?;
+    let example = Example::load(json!({
+        "database": {"maxConnections": 200, "reservedConnections": 10},
+        "web": {"replicas": 1},
+    }))?;
+    let shop = example.deploy(&pg, "djprom")?;
+    let ns = shop.ns.name.clone();
+    let monitored = ["http", "metrics", "pooler-metrics"];
+    let mut targets = Vec::new();
+    for tier in ["web", "worker"] {
+        for pod in shop.pods(tier)? {
+            let ip = pod["status"]["podIP"].as_str().context("a pod IP")?;
+            let labels = &pod["metadata"]["labels"];
+            let spec = &pod["spec"];
+            let containers =
+                spec["containers"].as_array().into_iter().chain(spec["initContainers"].as_array());
+            for port in containers.flatten().flat_map(|c| c["ports"].as_array().into_iter().flatten()) {
+                if !port["name"].as_str().is_some_and(|name| monitored.contains(&name)) {
+                    continue;
+                }
+                ensure!(port["name"] == "pooler-metrics", "{tier}: only the exporter is scraped: {port}");
+                targets.push(json!({
+                    "targets": [format!("{ip}:{}", port["containerPort"])],
+                    "labels": {"namespace": ns, "pod": pod["metadata"]["name"],
+                        "tidepool": labels["app.kubernetes.io/instance"], "tier": labels["app.kubernetes.io/component"]}
+                }));
+            }
+        }
+    }
+    ensure!(targets.len() == 2, "one exporter per pod: {targets:?}");
+    let pods_file = std::env::temp_dir().join(format!("tidepool-pods-{ns}.json"));
+    std::fs::write(&pods_file, serde_json::to_string(&targets)?)?;
+    let prometheus = Prometheus::start(&format!(
+        "  - job_name: tidepool-pods\n    file_sd_configs: [{{files: [\"{}\"], refresh_interval: 1s}}]\n",
+        path_arg(&pods_file)?
+    ));
+    let _ = std::fs::remove_file(&pods_file);
+    let prometheus = prometheus?;
+    wait_for("Prometheus to scrape both exporters", Duration::from_secs(60), || {
+        let targets = prometheus.targets()?;
+        Ok((targets.len() == 2 && targets.iter().all(|(_, health)| health == "up")).then_some(()))
+    })
+    .with_context(|| format!("{:?}\n{}", prometheus.targets(), prometheus.log()))?;
+
+    let status = shop.tidepool()?["status"].clone();
+    for tier in ["web", "worker"] {
+        let share = status[tier]["serverConnectionsPerPod"].as_f64().context("a share")?;
+        let expr = format!(
+            r#"pgbouncer_databases_max_connections{{namespace="{ns}",tier="{tier}",name="{}"}}"#,
+            shop.db.name
+        );
+        let series = wait_for(&expr, Duration::from_secs(60), || {
+            let series = prometheus.query(&expr)?;
+            Ok((!series.is_empty()).then_some(series))
+        })?;
+        let value: f64 = series[0]["value"][1].as_str().context("a value")?.parse()?;
+        assert_eq!(value, share, "{tier}: {series:?}");
+    }
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(
+        repo_root()?.join("charts/tidepool/files/dashboards/tidepool.json"),
+    )?)?;
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().into_iter().flatten() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let Some(expr) = target["expr"].as_str().filter(|e| e.contains("pgbouncer_")) else { continue };
+            let expr = expr
+                .replace("$namespace", &ns)
+                .replace("$tidepool", "shop")
+                .replace("$tier", "web|worker")
+                .replace("$__rate_interval", "5s");
+            wait_for(&format!("{}: {expr}", panel["title"]), Duration::from_secs(60), || {
+                Ok((!prometheus.query(&expr)?.is_empty()).then_some(()))
+            })?;
+            checked += 1;
+        }
+    }
+    ensure!(checked >= 2, "the dashboard's PgBouncer panels: {checked}");
     Ok(())
 }
