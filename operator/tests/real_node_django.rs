@@ -292,6 +292,16 @@ fn the_budget_holds_for_the_django_celery_example_under_overload() -> Result<()>
     Ok(())
 }
 
+/// Prometheus's file of scrape targets (it reads it again every second),
+/// removed when the test ends.
+struct TargetsFile(std::path::PathBuf);
+
+impl Drop for TargetsFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// The exporter's `pgbouncer_*` series of the example's pods, scraped by a
 /// real Prometheus from the ports the chart's PodMonitor selects (the
 /// application's own port, `app`, is not among them): each tier's
@@ -329,14 +339,12 @@ fn prometheus_scrapes_the_exporters_of_an_applications_pods() -> Result<()> {
         }
     }
     ensure!(targets.len() == 2, "one exporter per pod: {targets:?}");
-    let pods_file = std::env::temp_dir().join(format!("tidepool-pods-{ns}.json"));
-    std::fs::write(&pods_file, serde_json::to_string(&targets)?)?;
+    let pods_file = TargetsFile(std::env::temp_dir().join(format!("tidepool-pods-{ns}.json")));
+    std::fs::write(&pods_file.0, serde_json::to_string(&targets)?)?;
     let prometheus = Prometheus::start(&format!(
         "  - job_name: tidepool-pods\n    file_sd_configs: [{{files: [\"{}\"], refresh_interval: 1s}}]\n",
-        path_arg(&pods_file)?
-    ));
-    let _ = std::fs::remove_file(&pods_file);
-    let prometheus = prometheus?;
+        path_arg(&pods_file.0)?
+    ))?;
     wait_for("Prometheus to scrape both exporters", Duration::from_secs(60), || {
         let targets = prometheus.targets()?;
         Ok((targets.len() == 2 && targets.iter().all(|(_, health)| health == "up")).then_some(()))
