@@ -134,7 +134,8 @@ fn the_readmes_image_and_tidepool_deploy_that_binary() -> Result<()> {
         .map(serde_norway::from_str)
         .collect::<Result<_, _>>()?;
     // Every container of the app's pods runs the README's image with one of
-    // Tidepool's subcommands, except the PgBouncer sidecar.
+    // Tidepool's subcommands, except the PgBouncer sidecar and `pooler-config`,
+    // which runs from Tidepool's own image (`spec.tidepoolImage`).
     let mut subcommands = Vec::new();
     for child in &children {
         let spec = match child["kind"].as_str() {
@@ -147,7 +148,12 @@ fn the_readmes_image_and_tidepool_deploy_that_binary() -> Result<()> {
                 if container["name"] == "pgbouncer" {
                     continue;
                 }
-                assert_eq!(container["image"], tag, "{}", container["name"]);
+                let image = if container["name"] == "pooler-config" {
+                    tidepool_operator::crd::DEFAULT_IMAGE
+                } else {
+                    tag
+                };
+                assert_eq!(container["image"], image, "{}", container["name"]);
                 assert!(container["command"].is_null(), "the image's entrypoint runs: {}", container["name"]);
                 subcommands.push(container["args"][0].as_str().unwrap_or_default().to_owned());
             }
