@@ -7,6 +7,10 @@
 #
 #   images.sh [all|pause|tidepool|operator|pgbouncer|shop|django|redis|bases ...]   (all by default)
 #   images.sh sizes                                           name, tag, size
+#   images.sh rootfs django|redis DIR                         copy an example image's root
+#                                                             filesystem to DIR (built first
+#                                                             when missing), to run its
+#                                                             processes on loopback
 #
 # `FROM` resolves offline to two local bases that mmdebstrap makes from
 # Debian trixie's packages, once per machine:
@@ -138,16 +142,40 @@ shop() { bases; build_image examples/shop "$SHOP_IMAGE" "$TIDEPOOL_SHOP_BIN"; }
 django() { bases; build_image examples/django-celery "$DJANGO_IMAGE"; }
 redis() { bases; build_image examples/django-celery/redis "$REDIS_IMAGE"; }
 
+# Copies the root filesystem of example image $1 (django or redis) to
+# folder $2, which must not exist: scripts/bench-django.sh runs the same
+# Django, Celery and Redis on loopback from it.
+rootfs() {
+  local image container mount
+  case ${1:-} in
+    django) image=$DJANGO_IMAGE ;;
+    redis) image=$REDIS_IMAGE ;;
+    *) die "usage: images.sh rootfs django|redis DIR" ;;
+  esac
+  [ -n "${2:-}" ] && [ ! -e "$2" ] || die "images.sh rootfs: give a folder that does not exist yet (got '${2:-}')"
+  buildah_ inspect --type image "$image" >/dev/null 2>&1 || "$1"
+  container=$(buildah_ from --pull=never "$image") || die "buildah from $image failed"
+  mount=$(buildah_ mount "$container") || { buildah_ rm "$container" >/dev/null; die "buildah mount $image failed"; }
+  mkdir -p "$2"
+  cp -a "$mount/." "$2/" || { buildah_ rm "$container" >/dev/null; die "copying $image's root filesystem to $2 failed"; }
+  buildah_ umount "$container" >/dev/null
+  buildah_ rm "$container" >/dev/null
+}
+
 sizes() {
   buildah_ images --format '{{.Name}}:{{.Tag}} {{.Size}}' | grep -v '<none>' | sort
 }
 
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(all)
+if [ "${targets[0]}" = rootfs ]; then
+  rootfs "${targets[@]:1}"
+  exit
+fi
 for target in "${targets[@]}"; do
   case $target in
     all) pause; tidepool; operator; pgbouncer; shop; django; redis ;;
     pause|tidepool|operator|pgbouncer|shop|django|redis|bases|sizes) "$target" ;;
-    *) die "unknown image $target (all, pause, tidepool, operator, pgbouncer, shop, django, redis, bases, sizes)" ;;
+    *) die "unknown image $target (all, pause, tidepool, operator, pgbouncer, shop, django, redis, bases, sizes, rootfs)" ;;
   esac
 done

@@ -186,16 +186,27 @@ superuser_url() { printf 'postgres://postgres:%s@127.0.0.1:%s/postgres' "$(secre
 direct_url() { printf 'postgres://%s:%s@127.0.0.1:%s/%s' "$APP_USER" "$(secret app.password)" "$TIDEPOOL_PG_PORT" "$APP_DB"; }
 pooled_url() { printf 'postgres://%s:%s@127.0.0.1:%s/%s' "$APP_USER" "$(secret app.password)" "$TIDEPOOL_POOLER_PORT" "$APP_DB"; }
 
+# The local stack's PgBouncer figures (the pgbouncer_* series of web's and
+# worker's /metrics, or of `tidepool pooler-exporter`) come from its admin
+# console, as the stats user pooler-config created, whose password it wrote
+# beside the auth file: the variables that say so.
+POOLER_STATS_USER=tidepool_stats
+pooler_stats_env() {
+  echo "TIDEPOOL_POOLER_STATS_URL=postgres://$POOLER_STATS_USER@127.0.0.1:$TIDEPOOL_POOLER_PORT/pgbouncer"
+  echo "TIDEPOOL_POOLER_STATS_PASSWORD_FILE=$TIDEPOOL_STATE_DIR/pgbouncer/stats.password"
+}
+
 # psql as the superuser over loopback.
 psql_super() { PGPASSWORD=$(secret postgres.password) psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$TIDEPOOL_PG_PORT" -U postgres "$@"; }
 
 # Samples the application role's PostgreSQL server connections every 100 ms
 # over one superuser session (no process per sample), writing
 # "epoch_seconds count" lines to $1 in the background, for at most 10
-# minutes. SAMPLER holds its PID; stop it with stop_connection_sampler.
+# minutes; only those that match SQL condition $2, when given. SAMPLER
+# holds its PID; stop it with stop_connection_sampler.
 start_connection_sampler() {
   printf '%s\n' \
-    "SELECT extract(epoch FROM clock_timestamp())::numeric(16,2), count(*) FROM pg_stat_activity WHERE usename = '$APP_USER'" \
+    "SELECT extract(epoch FROM clock_timestamp())::numeric(16,2), count(*) FROM pg_stat_activity WHERE usename = '$APP_USER' AND (${2:-true})" \
     '\watch 0.1' \
     | PGPASSWORD=$(secret postgres.password) timeout 600 \
       psql -X -q -At -F ' ' -h 127.0.0.1 -p "$TIDEPOOL_PG_PORT" -U postgres -d postgres > "$1" &

@@ -103,15 +103,6 @@ pooler_up() {
   pid_alive "$RUN/pgbouncer.pid" || die "PgBouncer exited at start; see $LOGS/pgbouncer.log"
 }
 
-# Web and worker read PgBouncer's figures for their /metrics (the
-# pgbouncer_* series) from its admin console, as the stats user
-# pooler-config created, whose password it wrote beside the auth file.
-POOLER_STATS_USER=tidepool_stats
-pooler_stats_env() {
-  echo "TIDEPOOL_POOLER_STATS_URL=postgres://$POOLER_STATS_USER@127.0.0.1:$TIDEPOOL_POOLER_PORT/pgbouncer"
-  echo "TIDEPOOL_POOLER_STATS_PASSWORD_FILE=$POOLER_DIR/stats.password"
-}
-
 web_up() {
   if pid_alive "$RUN/web.pid"; then
     say "tidepool web is already running on port $TIDEPOOL_WEB_PORT"
