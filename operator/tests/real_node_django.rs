@@ -121,6 +121,27 @@ fn get_json(shop: &Shop, url: &str) -> Result<Value> {
     serde_json::from_str(&body).with_context(|| format!("GET {url}: {body}"))
 }
 
+/// Waits until requests through the web Service reach every web pod (the
+/// view names its pod): kube-proxy programs a Service's endpoints a moment
+/// after they are ready, and a burst sent before that lands on fewer pods
+/// than the plan shares the load across.
+fn wait_every_web_pod_serves(shop: &Shop) -> Result<()> {
+    let pods: std::collections::BTreeSet<String> = shop
+        .pods("web")?
+        .iter()
+        .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
+        .collect();
+    let url = shop.web_url("/slow-query/?seconds=0")?;
+    let mut answered = std::collections::BTreeSet::new();
+    wait_for(&format!("requests through the Service to reach each of {pods:?}"), Duration::from_secs(60), || {
+        if let Some(pod) = get_json(shop, &url)?["pod"].as_str() {
+            answered.insert(pod.to_owned());
+        }
+        Ok((answered == pods).then_some(()))
+    })
+    .with_context(|| shop.describe())
+}
+
 /// Starts `count` slow tasks of `seconds` in batch `batch` through the web
 /// Service (a view calls Celery's `delay`).
 fn start_tasks(shop: &Shop, batch: &str, count: u32, seconds: f64) -> Result<()> {
@@ -233,7 +254,7 @@ fn the_seeds_experiments_run_on_the_django_celery_example() -> Result<()> {
     assert!(peak <= 50, "at most the worker's concurrency sleeps at once: {peak}");
     record_figures(
         "django_seed",
-        json!({"requests_seconds": report["total_seconds"], "tasks": runs, "tasks_peak": peak}),
+        json!({"requests_seconds": report["total_seconds"], "requests_peak": together, "tasks": runs, "tasks_peak": peak}),
     )?;
     Ok(())
 }
@@ -259,6 +280,8 @@ fn the_budget_holds_for_the_django_celery_example_under_overload() -> Result<()>
     let available = status["connections"]["available"].as_i64().context("available")?;
     assert_eq!(available, i64::from(max_connections - reserved), "{status}");
     let web_share = status["web"]["serverConnectionsPerPod"].as_i64().context("web share")?;
+    let worker_share = status["worker"]["serverConnectionsPerPod"].as_i64().context("worker share")?;
+    wait_every_web_pod_serves(&shop)?;
 
     let connections = Sampler::start(&shop.pg, &shop.db.name, &shop.db.connections_sql());
     let requests = 200;
@@ -287,6 +310,7 @@ fn the_budget_holds_for_the_django_celery_example_under_overload() -> Result<()>
         json!({
             "requests": requests, "ok": ok, "failed": failed, "burst": report, "tasks": runs,
             "peak": peak, "planned": planned, "available": available, "max_connections": max_connections,
+            "web_share": web_share, "worker_share": worker_share,
         }),
     )?;
     Ok(())

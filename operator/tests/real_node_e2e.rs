@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use common::shop::{jobs_span_seconds, record_figures, status_count, Database, Load, Shop};
+use common::shop::{jobs_span_seconds, record_figures, status_count, Database, Load, Shop, SpanFrom};
 use serde_json::{json, Value};
 use tidepool_testenv::node::{
     output, path_arg, pod_processes, release_binary, Postgres, PrivatePostgres, Sampler,
@@ -131,7 +131,11 @@ fn the_seeds_experiments_run_through_the_web_service_and_a_worker_pod() -> Resul
     assert!(peak <= 50, "at most the worker's concurrency runs at once: {peak}");
     record_figures(
         "seed",
-        json!({"requests_seconds": report["total_seconds"], "jobs_seconds": jobs_span_seconds(&shop)?, "jobs_peak": peak}),
+        json!({
+            "requests_seconds": report["total_seconds"], "requests_peak": together,
+            "jobs_seconds": jobs_span_seconds(&shop, SpanFrom::Created)?,
+            "jobs_run_seconds": jobs_span_seconds(&shop, SpanFrom::Started)?, "jobs_peak": peak,
+        }),
     )?;
     Ok(())
 }
@@ -169,7 +173,7 @@ fn the_connection_budget_holds_under_overload() -> Result<()> {
     shop.enqueue("slow_query", r#"{"seconds": 1}"#, 100)?;
     let report = burst.finish()?;
     let finished = shop.wait_drained(Duration::from_secs(180))?;
-    let jobs_seconds = jobs_span_seconds(&shop)?;
+    let jobs_seconds = jobs_span_seconds(&shop, SpanFrom::Created)?;
     let samples = connections.finish()?;
 
     // Jobs offered at once: 2 worker pods × concurrency 20.

@@ -360,10 +360,24 @@ pub fn record_figures(name: &str, figures: Value) -> Result<()> {
     Ok(())
 }
 
-/// Seconds from the first job's creation to the last one's finish, of the
-/// results kept.
-pub fn jobs_span_seconds(shop: &Shop) -> Result<f64> {
-    shop.sql("SELECT extract(epoch FROM max(finished_at) - min(created_at)) FROM tidepool_job_results")?
+/// From when the jobs' span is counted.
+#[derive(Debug, Clone, Copy)]
+pub enum SpanFrom {
+    /// The first job's enqueue (its `created_at`).
+    Created,
+    /// The first job's start (its `started_at`), as a Celery task's run is
+    /// timed.
+    Started,
+}
+
+/// Seconds from the first job's creation or start to the last one's
+/// finish, of the results kept.
+pub fn jobs_span_seconds(shop: &Shop, from: SpanFrom) -> Result<f64> {
+    let column = match from {
+        SpanFrom::Created => "created_at",
+        SpanFrom::Started => "started_at",
+    };
+    shop.sql(&format!("SELECT extract(epoch FROM max(finished_at) - min({column})) FROM tidepool_job_results"))?
         .parse()
         .context("the jobs' span")
 }

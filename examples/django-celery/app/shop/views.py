@@ -84,13 +84,18 @@ def task_runs(request):
     for _, step in events:
         running += step
         peak = max(peak, running)
+    first_start = min((s for s, _, _ in runs), default=None)
+    last_finish = max((f for _, f, _ in runs), default=None)
+    span = (last_finish - first_start).total_seconds() if runs else None
     return JsonResponse(
         {
             "batch": batch,
             "runs": len(runs),
             "peak_overlap": peak,
             "hosts": sorted({h for _, _, h in runs}),
-            "first_start": min((s for s, _, _ in runs), default=None),
-            "last_finish": max((f for _, f, _ in runs), default=None),
+            "first_start": first_start,
+            "last_finish": last_finish,
+            # From the first run's start to the last one's end, in seconds.
+            "span_seconds": span,
         }
     )
