@@ -20,7 +20,9 @@
 #   13. scaling (a backlog to the target replicas, a load near a
 #       threshold, both tiers on the real node): scripts/bench-autoscaling.sh;
 #   16. the shop's POST /orders with and without its receipt job, orders to
-#       receipts: scripts/bench-shop.sh.
+#       receipts: scripts/bench-shop.sh;
+#   17. the Django + Celery example on the real node beside its image's
+#       processes on loopback and the Tidepool app: scripts/bench-django.sh.
 # (14, the router layer beside an old commit's, is `make bench-router`.)
 # All traffic goes to loopback (and, for 10-11, to the test cluster inside
 # the real node's network namespace); every step is bounded in time.
@@ -296,3 +298,4 @@ say "wrote the web sections of $OUT"
 # leaves up stops first.
 "$REPO_ROOT/scripts/stack.sh" down
 "$REPO_ROOT/scripts/bench-shop.sh"
+"$REPO_ROOT/scripts/bench-django.sh"

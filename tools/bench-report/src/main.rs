@@ -96,6 +96,12 @@ enum Command {
         #[arg(long)]
         seconds: u32,
     },
+    /// Section 17: the Django + Celery example (scripts/bench-django.sh);
+    /// --work holds `figures.jsonl`.
+    Django {
+        #[command(flatten)]
+        out: Out,
+    },
     /// Puts the section in FILE (starting with --start, ending with --end)
     /// into the report, in place of its last run.
     Splice {
@@ -220,6 +226,10 @@ fn run(cli: Cli) -> Result<(), ReportError> {
             let setup = sections::shop::Setup { provenance: out.provenance(), rounds, seconds };
             let runs = sections::shop::load(&out.work)?;
             out.write(sections::shop::SECTION, &sections::shop::render(&setup, &runs))
+        }
+        Command::Django { out } => {
+            let runs = sections::django::load(&out.work.join("figures.jsonl"))?;
+            out.write(sections::django::SECTION, &sections::django::render(&out.provenance(), &runs))
         }
         Command::Splice { report, start, end, file } => {
             report::splice_file(&report, &Section { start: &start, end: &end, heading: None }, &read(&file)?)

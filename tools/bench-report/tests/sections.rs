@@ -73,6 +73,17 @@ fn the_end_to_end_section() {
 }
 
 #[test]
+fn the_django_section() {
+    let dir = fixtures().join("django");
+    let runs = sections::django::load(&dir.join("figures.jsonl")).expect("the runs");
+    assert_eq!(sections::django::render(&provenance(), &runs), expected("django"));
+    let error = sections::django::load(&fixtures().join("e2e/figures.jsonl"))
+        .expect_err("not the Django benchmark's figures")
+        .to_string();
+    assert!(error.ends_with("has no figures of django_seed"), "{error}");
+}
+
+#[test]
 fn the_scaling_section() {
     let dir = fixtures().join("autoscaling");
     let runs =

@@ -5,6 +5,7 @@
 //! finds them.
 
 pub mod autoscaling;
+pub mod django;
 pub mod e2e;
 pub mod node;
 pub mod operator;
