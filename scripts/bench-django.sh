@@ -46,10 +46,17 @@ DJANGO=$WORK/rootfs/django REDIS=$WORK/rootfs/redis
 IMAGE_USER=65532:65532
 LOOPBACK_PIDS=()
 
+# Stops every process that runs in one of the root filesystems (gunicorn's
+# workers too) and the exporter, and waits for them (bounded).
 stop_loopback() {
-  local pid
-  for pid in "${LOOPBACK_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${LOOPBACK_PIDS[@]}"; do
+  local proc pid pids=("${LOOPBACK_PIDS[@]}")
+  for proc in /proc/[0-9]*; do
+    case $(readlink "$proc/root" 2>/dev/null) in
+      "$DJANGO" | "$REDIS") pids+=("${proc#/proc/}") ;;
+    esac
+  done
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do
     timeout 30 tail --pid="$pid" -f /dev/null || kill -9 "$pid" 2>/dev/null || true
   done
   LOOPBACK_PIDS=()
@@ -63,13 +70,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Runs "${@:2}" in root filesystem $1 as the image's user: a mount
-# namespace of its own with the host's /dev and a /proc bound in (gone
-# with the process), the host's loopback.
+# Runs "${@:2}" in root filesystem $1 as the image's user, in place of the
+# calling shell (so a subshell's PID is the process's): a mount namespace
+# of its own with the host's /dev and a /proc bound in (gone with the
+# process), the host's loopback.
 in_rootfs() {
   local root=$1
   shift
-  unshare --mount --propagation private -- /bin/sh -c \
+  exec unshare --mount --propagation private -- /bin/sh -c \
     'user=$1; shift; mount --rbind /dev "$0/dev" && mount -t proc proc "$0/proc" && exec chroot --userspec="$user" "$0" "$@"' \
     "$root" "$IMAGE_USER" "$@"
 }
@@ -81,8 +89,8 @@ django_env() {
     PGPASSFILE=/tmp/pgpass "CELERY_BROKER_URL=redis://127.0.0.1:$REDIS_PORT/0" \
     DJANGO_SETTINGS_MODULE=config.settings PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOSTNAME=loopback
 }
-# Starts "${@:3}" in root filesystem $2 in the background, logging to
-# $WORK/$1.log.
+# Starts "${@:3}" in root filesystem $2 in the background (a subshell that
+# in_rootfs replaces), logging to $WORK/$1.log.
 start_in_rootfs() {
   in_rootfs "${@:2}" </dev/null >>"$WORK/$1.log" 2>&1 &
   LOOPBACK_PIDS+=("$!")
@@ -95,6 +103,8 @@ say "17. building the images and the tests"
 cargo test --quiet -p tidepool-operator --test real_node_django --test real_node_e2e --no-run
 
 say "17. the same image's processes on loopback"
+require_free_port "$WEB_PORT" "gunicorn on loopback"
+require_free_port "$REDIS_PORT" "Redis on loopback"
 load_local_plan
 "$REPO_ROOT/scripts/stack.sh" up postgres pooler >/dev/null
 (umask 077
@@ -102,7 +112,7 @@ load_local_plan
    "$TIDEPOOL_PG_PORT" "$APP_DB" "$APP_USER" "$(secret app.password)" > "$DJANGO/tmp/pgpass")
 chown "$IMAGE_USER" "$DJANGO/tmp/pgpass"
 mapfile -t migrate_env < <(django_env "$TIDEPOOL_PG_PORT")
-in_rootfs "$DJANGO" "${migrate_env[@]}" python3 manage.py migrate --noinput >"$WORK/migrate.log" 2>&1 \
+(in_rootfs "$DJANGO" "${migrate_env[@]}" python3 manage.py migrate --noinput) >"$WORK/migrate.log" 2>&1 \
   || { cat "$WORK/migrate.log" >&2; die "Django's migration failed on loopback"; }
 mapfile -t app_env < <(django_env "$TIDEPOOL_POOLER_PORT")
 start_in_rootfs redis "$REDIS" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no --dir /tmp
