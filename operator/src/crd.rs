@@ -333,30 +333,9 @@ pub struct WorkerSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ProcessSpec {
-    /// The tier's image; default `spec.image`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self != ''").message("a tier's image must not be empty"))]
-    pub image: Option<String>,
-
-    /// The container's entrypoint (`["gunicorn"]`, `["celery"]`), in place
-    /// of the image's. `$(TIDEPOOL_CONCURRENCY)` and the plan's other
-    /// variables are expanded.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16), inner(length(max = 512)))]
-    pub command: Vec<String>,
-
-    /// The entrypoint's arguments, with the same expansion.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32), inner(length(max = 1024)))]
-    pub args: Vec<String>,
-
-    /// More environment variables, after the plan's (so `$(NAME)` may
-    /// refer to those). They may not set `DATABASE_URL`, `PG*` or a
-    /// variable the plan sets, refer to a `$(TIDEPOOL_…)` the plan does not
-    /// define, or read the database Secret.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32))]
-    pub env: Vec<EnvEntry>,
+    /// The container's image, entrypoint, arguments and environment.
+    #[serde(flatten)]
+    pub run: CommandSpec,
 
     /// The port the process serves on (named `app`): web, where the
     /// Service sends requests (required with a command); worker, optional.
@@ -386,10 +365,7 @@ pub struct ProcessSpec {
 impl Default for ProcessSpec {
     fn default() -> Self {
         Self {
-            image: None,
-            command: Vec::new(),
-            args: Vec::new(),
-            env: Vec::new(),
+            run: CommandSpec::default(),
             port: None,
             readiness_probe: None,
             liveness_probe: None,
@@ -398,8 +374,42 @@ impl Default for ProcessSpec {
     }
 }
 
-impl ProcessSpec {
-    /// Whether the tier runs an application's process rather than
+/// What a container of the application runs, a tier's or the migration's:
+/// without `command` and `args`, Tidepool's own (`tidepool web`, `worker`
+/// or `migrate`) from the image.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CommandSpec {
+    /// The container's image; default `spec.image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self != ''").message("a tier's or the migration's image must not be empty"))]
+    pub image: Option<String>,
+
+    /// The container's entrypoint (`["gunicorn"]`, `["python3", "manage.py",
+    /// "migrate"]`), in place of the image's. `$(TIDEPOOL_CONCURRENCY)` and
+    /// the plan's other variables are expanded. The migration's connects
+    /// to PostgreSQL directly, through libpq's variables and a password
+    /// file (docs/foreign-apps.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(max = 512)))]
+    pub command: Vec<String>,
+
+    /// The entrypoint's arguments, with the same expansion.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 1024)))]
+    pub args: Vec<String>,
+
+    /// More environment variables, after the plan's (so `$(NAME)` may
+    /// refer to those). They may not set `DATABASE_URL`, `PG*` or a
+    /// variable the plan sets, refer to a `$(TIDEPOOL_…)` the plan does not
+    /// define, or read the database Secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub env: Vec<EnvEntry>,
+}
+
+impl CommandSpec {
+    /// Whether the container runs an application's command rather than
     /// Tidepool's own.
     pub fn is_foreign(&self) -> bool {
         !self.command.is_empty() || !self.args.is_empty()
@@ -429,27 +439,30 @@ pub struct EnvEntry {
 /// ConfigMap's name, a key, a field path), so the API server can afford the
 /// rule that compares it with the database Secret.
 fn bounded_env_source(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    fn bound(value: &mut serde_json::Value) {
-        let Some(object) = value.as_object_mut() else { return };
+    /// Gives every string under `object` without a bound the longest name
+    /// Kubernetes allows (253, a DNS subdomain).
+    fn bound(object: &mut serde_json::Map<String, serde_json::Value>) {
         if object.get("type").and_then(|t| t.as_str()) == Some("string") && !object.contains_key("maxLength")
         {
-            object.insert("maxLength".into(), 253.into());
+            object.insert("maxLength".into(), ENV_SOURCE_MAX_LENGTH.into());
         }
         for child in object.values_mut() {
             match child {
-                serde_json::Value::Array(items) => items.iter_mut().for_each(bound),
-                other => bound(other),
+                serde_json::Value::Array(items) => {
+                    items.iter_mut().filter_map(serde_json::Value::as_object_mut).for_each(bound)
+                }
+                serde_json::Value::Object(child) => bound(child),
+                _ => {}
             }
         }
     }
     let mut schema = <EnvVarSource as schemars::JsonSchema>::json_schema(generator);
-    let mut value = serde_json::to_value(&schema).unwrap_or_default();
-    bound(&mut value);
-    if let Ok(bounded) = serde_json::from_value(value) {
-        schema = bounded;
-    }
+    bound(schema.ensure_object());
     schema
 }
+
+/// The bound of every string of an env entry's `valueFrom`.
+const ENV_SOURCE_MAX_LENGTH: u32 = 253;
 
 /// The migration Job.
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -463,31 +476,15 @@ pub struct MigrationSpec {
     /// migrates otherwise).
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// Its image; default `spec.image`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self != ''").message("migration.image must not be empty"))]
-    pub image: Option<String>,
-    /// The entrypoint (`["python", "manage.py", "migrate"]`); without it
-    /// and `args`, `tidepool migrate`. It connects to PostgreSQL directly,
-    /// through libpq's variables and a password file (docs/foreign-apps.md).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16), inner(length(max = 512)))]
-    pub command: Vec<String>,
-    /// The entrypoint's arguments.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32), inner(length(max = 1024)))]
-    pub args: Vec<String>,
-    /// More environment variables, with the tiers' rules.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32))]
-    pub env: Vec<EnvEntry>,
+    /// What the Job runs; by default `tidepool migrate`.
+    #[serde(flatten)]
+    pub run: CommandSpec,
 }
 
-impl MigrationSpec {
-    /// Whether the Job runs the application's command rather than
-    /// `tidepool migrate`.
-    pub fn is_foreign(&self) -> bool {
-        !self.command.is_empty() || !self.args.is_empty()
+impl Default for MigrationSpec {
+    /// `tidepool migrate`, from the spec's image.
+    fn default() -> Self {
+        Self { enabled: true, run: CommandSpec::default() }
     }
 }
 
@@ -885,7 +882,47 @@ impl Default for PoolerSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::CustomResourceExt;
     use serde_json::json;
+
+    /// Every string under `value`, by its path, that has no `maxLength`.
+    fn unbounded_strings(value: &serde_json::Value, path: &str, found: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(object) => {
+                if object.get("type") == Some(&json!("string")) && !object.contains_key("maxLength") {
+                    found.push(path.to_owned());
+                }
+                for (key, child) in object {
+                    unbounded_strings(child, &format!("{path}.{key}"), found);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (index, child) in items.iter().enumerate() {
+                    unbounded_strings(child, &format!("{path}[{index}]"), found);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The API server prices a rule over a string by its longest length:
+    /// every string of each `env[].valueFrom` (the tiers' and the
+    /// migration's) is bounded, or the CRD's rules over it cost too much.
+    #[test]
+    fn every_string_of_an_env_source_is_bounded() {
+        let crd = serde_json::to_value(Tidepool::crd()).expect("the CRD as JSON");
+        let spec =
+            &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        for owner in ["web", "worker", "migration"] {
+            let source = &spec[owner]["properties"]["env"]["items"]["properties"]["valueFrom"];
+            assert!(source.is_object(), "{owner}.env[].valueFrom is in the schema");
+            let mut found = Vec::new();
+            unbounded_strings(source, &format!("{owner}.env[].valueFrom"), &mut found);
+            assert!(found.is_empty(), "unbounded strings: {found:?}");
+            let text = source.to_string();
+            assert!(text.contains(&format!("\"maxLength\":{ENV_SOURCE_MAX_LENGTH}")), "{text}");
+        }
+    }
 
     /// The messages the CRD's rules give for `spec`, evaluated offline.
     fn refusals(spec: serde_json::Value) -> Vec<String> {

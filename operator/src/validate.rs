@@ -61,11 +61,11 @@ pub fn validate(tidepool: &Tidepool, default_namespace: &str) -> Result<Validate
             process,
             // An application's process opens a client connection per
             // request or job it runs at once; Tidepool's own, its pools.
-            client_connections: how.is_foreign().then(|| count(clients)),
+            client_connections: how.run.is_foreign().then(|| count(clients)),
             query_wait_timeout_seconds: count(how.query_wait_timeout_seconds),
         }
     };
-    let worker = if spec.worker.process.is_foreign() {
+    let worker = if spec.worker.process.run.is_foreign() {
         Process::ForeignWorker { concurrency: count(spec.worker.concurrency) }
     } else {
         Process::Worker { concurrency: count(spec.worker.concurrency), listen: spec.worker.listen }

@@ -324,7 +324,7 @@ fn pooler_config(validated: &Validated, tier: &TierPlan) -> Container {
 /// the exporter of PgBouncer's figures.
 fn sidecars(validated: &Validated, tier: &TierPlan) -> Vec<Container> {
     let mut containers = vec![pooler_config(validated, tier), pooler(validated)];
-    if tier_spec(validated, tier.tier).0.is_foreign() {
+    if tier_spec(validated, tier.tier).0.run.is_foreign() {
         containers.push(exporter(validated));
     }
     containers
@@ -405,7 +405,7 @@ fn http_probe(path: &str, port: &str, period: i32, failures: i32) -> Probe {
 
 /// The name of the web container's port, which the Service targets.
 pub fn web_port_name(validated: &Validated) -> &'static str {
-    if validated.spec.web.process.is_foreign() {
+    if validated.spec.web.process.run.is_foreign() {
         PROCESS_PORT_NAME
     } else {
         "http"
@@ -455,7 +455,9 @@ pub(super) fn user_env(entries: &[EnvEntry]) -> impl Iterator<Item = EnvVar> + '
     })
 }
 
-fn non_empty(list: &[String]) -> Option<Vec<String>> {
+/// `list`, or none when it is empty: a container's command or arguments,
+/// the image's own when the spec names none.
+pub(super) fn non_empty(list: &[String]) -> Option<Vec<String>> {
     Some(list.to_vec()).filter(|l| !l.is_empty())
 }
 
@@ -469,7 +471,7 @@ fn app(validated: &Validated, tier: &TierPlan) -> Container {
         VolumeMount { sub_path: Some(CLIENT_PASSFILE.to_owned()), ..mount(POOLER_VOLUME, APP_PASSFILE) },
         tmp_mount(),
     ];
-    let mut container = if process.is_foreign() {
+    let mut container = if process.run.is_foreign() {
         foreign_process(process)
     } else {
         environment.extend(tidepool_env(validated, tier));
@@ -483,9 +485,9 @@ fn app(validated: &Validated, tier: &TierPlan) -> Container {
         }
         tidepool_process(tier.tier)
     };
-    environment.extend(user_env(&process.env));
+    environment.extend(user_env(&process.run.env));
     container.name = tier.tier.name().to_owned();
-    container.image = Some(process.image.clone().unwrap_or_else(|| spec.image.clone()));
+    container.image = Some(process.run.image.clone().unwrap_or_else(|| spec.image.clone()));
     container.image_pull_policy = Some(spec.image_pull_policy.clone());
     container.env = Some(environment);
     container.volume_mounts = Some(volume_mounts);
@@ -562,8 +564,8 @@ fn foreign_process(process: &ProcessSpec) -> Container {
         })
     });
     Container {
-        command: non_empty(&process.command),
-        args: non_empty(&process.args),
+        command: non_empty(&process.run.command),
+        args: non_empty(&process.run.args),
         ports: process.port.map(|port| vec![container_port(PROCESS_PORT_NAME, port)]),
         readiness_probe: readiness,
         liveness_probe: process.liveness_probe.clone(),

@@ -20,8 +20,9 @@ use tidepool_contract::env as pod;
 use tidepool_contract::env::composed::{DB_HOST, DB_NAME, DB_PORT, DB_USER};
 
 use super::deployment::{
-    direct_database_url, env, env_from_secret, hardened, memory_volume, mount, node_selector, pod_security,
-    resources, tmp_mount, tolerations, user_env, volumes, DATABASE_DIR, DATABASE_VOLUME, TMP_VOLUME,
+    direct_database_url, env, env_from_secret, hardened, memory_volume, mount, node_selector, non_empty,
+    pod_security, resources, tmp_mount, tolerations, user_env, volumes, DATABASE_DIR, DATABASE_VOLUME,
+    TMP_VOLUME,
 };
 use super::labels;
 use crate::crd::MigrationSpec;
@@ -35,13 +36,7 @@ const PASSFILE: &str = "/run/tidepool/pgpass";
 
 /// The spec's migration, or the default one (`tidepool migrate`).
 fn migration(validated: &Validated) -> MigrationSpec {
-    validated.spec.migration.clone().unwrap_or(MigrationSpec {
-        enabled: true,
-        image: None,
-        command: Vec::new(),
-        args: Vec::new(),
-        env: Vec::new(),
-    })
+    validated.spec.migration.clone().unwrap_or_default()
 }
 
 /// `<tidepool>-migrate-<8 hex digits>` of what the Job's pod template
@@ -63,7 +58,7 @@ pub fn job_name(validated: &Validated) -> String {
     }
     let mut hasher = Fnv(0xcbf2_9ce4_8422_2325);
     let spec = &validated.spec;
-    let migration = migration(validated);
+    let migration = migration(validated).run;
     (
         migration.image.as_ref().unwrap_or(&spec.image),
         &spec.image_pull_policy,
@@ -87,8 +82,8 @@ pub fn job_name(validated: &Validated) -> String {
 /// The Job, or none when the spec's migration is disabled.
 pub fn job(validated: &Validated) -> Option<Job> {
     let spec = &validated.spec;
-    let migration = migration(validated);
-    if !migration.enabled {
+    let MigrationSpec { enabled, run: migration } = migration(validated);
+    if !enabled {
         return None;
     }
     let secret = &spec.database.secret_ref.name;
@@ -135,8 +130,8 @@ pub fn job(validated: &Validated) -> Option<Job> {
             env(pod::plan::PASSFILE, PASSFILE),
         ]);
         Container {
-            command: Some(migration.command.clone()).filter(|c| !c.is_empty()),
-            args: Some(migration.args.clone()).filter(|a| !a.is_empty()),
+            command: non_empty(&migration.command),
+            args: non_empty(&migration.args),
             env: Some(environment),
             volume_mounts: Some(vec![mount(PASSFILE_VOLUME, PASSFILE_DIR), tmp_mount()]),
             ..Container::default()
