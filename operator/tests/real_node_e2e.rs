@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use common::shop::{jobs_span_seconds, record_figures, status_count, Database, Load, Shop, SpanFrom};
+use common::shop::{jobs_span_seconds, record_figures, status_count, Database, Load, Setup, Shop, SpanFrom};
 use serde_json::{json, Value};
 use tidepool_testenv::node::{
     output, path_arg, pod_processes, release_binary, Postgres, PrivatePostgres, Sampler,
@@ -748,8 +748,7 @@ fn both_tiers_scale_on_the_real_node_within_the_budget() -> Result<()> {
                                        "secretRef": {"name": "shop-scaler"},
                                        "queues": [{"name": "default", "targetAvailableJobsPerReplica": 8}]}}
         }),
-        None,
-        Database::ServiceName,
+        Setup { database: Database::ServiceName, ..Setup::default() },
     )?;
     let available = i64::from(max_connections - reserved);
     let status = shop.tidepool()?["status"].clone();

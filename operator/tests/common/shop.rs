@@ -34,35 +34,12 @@ impl Shop {
     /// waits until the Tidepool is Ready. `prepare` runs on the new role
     /// before any pod connects (e.g. `ALTER ROLE ... SET`).
     pub fn deploy(pg: &Postgres, prefix: &str, spec: Value, prepare: Option<&str>) -> Result<Shop> {
-        Self::deploy_with(pg, prefix, spec, prepare, Database::HostAddress)
+        Self::deploy_with(pg, prefix, spec, Setup { prepare, ..Setup::default() })
     }
 
-    /// [`Shop::deploy`] with more `objects` (JSON or YAML documents, a
-    /// broker for an application's workers, say) applied before the
-    /// Tidepool.
-    pub fn deploy_beside(pg: &Postgres, prefix: &str, spec: Value, objects: &str) -> Result<Shop> {
-        Self::deploy_all(pg, prefix, spec, None, Database::HostAddress, objects)
-    }
-
-    /// [`Shop::deploy`], reaching the database as `database` says.
-    pub fn deploy_with(
-        pg: &Postgres,
-        prefix: &str,
-        spec: Value,
-        prepare: Option<&str>,
-        database: Database,
-    ) -> Result<Shop> {
-        Self::deploy_all(pg, prefix, spec, prepare, database, "")
-    }
-
-    fn deploy_all(
-        pg: &Postgres,
-        prefix: &str,
-        spec: Value,
-        prepare: Option<&str>,
-        database: Database,
-        extra_objects: &str,
-    ) -> Result<Shop> {
+    /// [`Shop::deploy`] as `setup` says.
+    pub fn deploy_with(pg: &Postgres, prefix: &str, spec: Value, setup: Setup<'_>) -> Result<Shop> {
+        let Setup { prepare, database, beside } = setup;
         let kube = kube_with_crd()?;
         let node = Node::from_env()?;
         let ns = kube.namespace(prefix)?;
@@ -110,8 +87,8 @@ impl Shop {
             }
         };
         kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(&objects))?;
-        if !extra_objects.is_empty() {
-            kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(extra_objects))?;
+        if !beside.is_empty() {
+            kube.kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(beside))?;
         }
         let operator = Operator::start(&ns.name)?;
         let mut tidepool = json!({
@@ -257,10 +234,24 @@ impl Shop {
     }
 }
 
+/// How [`Shop::deploy_with`] sets up around the Tidepool.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Setup<'a> {
+    /// SQL run on the new role before any pod connects (`{role}` is its
+    /// name).
+    pub prepare: Option<&'a str>,
+    /// How the pods reach PostgreSQL.
+    pub database: Database,
+    /// More objects (JSON or YAML documents: a broker for an application's
+    /// workers, say) applied before the Tidepool.
+    pub beside: &'a str,
+}
+
 /// How the pods reach the test's PostgreSQL.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Database {
     /// The Secret's `host` is the veth's host end.
+    #[default]
     HostAddress,
     /// The Secret's `host` is `shop-db`, a Service without a selector whose
     /// EndpointSlice names the host end, as a CloudNativePG Secret names its
@@ -377,9 +368,11 @@ pub fn jobs_span_seconds(shop: &Shop, from: SpanFrom) -> Result<f64> {
         SpanFrom::Created => "created_at",
         SpanFrom::Started => "started_at",
     };
-    shop.sql(&format!("SELECT extract(epoch FROM max(finished_at) - min({column})) FROM tidepool_job_results"))?
-        .parse()
-        .context("the jobs' span")
+    shop.sql(&format!(
+        "SELECT extract(epoch FROM max(finished_at) - min({column})) FROM tidepool_job_results"
+    ))?
+    .parse()
+    .context("the jobs' span")
 }
 
 /// The number of requests a loadgen report counts under `status`.
