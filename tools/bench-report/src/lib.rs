@@ -17,6 +17,7 @@ pub mod report;
 pub mod sections;
 pub mod stats;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -87,6 +88,47 @@ pub fn json_lines(path: &Path) -> Result<Vec<Value>, ReportError> {
             })
         })
         .collect()
+}
+
+/// What the real-node tests measured, a figure object per run by the
+/// test's name: the records `{"test": name, "figures": {...}}` they append
+/// one a line to `$TIDEPOOL_E2E_FIGURES` (and a script's own, likewise).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Figures(BTreeMap<String, Vec<Value>>);
+
+impl Figures {
+    /// The records of `path`, which must have at least one of each test
+    /// in `needed`.
+    pub fn load(path: &Path, needed: &[&str]) -> Result<Figures, ReportError> {
+        let mut tests: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        for record in json_lines(path)? {
+            let name = record["test"].as_str().unwrap_or_default().to_owned();
+            tests.entry(name).or_default().push(record["figures"].clone());
+        }
+        if let Some(missing) = needed.iter().find(|name| !tests.contains_key(**name)) {
+            return Err(ReportError::invalid(
+                path.display().to_string(),
+                format!("has no figures of {missing}"),
+            ));
+        }
+        Ok(Figures(tests))
+    }
+
+    /// Test `name`'s records, a figure object per run.
+    pub fn test(&self, name: &str) -> &[Value] {
+        self.0.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    /// The figure at `path` of each of test `name`'s runs (NaN where it
+    /// has none, which the report shows).
+    pub fn of(&self, name: &str, path: &[&str]) -> Vec<f64> {
+        self.test(name).iter().map(|f| at(f, path).as_f64().unwrap_or(f64::NAN)).collect()
+    }
+
+    /// Test `name`'s last run (null when it has none).
+    pub fn last(&self, name: &str) -> Value {
+        self.test(name).last().cloned().unwrap_or(Value::Null)
+    }
 }
 
 /// The value at `path` (its keys, outermost first) of `value`; null where

@@ -9,14 +9,13 @@
 //! `seed`, `django_budget`, as `TIDEPOOL_E2E_FIGURES` collects them) and
 //! the script's (`loopback`, `exporter`).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::Value;
 
 use super::{Provenance, Section};
 use crate::stats::{list, max, median, min, number, paired};
-use crate::{at, json_lines, ReportError};
+use crate::{at, Figures, ReportError};
 
 pub const SECTION: Section<'static> = Section {
     start: "<!-- django benchmark: scripts/bench-django.sh -->",
@@ -24,47 +23,9 @@ pub const SECTION: Section<'static> = Section {
     heading: None,
 };
 
-/// The records every run has.
-const NEEDED: [&str; 5] = ["django_seed", "seed", "loopback", "django_budget", "exporter"];
-
-/// What the run measured: each record's figures, in order, by its name.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Runs {
-    pub tests: BTreeMap<String, Vec<Value>>,
-}
-
 /// The records of `figures` (what `scripts/bench-django.sh` collects).
-pub fn load(figures: &Path) -> Result<Runs, ReportError> {
-    let mut tests: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    for record in json_lines(figures)? {
-        let name = record["test"].as_str().unwrap_or_default().to_owned();
-        tests.entry(name).or_default().push(record["figures"].clone());
-    }
-    for needed in NEEDED {
-        if !tests.contains_key(needed) {
-            return Err(ReportError::invalid(
-                figures.display().to_string(),
-                format!("has no figures of {needed}"),
-            ));
-        }
-    }
-    Ok(Runs { tests })
-}
-
-impl Runs {
-    fn test(&self, name: &str) -> &[Value] {
-        self.tests.get(name).map_or(&[], Vec::as_slice)
-    }
-
-    /// The figure at `path` of each of `name`'s records (NaN where missing).
-    fn of(&self, name: &str, path: &[&str]) -> Vec<f64> {
-        self.test(name).iter().map(|f| at(f, path).as_f64().unwrap_or(f64::NAN)).collect()
-    }
-
-    /// `name`'s last record.
-    fn last(&self, name: &str) -> Value {
-        self.test(name).last().cloned().unwrap_or(Value::Null)
-    }
+pub fn load(figures: &Path) -> Result<Figures, ReportError> {
+    Figures::load(figures, &["django_seed", "seed", "loopback", "django_budget", "exporter"])
 }
 
 /// `median (runs)` of one cell, `digits` decimals.
@@ -78,7 +39,7 @@ fn difference(a: &[f64], b: &[f64]) -> String {
     format!("{:+.1} % ({:+.1} to {:+.1} %)", median(&by_round), min(&by_round), max(&by_round))
 }
 
-pub fn render(provenance: &Provenance, runs: &Runs) -> String {
+pub fn render(provenance: &Provenance, runs: &Figures) -> String {
     let Provenance { date, commit } = provenance;
     format!(
         "{start}
@@ -124,7 +85,7 @@ backends sampled every 100 ms.
 }
 
 /// The seed's experiments, three ways.
-fn seed(runs: &Runs) -> String {
+fn seed(runs: &Figures) -> String {
     let node_requests = runs.of("django_seed", &["requests_seconds"]);
     let loopback_requests = runs.of("loopback", &["requests_seconds"]);
     let tidepool_requests = runs.of("seed", &["requests_seconds"]);
@@ -183,7 +144,7 @@ fn seed(runs: &Runs) -> String {
 }
 
 /// The overload run, once.
-fn budget(runs: &Runs) -> String {
+fn budget(runs: &Figures) -> String {
     let last = runs.last("django_budget");
     let n = |path: &[&str]| at(&last, path).as_f64().unwrap_or(f64::NAN);
     let seconds = |path: &[&str]| number(n(path), 1, false);
@@ -252,7 +213,7 @@ fn budget(runs: &Runs) -> String {
 }
 
 /// The exporter's scrape cost.
-fn exporter(runs: &Runs) -> String {
+fn exporter(runs: &Figures) -> String {
     let last = runs.last("exporter");
     let n = |key: &str| last[key].as_f64().unwrap_or(f64::NAN);
     let times: Vec<f64> =

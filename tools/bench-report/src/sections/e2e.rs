@@ -2,14 +2,11 @@
 //! round by round (each writes what it measured, a JSON object a line),
 //! beside the seed's experiments on the local stack in the same rounds.
 
-use std::collections::BTreeMap;
 use std::path::Path;
-
-use serde_json::Value;
 
 use super::{Provenance, Section};
 use crate::stats::{list, median, number};
-use crate::{at, column, figure, json_lines, rows, ReportError};
+use crate::{column, figure, rows, Figures, ReportError};
 
 pub const SECTION: Section<'static> = Section {
     start: "<!-- end-to-end benchmarks: scripts/bench-e2e.sh -->",
@@ -20,28 +17,16 @@ pub const SECTION: Section<'static> = Section {
 /// What the rounds measured.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Runs {
-    /// Each test's figures, a record per round, by the test's name.
-    pub tests: BTreeMap<String, Vec<Value>>,
+    /// Each test's figures, a record per round.
+    pub tests: Figures,
     /// Per round on the local stack: the burst's and the jobs' seconds.
     pub local: Vec<Vec<f64>>,
 }
 
 /// The tests' figures (`figures`) and the local rounds (`local`).
 pub fn load(figures: &Path, local: &Path) -> Result<Runs, ReportError> {
-    let mut tests: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    for record in json_lines(figures)? {
-        let name = record["test"].as_str().unwrap_or_default().to_owned();
-        tests.entry(name).or_default().push(record["figures"].clone());
-    }
-    for needed in ["seed", "budget", "rollout", "sidecar", "postgres_restart", "worker"] {
-        if !tests.contains_key(needed) {
-            return Err(ReportError::invalid(
-                figures.display().to_string(),
-                format!("has no figures of {needed}"),
-            ));
-        }
-    }
-    Ok(Runs { tests, local: rows(local)? })
+    let needed = ["seed", "budget", "rollout", "sidecar", "postgres_restart", "worker"];
+    Ok(Runs { tests: Figures::load(figures, &needed)?, local: rows(local)? })
 }
 
 /// A target's verdict, a miss in bold.
@@ -58,23 +43,6 @@ fn verdict(ok: bool) -> &'static str {
 fn difference(a: &[f64], b: &[f64]) -> f64 {
     let rounded: f64 = format!("{:.1}", (median(a) / median(b) - 1.0) * 100.0).parse().unwrap_or(f64::NAN);
     rounded + 0.0
-}
-
-impl Runs {
-    /// The records of test `name`, a figure object per round.
-    fn test(&self, name: &str) -> &[Value] {
-        self.tests.get(name).map_or(&[], Vec::as_slice)
-    }
-
-    /// The figure at `path` of each of test `name`'s rounds.
-    fn of(&self, name: &str, path: &[&str]) -> Vec<f64> {
-        self.test(name).iter().map(|f| at(f, path).as_f64().unwrap_or(f64::NAN)).collect()
-    }
-
-    /// Test `name`'s last round.
-    fn last(&self, name: &str) -> Value {
-        self.test(name).last().cloned().unwrap_or(Value::Null)
-    }
 }
 
 /// `median unit | runs` of a table row, `digits` decimals.
@@ -112,7 +80,7 @@ alternating with the tests.
 ",
         start = SECTION.start,
         end = SECTION.end,
-        rounds = runs.test("seed").len(),
+        rounds = runs.tests.test("seed").len(),
         seed = seed(runs),
         budget = budget(runs),
         rollout = rollout(runs),
@@ -136,13 +104,13 @@ fn seed(runs: &Runs) -> String {
     };
     let requests = row(
         "10 × `/slow-query/` (5 s) at once, web pool 10",
-        &runs.of("seed", &["requests_seconds"]),
+        &runs.tests.of("seed", &["requests_seconds"]),
         &column(&runs.local, 0),
         5.2,
     );
     let jobs = row(
         "100 × `slow_query` (5 s), one worker, concurrency 50",
-        &runs.of("seed", &["jobs_seconds"]),
+        &runs.tests.of("seed", &["jobs_seconds"]),
         &column(&runs.local, 1),
         10.5,
     );
@@ -160,14 +128,14 @@ as the seed's loop of `delay()`); on Kubernetes the worker pod polls through
 its PgBouncer (no LISTEN), locally it also LISTENs. In every Kubernetes run the
 worker pod ran 50 `pg_sleep` backends at once (sampled peaks:
 {peaks}).",
-        peaks = list(&runs.of("seed", &["jobs_peak"]), 0, false),
+        peaks = list(&runs.tests.of("seed", &["jobs_peak"]), 0, false),
     )
 }
 
 /// The budget under overload.
 fn budget(runs: &Runs) -> String {
-    let budget = runs.test("budget");
-    let last = runs.last("budget");
+    let budget = runs.tests.test("budget");
+    let last = runs.tests.last("budget");
     let rows = budget
         .iter()
         .enumerate()
@@ -222,6 +190,7 @@ app's pool up to `TIDEPOOL_DB_POOL_WAIT` (5 s), then got a 503.",
 /// A rolling update under load.
 fn rollout(runs: &Runs) -> String {
     let rows = runs
+        .tests
         .test("rollout")
         .iter()
         .enumerate()
@@ -260,15 +229,16 @@ the pods alive at once (running or terminating), over every event of a watch.
 /// Recovery from a killed sidecar, a restarted PostgreSQL, a killed or
 /// deleted worker.
 fn recovery(runs: &Runs) -> String {
-    let sidecar = |key: &str| median_and_runs(&runs.of("sidecar", &[key]), 2, " s");
-    let restart = |path: &[&str]| median_and_runs(&runs.of("postgres_restart", path), 2, " s");
-    let worker = |key: &str| median_and_runs(&runs.of("worker", &[key]), 1, " s");
+    let sidecar = |key: &str| median_and_runs(&runs.tests.of("sidecar", &[key]), 2, " s");
+    let restart = |path: &[&str]| median_and_runs(&runs.tests.of("postgres_restart", path), 2, " s");
+    let worker = |key: &str| median_and_runs(&runs.tests.of("worker", &[key]), 1, " s");
     let shed: Vec<f64> = runs
+        .tests
         .test("postgres_restart")
         .iter()
         .map(|f| f["load"]["statuses"]["503"].as_f64().unwrap_or(0.0))
         .collect();
-    let (sidecar_last, worker_last) = (runs.last("sidecar"), runs.last("worker"));
+    let (sidecar_last, worker_last) = (runs.tests.last("sidecar"), runs.tests.last("worker"));
     format!(
         "### Recovery
 
@@ -287,7 +257,7 @@ fn recovery(runs: &Runs) -> String {
         recovered = sidecar("recovered_seconds"),
         share = sidecar_last["share"],
         worker_share = sidecar_last["worker_share"],
-        peak = median_and_runs(&runs.of("sidecar", &["peak"]), 0, ""),
+        peak = median_and_runs(&runs.tests.of("sidecar", &["peak"]), 0, ""),
         restart_s = restart(&["restart_seconds"]),
         restart_recovered = restart(&["recovered_seconds"]),
         shed = median_and_runs(&shed, 0, ""),
