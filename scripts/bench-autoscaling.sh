@@ -19,7 +19,7 @@ cd "$REPO_ROOT"
 
 : "${BENCH_TRIALS:=20}" "${BENCH_STEADY_SECONDS:=600}" "${BENCH_REPEATS:=3}"
 OUT=$REPO_ROOT/docs/benchmarks.md
-[ ! -e "/run/netns/$TIDEPOOL_NODE_NETNS" ] || die "a real node is up already (network namespace $TIDEPOOL_NODE_NETNS); stop it first (make kube-down, or the test cluster's)"
+require_no_real_node
 WORK=$(mktemp -d)
 FIGURES=$WORK/scaling.jsonl
 E2E=$WORK/e2e.jsonl

@@ -26,7 +26,7 @@ cd "$REPO_ROOT"
 
 : "${BENCH_REPEATS:=3}" "${BENCH_SCRAPES:=500}"
 OUT=$REPO_ROOT/docs/benchmarks.md
-[ ! -e "/run/netns/$TIDEPOOL_NODE_NETNS" ] || die "a real node is up already (network namespace $TIDEPOOL_NODE_NETNS); stop it first (make kube-down, or the test cluster's)"
+require_no_real_node
 [ -x "$TIDEPOOL_BIN" ] && [ -x "$TIDEPOOL_LOADGEN_BIN" ] || die "the release binaries are not built (run: make build)"
 WORK=$(mktemp -d)
 # PostgreSQL runs as $TIDEPOOL_RUN_AS, which must reach its folders.

@@ -33,7 +33,7 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-[ ! -e "/run/netns/$TIDEPOOL_NODE_NETNS" ] || die "a real node is up already (network namespace $TIDEPOOL_NODE_NETNS); stop it first (make kube-down, or the test cluster's)"
+require_no_real_node
 [ -x "$TIDEPOOL_BIN" ] && [ -x "$TIDEPOOL_OPERATOR_BIN" ] || die "the release binaries are not built (run: make build)"
 load_kube_tools
 

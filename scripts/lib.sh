@@ -196,6 +196,12 @@ pooler_stats_env() {
   echo "TIDEPOOL_POOLER_STATS_PASSWORD_FILE=$TIDEPOOL_STATE_DIR/pgbouncer/stats.password"
 }
 
+# Dies when the machine's one real node is up: a benchmark that starts its
+# own test cluster needs it.
+require_no_real_node() {
+  [ ! -e "/run/netns/$TIDEPOOL_NODE_NETNS" ] || die "a real node is up already (network namespace $TIDEPOOL_NODE_NETNS); stop it first (make kube-down, or the test cluster's)"
+}
+
 # psql as the superuser over loopback.
 psql_super() { PGPASSWORD=$(secret postgres.password) psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$TIDEPOOL_PG_PORT" -U postgres "$@"; }
 
