@@ -13,6 +13,13 @@
 //! first come, first served, so a large pod is never starved by small ones.
 //! When a terminating pod goes, the pod watch starts the next pass.
 //!
+//! A pod of a singleton tier (Celery beat, a clock: a process that must
+//! never run twice) also waits while another pod of that tier holds, that
+//! is until the one it replaces has finished or is gone, whatever made the
+//! replacement (a rollout, a deleted or evicted pod). It waits for its
+//! predecessor, not for the budget, so the pods behind it in the queue do
+//! not wait for it.
+//!
 //! Pure: the controller lists the pods, calls [`admit`] and removes the
 //! gates it names.
 
@@ -33,6 +40,8 @@ pub struct LivePod {
     pub finished: bool,
     /// Its annotated connections: share plus direct ones.
     pub cost: u32,
+    /// It belongs to the singleton tier: at most one such pod holds.
+    pub singleton: bool,
 }
 
 impl LivePod {
@@ -55,32 +64,41 @@ pub struct Admission {
     /// What the pods that hold connections may hold, those admitted now
     /// included: the Tidepool's `livePeak`.
     pub live_cost: u64,
-    /// The pods still waiting.
+    /// The pods still waiting for the budget.
     pub waiting: usize,
-    /// The cost of the first pod still waiting.
+    /// The cost of the first pod still waiting for the budget.
     pub next_cost: Option<u32>,
+    /// A singleton pod waits for its predecessor to finish or go.
+    pub singleton_waits: bool,
 }
 
-/// Admits the waiting pods, oldest first, while they fit in `available`.
+/// Admits the waiting pods, oldest first, while they fit in `available`;
+/// a singleton pod only while no other singleton pod holds.
 pub fn admit(pods: &[LivePod], available: u32) -> Admission {
     let mut live_cost: u64 = pods.iter().filter(|p| p.holds()).map(|p| u64::from(p.cost)).sum();
+    let mut singleton_holds = pods.iter().any(|p| p.singleton && p.holds());
     let mut queue: Vec<&LivePod> = pods.iter().filter(|p| p.waits()).collect();
     queue.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
-    let fitting = queue
-        .iter()
-        .take_while(|pod| {
-            let fits = live_cost + u64::from(pod.cost) <= u64::from(available);
-            if fits {
-                live_cost += u64::from(pod.cost);
-            }
-            fits
-        })
-        .count();
+    let mut admitted = Vec::new();
+    let mut singleton_waits = false;
+    let mut blocked: Vec<&LivePod> = Vec::new();
+    for pod in queue {
+        if pod.singleton && singleton_holds {
+            singleton_waits = true;
+        } else if blocked.is_empty() && live_cost + u64::from(pod.cost) <= u64::from(available) {
+            live_cost += u64::from(pod.cost);
+            singleton_holds |= pod.singleton;
+            admitted.push(pod.name.clone());
+        } else {
+            blocked.push(pod);
+        }
+    }
     Admission {
-        admit: queue[..fitting].iter().map(|p| p.name.clone()).collect(),
+        admit: admitted,
         live_cost,
-        waiting: queue.len() - fitting,
-        next_cost: queue.get(fitting).map(|p| p.cost),
+        waiting: blocked.len(),
+        next_cost: blocked.first().map(|p| p.cost),
+        singleton_waits,
     }
 }
 
@@ -90,7 +108,19 @@ mod tests {
     use proptest::prelude::*;
 
     fn pod(name: &str, created: i64, cost: u32) -> LivePod {
-        LivePod { name: name.into(), created, gated: true, terminating: false, finished: false, cost }
+        LivePod {
+            name: name.into(),
+            created,
+            gated: true,
+            terminating: false,
+            finished: false,
+            cost,
+            singleton: false,
+        }
+    }
+
+    fn singleton(pod: LivePod) -> LivePod {
+        LivePod { singleton: true, ..pod }
     }
 
     fn admitted(mut pod: LivePod) -> LivePod {
@@ -128,15 +158,49 @@ mod tests {
         assert_eq!((pass.live_cost, pass.waiting), (40, 0));
     }
 
+    #[test]
+    fn a_singleton_waits_for_its_predecessor_without_holding_up_the_queue() {
+        // The old beat pod terminates (a rollout, a deleted pod): it still
+        // runs, so its replacement waits, and the web pod behind it does not.
+        let old = LivePod { terminating: true, ..admitted(singleton(pod("beat-old", 1, 1))) };
+        let pods = [old.clone(), singleton(pod("beat-new", 2, 1)), pod("web", 3, 10)];
+        let pass = admit(&pods, 100);
+        assert_eq!(pass.admit, ["web"]);
+        assert_eq!((pass.waiting, pass.next_cost, pass.singleton_waits), (0, None, true));
+        // The old pod has gone (or finished, as an evicted pod does).
+        let finished = LivePod { finished: true, ..old };
+        let pass = admit(&[finished, pods[1].clone()], 100);
+        assert_eq!(pass.admit, ["beat-new"]);
+        assert!(!pass.singleton_waits);
+    }
+
+    #[test]
+    fn two_waiting_singletons_are_never_admitted_together() {
+        let pods = [singleton(pod("b", 2, 1)), singleton(pod("a", 1, 1)), pod("web", 3, 1)];
+        let pass = admit(&pods, 100);
+        assert_eq!(pass.admit, ["a", "web"], "the older one first, the other waits for it");
+        assert!(pass.singleton_waits);
+        assert_eq!(pass.live_cost, 2);
+    }
+
+    #[test]
+    fn a_singleton_that_does_not_fit_waits_for_the_budget_in_its_turn() {
+        let pods = [admitted(pod("web-1", 0, 9)), singleton(pod("beat", 1, 2)), pod("web-2", 2, 1)];
+        let pass = admit(&pods, 10);
+        assert_eq!(pass.admit, Vec::<String>::new(), "first come, first served: web-2 waits behind the beat");
+        assert_eq!((pass.waiting, pass.next_cost, pass.singleton_waits), (2, Some(2), false));
+    }
+
     fn arb_pod() -> impl Strategy<Value = LivePod> {
-        (0i64..20, any::<bool>(), any::<bool>(), any::<bool>(), 0u32..40).prop_map(
-            |(created, gated, terminating, finished, cost)| LivePod {
+        (0i64..20, any::<bool>(), any::<bool>(), any::<bool>(), 0u32..40, any::<bool>()).prop_map(
+            |(created, gated, terminating, finished, cost, singleton)| LivePod {
                 name: String::new(),
                 created,
                 gated,
                 terminating,
                 finished,
                 cost,
+                singleton,
             },
         )
     }
@@ -159,9 +223,30 @@ mod tests {
                 prop_assert!(pass.live_cost <= u64::from(available));
             }
             let waiting = pods.iter().filter(|p| p.waits()).count();
-            prop_assert_eq!(pass.admit.len() + pass.waiting, waiting);
+            let singletons_held_back = pods.iter().filter(|p| p.waits() && p.singleton).count();
+            prop_assert!(pass.admit.len() + pass.waiting <= waiting);
+            prop_assert!(pass.admit.len() + pass.waiting + singletons_held_back >= waiting);
             if let Some(next) = pass.next_cost {
                 prop_assert!(pass.live_cost + u64::from(next) > u64::from(available));
+            }
+        }
+
+        /// Whatever the pods, at most one singleton pod holds after a pass
+        /// unless more than one held before it (which no pass makes), and a
+        /// singleton is admitted only when none held.
+        #[test]
+        fn at_most_one_singleton_holds(pods in proptest::collection::vec(arb_pod(), 0..12), available in 0u32..200) {
+            let pods: Vec<LivePod> =
+                pods.into_iter().enumerate().map(|(i, p)| LivePod { name: format!("p{i}"), ..p }).collect();
+            let held = pods.iter().filter(|p| p.singleton && p.holds()).count();
+            let pass = admit(&pods, available);
+            let admitted_singletons = pods
+                .iter()
+                .filter(|p| p.singleton && p.waits() && pass.admit.contains(&p.name))
+                .count();
+            prop_assert!(admitted_singletons <= 1);
+            if held > 0 {
+                prop_assert_eq!(admitted_singletons, 0);
             }
         }
     }

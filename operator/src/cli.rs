@@ -127,6 +127,7 @@ pub fn table(validated: &validate::Validated, plan: &Plan) -> String {
                 format!("{} tasks + {} queue", tier.pools.database_pool, tier.pools.queue_pool)
             }
             Process::ForeignWorker { .. } => format!("{} (jobs)", tier.pools.database_pool),
+            Process::Clock { .. } => format!("{} (one pod at most)", tier.pools.database_pool),
         };
         let _ = writeln!(
             out,

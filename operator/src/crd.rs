@@ -152,6 +152,12 @@ pub struct TidepoolSpec {
     #[serde(default)]
     pub worker: WorkerSpec,
 
+    /// A process that must never run twice (Celery beat, a scheduler):
+    /// at most one pod at any moment, also while a deleted or evicted pod
+    /// still terminates. Absent: none.
+    #[serde(default, skip_serializing_if = "ClockSpec::is_absent")]
+    pub clock: ClockSpec,
+
     /// How rolling updates proceed.
     #[serde(default)]
     pub rollout: RolloutSpec,
@@ -492,8 +498,9 @@ impl Default for MigrationSpec {
 const FOREIGN: &str =
     "(has(self.command) && size(self.command) > 0) || (has(self.args) && size(self.args) > 0)";
 
-/// Either tier runs a command of its own, then the spec names its migration.
-const MIGRATION_NAMED_RULE: &str = "has(self.migration) || !((has(self.web) && ((has(self.web.command) && size(self.web.command) > 0) || (has(self.web.args) && size(self.web.args) > 0))) || (has(self.worker) && ((has(self.worker.command) && size(self.worker.command) > 0) || (has(self.worker.args) && size(self.worker.args) > 0))))";
+/// A tier runs a command of its own (a clock always does): then the spec
+/// names its migration.
+const MIGRATION_NAMED_RULE: &str = "has(self.migration) || (!has(self.clock) && !((has(self.web) && ((has(self.web.command) && size(self.web.command) > 0) || (has(self.web.args) && size(self.web.args) > 0))) || (has(self.worker) && ((has(self.worker.command) && size(self.worker.command) > 0) || (has(self.worker.args) && size(self.worker.args) > 0)))))";
 
 /// No env entry of a tier or the migration sets a variable the plan sets.
 fn env_names_rule() -> String {
@@ -568,7 +575,62 @@ fn secret_reference_rule() -> String {
     let none_reads = |part: &str| {
         format!("(!has(self.{part}) || !has(self.{part}.env) || self.{part}.env.all(e, !has(e.valueFrom) || !has(e.valueFrom.secretKeyRef) || e.valueFrom.secretKeyRef.name != self.database.secretRef.name))")
     };
-    [none_reads("web"), none_reads("worker"), none_reads("migration")].join(" && ")
+    [none_reads("web"), none_reads("worker"), none_reads("clock"), none_reads("migration")].join(" && ")
+}
+
+/// The clock tier: an application's process that must never run twice,
+/// such as Celery beat, which would send every periodic task once per
+/// copy. One pod, never surged: the operator admits a new pod only once
+/// the one it replaces has finished or gone (a rollout, a deleted or
+/// evicted pod alike), so between the two there is a gap of up to the old
+/// pod's shutdown and never an overlap.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(FOREIGN).message("clock.command or clock.args is required: the clock runs an application's process (celery beat), Tidepool has none of its own"))]
+#[x_kube(validation = Rule::new(probe_port_rule("readinessProbe")).message("clock.readinessProbe names a port the container does not declare: use clock.port or its name 'app'"))]
+#[x_kube(validation = Rule::new(probe_port_rule("livenessProbe")).message("clock.livenessProbe names a port the container does not declare: use clock.port or its name 'app'"))]
+#[x_kube(validation = Rule::new(env_names_rule()).message(env_names_message("clock").as_str()))]
+#[x_kube(validation = Rule::new(references_rule("command")).message(references_message("clock.command").as_str()))]
+#[x_kube(validation = Rule::new(references_rule("args")).message(references_message("clock.args").as_str()))]
+#[x_kube(validation = Rule::new(env_references_rule()).message(references_message("clock.env").as_str()))]
+pub struct ClockSpec {
+    /// Server connections the clock's pod asks for (its PgBouncer's
+    /// share): 1 for Celery beat with its file scheduler, more for a
+    /// scheduler that keeps its schedule in the database.
+    #[serde(default = "default_clock_database_pool")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000").message("clock.databasePool must be from 1 to 1000"))]
+    pub database_pool: i32,
+
+    /// The clock container's resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// What the clock container runs: `command` or `args` is required.
+    #[serde(flatten)]
+    pub process: ProcessSpec,
+}
+
+impl Default for ClockSpec {
+    /// No clock: the spec has no `clock`.
+    fn default() -> Self {
+        Self {
+            database_pool: default_clock_database_pool(),
+            resources: None,
+            process: ProcessSpec::default(),
+        }
+    }
+}
+
+impl ClockSpec {
+    /// Whether the spec has no clock (a clock always names its command).
+    pub fn is_absent(&self) -> bool {
+        *self == ClockSpec::default()
+    }
+
+    /// Whether the Tidepool runs a clock tier.
+    pub fn runs(&self) -> bool {
+        self.process.run.is_foreign()
+    }
 }
 
 /// The worker tier's queue scaler: the operator reads the queues from
@@ -714,6 +776,10 @@ pub struct TidepoolStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<TierStatus>,
 
+    /// The clock tier, when the spec has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<TierStatus>,
+
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connections: Option<ConnectionsStatus>,
 }
@@ -808,6 +874,9 @@ fn default_web_concurrency() -> i32 {
 }
 fn default_web_database_pool() -> i32 {
     20
+}
+fn default_clock_database_pool() -> i32 {
+    1
 }
 fn default_target_cpu() -> i32 {
     70

@@ -113,6 +113,8 @@ pub enum Process {
     /// An application's worker (Celery): `concurrency` jobs at once, each
     /// of which may hold a connection, and no connections of its own.
     ForeignWorker { concurrency: u32 },
+    /// An application's clock process (Celery beat): one pool, as web.
+    Clock { database_pool: u32 },
 }
 
 impl Process {
@@ -120,14 +122,17 @@ impl Process {
         match self {
             Process::Web { .. } => Tier::Web,
             Process::Worker { .. } | Process::ForeignWorker { .. } => Tier::Worker,
+            Process::Clock { .. } => Tier::Clock,
         }
     }
 
     /// `(ask, floor, listen)` per pod, or why the numbers cannot work.
     fn demand(self) -> Result<(u32, u32, u32), String> {
         match self {
-            Process::Web { database_pool: 0 } => Err("databasePool must be at least 1".into()),
-            Process::Web { database_pool } => Ok((database_pool, 1, 0)),
+            Process::Web { database_pool: 0 } | Process::Clock { database_pool: 0 } => {
+                Err("databasePool must be at least 1".into())
+            }
+            Process::Web { database_pool } | Process::Clock { database_pool } => Ok((database_pool, 1, 0)),
             Process::Worker { concurrency: 0, .. } | Process::ForeignWorker { concurrency: 0 } => {
                 Err("concurrency must be at least 1".into())
             }
@@ -143,7 +148,9 @@ impl Process {
     /// The app's pools within a pod's `share`.
     fn pools(self, share: u32) -> AppPools {
         match self {
-            Process::Web { .. } => AppPools { database_pool: share, queue_pool: 0, worker_concurrency: 0 },
+            Process::Web { .. } | Process::Clock { .. } => {
+                AppPools { database_pool: share, queue_pool: 0, worker_concurrency: 0 }
+            }
             Process::ForeignWorker { .. } => {
                 AppPools { database_pool: share, queue_pool: 0, worker_concurrency: share }
             }
@@ -164,16 +171,21 @@ impl Process {
 pub enum Tier {
     Web,
     Worker,
+    /// A process that must never run twice (Celery beat, a clock): one
+    /// replica, no surge, and admission holds a new pod while another of
+    /// the tier holds ([`crate::admission`]).
+    Clock,
 }
 
 impl Tier {
     /// Every kind there is.
-    pub const ALL: [Tier; 2] = [Tier::Web, Tier::Worker];
+    pub const ALL: [Tier; 3] = [Tier::Web, Tier::Worker, Tier::Clock];
 
     pub fn name(self) -> &'static str {
         match self {
             Tier::Web => "web",
             Tier::Worker => "worker",
+            Tier::Clock => "clock",
         }
     }
 
@@ -263,7 +275,7 @@ impl TierPlan {
     /// request pool; a worker, its jobs.
     pub fn app_pool_per_pod(&self) -> u32 {
         match self.process {
-            Process::Web { .. } => self.pools.database_pool,
+            Process::Web { .. } | Process::Clock { .. } => self.pools.database_pool,
             Process::Worker { .. } | Process::ForeignWorker { .. } => self.pools.worker_concurrency,
         }
     }
@@ -924,7 +936,7 @@ mod tests {
             let floors: u64 = input.tiers.iter().map(|t| {
                 let pods = u64::from(if t.max_replicas == 0 { 0 } else { t.max_replicas + t.surge });
                 pods * u64::from(match t.process {
-                    Process::Web { .. } => 1,
+                    Process::Web { .. } | Process::Clock { .. } => 1,
                     Process::Worker { listen, .. } => WORKER_QUEUE_CONNECTIONS + 1 + u32::from(listen),
                     Process::ForeignWorker { .. } => 1,
                 })

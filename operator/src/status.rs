@@ -200,6 +200,7 @@ fn tier_status(status: &TidepoolStatus, tier: Tier) -> &Option<TierStatus> {
     match tier {
         Tier::Web => &status.web,
         Tier::Worker => &status.worker,
+        Tier::Clock => &status.clock,
     }
 }
 
@@ -207,6 +208,7 @@ fn tier_status_mut(status: &mut TidepoolStatus, tier: Tier) -> &mut Option<TierS
     match tier {
         Tier::Web => &mut status.web,
         Tier::Worker => &mut status.worker,
+        Tier::Clock => &mut status.clock,
     }
 }
 

@@ -70,25 +70,35 @@ pub fn validate(tidepool: &Tidepool, default_namespace: &str) -> Result<Validate
     } else {
         Process::Worker { concurrency: count(spec.worker.concurrency), listen: spec.worker.listen }
     };
+    let mut tiers = vec![
+        tier(
+            spec.web.replicas,
+            spec.web.autoscaling.as_ref().map(|a| (a.min_replicas, a.max_replicas)),
+            Process::Web { database_pool: count(spec.web.database_pool) },
+            &spec.web.process,
+            spec.web.concurrency,
+        ),
+        tier(
+            spec.worker.replicas,
+            spec.worker.autoscaling.as_ref().map(|a| (a.min_replicas, a.max_replicas)),
+            worker,
+            &spec.worker.process,
+            spec.worker.concurrency,
+        ),
+    ];
+    let clock = &spec.clock;
+    if clock.runs() {
+        // One pod, and never a second beside it: no surge.
+        let pool = count(clock.database_pool);
+        tiers.push(TierInput {
+            surge: 0,
+            ..tier(1, None, Process::Clock { database_pool: pool }, &clock.process, clock.database_pool)
+        });
+    }
     let input = Input {
         max_connections: count(spec.database.max_connections),
         reserved_connections: count(spec.database.reserved_connections),
-        tiers: vec![
-            tier(
-                spec.web.replicas,
-                spec.web.autoscaling.as_ref().map(|a| (a.min_replicas, a.max_replicas)),
-                Process::Web { database_pool: count(spec.web.database_pool) },
-                &spec.web.process,
-                spec.web.concurrency,
-            ),
-            tier(
-                spec.worker.replicas,
-                spec.worker.autoscaling.as_ref().map(|a| (a.min_replicas, a.max_replicas)),
-                worker,
-                &spec.worker.process,
-                spec.worker.concurrency,
-            ),
-        ],
+        tiers,
     };
     Ok(Validated { owner: Owner { name, namespace, uid }, spec, input })
 }

@@ -200,6 +200,7 @@ mod tests {
                             terminating: false,
                             finished: false,
                             cost: tier.per_pod(),
+                            singleton: tier.tier == Tier::Clock,
                         },
                         Some(tier.tier),
                     )

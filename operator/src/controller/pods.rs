@@ -90,6 +90,7 @@ fn listed_pod(pod: &Pod) -> ListedPod {
                 Some("Succeeded" | "Failed")
             ),
             cost: labels::pod_cost(pod.annotations()),
+            singleton: tier == Some(Tier::Clock),
         },
         tier,
         resource_version: pod.metadata.resource_version.clone(),

@@ -114,7 +114,7 @@ pub fn deployment(validated: &Validated, tier_plan: &TierPlan) -> Deployment {
     }
     let grace = match tier {
         Tier::Web => DRAIN_DELAY + SHUTDOWN_TIMEOUT + GRACE_MARGIN,
-        Tier::Worker => SHUTDOWN_TIMEOUT + GRACE_MARGIN,
+        Tier::Worker | Tier::Clock => SHUTDOWN_TIMEOUT + GRACE_MARGIN,
     };
     Deployment {
         metadata: labels::metadata(owner, tier),
@@ -418,6 +418,7 @@ fn tier_spec(validated: &Validated, tier: Tier) -> (&ProcessSpec, &Option<Resour
     match tier {
         Tier::Web => (&spec.web.process, &spec.web.resources),
         Tier::Worker => (&spec.worker.process, &spec.worker.resources),
+        Tier::Clock => (&spec.clock.process, &spec.clock.resources),
     }
 }
 
@@ -430,6 +431,8 @@ pub fn plan_env(validated: &Validated, tier: &TierPlan) -> Vec<EnvVar> {
     let concurrency = match tier.tier {
         Tier::Web => validated.spec.web.concurrency.to_string(),
         Tier::Worker => tier.pools.worker_concurrency.to_string(),
+        // One process, one thing at a time.
+        Tier::Clock => "1".to_owned(),
     };
     vec![
         env_from_secret(DB_NAME, secret, "dbname"),
@@ -471,10 +474,9 @@ fn app(validated: &Validated, tier: &TierPlan) -> Container {
         VolumeMount { sub_path: Some(CLIENT_PASSFILE.to_owned()), ..mount(POOLER_VOLUME, APP_PASSFILE) },
         tmp_mount(),
     ];
-    let mut container = if process.run.is_foreign() {
-        foreign_process(process)
-    } else {
-        environment.extend(tidepool_env(validated, tier));
+    let own = if process.run.is_foreign() { None } else { OwnProcess::of(tier.tier) };
+    let mut container = if let Some(own) = own {
+        environment.extend(tidepool_env(validated, tier, own));
         volume_mounts.push(VolumeMount {
             sub_path: Some(STATS_PASSWORD_FILE.to_owned()),
             ..mount(POOLER_VOLUME, APP_STATS_PASSWORD)
@@ -483,7 +485,9 @@ fn app(validated: &Validated, tier: &TierPlan) -> Container {
             // The LISTEN session logs in to PostgreSQL itself.
             volume_mounts.push(mount(DATABASE_VOLUME, DATABASE_DIR));
         }
-        tidepool_process(tier.tier)
+        tidepool_process(own)
+    } else {
+        foreign_process(process)
     };
     environment.extend(user_env(&process.run.env));
     container.name = tier.tier.name().to_owned();
@@ -497,7 +501,25 @@ fn app(validated: &Validated, tier: &TierPlan) -> Container {
 }
 
 /// The variables `tidepool web|worker` reads beyond the plan's.
-fn tidepool_env(validated: &Validated, tier: &TierPlan) -> Vec<EnvVar> {
+/// A process of Tidepool's own, which a tier runs without a command of its
+/// own: the clock has none (it always names the application's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OwnProcess {
+    Web,
+    Worker,
+}
+
+impl OwnProcess {
+    fn of(tier: Tier) -> Option<OwnProcess> {
+        match tier {
+            Tier::Web => Some(OwnProcess::Web),
+            Tier::Worker => Some(OwnProcess::Worker),
+            Tier::Clock => None,
+        }
+    }
+}
+
+fn tidepool_env(validated: &Validated, tier: &TierPlan, own: OwnProcess) -> Vec<EnvVar> {
     let spec = &validated.spec;
     let secret = &spec.database.secret_ref.name;
     let mut environment = vec![
@@ -507,13 +529,13 @@ fn tidepool_env(validated: &Validated, tier: &TierPlan) -> Vec<EnvVar> {
         env(pod::SHUTDOWN_TIMEOUT, seconds(SHUTDOWN_TIMEOUT)),
         env(pod::LOG_FORMAT, "json"),
     ];
-    match tier.tier {
-        Tier::Web => environment.extend([
+    match own {
+        OwnProcess::Web => environment.extend([
             env(pod::LISTEN, format!("0.0.0.0:{WEB_PORT}")),
             env(pod::MAX_IN_FLIGHT, spec.web.concurrency.to_string()),
             env(pod::DRAIN_DELAY, seconds(DRAIN_DELAY)),
         ]),
-        Tier::Worker => {
+        OwnProcess::Worker => {
             environment.extend([
                 env(pod::WORKER_LISTEN, format!("0.0.0.0:{WORKER_PORT}")),
                 env(pod::WORKER_CONCURRENCY, tier.pools.worker_concurrency.to_string()),
@@ -534,10 +556,10 @@ fn tidepool_env(validated: &Validated, tier: &TierPlan) -> Vec<EnvVar> {
 }
 
 /// `tidepool web|worker`: its port, and its probes on the paths it serves.
-fn tidepool_process(tier: Tier) -> Container {
-    let (args, port_name, port) = match tier {
-        Tier::Web => ("web", "http", WEB_PORT),
-        Tier::Worker => ("worker", "metrics", WORKER_PORT),
+fn tidepool_process(own: OwnProcess) -> Container {
+    let (args, port_name, port) = match own {
+        OwnProcess::Web => ("web", "http", WEB_PORT),
+        OwnProcess::Worker => ("worker", "metrics", WORKER_PORT),
     };
     Container {
         args: Some(vec![args.to_owned()]),

@@ -106,6 +106,7 @@ mod tests {
     use crate::crd::Tidepool;
     use crate::validate::validate;
     use k8s_openapi::api::core::v1::{Container, PodSpec};
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
     fn tidepool(spec: serde_json::Value) -> Tidepool {
         let mut object = serde_json::json!({
@@ -412,5 +413,52 @@ mod tests {
             name(serde_json::json!({"command": ["python3", "manage.py", "migrate"], "image": "other:2"}))
         );
         assert_eq!(base, name(serde_json::json!({"command": ["python3", "manage.py", "migrate"]})));
+    }
+
+    /// A clock renders one pod that never surges: its replacement is
+    /// created only after the old pod is deleted (maxUnavailable 1), and
+    /// admission holds it until that one has gone. It runs the
+    /// application's command with the plan, an exporter beside PgBouncer,
+    /// and no Service.
+    #[test]
+    fn a_clock_is_one_pod_that_never_surges() {
+        let spec = serde_json::json!({
+            "database": {"secretRef": {"name": "db"}, "maxConnections": 100},
+            "rollout": {"maxSurge": 2},
+            "migration": {"enabled": false},
+            "clock": {"command": ["python3", "-m", "celery"], "args": ["beat"], "databasePool": 2},
+        });
+        let (plan, children) = render(spec);
+        let clock = plan.tier(Tier::Clock).expect("a clock tier");
+        assert_eq!((clock.replicas, clock.max_replicas, clock.surge, clock.pods_at_once), (1, 1, 0, 1));
+        assert_eq!(clock.share, 2);
+        let deployment = children
+            .iter()
+            .find_map(|c| match c {
+                Child::Deployment(Tier::Clock, d) => Some(d),
+                _ => None,
+            })
+            .expect("the clock's Deployment");
+        let spec = deployment.spec.as_ref().expect("a spec");
+        assert_eq!(spec.replicas, Some(1));
+        let rolling = spec.strategy.as_ref().and_then(|s| s.rolling_update.as_ref()).expect("rolling");
+        assert_eq!(rolling.max_surge, Some(IntOrString::Int(0)));
+        assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(1)));
+        let pod = pod(&children, Tier::Clock);
+        let gates = pod.scheduling_gates.as_ref().expect("gates");
+        assert_eq!(gates[0].name, crate::admission::GATE);
+        let app = &pod.containers[0];
+        assert_eq!(app.command.as_deref(), Some(&["python3".to_owned(), "-m".into(), "celery".into()][..]));
+        assert_eq!(env(app, "TIDEPOOL_CONCURRENCY"), Some("1"));
+        assert_eq!(env(app, "TIDEPOOL_DB_CONNECTIONS"), Some("2"));
+        let init: Vec<_> = pod.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
+        assert_eq!(init, ["pooler-config", "pgbouncer", "pgbouncer-exporter"]);
+        let services = children.iter().filter(|c| matches!(c, Child::Service(_))).count();
+        assert_eq!(services, 1, "the web tier's Service only");
+        // Without a clock in the spec there is none.
+        let (plan, children) =
+            render(serde_json::json!({"database": {"secretRef": {"name": "db"}, "maxConnections": 100}}));
+        assert!(plan.tier(Tier::Clock).is_none());
+        assert!(!children.iter().any(|c| matches!(c, Child::Deployment(Tier::Clock, _))));
     }
 }
