@@ -48,6 +48,10 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # One task at a time per greenlet: the concurrency is the pool's.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ACKS_LATE = True
+# The clock tier's one Celery beat sends `tick` every TICK_SECONDS; its
+# schedule file lives in the pod's memory /tmp (`--schedule`).
+TICK_SECONDS = float(os.environ.get("TICK_SECONDS", "10"))
+CELERY_BEAT_SCHEDULE = {"tick": {"task": "shop.tasks.tick", "schedule": TICK_SECONDS}}
 
 LOGGING = {
     "version": 1,

@@ -10,4 +10,5 @@ urlpatterns = [
     re_path(r"^slow-query/?$", views.slow_query),
     re_path(r"^tasks/slow/?$", views.enqueue_slow),
     re_path(r"^tasks/runs/?$", views.task_runs),
+    re_path(r"^ticks/?$", views.ticks),
 ]

@@ -1,12 +1,14 @@
 """The seed's slow task: `pg_sleep` on a connection through the pod's
-PgBouncer, recorded in `shop_taskrun` with its start and end."""
+PgBouncer, recorded in `shop_taskrun` with its start and end; and the
+periodic `tick` that Celery beat sends, recorded in `shop_tick` with the
+beat that sent it."""
 import socket
 
 from celery import shared_task
 from django.db import connection
 from django.utils import timezone
 
-from .models import TaskRun
+from .models import Tick, TaskRun
 
 
 @shared_task
@@ -16,3 +18,8 @@ def slow_query_task(batch, seconds=5.0):
         cursor.execute("SELECT pg_sleep(%s)", [float(seconds)])
     TaskRun.objects.create(batch=batch, hostname=socket.gethostname(), started=started, finished=timezone.now())
     return "Slow query completed"
+
+
+@shared_task(bind=True)
+def tick(self):
+    Tick.objects.create(origin=self.request.origin or "", ran_at=timezone.now())

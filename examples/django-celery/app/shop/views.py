@@ -5,10 +5,11 @@ Bad input gets a 400 with a JSON error; a database that does not answer a
 """
 import os
 
+from django.conf import settings
 from django.db import DatabaseError, connection
 from django.http import JsonResponse
 
-from .models import TaskRun
+from .models import Tick, TaskRun
 from .tasks import slow_query_task
 
 MAX_TASKS = 1000
@@ -97,5 +98,32 @@ def task_runs(request):
             "last_finish": last_finish,
             # From the first run's start to the last one's end, in seconds.
             "span_seconds": span,
+        }
+    )
+
+
+def ticks(request):
+    """The clock's ticks in order: how many, from which beats (each beat's
+    ticks in one run, so `switches` counts the hand-overs and `alternations`
+    a beat that sent again after another had: two beats at once), and the
+    gaps between ticks."""
+    try:
+        rows = list(Tick.objects.order_by("ran_at", "id").values_list("origin", "ran_at"))
+    except DatabaseError as error:
+        return JsonResponse({"error": str(error).strip()}, status=503)
+    runs = []
+    for origin, _ in rows:
+        if not runs or runs[-1] != origin:
+            runs.append(origin)
+    gaps = [(b - a).total_seconds() for (_, a), (_, b) in zip(rows, rows[1:])]
+    return JsonResponse(
+        {
+            "count": len(rows),
+            "origins": sorted(set(runs)),
+            "switches": max(len(runs) - 1, 0),
+            "alternations": len(runs) - len(set(runs)),
+            "longest_gap_seconds": max(gaps, default=None),
+            "shortest_gap_seconds": min(gaps, default=None),
+            "period_seconds": settings.TICK_SECONDS,
         }
     )
