@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use common::kube_with_crd;
-use common::shop::{record_figures, status_count, Load, Setup, Shop};
+use common::shop::{admitted, pod_tier, record_figures, status_count, Load, PodWatch, Setup, Shop};
 use serde_json::{json, Value};
 use tidepool_testenv::node::{path_arg, pod_processes, Node, Postgres, PrivatePostgres, Sampler};
 use tidepool_testenv::prometheus::Prometheus;
@@ -178,7 +178,7 @@ fn the_django_celery_example_runs_with_its_share_and_without_the_password() -> R
     let shop = example.deploy(&pg, "django")?;
     let status = shop.tidepool()?["status"].clone();
 
-    for tier in ["web", "worker"] {
+    for tier in ["web", "worker", "clock"] {
         let share = status[tier]["serverConnectionsPerPod"].as_i64().context("a share")?;
         for pod in shop.pods(tier)? {
             let annotated = pod["metadata"]["annotations"]["tidepool.dev/max-db-connections"].as_str();
@@ -199,8 +199,8 @@ fn the_django_celery_example_runs_with_its_share_and_without_the_password() -> R
                 Some(share.to_string()),
                 "{tier}: PgBouncer's max_db_connections is the share: {metrics}"
             );
-            let concurrency =
-                shop.tidepool()?["spec"][tier]["concurrency"].as_i64().context("concurrency")?;
+            // The clock is one process doing one thing at a time.
+            let concurrency = shop.tidepool()?["spec"][tier]["concurrency"].as_i64().unwrap_or(1);
             let clients: i64 =
                 series("pgbouncer_config_max_client_connections").context("max_client_conn")?.parse()?;
             assert!(
@@ -317,6 +317,86 @@ fn the_budget_holds_for_the_django_celery_example_under_overload() -> Result<()>
             "requests": requests, "ok": ok, "failed": failed, "burst": report, "tasks": runs,
             "peak": peak, "planned": planned, "available": available, "max_connections": max_connections,
             "web_share": web_share, "worker_share": worker_share, "query_wait_timeout_seconds": wait,
+        }),
+    )?;
+    Ok(())
+}
+
+/// The clock's ticks as `/ticks/` sums them up.
+fn ticks(shop: &Shop) -> Result<Value> {
+    get_json(shop, &shop.web_url("/ticks/")?)
+}
+
+/// Waits until the clock's ticks come from `origins` beats, the newest of
+/// which has ticked three times; the summary.
+fn wait_ticks_from(shop: &Shop, origins: usize) -> Result<Value> {
+    wait_for(&format!("three ticks of the beat number {origins}"), Duration::from_secs(180), || {
+        let ticks = ticks(shop)?;
+        let from = ticks["origins"].as_array().map_or(0, Vec::len);
+        Ok((from >= origins && ticks["latest_count"].as_u64() >= Some(3)).then_some(ticks))
+    })
+    .with_context(|| shop.describe())
+}
+
+/// The clock (Celery beat) never runs twice: its pod deleted while it
+/// runs, then a rollout of it, and through both a watch of every pod event
+/// never sees two clock pods admitted at once, though their replacements
+/// exist (held at the gate) while the old pods terminate. The ticks, from
+/// the tasks' own rows, come from one beat after another and never
+/// alternate between two.
+#[test]
+fn the_clock_never_runs_twice_when_its_pod_is_deleted_or_rolled() -> Result<()> {
+    let pg = Postgres::from_env()?;
+    let period = 2;
+    let broker = json!({"name": "CELERY_BROKER_URL", "value": "redis://django-shop-redis:6379/0"});
+    let tick = json!({"name": "TICK_SECONDS", "value": period.to_string()});
+    let example = Example::load(json!({
+        "database": {"maxConnections": 200, "reservedConnections": 10},
+        "web": {"replicas": 1},
+        "clock": {"env": [broker, tick]},
+    }))?;
+    let shop = example.deploy(&pg, "djclock")?;
+    #[derive(Clone, Default)]
+    struct Seen {
+        /// Clock pods admitted (so able to run) at once, and pods of the
+        /// tier at all (a replacement held at the gate included).
+        admitted: usize,
+        existing: usize,
+    }
+    let watch = PodWatch::fold(&shop, Seen::default(), |seen, pods| {
+        let clocks: Vec<_> = pods.values().filter(|p| pod_tier(p) == "clock").collect();
+        seen.existing = seen.existing.max(clocks.len());
+        seen.admitted = seen.admitted.max(clocks.iter().filter(|p| admitted(p)).count());
+    })?;
+    wait_ticks_from(&shop, 1)?;
+
+    // Its pod deleted while it runs: the Deployment makes a new one at once.
+    let old = shop.pods("clock")?;
+    let old = old.first().and_then(|p| p["metadata"]["name"].as_str()).context("the clock's pod")?.to_owned();
+    shop.kube.kubectl(&["delete", "pod", "-n", &shop.ns.name, &old, "--wait=false"], None)?;
+    let after_delete = wait_ticks_from(&shop, 2)?;
+
+    // A rollout: a change of the clock's template.
+    let env = json!([broker, tick, {"name": "ROLLOUT", "value": "2"}]);
+    let patch = json!({"spec": {"clock": {"env": env}}}).to_string();
+    shop.kube
+        .kubectl(&["patch", "-n", &shop.ns.name, "tidepool/shop", "--type=merge", "-p", &patch], None)?;
+    let after_rollout = wait_ticks_from(&shop, 3)?;
+    let seen = watch.figure();
+
+    assert_eq!(seen.admitted, 1, "two clock pods were admitted at once");
+    assert!(
+        seen.existing >= 2,
+        "a replacement existed beside the old pod (held at the gate): {}",
+        seen.existing
+    );
+    assert_eq!(after_rollout["alternations"], 0, "two beats sent ticks in turn: {after_rollout}");
+    assert_eq!(after_rollout["switches"], 2, "one hand-over each: {after_rollout}");
+    record_figures(
+        "django_clock",
+        json!({
+            "period_seconds": period, "ticks": after_rollout, "after_delete": after_delete,
+            "admitted_at_once": seen.admitted, "existing_at_once": seen.existing,
         }),
     )?;
     Ok(())

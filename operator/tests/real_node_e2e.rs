@@ -14,16 +14,15 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::BufReader;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use common::shop::{jobs_span_seconds, record_figures, status_count, Database, Load, Setup, Shop, SpanFrom};
+use common::shop::{
+    jobs_span_seconds, pod_share, record_figures, status_count, Database, Load, PodWatch, Setup, Shop,
+    SpanFrom,
+};
 use serde_json::{json, Value};
 use tidepool_testenv::node::{
     output, path_arg, pod_processes, release_binary, Postgres, PrivatePostgres, Sampler,
@@ -202,63 +201,13 @@ fn the_connection_budget_holds_under_overload() -> Result<()> {
     Ok(())
 }
 
-/// The sum of the annotated shares of the pods alive at each moment
+/// The largest sum of the annotated shares of the pods alive at once
 /// (running or terminating), over every event of a watch of the
-/// namespace's pods; its largest value so far.
-struct ShareWatch {
-    child: Child,
-    peak: Arc<AtomicI64>,
-    thread: Option<JoinHandle<Result<()>>>,
-}
-
-impl ShareWatch {
-    fn start(shop: &Shop) -> Result<ShareWatch> {
-        let mut child = Command::new(shop.kube.bin.join("kubectl"))
-            .arg("--kubeconfig")
-            .arg(&shop.kube.kubeconfig)
-            .args(["get", "pods", "-n", &shop.ns.name, "--watch", "--output-watch-events", "-o", "json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("kubectl get --watch")?;
-        let stdout = child.stdout.take().context("kubectl's output")?;
-        let peak = Arc::new(AtomicI64::new(0));
-        let recorded = peak.clone();
-        let thread = std::thread::spawn(move || {
-            let mut live: BTreeMap<String, i64> = BTreeMap::new();
-            for event in serde_json::Deserializer::from_reader(BufReader::new(stdout)).into_iter::<Value>() {
-                let event = event?;
-                let pod = &event["object"];
-                let name = pod["metadata"]["name"].as_str().unwrap_or_default().to_owned();
-                let phase = pod["status"]["phase"].as_str().unwrap_or_default();
-                let share = pod["metadata"]["annotations"]["tidepool.dev/max-db-connections"]
-                    .as_str()
-                    .and_then(|s| s.parse().ok());
-                match (event["type"].as_str(), share) {
-                    (Some("DELETED"), _) | (_, None) => live.remove(&name),
-                    _ if phase == "Succeeded" || phase == "Failed" => live.remove(&name),
-                    (_, Some(share)) => live.insert(name, share),
-                };
-                recorded.fetch_max(live.values().sum(), Ordering::Relaxed);
-            }
-            Ok(())
-        });
-        Ok(ShareWatch { child, peak, thread: Some(thread) })
-    }
-
-    fn peak(&self) -> i64 {
-        self.peak.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for ShareWatch {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+/// namespace's pods.
+fn watch_shares(shop: &Shop) -> Result<PodWatch<i64>> {
+    PodWatch::fold(shop, 0, |peak, pods| {
+        *peak = (*peak).max(pods.values().filter_map(pod_share).sum());
+    })
 }
 
 /// Twenty clients send requests through the web Service for the whole
@@ -281,7 +230,7 @@ fn a_rolling_update_under_load_fails_no_request() -> Result<()> {
     let available = shop.tidepool()?["status"]["connections"]["available"].as_i64().context("available")?;
     let old_pods: Vec<String> =
         shop.pods("web")?.iter().filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned)).collect();
-    let shares = ShareWatch::start(&shop)?;
+    let shares = watch_shares(&shop)?;
     let load = Load::steady(&shop.node, &shop.web_url("/row/")?, 20, "30s")?;
 
     let patched = Instant::now();
@@ -312,12 +261,12 @@ fn a_rolling_update_under_load_fails_no_request() -> Result<()> {
     let report = load.finish()?;
     record_figures(
         "rollout",
-        json!({"rollout_seconds": rollout_seconds, "load": report, "peak_shares": shares.peak(), "available": available}),
+        json!({"rollout_seconds": rollout_seconds, "load": report, "peak_shares": shares.figure(), "available": available}),
     )?;
 
     assert_eq!(report["failed"], 0, "{report}");
     assert!(report["requests"].as_i64().unwrap_or(0) >= 100, "{report}");
-    let peak = shares.peak();
+    let peak = shares.figure();
     assert!(peak > 0 && peak <= available, "live shares peaked at {peak}, available {available}");
     for pod in shop.pods("web")? {
         let env = pod["spec"]["containers"][0]["env"].as_array().cloned().unwrap_or_default();

@@ -4,10 +4,12 @@
 //! benchmark reads back ([`record_figures`]).
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -123,9 +125,16 @@ impl Shop {
             let status = &tidepool["status"];
             let ready = super::condition(&tidepool, "Ready").is_some_and(|(status, _, _)| status == "True");
             let observed = status["observedGeneration"].as_i64().unwrap_or(0) >= generation;
-            let tiers_ready = ["web", "worker"]
+            // The clock, when there is one, is one pod.
+            let wanted = |tier: &str| match tier {
+                "clock" => json!(1),
+                _ => tidepool["spec"][tier]["replicas"].clone(),
+            };
+            let clock = tidepool["spec"]["clock"].is_object();
+            let tiers_ready = ["web", "worker", "clock"]
                 .iter()
-                .all(|tier| status[tier]["readyReplicas"] == tidepool["spec"][tier]["replicas"]);
+                .filter(|tier| **tier != "clock" || clock)
+                .all(|tier| status[tier]["readyReplicas"] == wanted(tier));
             Ok((ready && observed && tiers_ready).then_some(tidepool))
         })
         .with_context(|| self.describe())
@@ -378,4 +387,87 @@ pub fn jobs_span_seconds(shop: &Shop, from: SpanFrom) -> Result<f64> {
 /// The number of requests a loadgen report counts under `status`.
 pub fn status_count(report: &Value, status: &str) -> i64 {
     report["statuses"][status].as_i64().unwrap_or(0)
+}
+
+/// The Shop's pods as a watch of them sees them after each event (running,
+/// pending or terminating; gone once deleted, succeeded or failed), by
+/// name: what [`PodWatch::fold`]'s function is given, event by event.
+pub type LivePods = BTreeMap<String, Value>;
+
+/// A watch of every event of the namespace's pods (`kubectl get --watch`),
+/// folding each state of the live pods into a figure, until dropped.
+pub struct PodWatch<T> {
+    child: Child,
+    figure: Arc<Mutex<T>>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl<T: Clone + Send + 'static> PodWatch<T> {
+    /// Starts the watch: `fold(figure, pods)` after every event.
+    pub fn fold(shop: &Shop, initial: T, fold: impl Fn(&mut T, &LivePods) + Send + 'static) -> Result<Self> {
+        let mut child = Command::new(shop.kube.bin.join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&shop.kube.kubeconfig)
+            .args(["get", "pods", "-n", &shop.ns.name, "--watch", "--output-watch-events", "-o", "json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("kubectl get --watch")?;
+        let stdout = child.stdout.take().context("kubectl's output")?;
+        let figure = Arc::new(Mutex::new(initial));
+        let folded = figure.clone();
+        let thread = std::thread::spawn(move || {
+            let mut live = LivePods::new();
+            for event in serde_json::Deserializer::from_reader(BufReader::new(stdout)).into_iter::<Value>() {
+                let event = event?;
+                let pod = event["object"].clone();
+                let name = pod["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+                let phase = pod["status"]["phase"].as_str().unwrap_or_default();
+                if event["type"] == "DELETED" || phase == "Succeeded" || phase == "Failed" {
+                    live.remove(&name);
+                } else {
+                    live.insert(name, pod);
+                }
+                let mut figure = folded.lock().map_err(|_| anyhow::anyhow!("the watch's figure"))?;
+                fold(&mut figure, &live);
+            }
+            Ok(())
+        });
+        Ok(PodWatch { child, figure, thread: Some(thread) })
+    }
+
+    /// The figure so far.
+    pub fn figure(&self) -> T {
+        match self.figure.lock() {
+            Ok(figure) => figure.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+impl<T> Drop for PodWatch<T> {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A pod's annotated share, when it has one.
+pub fn pod_share(pod: &Value) -> Option<i64> {
+    pod["metadata"]["annotations"]["tidepool.dev/max-db-connections"].as_str().and_then(|s| s.parse().ok())
+}
+
+/// Whether the operator has admitted `pod` (its connection-budget gate is
+/// gone): from then on its containers may run and connect.
+pub fn admitted(pod: &Value) -> bool {
+    let gates = pod["spec"]["schedulingGates"].as_array().map_or(&[][..], Vec::as_slice);
+    !gates.iter().any(|g| g["name"] == "tidepool.dev/connection-budget")
+}
+
+/// `pod`'s tier, by its component label.
+pub fn pod_tier(pod: &Value) -> &str {
+    pod["metadata"]["labels"]["app.kubernetes.io/component"].as_str().unwrap_or_default()
 }

@@ -5,7 +5,6 @@ Bad input gets a 400 with a JSON error; a database that does not answer a
 """
 import os
 
-from django.conf import settings
 from django.db import DatabaseError, connection
 from django.http import JsonResponse
 
@@ -112,10 +111,15 @@ def ticks(request):
     except DatabaseError as error:
         return JsonResponse({"error": str(error).strip()}, status=503)
     runs = []
+    latest = 0
     for origin, _ in rows:
         if not runs or runs[-1] != origin:
             runs.append(origin)
+            latest = 0
+        latest += 1
     gaps = [(b - a).total_seconds() for (_, a), (_, b) in zip(rows, rows[1:])]
+    # From one beat's last tick to the next beat's first: each hand-over.
+    handovers = [gap for gap, ((x, _), (y, _)) in zip(gaps, zip(rows, rows[1:])) if x != y]
     return JsonResponse(
         {
             "count": len(rows),
@@ -124,6 +128,8 @@ def ticks(request):
             "alternations": len(runs) - len(set(runs)),
             "longest_gap_seconds": max(gaps, default=None),
             "shortest_gap_seconds": min(gaps, default=None),
-            "period_seconds": settings.TICK_SECONDS,
+            "handover_gaps_seconds": handovers,
+            # Ticks of the newest beat so far.
+            "latest_count": latest,
         }
     )
