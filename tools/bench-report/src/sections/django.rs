@@ -25,7 +25,7 @@ pub const SECTION: Section<'static> = Section {
 
 /// The records of `figures` (what `scripts/bench-django.sh` collects).
 pub fn load(figures: &Path) -> Result<Figures, ReportError> {
-    Figures::load(figures, &["django_seed", "seed", "loopback", "django_budget", "exporter"])
+    Figures::load(figures, &["django_seed", "seed", "loopback", "django_budget", "django_clock", "exporter"])
 }
 
 /// `median (runs)` of one cell, `digits` decimals.
@@ -71,6 +71,8 @@ backends sampled every 100 ms.
 
 {budget}
 
+{clock}
+
 {exporter}
 
 {end}
@@ -80,6 +82,7 @@ backends sampled every 100 ms.
         rounds = runs.test("django_seed").len(),
         seed = seed(runs),
         budget = budget(runs),
+        clock = clock(runs),
         exporter = exporter(runs),
     )
 }
@@ -208,6 +211,49 @@ fn budget(runs: &Figures) -> String {
         ),
         "which the view answers with 503: the wait is where the bound lives for an application's tier (Tidepool's".into(),
         "own web tier sheds with 503 after its pool wait instead, section 11).".into(),
+    ]
+    .join("\n")
+}
+
+/// The clock deleted and rolled, once.
+fn clock(runs: &Figures) -> String {
+    let last = runs.last("django_clock");
+    let n = |path: &[&str]| at(&last, path).as_f64().unwrap_or(f64::NAN);
+    let handover = |i: usize| {
+        number(at(&last, &["ticks", "handover_gaps_seconds"])[i].as_f64().unwrap_or(f64::NAN), 1, false)
+    };
+    [
+        "### The clock: Celery beat deleted, then rolled".to_owned(),
+        String::new(),
+        format!(
+            "The example's clock tier (`celery beat`, a `tick` task every {} s recording the beat that sent it): its pod",
+            number(n(&["period_seconds"]), 0, false)
+        ),
+        "deleted while it ran, then a rollout of a change of its `env`. Over every event of a pod watch, clock pods".into(),
+        format!(
+            "admitted at once: at most **{}**; clock pods at once, the replacement held at the gate included: {}.",
+            number(n(&["admitted_at_once"]), 0, false),
+            number(n(&["existing_at_once"]), 0, false)
+        ),
+        String::new(),
+        "| hand-over | the last tick of the old beat to the first of the new |".into(),
+        "|---|---|".into(),
+        format!("| its pod deleted | {} s |", handover(0)),
+        format!("| a rollout | {} s |", handover(1)),
+        String::new(),
+        format!(
+            "{} ticks in all, from {} beats one after another ({} hand-overs, {} alternations); the shortest gap",
+            number(n(&["ticks", "count"]), 0, false),
+            at(&last, &["ticks", "origins"]).as_array().map_or(0, Vec::len),
+            number(n(&["ticks", "switches"]), 0, false),
+            number(n(&["ticks", "alternations"]), 0, false)
+        ),
+        format!(
+            "between two ticks {} s, the longest {} s. A hand-over's gap is the old beat's shutdown, the new pod's",
+            number(n(&["ticks", "shortest_gap_seconds"]), 1, false),
+            number(n(&["ticks", "longest_gap_seconds"]), 1, false)
+        ),
+        "start, and one period (a fresh beat first sends after one interval).".into(),
     ]
     .join("\n")
 }
