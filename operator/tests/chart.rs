@@ -251,8 +251,8 @@ fn monitors_render_only_when_enabled_and_their_api_is_served() -> Result<()> {
         }
         assert_eq!(monitor["spec"]["endpoints"][0]["port"], service["spec"]["ports"][0]["name"]);
 
-        // The PodMonitor's ports are the names the operator gives the web
-        // and worker containers' ports, and it selects what it renders.
+        // The PodMonitor's ports are the names the operator gives the
+        // tiers' containers' ports, and it selects what it renders.
         let pod_monitor = find(&objects, "PodMonitor")?;
         // Tidepool's own pods and an application's (whose own port, `app`,
         // serves no metrics: its exporter's does).
@@ -272,6 +272,18 @@ fn monitors_render_only_when_enabled_and_their_api_is_served() -> Result<()> {
                 {
                     assert_eq!(&labels[key], value, "{which}: the PodMonitor selects {key}");
                 }
+                // Every tier's pods (web, worker, an application's clock).
+                let components = pod_monitor["spec"]["selector"]["matchExpressions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|e| e["key"] == "app.kubernetes.io/component")
+                    .context("the PodMonitor's component expression")?;
+                let component = &labels["app.kubernetes.io/component"];
+                assert!(
+                    components["values"].as_array().is_some_and(|v| v.contains(component)),
+                    "{which}: the PodMonitor selects the {component} pods: {components}"
+                );
                 let pod = &object["spec"]["template"]["spec"];
                 let containers =
                     pod["containers"].as_array().into_iter().chain(pod["initContainers"].as_array());

@@ -428,7 +428,7 @@ fn prometheus_scrapes_the_exporters_of_an_applications_pods() -> Result<()> {
     let ns = shop.ns.name.clone();
     let monitored = ["http", "metrics", "pooler-metrics"];
     let mut targets = Vec::new();
-    for tier in ["web", "worker"] {
+    for tier in ["web", "worker", "clock"] {
         for pod in shop.pods(tier)? {
             let ip = pod["status"]["podIP"].as_str().context("a pod IP")?;
             let labels = &pod["metadata"]["labels"];
@@ -448,21 +448,21 @@ fn prometheus_scrapes_the_exporters_of_an_applications_pods() -> Result<()> {
             }
         }
     }
-    ensure!(targets.len() == 2, "one exporter per pod: {targets:?}");
+    ensure!(targets.len() == 3, "one exporter per pod: {targets:?}");
     let pods_file = TargetsFile(std::env::temp_dir().join(format!("tidepool-pods-{ns}.json")));
     std::fs::write(&pods_file.0, serde_json::to_string(&targets)?)?;
     let prometheus = Prometheus::start(&format!(
         "  - job_name: tidepool-pods\n    file_sd_configs: [{{files: [\"{}\"], refresh_interval: 1s}}]\n",
         path_arg(&pods_file.0)?
     ))?;
-    wait_for("Prometheus to scrape both exporters", Duration::from_secs(60), || {
+    wait_for("Prometheus to scrape the three exporters", Duration::from_secs(60), || {
         let targets = prometheus.targets()?;
-        Ok((targets.len() == 2 && targets.iter().all(|(_, health)| health == "up")).then_some(()))
+        Ok((targets.len() == 3 && targets.iter().all(|(_, health)| health == "up")).then_some(()))
     })
     .with_context(|| format!("{:?}\n{}", prometheus.targets(), prometheus.log()))?;
 
     let status = shop.tidepool()?["status"].clone();
-    for tier in ["web", "worker"] {
+    for tier in ["web", "worker", "clock"] {
         let share = status[tier]["serverConnectionsPerPod"].as_f64().context("a share")?;
         let expr = format!(
             r#"pgbouncer_databases_max_connections{{namespace="{ns}",tier="{tier}",name="{}"}}"#,
