@@ -84,6 +84,12 @@ pub async fn reconcile_once(tidepool: &Tidepool, ctx: &Context) -> Result<Outcom
                     admission.next_cost.unwrap_or(0)
                 ));
             }
+            if admission.singleton_waits {
+                pacing.push(
+                    "the clock's new pod waits until the one it replaces has gone: it never runs twice"
+                        .into(),
+                );
+            }
             let scaling = observe_scaling(ctx, tidepool, &namespace, &ready, previous).await;
             let applied = Applied {
                 plan: &ready.plan,
