@@ -12,7 +12,9 @@
 //!   with `--json-body`) after another on a
 //!   keep-alive connection (a new one after `Connection: close` or an
 //!   error) until a stop file appears, counting every failure: the load
-//!   a rolling update or a fault must not disturb.
+//!   a rolling update or a fault must not disturb. Like a browser, it
+//!   sends a request again, once, on a new connection when the server
+//!   closed the kept-alive one before answering it (counted as `retried`).
 //! - `rate`: requests at a fixed total rate over N keep-alive connections
 //!   for a fixed time (wrk only saturates; Debian has no wrk2), so two
 //!   servers' CPU time per request is compared at the same load rather
@@ -442,6 +444,9 @@ async fn idle(
 struct SteadyReport {
     clients: usize,
     connections_opened: usize,
+    /// Requests sent again on a new connection because the server closed
+    /// their kept-alive one before answering (as browsers do).
+    retried: usize,
     #[serde(flatten)]
     answers: Answers,
 }
@@ -493,24 +498,56 @@ struct Client {
     target: Arc<Target>,
     sender: Option<SendRequest<Full<Bytes>>>,
     opened: usize,
+    /// Requests sent again, as a browser does, because the server closed
+    /// the kept-alive connection they were sent on before answering.
+    retried: usize,
+}
+
+/// Whether `error` says the connection was closed before any answer came:
+/// what a server that closes an idle keep-alive connection (a draining
+/// gunicorn, say) does to a request that crossed the close.
+fn closed_before_answer(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|e| e.is_incomplete_message() || e.is_canceled() || e.is_closed())
+            || cause.downcast_ref::<std::io::Error>().is_some_and(|e| {
+                matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)
+            })
+    })
 }
 
 impl Client {
     fn new(target: Arc<Target>) -> Self {
-        Self { target, sender: None, opened: 0 }
+        Self { target, sender: None, opened: 0, retried: 0 }
     }
 
-    /// One request, its outcome timed from `start`.
+    /// One request, its outcome timed from `start`. A request sent on a
+    /// kept-alive connection that the server closed before answering is
+    /// sent once more on a new connection, as browsers do (it cannot have
+    /// been processed); any other failure counts.
     async fn request(&mut self, start: Instant, timeout: Duration) -> Outcome {
         let began = Instant::now();
         let attempt = async {
-            if self.sender.is_none() {
+            let reused = self.sender.is_some();
+            if !reused {
                 self.opened += 1;
                 self.sender = Some(self.target.connect().await?);
             }
-            match self.sender.as_mut() {
+            let first = match self.sender.as_mut() {
                 Some(s) => self.target.get_keep_alive(s).await,
                 None => bail!("no connection"),
+            };
+            match first {
+                Err(e) if reused && closed_before_answer(&e) => {
+                    self.retried += 1;
+                    self.opened += 1;
+                    let mut sender = self.target.connect().await?;
+                    let answer = self.target.get_keep_alive(&mut sender).await;
+                    self.sender = Some(sender);
+                    answer
+                }
+                other => other,
             }
         };
         let status = match tokio::time::timeout(timeout, attempt).await {
@@ -575,7 +612,7 @@ async fn steady(
             while !*stopped.borrow_and_update() {
                 outcomes.push(client.request(start, request_timeout).await);
             }
-            (outcomes, client.opened)
+            (outcomes, client.opened, client.retried)
         });
     }
     // The stop file is polled: the test or script that started this run
@@ -584,11 +621,12 @@ async fn steady(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.send_replace(true);
-    let (mut outcomes, mut connections_opened) = (Vec::new(), 0);
+    let (mut outcomes, mut connections_opened, mut retried) = (Vec::new(), 0, 0);
     while let Some(joined) = running.join_next().await {
-        let (mut client_outcomes, opened) = joined?;
+        let (mut client_outcomes, opened, client_retried) = joined?;
         outcomes.append(&mut client_outcomes);
         connections_opened += opened;
+        retried += client_retried;
     }
     let seconds = start.elapsed().as_secs_f64();
     outcomes.sort_by_key(|o| o.finished);
@@ -607,7 +645,7 @@ async fn steady(
     if let Some(path) = timeline {
         std::fs::write(&path, lines).with_context(|| format!("writing {}", path.display()))?;
     }
-    Ok(SteadyReport { clients, connections_opened, answers: Answers::of(&outcomes, seconds) })
+    Ok(SteadyReport { clients, connections_opened, retried, answers: Answers::of(&outcomes, seconds) })
 }
 
 #[derive(Serialize)]
@@ -617,6 +655,8 @@ struct RateReport {
     /// Requests not sent because their connection was still waiting for
     /// an earlier answer: the server did not keep up with the rate.
     missed: usize,
+    /// Requests sent again on a new connection (see `steady`).
+    retried: usize,
     #[serde(flatten)]
     answers: Answers,
 }
@@ -652,17 +692,19 @@ async fn rate(
             while ticks.tick().await < end {
                 outcomes.push(client.request(start, request_timeout).await);
             }
-            outcomes
+            (outcomes, client.retried)
         });
     }
-    let mut outcomes = Vec::new();
+    let (mut outcomes, mut retried) = (Vec::new(), 0);
     while let Some(joined) = running.join_next().await {
-        outcomes.append(&mut joined?);
+        let (mut connection_outcomes, connection_retried) = joined?;
+        outcomes.append(&mut connection_outcomes);
+        retried += connection_retried;
     }
     let seconds = start.elapsed().as_secs_f64();
     let scheduled = (duration.as_secs_f64() * f64::from(rate)).round() as usize;
     let missed = scheduled.saturating_sub(outcomes.len());
-    Ok(RateReport { rate, connections, missed, answers: Answers::of(&outcomes, seconds) })
+    Ok(RateReport { rate, connections, missed, retried, answers: Answers::of(&outcomes, seconds) })
 }
 
 #[derive(Serialize)]
@@ -862,6 +904,57 @@ mod tests {
         assert_eq!(report.statuses.get("200"), Some(&report.requests));
         assert_eq!(served.load(std::sync::atomic::Ordering::Relaxed), report.requests);
         assert_eq!(missed, 100_usize.saturating_sub(report.requests));
+        Ok(())
+    }
+
+    /// A loopback server that answers the first request of each connection
+    /// (keeping it open) and closes the connection when the next request
+    /// arrives, answering nothing: a server closing an idle kept-alive
+    /// connection just as a request crosses it. With `answer_first` false it
+    /// answers nothing at all.
+    async fn closing_server(answer_first: bool) -> Result<SocketAddr> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buffer = vec![0u8; 4096];
+                    if answer_first {
+                        let mut read = Vec::new();
+                        while !read.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut buffer).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => read.extend_from_slice(&buffer[..n]),
+                            }
+                        }
+                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+                    }
+                    // The next request's bytes, then the close.
+                    let _ = stream.read(&mut buffer).await;
+                });
+            }
+        });
+        Ok(addr)
+    }
+
+    #[tokio::test]
+    async fn a_request_the_server_closed_its_kept_alive_connection_on_is_sent_again_once() -> Result<()> {
+        let addr = closing_server(true).await?;
+        let mut client = Client::new(Arc::new(Target::parse(&format!("http://{addr}/"), &[])?));
+        let start = Instant::now();
+        let first = client.request(start, Duration::from_secs(10)).await;
+        let second = client.request(start, Duration::from_secs(10)).await;
+        assert_eq!(first.status, Ok(200));
+        assert_eq!(second.status, Ok(200), "sent again on a new connection");
+        assert_eq!((client.retried, client.opened), (1, 2));
+
+        // On a new connection a close is a failure: nothing is sent again.
+        let addr = closing_server(false).await?;
+        let mut client = Client::new(Arc::new(Target::parse(&format!("http://{addr}/"), &[])?));
+        let outcome = client.request(start, Duration::from_secs(10)).await;
+        assert!(outcome.status.is_err(), "{:?}", outcome.status);
+        assert_eq!((client.retried, client.opened), (0, 1));
         Ok(())
     }
 
