@@ -42,9 +42,9 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
-    HTTPGetAction, KeyToPath, PodSchedulingGate, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
-    TCPSocketAction, Toleration, Volume, VolumeMount,
+    HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, PodSchedulingGate, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, SleepAction, TCPSocketAction, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -487,7 +487,11 @@ fn app(validated: &Validated, tier: &TierPlan) -> Container {
         }
         tidepool_process(own)
     } else {
-        foreign_process(process)
+        let mut container = foreign_process(process);
+        if tier.tier == Tier::Web {
+            container.lifecycle = Some(drain_before_sigterm());
+        }
+        container
     };
     environment.extend(user_env(&process.run.env));
     container.name = tier.tier.name().to_owned();
@@ -592,6 +596,21 @@ fn foreign_process(process: &ProcessSpec) -> Container {
         readiness_probe: readiness,
         liveness_probe: process.liveness_probe.clone(),
         ..Container::default()
+    }
+}
+
+/// An application's web process hears SIGTERM only after the drain delay,
+/// which a `preStop` sleep spends: meanwhile the pod, terminating, leaves
+/// the Service's endpoints and kube-proxy stops sending it new connections,
+/// while the process still serves those that arrive (gunicorn, say, closes
+/// its listener at SIGTERM). Tidepool's own web spends the delay itself.
+fn drain_before_sigterm() -> Lifecycle {
+    Lifecycle {
+        pre_stop: Some(LifecycleHandler {
+            sleep: Some(SleepAction { seconds: DRAIN_DELAY.as_secs() as i64 }),
+            ..LifecycleHandler::default()
+        }),
+        ..Lifecycle::default()
     }
 }
 

@@ -353,10 +353,19 @@ mod tests {
         );
         let service = children.iter().find(|c| c.kind() == "Service").expect("a Service").to_json();
         assert_eq!(service["spec"]["ports"][0]["targetPort"], "app");
+        // It hears SIGTERM after the drain delay, out of the Service by then,
+        // and its shutdown fits the grace period after it.
+        let sleep = app.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()).and_then(|h| h.sleep.as_ref());
+        assert_eq!(sleep.map(|s| s.seconds), Some(5));
+        assert_eq!(web.termination_grace_period_seconds, Some(30));
 
         let worker_plan = plan.tier(Tier::Worker).expect("a worker");
         assert_eq!(worker_plan.ask, 50, "a foreign worker asks its concurrency, no queue connections");
         let worker = pod(&children, Tier::Worker);
+        assert!(
+            worker.containers[0].lifecycle.is_none(),
+            "a worker drains on SIGTERM (Celery's warm shutdown)"
+        );
         let config = &worker.init_containers.as_ref().expect("init")[0];
         assert_eq!(arg(config, "--query-wait-timeout"), Some("10s"));
         assert_eq!(arg(config, "--max-client-conn"), Some("66"));
