@@ -11,11 +11,13 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use common::kube_with_crd;
-use common::shop::{admitted, pod_tier, record_figures, status_count, Load, PodWatch, Setup, Shop};
+use common::shop::{
+    admitted, pod_tier, record_figures, status_count, watch_shares, Load, PodWatch, Setup, Shop,
+};
 use serde_json::{json, Value};
 use tidepool_testenv::node::{path_arg, pod_processes, Node, Postgres, PrivatePostgres, Sampler};
 use tidepool_testenv::prometheus::Prometheus;
@@ -319,6 +321,78 @@ fn the_budget_holds_for_the_django_celery_example_under_overload() -> Result<()>
             "web_share": web_share, "worker_share": worker_share, "query_wait_timeout_seconds": wait,
         }),
     )?;
+    Ok(())
+}
+
+/// Twenty clients send requests through the web Service, and slow tasks
+/// run, while both tiers of the example roll out (a change of their `env`,
+/// as a new image would be): no request fails (a client sends a request
+/// again, once, when gunicorn closed its kept-alive connection before
+/// answering, as browsers do), every task runs (Celery's warm shutdown
+/// finishes what it holds), and the live pods' shares never pass
+/// `available` over every event of a pod watch.
+#[test]
+fn a_rolling_update_of_the_django_example_under_load_fails_no_request() -> Result<()> {
+    let pg = Postgres::from_env()?;
+    let example = Example::load(json!({
+        "database": {"maxConnections": 80, "reservedConnections": 10},
+        "web": {"replicas": 2, "databasePool": 10},
+        "worker": {"replicas": 1, "concurrency": 10},
+    }))?;
+    let shop = example.deploy(&pg, "djroll")?;
+    let available = shop.tidepool()?["status"]["connections"]["available"].as_i64().context("available")?;
+    let names = |tier: &str| -> Result<Vec<String>> {
+        Ok(shop
+            .pods(tier)?
+            .iter()
+            .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
+            .collect())
+    };
+    let old_pods: Vec<String> = [names("web")?, names("worker")?].concat();
+    wait_every_web_pod_serves(&shop)?;
+    let shares = watch_shares(&shop)?;
+    let load = Load::steady(&shop.node, &shop.web_url("/slow-query/?seconds=0.05")?, 20, "30s")?;
+    start_tasks(&shop, "rollout", 30, 2.0)?;
+
+    let patched = Instant::now();
+    let spec = shop.tidepool()?["spec"].clone();
+    let mut patch = json!({"spec": {}});
+    for tier in ["web", "worker"] {
+        let mut env = spec[tier]["env"].as_array().cloned().unwrap_or_default();
+        env.push(json!({"name": "ROLLOUT", "value": "2"}));
+        patch["spec"][tier] = json!({"env": env});
+    }
+    let patch = patch.to_string();
+    shop.kube
+        .kubectl(&["patch", "-n", &shop.ns.name, "tidepool/shop", "--type=merge", "-p", &patch], None)?;
+    let generation = shop.tidepool()?["metadata"]["generation"].as_i64().context("generation")?;
+    shop.wait_ready(generation)?;
+    wait_for("the old web and worker pods to be gone", Duration::from_secs(180), || {
+        let now = [names("web")?, names("worker")?].concat();
+        Ok(now.iter().all(|n| !old_pods.contains(n)).then_some(()))
+    })
+    .with_context(|| shop.describe())?;
+    let rollout_seconds = patched.elapsed().as_secs_f64();
+    let report = load.finish()?;
+    let url = shop.web_url("/tasks/runs/?batch=rollout")?;
+    let runs = wait_for("the 30 tasks to have run", Duration::from_secs(180), || {
+        let runs = get_json(&shop, &url)?;
+        Ok((runs["runs"].as_i64() >= Some(30)).then_some(runs))
+    })
+    .with_context(|| shop.describe())?;
+    record_figures(
+        "django_rollout",
+        json!({"rollout_seconds": rollout_seconds, "load": report, "tasks": runs, "peak_shares": shares.figure(), "available": available}),
+    )?;
+
+    assert_eq!(report["failed"], 0, "{report}");
+    assert!(report["requests"].as_i64().unwrap_or(0) >= 100, "{report}");
+    let peak = shares.figure();
+    assert!(peak > 0 && peak <= available, "live shares peaked at {peak}, available {available}");
+    for pod in [shop.pods("web")?, shop.pods("worker")?].concat() {
+        let env = pod["spec"]["containers"][0]["env"].as_array().cloned().unwrap_or_default();
+        assert!(env.iter().any(|e| e["name"] == "ROLLOUT"), "a pod of the new template: {pod}");
+    }
     Ok(())
 }
 

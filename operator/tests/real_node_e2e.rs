@@ -20,8 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use common::shop::{
-    jobs_span_seconds, pod_share, record_figures, status_count, Database, Load, PodWatch, Setup, Shop,
-    SpanFrom,
+    jobs_span_seconds, record_figures, status_count, watch_shares, Database, Load, Setup, Shop, SpanFrom,
 };
 use serde_json::{json, Value};
 use tidepool_testenv::node::{
@@ -199,15 +198,6 @@ fn the_connection_budget_holds_under_overload() -> Result<()> {
         }),
     )?;
     Ok(())
-}
-
-/// The largest sum of the annotated shares of the pods alive at once
-/// (running or terminating), over every event of a watch of the
-/// namespace's pods.
-fn watch_shares(shop: &Shop) -> Result<PodWatch<i64>> {
-    PodWatch::fold(shop, 0, |peak, pods| {
-        *peak = (*peak).max(pods.values().filter_map(pod_share).sum());
-    })
 }
 
 /// Twenty clients send requests through the web Service for the whole

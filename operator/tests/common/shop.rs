@@ -455,6 +455,15 @@ impl<T> Drop for PodWatch<T> {
     }
 }
 
+/// The largest sum of the annotated shares of the pods alive at once
+/// (running or terminating), over every event of a watch of the
+/// namespace's pods.
+pub fn watch_shares(shop: &Shop) -> Result<PodWatch<i64>> {
+    PodWatch::fold(shop, 0, |peak, pods| {
+        *peak = (*peak).max(pods.values().filter_map(pod_share).sum());
+    })
+}
+
 /// A pod's annotated share, when it has one.
 pub fn pod_share(pod: &Value) -> Option<i64> {
     pod["metadata"]["annotations"]["tidepool.dev/max-db-connections"].as_str().and_then(|s| s.parse().ok())
