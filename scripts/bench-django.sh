@@ -16,7 +16,8 @@
 #     gunicorn (one gevent worker), Celery (gevent pool, concurrency 50) and
 #     Redis, through one PgBouncer in transaction mode (scripts/stack.sh).
 # Then once: the overload run on the real node (real_node_django.rs's
-# budget test), and the clock's pod deleted and rolled (its clock test). First, before the test cluster starts: the exporter's
+# budget test), a rollout of both tiers under 20 clients (its rollout
+# test), and the clock's pod deleted and rolled (its clock test). First, before the test cluster starts: the exporter's
 # scrape cost on loopback (`tidepool pooler-exporter` against the local
 # PgBouncer, BENCH_SCRAPES (500) scrapes one after another).
 # Needs the machine's one real node: stop the test cluster first.
@@ -184,6 +185,8 @@ for round in $(seq 1 "$BENCH_REPEATS"); do
 done
 say "17. the overload run, Django on the real node"
 node_test real_node_django the_budget_holds_for_the_django_celery_example_under_overload
+say "17. a rollout of both Django tiers under load, on the real node"
+node_test real_node_django a_rolling_update_of_the_django_example_under_load_fails_no_request
 say "17. the clock (Celery beat) deleted and rolled, on the real node"
 node_test real_node_django the_clock_never_runs_twice_when_its_pod_is_deleted_or_rolled
 stop_loopback

@@ -25,7 +25,10 @@ pub const SECTION: Section<'static> = Section {
 
 /// The records of `figures` (what `scripts/bench-django.sh` collects).
 pub fn load(figures: &Path) -> Result<Figures, ReportError> {
-    Figures::load(figures, &["django_seed", "seed", "loopback", "django_budget", "django_clock", "exporter"])
+    Figures::load(
+        figures,
+        &["django_seed", "seed", "loopback", "django_budget", "django_rollout", "django_clock", "exporter"],
+    )
 }
 
 /// `median (runs)` of one cell, `digits` decimals.
@@ -71,6 +74,8 @@ backends sampled every 100 ms.
 
 {budget}
 
+{rollout}
+
 {clock}
 
 {exporter}
@@ -82,6 +87,7 @@ backends sampled every 100 ms.
         rounds = runs.test("django_seed").len(),
         seed = seed(runs),
         budget = budget(runs),
+        rollout = rollout(runs),
         clock = clock(runs),
         exporter = exporter(runs),
     )
@@ -211,6 +217,40 @@ fn budget(runs: &Figures) -> String {
         ),
         "which the view answers with 503: the wait is where the bound lives for an application's tier (Tidepool's".into(),
         "own web tier sheds with 503 after its pool wait instead, section 11).".into(),
+    ]
+    .join("\n")
+}
+
+/// A rollout of both tiers under load, once.
+fn rollout(runs: &Figures) -> String {
+    let last = runs.last("django_rollout");
+    let n = |path: &[&str]| at(&last, path).as_f64().unwrap_or(f64::NAN);
+    [
+        "### A rollout under load".to_owned(),
+        String::new(),
+        "Both tiers of the example (2 web pods, 1 worker of concurrency 10) roll out, a change of their `env`, while".into(),
+        "20 clients send `/slow-query/?seconds=0.05` one after another through the Service and 30 tasks of 2 s run.".into(),
+        String::new(),
+        "| rollout | requests | failed | sent again | requests/s | p50 | p99 | max | tasks run | peak live shares | available |".into(),
+        "|---|---|---|---|---|---|---|---|---|---|---|".into(),
+        format!(
+            "| {} s | {} | {} | {} | {} | {} ms | {} ms | {} ms | {} of 30 | {} | {} |",
+            number(n(&["rollout_seconds"]), 1, false),
+            number(n(&["load", "requests"]), 0, true),
+            number(n(&["load", "failed"]), 0, false),
+            number(n(&["load", "retried"]), 0, false),
+            number(n(&["load", "requests_per_second"]), 1, false),
+            number(1000.0 * n(&["load", "latency_p50_seconds"]), 0, false),
+            number(1000.0 * n(&["load", "latency_p99_seconds"]), 0, false),
+            number(1000.0 * n(&["load", "latency_max_seconds"]), 0, false),
+            number(n(&["tasks", "runs"]), 0, false),
+            number(n(&["peak_shares"]), 0, false),
+            number(n(&["available"]), 0, false)
+        ),
+        String::new(),
+        "*Sent again*: requests a client sent once more on a new connection because gunicorn closed their kept-alive".into(),
+        "one before answering, as browsers do. The rollout is from the change until no old pod is left. Without the".into(),
+        "`preStop` sleep the operator gives the web container, a run of this test got 13 refused connections of 1,896.".into(),
     ]
     .join("\n")
 }
