@@ -19,7 +19,7 @@ use common::shop::{
     admitted, pod_tier, record_figures, status_count, watch_shares, Load, PodWatch, Setup, Shop,
 };
 use serde_json::{json, Value};
-use tidepool_testenv::node::{path_arg, pod_processes, Node, Postgres, PrivatePostgres, Sampler};
+use tidepool_testenv::node::{path_arg, peak, pod_processes, Node, Postgres, PrivatePostgres, Sampler};
 use tidepool_testenv::prometheus::Prometheus;
 use tidepool_testenv::{repo_root, wait_for};
 
@@ -245,14 +245,14 @@ fn the_seeds_experiments_run_on_the_django_celery_example() -> Result<()> {
     let report = Load::burst(&shop.node, &shop.web_url("/slow-query/?seconds=5")?, 10, "60s")?.finish()?;
     let samples = sleeping.finish()?;
     assert_eq!(report["succeeded"], 10, "{report}");
-    let together = samples.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    let together = peak(&samples);
     assert_eq!(together, 10, "the ten requests' queries run at once: {report}");
 
     let sampler = Sampler::start(&shop.pg, &shop.db.name, &shop.db.sleeping_sql());
     start_tasks(&shop, "seed", 100, 5.0)?;
     let runs = wait_runs(&shop, "seed", 100, Duration::from_secs(180))?;
     let samples = sampler.finish()?;
-    let peak = samples.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    let peak = peak(&samples);
     assert_eq!(runs["peak_overlap"], 50, "fifty tasks at a time: {runs}");
     assert!(peak <= 50, "at most the worker's concurrency sleeps at once: {peak}");
     record_figures(
@@ -305,7 +305,7 @@ fn the_budget_holds_for_the_django_celery_example_under_overload() -> Result<()>
     for refusal in ["too many clients", "remaining connection slots"] {
         assert!(!log.contains(refusal), "PostgreSQL refused connections ({refusal}):\n{log}");
     }
-    let peak = samples.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    let peak = peak(&samples);
     assert!(peak <= planned, "the app held {peak} connections, planned {planned}");
     let ok = status_count(&report, "200");
     let failed = status_count(&report, "503");

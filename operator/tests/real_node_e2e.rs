@@ -24,7 +24,7 @@ use common::shop::{
 };
 use serde_json::{json, Value};
 use tidepool_testenv::node::{
-    output, path_arg, pod_processes, release_binary, Postgres, PrivatePostgres, Sampler,
+    output, path_arg, peak, pod_processes, release_binary, Postgres, PrivatePostgres, Sampler,
 };
 use tidepool_testenv::prometheus::Prometheus;
 use tidepool_testenv::wait_for;
@@ -75,7 +75,7 @@ fn the_shop_example_runs_under_the_operator_from_its_own_image() -> Result<()> {
     std::thread::sleep(Duration::from_secs(30));
     let report = load.finish()?;
     let samples = sampler.finish()?;
-    let peak = samples.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    let peak = peak(&samples);
     assert!(peak <= available, "the app's connections stay within the budget: {peak} of {available}");
     let placed = status_count(&report, "201");
     assert!(placed > 0, "orders were placed: {report}");
@@ -114,7 +114,7 @@ fn the_seeds_experiments_run_through_the_web_service_and_a_worker_pod() -> Resul
     let report = Load::burst(&shop.node, &shop.web_url("/slow-query/?seconds=5")?, 10, "60s")?.finish()?;
     let samples = sleeping.finish()?;
     assert_eq!(report["succeeded"], 10, "{report}");
-    let together = samples.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    let together = peak(&samples);
     assert_eq!(together, 10, "the ten requests' queries run at once: {report}");
 
     let sampler = Sampler::start(&shop.pg, &shop.db.name, &shop.db.sleeping_sql());
@@ -125,7 +125,7 @@ fn the_seeds_experiments_run_through_the_web_service_and_a_worker_pod() -> Resul
     let finished = shop.wait_drained(Duration::from_secs(120))?;
     let samples = sampler.finish()?;
     assert_eq!(finished, BTreeMap::from([("succeeded".to_owned(), 100)]));
-    let peak = samples.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    let peak = peak(&samples);
     assert!(peak <= 50, "at most the worker's concurrency runs at once: {peak}");
     record_figures(
         "seed",
@@ -181,7 +181,7 @@ fn the_connection_budget_holds_under_overload() -> Result<()> {
     for refusal in ["too many clients", "remaining connection slots"] {
         assert!(!log.contains(refusal), "PostgreSQL refused connections ({refusal}):\n{log}");
     }
-    let peak = samples.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    let peak = peak(&samples);
     assert!(peak <= planned, "the app held {peak} connections, planned {planned}");
     let (ok, shed) = (status_count(&report, "200"), status_count(&report, "503"));
     assert_eq!(ok + shed, requests as i64, "only 200s and 503s: {report}");
@@ -409,7 +409,7 @@ fn a_killed_pgbouncer_is_restarted_and_its_old_connections_end_in_bounded_time()
     let recovered = killed_at.elapsed();
     shop.wait_ready(1)?;
     let samples = connections.finish()?;
-    let peak = samples.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    let peak = peak(&samples);
     let pod_name = pod["metadata"]["name"].as_str().unwrap_or_default();
     let restarts = shop.wait_restarted(&format!("{pod_name}/pgbouncer"), 1)?;
     assert_eq!(restarts.get(&format!("{pod_name}/pgbouncer")), Some(&1), "{restarts:?}");
@@ -730,7 +730,7 @@ fn both_tiers_scale_on_the_real_node_within_the_budget() -> Result<()> {
     let samples = connections.finish()?;
 
     assert_eq!(finished, BTreeMap::from([("succeeded".to_owned(), 48)]));
-    let peak = samples.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    let peak = peak(&samples);
     assert!(peak <= available, "the app held {peak} connections, {available} available");
     assert!(peak > 0, "the sampler saw the app's connections");
     let tidepool = shop.tidepool()?;

@@ -368,6 +368,12 @@ pub struct Sampler {
     thread: Option<JoinHandle<Result<()>>>,
 }
 
+/// The largest count among `samples` (0 for none): the most a [`Sampler`]
+/// saw at once.
+pub fn peak(samples: &[(Duration, i64)]) -> i64 {
+    samples.iter().map(|(_, n)| *n).max().unwrap_or(0)
+}
+
 impl Sampler {
     pub fn start(pg: &Postgres, db: &str, sql: &str) -> Sampler {
         let (stop, samples) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
