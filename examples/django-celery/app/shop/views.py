@@ -117,9 +117,10 @@ def ticks(request):
             runs.append(origin)
             latest = 0
         latest += 1
-    gaps = [(b - a).total_seconds() for (_, a), (_, b) in zip(rows, rows[1:])]
+    pairs = list(zip(rows, rows[1:]))
+    gaps = [(b - a).total_seconds() for (_, a), (_, b) in pairs]
     # From one beat's last tick to the next beat's first: each hand-over.
-    handovers = [gap for gap, ((x, _), (y, _)) in zip(gaps, zip(rows, rows[1:])) if x != y]
+    handovers = [(b - a).total_seconds() for (x, a), (y, b) in pairs if x != y]
     return JsonResponse(
         {
             "count": len(rows),
