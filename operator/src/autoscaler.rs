@@ -1,12 +1,15 @@
-//! The queue scaler's I/O shell: one task per Tidepool whose worker tier
+//! The worker scaler's I/O shell: one task per Tidepool whose worker tier
 //! autoscales, on the leader only (it runs inside the controller).
 //!
-//! Every `pollingIntervalSeconds` a task reads the served queues with one
-//! statement ([`tidepool::queue::sql::queue_stats`]) over its own single
-//! connection to PostgreSQL (opened with the credentials of
-//! `worker.autoscaling.secretRef`, else the database Secret; kept open
-//! between readings, opened again after a failure), hands the reading to
-//! the pure [`Scaler`], and when it decides on other replicas: an Event on
+//! Every `pollingIntervalSeconds` a task reads its signal with one
+//! statement over its own single connection to PostgreSQL (opened with the
+//! credentials of `worker.autoscaling.secretRef`, else the database Secret;
+//! kept open between readings, opened again after a failure): the served
+//! queues ([`tidepool::queue::sql::queue_stats`]), or the user's `query`
+//! ([`crate::signal::read`]: read-only, under its statement timeout). It
+//! turns the reading into a recommendation ([`scaler::recommend`],
+//! [`scaler::recommend_value`]), hands it to the pure [`Scaler`], and when
+//! it decides on other replicas: an Event on
 //! the Tidepool, then `spec.worker.replicas` set with the field manager
 //! [`SCALER_MANAGER`] (guarded by the resourceVersion it read). The
 //! reconcile that change starts applies it to the Deployment, paced like
@@ -34,36 +37,87 @@ use tokio::sync::mpsc;
 use crate::crd::Tidepool;
 use crate::metrics::Metrics;
 use crate::plan::{Plan, Tier};
-use crate::scaler::{Change, Policy, QueueState, QueueTarget, Reading, Scaler};
+use crate::scaler::{
+    self, Change, Policy, QueueSignal, QueueState, QueueTarget, Recommendation, Scaler, ValueSignal,
+};
+use crate::signal::SignalError;
 
 /// The field manager of the replicas the scaler sets.
 pub const SCALER_MANAGER: &str = "tidepool-operator/scaler";
-/// The longest a connection attempt or a reading may take.
+/// The longest a connection attempt or a reading of the queues may take.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How much longer than its statement timeout a query's reading may take
+/// before the operator gives up on the server (its cancel lost, the
+/// network away).
+const QUERY_GRACE: Duration = Duration::from_secs(2);
 
 /// What a task needs to know: it restarts when any of it changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     pub policy: Policy,
-    /// Every queue the workers serve.
-    pub queues: Vec<String>,
+    pub signal: Signal,
     pub interval: Duration,
     /// The Secret with the credentials.
     pub secret: String,
 }
 
-/// The settings of `tidepool`'s queue scaler, if its worker tier
+/// What the worker tier scales on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signal {
+    /// Tidepool's queues.
+    Queues {
+        /// Every queue the workers serve.
+        queues: Vec<String>,
+        targets: QueueSignal,
+    },
+    /// The number a user's statement returns.
+    Query { sql: String, statement_timeout: Duration, target: ValueSignal },
+}
+
+/// The settings of `tidepool`'s worker scaler, if its worker tier
 /// autoscales; `plan` gives the jobs one worker pod runs at once.
 pub fn settings(tidepool: &Tidepool, plan: &Plan) -> Option<Settings> {
     let worker = &tidepool.spec.worker;
     let autoscaling = worker.autoscaling.as_ref()?;
     let seconds = |s: i32| Duration::from_secs(u64::try_from(s).unwrap_or(0));
     let count = |n: i32| u32::try_from(n).unwrap_or(0);
+    let policy = Policy {
+        min_replicas: count(autoscaling.min_replicas),
+        max_replicas: count(autoscaling.max_replicas),
+        up_window: seconds(autoscaling.scale_up_stabilization_seconds),
+        down_window: seconds(autoscaling.scale_down_stabilization_seconds),
+    };
+    let signal = match &autoscaling.query {
+        Some(query) => Signal::Query {
+            sql: query.sql.clone(),
+            statement_timeout: seconds(query.statement_timeout_seconds).max(Duration::from_secs(1)),
+            target: ValueSignal {
+                per_replica: u64::try_from(query.target_value_per_replica).unwrap_or(1).max(1),
+                activation: u64::try_from(query.activation_value).unwrap_or(0),
+            },
+        },
+        None => queue_signal(tidepool, plan),
+    };
+    Some(Settings {
+        policy,
+        signal,
+        interval: seconds(autoscaling.polling_interval_seconds).max(Duration::from_secs(1)),
+        secret: autoscaling.secret_ref.as_ref().unwrap_or(&tidepool.spec.database.secret_ref).name.clone(),
+    })
+}
+
+/// The served queues' targets: each queue's entry, else
+/// `worker.concurrency` available jobs per replica.
+fn queue_signal(tidepool: &Tidepool, plan: &Plan) -> Signal {
+    let worker = &tidepool.spec.worker;
+    let entries = worker.autoscaling.as_ref().map(|a| a.queues.as_slice()).unwrap_or_default();
+    let seconds = |s: i32| Duration::from_secs(u64::try_from(s).unwrap_or(0));
+    let count = |n: i32| u32::try_from(n).unwrap_or(0);
     let jobs_per_pod = plan.tier(Tier::Worker).map_or(1, |t| t.pools.worker_concurrency.max(1));
     let targets = worker
         .queues
         .iter()
-        .map(|queue| match autoscaling.queues.iter().find(|q| &q.name == queue) {
+        .map(|queue| match entries.iter().find(|q| &q.name == queue) {
             Some(q) => QueueTarget {
                 queue: queue.clone(),
                 available_jobs_per_replica: q.target_available_jobs_per_replica.map(count),
@@ -76,19 +130,7 @@ pub fn settings(tidepool: &Tidepool, plan: &Plan) -> Option<Settings> {
             },
         })
         .collect();
-    Some(Settings {
-        policy: Policy {
-            min_replicas: count(autoscaling.min_replicas),
-            max_replicas: count(autoscaling.max_replicas),
-            jobs_per_pod,
-            targets,
-            up_window: seconds(autoscaling.scale_up_stabilization_seconds),
-            down_window: seconds(autoscaling.scale_down_stabilization_seconds),
-        },
-        queues: worker.queues.clone(),
-        interval: seconds(autoscaling.polling_interval_seconds).max(Duration::from_secs(1)),
-        secret: autoscaling.secret_ref.as_ref().unwrap_or(&tidepool.spec.database.secret_ref).name.clone(),
-    })
+    Signal::Queues { queues: worker.queues.clone(), targets: QueueSignal { jobs_per_pod, targets } }
 }
 
 /// What a scaler task tells the reconcile.
@@ -115,9 +157,13 @@ enum ReadError {
     #[error(transparent)]
     Database(#[from] tidepool::db::DbError),
     #[error("the queues could not be read: {0}")]
-    Query(String),
+    Queues(String),
     #[error("the queues were not read within {} s", READ_TIMEOUT.as_secs())]
     Timeout,
+    #[error(transparent)]
+    Signal(#[from] SignalError),
+    #[error("the query did not answer within {} s", .0.as_secs())]
+    QueryTimeout(Duration),
 }
 
 /// What every task shares.
@@ -211,19 +257,19 @@ async fn run(shared: Arc<Shared>, key: ObjectRef<Tidepool>, settings: Settings, 
         let Some(tidepool) = shared.store.get(&key) else { return };
         let current = worker_replicas(&tidepool);
         let reading_started = Instant::now();
-        let reading = read(&shared, &namespace, &settings, &mut connection).await;
+        let reading = read(&shared, &namespace, &settings, &mut connection, current).await;
         shared
             .metrics
             .database_query(if reading.is_ok() { "ok" } else { "error" }, reading_started.elapsed());
-        let (reading, failure) = match reading {
-            Ok(states) => (Reading::Read(states), None),
+        let (recommendation, failure) = match reading {
+            Ok(recommendation) => (Some(recommendation), None),
             Err(e) => {
-                tracing::warn!(tidepool = %key, error = %e, replicas = current, "could not read the queues; the worker replicas hold");
+                tracing::warn!(tidepool = %key, error = %e, replicas = current, "could not read the scaling signal; the worker replicas hold");
                 connection = None;
-                (Reading::Failed, Some(e.to_string()))
+                (None, Some(e.to_string()))
             }
         };
-        let decision = scaler.decide(started.elapsed(), &reading, current);
+        let decision = scaler.decide(started.elapsed(), recommendation, current);
         let mut changed = false;
         if let Some(change) = &decision.change {
             changed = scale(&shared, &tidepool, change).await;
@@ -247,14 +293,16 @@ async fn run(shared: Arc<Shared>, key: ObjectRef<Tidepool>, settings: Settings, 
     }
 }
 
-/// Reads the queues over `connection`, opening it first if needed.
+/// Reads the signal over `connection`, opening it first if needed; what
+/// it recommends with `current` replicas.
 async fn read(
     shared: &Shared,
     namespace: &str,
     settings: &Settings,
     connection: &mut Option<tokio_postgres::Client>,
-) -> Result<Vec<QueueState>, ReadError> {
-    let client = match connection.take() {
+    current: u32,
+) -> Result<Recommendation, ReadError> {
+    let mut client = match connection.take() {
         Some(client) if !client.is_closed() => client,
         _ => {
             let config = database_config(shared, namespace, &settings.secret).await?;
@@ -263,15 +311,35 @@ async fn read(
             client
         }
     };
-    let result =
-        tokio::time::timeout(READ_TIMEOUT, tidepool::queue::sql::queue_stats(&client, &settings.queues))
-            .await;
-    let stats = match result {
-        Ok(Ok(stats)) => stats,
-        Ok(Err(e)) => return Err(ReadError::Query(tidepool::error_chain(&e))),
-        Err(_) => return Err(ReadError::Timeout),
+    let recommendation = match &settings.signal {
+        Signal::Queues { queues, targets } => {
+            let states = read_queues(&client, queues).await?;
+            scaler::recommend(&settings.policy, targets, &states, current)
+        }
+        Signal::Query { sql, statement_timeout, target } => {
+            let limit = *statement_timeout + QUERY_GRACE;
+            let value =
+                tokio::time::timeout(limit, crate::signal::read(&mut client, sql, *statement_timeout))
+                    .await
+                    .map_err(|_| ReadError::QueryTimeout(limit))??;
+            scaler::recommend_value(&settings.policy, *target, value)
+        }
     };
     *connection = Some(client);
+    Ok(recommendation)
+}
+
+/// The served queues' states, in one statement.
+async fn read_queues(
+    client: &tokio_postgres::Client,
+    queues: &[String],
+) -> Result<Vec<QueueState>, ReadError> {
+    let stats =
+        match tokio::time::timeout(READ_TIMEOUT, tidepool::queue::sql::queue_stats(client, queues)).await {
+            Ok(Ok(stats)) => stats,
+            Ok(Err(e)) => return Err(ReadError::Queues(tidepool::error_chain(&e))),
+            Err(_) => return Err(ReadError::Timeout),
+        };
     Ok(stats
         .into_iter()
         .map(|s| QueueState {

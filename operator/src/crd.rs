@@ -283,6 +283,7 @@ pub struct WebAutoscaling {
 #[x_kube(validation = Rule::new("!has(self.autoscaling) || !has(self.autoscaling.queues) || self.autoscaling.queues.all(q, q.name in self.queues)").message("worker.autoscaling.queues may name only queues of worker.queues"))]
 #[x_kube(validation = Rule::new(format!("({FOREIGN}) || (!has(self.port) && !has(self.readinessProbe) && !has(self.livenessProbe))")).message("worker.port, worker.readinessProbe and worker.livenessProbe apply only with worker.command or worker.args (tidepool worker has its own)"))]
 #[x_kube(validation = Rule::new(format!("!({FOREIGN}) || !self.listen")).message("worker.listen is Tidepool's own worker's LISTEN session: it does not apply with worker.command or worker.args"))]
+#[x_kube(validation = Rule::new(format!("!({FOREIGN}) || !has(self.autoscaling) || has(self.autoscaling.query)")).message("worker.autoscaling of worker.command or worker.args needs worker.autoscaling.query: the queues it reads otherwise are Tidepool's own"))]
 #[x_kube(validation = Rule::new(probe_port_rule("readinessProbe")).message("worker.readinessProbe names a port the container does not declare: use worker.port or its name 'app'"))]
 #[x_kube(validation = Rule::new(probe_port_rule("livenessProbe")).message("worker.livenessProbe names a port the container does not declare: use worker.port or its name 'app'"))]
 #[x_kube(validation = Rule::new(env_names_rule()).message(env_names_message("worker").as_str()))]
@@ -633,12 +634,14 @@ impl ClockSpec {
     }
 }
 
-/// The worker tier's queue scaler: the operator reads the queues from
-/// PostgreSQL every `pollingIntervalSeconds` and sets `worker.replicas`
-/// between the bounds.
+/// The worker tier's scaler: every `pollingIntervalSeconds` the operator
+/// reads Tidepool's queues from PostgreSQL, or with `query` the number a
+/// statement of the user's returns, and sets `worker.replicas` between the
+/// bounds.
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must not be above autoscaling.maxReplicas"))]
+#[x_kube(validation = Rule::new("!has(self.query) || !has(self.queues)").message("worker.autoscaling.query and worker.autoscaling.queues are two signals: give one"))]
 pub struct WorkerAutoscaling {
     /// The fewest worker pods (0 allowed: none while every queue is idle,
     /// one as soon as a job is available).
@@ -656,7 +659,13 @@ pub struct WorkerAutoscaling {
     #[x_kube(validation = Rule::new("self.all(a, self.exists_one(b, a.name == b.name))").message("worker.autoscaling.queues must name each queue once"))]
     pub queues: Vec<QueueScaling>,
 
-    /// Seconds between two readings of the queues (one statement each).
+    /// Scale on the number one SQL statement returns instead of the queues
+    /// (an application that keeps its backlog in a table of its own, such
+    /// as a Celery app whose broker is Redis).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<QueryScaling>,
+
+    /// Seconds between two readings (one statement each).
     #[serde(default = "default_polling_interval")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 3600").message("worker.autoscaling.pollingIntervalSeconds must be from 1 to 3600"))]
     pub polling_interval_seconds: i32,
@@ -674,13 +683,42 @@ pub struct WorkerAutoscaling {
     #[x_kube(validation = Rule::new("self >= 0 && self <= 86400").message("worker.autoscaling.scaleDownStabilizationSeconds must be from 0 to 86400"))]
     pub scale_down_stabilization_seconds: i32,
 
-    /// The Secret with the credentials the operator reads the queues with
-    /// (the same keys as `database.secretRef`; default that Secret). A role
-    /// that may only read the jobs table is enough (docs/operator.md, "Autoscaling").
+    /// The Secret with the credentials the operator reads the queues or runs
+    /// `query` with (the same keys as `database.secretRef`; default that
+    /// Secret). A role that may only read the table it counts is enough
+    /// (docs/operator.md, "Autoscaling").
     /// Its one connection goes to PostgreSQL directly: count it in
     /// `database.reservedConnections`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretRef>,
+}
+
+/// The shape of KEDA's `postgresql` trigger: one statement that returns
+/// one row with one number, and the value one replica takes.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct QueryScaling {
+    /// One SQL statement returning one row with one number (`int2`, `int4`,
+    /// `int8`, `float4`, `float8` or `numeric`, not NULL), such as
+    /// `SELECT count(*) FROM shop_backlog`. It runs in a read-only
+    /// transaction, rolled back, under `statementTimeoutSeconds`.
+    #[schemars(length(max = 8192))]
+    #[x_kube(validation = Rule::new("self.matches('\\\\S')").message("worker.autoscaling.query.sql must not be empty"))]
+    pub sql: String,
+    /// The value one replica takes: a value `v` asks for `⌈v / target⌉`
+    /// replicas.
+    #[x_kube(validation = Rule::new("self >= 1").message("worker.autoscaling.query.targetValuePerReplica must be at least 1"))]
+    pub target_value_per_replica: i64,
+    /// At or below this value the tier asks for no replica (to
+    /// `minReplicas`); above it, for at least one.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self >= 0").message("worker.autoscaling.query.activationValue must not be negative"))]
+    pub activation_value: i64,
+    /// The statement's `statement_timeout`: the server cancels it past
+    /// this, and the reading fails (the replicas hold).
+    #[serde(default = "default_statement_timeout")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 300").message("worker.autoscaling.query.statementTimeoutSeconds must be from 1 to 300"))]
+    pub statement_timeout_seconds: i32,
 }
 
 /// One queue's scaling targets; at least one of them.
@@ -880,6 +918,9 @@ fn default_clock_database_pool() -> i32 {
 }
 fn default_target_cpu() -> i32 {
     70
+}
+fn default_statement_timeout() -> i32 {
+    5
 }
 fn default_polling_interval() -> i32 {
     10

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod plan;
 pub mod render;
 pub mod scaler;
+pub mod signal;
 pub mod status;
 pub mod validate;
 

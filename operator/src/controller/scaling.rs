@@ -1,4 +1,4 @@
-//! Scaling as the status reports it: the queue scaler's health (the
+//! Scaling as the status reports it: the worker scaler's health (the
 //! `WorkerAutoscaling` condition) and a change of the web replicas (set
 //! through the scale subresource by the HPA or `kubectl scale`, or by an
 //! edit), announced once with an Event naming who set them.
@@ -8,7 +8,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::Resource;
 
 use super::Context;
-use crate::autoscaler;
+use crate::autoscaler::{self, Signal};
 use crate::crd::{Tidepool, TidepoolStatus};
 use crate::plan::{Plan, Tier};
 use crate::status::{AutoscalingHealth, ScaleCause};
@@ -20,26 +20,38 @@ pub fn scaler_health(
     replicas: u32,
 ) -> AutoscalingHealth {
     let bounds = format!("{}..{}", settings.policy.min_replicas, settings.policy.max_replicas);
+    let (what, is, read, unreadable) = match &settings.signal {
+        Signal::Queues { queues, .. } => {
+            (format!("the queues {}", queues.join(", ")), "are", "QueuesRead", "QueuesUnreadable")
+        }
+        Signal::Query { statement_timeout, .. } => (
+            format!("the query (statement timeout {} s)", statement_timeout.as_secs()),
+            "is",
+            "QueryRead",
+            "QueryFailed",
+        ),
+    };
     match (&report.failure, report.read) {
         (Some((error, since)), _) => AutoscalingHealth {
             status: "False",
-            reason: "QueuesUnreadable",
+            reason: unreadable,
             message: format!(
-                "the queues cannot be read since {}: {error}; the worker replicas hold at {replicas}",
+                "{what} cannot be read since {}: {error}; the worker replicas hold at {replicas}",
                 since.0
             ),
         },
         (None, false) => AutoscalingHealth {
             status: "Unknown",
             reason: "NotReadYet",
-            message: format!("the queue scaler has not read the queues yet; worker replicas {replicas} ({bounds})"),
+            message: format!(
+                "the worker scaler has not read {what} yet; worker replicas {replicas} ({bounds})"
+            ),
         },
         (None, true) => AutoscalingHealth {
             status: "True",
-            reason: "QueuesRead",
+            reason: read,
             message: format!(
-                "the queues {} are read every {} s with the credentials of the Secret {}; worker replicas {bounds}",
-                settings.queues.join(", "),
+                "{what} {is} read every {} s with the credentials of the Secret {}; worker replicas {bounds}",
                 settings.interval.as_secs(),
                 settings.secret
             ),
