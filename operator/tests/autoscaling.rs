@@ -89,10 +89,59 @@ fn now_micros() -> Result<i64> {
 /// Starts the operator and the Tidepool in `ns`; waits until the scaler
 /// has read the queues.
 fn deploy(kube: &Kube, ns: &str, queue: &Queue, spec: &str) -> Result<Operator> {
+    deploy_until(kube, ns, queue, spec, "QueuesRead")
+}
+
+/// Starts the operator and the Tidepool in `ns`; waits until the scaler's
+/// condition is True for `reason`.
+fn deploy_until(kube: &Kube, ns: &str, queue: &Queue, spec: &str, reason: &str) -> Result<Operator> {
     let operator = Operator::start(ns)?;
     kube.kubectl(&["apply", "-n", ns, "-f", "-"], Some(&format!("{}\n---\n{spec}", queue.secrets())))?;
-    wait_condition(kube, ns, "WorkerAutoscaling", "True", "QueuesRead")?;
+    wait_condition(kube, ns, "WorkerAutoscaling", "True", reason)?;
     Ok(operator)
+}
+
+/// The app's own backlog table `backlog` (one row per task not yet done,
+/// as the Django example keeps it), readable by the scaler's role, and a
+/// table `private` it may not read.
+fn backlog_table(queue: &Queue) -> Result<()> {
+    let name = &queue.db.name;
+    queue.pg.psql(
+        name,
+        &format!(
+            "SET ROLE {name}; CREATE TABLE backlog (id bigserial PRIMARY KEY); CREATE TABLE private (id int);
+             RESET ROLE; GRANT SELECT ON backlog TO {name}_scaler"
+        ),
+    )?;
+    Ok(())
+}
+
+/// Sets the backlog table to `rows` rows.
+fn set_backlog(queue: &Queue, rows: u32) -> Result<()> {
+    queue.pg.psql(
+        &queue.db.name,
+        &format!(
+            "BEGIN; DELETE FROM backlog; INSERT INTO backlog SELECT FROM generate_series(1, {rows}); COMMIT"
+        ),
+    )?;
+    Ok(())
+}
+
+/// A worker tier between 0 and 6 replicas on the rows of `backlog`, 10 per
+/// replica.
+fn query_tidepool() -> String {
+    tidepool(
+        0,
+        json!({"minReplicas": 0, "maxReplicas": 6,
+               "query": {"sql": "SELECT count(*) FROM backlog", "targetValuePerReplica": 10}}),
+    )
+}
+
+/// Sets the scaler's statement (and its timeout).
+fn set_query(kube: &Kube, ns: &str, sql: &str, timeout_seconds: u32) -> Result<()> {
+    let patch = json!({"spec": {"worker": {"autoscaling": {"query": {"sql": sql, "statementTimeoutSeconds": timeout_seconds}}}}});
+    kube.kubectl(&["patch", "tidepool/shop", "-n", ns, "--type", "merge", "-p", &patch.to_string()], None)?;
+    Ok(())
 }
 
 #[test]
@@ -289,6 +338,113 @@ fn the_database_going_away_holds_the_replicas_and_says_why() -> Result<()> {
     wait_worker_replicas(kube, &ns.name, 1, Duration::from_secs(60))?;
     let tidepool = get(kube, &ns.name, "tidepool/shop")?.context("the Tidepool")?;
     ensure!(condition(&tidepool, "WorkerAutoscaling").is_some_and(|(s, _, _)| s == "True"), "{tidepool}");
+    Ok(())
+}
+
+#[test]
+fn a_query_scales_the_workers_up_and_back_down_after_the_window() -> Result<()> {
+    let kube = kube_with_crd()?;
+    let ns = kube.namespace("scale-query")?;
+    let queue = Queue::create(&Postgres::from_env()?, &format!("scale_query_{}", std::process::id()))?;
+    backlog_table(&queue)?;
+    let operator = deploy_until(kube, &ns.name, &queue, &query_tidepool(), "QueryRead")?;
+    let message = wait_condition(kube, &ns.name, "WorkerAutoscaling", "True", "QueryRead")?;
+    assert_eq!(
+        message,
+        "the query (statement timeout 5 s) is read every 1 s with the credentials of the Secret shop-scaler; worker replicas 0..6"
+    );
+    wait_worker_replicas(kube, &ns.name, 0, Duration::from_secs(60))?;
+
+    let filled = now_micros()?;
+    set_backlog(&queue, 35)?;
+    wait_worker_replicas(kube, &ns.name, 4, Duration::from_secs(60))?;
+    let up = events(kube, &ns.name, "Tidepool", "shop", "ScaledUp")?;
+    let (decided_at, note) = up.last().context("a ScaledUp Event on the Tidepool")?.clone();
+    assert_eq!(note, "worker replicas 0 → 4 (ValueAboveTarget): the query returned 35, at 10 per replica");
+    assert!(decided_at >= filled, "the decision ({decided_at}) came before the backlog ({filled})");
+    let tidepool = wait_last_scale(kube, &ns.name, "ValueAboveTarget")?;
+    assert_eq!(tidepool["spec"]["worker"]["replicas"], 4);
+    assert_eq!(
+        operator.metric("tidepool_operator_scaling_decisions_total{direction=\"up\",tier=\"worker\"}")?,
+        1.0
+    );
+
+    // Emptied: down to the minimum, not before the down window (5 s).
+    let emptied = std::time::Instant::now();
+    set_backlog(&queue, 0)?;
+    wait_worker_replicas(kube, &ns.name, 0, Duration::from_secs(60))?;
+    assert!(
+        emptied.elapsed() >= Duration::from_secs(5),
+        "down after {:?}, inside the window",
+        emptied.elapsed()
+    );
+    let down = events(kube, &ns.name, "Tidepool", "shop", "ScaledDown")?;
+    assert_eq!(
+        down.iter().map(|(_, note)| note.as_str()).collect::<Vec<_>>(),
+        ["worker replicas 4 → 0 (ValueIdle): the query returned 0, at or below the activation value 0"]
+    );
+    wait_last_scale(kube, &ns.name, "ValueIdle")?;
+    assert_eq!(
+        operator.metric("tidepool_operator_database_connections_opened_total")?,
+        1.0,
+        "one connection, kept"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_query_that_fails_or_runs_past_its_timeout_holds_the_replicas() -> Result<()> {
+    let kube = kube_with_crd()?;
+    let ns = kube.namespace("scale-query-fail")?;
+    let queue = Queue::create(&Postgres::from_env()?, &format!("scale_query_fail_{}", std::process::id()))?;
+    backlog_table(&queue)?;
+    let operator = deploy_until(kube, &ns.name, &queue, &query_tidepool(), "QueryRead")?;
+    set_backlog(&queue, 25)?;
+    wait_worker_replicas(kube, &ns.name, 3, Duration::from_secs(60))?;
+    let failed =
+        || operator.metric("tidepool_operator_database_query_duration_seconds_count{outcome=\"error\"}");
+
+    // A table the scaler's role may not read; the backlog gone meanwhile,
+    // so a reading that worked would take the tier down.
+    set_query(kube, &ns.name, "SELECT count(*) FROM private", 5)?;
+    let message = wait_condition(kube, &ns.name, "WorkerAutoscaling", "False", "QueryFailed")?;
+    assert!(message.contains("permission denied for table private"), "{message}");
+    assert!(message.contains("the worker replicas hold at 3"), "{message}");
+    assert!(!message.contains(&queue.db.password), "no secret in status");
+    set_backlog(&queue, 0)?;
+    let before = failed()?;
+    wait_for("readings to fail through a whole down window", Duration::from_secs(60), || {
+        Ok((failed()? >= before + 7.0).then_some(()))
+    })?;
+    assert_eq!(deployment_replicas(kube, &ns.name)?, Some(3));
+
+    // A statement past its timeout: cancelled by the server, the same hold.
+    set_query(kube, &ns.name, "SELECT count(*) FROM backlog, pg_sleep(30)", 1)?;
+    let message = wait_for("the condition to name the timeout", Duration::from_secs(60), || {
+        let tidepool = get(kube, &ns.name, "tidepool/shop")?.context("the Tidepool")?;
+        Ok(condition(&tidepool, "WorkerAutoscaling")
+            .filter(|(status, reason, message)| {
+                status == "False" && reason == "QueryFailed" && message.contains("statement timeout of 1 s")
+            })
+            .map(|(_, _, message)| message))
+    })?;
+    assert!(message.contains("ran past its statement timeout of 1 s and was cancelled"), "{message}");
+    let before = failed()?;
+    wait_for("slow readings through a whole down window", Duration::from_secs(60), || {
+        Ok((failed()? >= before + 4.0).then_some(()))
+    })?;
+    assert_eq!(deployment_replicas(kube, &ns.name)?, Some(3));
+    assert!(events(kube, &ns.name, "Tidepool", "shop", "ScaledDown")?.is_empty());
+    let sleeping = queue.pg.psql(
+        &queue.db.name,
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)%' AND state = 'active' AND pid <> pg_backend_pid()",
+    )?;
+    assert!(sleeping.trim() == "0" || sleeping.trim() == "1", "at most the reading under way: {sleeping}");
+
+    // Mended: read again, and the tier follows the empty backlog.
+    set_query(kube, &ns.name, "SELECT count(*) FROM backlog", 5)?;
+    wait_condition(kube, &ns.name, "WorkerAutoscaling", "True", "QueryRead")?;
+    wait_worker_replicas(kube, &ns.name, 0, Duration::from_secs(60))?;
     Ok(())
 }
 

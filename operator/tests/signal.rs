@@ -110,7 +110,8 @@ fn a_statement_may_not_write_run_twice_or_run_long() -> Result<()> {
         other => format!("not a failure: {other:?}"),
     };
     // Even the table's owner, who may delete, deletes nothing.
-    let write = failed(db.as_owner("WITH gone AS (DELETE FROM backlog RETURNING 1) SELECT count(*) FROM gone"));
+    let write =
+        failed(db.as_owner("WITH gone AS (DELETE FROM backlog RETURNING 1) SELECT count(*) FROM gone"));
     assert!(write.contains("in a read-only transaction"), "{write}");
     let delete = failed(db.as_owner("DELETE FROM backlog"));
     assert!(delete.contains("cannot execute DELETE in a read-only transaction"), "{delete}");
