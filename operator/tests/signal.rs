@@ -71,7 +71,7 @@ fn every_number_type_is_read() -> Result<()> {
     assert_eq!(db.as_scaler("SELECT 3::int2")?, 3.0);
     assert_eq!(db.as_scaler("SELECT 2.25::float4")?, 2.25);
     assert_eq!(db.as_scaler("SELECT 1e15::float8")?, 1e15);
-    assert_eq!(db.as_scaler("SELECT -12345678.0625::numeric")?, -12_345_678.0625);
+    assert_eq!(db.as_scaler("SELECT -12345678.0625::numeric")?, -12_345_678.062_5);
     assert_eq!(db.as_scaler("SELECT 0.0001::numeric")?, 0.0001);
     assert_eq!(db.as_scaler("SELECT 'Infinity'::numeric")?, f64::INFINITY);
     assert_eq!(db.as_scaler("SELECT coalesce(sum(weight), 0) FROM backlog WHERE id < 0")?, 0.0);
