@@ -19,7 +19,9 @@ use common::shop::{
     admitted, pod_tier, record_figures, status_count, watch_shares, Load, PodWatch, Setup, Shop,
 };
 use serde_json::{json, Value};
-use tidepool_testenv::node::{path_arg, peak, pod_processes, Node, Postgres, PrivatePostgres, Sampler};
+use tidepool_testenv::node::{
+    path_arg, peak, pod_processes, AppDatabase, Node, Postgres, PrivatePostgres, Sampler,
+};
 use tidepool_testenv::prometheus::Prometheus;
 use tidepool_testenv::{repo_root, wait_for};
 
@@ -32,7 +34,18 @@ struct Example {
 }
 
 impl Example {
+    /// The example with fixed worker replicas: its worker scaler left out.
     fn load(overrides: Value) -> Result<Example> {
+        Self::load_from(overrides, false)
+    }
+
+    /// The example with its worker scaler (its query of `shop_backlog`),
+    /// `overrides` merged over it.
+    fn load_autoscaled(overrides: Value) -> Result<Example> {
+        Self::load_from(overrides, true)
+    }
+
+    fn load_from(overrides: Value, autoscaled: bool) -> Result<Example> {
         let kube = kube_with_crd()?;
         let file = repo_root()?.join("manifests/examples/django-celery.yaml");
         let file = file.to_str().context("a UTF-8 path")?;
@@ -64,6 +77,9 @@ impl Example {
         }
         let mut spec = spec.context("the example's Tidepool")?;
         spec["database"].as_object_mut().context("spec.database")?.remove("secretRef");
+        if !autoscaled {
+            spec["worker"].as_object_mut().context("spec.worker")?.remove("autoscaling");
+        }
         common::merge(&mut spec, &overrides);
         ensure!(redis.len() == 2, "the example's Redis Deployment and Service: {redis:?}");
         Ok(Example { redis: json!({"apiVersion": "v1", "kind": "List", "items": redis}).to_string(), spec })
@@ -569,4 +585,147 @@ fn prometheus_scrapes_the_exporters_of_an_applications_pods() -> Result<()> {
     }
     ensure!(checked >= 2, "the dashboard's PgBouncer panels: {checked}");
     Ok(())
+}
+
+/// Sets the worker scaler's statement (and its timeout) of the example.
+fn set_query(shop: &Shop, sql: &str, timeout_seconds: u32) -> Result<()> {
+    let patch = json!({"spec": {"worker": {"autoscaling": {"query": {"sql": sql, "statementTimeoutSeconds": timeout_seconds}}}}});
+    shop.kube.kubectl(
+        &["patch", "-n", &shop.ns.name, "tidepool/shop", "--type=merge", "-p", &patch.to_string()],
+        None,
+    )?;
+    Ok(())
+}
+
+/// The condition `WorkerAutoscaling` once it is `status` for `reason` with
+/// a message containing `part`; its message.
+fn wait_scaler_condition(shop: &Shop, status: &str, reason: &str, part: &str) -> Result<String> {
+    wait_for(&format!("WorkerAutoscaling={status} ({reason}: {part})"), Duration::from_secs(60), || {
+        Ok(common::condition(&shop.tidepool()?, "WorkerAutoscaling")
+            .filter(|(s, r, m)| s == status && r == reason && m.contains(part))
+            .map(|(_, _, m)| m))
+    })
+    .with_context(|| shop.describe())
+}
+
+/// Waits until `spec.worker.replicas` is `replicas`.
+fn wait_worker_replicas(shop: &Shop, replicas: i64, limit: Duration) -> Result<Value> {
+    wait_for(&format!("worker replicas {replicas}"), limit, || {
+        let tidepool = shop.tidepool()?;
+        Ok((tidepool["spec"]["worker"]["replicas"] == replicas).then_some(tidepool))
+    })
+    .with_context(|| shop.describe())
+}
+
+/// The example's Celery workers scale on its own count of tasks not yet
+/// done (`SELECT count(*) FROM shop_backlog`, the example's query, as a
+/// role that may read only that table): up when a view sends a backlog,
+/// within the budget over every pod event; a statement that fails (a
+/// table the role may not read) or runs past its timeout holds the
+/// replicas through the down window after the backlog is gone, and says
+/// so in the condition; mended, the tier goes back down after the window.
+#[test]
+fn the_django_workers_scale_on_their_backlog_table_and_hold_when_the_query_fails() -> Result<()> {
+    let pg = Postgres::from_env()?;
+    let example = Example::load_autoscaled(json!({
+        "database": {"maxConnections": 80, "reservedConnections": 10},
+        "web": {"replicas": 1, "databasePool": 5},
+        "worker": {"replicas": 1, "concurrency": 4, "autoscaling": {
+            "minReplicas": 1, "maxReplicas": 3, "pollingIntervalSeconds": 1,
+            "scaleUpStabilizationSeconds": 2, "scaleDownStabilizationSeconds": 5,
+            "query": {"targetValuePerReplica": 8}, "secretRef": {"name": "shop-scaler"}}},
+    }))?;
+    let shop = example.deploy(&pg, "djscale")?;
+    let sql = shop.tidepool()?["spec"]["worker"]["autoscaling"]["query"]["sql"].clone();
+    assert_eq!(sql, "SELECT count(*) FROM shop_backlog", "the example's own query");
+    // No Secret yet: the scaler says so, and the replicas hold.
+    let missing =
+        wait_scaler_condition(&shop, "False", "QueryFailed", "the Secret shop-scaler does not exist")?;
+    assert!(missing.contains("the worker replicas hold at 1"), "{missing}");
+
+    // The scaler's role, as docs/foreign-apps.md gives it: the one table.
+    let scaler = AppDatabase {
+        name: format!("{}_scaler", shop.db.name),
+        password: format!("{}-scaler", shop.db.password),
+    };
+    pg.psql(
+        "postgres",
+        &format!(
+            "CREATE ROLE {0} LOGIN PASSWORD '{1}' CONNECTION LIMIT 2; GRANT CONNECT ON DATABASE {2} TO {0}",
+            scaler.name, scaler.password, shop.db.name
+        ),
+    )?;
+    pg.psql(&shop.db.name, &format!("GRANT SELECT ON shop_backlog TO {}", scaler.name))?;
+    let mut secret: Value = serde_json::from_str(&scaler.secret("shop-scaler", "127.0.0.1", pg.port))?;
+    secret["stringData"]["dbname"] = json!(shop.db.name);
+    shop.kube.kubectl(&["apply", "-n", &shop.ns.name, "-f", "-"], Some(&secret.to_string()))?;
+    wait_scaler_condition(&shop, "True", "QueryRead", "the query (statement timeout 2 s)")?;
+    let available = shop.tidepool()?["status"]["connections"]["available"].as_i64().context("available")?;
+    let shares = watch_shares(&shop)?;
+
+    // 24 tasks of 10 s at 8 per replica: 3 workers.
+    let sent = Instant::now();
+    start_tasks(&shop, "scale", 24, 10.0)?;
+    wait_worker_replicas(&shop, 3, Duration::from_secs(60))?;
+    let set_after = sent.elapsed().as_secs_f64();
+
+    // At once, while the backlog lasts: a table the role may not read.
+    set_query(&shop, "SELECT count(*) FROM shop_taskrun", 2)?;
+    let denied =
+        wait_scaler_condition(&shop, "False", "QueryFailed", "permission denied for table shop_taskrun")?;
+    assert!(denied.contains("the worker replicas hold at 3"), "{denied}");
+    assert!(!denied.contains(&scaler.password) && !denied.contains(&shop.db.password), "no secret in status");
+    wait_for("3 worker pods ready", Duration::from_secs(180), || {
+        Ok((shop.tidepool()?["status"]["worker"]["readyReplicas"] == 3).then_some(()))
+    })
+    .with_context(|| shop.describe())?;
+    let ready_after = sent.elapsed().as_secs_f64();
+    let runs = wait_runs(&shop, "scale", 24, Duration::from_secs(180))?;
+    assert_eq!(runs["backlog"], 0, "every task deleted its row: {runs}");
+    assert!(runs["hosts"].as_array().is_some_and(|h| h.len() >= 2), "the new workers took tasks: {runs}");
+
+    // The backlog gone, readings fail through more than the down window: 3.
+    let failed =
+        || shop.operator.metric("tidepool_operator_database_query_duration_seconds_count{outcome=\"error\"}");
+    let before = failed()?;
+    wait_for("readings to fail through a whole down window", Duration::from_secs(60), || {
+        Ok((failed()? >= before + 7.0).then_some(()))
+    })?;
+    assert_eq!(shop.tidepool()?["spec"]["worker"]["replicas"], 3);
+
+    // A statement past its timeout: cancelled by the server, the same hold.
+    set_query(&shop, "SELECT count(*) FROM shop_backlog, pg_sleep(30)", 1)?;
+    let slow =
+        wait_scaler_condition(&shop, "False", "QueryFailed", "statement timeout of 1 s and was cancelled")?;
+    assert!(slow.contains("the worker replicas hold at 3"), "{slow}");
+    let before = failed()?;
+    wait_for("slow readings through a whole down window", Duration::from_secs(60), || {
+        Ok((failed()? >= before + 4.0).then_some(()))
+    })?;
+    assert_eq!(shop.tidepool()?["spec"]["worker"]["replicas"], 3);
+
+    // Mended: the empty backlog takes the tier down to its minimum.
+    set_query(&shop, "SELECT count(*) FROM shop_backlog", 2)?;
+    wait_scaler_condition(&shop, "True", "QueryRead", "the query")?;
+    let mended = Instant::now();
+    let tidepool = wait_worker_replicas(&shop, 1, Duration::from_secs(60))?;
+    assert!(
+        mended.elapsed() >= Duration::from_secs(5),
+        "down after {:?}, inside the window",
+        mended.elapsed()
+    );
+    let last = wait_for("the status to record the scale-down", Duration::from_secs(30), || {
+        let last = shop.tidepool()?["status"]["worker"]["lastScale"].clone();
+        Ok((last["reason"] == "ValueIdle").then_some(last))
+    })
+    .with_context(|| format!("{tidepool}"))?;
+    assert_eq!((&last["from"], &last["to"]), (&json!(3), &json!(1)), "{last}");
+    assert_eq!(last["message"], "the query returned 0, at or below the activation value 0");
+
+    let peak = shares.figure();
+    assert!(peak > 0 && peak <= available, "live shares peaked at {peak}, available {available}");
+    record_figures(
+        "django_query_scaling",
+        json!({"replicas_set_seconds": set_after, "pods_ready_seconds": ready_after, "peak_shares": peak, "available": available}),
+    )
 }

@@ -19,3 +19,16 @@ class Tick(models.Model):
 
     origin = models.CharField(max_length=255)
     ran_at = models.DateTimeField(db_index=True)
+
+
+class Backlog(models.Model):
+    """One slow task sent and not yet done: the count the operator scales
+    the worker tier on (`worker.autoscaling.query` reads
+    `SELECT count(*) FROM shop_backlog`; the broker, Redis, is not
+    PostgreSQL). The view writes the row before it sends the task, and the
+    task deletes it when it ends, so a task that Celery delivers again (its
+    worker killed mid-run, `acks_late`) is counted until it has run."""
+
+    task_id = models.UUIDField(primary_key=True)
+    batch = models.CharField(max_length=64)
+    sent_at = models.DateTimeField()

@@ -1,5 +1,7 @@
 """The seed's slow task: `pg_sleep` on a connection through the pod's
-PgBouncer, recorded in `shop_taskrun` with its start and end; and the
+PgBouncer, recorded in `shop_taskrun` with its start and end, its row of
+`shop_backlog` deleted when it ends (the count the worker tier scales on);
+and the
 periodic `tick` that Celery beat sends, recorded in `shop_tick` with the
 beat that sent it."""
 import socket
@@ -8,15 +10,18 @@ from celery import shared_task
 from django.db import connection
 from django.utils import timezone
 
-from .models import Tick, TaskRun
+from .models import Backlog, Tick, TaskRun
 
 
-@shared_task
-def slow_query_task(batch, seconds=5.0):
+@shared_task(bind=True)
+def slow_query_task(self, batch, seconds=5.0):
     started = timezone.now()
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_sleep(%s)", [float(seconds)])
-    TaskRun.objects.create(batch=batch, hostname=socket.gethostname(), started=started, finished=timezone.now())
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_sleep(%s)", [float(seconds)])
+        TaskRun.objects.create(batch=batch, hostname=socket.gethostname(), started=started, finished=timezone.now())
+    finally:
+        Backlog.objects.filter(task_id=self.request.id).delete()
     return "Slow query completed"
 
 

@@ -4,11 +4,13 @@ Bad input gets a 400 with a JSON error; a database that does not answer a
 503, never a traceback.
 """
 import os
+import uuid
 
 from django.db import DatabaseError, connection
 from django.http import JsonResponse
+from django.utils import timezone
 
-from .models import Tick, TaskRun
+from .models import Backlog, Tick, TaskRun
 from .tasks import slow_query_task
 
 MAX_TASKS = 1000
@@ -65,8 +67,20 @@ def enqueue_slow(request):
         error = "batch must be 1 to 64 of letters, digits, '-' and '_'"
     if error:
         return JsonResponse({"error": error}, status=400)
-    for _ in range(count):
-        slow_query_task.delay(batch, seconds)
+    # The backlog rows first, in one statement: a worker that finishes a
+    # task before the rest are sent finds its row to delete.
+    ids = [uuid.uuid4() for _ in range(count)]
+    now = timezone.now()
+    try:
+        Backlog.objects.bulk_create([Backlog(task_id=i, batch=batch, sent_at=now) for i in ids])
+    except DatabaseError as error:
+        return JsonResponse({"error": str(error).strip()}, status=503)
+    for sent, task_id in enumerate(ids):
+        try:
+            slow_query_task.apply_async((batch, seconds), task_id=str(task_id))
+        except Exception as error:  # the broker away: what was not sent is no backlog
+            Backlog.objects.filter(task_id__in=ids[sent:]).delete()
+            return JsonResponse({"error": f"the broker: {error}", "enqueued": sent}, status=503)
     return JsonResponse({"enqueued": count, "batch": batch}, status=202)
 
 
@@ -76,6 +90,7 @@ def task_runs(request):
         return JsonResponse({"error": "batch is required"}, status=400)
     try:
         runs = list(TaskRun.objects.filter(batch=batch).values_list("started", "finished", "hostname"))
+        backlog = Backlog.objects.filter(batch=batch).count()
     except DatabaseError as error:
         return JsonResponse({"error": str(error).strip()}, status=503)
     # The most runs that overlapped: a sweep over starts and ends.
@@ -91,6 +106,8 @@ def task_runs(request):
         {
             "batch": batch,
             "runs": len(runs),
+            # Tasks sent and not yet done.
+            "backlog": backlog,
             "peak_overlap": peak,
             "hosts": sorted({h for _, _, h in runs}),
             "first_start": first_start,
