@@ -5,6 +5,9 @@
 #   - operator/tests/autoscaling.rs bench_backlog_to_target_replicas: a
 #     backlog of 10,000 jobs to the worker Deployment's replicas set,
 #     BENCH_TRIALS (20) times;
+#   - bench_query_backlog_to_target_replicas, right after: the same for the
+#     SQL signal (100 rows of a table of the app's own, counted by the
+#     user's statement), BENCH_QUERY_TRIALS (10) times;
 #   - bench_steady_load_near_a_threshold: BENCH_STEADY_SECONDS (600) of a
 #     backlog wavering around a threshold, two Tidepools side by side (the
 #     default windows, and none): replica changes, the operator's readings
@@ -17,7 +20,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
 
-: "${BENCH_TRIALS:=20}" "${BENCH_STEADY_SECONDS:=600}" "${BENCH_REPEATS:=3}"
+: "${BENCH_TRIALS:=20}" "${BENCH_QUERY_TRIALS:=10}" "${BENCH_STEADY_SECONDS:=600}" "${BENCH_REPEATS:=3}"
 OUT=$REPO_ROOT/docs/benchmarks.md
 require_no_real_node
 WORK=$(mktemp -d)
@@ -36,6 +39,9 @@ test_env_up
 say "13. a backlog to the target replicas, $BENCH_TRIALS times"
 TIDEPOOL_SCALING_FIGURES=$FIGURES TIDEPOOL_BENCH_TRIALS=$BENCH_TRIALS \
   cargo test --quiet -p tidepool-operator --test autoscaling bench_backlog_to_target_replicas -- --ignored --nocapture
+say "13. a query's backlog to the target replicas, $BENCH_QUERY_TRIALS times"
+TIDEPOOL_SCALING_FIGURES=$FIGURES TIDEPOOL_BENCH_QUERY_TRIALS=$BENCH_QUERY_TRIALS \
+  cargo test --quiet -p tidepool-operator --test autoscaling bench_query_backlog_to_target_replicas -- --ignored --nocapture
 say "13. $BENCH_STEADY_SECONDS s of a load near a threshold"
 TIDEPOOL_SCALING_FIGURES=$FIGURES TIDEPOOL_BENCH_STEADY_SECONDS=$BENCH_STEADY_SECONDS \
   cargo test --quiet -p tidepool-operator --test autoscaling bench_steady_load_near_a_threshold -- --ignored --nocapture

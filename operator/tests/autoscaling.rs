@@ -606,6 +606,66 @@ fn bench_backlog_to_target_replicas() -> Result<()> {
     record_figures("backlog", json!({"trials": trials, "seconds": seconds, "p50": at(0.5), "p99": at(0.99)}))
 }
 
+/// Benchmark (scripts/bench-autoscaling.sh, right after the queues'): the
+/// same for the SQL signal, `TIDEPOOL_BENCH_QUERY_TRIALS` (10) times: 100
+/// rows committed to a table of the app's own, `SELECT count(*) FROM
+/// backlog` at 10 per replica, so 1 → 10; readings every second, no
+/// stabilization window.
+#[test]
+#[ignore = "a benchmark: scripts/bench-autoscaling.sh"]
+fn bench_query_backlog_to_target_replicas() -> Result<()> {
+    let trials: usize =
+        std::env::var("TIDEPOOL_BENCH_QUERY_TRIALS").ok().and_then(|t| t.parse().ok()).unwrap_or(10);
+    let kube = kube_with_crd()?;
+    let ns = kube.namespace("bench-query")?;
+    let queue = Queue::create(&Postgres::from_env()?, &format!("bench_query_{}", std::process::id()))?;
+    backlog_table(&queue)?;
+    let spec = tidepool(
+        1,
+        json!({"minReplicas": 1, "maxReplicas": 12, "scaleUpStabilizationSeconds": 0,
+               "scaleDownStabilizationSeconds": 0,
+               "query": {"sql": "SELECT count(*) FROM backlog", "targetValuePerReplica": 10}}),
+    );
+    let _operator = deploy_until(kube, &ns.name, &queue, &spec, "QueryRead")?;
+    let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+        kube::Api::namespaced(queue.runtime.block_on(kube::Client::try_default())?, &ns.name);
+    let replicas = |wanted: i32, since: std::time::Instant| -> Result<Duration> {
+        queue.runtime.block_on(async {
+            loop {
+                let deployment = deployments.get_opt("shop-worker").await?;
+                if deployment.and_then(|d| d.spec).and_then(|s| s.replicas) == Some(wanted) {
+                    return anyhow::Ok(since.elapsed());
+                }
+                ensure!(since.elapsed() < Duration::from_secs(60), "no {wanted} replicas within 60 s");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let run = |sql: &str| queue.runtime.block_on(queue.client.batch_execute(sql));
+    replicas(1, std::time::Instant::now())?;
+    let mut seconds = Vec::new();
+    for trial in 0..trials {
+        // The rows at a different moment of the scaler's 1 s cycle each time.
+        std::thread::sleep(Duration::from_millis((trial as u64 * 379) % 1000));
+        run("INSERT INTO backlog SELECT FROM generate_series(1, 100)")?;
+        let committed = std::time::Instant::now();
+        seconds.push(replicas(10, committed)?.as_secs_f64());
+        run("DELETE FROM backlog")?;
+        replicas(1, std::time::Instant::now())?;
+    }
+    seconds.sort_by(f64::total_cmp);
+    let at = |q: f64| seconds[((seconds.len() - 1) as f64 * q).round() as usize];
+    eprintln!(
+        "query backlog to 10 replicas over {trials} trials: p50 {:.3} s, p99 {:.3} s",
+        at(0.5),
+        at(0.99)
+    );
+    record_figures(
+        "query_backlog",
+        json!({"trials": trials, "seconds": seconds, "p50": at(0.5), "p99": at(0.99)}),
+    )
+}
+
 /// Benchmark (scripts/bench-autoscaling.sh): a steady load whose backlog
 /// wavers around a threshold (260 to 340 available jobs, anew each second;
 /// 100 per replica: 3 or 4 replicas by each reading, its peaks needing 4),

@@ -668,10 +668,8 @@ fn the_django_workers_scale_on_their_backlog_table_and_hold_when_the_query_fails
     let shares = watch_shares(&shop)?;
 
     // 24 tasks of 10 s at 8 per replica: 3 workers.
-    let sent = Instant::now();
     start_tasks(&shop, "scale", 24, 10.0)?;
     wait_worker_replicas(&shop, 3, Duration::from_secs(60))?;
-    let set_after = sent.elapsed().as_secs_f64();
 
     // At once, while the backlog lasts: a table the role may not read.
     set_query(&shop, "SELECT count(*) FROM shop_taskrun", 2)?;
@@ -683,7 +681,6 @@ fn the_django_workers_scale_on_their_backlog_table_and_hold_when_the_query_fails
         Ok((shop.tidepool()?["status"]["worker"]["readyReplicas"] == 3).then_some(()))
     })
     .with_context(|| shop.describe())?;
-    let ready_after = sent.elapsed().as_secs_f64();
     let runs = wait_runs(&shop, "scale", 24, Duration::from_secs(180))?;
     assert_eq!(runs["backlog"], 0, "every task deleted its row: {runs}");
     assert!(runs["hosts"].as_array().is_some_and(|h| h.len() >= 2), "the new workers took tasks: {runs}");
@@ -728,8 +725,5 @@ fn the_django_workers_scale_on_their_backlog_table_and_hold_when_the_query_fails
 
     let peak = shares.figure();
     assert!(peak > 0 && peak <= available, "live shares peaked at {peak}, available {available}");
-    record_figures(
-        "django_query_scaling",
-        json!({"replicas_set_seconds": set_after, "pods_ready_seconds": ready_after, "peak_shares": peak, "available": available}),
-    )
+    Ok(())
 }

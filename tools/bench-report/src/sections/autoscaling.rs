@@ -31,14 +31,16 @@ pub struct Setup {
 pub struct Runs {
     /// `backlog`: p50, p99 and every trial's seconds.
     pub backlog: Value,
+    /// `query_backlog`: the same for the SQL signal.
+    pub query_backlog: Value,
     /// `steady`: one run per Tidepool.
     pub steady: Vec<Value>,
     /// Each run of the real-node test.
     pub e2e: Vec<Value>,
 }
 
-/// The figures the tests wrote: `figures` (records named `backlog` and
-/// `steady`) and `e2e` (a record per run) in `work`.
+/// The figures the tests wrote: `figures` (records named `backlog`,
+/// `query_backlog` and `steady`) and `e2e` (a record per run) in `work`.
 pub fn load(figures: &Path, e2e: &Path) -> Result<Runs, ReportError> {
     let records = json_lines(figures)?;
     let named = |name: &str| {
@@ -49,6 +51,7 @@ pub fn load(figures: &Path, e2e: &Path) -> Result<Runs, ReportError> {
     let steady = named("steady")?.as_array().cloned().unwrap_or_default();
     Ok(Runs {
         backlog: named("backlog")?,
+        query_backlog: named("query_backlog")?,
         steady,
         e2e: json_lines(e2e)?.into_iter().map(|r| r["figures"].clone()).collect(),
     })
@@ -57,8 +60,12 @@ pub fn load(figures: &Path, e2e: &Path) -> Result<Runs, ReportError> {
 pub fn render(setup: &Setup, runs: &Runs) -> String {
     let Setup { provenance: Provenance { date, commit }, trials, steady_seconds, repeats } = setup;
     let backlog = &runs.backlog;
-    let seconds: Vec<f64> =
-        backlog["seconds"].as_array().into_iter().flatten().filter_map(Value::as_f64).collect();
+    let trial_seconds = |f: &Value| {
+        f["seconds"].as_array().into_iter().flatten().filter_map(Value::as_f64).collect::<Vec<_>>()
+    };
+    let seconds = trial_seconds(backlog);
+    let query = &runs.query_backlog;
+    let query_seconds = trial_seconds(query);
     let e2e = |key: &str| runs.e2e.iter().map(|f| figure(f, key)).collect::<Vec<_>>();
     let e2e_row = |label: &str, key: &str| {
         format!("| {label} | {:.1} s | {} |", median(&e2e(key)), list(&e2e(key), 1, false))
@@ -75,6 +82,16 @@ pub fn render(setup: &Setup, runs: &Runs) -> String {
             figure(backlog, "p99"),
             min(&seconds),
             max(&seconds)
+        ),
+        String::new(),
+        format!(
+            "**The same on the SQL signal** ({} trials, right after: 100 rows committed to a table of the app's own, counted by `worker.autoscaling.query` (`SELECT count(*) FROM backlog`, read-only under its statement timeout) at 10 per replica, so 1 → 10; the same readings and windows): **p50 {:.2} s, p99 {:.2} s** (min {:.2} s, max {:.2} s), {:.2} times the queues' median. The statement's own time is in it; a count over a large table is the user's to index.",
+            figure(query, "trials"),
+            figure(query, "p50"),
+            figure(query, "p99"),
+            min(&query_seconds),
+            max(&query_seconds),
+            figure(query, "p50") / figure(backlog, "p50").max(1e-9)
         ),
         String::new(),
         format!(
