@@ -10,7 +10,9 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
-use common::{condition, get, kube_with_crd, wait_condition, Operator, Queue};
+use common::{
+    condition, get, kube_with_crd, set_query, wait_condition, wait_condition_containing, Operator, Queue,
+};
 use serde_json::{json, Value};
 use tidepool::queue::{NewJob, Schedule};
 use tidepool_testenv::node::{Postgres, PrivatePostgres};
@@ -135,13 +137,6 @@ fn query_tidepool() -> String {
         json!({"minReplicas": 0, "maxReplicas": 6,
                "query": {"sql": "SELECT count(*) FROM backlog", "targetValuePerReplica": 10}}),
     )
-}
-
-/// Sets the scaler's statement (and its timeout).
-fn set_query(kube: &Kube, ns: &str, sql: &str, timeout_seconds: u32) -> Result<()> {
-    let patch = json!({"spec": {"worker": {"autoscaling": {"query": {"sql": sql, "statementTimeoutSeconds": timeout_seconds}}}}});
-    kube.kubectl(&["patch", "tidepool/shop", "-n", ns, "--type", "merge", "-p", &patch.to_string()], None)?;
-    Ok(())
 }
 
 #[test]
@@ -420,14 +415,12 @@ fn a_query_that_fails_or_runs_past_its_timeout_holds_the_replicas() -> Result<()
 
     // A statement past its timeout: cancelled by the server, the same hold.
     set_query(kube, &ns.name, "SELECT count(*) FROM backlog, pg_sleep(30)", 1)?;
-    let message = wait_for("the condition to name the timeout", Duration::from_secs(60), || {
-        let tidepool = get(kube, &ns.name, "tidepool/shop")?.context("the Tidepool")?;
-        Ok(condition(&tidepool, "WorkerAutoscaling")
-            .filter(|(status, reason, message)| {
-                status == "False" && reason == "QueryFailed" && message.contains("statement timeout of 1 s")
-            })
-            .map(|(_, _, message)| message))
-    })?;
+    let message = wait_condition_containing(
+        kube,
+        &ns.name,
+        ("WorkerAutoscaling", "False", "QueryFailed"),
+        "statement timeout of 1 s",
+    )?;
     assert!(message.contains("ran past its statement timeout of 1 s and was cancelled"), "{message}");
     let before = failed()?;
     wait_for("slow readings through a whole down window", Duration::from_secs(60), || {
@@ -554,6 +547,34 @@ fn readings(operator: &Operator) -> Result<(f64, Vec<(f64, f64)>)> {
     Ok((count, buckets))
 }
 
+/// The time until the worker Deployment's `spec.replicas` is a number,
+/// read every 10 ms through the API (the benchmarks' clock).
+struct ReplicaTimer<'a> {
+    queue: &'a Queue,
+    deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment>,
+}
+
+impl<'a> ReplicaTimer<'a> {
+    fn new(queue: &'a Queue, ns: &str) -> Result<Self> {
+        let client = queue.runtime.block_on(kube::Client::try_default())?;
+        Ok(ReplicaTimer { queue, deployments: kube::Api::namespaced(client, ns) })
+    }
+
+    /// From `since` until `wanted` replicas (at most 60 s).
+    fn since(&self, wanted: i32, since: std::time::Instant) -> Result<Duration> {
+        self.queue.runtime.block_on(async {
+            loop {
+                let deployment = self.deployments.get_opt("shop-worker").await?;
+                if deployment.and_then(|d| d.spec).and_then(|s| s.replicas) == Some(wanted) {
+                    return anyhow::Ok(since.elapsed());
+                }
+                ensure!(since.elapsed() < Duration::from_secs(60), "no {wanted} replicas within 60 s");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    }
+}
+
 /// Benchmark (scripts/bench-autoscaling.sh): from a backlog committed to
 /// the worker Deployment's replicas set, 20 times. Readings every second,
 /// no stabilization window: the mechanism's own delay (reading, decision,
@@ -574,21 +595,8 @@ fn bench_backlog_to_target_replicas() -> Result<()> {
                "queues": [{"name": "default", "targetAvailableJobsPerReplica": 1000}]}),
     );
     let _operator = deploy(kube, &ns.name, &queue, &spec)?;
-    let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
-        kube::Api::namespaced(queue.runtime.block_on(kube::Client::try_default())?, &ns.name);
-    let replicas = |wanted: i32| -> Result<Duration> {
-        let started = std::time::Instant::now();
-        queue.runtime.block_on(async {
-            loop {
-                let deployment = deployments.get_opt("shop-worker").await?;
-                if deployment.and_then(|d| d.spec).and_then(|s| s.replicas) == Some(wanted) {
-                    return anyhow::Ok(started.elapsed());
-                }
-                ensure!(started.elapsed() < Duration::from_secs(60), "no {wanted} replicas within 60 s");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-    };
+    let timer = ReplicaTimer::new(&queue, &ns.name)?;
+    let replicas = |wanted: i32| timer.since(wanted, std::time::Instant::now());
     replicas(1)?;
     let mut seconds = Vec::new();
     for trial in 0..trials {
@@ -627,20 +635,8 @@ fn bench_query_backlog_to_target_replicas() -> Result<()> {
                "query": {"sql": "SELECT count(*) FROM backlog", "targetValuePerReplica": 10}}),
     );
     let _operator = deploy_until(kube, &ns.name, &queue, &spec, "QueryRead")?;
-    let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
-        kube::Api::namespaced(queue.runtime.block_on(kube::Client::try_default())?, &ns.name);
-    let replicas = |wanted: i32, since: std::time::Instant| -> Result<Duration> {
-        queue.runtime.block_on(async {
-            loop {
-                let deployment = deployments.get_opt("shop-worker").await?;
-                if deployment.and_then(|d| d.spec).and_then(|s| s.replicas) == Some(wanted) {
-                    return anyhow::Ok(since.elapsed());
-                }
-                ensure!(since.elapsed() < Duration::from_secs(60), "no {wanted} replicas within 60 s");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-    };
+    let timer = ReplicaTimer::new(&queue, &ns.name)?;
+    let replicas = |wanted: i32, since: std::time::Instant| timer.since(wanted, since);
     let run = |sql: &str| queue.runtime.block_on(queue.client.batch_execute(sql));
     replicas(1, std::time::Instant::now())?;
     let mut seconds = Vec::new();

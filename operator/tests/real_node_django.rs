@@ -591,27 +591,6 @@ fn prometheus_scrapes_the_exporters_of_an_applications_pods() -> Result<()> {
     Ok(())
 }
 
-/// Sets the worker scaler's statement (and its timeout) of the example.
-fn set_query(shop: &Shop, sql: &str, timeout_seconds: u32) -> Result<()> {
-    let patch = json!({"spec": {"worker": {"autoscaling": {"query": {"sql": sql, "statementTimeoutSeconds": timeout_seconds}}}}});
-    shop.kube.kubectl(
-        &["patch", "-n", &shop.ns.name, "tidepool/shop", "--type=merge", "-p", &patch.to_string()],
-        None,
-    )?;
-    Ok(())
-}
-
-/// The condition `WorkerAutoscaling` once it is `status` for `reason` with
-/// a message containing `part`; its message.
-fn wait_scaler_condition(shop: &Shop, status: &str, reason: &str, part: &str) -> Result<String> {
-    wait_for(&format!("WorkerAutoscaling={status} ({reason}: {part})"), Duration::from_secs(60), || {
-        Ok(common::condition(&shop.tidepool()?, "WorkerAutoscaling")
-            .filter(|(s, r, m)| s == status && r == reason && m.contains(part))
-            .map(|(_, _, m)| m))
-    })
-    .with_context(|| shop.describe())
-}
-
 /// Waits until `spec.worker.replicas` is `replicas`.
 fn wait_worker_replicas(shop: &Shop, replicas: i64, limit: Duration) -> Result<Value> {
     wait_for(&format!("worker replicas {replicas}"), limit, || {
@@ -640,11 +619,18 @@ fn the_django_workers_scale_on_their_backlog_table_and_hold_when_the_query_fails
             "query": {"targetValuePerReplica": 8}, "secretRef": {"name": "shop-scaler"}}},
     }))?;
     let shop = example.deploy(&pg, "djscale")?;
+    let scaler_condition = |status: &str, reason: &str, part: &str| {
+        common::wait_condition_containing(
+            shop.kube,
+            &shop.ns.name,
+            ("WorkerAutoscaling", status, reason),
+            part,
+        )
+    };
     let sql = shop.tidepool()?["spec"]["worker"]["autoscaling"]["query"]["sql"].clone();
     assert_eq!(sql, "SELECT count(*) FROM shop_backlog", "the example's own query");
     // No Secret yet: the scaler says so, and the replicas hold.
-    let missing =
-        wait_scaler_condition(&shop, "False", "QueryFailed", "the Secret shop-scaler does not exist")?;
+    let missing = scaler_condition("False", "QueryFailed", "the Secret shop-scaler does not exist")?;
     assert!(missing.contains("the worker replicas hold at 1"), "{missing}");
 
     // The scaler's role, as docs/foreign-apps.md gives it: the one table.
@@ -663,7 +649,7 @@ fn the_django_workers_scale_on_their_backlog_table_and_hold_when_the_query_fails
     let mut secret: Value = serde_json::from_str(&scaler.secret("shop-scaler", "127.0.0.1", pg.port))?;
     secret["stringData"]["dbname"] = json!(shop.db.name);
     shop.kube.kubectl(&["apply", "-n", &shop.ns.name, "-f", "-"], Some(&secret.to_string()))?;
-    wait_scaler_condition(&shop, "True", "QueryRead", "the query (statement timeout 2 s)")?;
+    scaler_condition("True", "QueryRead", "the query (statement timeout 2 s)")?;
     let available = shop.tidepool()?["status"]["connections"]["available"].as_i64().context("available")?;
     let shares = watch_shares(&shop)?;
 
@@ -672,9 +658,8 @@ fn the_django_workers_scale_on_their_backlog_table_and_hold_when_the_query_fails
     wait_worker_replicas(&shop, 3, Duration::from_secs(60))?;
 
     // At once, while the backlog lasts: a table the role may not read.
-    set_query(&shop, "SELECT count(*) FROM shop_taskrun", 2)?;
-    let denied =
-        wait_scaler_condition(&shop, "False", "QueryFailed", "permission denied for table shop_taskrun")?;
+    common::set_query(shop.kube, &shop.ns.name, "SELECT count(*) FROM shop_taskrun", 2)?;
+    let denied = scaler_condition("False", "QueryFailed", "permission denied for table shop_taskrun")?;
     assert!(denied.contains("the worker replicas hold at 3"), "{denied}");
     assert!(!denied.contains(&scaler.password) && !denied.contains(&shop.db.password), "no secret in status");
     wait_for("3 worker pods ready", Duration::from_secs(180), || {
@@ -695,9 +680,8 @@ fn the_django_workers_scale_on_their_backlog_table_and_hold_when_the_query_fails
     assert_eq!(shop.tidepool()?["spec"]["worker"]["replicas"], 3);
 
     // A statement past its timeout: cancelled by the server, the same hold.
-    set_query(&shop, "SELECT count(*) FROM shop_backlog, pg_sleep(30)", 1)?;
-    let slow =
-        wait_scaler_condition(&shop, "False", "QueryFailed", "statement timeout of 1 s and was cancelled")?;
+    common::set_query(shop.kube, &shop.ns.name, "SELECT count(*) FROM shop_backlog, pg_sleep(30)", 1)?;
+    let slow = scaler_condition("False", "QueryFailed", "statement timeout of 1 s and was cancelled")?;
     assert!(slow.contains("the worker replicas hold at 3"), "{slow}");
     let before = failed()?;
     wait_for("slow readings through a whole down window", Duration::from_secs(60), || {
@@ -706,8 +690,8 @@ fn the_django_workers_scale_on_their_backlog_table_and_hold_when_the_query_fails
     assert_eq!(shop.tidepool()?["spec"]["worker"]["replicas"], 3);
 
     // Mended: the empty backlog takes the tier down to its minimum.
-    set_query(&shop, "SELECT count(*) FROM shop_backlog", 2)?;
-    wait_scaler_condition(&shop, "True", "QueryRead", "the query")?;
+    common::set_query(shop.kube, &shop.ns.name, "SELECT count(*) FROM shop_backlog", 2)?;
+    scaler_condition("True", "QueryRead", "the query")?;
     let mended = Instant::now();
     let tidepool = wait_worker_replicas(&shop, 1, Duration::from_secs(60))?;
     assert!(

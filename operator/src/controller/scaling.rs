@@ -20,13 +20,18 @@ pub fn scaler_health(
     replicas: u32,
 ) -> AutoscalingHealth {
     let bounds = format!("{}..{}", settings.policy.min_replicas, settings.policy.max_replicas);
-    let (what, is, read, unreadable) = match &settings.signal {
-        Signal::Queues { queues, .. } => {
-            (format!("the queues {}", queues.join(", ")), "are", "QueuesRead", "QueuesUnreadable")
-        }
+    let (what, is, fails, read, unreadable) = match &settings.signal {
+        Signal::Queues { queues, .. } => (
+            format!("the queues {}", queues.join(", ")),
+            "are",
+            "cannot be read",
+            "QueuesRead",
+            "QueuesUnreadable",
+        ),
         Signal::Query { statement_timeout, .. } => (
             format!("the query (statement timeout {} s)", statement_timeout.as_secs()),
             "is",
+            "fails",
             "QueryRead",
             "QueryFailed",
         ),
@@ -36,7 +41,7 @@ pub fn scaler_health(
             status: "False",
             reason: unreadable,
             message: format!(
-                "{what} cannot be read since {}: {error}; the worker replicas hold at {replicas}",
+                "{what} {fails} since {}: {error}; the worker replicas hold at {replicas}",
                 since.0
             ),
         },

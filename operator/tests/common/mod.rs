@@ -197,6 +197,32 @@ pub fn wait_condition(kube: &Kube, ns: &str, type_: &str, status: &str, reason: 
     })
 }
 
+/// Waits until tidepool/shop in `ns` has the condition `type_` at `status`
+/// for `reason` with a message containing `part`; its message.
+pub fn wait_condition_containing(
+    kube: &Kube,
+    ns: &str,
+    (type_, status, reason): (&str, &str, &str),
+    part: &str,
+) -> Result<String> {
+    wait_for(&format!("{type_}={status} ({reason}: {part})"), Duration::from_secs(60), || {
+        let tidepool = get(kube, ns, "tidepool/shop")?;
+        Ok(tidepool
+            .as_ref()
+            .and_then(|t| condition(t, type_))
+            .and_then(|(s, r, m)| (s == status && r == reason && m.contains(part)).then_some(m)))
+    })
+}
+
+/// Sets the worker scaler's statement of tidepool/shop in `ns`, and its
+/// timeout.
+pub fn set_query(kube: &Kube, ns: &str, sql: &str, timeout_seconds: u32) -> Result<()> {
+    let query = json!({"sql": sql, "statementTimeoutSeconds": timeout_seconds});
+    let patch = json!({"spec": {"worker": {"autoscaling": {"query": query}}}});
+    kube.kubectl(&["patch", "tidepool/shop", "-n", ns, "--type", "merge", "-p", &patch.to_string()], None)?;
+    Ok(())
+}
+
 /// Waits up to `limit` until tidepool/shop in `ns` is Ready; the Tidepool.
 pub fn wait_ready(kube: &Kube, ns: &str, limit: Duration) -> Result<Value> {
     wait_for("the Tidepool to be Ready", limit, || {
