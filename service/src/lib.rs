@@ -75,6 +75,7 @@ mod shutdown;
 pub mod task;
 mod telemetry;
 pub mod testing;
+pub mod tls;
 pub mod web;
 mod worker;
 
