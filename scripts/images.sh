@@ -117,10 +117,11 @@ build_image() {
   load "$TIDEPOOL_IMAGE_DIR/$dir.tar"
 }
 
-# Imports archive $1 into the real node's containerd when it runs.
+# Imports archive $1 into the real node's containerd when it runs (when
+# it does not, the node imports every archive as it starts).
 load() {
   local socket=/run/$TIDEPOOL_NODE_NETNS/containerd.sock
-  [ -S "$socket" ] || return 0
+  [ -S "$socket" ] && ctr --address "$socket" version >/dev/null 2>&1 || return 0
   ctr --address "$socket" --namespace k8s.io images import "$1" >/dev/null \
     || die "importing $1 into the node's containerd failed"
 }

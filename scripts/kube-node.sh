@@ -120,7 +120,8 @@ host_state() {
 # /etc/cni/net.d (when it holds only its lock file, not held). Today's
 # scripts point all three into their own folders (scripts/lib.sh,
 # scripts/images.sh); scripts/test.sh calls this before it records the
-# host, so its before-and-after check is the check of a first run.
+# host, so its before-and-after check is the check of a first run. And
+# what a node that died without `make kube-down` left (below).
 freshen_host() {
   local removed=()
   if [ -d /run/mount ] && [ ! -s /run/mount/utab ] \
@@ -135,6 +136,21 @@ freshen_host() {
      && { [ ! -e /etc/cni/net.d/cni.lock ] || flock -n /etc/cni/net.d/cni.lock true; }; then
     rm -rf /etc/cni/net.d && removed+=(/etc/cni/net.d)
     rmdir /etc/cni 2>/dev/null && removed+=(/etc/cni)
+  fi
+  # A node whose processes died with their machine (a crash, a restored
+  # snapshot) without `make kube-down` leaves its namespace's file, no
+  # longer a mount, and its /run folder with a socket nothing listens on:
+  # `ip netns add` and the image import would stumble on them.
+  # Its pods' namespaces (containerd's cni-<id>) go the same way.
+  local name
+  for name in "/run/netns/$TIDEPOOL_NODE_NETNS" /run/netns/cni-*; do
+    if [ -f "$name" ] && ! mountpoint -q "$name"; then
+      rm -f "$name" && removed+=("$name")
+    fi
+  done
+  if [ -d "$NODE_RUN" ] && ! node_net_exists && ! ctr --address "$CONTAINERD_SOCKET" version >/dev/null 2>&1 \
+     && [ -z "$(findmnt -rn -o TARGET | grep -F "$NODE_RUN/" || true)" ]; then
+    rm -rf "$NODE_RUN" && removed+=("$NODE_RUN")
   fi
   [ ${#removed[@]} -eq 0 ] || say "removed what an earlier run left on the host: ${removed[*]}"
   return 0
