@@ -4,7 +4,8 @@
 //! Every `pollingIntervalSeconds` a task reads its signal with one
 //! statement over its own single connection to PostgreSQL (opened with the
 //! credentials of `worker.autoscaling.secretRef`, else the database Secret;
-//! kept open between readings, opened again after a failure): the served
+//! kept open between readings, also past a statement that failed, and
+//! opened again once it closed or gave no answer in time): the served
 //! queues ([`tidepool::queue::sql::queue_stats`]), or the user's `query`
 //! ([`crate::signal::read`]: read-only, under its statement timeout). It
 //! turns the reading into a recommendation ([`scaler::recommend`],
@@ -265,7 +266,6 @@ async fn run(shared: Arc<Shared>, key: ObjectRef<Tidepool>, settings: Settings, 
             Ok(recommendation) => (Some(recommendation), None),
             Err(e) => {
                 tracing::warn!(tidepool = %key, error = %e, replicas = current, "could not read the scaling signal; the worker replicas hold");
-                connection = None;
                 (None, Some(e.to_string()))
             }
         };
@@ -311,22 +311,27 @@ async fn read(
             client
         }
     };
-    let recommendation = match &settings.signal {
-        Signal::Queues { queues, targets } => {
-            let states = read_queues(&client, queues).await?;
-            scaler::recommend(&settings.policy, targets, &states, current)
-        }
+    let result = match &settings.signal {
+        Signal::Queues { queues, targets } => read_queues(&client, queues)
+            .await
+            .map(|states| scaler::recommend(&settings.policy, targets, &states, current)),
         Signal::Query { sql, statement_timeout, target } => {
             let limit = *statement_timeout + QUERY_GRACE;
-            let value =
-                tokio::time::timeout(limit, crate::signal::read(&mut client, sql, *statement_timeout))
-                    .await
-                    .map_err(|_| ReadError::QueryTimeout(limit))??;
-            scaler::recommend_value(&settings.policy, *target, value)
+            tokio::time::timeout(limit, crate::signal::read(&mut client, sql, *statement_timeout))
+                .await
+                .map_err(|_| ReadError::QueryTimeout(limit))
+                .and_then(|value| Ok(value?))
+                .map(|value| scaler::recommend_value(&settings.policy, *target, value))
         }
     };
-    *connection = Some(client);
-    Ok(recommendation)
+    // A statement that failed (a denied table, a server-side timeout, an
+    // answer of the wrong shape) leaves its connection usable; one without
+    // an answer in time (a stuck server, the network away) may not.
+    let stuck = matches!(result, Err(ReadError::Timeout | ReadError::QueryTimeout(_)));
+    if !stuck && !client.is_closed() {
+        *connection = Some(client);
+    }
+    result
 }
 
 /// The served queues' states, in one statement.

@@ -438,6 +438,13 @@ fn a_query_that_fails_or_runs_past_its_timeout_holds_the_replicas() -> Result<()
     set_query(kube, &ns.name, "SELECT count(*) FROM backlog", 5)?;
     wait_condition(kube, &ns.name, "WorkerAutoscaling", "True", "QueryRead")?;
     wait_worker_replicas(kube, &ns.name, 0, Duration::from_secs(60))?;
+    // One connection per statement set (a new setting restarts the
+    // scaler): a statement that failed, even by its timeout, kept it.
+    assert_eq!(
+        operator.metric("tidepool_operator_database_connections_opened_total")?,
+        4.0,
+        "a login per setting, none per failed reading"
+    );
     Ok(())
 }
 
