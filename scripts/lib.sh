@@ -183,7 +183,14 @@ secret() { cat "$TIDEPOOL_STATE_DIR/secrets/$1"; }
 # Connection URLs. They carry passwords: pass them through the environment,
 # never on a command line (visible in ps) or in a log.
 superuser_url() { printf 'postgres://postgres:%s@127.0.0.1:%s/postgres' "$(secret postgres.password)" "$TIDEPOOL_PG_PORT"; }
-direct_url() { printf 'postgres://%s:%s@127.0.0.1:%s/%s' "$APP_USER" "$(secret app.password)" "$TIDEPOOL_PG_PORT" "$APP_DB"; }
+# A direct connection to a TLS-only cluster (scripts/stack.sh,
+# TIDEPOOL_PG_TLS_DIR) verifies it with the cluster's CA.
+direct_tls() {
+  if [ -s "$TIDEPOOL_STATE_DIR/tls/ca.crt" ]; then
+    printf '?sslmode=verify-full&sslrootcert=%s' "$TIDEPOOL_STATE_DIR/tls/ca.crt"
+  fi
+}
+direct_url() { printf 'postgres://%s:%s@127.0.0.1:%s/%s%s' "$APP_USER" "$(secret app.password)" "$TIDEPOOL_PG_PORT" "$APP_DB" "$(direct_tls)"; }
 pooled_url() { printf 'postgres://%s:%s@127.0.0.1:%s/%s' "$APP_USER" "$(secret app.password)" "$TIDEPOOL_POOLER_PORT" "$APP_DB"; }
 
 # The local stack's PgBouncer figures (the pgbouncer_* series of web's and

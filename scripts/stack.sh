@@ -14,7 +14,11 @@
 # web` and `tidepool worker` (TIDEPOOL_MAX_IN_FLIGHT, TIDEPOOL_WORKER_BATCH_SIZE,
 # ...) is passed through. PostgreSQL also listens on the real node's host
 # end (TIDEPOOL_NODE_HOST_IP, for the test cluster's pods) when
-# TIDEPOOL_PG_FOR_NODE=1, and accepts password logins from the node.
+# TIDEPOOL_PG_FOR_NODE=1, and accepts password logins from the node. With
+# TIDEPOOL_PG_TLS_DIR (a folder with server.crt, server.key and the ca.crt
+# that issued it) the cluster takes TLS connections only (`hostssl` in
+# pg_hba.conf, `ssl=on`), and every direct connection, PgBouncer's too,
+# verifies it (`sslmode=verify-full`, docs/runtime.md).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -57,7 +61,25 @@ postgres_up() {
       || { rm -f "$pwfile"; die "initdb failed; see $LOGS/initdb.log"; }
     rm -f "$pwfile"
   fi
-  local listen=127.0.0.1 hba_node="host all all $TIDEPOOL_NODE_IP/32 scram-sha-256"
+  # TLS only: the certificate of TIDEPOOL_PG_TLS_DIR, every host line
+  # hostssl; a cluster made so stays so (its copy in $STATE/tls).
+  if [ -n "${TIDEPOOL_PG_TLS_DIR:-}" ]; then
+    local file
+    for file in server.crt server.key ca.crt; do
+      [ -s "$TIDEPOOL_PG_TLS_DIR/$file" ] || die "TIDEPOOL_PG_TLS_DIR=$TIDEPOOL_PG_TLS_DIR has no $file"
+    done
+    mkdir -p "$STATE/tls"
+    cp -L "$TIDEPOOL_PG_TLS_DIR/server.crt" "$TIDEPOOL_PG_TLS_DIR/server.key" "$TIDEPOOL_PG_TLS_DIR/ca.crt" "$STATE/tls/"
+    chmod 600 "$STATE/tls/server.key"
+    [ "$(id -u)" -ne 0 ] || chown -R "$TIDEPOOL_RUN_AS:" "$STATE/tls"
+  fi
+  local tls=() hba_kind=host
+  if [ -s "$STATE/tls/server.crt" ]; then
+    sed -i 's/^host /hostssl /' "$PG_DATA/pg_hba.conf"
+    hba_kind=hostssl
+    tls=(-c ssl=on -c "ssl_cert_file=$STATE/tls/server.crt" -c "ssl_key_file=$STATE/tls/server.key")
+  fi
+  local listen=127.0.0.1 hba_node="$hba_kind all all $TIDEPOOL_NODE_IP/32 scram-sha-256"
   if [ "${TIDEPOOL_PG_FOR_NODE:-0}" = 1 ]; then
     listen+=",$TIDEPOOL_NODE_HOST_IP"
     # Pods reach it masqueraded as the node's address.
@@ -65,7 +87,7 @@ postgres_up() {
   fi
   say "starting PostgreSQL on $listen port $TIDEPOOL_PG_PORT"
   (cd "$STATE" && as_service_user "$bindir/pg_ctl" -D "$PG_DATA" -l "$LOGS/postgres.log" -w -t 60 \
-    -o "-c listen_addresses=$listen -c port=$TIDEPOOL_PG_PORT -c unix_socket_directories='' -c max_connections=$TIDEPOOL_PG_MAX_CONNECTIONS" \
+    -o "-c listen_addresses=$listen -c port=$TIDEPOOL_PG_PORT -c unix_socket_directories='' -c max_connections=$TIDEPOOL_PG_MAX_CONNECTIONS ${tls[*]}" \
     start >/dev/null) || die "PostgreSQL did not start; see $LOGS/postgres.log"
   wait_until "PGPASSWORD=\$(secret postgres.password) psql -X -h 127.0.0.1 -p $TIDEPOOL_PG_PORT -U postgres -c 'SELECT 1' postgres" 30 PostgreSQL
   psql_super -d postgres <<SQL

@@ -38,6 +38,7 @@ use crate::migrate::{self, Migration, Track};
 use crate::queue::ShutdownReport;
 use crate::settings::{apply_password_file, WebSettings, WorkerSettings};
 use crate::task::{Registry, RegistryError, Task};
+use crate::tls::TlsSettings;
 use crate::web::{self, Server};
 use crate::{db, enqueue, pooler, shutdown, telemetry, StartError};
 
@@ -280,8 +281,9 @@ async fn run_migrate<S: Clone + Send + Sync + 'static>(
             return Err("set TIDEPOOL_DIRECT_DATABASE_URL or DATABASE_URL (or --database-url)".into())
         }
     };
-    let pg = apply_password_file(url.to_pg_config(what)?, args.password_file.as_deref())?;
-    let mut client = db::connect(pg, args.db_connect_timeout).await?;
+    let mut target = url.to_connection(what)?;
+    target.pg = apply_password_file(target.pg, args.password_file.as_deref())?;
+    let mut client = db::connect(target, args.db_connect_timeout).await?;
     let report = app.migrate(&mut client, args.lock_timeout).await?;
     if !report.upgraded.is_empty() {
         let moved: Vec<String> = report.upgraded.iter().map(|(old, new)| format!("{old} -> {new}")).collect();
@@ -302,11 +304,20 @@ async fn run_migrate<S: Clone + Send + Sync + 'static>(
 }
 
 fn run_pooler_config(args: PoolerConfigArgs) -> Result<(), BoxError> {
-    let upstream = match (&args.upstream_url, &args.upstream_from_dir) {
+    let (upstream, server_tls) = match (&args.upstream_url, &args.upstream_from_dir) {
         (Some(url), _) => {
-            pooler::Upstream::from_pg_config(&url.to_pg_config("TIDEPOOL_POOLER_UPSTREAM_URL")?)?
+            let target = url.to_connection("TIDEPOOL_POOLER_UPSTREAM_URL")?;
+            (pooler::Upstream::from_pg_config(&target.pg)?, target.tls)
         }
-        (None, Some(dir)) => pooler::Upstream::from_dir(dir)?,
+        (None, Some(dir)) => (
+            pooler::Upstream::from_dir(dir)?,
+            TlsSettings {
+                mode: args.server_tls_sslmode,
+                root_cert: args.server_tls_ca_file,
+                cert: args.server_tls_cert_file,
+                key: args.server_tls_key_file,
+            },
+        ),
         (None, None) => return Err("set --upstream-url or --upstream-from-dir".into()),
     };
     let settings = args.settings.iter().map(|s| pooler::Setting::parse(s)).collect::<Result<Vec<_>, _>>()?;
@@ -320,6 +331,7 @@ fn run_pooler_config(args: PoolerConfigArgs) -> Result<(), BoxError> {
         query_wait_timeout: args.query_wait_timeout,
         stats_user: args.stats_user.map(pooler::LocalUser::generate),
         client_user: args.client_user.map(pooler::LocalUser::generate),
+        server_tls,
         settings,
         pidfile: args.pidfile,
         logfile: args.logfile,

@@ -18,6 +18,7 @@ use tidepool_contract::env as pod;
 
 use crate::queue::RetryPolicy;
 use crate::settings::{DatabaseSettings, PoolerStatsSettings, SecretUrl, WebSettings, WorkerSettings};
+use crate::tls::SslMode;
 
 /// A default of the settings types, as clap prints and parses it.
 fn default_of(d: Duration) -> humantime::Duration {
@@ -476,8 +477,46 @@ pub(crate) struct PoolerConfigArgs {
     #[arg(long, env = "TIDEPOOL_POOLER_CLIENT_USER", value_name = "NAME")]
     pub client_user: Option<String>,
 
+    /// With --upstream-from-dir, libpq's sslmode for PgBouncer's
+    /// connections to the upstream (server_tls_sslmode): disable, prefer,
+    /// require, verify-ca or verify-full. With --upstream-url, the URL's
+    /// own sslmode, sslrootcert, sslcert and sslkey say it.
+    #[arg(long, env = "TIDEPOOL_POOLER_SERVER_TLS_SSLMODE", value_name = "MODE", default_value = "prefer", value_parser = SslMode::parse, conflicts_with = "upstream_url")]
+    pub server_tls_sslmode: SslMode,
+
+    /// The roots the upstream's certificate must lead to (PEM, one or
+    /// more): server_tls_ca_file.
+    #[arg(
+        long,
+        env = "TIDEPOOL_POOLER_SERVER_TLS_CA_FILE",
+        value_name = "FILE",
+        conflicts_with = "upstream_url"
+    )]
+    pub server_tls_ca_file: Option<PathBuf>,
+
+    /// A client certificate for the upstream (PEM), with
+    /// --server-tls-key-file: server_tls_cert_file.
+    #[arg(
+        long,
+        env = "TIDEPOOL_POOLER_SERVER_TLS_CERT_FILE",
+        value_name = "FILE",
+        conflicts_with = "upstream_url"
+    )]
+    pub server_tls_cert_file: Option<PathBuf>,
+
+    /// Its key (PEM): server_tls_key_file.
+    #[arg(
+        long,
+        env = "TIDEPOOL_POOLER_SERVER_TLS_KEY_FILE",
+        value_name = "FILE",
+        conflicts_with = "upstream_url"
+    )]
+    pub server_tls_key_file: Option<PathBuf>,
+
     /// One more PgBouncer setting, KEY=VALUE (repeatable): settings this
-    /// command writes itself cannot be set again.
+    /// command writes itself cannot be set again, but for its defaults of
+    /// server_connect_timeout (5) and server_login_retry (1); the
+    /// server_tls_* keys come from the upstream's TLS settings only.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub settings: Vec<String>,
 

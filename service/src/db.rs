@@ -78,6 +78,8 @@ pub use tokio_postgres::types::{ToSql, Type};
 pub use tokio_postgres::Row;
 use tokio_postgres::{AsyncMessage, CancelToken, Client, NoTls, SimpleQueryMessage, Transaction};
 
+use crate::tls::{RustlsStream, SslMode, TlsSettings};
+
 /// Longest a best-effort cancel request may take.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -143,6 +145,39 @@ impl DbError {
 
     fn unavailable_because(e: &(dyn std::error::Error + 'static)) -> Self {
         Self::Unavailable { reason: crate::error_chain(e) }
+    }
+}
+
+/// Where a connection goes: tokio-postgres' settings, and the TLS it is
+/// made with ([`crate::tls`]: libpq's `sslmode` meanings).
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Host, port, user, database, password, timeouts.
+    pub pg: tokio_postgres::Config,
+    /// The `sslmode` and its files.
+    pub tls: TlsSettings,
+}
+
+impl std::str::FromStr for Target {
+    type Err = crate::settings::InvalidUrl;
+
+    /// A `postgres://` URL with libpq's TLS parameters, or a key=value
+    /// string (its `sslmode` as tokio-postgres reads it).
+    fn from_str(url: &str) -> Result<Target, Self::Err> {
+        crate::settings::SecretUrl::new(url).to_connection("the database URL")
+    }
+}
+
+impl From<tokio_postgres::Config> for Target {
+    /// The config with the `sslmode` it names (tokio-postgres knows
+    /// `disable`, `prefer` and `require`), verifying nothing.
+    fn from(pg: tokio_postgres::Config) -> Target {
+        let mode = match pg.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Disable => SslMode::Disable,
+            tokio_postgres::config::SslMode::Require => SslMode::Require,
+            _ => SslMode::Prefer,
+        };
+        Target { pg, tls: TlsSettings { mode, ..TlsSettings::default() } }
     }
 }
 
@@ -259,11 +294,13 @@ impl Database {
     /// Builds the pool; no connection is opened until one is needed.
     /// `wait_seconds` observes every wait for a connection.
     pub fn new(
-        mut pg: tokio_postgres::Config,
+        target: impl Into<Target>,
         settings: PoolSettings,
         wait_seconds: Histogram,
     ) -> Result<Self, DbError> {
+        let Target { mut pg, tls } = target.into();
         pg.connect_timeout(settings.connect_timeout);
+        let connector = tls.connector(&mut pg).map_err(|e| DbError::Config(e.to_string()))?;
         let cancel_target = match (pg.get_hosts().first(), pg.get_ports().first()) {
             (Some(Host::Tcp(host)), port) => Some(Arc::new(CancelTarget {
                 host: host.clone(),
@@ -274,7 +311,7 @@ impl Database {
             _ => None,
         };
         let manager =
-            Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+            Manager::from_config(pg, connector, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(settings.max_size)
             .wait_timeout(Some(settings.wait))
@@ -815,13 +852,15 @@ fn is_unavailable(e: &tokio_postgres::Error) -> bool {
 
 /// A connection that is not in a pool, and its client.
 type Unpooled =
-    (Client, tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>);
+    (Client, tokio_postgres::Connection<tokio_postgres::Socket, RustlsStream<tokio_postgres::Socket>>);
 
-/// Opens one connection, bounded by `timeout` (TCP and login), and hands
-/// back its client and the connection to drive.
-async fn open(mut pg: tokio_postgres::Config, timeout: Duration) -> Result<Unpooled, DbError> {
+/// Opens one connection, bounded by `timeout` (TCP, TLS and login), and
+/// hands back its client and the connection to drive.
+async fn open(target: Target, timeout: Duration) -> Result<Unpooled, DbError> {
+    let Target { mut pg, tls } = target;
     pg.connect_timeout(timeout);
-    tokio::time::timeout(timeout, pg.connect(NoTls))
+    let connector = tls.connector(&mut pg).map_err(|e| DbError::Config(e.to_string()))?;
+    tokio::time::timeout(timeout, pg.connect(connector))
         .await
         .map_err(|_| {
             DbError::unavailable(format!("no connection within {}", humantime::format_duration(timeout)))
@@ -829,9 +868,10 @@ async fn open(mut pg: tokio_postgres::Config, timeout: Duration) -> Result<Unpoo
         .map_err(|e| DbError::unavailable_because(&e))
 }
 
-/// Opens one unpooled connection, bounded by `timeout` (TCP and login).
-pub async fn connect(pg: tokio_postgres::Config, timeout: Duration) -> Result<Client, DbError> {
-    let (client, connection) = open(pg, timeout).await?;
+/// Opens one unpooled connection, bounded by `timeout` (TCP, TLS and
+/// login).
+pub async fn connect(target: impl Into<Target>, timeout: Duration) -> Result<Client, DbError> {
+    let (client, connection) = open(target.into(), timeout).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "unpooled connection ended with an error");
@@ -845,14 +885,15 @@ pub async fn connect(pg: tokio_postgres::Config, timeout: Duration) -> Result<Cl
 /// `on_listening` once it listens and `on_notify` with each payload, until
 /// the connection fails. It never returns `Ok`: the caller reconnects.
 pub async fn listen(
-    mut pg: tokio_postgres::Config,
+    target: impl Into<Target>,
     timeout: Duration,
     channel: &str,
     on_listening: impl FnOnce(),
     mut on_notify: impl FnMut(&str),
 ) -> Result<std::convert::Infallible, DbError> {
-    pg.keepalives(true).keepalives_idle(Duration::from_secs(30));
-    let (client, mut connection) = open(pg, timeout).await?;
+    let mut target = target.into();
+    target.pg.keepalives(true).keepalives_idle(Duration::from_secs(30));
+    let (client, mut connection) = open(target, timeout).await?;
     let statement = format!("LISTEN {channel}");
     let listen = client.batch_execute(&statement);
     tokio::pin!(listen);

@@ -82,8 +82,8 @@ pub async fn run(
     out: &mut impl Write,
 ) -> Result<Summary, EnqueueCommandError> {
     let job = job_from_args(args, registry)?;
-    let pg = args.database_url.to_pg_config("DATABASE_URL")?;
-    let client = Arc::new(db::connect(pg, args.db_connect_timeout).await?);
+    let target = args.database_url.to_connection("DATABASE_URL")?;
+    let client = Arc::new(db::connect(target, args.db_connect_timeout).await?);
     let started = Instant::now();
     let mut summary = Summary { created: 0, duplicates: 0, elapsed: Duration::ZERO };
     let mut record = |enqueued: Enqueued, out: &mut dyn Write| -> std::io::Result<()> {

@@ -23,6 +23,18 @@ use std::time::Duration;
 use tidepool_contract::secret::{DatabaseSecret, SecretError, KEYS};
 use tokio_postgres::config::Host;
 
+use crate::tls::{SslMode, TlsError, TlsSettings};
+
+/// Settings written here as defaults of Tidepool's own that a
+/// [`PoolerConfig::settings`] entry replaces (every other written setting
+/// is refused there).
+pub const OVERRIDABLE_DEFAULTS: [&str; 2] = ["server_connect_timeout", "server_login_retry"];
+
+/// PgBouncer's settings for TLS to the upstream: [`PoolerConfig::server_tls`]
+/// owns them all, so none can be set again.
+pub const SERVER_TLS_KEYS: [&str; 4] =
+    ["server_tls_sslmode", "server_tls_ca_file", "server_tls_cert_file", "server_tls_key_file"];
+
 /// PgBouncer's configuration file, in the output folder.
 pub const INI_FILE: &str = "pgbouncer.ini";
 /// Its auth file (0600): the upstream credentials and the stats user's.
@@ -83,6 +95,11 @@ pub struct PoolerConfig {
     /// every server connection is the upstream user's (PgBouncer's forced
     /// user), so the clients never hold the upstream password.
     pub client_user: Option<LocalUser>,
+    /// TLS to the upstream, with libpq's meanings: PgBouncer's
+    /// `server_tls_sslmode`, `server_tls_ca_file`, `server_tls_cert_file`
+    /// and `server_tls_key_file`, written here only (refused in
+    /// [`PoolerConfig::settings`]).
+    pub server_tls: TlsSettings,
     /// More settings, each checked by [`Setting::parse`].
     pub settings: Vec<Setting>,
     /// Where PgBouncer writes its pid, if anywhere.
@@ -181,6 +198,12 @@ pub enum PoolerError {
     #[error("the upstream must be reached over TCP (a Unix socket path is not supported)")]
     /// The upstream is a Unix socket.
     NotTcp,
+    #[error("TLS to the upstream: {0}")]
+    /// The upstream's TLS settings cannot work.
+    Tls(#[from] TlsError),
+    #[error("the TLS file {0:?} must be an absolute path of letters, digits, '_', '-', '.' and '/', so PgBouncer's configuration cannot be misread")]
+    /// A TLS file's path the ini file could misread.
+    UnsafePath(String),
     #[error("{0} must be at least 1")]
     /// A size is zero.
     Zero(&'static str),
@@ -295,9 +318,14 @@ impl PoolerConfig {
             check_safe("client user", &client.name)?;
         }
         let written = rendered_settings(self, Path::new(""));
-        if let Some(setting) = self.settings.iter().find(|s| written.iter().any(|(key, _)| *key == s.key)) {
+        if let Some(setting) = self.settings.iter().find(|s| {
+            let key = s.key.as_str();
+            (written.iter().any(|(written, _)| *written == key) && !OVERRIDABLE_DEFAULTS.contains(&key))
+                || SERVER_TLS_KEYS.contains(&key)
+        }) {
             return Err(PoolerError::ReservedSetting(setting.key.clone()));
         }
+        validate_server_tls(&self.server_tls)?;
         if self.pool_size > self.max_db_connections {
             return Err(PoolerError::PoolAboveCap {
                 pool_size: self.pool_size,
@@ -312,6 +340,29 @@ impl PoolerConfig {
         }
         Ok(())
     }
+}
+
+/// The upstream TLS settings PgBouncer can take as libpq means them: a
+/// verifying mode has its roots, a client certificate its key, and every
+/// file a path the ini file cannot misread.
+fn validate_server_tls(tls: &TlsSettings) -> Result<(), PoolerError> {
+    if matches!(tls.mode, SslMode::VerifyCa | SslMode::VerifyFull) && tls.root_cert.is_none() {
+        return Err(TlsError::NoRoots(tls.mode.name()).into());
+    }
+    match (&tls.cert, &tls.key) {
+        (Some(_), None) => return Err(TlsError::HalfClientCert("sslkey").into()),
+        (None, Some(_)) => return Err(TlsError::HalfClientCert("sslcert").into()),
+        _ => {}
+    }
+    for path in [&tls.root_cert, &tls.cert, &tls.key].into_iter().flatten() {
+        let text = path.to_str().unwrap_or_default();
+        let safe = path.is_absolute()
+            && text.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'));
+        if !safe {
+            return Err(PoolerError::UnsafePath(path.display().to_string()));
+        }
+    }
+    Ok(())
 }
 
 /// The settings `pgbouncer.ini` gets from `config` itself, in order, with
@@ -341,6 +392,24 @@ fn rendered_settings(config: &PoolerConfig, dir: &Path) -> Vec<(&'static str, St
         ("log_connections", "0".into()),
         ("log_disconnections", "0".into()),
     ];
+    // Always written, so the mode in force is the one in the file. libpq's
+    // `require` with roots checks the chain; PgBouncer's never does, so
+    // that is its `verify-ca`.
+    let tls = &config.server_tls;
+    let mode = match (tls.mode, &tls.root_cert) {
+        (SslMode::Require, Some(_)) => SslMode::VerifyCa,
+        (mode, _) => mode,
+    };
+    settings.push(("server_tls_sslmode", mode.name().into()));
+    for (key, path) in [
+        ("server_tls_ca_file", &tls.root_cert),
+        ("server_tls_cert_file", &tls.cert),
+        ("server_tls_key_file", &tls.key),
+    ] {
+        if let Some(path) = path {
+            settings.push((key, path.display().to_string()));
+        }
+    }
     if let Some(stats) = &config.stats_user {
         settings.push(("stats_users", stats.name.clone()));
     }
@@ -354,7 +423,8 @@ fn rendered_settings(config: &PoolerConfig, dir: &Path) -> Vec<(&'static str, St
 }
 
 /// `pgbouncer.ini` for `config`, pointing at an auth file in `dir`. Extra
-/// settings override PgBouncer's defaults, never Tidepool's own (they are
+/// settings override PgBouncer's defaults and Tidepool's
+/// [`OVERRIDABLE_DEFAULTS`], never the rest of Tidepool's own (they are
 /// refused), and come last.
 pub fn render_ini(config: &PoolerConfig, dir: &Path) -> Result<String, PoolerError> {
     config.validate()?;
@@ -375,7 +445,9 @@ pub fn render_ini(config: &PoolerConfig, dir: &Path) -> Result<String, PoolerErr
     let _ = writeln!(ini);
     let _ = writeln!(ini, "[pgbouncer]");
     for (key, value) in rendered_settings(config, dir) {
-        let _ = writeln!(ini, "{key} = {value}");
+        if !config.settings.iter().any(|s| s.key == key) {
+            let _ = writeln!(ini, "{key} = {value}");
+        }
     }
     for setting in &config.settings {
         let _ = writeln!(ini, "{} = {}", setting.key, setting.value);
@@ -462,9 +534,91 @@ mod tests {
             query_wait_timeout: Duration::from_secs(30),
             stats_user: None,
             client_user: None,
+            server_tls: TlsSettings::default(),
             settings: Vec::new(),
             pidfile: None,
             logfile: None,
+        }
+    }
+
+    fn tls(mode: SslMode, root_cert: Option<&str>) -> TlsSettings {
+        TlsSettings { mode, root_cert: root_cert.map(PathBuf::from), ..TlsSettings::default() }
+    }
+
+    /// The value of `key` in the ini, if written.
+    fn ini_value(ini: &str, key: &str) -> Option<String> {
+        ini.lines().find_map(|line| line.strip_prefix(&format!("{key} = ")).map(str::to_owned))
+    }
+
+    #[test]
+    fn server_tls_is_written_with_libpq_meanings() {
+        let ca = Some("/etc/db-ca/ca.crt");
+        for (mode, roots, written) in [
+            (SslMode::Disable, None, "disable"),
+            (SslMode::Prefer, None, "prefer"),
+            (SslMode::Require, None, "require"),
+            // libpq checks the chain under require when given roots;
+            // PgBouncer's require never does.
+            (SslMode::Require, ca, "verify-ca"),
+            (SslMode::VerifyCa, ca, "verify-ca"),
+            (SslMode::VerifyFull, ca, "verify-full"),
+        ] {
+            let mut c = config();
+            c.server_tls = tls(mode, roots);
+            let ini = render_ini(&c, Path::new("/run/pgb")).expect("valid");
+            assert_eq!(ini_value(&ini, "server_tls_sslmode").as_deref(), Some(written), "{mode:?}");
+            assert_eq!(ini_value(&ini, "server_tls_ca_file").as_deref(), roots, "{mode:?}");
+        }
+        let mut c = config();
+        c.server_tls = TlsSettings {
+            cert: Some("/etc/db-client/tls.crt".into()),
+            key: Some("/etc/db-client/tls.key".into()),
+            ..tls(SslMode::VerifyFull, ca)
+        };
+        let ini = render_ini(&c, Path::new("/run/pgb")).expect("valid");
+        assert_eq!(ini_value(&ini, "server_tls_cert_file").as_deref(), Some("/etc/db-client/tls.crt"));
+        assert_eq!(ini_value(&ini, "server_tls_key_file").as_deref(), Some("/etc/db-client/tls.key"));
+    }
+
+    #[test]
+    fn server_tls_that_cannot_work_is_refused() {
+        let refused = |server_tls: TlsSettings| {
+            let mut c = config();
+            c.server_tls = server_tls;
+            render_ini(&c, Path::new("/run/pgb")).expect_err("refused")
+        };
+        assert!(matches!(refused(tls(SslMode::VerifyFull, None)), PoolerError::Tls(TlsError::NoRoots(_))));
+        assert!(matches!(refused(tls(SslMode::VerifyCa, None)), PoolerError::Tls(TlsError::NoRoots(_))));
+        let half = TlsSettings { cert: Some("/c.crt".into()), ..tls(SslMode::Require, None) };
+        assert!(matches!(refused(half), PoolerError::Tls(TlsError::HalfClientCert("sslkey"))));
+        for path in ["relative/ca.crt", "/etc/ca.crt\nadmin_users = x", "/etc/my ca.crt"] {
+            assert!(
+                matches!(refused(tls(SslMode::VerifyCa, Some(path))), PoolerError::UnsafePath(_)),
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_setting_replaces_an_overridable_default_once() {
+        let mut c = config();
+        c.settings = vec![Setting::parse("server_login_retry=15").expect("well formed")];
+        let ini = render_ini(&c, Path::new("/run/pgb")).expect("valid");
+        let lines: Vec<&str> = ini.lines().filter(|l| l.starts_with("server_login_retry ")).collect();
+        assert_eq!(lines, ["server_login_retry = 15"]);
+        assert_eq!(ini_value(&ini, "server_connect_timeout").as_deref(), Some("5"));
+    }
+
+    #[test]
+    fn server_tls_keys_have_one_owner() {
+        for key in SERVER_TLS_KEYS {
+            let mut c = config();
+            c.settings = vec![Setting::parse(&format!("{key}=/x")).expect("well formed")];
+            let refused = render_ini(&c, Path::new("/run/pgb")).expect_err("refused");
+            assert_eq!(
+                refused.to_string(),
+                format!("setting {key} is written by tidepool pooler-config itself and cannot be set again")
+            );
         }
     }
 

@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use crate::queue::job::{is_valid_queue_name, MAX_SCHEDULE_AHEAD};
 use crate::queue::retry::RetryPolicy;
+use crate::tls::TlsSettings;
 
 /// Settings that cannot work together, or a value out of its range. The
 /// message names the setting by its command-line flag.
@@ -68,7 +69,19 @@ impl SecretUrl {
     /// Parses the URL into a tokio-postgres config. `what` names the
     /// setting in the error, e.g. `DATABASE_URL`.
     pub fn to_pg_config(&self, what: &'static str) -> Result<tokio_postgres::Config, InvalidUrl> {
-        tokio_postgres::Config::from_str(&self.0).map_err(|source| InvalidUrl { what, source })
+        tokio_postgres::Config::from_str(&self.0).map_err(|source| InvalidUrl { what, source: source.into() })
+    }
+
+    /// Parses the URL of a connection Tidepool opens with its own TLS
+    /// ([`crate::tls`]): libpq's `sslmode`, `sslrootcert`, `sslcert` and
+    /// `sslkey` taken out of it first (tokio-postgres refuses `verify-ca`,
+    /// `verify-full` and the files).
+    pub fn to_connection(&self, what: &'static str) -> Result<crate::db::Target, InvalidUrl> {
+        let invalid = |source: Box<dyn std::error::Error + Send + Sync>| InvalidUrl { what, source };
+        let (rest, tls) = TlsSettings::split_url(&self.0).map_err(|e| invalid(e.into()))?;
+        let pg = tokio_postgres::Config::from_str(&rest).map_err(|e| invalid(e.into()))?;
+        // A key=value string keeps the sslmode tokio-postgres read from it.
+        Ok(if crate::tls::is_url(&self.0) { crate::db::Target { pg, tls } } else { pg.into() })
     }
 }
 
@@ -93,7 +106,7 @@ impl FromStr for SecretUrl {
 pub struct InvalidUrl {
     what: &'static str,
     #[source]
-    source: tokio_postgres::Error,
+    source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 /// The password file could not be read. Its contents are never quoted.
@@ -179,7 +192,7 @@ impl DatabaseSettings {
         if self.url.is_empty() {
             return invalid("the database URL is not set (--database-url or DATABASE_URL)");
         }
-        self.url.to_pg_config("DATABASE_URL").map_err(|e| InvalidSettings(e.to_string()))?;
+        self.url.to_connection("DATABASE_URL").map_err(|e| InvalidSettings(e.to_string()))?;
         if let Some(size) = self.pool_size {
             if !(1..=MAX_DB_POOL_SIZE).contains(&size) {
                 return invalid(format!("--db-pool-size must be from 1 to {MAX_DB_POOL_SIZE}, got {size}"));
@@ -206,9 +219,12 @@ impl DatabaseSettings {
         Ok(())
     }
 
-    /// The pooled connection's config, with the password file applied.
-    pub fn pg_config(&self) -> Result<tokio_postgres::Config, crate::StartError> {
-        Ok(apply_password_file(self.url.to_pg_config("DATABASE_URL")?, self.password_file.as_deref())?)
+    /// The pooled connection's target (its TLS from the URL's `sslmode`),
+    /// with the password file applied.
+    pub fn pg_config(&self) -> Result<crate::db::Target, crate::StartError> {
+        let mut target = self.url.to_connection("DATABASE_URL")?;
+        target.pg = apply_password_file(target.pg, self.password_file.as_deref())?;
+        Ok(target)
     }
 
     /// The pool's settings; `default_size` when no pool size is given.
@@ -405,7 +421,7 @@ impl WorkerSettings {
         self.database.validate()?;
         if let Some(direct) = &self.direct_database_url {
             direct
-                .to_pg_config("TIDEPOOL_DIRECT_DATABASE_URL")
+                .to_connection("TIDEPOOL_DIRECT_DATABASE_URL")
                 .map_err(|e| InvalidSettings(e.to_string()))?;
         }
         if self.name.is_empty() {
@@ -500,6 +516,24 @@ mod tests {
         assert!(web.validate().is_ok());
         let err = WebSettings::default().validate().expect_err("no URL");
         assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn urls_take_libpqs_tls_parameters() {
+        let tls = "sslmode=verify-full&sslrootcert=/etc/db-ca/ca.crt";
+        let settings = WorkerSettings {
+            database: DatabaseSettings::new(format!("postgres://u@h/db?{tls}")),
+            direct_database_url: Some(SecretUrl::new(format!("postgres://u@h:5432/db?{tls}"))),
+            ..WorkerSettings::default()
+        };
+        assert!(settings.validate().is_ok(), "{:?}", settings.validate());
+        let bad = WorkerSettings {
+            direct_database_url: Some(SecretUrl::new("postgres://u:hunter2@h/db?sslmode=verify")),
+            ..worker()
+        };
+        let err = bad.validate().expect_err("no such mode").to_string();
+        assert!(err.contains("TIDEPOOL_DIRECT_DATABASE_URL") && err.contains("sslmode=\"verify\""), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]

@@ -151,7 +151,7 @@ impl TlsSettings {
     /// URL left for tokio-postgres, and the settings. A key=value
     /// connection string is left as it is, with the default settings.
     pub fn split_url(url: &str) -> Result<(String, TlsSettings), TlsError> {
-        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        if !is_url(url) {
             return Ok((url.to_owned(), TlsSettings::default()));
         }
         let (base, query) = match url.split_once('?') {
@@ -218,6 +218,12 @@ impl TlsSettings {
         };
         Ok(MakeRustlsConnect { config: Arc::new(config) })
     }
+}
+
+/// Whether `s` is a `postgres://` or `postgresql://` URL (else a libpq
+/// key=value string).
+pub fn is_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
 }
 
 enum Verify {

@@ -43,10 +43,14 @@ pub async fn run(
     let database = &settings.database;
     let pg = database.pg_config()?;
     let direct_pg = match &settings.direct_database_url {
-        Some(url) => Some(apply_password_file(
-            url.to_pg_config("TIDEPOOL_DIRECT_DATABASE_URL")?,
-            settings.direct_password_file.as_deref().or(database.password_file.as_deref()),
-        )?),
+        Some(url) => {
+            let mut target = url.to_connection("TIDEPOOL_DIRECT_DATABASE_URL")?;
+            target.pg = apply_password_file(
+                target.pg,
+                settings.direct_password_file.as_deref().or(database.password_file.as_deref()),
+            )?;
+            Some(target)
+        }
         None => None,
     };
     let metrics = WorkerMetrics::new()?;
@@ -86,7 +90,7 @@ pub async fn run(
 /// and its own for the queue's statements ([`QUEUE_POOL_SIZE`]).
 pub(crate) fn pools(
     settings: &WorkerSettings,
-    pg: tokio_postgres::Config,
+    pg: db::Target,
     metrics: &WorkerMetrics,
 ) -> Result<(Database, Database), DbError> {
     let task_pool = settings.database.pool_settings(settings.concurrency);
@@ -103,12 +107,7 @@ const LISTEN_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Keeps a LISTEN session open on the direct connection and wakes the
 /// claimer for notifications about its queues (and after each reconnect,
 /// in case one was missed). Failures only cost latency: the worker polls.
-async fn listen_for_jobs(
-    pg: tokio_postgres::Config,
-    timeout: Duration,
-    queues: Vec<String>,
-    wake: Arc<Notify>,
-) {
+async fn listen_for_jobs(pg: db::Target, timeout: Duration, queues: Vec<String>, wake: Arc<Notify>) {
     let mut pause = LISTEN_RETRY_MIN;
     loop {
         let mut connected = false;

@@ -45,7 +45,7 @@ async fn named_statements_fail_and_typed_ones_do_not() -> Result<()> {
 
     // Tidepool's way: the pool, unnamed typed statements.
     let database = Database::new(
-        bouncer.url().parse()?,
+        bouncer.url().parse::<tokio_postgres::Config>()?,
         PoolSettings {
             max_size: CLIENTS,
             wait: Duration::from_secs(30),

@@ -116,7 +116,11 @@ impl Harness {
             connect_timeout: Duration::from_secs(5),
             query_timeout: Duration::from_secs(10),
         };
-        Ok(Database::new(self.bouncer.url().parse()?, settings, metrics.db_pool_wait.clone())?)
+        Ok(Database::new(
+            self.bouncer.url().parse::<tokio_postgres::Config>()?,
+            settings,
+            metrics.db_pool_wait.clone(),
+        )?)
     }
 
     /// Starts a worker in this process.

@@ -215,27 +215,39 @@ pub struct PrivatePostgres {
     pub postgres: Postgres,
     max_connections: u32,
     for_node: bool,
+    /// The folder with its `server.crt`, `server.key` and the `ca.crt`
+    /// that issued them, when it takes TLS connections only.
+    tls: Option<PathBuf>,
 }
 
 impl PrivatePostgres {
     /// One that pods on the real node reach too.
     pub fn start(name: &str, max_connections: u32) -> Result<PrivatePostgres> {
-        Self::start_on(name, max_connections, true)
+        Self::start_on(name, max_connections, true, None)
     }
 
     /// One on loopback only, for tests without the node.
     pub fn on_loopback(name: &str, max_connections: u32) -> Result<PrivatePostgres> {
-        Self::start_on(name, max_connections, false)
+        Self::start_on(name, max_connections, false, None)
     }
 
-    fn start_on(name: &str, max_connections: u32, for_node: bool) -> Result<PrivatePostgres> {
+    /// One on loopback that takes TLS connections only (`hostssl`), with
+    /// the certificate and key `server.crt` and `server.key` of `tls_dir`
+    /// (and its `ca.crt`: scripts/stack.sh's `TIDEPOOL_PG_TLS_DIR`).
+    pub fn tls_only(name: &str, max_connections: u32, tls_dir: &Path) -> Result<PrivatePostgres> {
+        Self::start_on(name, max_connections, false, Some(tls_dir.to_owned()))
+    }
+
+    fn start_on(
+        name: &str,
+        max_connections: u32,
+        for_node: bool,
+        tls: Option<PathBuf>,
+    ) -> Result<PrivatePostgres> {
         static NEXT: AtomicU16 = AtomicU16::new(0);
         let test_state = env_path("TIDEPOOL_TEST_STATE_DIR")?;
-        let state_dir = test_state.join(format!(
-            "private-{name}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
+        let index = NEXT.fetch_add(1, Ordering::Relaxed);
+        let state_dir = test_state.join(format!("private-{name}-{}-{index}", std::process::id()));
         // The test PostgreSQL's passwords (stack.sh makes new ones only
         // where there are none).
         let secrets = state_dir.join("secrets");
@@ -250,14 +262,17 @@ impl PrivatePostgres {
             addresses.push(Node::from_env()?.host_ip.parse().context("TIDEPOOL_NODE_HOST_IP")?);
         }
         // Below the kernel's ephemeral range, away from the test
-        // PostgreSQL's 15432, free on every address it listens on.
-        let first = 15500 + (std::process::id() % 50) as u16 * 10;
+        // PostgreSQL's 15432, free on every address it listens on; each
+        // process and each of its clusters starts looking at a port of its
+        // own (two tests of one binary that start one at once would
+        // otherwise both find the same port free).
+        let first = 15500 + ((std::process::id() % 50) as u16 * 10 + index) % 500;
         let port = (first..first + 400)
             .map(|p| 15500 + (p - 15500) % 500)
             .find(|p| addresses.iter().all(|ip| TcpListener::bind(SocketAddrV4::new(*ip, *p)).is_ok()))
             .context("no free port for a private PostgreSQL in 15500-15999")?;
         let postgres = Postgres { port, password: String::new(), state_dir };
-        let mut private = PrivatePostgres { postgres, max_connections, for_node };
+        let mut private = PrivatePostgres { postgres, max_connections, for_node, tls };
         private.stack(&["up", "postgres"])?;
         private.postgres = Postgres::at(private.postgres.state_dir.clone(), port)?;
         Ok(private)
@@ -270,7 +285,8 @@ impl PrivatePostgres {
                 .env("TIDEPOOL_STATE_DIR", &self.postgres.state_dir)
                 .env("TIDEPOOL_PG_PORT", self.postgres.port.to_string())
                 .env("TIDEPOOL_PG_MAX_CONNECTIONS", self.max_connections.to_string())
-                .env("TIDEPOOL_PG_FOR_NODE", if self.for_node { "1" } else { "0" }),
+                .env("TIDEPOOL_PG_FOR_NODE", if self.for_node { "1" } else { "0" })
+                .env("TIDEPOOL_PG_TLS_DIR", self.tls.as_deref().unwrap_or(Path::new(""))),
         )?;
         ensure!(
             result.status.success(),

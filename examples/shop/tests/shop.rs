@@ -113,7 +113,7 @@ async fn the_shop_on_the_local_stack() -> Result<()> {
         connect_timeout: Duration::from_secs(5),
         query_timeout: Duration::from_secs(10),
     };
-    let db = Database::new(url.parse()?, pool, WorkerMetrics::new()?.db_pool_wait)?;
+    let db = Database::new(url.parse::<tidepool::db::Target>()?, pool, WorkerMetrics::new()?.db_pool_wait)?;
 
     // A rolled-back order leaves neither the order nor its job.
     let mut conn = db.get().await?;

@@ -217,7 +217,8 @@ pub struct PgBouncer {
     child: Option<Child>,
     dir: PathBuf,
     pub port: u16,
-    db_name: String,
+    /// Where it connects, as whom: its clients log in as the same user.
+    upstream: Upstream,
 }
 
 impl PgBouncer {
@@ -249,11 +250,28 @@ impl PgBouncer {
         query_wait: Duration,
         stats_user: Option<LocalUser>,
     ) -> Result<PgBouncer> {
+        Self::launch(&db.direct_url(), pool_size, query_wait, stats_user).await
+    }
+
+    /// In front of the PostgreSQL of `direct_url`, whose user clients log
+    /// in as, with its TLS from the URL's libpq parameters (`sslmode`,
+    /// `sslrootcert`, ...).
+    pub async fn in_front_of(direct_url: &str, pool_size: u32) -> Result<PgBouncer> {
+        Self::launch(direct_url, pool_size, Duration::from_secs(30), None).await
+    }
+
+    async fn launch(
+        direct_url: &str,
+        pool_size: u32,
+        query_wait: Duration,
+        stats_user: Option<LocalUser>,
+    ) -> Result<PgBouncer> {
         let dir = scratch_dir("pgbouncer")?;
-        let pg = db.direct_url().parse::<tokio_postgres::Config>()?;
+        let target = direct_url.parse::<tidepool::db::Target>()?;
+        let upstream = Upstream::from_pg_config(&target.pg)?;
         let config = PoolerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
-            upstream: Upstream::from_pg_config(&pg)?,
+            upstream: upstream.clone(),
             pool_size,
             min_pool_size: 0,
             max_db_connections: pool_size,
@@ -261,6 +279,7 @@ impl PgBouncer {
             query_wait_timeout: query_wait,
             stats_user,
             client_user: None,
+            server_tls: target.tls,
             settings: Vec::new(),
             pidfile: None,
             logfile: None,
@@ -268,8 +287,7 @@ impl PgBouncer {
         let (ini, auth) = pooler::write(&config, &dir)?;
         chown_to_service_user(&ini)?;
         chown_to_service_user(&auth)?;
-        let mut bouncer =
-            PgBouncer { child: None, dir, port: config.listen.port(), db_name: db.name.clone() };
+        let mut bouncer = PgBouncer { child: None, dir, port: config.listen.port(), upstream };
         bouncer.run().await?;
         Ok(bouncer)
     }
@@ -291,7 +309,7 @@ impl PgBouncer {
     }
 
     pub fn url(&self) -> String {
-        url(&env().app_user, &env().app_password, self.port, &self.db_name)
+        url(&self.upstream.user, &self.upstream.password, self.port, &self.upstream.dbname)
     }
 
     /// The admin console's URL for the stats user (no password: see
