@@ -766,10 +766,13 @@ pub struct PoolerSpec {
 
     /// Extra PgBouncer settings, from an allow-list (timeouts, logging, TCP
     /// keepalive, TLS modes). The sizing settings are the operator's.
+    /// `server_tls_sslmode` (PgBouncer's TLS to PostgreSQL) takes libpq's
+    /// `disable`, `prefer` (the default) or `require`.
     #[serde(default)]
     #[schemars(schema_with = "pooler_parameters_schema")]
     #[x_kube(validation = Rule::new(pooler_parameters_rule()).message(pooler_parameters_message().as_str()))]
     #[x_kube(validation = Rule::new("self.all(k, self[k].matches('^[A-Za-z0-9_.,:/= -]{0,256}$'))").message("pooler.parameters values must be up to 256 of A-Z, a-z, 0-9, space and _ . , : / = -"))]
+    #[x_kube(validation = Rule::new("!('server_tls_sslmode' in self) || self['server_tls_sslmode'] in ['disable', 'prefer', 'require']").message("pooler.parameters.server_tls_sslmode may be disable, prefer or require, with libpq's meanings: verify-ca and verify-full need a CA file, which pooler.parameters cannot give"))]
     pub parameters: BTreeMap<String, String>,
 
     /// The sidecar's resources.
@@ -1093,7 +1096,9 @@ mod tests {
     fn a_valid_spec_passes_every_rule() {
         assert_eq!(refusals(with(json!({}))), Vec::<String>::new());
         assert_eq!(
-            refusals(with(json!({"pooler": {"parameters": {"server_idle_timeout": "300"}}}))),
+            refusals(with(
+                json!({"pooler": {"parameters": {"server_idle_timeout": "300", "server_tls_sslmode": "require"}}})
+            )),
             Vec::<String>::new()
         );
         let django = json!({

@@ -303,7 +303,12 @@ fn pooler_config(validated: &Validated, tier: &TierPlan) -> Container {
         format!("--query-wait-timeout={}s", sizing.query_wait_timeout_seconds),
         format!("--stats-user={STATS_USER}"),
     ];
-    args.extend(validated.spec.pooler.parameters.iter().map(|(key, value)| format!("--set={key}={value}")));
+    // PgBouncer's server_tls_sslmode is the upstream TLS's own flag, with
+    // libpq's meanings; the rest are settings.
+    args.extend(validated.spec.pooler.parameters.iter().map(|(key, value)| match key.as_str() {
+        "server_tls_sslmode" => format!("--server-tls-sslmode={value}"),
+        _ => format!("--set={key}={value}"),
+    }));
     Container {
         name: "pooler-config".to_owned(),
         image: Some(validated.spec.tidepool_image.clone()),

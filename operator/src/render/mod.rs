@@ -289,6 +289,20 @@ mod tests {
     }
 
     #[test]
+    fn pooler_parameters_reach_pooler_config_and_its_tls_mode_as_its_own_flag() {
+        let spec = serde_json::json!({"database": {"secretRef": {"name": "db"}, "maxConnections": 100},
+            "pooler": {"parameters": {"server_tls_sslmode": "require", "server_login_retry": "5"}}});
+        let (_, children) = render(spec);
+        let pod = pod(&children, Tier::Web);
+        let init = pod.init_containers.as_ref().expect("the sidecars");
+        let args = init[0].args.as_deref().unwrap_or_default();
+        assert_eq!(init[0].name, "pooler-config");
+        assert!(args.contains(&"--server-tls-sslmode=require".to_owned()), "{args:?}");
+        assert!(args.contains(&"--set=server_login_retry=5".to_owned()), "{args:?}");
+        assert!(!args.iter().any(|a| a.starts_with("--set=server_tls")), "{args:?}");
+    }
+
+    #[test]
     fn a_tier_that_never_has_pods_has_no_children() {
         let spec = serde_json::json!({"database": {"secretRef": {"name": "db"}, "maxConnections": 100}, "worker": {"replicas": 0}});
         let (_, children) = render(spec);
