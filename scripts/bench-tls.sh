@@ -116,8 +116,9 @@ tls_version=$(psql_super -d postgres -At -c "SELECT string_agg(DISTINCT s.versio
 column() { awk -v c="$1" '{print $c}' "$2"; }
 median() { bench_report median "$@"; }
 tls_rps=$(median --decimals 0 $(column 1 "$WORK/tls")) plain_rps=$(median --decimals 0 $(column 1 "$WORK/plain"))
-ratios=$(paste "$WORK/tls" "$WORK/plain" | awk '{printf "%.4f ", $1 / $7}')
-ratio=$(median --decimals 4 $ratios)
+ratios=$(paste "$WORK/tls" "$WORK/plain" | awk '{printf "%s%.4f", NR > 1 ? ", " : "", $1 / $7}')
+ratio=$(median --decimals 4 ${ratios//,/})
+of_medians=$(awk -v a="$tls_rps" -v b="$plain_rps" 'BEGIN {printf "%.4f", a / b}')
 cost=$(awk -v r="$ratio" 'BEGIN {printf "%.1f", (1 - r) * 100}')
 {
   echo "<!-- tls benchmark: scripts/bench-tls.sh -->"
@@ -134,7 +135,7 @@ cost=$(awk -v r="$ratio" 'BEGIN {printf "%.1f", (1 - r) * 100}')
     echo "| $name | $(median --decimals 0 $(column 1 "$f")) | $(bench_report runs --decimals 0 $(column 1 "$f")) | $(median $(column 2 "$f")) ms | $(median $(column 3 "$f")) ms | $(median $(column 4 "$f")) ms | $(median $(column 5 "$f")) ms | $(median --decimals 1 $(column 6 "$f")) µs |"
   done
   echo
-  echo "\`verify-full\` against plaintext, paired by round: **$ratio** of the requests per second (median of the rounds' ratios: $ratios), a cost of $cost % at saturation (the issue's goal: at most 3 %). Latencies are medians of the rounds' percentiles. The handshake is paid once per server connection, when PgBouncer opens it; what remains is encryption per query, most of it in PgBouncer, which is single-threaded: at saturation on this machine's $(nproc) cores, shared by wrk, both webs, both PgBouncers and PostgreSQL, its extra CPU time is requests not served."
+  echo "\`verify-full\` against plaintext, paired by round: **$ratio** of the requests per second (median of the rounds' ratios: $ratios), a cost of $cost % at saturation (the issue's goal: at most 3 %); the ratio of the medians is $of_medians. Latencies are medians of the rounds' percentiles. The handshake is paid once per server connection, when PgBouncer opens it; what remains is encryption per query, most of it in PgBouncer, which is single-threaded: at saturation on this machine's $(nproc) cores, shared by wrk, both webs, both PgBouncers and PostgreSQL, its extra CPU time is requests not served."
   echo "<!-- end of the tls benchmark -->"
 } > "$WORK/section.md"
 replace_report_section "$OUT" "<!-- tls benchmark: scripts/bench-tls.sh -->" "<!-- end of the tls benchmark -->" "$WORK/section.md"
