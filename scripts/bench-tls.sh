@@ -116,7 +116,7 @@ tls_version=$(psql_super -d postgres -At -c "SELECT string_agg(DISTINCT s.versio
 column() { awk -v c="$1" '{print $c}' "$2"; }
 median() { bench_report median "$@"; }
 tls_rps=$(median --decimals 0 $(column 1 "$WORK/tls")) plain_rps=$(median --decimals 0 $(column 1 "$WORK/plain"))
-ratios=$(paste "$WORK/tls" "$WORK/plain" | awk '{printf "%s%.4f", NR > 1 ? ", " : "", $1 / $7}')
+ratios=$(paste "$WORK/tls" "$WORK/plain" | awk '{printf "%s%.4f", (NR > 1 ? ", " : ""), $1 / $7}')
 ratio=$(median --decimals 4 ${ratios//,/})
 of_medians=$(awk -v a="$tls_rps" -v b="$plain_rps" 'BEGIN {printf "%.4f", a / b}')
 cost=$(awk -v r="$ratio" 'BEGIN {printf "%.1f", (1 - r) * 100}')
