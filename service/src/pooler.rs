@@ -23,7 +23,7 @@ use std::time::Duration;
 use tidepool_contract::secret::{DatabaseSecret, SecretError, KEYS};
 use tokio_postgres::config::Host;
 
-use crate::tls::{SslMode, TlsError, TlsSettings};
+use crate::tls::{TlsError, TlsSettings};
 
 /// Settings written here as defaults of Tidepool's own that a
 /// [`PoolerConfig::settings`] entry replaces (every other written setting
@@ -342,18 +342,10 @@ impl PoolerConfig {
     }
 }
 
-/// The upstream TLS settings PgBouncer can take as libpq means them: a
-/// verifying mode has its roots, a client certificate its key, and every
-/// file a path the ini file cannot misread.
+/// The upstream TLS settings PgBouncer can take as libpq means them
+/// ([`TlsSettings::check`]), every file a path the ini file cannot misread.
 fn validate_server_tls(tls: &TlsSettings) -> Result<(), PoolerError> {
-    if matches!(tls.mode, SslMode::VerifyCa | SslMode::VerifyFull) && tls.root_cert.is_none() {
-        return Err(TlsError::NoRoots(tls.mode.name()).into());
-    }
-    match (&tls.cert, &tls.key) {
-        (Some(_), None) => return Err(TlsError::HalfClientCert("sslkey").into()),
-        (None, Some(_)) => return Err(TlsError::HalfClientCert("sslcert").into()),
-        _ => {}
-    }
+    tls.check()?;
     for path in [&tls.root_cert, &tls.cert, &tls.key].into_iter().flatten() {
         let text = path.to_str().unwrap_or_default();
         let safe = path.is_absolute()
@@ -394,13 +386,9 @@ fn rendered_settings(config: &PoolerConfig, dir: &Path) -> Vec<(&'static str, St
     ];
     // Always written, so the mode in force is the one in the file. libpq's
     // `require` with roots checks the chain; PgBouncer's never does, so
-    // that is its `verify-ca`.
+    // the mode written is the one libpq applies.
     let tls = &config.server_tls;
-    let mode = match (tls.mode, &tls.root_cert) {
-        (SslMode::Require, Some(_)) => SslMode::VerifyCa,
-        (mode, _) => mode,
-    };
-    settings.push(("server_tls_sslmode", mode.name().into()));
+    settings.push(("server_tls_sslmode", tls.effective_mode().name().into()));
     for (key, path) in [
         ("server_tls_ca_file", &tls.root_cert),
         ("server_tls_cert_file", &tls.cert),
@@ -519,6 +507,7 @@ fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), PoolerErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tls::SslMode;
     use std::str::FromStr;
 
     fn config() -> PoolerConfig {

@@ -175,19 +175,40 @@ impl TlsSettings {
         Ok((rest, settings))
     }
 
+    /// The mode as libpq applies it: `require` with roots checks the
+    /// chain, as `verify-ca` does.
+    pub fn effective_mode(&self) -> SslMode {
+        match (self.mode, &self.root_cert) {
+            (SslMode::Require, Some(_)) => SslMode::VerifyCa,
+            (mode, _) => mode,
+        }
+    }
+
+    /// Whether the settings can work, reading no file: a verifying mode
+    /// has its roots, a client certificate its key.
+    pub fn check(&self) -> Result<(), TlsError> {
+        match (self.mode, &self.root_cert, &self.cert, &self.key) {
+            (mode @ (SslMode::VerifyCa | SslMode::VerifyFull), None, _, _) => {
+                Err(TlsError::NoRoots(mode.name()))
+            }
+            (_, _, Some(_), None) => Err(TlsError::HalfClientCert("sslkey")),
+            (_, _, None, Some(_)) => Err(TlsError::HalfClientCert("sslcert")),
+            _ => Ok(()),
+        }
+    }
+
     /// Sets the negotiation on `config` and builds the connector, reading
     /// the files now: a missing or unreadable one is an error here, not at
     /// the first connection.
     pub fn connector(&self, config: &mut tokio_postgres::Config) -> Result<MakeRustlsConnect, TlsError> {
+        self.check()?;
         config.ssl_mode(self.mode.negotiation());
         let roots = self.root_cert.as_deref().map(read_roots).transpose()?;
-        let verify = match (self.mode, roots) {
-            (SslMode::Disable | SslMode::Prefer, _) | (SslMode::Require, None) => Verify::Nothing,
-            (SslMode::Require | SslMode::VerifyCa, Some(roots)) => Verify::Chain(roots),
+        let verify = match (self.effective_mode(), roots) {
+            (SslMode::Disable | SslMode::Prefer | SslMode::Require, _) => Verify::Nothing,
+            (SslMode::VerifyCa, Some(roots)) => Verify::Chain(roots),
             (SslMode::VerifyFull, Some(roots)) => Verify::ChainAndName(roots),
-            (mode @ (SslMode::VerifyCa | SslMode::VerifyFull), None) => {
-                return Err(TlsError::NoRoots(mode.name()))
-            }
+            (mode, None) => return Err(TlsError::NoRoots(mode.name())),
         };
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let rustls = |e: rustls::Error| TlsError::Rustls(e.to_string());
@@ -206,15 +227,14 @@ impl TlsSettings {
                 builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
             }
         };
+        // check() refused one of the two without the other.
         let config = match (&self.cert, &self.key) {
-            (None, None) => builder.with_no_client_auth(),
             (Some(cert), Some(key)) => {
                 let chain = read_certs("sslcert", cert)?;
                 let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_error("sslkey", key, e))?;
                 builder.with_client_auth_cert(chain, key).map_err(rustls)?
             }
-            (Some(_), None) => return Err(TlsError::HalfClientCert("sslkey")),
-            (None, Some(_)) => return Err(TlsError::HalfClientCert("sslcert")),
+            _ => builder.with_no_client_auth(),
         };
         Ok(MakeRustlsConnect { config: Arc::new(config) })
     }
