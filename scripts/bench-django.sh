@@ -159,8 +159,6 @@ env $(pooler_stats_env) "$TIDEPOOL_BIN" pooler-exporter --listen "127.0.0.1:$EXP
 LOOPBACK_PIDS+=("$!")
 exporter=$!
 wait_until "curl -fsS http://127.0.0.1:$EXPORTER_PORT/metrics | grep -q '^pgbouncer_up 1'" 30 "the exporter (see $WORK/exporter.log)"
-# utime + stime of process $1, in clock ticks.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 before=$(cpu_ticks "$exporter")
 for _ in $(seq 1 "$BENCH_SCRAPES"); do
   curl -fsS -o "$WORK/scrape.txt" -w '%{time_total}\n' "http://127.0.0.1:$EXPORTER_PORT/metrics" >> "$WORK/scrapes.txt"

@@ -57,10 +57,6 @@ cat > "$WORK/row.sql" <<'SQL'
 SELECT id, randomnumber FROM world WHERE id = :id;
 SQL
 
-# CPU time (user + system) of process $1, in clock ticks.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-TICK_US=$(( 1000000 / $(getconf CLK_TCK) ))
-
 # One `tidepool web` from binary $1: a wrk run, then a run at the fixed
 # rate; appends "rps p50_ms p99_ms cpu_us_per_request
 # cpu_us_per_request_at_rate p50_ms_at_rate" to $2.

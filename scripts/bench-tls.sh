@@ -71,10 +71,6 @@ backends() {
     FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.usename = '$APP_USER'"
 }
 
-# CPU time (user + system) of process $1, in clock ticks.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-TICK_US=$(( 1000000 / $(getconf CLK_TCK) ))
-
 # Against web port $1, whose PgBouncer's pid is in file $3: a wrk run,
 # then one at BENCH_TLS_RATE requests/s; appends "rps p50_ms p99_ms
 # rate_p50_ms rate_p99_ms pgbouncer_cpu_us_per_request" to $2.
@@ -92,7 +88,7 @@ run() {
   failed=$(bench_report json "$WORK/rate.json" failed)
   requests=$(bench_report json "$WORK/rate.json" requests)
   [ "$failed" = 0 ] || die "$failed failed requests at $BENCH_TLS_RATE/s on port $1"
-  echo "$(bench_report wrk "$WORK/wrk.txt") $(awk -v a="$(bench_report json "$WORK/rate.json" latency_p50_seconds)" \
+  echo "$(wrk_summary "$WORK/wrk.txt") $(awk -v a="$(bench_report json "$WORK/rate.json" latency_p50_seconds)" \
     -v b="$(bench_report json "$WORK/rate.json" latency_p99_seconds)" -v cpu=$(( (after - before) * TICK_US )) -v n="$requests" \
     'BEGIN {printf "%.3f %.3f %.1f", a * 1000, b * 1000, cpu / n}')" >> "$2"
 }
@@ -114,11 +110,11 @@ tls_version=$(psql_super -d postgres -At -c "SELECT string_agg(DISTINCT s.versio
 (( ssl >= 20 && plain >= 20 )) || die "expected 20 encrypted and 20 plaintext server connections, found $ssl and $plain"
 
 column() { awk -v c="$1" '{print $c}' "$2"; }
-median() { bench_report median "$@"; }
-tls_rps=$(median --decimals 0 $(column 1 "$WORK/tls")) plain_rps=$(median --decimals 0 $(column 1 "$WORK/plain"))
+tls_rps=$(DECIMALS=0 median $(column 1 "$WORK/tls")) plain_rps=$(DECIMALS=0 median $(column 1 "$WORK/plain"))
 ratios=$(paste "$WORK/tls" "$WORK/plain" | awk '{printf "%s%.4f", (NR > 1 ? ", " : ""), $1 / $7}')
-ratio=$(median --decimals 4 ${ratios//,/})
-of_medians=$(awk -v a="$tls_rps" -v b="$plain_rps" 'BEGIN {printf "%.4f", a / b}')
+ratio=$(DECIMALS=4 median ${ratios//,/})
+of_medians=$(awk -v a="$(DECIMALS=4 median $(column 1 "$WORK/tls"))" -v b="$(DECIMALS=4 median $(column 1 "$WORK/plain"))" \
+  'BEGIN {printf "%.4f", a / b}')
 cost=$(awk -v r="$ratio" 'BEGIN {printf "%.1f", (1 - r) * 100}')
 {
   echo "<!-- tls benchmark: scripts/bench-tls.sh -->"
@@ -132,7 +128,7 @@ cost=$(awk -v r="$ratio" 'BEGIN {printf "%.1f", (1 - r) * 100}')
     name='`verify-full`'
     [ "$variant" = tls ] || name=plaintext
     f=$WORK/$variant
-    echo "| $name | $(median --decimals 0 $(column 1 "$f")) | $(bench_report runs --decimals 0 $(column 1 "$f")) | $(median $(column 2 "$f")) ms | $(median $(column 3 "$f")) ms | $(median $(column 4 "$f")) ms | $(median $(column 5 "$f")) ms | $(median --decimals 1 $(column 6 "$f")) µs |"
+    echo "| $name | $(DECIMALS=0 median $(column 1 "$f")) | $(DECIMALS=0 runs $(column 1 "$f")) | $(median $(column 2 "$f")) ms | $(median $(column 3 "$f")) ms | $(median $(column 4 "$f")) ms | $(median $(column 5 "$f")) ms | $(DECIMALS=1 median $(column 6 "$f")) µs |"
   done
   echo
   echo "\`verify-full\` against plaintext, paired by round: **$ratio** of the requests per second (median of the rounds' ratios: $ratios), a cost of $cost % at saturation (the issue's goal: at most 3 %); the ratio of the medians is $of_medians. Latencies are medians of the rounds' percentiles. The handshake is paid once per server connection, when PgBouncer opens it; what remains is encryption per query, most of it in PgBouncer, which is single-threaded: at saturation on this machine's $(nproc) cores, shared by wrk, both webs, both PgBouncers and PostgreSQL, its extra CPU time is requests not served."
