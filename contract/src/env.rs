@@ -83,6 +83,20 @@ pub mod plan {
     }
 }
 
+/// libpq's TLS files for a direct connection to PostgreSQL (an
+/// application's migration Job), from the Tidepool's `database.tls`, beside
+/// [`plan::SSLMODE`] with its mode. Set only when the spec gives the file.
+pub mod direct {
+    variables! {
+        /// The roots the server's certificate must lead to.
+        SSLROOTCERT = "PGSSLROOTCERT";
+        /// A client certificate.
+        SSLCERT = "PGSSLCERT";
+        /// Its key.
+        SSLKEY = "PGSSLKEY";
+    }
+}
+
 /// The database Secret's keys as variables, from which Kubernetes composes
 /// the connection URLs (`$(TIDEPOOL_DB_USER)`): the operator's own, which
 /// the runtime never reads.

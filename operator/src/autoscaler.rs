@@ -35,9 +35,10 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tidepool_contract::secret::{DatabaseSecret, SecretError};
 use tokio::sync::mpsc;
 
-use crate::crd::Tidepool;
+use crate::crd::{DatabaseTls, Tidepool};
 use crate::metrics::Metrics;
 use crate::plan::{Plan, Tier};
+use crate::render::tls::{CA_KEY, CLIENT_CERT_KEY, CLIENT_KEY_KEY};
 use crate::scaler::{
     self, Change, Policy, QueueSignal, QueueState, QueueTarget, Recommendation, Scaler, ValueSignal,
 };
@@ -60,6 +61,8 @@ pub struct Settings {
     pub interval: Duration,
     /// The Secret with the credentials.
     pub secret: String,
+    /// The TLS of every connection to the database (`database.tls`).
+    pub tls: DatabaseTls,
 }
 
 /// What the worker tier scales on.
@@ -104,6 +107,7 @@ pub fn settings(tidepool: &Tidepool, plan: &Plan) -> Option<Settings> {
         signal,
         interval: seconds(autoscaling.polling_interval_seconds).max(Duration::from_secs(1)),
         secret: autoscaling.secret_ref.as_ref().unwrap_or(&tidepool.spec.database.secret_ref).name.clone(),
+        tls: tidepool.spec.database.tls.clone(),
     })
 }
 
@@ -155,6 +159,10 @@ enum ReadError {
     Secret { secret: String, source: SecretError },
     #[error("could not read the Secret {secret}: {source}")]
     Kube { secret: String, source: kube::Error },
+    #[error("the Secret {secret} has no key {key} (database.tls)")]
+    TlsKeyMissing { secret: String, key: &'static str },
+    #[error("database.tls cannot be used: {0}")]
+    Tls(#[from] tidepool::tls::TlsError),
     #[error(transparent)]
     Database(#[from] tidepool::db::DbError),
     #[error("the queues could not be read: {0}")]
@@ -305,8 +313,9 @@ async fn read(
     let mut client = match connection.take() {
         Some(client) if !client.is_closed() => client,
         _ => {
-            let config = database_config(shared, namespace, &settings.secret).await?;
-            let client = tidepool::db::connect(config, READ_TIMEOUT).await?;
+            let mut config = database_config(shared, namespace, &settings.secret).await?;
+            let connector = tls_material(shared, namespace, &settings.tls).await?.connector(&mut config)?;
+            let client = tidepool::db::connect_with(config, connector, READ_TIMEOUT).await?;
             shared.metrics.database_connects.inc();
             client
         }
@@ -356,18 +365,59 @@ async fn read_queues(
         .collect())
 }
 
+/// The Secret `name`'s data (its values stay in memory).
+async fn secret_data(
+    shared: &Shared,
+    namespace: &str,
+    name: &str,
+) -> Result<std::collections::BTreeMap<String, k8s_openapi::ByteString>, ReadError> {
+    let secret = Api::<Secret>::namespaced(shared.client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .map_err(|source| ReadError::Kube { secret: name.to_owned(), source })?
+        .ok_or_else(|| ReadError::SecretMissing(name.to_owned()))?;
+    Ok(secret.data.unwrap_or_default())
+}
+
+/// `database.tls` with its certificates read from their Secrets, as the
+/// pods mount them (`ca.crt`; `tls.crt` and `tls.key`).
+async fn tls_material(
+    shared: &Shared,
+    namespace: &str,
+    tls: &DatabaseTls,
+) -> Result<tidepool::tls::TlsMaterial, ReadError> {
+    use tidepool::tls::Pem;
+    let read = |name: String, keys: &'static [&'static str]| async move {
+        let mut data = secret_data(shared, namespace, &name).await?;
+        keys.iter()
+            .map(|key| {
+                data.remove(*key)
+                    .map(|bytes| Pem { origin: format!("the Secret {name}, key {key}"), bytes: bytes.0 })
+                    .ok_or(ReadError::TlsKeyMissing { secret: name.clone(), key })
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let roots = match &tls.ca_secret_ref {
+        Some(ca) => read(ca.name.clone(), &[CA_KEY]).await?.pop(),
+        None => None,
+    };
+    let client_cert = match &tls.client_certificate_secret_ref {
+        Some(client) => {
+            let mut pems = read(client.name.clone(), &[CLIENT_CERT_KEY, CLIENT_KEY_KEY]).await?.into_iter();
+            pems.next().zip(pems.next())
+        }
+        None => None,
+    };
+    Ok(tidepool::tls::TlsMaterial { mode: tls.mode.ssl_mode(), roots, client_cert })
+}
+
 /// The connection settings in the Secret `name` (its values stay in memory).
 async fn database_config(
     shared: &Shared,
     namespace: &str,
     name: &str,
 ) -> Result<tokio_postgres::Config, ReadError> {
-    let secret = Api::<Secret>::namespaced(shared.client.clone(), namespace)
-        .get_opt(name)
-        .await
-        .map_err(|source| ReadError::Kube { secret: name.to_owned(), source })?
-        .ok_or_else(|| ReadError::SecretMissing(name.to_owned()))?;
-    let data = secret.data.unwrap_or_default();
+    let data = secret_data(shared, namespace, name).await?;
     let secret = DatabaseSecret::parse(|key| data.get(key).map(|bytes| bytes.0.as_slice()))
         .map_err(|source| ReadError::Secret { secret: name.to_owned(), source })?;
     let mut config = tokio_postgres::Config::new();

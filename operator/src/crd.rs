@@ -51,7 +51,6 @@ pub const POOLER_PARAMETERS: &[&str] = &[
     "server_lifetime",
     "server_lifetime_jitter",
     "server_login_retry",
-    "server_tls_sslmode",
     "stats_period",
     "tcp_keepalive",
     "tcp_keepcnt",
@@ -200,10 +199,88 @@ pub struct DatabaseSpec {
     #[serde(default = "default_reserved_connections")]
     #[x_kube(validation = Rule::new("self >= 0").message("reservedConnections must not be negative"))]
     pub reserved_connections: i32,
+
+    /// TLS to PostgreSQL, on every connection to it: the pods' PgBouncer,
+    /// the worker's LISTEN session, the migration Job and the operator's
+    /// queue scaler.
+    #[serde(default)]
+    pub tls: DatabaseTls,
+}
+
+/// TLS on every connection to PostgreSQL, with libpq's modes and meanings.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.mode) || !(self.mode in ['verify-ca', 'verify-full']) || has(self.caSecretRef)").message("database.tls.mode verify-ca and verify-full check the server's certificate: name the Secret with its CA in database.tls.caSecretRef"))]
+pub struct DatabaseTls {
+    /// libpq's `sslmode`. `prefer` (the default, as libpq's) encrypts when
+    /// the server offers TLS and verifies nothing, so a database without
+    /// TLS keeps working; the `DatabaseTLSVerified` condition says so. `require`
+    /// encrypts or fails (with `caSecretRef` it checks the chain, as libpq
+    /// does); `verify-ca` checks the chain; `verify-full` the chain and that
+    /// the certificate names the Secret's `host` in its subjectAltName. With
+    /// `require` or stricter nothing falls back to plaintext.
+    #[serde(default)]
+    pub mode: DatabaseTlsMode,
+
+    /// A Secret whose key `ca.crt` holds the roots the server's certificate
+    /// must lead to: one or several (a provider's bundle while it rotates
+    /// its CA). Only that key is mounted, so CloudNativePG's `<cluster>-ca`,
+    /// which also holds the CA's key, works as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretRef>,
+
+    /// A Secret of type `kubernetes.io/tls` (keys `tls.crt` and `tls.key`)
+    /// with a client certificate to present, for a server that asks for one
+    /// (`hostssl ... cert`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate_secret_ref: Option<SecretRef>,
+}
+
+impl DatabaseSpec {
+    /// Every Secret the database's connections read: the coordinates', the
+    /// CA's and the client certificate's.
+    pub fn secret_names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(&self.secret_ref)
+            .chain(&self.tls.ca_secret_ref)
+            .chain(&self.tls.client_certificate_secret_ref)
+            .map(|r| r.name.as_str())
+    }
+}
+
+/// libpq's `sslmode` values Tidepool honours (`allow`, plaintext first, is
+/// not one).
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatabaseTlsMode {
+    /// Plaintext only.
+    Disable,
+    /// TLS when the server offers it, verifying nothing.
+    #[default]
+    Prefer,
+    /// TLS or no connection.
+    Require,
+    /// TLS, the chain checked.
+    VerifyCa,
+    /// TLS, the chain and the host name checked.
+    VerifyFull,
+}
+
+impl DatabaseTlsMode {
+    /// The mode as the runtime knows it.
+    pub fn ssl_mode(self) -> tidepool::tls::SslMode {
+        use tidepool::tls::SslMode;
+        match self {
+            DatabaseTlsMode::Disable => SslMode::Disable,
+            DatabaseTlsMode::Prefer => SslMode::Prefer,
+            DatabaseTlsMode::Require => SslMode::Require,
+            DatabaseTlsMode::VerifyCa => SslMode::VerifyCa,
+            DatabaseTlsMode::VerifyFull => SslMode::VerifyFull,
+        }
+    }
 }
 
 /// A reference to a Secret in the Tidepool's namespace.
-#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct SecretRef {
     /// The Secret's name.
     #[schemars(length(max = 253))]
@@ -513,7 +590,7 @@ fn env_names_rule() -> String {
 /// operator sets, and those it composes the URLs from.
 pub fn owned_variables() -> Vec<&'static str> {
     use tidepool_contract::env;
-    env::ALL.iter().chain(env::plan::ALL).chain(env::composed::ALL).copied().collect()
+    env::ALL.iter().chain(env::plan::ALL).chain(env::direct::ALL).chain(env::composed::ALL).copied().collect()
 }
 
 /// The `$(TIDEPOOL_…)` references every container may make: the plan's
@@ -765,14 +842,13 @@ pub struct PoolerSpec {
     pub image: String,
 
     /// Extra PgBouncer settings, from an allow-list (timeouts, logging, TCP
-    /// keepalive, TLS modes). The sizing settings are the operator's.
-    /// `server_tls_sslmode` (PgBouncer's TLS to PostgreSQL) takes libpq's
-    /// `disable`, `prefer` (the default) or `require`.
+    /// keepalive). The sizing settings are the operator's, and PgBouncer's
+    /// TLS to PostgreSQL (`server_tls_*`) is `database.tls`'s.
     #[serde(default)]
     #[schemars(schema_with = "pooler_parameters_schema")]
     #[x_kube(validation = Rule::new(pooler_parameters_rule()).message(pooler_parameters_message().as_str()))]
     #[x_kube(validation = Rule::new("self.all(k, self[k].matches('^[A-Za-z0-9_.,:/= -]{0,256}$'))").message("pooler.parameters values must be up to 256 of A-Z, a-z, 0-9, space and _ . , : / = -"))]
-    #[x_kube(validation = Rule::new("!('server_tls_sslmode' in self) || self['server_tls_sslmode'] in ['disable', 'prefer', 'require']").message("pooler.parameters.server_tls_sslmode may be disable, prefer or require, with libpq's meanings: verify-ca and verify-full need a CA file, which pooler.parameters cannot give"))]
+    #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('server_tls_'))").message("pooler.parameters may not set server_tls_*: PgBouncer's TLS to PostgreSQL is database.tls's, which covers every connection"))]
     pub parameters: BTreeMap<String, String>,
 
     /// The sidecar's resources.
@@ -1097,7 +1173,7 @@ mod tests {
         assert_eq!(refusals(with(json!({}))), Vec::<String>::new());
         assert_eq!(
             refusals(with(
-                json!({"pooler": {"parameters": {"server_idle_timeout": "300", "server_tls_sslmode": "require"}}})
+                json!({"pooler": {"parameters": {"server_idle_timeout": "300"}}, "database": {"tls": {"mode": "verify-full", "caSecretRef": {"name": "db-ca"}}}})
             )),
             Vec::<String>::new()
         );

@@ -23,7 +23,9 @@ use prometheus::{
 use crate::crd::TidepoolStatus;
 use crate::plan::Tier;
 use crate::scaler::Direction;
-use crate::status::{CONNECTION_BUDGET, DEGRADED, PROGRESSING, READY, WORKER_AUTOSCALING};
+use crate::status::{
+    CONNECTION_BUDGET, DATABASE_TLS_VERIFIED, DEGRADED, PROGRESSING, READY, WORKER_AUTOSCALING,
+};
 
 /// How a reconcile ended, as the `result` label says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +120,8 @@ pub struct Metrics {
 const CONNECTION_KINDS: [&str; 3] = ["available", "planned_peak", "live_peak"];
 const TIERS: [&str; 2] = ["web", "worker"];
 const REPLICA_STATES: [&str; 3] = ["desired", "current", "ready"];
-const CONDITIONS: [&str; 5] = [READY, CONNECTION_BUDGET, PROGRESSING, DEGRADED, WORKER_AUTOSCALING];
+const CONDITIONS: [&str; 6] =
+    [READY, CONNECTION_BUDGET, PROGRESSING, DEGRADED, WORKER_AUTOSCALING, DATABASE_TLS_VERIFIED];
 const DIRECTIONS: [Direction; 2] = [Direction::Up, Direction::Down];
 const QUERY_OUTCOMES: [&str; 2] = ["ok", "error"];
 

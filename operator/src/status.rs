@@ -11,6 +11,9 @@
 //!   missing Secret or key, an invalid spec, a refused budget);
 //! - `WorkerAutoscaling` (only while the worker tier autoscales): whether
 //!   the queue scaler can read the queues; False holds the replicas.
+//! - `DatabaseTLSVerified`: whether every connection to PostgreSQL checks
+//!   the server's certificate and name (`database.tls.mode: verify-full`);
+//!   False says what the mode leaves open.
 //!
 //! A condition keeps its `lastTransitionTime` while its status stays. A
 //! tier's `lastScale` records the last change of its desired replicas, with
@@ -18,7 +21,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::crd::{ConnectionsStatus, LastScale, TidepoolStatus, TierStatus};
+use crate::crd::{ConnectionsStatus, DatabaseTls, DatabaseTlsMode, LastScale, TidepoolStatus, TierStatus};
 use crate::plan::{PerTier, Plan, Tier};
 use crate::to_i32;
 
@@ -27,6 +30,7 @@ pub const CONNECTION_BUDGET: &str = "ConnectionBudget";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 pub const WORKER_AUTOSCALING: &str = "WorkerAutoscaling";
+pub const DATABASE_TLS_VERIFIED: &str = "DatabaseTLSVerified";
 
 /// Why a tier's desired replicas changed, when the operator knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +104,8 @@ pub struct Applied<'a> {
     pub scale_causes: PerTier<ScaleCause>,
     /// The queue scaler's health, while the worker tier autoscales.
     pub autoscaling: Option<AutoscalingHealth>,
+    /// The spec's TLS to PostgreSQL.
+    pub database_tls: &'a DatabaseTls,
 }
 
 fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {
@@ -152,6 +158,7 @@ pub fn status(
                 condition(DEGRADED, true, blocked.reason, blocked.message.clone(), generation),
             ];
             kept.conditions.extend(find(previous, WORKER_AUTOSCALING).cloned());
+            kept.conditions.extend(find(previous, DATABASE_TLS_VERIFIED).cloned());
             kept
         }
         Ok(applied) => applied_status(applied, generation),
@@ -221,6 +228,7 @@ fn applied_status(applied: &Applied<'_>, generation: Option<i64>) -> TidepoolSta
     }
     let [ready, progressing, degraded] = rollout_conditions(applied, settled, pods, generation);
     let mut conditions = vec![ready, budget_condition(applied, generation), progressing, degraded];
+    conditions.push(tls_condition(applied.database_tls, generation));
     conditions.extend(applied.autoscaling.as_ref().map(|health| Condition {
         type_: WORKER_AUTOSCALING.to_owned(),
         status: health.status.to_owned(),
@@ -352,6 +360,44 @@ fn budget_condition(applied: &Applied<'_>, generation: Option<i64>) -> Condition
     condition(CONNECTION_BUDGET, true, if plan.asks_met { "Fits" } else { "Limited" }, message, generation)
 }
 
+/// DatabaseTLSVerified: what `database.tls` checks on every connection to
+/// PostgreSQL (the pods' PgBouncer, the worker's LISTEN session, the
+/// migration, the queue scaler), and what it leaves open.
+fn tls_condition(tls: &DatabaseTls, generation: Option<i64>) -> Condition {
+    const CLIENTS: &str =
+        "the pods' PgBouncer, the worker's LISTEN session, the migration and the queue scaler";
+    const ADVICE: &str =
+        "set database.tls.mode verify-full with caSecretRef to check the server's certificate and name";
+    let (ok, reason, message) = match (tls.mode, tls.ca_secret_ref.is_some()) {
+        (DatabaseTlsMode::VerifyFull, _) => (
+            true,
+            "VerifyFull",
+            format!("{CLIENTS} connect with TLS and check that the server's certificate leads to the CA and names the host"),
+        ),
+        (DatabaseTlsMode::VerifyCa, _) | (DatabaseTlsMode::Require, true) => (
+            false,
+            "ChainOnly",
+            format!("{CLIENTS} connect with TLS and check the server's certificate chain, not that it names the host: {ADVICE}"),
+        ),
+        (DatabaseTlsMode::Require, false) => (
+            false,
+            "NotVerified",
+            format!("{CLIENTS} connect with TLS but check no certificate, so anyone on the path can pose as the database: {ADVICE}"),
+        ),
+        (DatabaseTlsMode::Prefer, _) => (
+            false,
+            "NotVerified",
+            format!("database.tls.mode is prefer (the default, as libpq's): {CLIENTS} use TLS when the server offers it, check no certificate and fall back to plaintext when it does not: {ADVICE}"),
+        ),
+        (DatabaseTlsMode::Disable, _) => (
+            false,
+            "Plaintext",
+            format!("database.tls.mode is disable: {CLIENTS} connect in plaintext: {ADVICE}"),
+        ),
+    };
+    condition(DATABASE_TLS_VERIFIED, ok, reason, message, generation)
+}
+
 /// Whether two statuses say the same, transition times aside.
 pub fn same_ignoring_times(a: &TidepoolStatus, b: &TidepoolStatus) -> bool {
     let strip = |s: &TidepoolStatus| {
@@ -413,6 +459,7 @@ mod tests {
             migration: Migration::Done,
             scale_causes: PerTier::default(),
             autoscaling: None,
+            database_tls: Box::leak(Box::default()),
         }
     }
 
@@ -514,5 +561,47 @@ mod tests {
         );
         let without = status(Some(&first), Some(3), Ok(applied(&plan, 2)), at(30));
         assert_eq!(find(Some(&without), WORKER_AUTOSCALING), None, "no autoscaling, no condition");
+    }
+
+    /// Only verify-full is verified; every other mode says in words what it
+    /// leaves open, and a blocked spec keeps the condition as it was.
+    #[test]
+    fn the_tls_condition_says_what_each_mode_checks() {
+        let plan = a_plan();
+        let cases = [
+            ("verify-full", true, true, "VerifyFull"),
+            ("verify-ca", true, false, "ChainOnly"),
+            ("require", true, false, "ChainOnly"),
+            ("require", false, false, "NotVerified"),
+            ("prefer", false, false, "NotVerified"),
+            ("disable", false, false, "Plaintext"),
+        ];
+        for (mode, ca, verified, reason) in cases {
+            let mut tls = serde_json::json!({"mode": mode});
+            if ca {
+                tls["caSecretRef"] = serde_json::json!({"name": "db-ca"});
+            }
+            let tls: DatabaseTls = serde_json::from_value(tls).expect("a setting");
+            let applied = Applied { database_tls: &tls, ..applied(&plan, 2) };
+            let next = status(None, Some(1), Ok(applied), at(10));
+            let condition = find(Some(&next), DATABASE_TLS_VERIFIED).expect("the condition");
+            assert_eq!(condition.status, if verified { "True" } else { "False" }, "{mode}");
+            assert_eq!(condition.reason, reason, "{mode} {ca}");
+            if !verified {
+                assert!(
+                    condition.message.contains("verify-full"),
+                    "{mode}: says what would: {}",
+                    condition.message
+                );
+            }
+            let blocked = Blocked { reason: "SecretMissing", message: "gone".into() };
+            let kept = status(Some(&next), Some(2), Err(blocked), at(20));
+            assert_eq!(find(Some(&kept), DATABASE_TLS_VERIFIED).map(|c| &c.reason), Some(&condition.reason));
+        }
+        let default = status(None, Some(1), Ok(applied(&plan, 2)), at(10));
+        assert_eq!(
+            find(Some(&default), DATABASE_TLS_VERIFIED).map(|c| c.reason.as_str()),
+            Some("NotVerified")
+        );
     }
 }

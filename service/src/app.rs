@@ -246,9 +246,33 @@ pub fn run<S: Clone + Send + Sync + 'static>(app: Application<S>) -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!(error = %crate::error_chain(e.as_ref()), "{} failed", app.name);
+            let error = crate::error_chain(e.as_ref());
+            tracing::error!(error = %error, "{} failed", app.name);
+            write_termination_message(&format!("{} failed: {error}", app.name));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Where Kubernetes reads a container's termination message from (its
+/// default `terminationMessagePath`): the kubelet puts it in the pod's
+/// status, where the operator quotes a failed migration's error.
+const TERMINATION_LOG: &str = "/dev/termination-log";
+/// What the kubelet keeps of it.
+const TERMINATION_MESSAGE_MAX: usize = 4096;
+
+/// Writes `message` as the container's termination message, when the
+/// process runs in a container that has the file (it is never created).
+fn write_termination_message(message: &str) {
+    let Ok(mut file) = std::fs::OpenOptions::new().write(true).truncate(true).open(TERMINATION_LOG) else {
+        return;
+    };
+    let mut end = message.len().min(TERMINATION_MESSAGE_MAX);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    if let Err(e) = std::io::Write::write_all(&mut file, &message.as_bytes()[..end]) {
+        tracing::debug!(error = %e, "could not write the termination message");
     }
 }
 

@@ -78,7 +78,7 @@ pub use tokio_postgres::types::{ToSql, Type};
 pub use tokio_postgres::Row;
 use tokio_postgres::{AsyncMessage, CancelToken, Client, NoTls, SimpleQueryMessage, Transaction};
 
-use crate::tls::{RustlsStream, SslMode, TlsSettings};
+use crate::tls::{MakeRustlsConnect, RustlsStream, SslMode, TlsSettings};
 
 /// Longest a best-effort cancel request may take.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -858,8 +858,18 @@ type Unpooled =
 /// hands back its client and the connection to drive.
 async fn open(target: Target, timeout: Duration) -> Result<Unpooled, DbError> {
     let Target { mut pg, tls } = target;
-    pg.connect_timeout(timeout);
     let connector = tls.connector(&mut pg).map_err(|e| DbError::Config(e.to_string()))?;
+    open_with(pg, connector, timeout).await
+}
+
+/// [`open`] with a connector the caller built ([`crate::tls::TlsMaterial`],
+/// which has set the negotiation on `pg`).
+async fn open_with(
+    mut pg: tokio_postgres::Config,
+    connector: MakeRustlsConnect,
+    timeout: Duration,
+) -> Result<Unpooled, DbError> {
+    pg.connect_timeout(timeout);
     tokio::time::timeout(timeout, pg.connect(connector))
         .await
         .map_err(|_| {
@@ -871,7 +881,20 @@ async fn open(target: Target, timeout: Duration) -> Result<Unpooled, DbError> {
 /// Opens one unpooled connection, bounded by `timeout` (TCP, TLS and
 /// login).
 pub async fn connect(target: impl Into<Target>, timeout: Duration) -> Result<Client, DbError> {
-    let (client, connection) = open(target.into(), timeout).await?;
+    let Target { mut pg, tls } = target.into();
+    let connector = tls.connector(&mut pg).map_err(|e| DbError::Config(e.to_string()))?;
+    connect_with(pg, connector, timeout).await
+}
+
+/// [`connect`] with TLS the caller holds in memory (the operator's CA from
+/// a Secret): `connector` from [`crate::tls::TlsMaterial::connector`] on
+/// the same `pg`.
+pub async fn connect_with(
+    pg: tokio_postgres::Config,
+    connector: MakeRustlsConnect,
+    timeout: Duration,
+) -> Result<Client, DbError> {
+    let (client, connection) = open_with(pg, connector, timeout).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "unpooled connection ended with an error");

@@ -86,6 +86,15 @@ impl SslMode {
         matches!(self, SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull)
     }
 
+    /// The mode as libpq applies it with roots given or not: `require`
+    /// with roots checks the chain, as `verify-ca` does.
+    pub fn with_roots(self, roots: bool) -> SslMode {
+        match self {
+            SslMode::Require if roots => SslMode::VerifyCa,
+            mode => mode,
+        }
+    }
+
     /// The mode tokio-postgres negotiates with (it knows three).
     fn negotiation(self) -> tokio_postgres::config::SslMode {
         match self {
@@ -126,7 +135,7 @@ pub enum TlsError {
     /// One of a client certificate and its key.
     #[error("sslcert and sslkey go together: {0} is missing")]
     HalfClientCert(&'static str),
-    /// A file that cannot be read or holds nothing usable.
+    /// A file that cannot be read.
     #[error("{param}={path}: {reason}")]
     File {
         /// The URL parameter that named it.
@@ -134,6 +143,14 @@ pub enum TlsError {
         /// Its path.
         path: String,
         /// What is wrong with it.
+        reason: String,
+    },
+    /// Certificates or a key that do not parse.
+    #[error("{origin}: {reason}")]
+    Pem {
+        /// Where they came from.
+        origin: String,
+        /// What is wrong with them.
         reason: String,
     },
     /// A query value that does not decode.
@@ -178,10 +195,7 @@ impl TlsSettings {
     /// The mode as libpq applies it: `require` with roots checks the
     /// chain, as `verify-ca` does.
     pub fn effective_mode(&self) -> SslMode {
-        match (self.mode, &self.root_cert) {
-            (SslMode::Require, Some(_)) => SslMode::VerifyCa,
-            (mode, _) => mode,
-        }
+        self.mode.with_roots(self.root_cert.is_some())
     }
 
     /// Whether the settings can work, reading no file: a verifying mode
@@ -202,9 +216,61 @@ impl TlsSettings {
     /// the first connection.
     pub fn connector(&self, config: &mut tokio_postgres::Config) -> Result<MakeRustlsConnect, TlsError> {
         self.check()?;
+        let read = |param: &'static str, path: &Path| {
+            std::fs::read(path)
+                .map(|bytes| Pem { origin: format!("{param}={}", path.display()), bytes })
+                .map_err(|e| file_error(param, path, e))
+        };
+        let client_cert = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Some((read("sslcert", cert)?, read("sslkey", key)?)),
+            _ => None,
+        };
+        let material = TlsMaterial {
+            mode: self.mode,
+            roots: self.root_cert.as_deref().map(|path| read("sslrootcert", path)).transpose()?,
+            client_cert,
+        };
+        material.connector(config)
+    }
+}
+
+/// PEM text and where it came from (`sslrootcert=/path`, `Secret db-ca,
+/// key ca.crt`), for the messages about it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Pem {
+    /// Where it was read from, as a message names it.
+    pub origin: String,
+    /// The PEM text.
+    pub bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for Pem {
+    /// The origin only: a key's text never reaches a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pem({})", self.origin)
+    }
+}
+
+/// TLS settings with their certificates in memory: what
+/// [`TlsSettings::connector`] reads from files, or what a caller holds
+/// already (the operator reads its CA from a Secret).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsMaterial {
+    /// libpq's `sslmode`.
+    pub mode: SslMode,
+    /// The roots (one or more certificates).
+    pub roots: Option<Pem>,
+    /// A client certificate chain and its key.
+    pub client_cert: Option<(Pem, Pem)>,
+}
+
+impl TlsMaterial {
+    /// Sets the negotiation on `config` and builds the connector, with
+    /// libpq's meanings of the mode (`require` with roots checks the chain).
+    pub fn connector(&self, config: &mut tokio_postgres::Config) -> Result<MakeRustlsConnect, TlsError> {
         config.ssl_mode(self.mode.negotiation());
-        let roots = self.root_cert.as_deref().map(read_roots).transpose()?;
-        let verify = match (self.effective_mode(), roots) {
+        let roots = self.roots.as_ref().map(read_roots).transpose()?;
+        let verify = match (self.mode.with_roots(roots.is_some()), roots) {
             (SslMode::Disable | SslMode::Prefer | SslMode::Require, _) => Verify::Nothing,
             (SslMode::VerifyCa, Some(roots)) => Verify::Chain(roots),
             (SslMode::VerifyFull, Some(roots)) => Verify::ChainAndName(roots),
@@ -227,14 +293,13 @@ impl TlsSettings {
                 builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
             }
         };
-        // check() refused one of the two without the other.
-        let config = match (&self.cert, &self.key) {
-            (Some(cert), Some(key)) => {
-                let chain = read_certs("sslcert", cert)?;
-                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_error("sslkey", key, e))?;
+        let config = match &self.client_cert {
+            Some((cert, key)) => {
+                let chain = read_certs(cert)?;
+                let key = PrivateKeyDer::from_pem_slice(&key.bytes).map_err(|e| pem_error(key, e))?;
                 builder.with_client_auth_cert(chain, key).map_err(rustls)?
             }
-            _ => builder.with_no_client_auth(),
+            None => builder.with_no_client_auth(),
         };
         Ok(MakeRustlsConnect { config: Arc::new(config) })
     }
@@ -256,22 +321,25 @@ fn file_error(param: &'static str, path: &Path, reason: impl std::fmt::Display) 
     TlsError::File { param, path: path.display().to_string(), reason: reason.to_string() }
 }
 
-fn read_certs(param: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_error(param, path, e))?
+fn pem_error(pem: &Pem, reason: impl std::fmt::Display) -> TlsError {
+    TlsError::Pem { origin: pem.origin.clone(), reason: reason.to_string() }
+}
+
+fn read_certs(pem: &Pem) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(&pem.bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(param, path, e))?;
+        .map_err(|e| pem_error(pem, e))?;
     if certs.is_empty() {
-        return Err(file_error(param, path, "no PEM certificate in it"));
+        return Err(pem_error(pem, "no PEM certificate in it"));
     }
     Ok(certs)
 }
 
-/// Every root of the bundle at `path`.
-fn read_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+/// Every root of the bundle `pem`.
+fn read_roots(pem: &Pem) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
-    for cert in read_certs("sslrootcert", path)? {
-        roots.add(cert).map_err(|e| file_error("sslrootcert", path, e))?;
+    for cert in read_certs(pem)? {
+        roots.add(cert).map_err(|e| pem_error(pem, e))?;
     }
     Ok(roots)
 }

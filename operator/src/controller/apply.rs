@@ -14,6 +14,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::pods::FailedJobPod;
 use super::{Error, FIELD_MANAGER};
 use crate::metrics::Metrics;
 use crate::status::{Migration, ObservedTier};
@@ -73,6 +74,9 @@ pub async fn scale(
     Ok(())
 }
 
+/// The most of a failed migration pod's message quoted in status.
+const MIGRATION_MESSAGE_MAX: usize = 600;
+
 /// Whether `live` holds everything `wanted` says: every key of an object
 /// (extra keys allowed), lists of the same length item by item, equal
 /// scalars.
@@ -89,15 +93,27 @@ pub fn contains(live: &serde_json::Value, wanted: &serde_json::Value) -> bool {
     }
 }
 
-/// Where the migration Job `name` stands.
-pub fn migration_of(job: &Job, name: &str) -> Migration {
+/// Where the migration Job `name` stands; a failure quotes the last line
+/// its pods (`failed`, of any Job) ended with.
+pub fn migration_of(job: &Job, name: &str, failed: &[&FailedJobPod]) -> Migration {
     let conditions = job.status.as_ref().and_then(|s| s.conditions.as_ref());
     let holds =
         |type_: &str| conditions.and_then(|c| c.iter().find(|c| c.type_ == type_ && c.status == "True"));
     if holds("Complete").is_some() {
         Migration::Done
-    } else if let Some(failed) = holds("Failed") {
-        Migration::Failed { name: name.to_owned(), message: failed.message.clone().unwrap_or_default() }
+    } else if let Some(condition) = holds("Failed") {
+        let mut message = condition.message.clone().unwrap_or_default();
+        let said = failed
+            .iter()
+            .filter(|pod| pod.job == name)
+            .filter_map(|pod| pod.message.as_deref())
+            .filter_map(|m| m.lines().rev().find(|line| !line.trim().is_empty()))
+            .next();
+        if let Some(said) = said {
+            let said: String = said.trim().chars().take(MIGRATION_MESSAGE_MAX).collect();
+            message = format!("{message}; its pod ended with: {said}");
+        }
+        Migration::Failed { name: name.to_owned(), message }
     } else {
         Migration::Running { name: name.to_owned() }
     }
@@ -153,8 +169,39 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::contains;
+    use super::{contains, migration_of, FailedJobPod};
+    use crate::status::Migration;
     use serde_json::json;
+
+    /// A failed migration quotes the last line its own pods ended with, not
+    /// another Job's.
+    #[test]
+    fn a_failed_migration_quotes_its_pods_last_line() {
+        let job: k8s_openapi::api::batch::v1::Job = serde_json::from_value(json!({
+            "metadata": {"name": "shop-migrate-1"},
+            "status": {"conditions": [{"type": "Failed", "status": "True", "message": "Job has reached the specified backoff limit"}]},
+        }))
+        .expect("a Job");
+        let ours = FailedJobPod {
+            job: "shop-migrate-1".into(),
+            message: Some(
+                "starting\ntidepool failed: db.example:5432: invalid peer certificate: UnknownIssuer\n\n"
+                    .into(),
+            ),
+        };
+        let other = FailedJobPod { job: "shop-migrate-0".into(), message: Some("old news".into()) };
+        let Migration::Failed { message, .. } = migration_of(&job, "shop-migrate-1", &[&other, &ours]) else {
+            panic!("failed")
+        };
+        assert_eq!(
+            message,
+            "Job has reached the specified backoff limit; its pod ended with: tidepool failed: db.example:5432: invalid peer certificate: UnknownIssuer"
+        );
+        let Migration::Failed { message, .. } = migration_of(&job, "shop-migrate-1", &[&other]) else {
+            panic!("failed")
+        };
+        assert_eq!(message, "Job has reached the specified backoff limit");
+    }
 
     #[test]
     fn a_live_object_with_server_defaults_contains_what_was_rendered() {

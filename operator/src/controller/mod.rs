@@ -320,13 +320,14 @@ fn owner_of(pod: &PartialObjectMeta<Pod>) -> Option<ObjectRef<Tidepool>> {
     Some(ObjectRef::new(instance).within(pod.namespace().as_deref()?))
 }
 
-/// The Tidepools whose `secretRef` names this Secret.
+/// The Tidepools whose database connections read this Secret (its
+/// coordinates, its CA, its client certificate).
 fn tidepools_using(store: &Store<Tidepool>, secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<Tidepool>> {
     let (name, namespace) = (secret.name_any(), secret.namespace());
     store
         .state()
         .iter()
-        .filter(|tp| tp.namespace() == namespace && tp.spec.database.secret_ref.name == name)
+        .filter(|tp| tp.namespace() == namespace && tp.spec.database.secret_names().any(|n| n == name))
         .map(|tp| ObjectRef::from_obj(tp.as_ref()))
         .collect()
 }

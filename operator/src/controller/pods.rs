@@ -21,6 +21,17 @@ pub struct ListedPod {
     resource_version: Option<String>,
     /// Scheduling gates other than the operator's, kept when it admits.
     other_gates: Vec<String>,
+    /// A failed Job pod's: the Job, and what its container said as it ended.
+    pub failed_job: Option<FailedJobPod>,
+}
+
+/// A Job's pod that failed, as its status tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedJobPod {
+    /// The Job's name (its pods' `batch.kubernetes.io/job-name`).
+    pub job: String,
+    /// The first container's termination message, if it left one.
+    pub message: Option<String>,
 }
 
 /// Every pod with the Tidepool's labels (`selector`).
@@ -95,13 +106,29 @@ fn listed_pod(pod: &Pod) -> ListedPod {
         tier,
         resource_version: pod.metadata.resource_version.clone(),
         other_gates: gates.into_iter().filter(|gate| gate != admission::GATE).collect(),
+        failed_job: failed_job(pod),
     }
+}
+
+fn failed_job(pod: &Pod) -> Option<FailedJobPod> {
+    let status = pod.status.as_ref()?;
+    if status.phase.as_deref() != Some("Failed") {
+        return None;
+    }
+    let job = pod.labels().get("batch.kubernetes.io/job-name")?.clone();
+    let message = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.clone())
+        .filter(|m| !m.trim().is_empty());
+    Some(FailedJobPod { job, message })
 }
 
 #[cfg(test)]
 impl ListedPod {
     /// A pod as listed, with no other gates.
     pub fn of(live: LivePod, tier: Option<Tier>) -> Self {
-        ListedPod { live, tier, resource_version: None, other_gates: Vec::new() }
+        ListedPod { live, tier, resource_version: None, other_gates: Vec::new(), failed_job: None }
     }
 }

@@ -34,10 +34,11 @@ use super::apply::{apply_one, delete_orphans, migration_of, observe, scale};
 use super::pace::{pace, Move};
 use super::{pods, scaling, Context, Error, STATUS_MANAGER};
 use crate::autoscaler;
-use crate::crd::{Tidepool, TidepoolStatus};
+use crate::crd::{DatabaseTls, Tidepool, TidepoolStatus};
 use crate::metrics::{Metrics, Outcome};
 use crate::plan::{self, PerTier, Plan, Tier};
 use crate::render::labels;
+use crate::render::tls::{CA_KEY, CLIENT_CERT_KEY, CLIENT_KEY_KEY};
 use crate::render::{self, Child};
 use crate::status::{self, Applied, Blocked, Migration, ObservedTier, ScaleCause};
 use crate::validate::{self, Validated};
@@ -106,6 +107,7 @@ pub async fn reconcile_once(tidepool: &Tidepool, ctx: &Context) -> Result<Outcom
                 pacing,
                 scale_causes: scaling.causes,
                 autoscaling: scaling.autoscaling,
+                database_tls: &ready.validated.spec.database.tls,
             };
             (status::status(previous, tidepool.metadata.generation, Ok(applied), now()), Outcome::Applied)
         }
@@ -156,6 +158,9 @@ async fn check(tidepool: &Tidepool, namespace: &str, client: &Client) -> Result<
             return Ok(Gate::Closed(Blocked { reason, message: format!("the database Secret {name}: {e}") }));
         }
     };
+    if let Some(blocked) = check_tls_secrets(&tidepool.spec.database.tls, namespace, client).await? {
+        return Ok(Gate::Closed(blocked));
+    }
     let validated = match validate::validate(tidepool, namespace) {
         Ok(validated) => validated,
         Err(e) => return Ok(Gate::Closed(Blocked { reason: "InvalidSpec", message: e.to_string() })),
@@ -164,6 +169,45 @@ async fn check(tidepool: &Tidepool, namespace: &str, client: &Client) -> Result<
         Ok(plan) => Gate::Open(Box::new(Ready { validated, plan, server })),
         Err(e) => Gate::Closed(Blocked { reason: "BudgetDoesNotFit", message: e.to_string() }),
     })
+}
+
+/// Whether the Secrets `database.tls` names exist with their keys (a pod
+/// whose Secret volume cannot be mounted would wait for it unseen).
+async fn check_tls_secrets(
+    tls: &DatabaseTls,
+    namespace: &str,
+    client: &Client,
+) -> Result<Option<Blocked>, Error> {
+    let wanted = [
+        (&tls.ca_secret_ref, "database.tls.caSecretRef", &[CA_KEY][..]),
+        (
+            &tls.client_certificate_secret_ref,
+            "database.tls.clientCertificateSecretRef",
+            &[CLIENT_CERT_KEY, CLIENT_KEY_KEY][..],
+        ),
+    ];
+    for (reference, field, keys) in wanted {
+        let Some(reference) = reference else { continue };
+        let name = &reference.name;
+        let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+            .get_opt(name)
+            .await
+            .map_err(|source| Error::ReadSecret { secret: name.clone(), source })?;
+        let Some(secret) = secret else {
+            return Ok(Some(Blocked {
+                reason: "SecretMissing",
+                message: format!("the Secret {name} ({field}) does not exist in namespace {namespace}"),
+            }));
+        };
+        let data = secret.data.unwrap_or_default();
+        if let Some(key) = keys.iter().find(|key| !data.contains_key(**key)) {
+            return Ok(Some(Blocked {
+                reason: "SecretIncomplete",
+                message: format!("the Secret {name} ({field}) has no key {key}"),
+            }));
+        }
+    }
+    Ok(None)
 }
 
 /// What applying the children found.
@@ -213,7 +257,8 @@ async fn apply_children(ctx: &Context, namespace: &str, ready: &Ready) -> Result
             _ if migration != Migration::Done => {}
             Child::Job(_) => {
                 let job = apply_one::<Job>(client, namespace, &name, body, &writes).await?;
-                migration = migration_of(&job, &name);
+                let failed: Vec<_> = pods.iter().filter_map(|pod| pod.failed_job.as_ref()).collect();
+                migration = migration_of(&job, &name, &failed);
             }
             Child::Service(_) => drop(apply_one::<Service>(client, namespace, &name, body, &writes).await?),
             Child::PodDisruptionBudget(_) => {

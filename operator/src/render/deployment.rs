@@ -57,6 +57,7 @@ use tidepool_contract::{
 };
 
 use super::labels::{self, DIRECT_ANNOTATION, SHARE_ANNOTATION};
+use super::tls;
 use crate::admission::GATE;
 use crate::crd::{EnvEntry, ProcessSpec, PROCESS_PORT_NAME};
 use crate::plan::{Tier, TierPlan};
@@ -163,7 +164,7 @@ pub fn deployment(validated: &Validated, tier_plan: &TierPlan) -> Deployment {
 }
 
 pub(super) fn volumes(validated: &Validated) -> Vec<Volume> {
-    vec![
+    let mut volumes = vec![
         Volume {
             name: DATABASE_VOLUME.to_owned(),
             secret: Some(SecretVolumeSource {
@@ -182,7 +183,9 @@ pub(super) fn volumes(validated: &Validated) -> Vec<Volume> {
         },
         memory_volume(POOLER_VOLUME, "1Mi"),
         memory_volume(TMP_VOLUME, "64Mi"),
-    ]
+    ];
+    volumes.extend(tls::volumes(&validated.spec.database.tls));
+    volumes
 }
 
 /// An `emptyDir` in memory (it counts against the pod's memory).
@@ -258,10 +261,16 @@ pub(super) fn resources(cpu: &str, memory: &str, memory_limit: &str) -> Resource
 }
 
 /// The direct connection URL (to PostgreSQL, not through PgBouncer),
-/// composed of the Secret's variables: the worker's LISTEN session and the
-/// migration Job.
-pub(super) fn direct_database_url() -> EnvVar {
-    env(pod::DIRECT_DATABASE_URL, format!("postgres://$({DB_USER})@$({DB_HOST}):$({DB_PORT})/$({DB_NAME})"))
+/// composed of the Secret's variables, with `database.tls` as libpq's
+/// parameters: the worker's LISTEN session and the migration Job.
+pub(super) fn direct_database_url(validated: &Validated) -> EnvVar {
+    env(
+        pod::DIRECT_DATABASE_URL,
+        format!(
+            "postgres://$({DB_USER})@$({DB_HOST}):$({DB_PORT})/$({DB_NAME}){}",
+            tls::url_query(&validated.spec.database.tls)
+        ),
+    )
 }
 
 pub(super) fn env(name: &str, value: impl Into<String>) -> EnvVar {
@@ -303,12 +312,10 @@ fn pooler_config(validated: &Validated, tier: &TierPlan) -> Container {
         format!("--query-wait-timeout={}s", sizing.query_wait_timeout_seconds),
         format!("--stats-user={STATS_USER}"),
     ];
-    // PgBouncer's server_tls_sslmode is the upstream TLS's own flag, with
-    // libpq's meanings; the rest are settings.
-    args.extend(validated.spec.pooler.parameters.iter().map(|(key, value)| match key.as_str() {
-        "server_tls_sslmode" => format!("--server-tls-sslmode={value}"),
-        _ => format!("--set={key}={value}"),
-    }));
+    // TLS to PostgreSQL is database.tls's (the CRD refuses server_tls_* in
+    // the parameters).
+    args.extend(tls::pooler_args(&validated.spec.database.tls));
+    args.extend(validated.spec.pooler.parameters.iter().map(|(key, value)| format!("--set={key}={value}")));
     Container {
         name: "pooler-config".to_owned(),
         image: Some(validated.spec.tidepool_image.clone()),
@@ -371,7 +378,11 @@ fn pooler(validated: &Validated) -> Container {
         restart_policy: Some("Always".to_owned()),
         command: Some(vec!["pgbouncer".to_owned()]),
         args: Some(vec![format!("{POOLER_DIR}/pgbouncer.ini")]),
-        volume_mounts: Some(vec![mount(POOLER_VOLUME, POOLER_DIR)]),
+        volume_mounts: Some(
+            std::iter::once(mount(POOLER_VOLUME, POOLER_DIR))
+                .chain(tls::mounts(&validated.spec.database.tls))
+                .collect(),
+        ),
         // Listening only on 127.0.0.1, so probed from inside: the app
         // starts once PgBouncer accepts connections.
         startup_probe: Some(Probe {
@@ -489,6 +500,7 @@ fn app(validated: &Validated, tier: &TierPlan) -> Container {
         if tier.listen > 0 {
             // The LISTEN session logs in to PostgreSQL itself.
             volume_mounts.push(mount(DATABASE_VOLUME, DATABASE_DIR));
+            volume_mounts.extend(tls::mounts(&spec.database.tls));
         }
         tidepool_process(own)
     } else {
@@ -555,7 +567,7 @@ fn tidepool_env(validated: &Validated, tier: &TierPlan, own: OwnProcess) -> Vec<
                     env_from_secret(DB_USER, secret, "username"),
                     env_from_secret(DB_HOST, secret, "host"),
                     env_from_secret(DB_PORT, secret, "port"),
-                    direct_database_url(),
+                    direct_database_url(validated),
                     env(pod::DIRECT_DB_PASSWORD_FILE, format!("{DATABASE_DIR}/password")),
                 ]);
             }

@@ -24,8 +24,8 @@ use super::deployment::{
     pod_security, resources, tmp_mount, tolerations, user_env, volumes, DATABASE_DIR, DATABASE_VOLUME,
     TMP_VOLUME,
 };
-use super::labels;
-use crate::crd::MigrationSpec;
+use super::{labels, tls};
+use crate::crd::{DatabaseTls, MigrationSpec};
 use crate::validate::Validated;
 
 pub const COMPONENT: &str = "migrate";
@@ -33,6 +33,9 @@ pub const COMPONENT: &str = "migrate";
 const PASSFILE_VOLUME: &str = "pgpass";
 const PASSFILE_DIR: &str = "/run/tidepool";
 const PASSFILE: &str = "/run/tidepool/pgpass";
+/// An application's migration: its last lines of output, when it fails,
+/// are its termination message.
+const FOREIGN_TERMINATION_MESSAGE: &str = "FallbackToLogsOnError";
 
 /// The spec's migration, or the default one (`tidepool migrate`).
 fn migration(validated: &Validated) -> MigrationSpec {
@@ -67,9 +70,18 @@ pub fn job_name(validated: &Validated) -> String {
         .hash(&mut hasher);
     // Hashed only when set, so the default migration's Job keeps its name.
     if migration.is_foreign() || !migration.env.is_empty() {
-        serde_json::to_string(&(&migration.command, &migration.args, &migration.env, &spec.tidepool_image))
-            .unwrap_or_default()
-            .hash(&mut hasher);
+        serde_json::to_string(&(
+            &migration.command,
+            &migration.args,
+            &migration.env,
+            &spec.tidepool_image,
+            FOREIGN_TERMINATION_MESSAGE,
+        ))
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    }
+    if spec.database.tls != DatabaseTls::default() {
+        serde_json::to_string(&spec.database.tls).unwrap_or_default().hash(&mut hasher);
     }
     if !spec.node_selector.is_empty() || !spec.tolerations.is_empty() {
         serde_json::to_string(&(&spec.node_selector, &spec.tolerations))
@@ -99,6 +111,7 @@ pub fn job(validated: &Validated) -> Option<Job> {
     let mut volumes: Vec<_> = volumes(validated)
         .into_iter()
         .filter(|v| v.name == DATABASE_VOLUME || (foreign && v.name == TMP_VOLUME))
+        .chain(tls::volumes(&spec.database.tls))
         .collect();
     let mut init_containers = Vec::new();
     let mut container = if foreign {
@@ -129,24 +142,29 @@ pub fn job(validated: &Validated) -> Option<Job> {
             env(pod::plan::USER, format!("$({DB_USER})")),
             env(pod::plan::PASSFILE, PASSFILE),
         ]);
+        environment.extend(tls::libpq_env(&spec.database.tls));
+        let mut volume_mounts = vec![mount(PASSFILE_VOLUME, PASSFILE_DIR), tmp_mount()];
+        volume_mounts.extend(tls::mounts(&spec.database.tls));
         Container {
             command: non_empty(&migration.command),
             args: non_empty(&migration.args),
             env: Some(environment),
-            volume_mounts: Some(vec![mount(PASSFILE_VOLUME, PASSFILE_DIR), tmp_mount()]),
+            volume_mounts: Some(volume_mounts),
             ..Container::default()
         }
     } else {
         let mut environment: Vec<EnvVar> = from_secret.into();
         environment.extend([
-            direct_database_url(),
+            direct_database_url(validated),
             env(pod::DB_PASSWORD_FILE, format!("{DATABASE_DIR}/password")),
             env(pod::LOG_FORMAT, "json"),
         ]);
+        let mut volume_mounts = vec![mount(DATABASE_VOLUME, DATABASE_DIR)];
+        volume_mounts.extend(tls::mounts(&spec.database.tls));
         Container {
             args: Some(vec!["migrate".to_owned()]),
             env: Some(environment),
-            volume_mounts: Some(vec![mount(DATABASE_VOLUME, DATABASE_DIR)]),
+            volume_mounts: Some(volume_mounts),
             ..Container::default()
         }
     };
@@ -157,6 +175,13 @@ pub fn job(validated: &Validated) -> Option<Job> {
     container.image = Some(migration.image.clone().unwrap_or_else(|| spec.image.clone()));
     container.image_pull_policy = Some(spec.image_pull_policy.clone());
     container.security_context = Some(hardened());
+    // The operator quotes a failed migration's termination message in
+    // status (a certificate that does not verify names the host and the
+    // reason there): `tidepool migrate` writes its error there itself; an
+    // application's command gets its last lines of output.
+    if foreign {
+        container.termination_message_policy = Some(FOREIGN_TERMINATION_MESSAGE.to_owned());
+    }
     container.resources =
         Some(if foreign { resources("50m", "64Mi", "256Mi") } else { resources("50m", "32Mi", "128Mi") });
     Some(Job {

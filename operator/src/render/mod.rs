@@ -11,6 +11,7 @@ pub mod labels;
 pub mod migration;
 pub mod pdb;
 pub mod service;
+pub mod tls;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -289,17 +290,96 @@ mod tests {
     }
 
     #[test]
-    fn pooler_parameters_reach_pooler_config_and_its_tls_mode_as_its_own_flag() {
+    fn pooler_parameters_reach_pooler_config_and_tls_comes_from_database_tls() {
         let spec = serde_json::json!({"database": {"secretRef": {"name": "db"}, "maxConnections": 100},
-            "pooler": {"parameters": {"server_tls_sslmode": "require", "server_login_retry": "5"}}});
+            "pooler": {"parameters": {"server_login_retry": "5"}}});
         let (_, children) = render(spec);
         let pod = pod(&children, Tier::Web);
         let init = pod.init_containers.as_ref().expect("the sidecars");
         let args = init[0].args.as_deref().unwrap_or_default();
         assert_eq!(init[0].name, "pooler-config");
-        assert!(args.contains(&"--server-tls-sslmode=require".to_owned()), "{args:?}");
+        assert!(args.contains(&"--server-tls-sslmode=prefer".to_owned()), "libpq's default: {args:?}");
         assert!(args.contains(&"--set=server_login_retry=5".to_owned()), "{args:?}");
         assert!(!args.iter().any(|a| a.starts_with("--set=server_tls")), "{args:?}");
+    }
+
+    /// `database.tls` reaches every connection to PostgreSQL: PgBouncer's
+    /// flags and files, the LISTEN session's and `tidepool migrate`'s URL,
+    /// an application's migration's libpq variables; and only the CA's
+    /// certificate is mounted from its Secret.
+    #[test]
+    fn database_tls_reaches_every_client_of_postgresql() {
+        let tls = serde_json::json!({"mode": "verify-full", "caSecretRef": {"name": "pg-ca"},
+            "clientCertificateSecretRef": {"name": "pg-client"}});
+        let spec = serde_json::json!({"database": {"secretRef": {"name": "db"}, "maxConnections": 100, "tls": tls},
+            "worker": {"listen": true}});
+        let (_, children) = render(spec);
+        let mounted = |pod: &k8s_openapi::api::core::v1::PodSpec, container: &str| -> Vec<String> {
+            pod.init_containers
+                .iter()
+                .flatten()
+                .chain(&pod.containers)
+                .filter(|c| c.name == container)
+                .flat_map(|c| c.volume_mounts.iter().flatten().map(|m| m.mount_path.clone()))
+                .collect()
+        };
+        let ca_dir = "/etc/tidepool/database-ca".to_owned();
+        for tier in [Tier::Web, Tier::Worker] {
+            let pod = pod(&children, tier);
+            let args = pod.init_containers.as_ref().expect("sidecars")[0].args.clone().unwrap_or_default();
+            for flag in [
+                "--server-tls-sslmode=verify-full",
+                "--server-tls-ca-file=/etc/tidepool/database-ca/ca.crt",
+                "--server-tls-cert-file=/etc/tidepool/database-client/tls.crt",
+                "--server-tls-key-file=/etc/tidepool/database-client/tls.key",
+            ] {
+                assert!(args.iter().any(|a| a == flag), "{tier}: {flag} not in {args:?}");
+            }
+            assert!(mounted(&pod, "pgbouncer").contains(&ca_dir), "{tier}");
+            let ca = pod.volumes.iter().flatten().find(|v| v.name == "database-ca").expect("the CA volume");
+            let items = ca.secret.as_ref().and_then(|s| s.items.clone()).unwrap_or_default();
+            assert_eq!(items.iter().map(|i| i.key.as_str()).collect::<Vec<_>>(), ["ca.crt"]);
+        }
+        let worker = pod(&children, Tier::Worker);
+        let url = worker.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "TIDEPOOL_DIRECT_DATABASE_URL")
+            .and_then(|e| e.value.clone())
+            .unwrap_or_default();
+        assert!(url.ends_with("?sslmode=verify-full&sslrootcert=/etc/tidepool/database-ca/ca.crt&sslcert=/etc/tidepool/database-client/tls.crt&sslkey=/etc/tidepool/database-client/tls.key"), "{url}");
+        assert!(mounted(&worker, "worker").contains(&ca_dir));
+        let job = children
+            .iter()
+            .find_map(|c| match c {
+                Child::Job(job) => job.spec.as_ref().and_then(|s| s.template.spec.clone()),
+                _ => None,
+            })
+            .expect("the migration Job");
+        let env = job.containers[0].env.clone().unwrap_or_default();
+        assert!(env.iter().any(|e| e.name == "TIDEPOOL_DIRECT_DATABASE_URL"
+            && e.value.as_deref().is_some_and(|v| v.contains("?sslmode=verify-full&sslrootcert="))));
+        assert!(mounted(&job, "migrate").contains(&ca_dir));
+
+        let foreign =
+            django(serde_json::json!({"database": {"secretRef": {"name": "db"}, "maxConnections": 200,
+            "reservedConnections": 10, "tls": {"mode": "verify-ca", "caSecretRef": {"name": "pg-ca"}}}}));
+        let (_, children) = render(foreign);
+        let job = children
+            .iter()
+            .find_map(|c| match c {
+                Child::Job(job) => job.spec.as_ref().and_then(|s| s.template.spec.clone()),
+                _ => None,
+            })
+            .expect("the migration Job");
+        let env = job.containers[0].env.clone().unwrap_or_default();
+        let var = |name: &str| env.iter().find(|e| e.name == name).and_then(|e| e.value.clone());
+        assert_eq!(var("PGSSLMODE").as_deref(), Some("verify-ca"));
+        assert_eq!(var("PGSSLROOTCERT").as_deref(), Some("/etc/tidepool/database-ca/ca.crt"));
+        assert_eq!(var("PGSSLCERT"), None);
+        assert!(mounted(&job, "migrate").contains(&ca_dir));
+        assert_eq!(job.containers[0].termination_message_policy.as_deref(), Some("FallbackToLogsOnError"));
     }
 
     #[test]
