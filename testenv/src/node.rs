@@ -238,6 +238,13 @@ impl PrivatePostgres {
         Self::start_on(name, max_connections, false, Some(tls_dir.to_owned()))
     }
 
+    /// [`PrivatePostgres::tls_only`] that pods on the real node reach too
+    /// (its certificate must name the veth's host end:
+    /// [`TestCertificates::issue`]).
+    pub fn tls_only_for_node(name: &str, max_connections: u32, tls_dir: &Path) -> Result<PrivatePostgres> {
+        Self::start_on(name, max_connections, true, Some(tls_dir.to_owned()))
+    }
+
     fn start_on(
         name: &str,
         max_connections: u32,
@@ -321,6 +328,117 @@ impl Drop for PrivatePostgres {
         if self.stack(&["clean"]).is_err() {
             let _ = std::fs::remove_dir_all(&self.postgres.state_dir);
         }
+    }
+}
+
+/// A CA and a server certificate of one test's own, made with openssl in
+/// a folder of the test state: `ca.crt`, `server.crt` and `server.key`
+/// (the shape [`PrivatePostgres::tls_only`] takes), for names only known
+/// at run time (the node's host address). Deleted when dropped.
+pub struct TestCertificates {
+    pub dir: PathBuf,
+}
+
+impl TestCertificates {
+    /// A new CA and a certificate it issued for the `names` (IP addresses
+    /// or DNS names, in subjectAltName).
+    pub fn issue(label: &str, names: &[&str]) -> Result<TestCertificates> {
+        let dir = env_path("TIDEPOOL_TEST_STATE_DIR")?.join(format!("certs-{label}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let certificates = TestCertificates { dir };
+        let san: Vec<String> =
+            names
+                .iter()
+                .map(|n| {
+                    if n.parse::<std::net::IpAddr>().is_ok() {
+                        format!("IP:{n}")
+                    } else {
+                        format!("DNS:{n}")
+                    }
+                })
+                .collect();
+        let dir = certificates.dir.to_string_lossy().into_owned();
+        let openssl = |args: &[&str]| -> Result<()> {
+            let result = output(Command::new("openssl").args(args).current_dir(&dir))?;
+            ensure!(
+                result.status.success(),
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&result.stderr)
+            );
+            Ok(())
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=tidepool test CA {label}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ])?;
+        openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=tidepool test server",
+        ])?;
+        std::fs::write(
+            certificates.dir.join("server.ext"),
+            format!(
+                "subjectAltName={}\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+                san.join(",")
+            ),
+        )?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.crt",
+        ])?;
+        Ok(certificates)
+    }
+
+    /// The CA's certificate, as PEM.
+    pub fn ca_pem(&self) -> Result<String> {
+        Ok(std::fs::read_to_string(self.dir.join("ca.crt"))?)
+    }
+}
+
+impl Drop for TestCertificates {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
