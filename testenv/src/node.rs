@@ -368,41 +368,31 @@ impl TestCertificates {
             );
             Ok(())
         };
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN=tidepool test CA {label}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ])?;
-        openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=tidepool test server",
-        ])?;
+        // Both keys: P-256, unencrypted.
+        let new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let ca_subject = format!("/CN=tidepool test CA {label}");
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &new_key,
+                &["-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", &ca_subject],
+                &[
+                    "-addext",
+                    "basicConstraints=critical,CA:TRUE",
+                    "-addext",
+                    "keyUsage=critical,keyCertSign,cRLSign",
+                ],
+            ]
+            .concat(),
+        )?;
+        openssl(
+            &[
+                &["req"][..],
+                &new_key,
+                &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=tidepool test server"],
+            ]
+            .concat(),
+        )?;
         std::fs::write(
             certificates.dir.join("server.ext"),
             format!(

@@ -137,6 +137,16 @@ mod tests {
             .expect("the tier's Deployment")
     }
 
+    fn job_pod(children: &[Child]) -> PodSpec {
+        children
+            .iter()
+            .find_map(|c| match c {
+                Child::Job(job) => job.spec.as_ref().and_then(|s| s.template.spec.clone()),
+                _ => None,
+            })
+            .expect("the migration Job")
+    }
+
     /// The container never gets the password as a variable, and mounts the
     /// Secret (its only way to the server's password) only when it `may`.
     fn assert_no_secret_password(container: &Container, may_mount_the_secret: bool) {
@@ -350,13 +360,7 @@ mod tests {
             .unwrap_or_default();
         assert!(url.ends_with("?sslmode=verify-full&sslrootcert=/etc/tidepool/database-ca/ca.crt&sslcert=/etc/tidepool/database-client/tls.crt&sslkey=/etc/tidepool/database-client/tls.key"), "{url}");
         assert!(mounted(&worker, "worker").contains(&ca_dir));
-        let job = children
-            .iter()
-            .find_map(|c| match c {
-                Child::Job(job) => job.spec.as_ref().and_then(|s| s.template.spec.clone()),
-                _ => None,
-            })
-            .expect("the migration Job");
+        let job = job_pod(&children);
         let env = job.containers[0].env.clone().unwrap_or_default();
         assert!(env.iter().any(|e| e.name == "TIDEPOOL_DIRECT_DATABASE_URL"
             && e.value.as_deref().is_some_and(|v| v.contains("?sslmode=verify-full&sslrootcert="))));
@@ -366,13 +370,7 @@ mod tests {
             django(serde_json::json!({"database": {"secretRef": {"name": "db"}, "maxConnections": 200,
             "reservedConnections": 10, "tls": {"mode": "verify-ca", "caSecretRef": {"name": "pg-ca"}}}}));
         let (_, children) = render(foreign);
-        let job = children
-            .iter()
-            .find_map(|c| match c {
-                Child::Job(job) => job.spec.as_ref().and_then(|s| s.template.spec.clone()),
-                _ => None,
-            })
-            .expect("the migration Job");
+        let job = job_pod(&children);
         let env = job.containers[0].env.clone().unwrap_or_default();
         let var = |name: &str| env.iter().find(|e| e.name == name).and_then(|e| e.value.clone());
         assert_eq!(var("PGSSLMODE").as_deref(), Some("verify-ca"));
