@@ -22,7 +22,10 @@
 #   16. the shop's POST /orders with and without its receipt job, orders to
 #       receipts: scripts/bench-shop.sh;
 #   17. the Django + Celery example on the real node beside its image's
-#       processes on loopback and the Tidepool app: scripts/bench-django.sh.
+#       processes on loopback and the Tidepool app: scripts/bench-django.sh;
+#   18. /row/ with verify-full beside plaintext: scripts/bench-tls.sh;
+#   19. a password rotation under load on the real node:
+#       scripts/bench-rotation.sh.
 # (14, the router layer beside an old commit's, is `make bench-router`.)
 # All traffic goes to loopback (and, for 10-11, to the test cluster inside
 # the real node's network namespace); every step is bounded in time.
@@ -299,3 +302,5 @@ say "wrote the web sections of $OUT"
 "$REPO_ROOT/scripts/stack.sh" down
 "$REPO_ROOT/scripts/bench-shop.sh"
 "$REPO_ROOT/scripts/bench-django.sh"
+"$REPO_ROOT/scripts/bench-tls.sh"
+"$REPO_ROOT/scripts/bench-rotation.sh"

@@ -20,7 +20,9 @@
 //! A reading that fails (the database away, a bad Secret, a slow answer)
 //! holds the replicas where they are; the reconcile it asks for shows why in
 //! the `WorkerAutoscaling` condition. The task reports to the reconcile
-//! through a [`Report`]; a new spec's settings restart it.
+//! through a [`Report`]; a new spec's settings restart it, and a change of
+//! the credentials' Secret (a rotated password) closes its connection, so
+//! the next reading logs in with what the Secret holds now.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,7 +35,7 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use tidepool_contract::secret::{DatabaseSecret, SecretError};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::crd::{DatabaseTls, Tidepool};
 use crate::metrics::Metrics;
@@ -187,6 +189,9 @@ pub struct Shared {
 
 struct Running {
     settings: Settings,
+    /// The version of the Secret with the credentials, as the reconcile
+    /// last read it.
+    secret_version: watch::Sender<String>,
     task: tokio::task::JoinHandle<()>,
     report: Arc<Mutex<Report>>,
 }
@@ -203,8 +208,15 @@ impl Autoscalers {
     }
 
     /// Runs `tidepool`'s scaler with `settings` (restarted if they changed),
-    /// or stops it when there are none; returns its report.
-    pub fn ensure(&self, tidepool: &Tidepool, settings: Option<Settings>) -> Option<Report> {
+    /// or stops it when there are none; returns its report. A new
+    /// `secret_version` (the credentials' Secret changed: a rotated
+    /// password) makes the running task connect again, its state kept.
+    pub fn ensure(
+        &self,
+        tidepool: &Tidepool,
+        settings: Option<Settings>,
+        secret_version: String,
+    ) -> Option<Report> {
         let key = ObjectRef::from_obj(tidepool);
         let mut running = self.running.lock().ok()?;
         let Some(settings) = settings else {
@@ -215,12 +227,26 @@ impl Autoscalers {
         };
         if let Some(current) = running.get(&key) {
             if current.settings == settings && !current.task.is_finished() {
+                current.secret_version.send_if_modified(|version| {
+                    let changed = *version != secret_version;
+                    *version = secret_version;
+                    changed
+                });
                 return current.report.lock().ok().map(|r| r.clone());
             }
         }
         let report = Arc::new(Mutex::new(Report::default()));
-        let task = tokio::spawn(run(self.shared.clone(), key.clone(), settings.clone(), report.clone()));
-        if let Some(replaced) = running.insert(key, Running { settings, task, report }) {
+        let (version, secret_changes) = watch::channel(secret_version);
+        let task = tokio::spawn(run(
+            self.shared.clone(),
+            key.clone(),
+            settings.clone(),
+            secret_changes,
+            report.clone(),
+        ));
+        if let Some(replaced) =
+            running.insert(key, Running { settings, secret_version: version, task, report })
+        {
             replaced.task.abort();
         }
         Some(Report::default())
@@ -253,7 +279,13 @@ fn now() -> Time {
 }
 
 /// One Tidepool's scaler, until it is aborted or its Tidepool is gone.
-async fn run(shared: Arc<Shared>, key: ObjectRef<Tidepool>, settings: Settings, report: Arc<Mutex<Report>>) {
+async fn run(
+    shared: Arc<Shared>,
+    key: ObjectRef<Tidepool>,
+    settings: Settings,
+    mut secret_changes: watch::Receiver<String>,
+    report: Arc<Mutex<Report>>,
+) {
     let Some(tidepool) = shared.store.get(&key) else { return };
     let started = Instant::now();
     let mut scaler = Scaler::new(settings.policy.clone(), Duration::ZERO, worker_replicas(&tidepool));
@@ -264,6 +296,14 @@ async fn run(shared: Arc<Shared>, key: ObjectRef<Tidepool>, settings: Settings, 
     loop {
         ticker.tick().await;
         let Some(tidepool) = shared.store.get(&key) else { return };
+        // PostgreSQL keeps a session that logged in with a password since
+        // changed: the new one is used only by a new connection.
+        if secret_changes.has_changed().unwrap_or(false) {
+            secret_changes.mark_unchanged();
+            if connection.take().is_some() {
+                tracing::info!(tidepool = %key, secret = %settings.secret, "the credentials' Secret changed: the scaler connects again");
+            }
+        }
         let current = worker_replicas(&tidepool);
         let reading_started = Instant::now();
         let reading = read(&shared, &namespace, &settings, &mut connection, current).await;

@@ -236,13 +236,15 @@ pub struct DatabaseTls {
     pub client_certificate_secret_ref: Option<SecretRef>,
 }
 
-impl DatabaseSpec {
-    /// Every Secret the database's connections read: the coordinates', the
-    /// CA's and the client certificate's.
+impl TidepoolSpec {
+    /// Every Secret a connection to the database reads: the coordinates',
+    /// the CA's, the client certificate's, the queue scaler's.
     pub fn secret_names(&self) -> impl Iterator<Item = &str> {
-        std::iter::once(&self.secret_ref)
-            .chain(&self.tls.ca_secret_ref)
-            .chain(&self.tls.client_certificate_secret_ref)
+        let scaler = self.worker.autoscaling.as_ref().and_then(|a| a.secret_ref.as_ref());
+        std::iter::once(&self.database.secret_ref)
+            .chain(&self.database.tls.ca_secret_ref)
+            .chain(&self.database.tls.client_certificate_secret_ref)
+            .chain(scaler)
             .map(|r| r.name.as_str())
     }
 }

@@ -16,6 +16,7 @@ pub mod autoscaler;
 pub mod cli;
 pub mod controller;
 pub mod crd;
+pub mod credentials;
 pub mod http;
 pub mod index;
 pub mod leader;

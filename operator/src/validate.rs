@@ -25,6 +25,10 @@ pub struct Validated {
     pub owner: Owner,
     pub spec: TidepoolSpec,
     pub input: Input,
+    /// The fingerprint of the Secrets' values the pods read
+    /// ([`crate::credentials`]): set by the controller from the Secrets it
+    /// read, `None` where none were read (`tidepool-operator render`).
+    pub credentials: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,5 +104,5 @@ pub fn validate(tidepool: &Tidepool, default_namespace: &str) -> Result<Validate
         reserved_connections: count(spec.database.reserved_connections),
         tiers,
     };
-    Ok(Validated { owner: Owner { name, namespace, uid }, spec, input })
+    Ok(Validated { owner: Owner { name, namespace, uid }, spec, input, credentials: None })
 }

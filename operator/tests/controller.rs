@@ -112,6 +112,45 @@ fn a_tidepool_gets_its_children_its_status_and_keeps_them() -> Result<()> {
     kube.kubectl(&["scale", "deployment/shop-web", "--replicas=5", "-n", &ns.name], None)?;
     wait_web(kube, &ns.name, "the web Deployment back at 2 replicas", |w| w["spec"]["replicas"] == 2)?;
 
+    // A rotated password rolls every tier's pods (their template's
+    // credentials fingerprint); a label on the Secret does not; the
+    // migration Job stays as it is.
+    let fingerprint = |deployment: &serde_json::Value| {
+        deployment["spec"]["template"]["metadata"]["annotations"]["tidepool.dev/credentials"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let deployment = |name: &str| get(kube, &ns.name, name)?.with_context(|| format!("{name} is gone"));
+    let before = fingerprint(&deployment("deployment/shop-web")?);
+    assert_eq!(before.len(), 32, "a fingerprint: {before:?}");
+    assert!(!before.contains("s3cret"), "{before}");
+    let reconciles = || operator.metric("tidepool_operator_reconciles_total{result=\"applied\"}");
+    let counted = reconciles()?;
+    kube.kubectl(&["label", "secret/shop-app", "-n", &ns.name, "rotated=not-yet"], None)?;
+    wait_for("a reconcile after the label", Duration::from_secs(60), || {
+        Ok((reconciles()? > counted).then_some(()))
+    })?;
+    for name in ["deployment/shop-web", "deployment/shop-worker"] {
+        assert_eq!(fingerprint(&deployment(name)?), before, "{name} rolled on a label");
+    }
+    let rotated = r#"{"stringData":{"password":"n3w-s3cret"}}"#;
+    kube.kubectl(&["patch", "secret/shop-app", "-n", &ns.name, "--type=merge", "-p", rotated], None)?;
+    wait_web(kube, &ns.name, "the web pods to roll with the new password", |w| {
+        let now = fingerprint(w);
+        now.len() == 32 && now != before
+    })?;
+    let worker = fingerprint(&deployment("deployment/shop-worker")?);
+    assert_eq!(worker, fingerprint(&deployment("deployment/shop-web")?), "one fingerprint for every tier");
+    let jobs = kube.get_json(&["jobs", "-n", &ns.name, "-l", "app.kubernetes.io/component=migrate"])?;
+    let names: Vec<&str> = jobs["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|j| j["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(names, [job["metadata"]["name"].as_str().unwrap_or_default()], "the migration Job stays");
+
     // A new image migrates again, under a new Job, before its pods roll;
     // the old Job goes once the new one has succeeded.
     let old_job = job["metadata"]["name"].as_str().context("a name")?.to_owned();

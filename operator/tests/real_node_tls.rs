@@ -8,13 +8,13 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use common::condition;
-use common::shop::{Database, Setup, Shop};
+use common::shop::{record_figures, Database, Load, Setup, Shop};
 use serde_json::json;
-use tidepool_testenv::node::{PrivatePostgres, TestCertificates};
+use tidepool_testenv::node::{Postgres, PrivatePostgres, TestCertificates};
 use tidepool_testenv::wait_for;
 
 /// A Secret with `ca.crt`, and a key beside it that no pod may get (as
@@ -105,6 +105,8 @@ fn verify_full_on_a_tls_only_postgresql_and_a_wrong_ca_named_in_status() -> Resu
         assert_eq!(volume["secret"]["items"], json!([{"key": "ca.crt", "path": "ca.crt"}]), "{volume}");
     }
 
+    rotate_passwords_under_load(&shop, pg)?;
+
     // A CA that did not issue the server's certificate: the new migration
     // Job fails, and status and an Event say where and why; the pods stay.
     let patch = json!({"spec": {"database": {"tls": {"caSecretRef": {"name": "other-ca"}}}}});
@@ -143,5 +145,102 @@ fn verify_full_on_a_tls_only_postgresql_and_a_wrong_ca_named_in_status() -> Resu
     let tidepool = shop.tidepool()?;
     let (status, reason, _) = condition(&tidepool, "DatabaseTLSVerified").context("the TLS condition")?;
     assert_eq!((status.as_str(), reason.as_str()), ("False", "Plaintext"));
+    Ok(())
+}
+
+/// Both roles' passwords rotated under 10 clients, as a database's owner
+/// does it: PostgreSQL first (`ALTER ROLE`, one password per role), then
+/// the Secrets. The operator rolls the pods (their credentials fingerprint
+/// changed), each new one Ready once its PgBouncer logged in with the new
+/// password, and the queue scaler connects again. Afterwards every backend
+/// of both roles logged in after the change; a request may fail only in
+/// the window between the change and the roll's end (an old pod's PgBouncer
+/// opening a server connection with the old password), and the figures say
+/// how many did.
+fn rotate_passwords_under_load(shop: &Shop, pg: &Postgres) -> Result<()> {
+    let (kube, ns) = (shop.kube, shop.ns.name.as_str());
+    let roles = [(shop.db.name.clone(), "shop-app"), (format!("{}_scaler", shop.db.name), "shop-scaler")];
+    let fingerprints = |tier: &str| -> Result<Vec<String>> {
+        Ok(shop
+            .pods(tier)?
+            .iter()
+            .map(|p| {
+                p["metadata"]["annotations"]["tidepool.dev/credentials"].as_str().unwrap_or("").to_owned()
+            })
+            .collect())
+    };
+    let before = fingerprints("web")?;
+    let generation = shop.tidepool()?["metadata"]["generation"].as_i64().unwrap_or(1);
+    let load = Load::steady_timed(&shop.node, &shop.web_url("/row/")?, 10, "10s")?;
+    let started = Instant::now();
+    wait_for("the load to be answered", Duration::from_secs(30), || {
+        let (code, _) = shop.node.curl(&[&shop.web_url("/row/")?])?;
+        Ok((code == 200).then_some(()))
+    })?;
+
+    let changing = started.elapsed();
+    for (role, _) in &roles {
+        pg.psql("postgres", &format!("ALTER ROLE {role} PASSWORD '{role}-rotated'"))?;
+    }
+    // The database's clock, after the change: a backend that started
+    // later logged in with the new password.
+    let changed_at = pg.psql("postgres", "SELECT now()::text")?;
+    for (role, secret) in &roles {
+        let patch = json!({"stringData": {"password": format!("{role}-rotated")}});
+        kube.kubectl(
+            &["patch", "secret", secret, "-n", ns, "--type", "merge", "-p", &patch.to_string()],
+            None,
+        )?;
+    }
+    let stale = |filter: &str| -> Result<(u32, u32)> {
+        let counts = pg.psql(
+            "postgres",
+            &format!(
+                "SELECT count(*) FILTER (WHERE backend_start < '{changed_at}'), count(*) \
+                 FROM pg_stat_activity WHERE usename IN ('{}', '{}') AND {filter}",
+                roles[0].0, roles[1].0
+            ),
+        )?;
+        let (old, all) = counts.split_once('|').context("two counts")?;
+        Ok((old.parse()?, all.parse()?))
+    };
+    wait_for("every pod rolled and every backend logged in anew", Duration::from_secs(300), || {
+        let web = fingerprints("web")?;
+        let rolled = ["web", "worker"].iter().try_fold(true, |all, tier| -> Result<bool> {
+            Ok(all && fingerprints(tier)?.iter().all(|f| f.len() == 32 && !before.contains(f)))
+        })?;
+        let (old, all) = stale("true")?;
+        let scaler = stale("application_name = 'tidepool-operator'")?;
+        Ok((rolled && !web.is_empty() && old == 0 && all >= 3 && scaler == (0, 1)).then_some(()))
+    })
+    .with_context(|| format!("backends: {:?}; {}", stale("true").ok(), shop.describe()))?;
+    let rolled = started.elapsed();
+    shop.wait_ready(generation)?;
+    let report = load.finish()?;
+
+    // A failure is an old pod's, inside the window (give the loadgen's own
+    // start and a request's timeout their due).
+    let window = changing.as_secs_f64() - 1.0..rolled.as_secs_f64() + 10.0;
+    let timeline = report["timeline"].as_array().cloned().unwrap_or_default();
+    let failures: Vec<f64> =
+        timeline.iter().filter(|r| r[1] != "200").filter_map(|r| r[0].as_f64()).collect();
+    assert!(failures.iter().all(|at| window.contains(at)), "failures outside {window:?}: {failures:?}");
+    assert!(report["succeeded"].as_i64().unwrap_or(0) > 0, "{report}");
+    let first_login = pg.psql(
+        "postgres",
+        &format!(
+            "SELECT extract(epoch FROM min(backend_start) - '{changed_at}'::timestamptz) \
+             FROM pg_stat_activity WHERE usename = '{}' AND backend_start >= '{changed_at}'",
+            roles[0].0
+        ),
+    )?;
+    record_figures(
+        "password_rotation",
+        json!({
+            "requests": report["requests"], "failed": failures.len(),
+            "first_login_seconds": first_login.parse::<f64>().ok(),
+            "rolled_seconds": (rolled - changing).as_secs_f64(),
+        }),
+    )?;
     Ok(())
 }

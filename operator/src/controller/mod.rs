@@ -321,13 +321,14 @@ fn owner_of(pod: &PartialObjectMeta<Pod>) -> Option<ObjectRef<Tidepool>> {
 }
 
 /// The Tidepools whose database connections read this Secret (its
-/// coordinates, its CA, its client certificate).
+/// coordinates, its CA, its client certificate, the scaler's credentials):
+/// a change (a rotated password) reconciles them.
 fn tidepools_using(store: &Store<Tidepool>, secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<Tidepool>> {
     let (name, namespace) = (secret.name_any(), secret.namespace());
     store
         .state()
         .iter()
-        .filter(|tp| tp.namespace() == namespace && tp.spec.database.secret_names().any(|n| n == name))
+        .filter(|tp| tp.namespace() == namespace && tp.spec.secret_names().any(|n| n == name))
         .map(|tp| ObjectRef::from_obj(tp.as_ref()))
         .collect()
 }

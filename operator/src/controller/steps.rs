@@ -1,8 +1,10 @@
 //! One reconcile of one Tidepool, as named steps:
 //!
-//! 1. [`check`]: read the database Secret, validate the spec, plan the
-//!    budget. A missing Secret or key, an invalid spec or a budget that
-//!    cannot fit close the gate: nothing is applied, status says why.
+//! 1. [`check`]: read the database Secret (and the TLS ones), validate the
+//!    spec, plan the budget, fingerprint what the pods read from the
+//!    Secrets ([`crate::credentials`]). A missing Secret or key, an invalid
+//!    spec or a budget that cannot fit close the gate: nothing is applied,
+//!    status says why.
 //! 2. [`apply_children`]: read the live Deployments and pods, pace the
 //!    Deployments ([`super::pace`]), apply every rendered child (the pods of
 //!    a new image wait for its migration Job), then
@@ -35,6 +37,7 @@ use super::pace::{pace, Move};
 use super::{pods, scaling, Context, Error, STATUS_MANAGER};
 use crate::autoscaler;
 use crate::crd::{DatabaseTls, Tidepool, TidepoolStatus};
+use crate::credentials;
 use crate::metrics::{Metrics, Outcome};
 use crate::plan::{self, PerTier, Plan, Tier};
 use crate::render::labels;
@@ -91,7 +94,7 @@ pub async fn reconcile_once(tidepool: &Tidepool, ctx: &Context) -> Result<Outcom
                         .into(),
                 );
             }
-            let scaling = observe_scaling(ctx, tidepool, &namespace, &ready, previous).await;
+            let scaling = observe_scaling(ctx, tidepool, &namespace, &ready, previous).await?;
             let applied = Applied {
                 plan: &ready.plan,
                 observed: children.observed,
@@ -132,9 +135,13 @@ struct Ready {
     validated: Validated,
     plan: Plan,
     server: String,
+    /// The database Secret's resourceVersion: the queue scaler connects
+    /// again when it changes.
+    secret_version: String,
 }
 
-/// Step 1: the Secret, the spec, the budget.
+/// Step 1: the Secrets, the spec, the budget; the fingerprint of what the
+/// pods will read from the Secrets ([`credentials`]: a new one rolls them).
 async fn check(tidepool: &Tidepool, namespace: &str, client: &Client) -> Result<Gate, Error> {
     let name = &tidepool.spec.database.secret_ref.name;
     let secret = Api::<Secret>::namespaced(client.clone(), namespace)
@@ -147,9 +154,10 @@ async fn check(tidepool: &Tidepool, namespace: &str, client: &Client) -> Result<
             message: format!("the database Secret {name} does not exist in namespace {namespace}"),
         }));
     };
+    let secret_version = secret.resource_version().unwrap_or_default();
     let data = secret.data.unwrap_or_default();
-    let server = match DatabaseSecret::parse(|key| data.get(key).map(|bytes| bytes.0.as_slice())) {
-        Ok(parsed) => parsed.server(),
+    let database = match DatabaseSecret::parse(|key| data.get(key).map(|bytes| bytes.0.as_slice())) {
+        Ok(parsed) => parsed,
         Err(e) => {
             let reason = match e {
                 SecretError::Missing(_) => "SecretIncomplete",
@@ -158,26 +166,43 @@ async fn check(tidepool: &Tidepool, namespace: &str, client: &Client) -> Result<
             return Ok(Gate::Closed(Blocked { reason, message: format!("the database Secret {name}: {e}") }));
         }
     };
-    if let Some(blocked) = check_tls_secrets(&tidepool.spec.database.tls, namespace, client).await? {
-        return Ok(Gate::Closed(blocked));
-    }
-    let validated = match validate::validate(tidepool, namespace) {
+    let tls_values = match read_tls_secrets(&tidepool.spec.database.tls, namespace, client).await? {
+        Ok(values) => values,
+        Err(blocked) => return Ok(Gate::Closed(blocked)),
+    };
+    let mut validated = match validate::validate(tidepool, namespace) {
         Ok(validated) => validated,
         Err(e) => return Ok(Gate::Closed(Blocked { reason: "InvalidSpec", message: e.to_string() })),
     };
+    let port = database.port.to_string();
+    let database_values = [
+        ("username", database.username.as_bytes()),
+        ("password", database.password.as_bytes()),
+        ("host", database.host.as_bytes()),
+        ("port", port.as_bytes()),
+        ("dbname", database.dbname.as_bytes()),
+    ]
+    .map(|(key, value)| credentials::Part { origin: format!("{name}/{key}"), value });
+    let tls_parts =
+        tls_values.iter().map(|(origin, value)| credentials::Part { origin: origin.clone(), value });
+    validated.credentials =
+        Some(credentials::fingerprint(&validated.owner.uid, database_values.into_iter().chain(tls_parts)));
     Ok(match plan::plan(&validated.input) {
-        Ok(plan) => Gate::Open(Box::new(Ready { validated, plan, server })),
+        Ok(plan) => {
+            Gate::Open(Box::new(Ready { validated, plan, server: database.server(), secret_version }))
+        }
         Err(e) => Gate::Closed(Blocked { reason: "BudgetDoesNotFit", message: e.to_string() }),
     })
 }
 
-/// Whether the Secrets `database.tls` names exist with their keys (a pod
-/// whose Secret volume cannot be mounted would wait for it unseen).
-async fn check_tls_secrets(
+/// The values the pods read from the Secrets `database.tls` names, each
+/// with its `<secret>/<key>`; blocked when one is missing or lacks a key
+/// (a pod whose Secret volume cannot be mounted would wait for it unseen).
+async fn read_tls_secrets(
     tls: &DatabaseTls,
     namespace: &str,
     client: &Client,
-) -> Result<Option<Blocked>, Error> {
+) -> Result<Result<Vec<(String, Vec<u8>)>, Blocked>, Error> {
     let wanted = [
         (&tls.ca_secret_ref, "database.tls.caSecretRef", &[CA_KEY][..]),
         (
@@ -186,6 +211,7 @@ async fn check_tls_secrets(
             &[CLIENT_CERT_KEY, CLIENT_KEY_KEY][..],
         ),
     ];
+    let mut values = Vec::new();
     for (reference, field, keys) in wanted {
         let Some(reference) = reference else { continue };
         let name = &reference.name;
@@ -194,20 +220,23 @@ async fn check_tls_secrets(
             .await
             .map_err(|source| Error::ReadSecret { secret: name.clone(), source })?;
         let Some(secret) = secret else {
-            return Ok(Some(Blocked {
+            return Ok(Err(Blocked {
                 reason: "SecretMissing",
                 message: format!("the Secret {name} ({field}) does not exist in namespace {namespace}"),
             }));
         };
-        let data = secret.data.unwrap_or_default();
-        if let Some(key) = keys.iter().find(|key| !data.contains_key(**key)) {
-            return Ok(Some(Blocked {
-                reason: "SecretIncomplete",
-                message: format!("the Secret {name} ({field}) has no key {key}"),
-            }));
+        let mut data = secret.data.unwrap_or_default();
+        for key in keys {
+            let Some(value) = data.remove(*key) else {
+                return Ok(Err(Blocked {
+                    reason: "SecretIncomplete",
+                    message: format!("the Secret {name} ({field}) has no key {key}"),
+                }));
+            };
+            values.push((format!("{name}/{key}"), value.0));
         }
     }
-    Ok(None)
+    Ok(Ok(values))
 }
 
 /// What applying the children found.
@@ -316,11 +345,24 @@ async fn observe_scaling(
     namespace: &str,
     ready: &Ready,
     previous: Option<&TidepoolStatus>,
-) -> Scaling {
+) -> Result<Scaling, Error> {
     let plan = &ready.plan;
     let over_commit = ctx.shared_server(&(namespace.to_owned(), tidepool.name_any()), &ready.server, plan);
     let settings = autoscaler::settings(tidepool, plan);
-    let report = ctx.autoscalers.ensure(tidepool, settings.clone());
+    // The version of the Secret the scaler reads: a new one, and it
+    // connects again with what the Secret holds now.
+    let secret_version = match &settings {
+        Some(settings) if settings.secret != tidepool.spec.database.secret_ref.name => {
+            Api::<Secret>::namespaced(ctx.client.clone(), namespace)
+                .get_metadata_opt(&settings.secret)
+                .await
+                .map_err(|source| Error::ReadSecret { secret: settings.secret.clone(), source })?
+                .and_then(|secret| secret.resource_version())
+                .unwrap_or_default()
+        }
+        _ => ready.secret_version.clone(),
+    };
+    let report = ctx.autoscalers.ensure(tidepool, settings.clone(), secret_version);
     let workers = plan.tier(Tier::Worker).map_or(0, |t| t.replicas);
     let autoscaling = settings
         .zip(report.as_ref())
@@ -332,7 +374,7 @@ async fn observe_scaling(
     let web = scaling::web_scaled(ctx, tidepool, previous, plan).await;
     let causes = [(Tier::Web, web), (Tier::Worker, worker)];
     let causes = causes.into_iter().filter_map(|(tier, cause)| Some((tier, cause?))).collect();
-    Scaling { over_commit, causes, autoscaling }
+    Ok(Scaling { over_commit, causes, autoscaling })
 }
 
 /// Step 6: the status, when it says something new, after an Event for

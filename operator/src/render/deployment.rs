@@ -113,6 +113,9 @@ pub fn deployment(validated: &Validated, tier_plan: &TierPlan) -> Deployment {
     if tier_plan.listen > 0 {
         annotations.insert(DIRECT_ANNOTATION.to_owned(), tier_plan.listen.to_string());
     }
+    if let Some(credentials) = &validated.credentials {
+        annotations.insert(crate::credentials::ANNOTATION.to_owned(), credentials.clone());
+    }
     let grace = match tier {
         Tier::Web => DRAIN_DELAY + SHUTDOWN_TIMEOUT + GRACE_MARGIN,
         Tier::Worker | Tier::Clock => SHUTDOWN_TIMEOUT + GRACE_MARGIN,

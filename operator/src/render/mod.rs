@@ -313,6 +313,43 @@ mod tests {
         assert!(!args.iter().any(|a| a.starts_with("--set=server_tls")), "{args:?}");
     }
 
+    /// The credentials' fingerprint is every pod template's (a rotated
+    /// password rolls every tier), and not the migration Job's: its name
+    /// and template stay.
+    #[test]
+    fn the_credentials_fingerprint_rolls_the_pods_not_the_migration() {
+        let spec = serde_json::json!({"database": {"secretRef": {"name": "db"}, "maxConnections": 300},
+            "clock": {"command": ["python3", "beat.py"]}, "migration": {"command": ["python3", "migrate.py"]}});
+        let mut validated = validate(&tidepool(spec), "default").expect("valid");
+        let plan = crate::plan::plan(&validated.input).expect("fits");
+        let without = children(&validated, &plan);
+        validated.credentials = Some("0123456789abcdef0123456789abcdef".into());
+        let with = children(&validated, &plan);
+        let mut tiers = 0;
+        for (before, after) in without.iter().zip(&with) {
+            assert_eq!(before.name(), after.name());
+            match (before, after) {
+                (Child::Deployment(_, before), Child::Deployment(tier, after)) => {
+                    tiers += 1;
+                    let annotations = |d: &k8s_openapi::api::apps::v1::Deployment| {
+                        d.spec.as_ref().and_then(|s| s.template.metadata.clone()).and_then(|m| m.annotations)
+                    };
+                    let after = annotations(after).unwrap_or_default();
+                    assert_eq!(
+                        after.get(crate::credentials::ANNOTATION).map(String::as_str),
+                        Some("0123456789abcdef0123456789abcdef"),
+                        "{tier:?}"
+                    );
+                    assert!(!annotations(before)
+                        .unwrap_or_default()
+                        .contains_key(crate::credentials::ANNOTATION));
+                }
+                (before, after) => assert_eq!(before.to_json(), after.to_json(), "{}", before.name()),
+            }
+        }
+        assert_eq!(tiers, 3, "web, worker and clock");
+    }
+
     /// `database.tls` reaches every connection to PostgreSQL: PgBouncer's
     /// flags and files, the LISTEN session's and `tidepool migrate`'s URL,
     /// an application's migration's libpq variables; and only the CA's

@@ -275,6 +275,7 @@ pub enum Database {
 pub struct Load {
     child: Option<Child>,
     stop_file: Option<PathBuf>,
+    timeline: Option<PathBuf>,
 }
 
 impl Load {
@@ -287,7 +288,7 @@ impl Load {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting tidepool-loadgen")?;
-        Ok(Load { child: Some(child), stop_file: None })
+        Ok(Load { child: Some(child), stop_file: None, timeline: None })
     }
 
     /// `steady`: `clients` clients back to back until [`Load::finish`].
@@ -303,23 +304,44 @@ impl Load {
         request_timeout: &str,
         json_body: Option<&str>,
     ) -> Result<Load> {
+        Self::spawn_steady(node, url, clients, request_timeout, json_body, false)
+    }
+
+    /// [`Load::steady`], its report with every request's `timeline`:
+    /// `[seconds after the start at which it finished, its status]`.
+    pub fn steady_timed(node: &Node, url: &str, clients: usize, request_timeout: &str) -> Result<Load> {
+        Self::spawn_steady(node, url, clients, request_timeout, None, true)
+    }
+
+    fn spawn_steady(
+        node: &Node,
+        url: &str,
+        clients: usize,
+        request_timeout: &str,
+        json_body: Option<&str>,
+        timed: bool,
+    ) -> Result<Load> {
         static RUNS: AtomicU32 = AtomicU32::new(0);
-        let stop_file = std::env::temp_dir().join(format!(
-            "tidepool-steady-{}-{}",
-            std::process::id(),
-            RUNS.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_file(&stop_file);
-        let child = node
-            .loadgen()?
+        let run = format!("tidepool-steady-{}-{}", std::process::id(), RUNS.fetch_add(1, Ordering::Relaxed));
+        let stop_file = std::env::temp_dir().join(&run);
+        let timeline = timed.then(|| std::env::temp_dir().join(format!("{run}.timeline")));
+        for file in std::iter::once(&stop_file).chain(&timeline) {
+            let _ = std::fs::remove_file(file);
+        }
+        let mut command = node.loadgen()?;
+        command
             .args(["steady", "--url", url, "--clients", &clients.to_string(), "--timeout", "600s"])
             .args(["--request-timeout", request_timeout, "--stop-file", path_arg(&stop_file)?])
-            .args(json_body.map(|body| ["--json-body", body]).into_iter().flatten())
+            .args(json_body.map(|body| ["--json-body", body]).into_iter().flatten());
+        if let Some(timeline) = &timeline {
+            command.args(["--timeline", path_arg(timeline)?]);
+        }
+        let child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .context("starting tidepool-loadgen")?;
-        Ok(Load { child: Some(child), stop_file: Some(stop_file) })
+        Ok(Load { child: Some(child), stop_file: Some(stop_file), timeline })
     }
 
     /// Stops a steady run (a burst ends by itself) and returns its report.
@@ -333,7 +355,22 @@ impl Load {
             "tidepool-loadgen failed: {}",
             String::from_utf8_lossy(&result.stderr)
         );
-        serde_json::from_slice(&result.stdout).context("tidepool-loadgen's report")
+        let mut report: Value =
+            serde_json::from_slice(&result.stdout).context("tidepool-loadgen's report")?;
+        if let Some(timeline) = &self.timeline {
+            let text = std::fs::read_to_string(timeline).context("tidepool-loadgen's timeline")?;
+            // Each line: finished latency status.
+            let requests: Vec<Value> = text
+                .lines()
+                .filter_map(|line| {
+                    let mut fields = line.split_whitespace();
+                    let finished: f64 = fields.next()?.parse().ok()?;
+                    Some(json!([finished, fields.nth(1)?]))
+                })
+                .collect();
+            report["timeline"] = Value::Array(requests);
+        }
+        Ok(report)
     }
 }
 
@@ -343,8 +380,8 @@ impl Drop for Load {
             let _ = child.kill();
             let _ = child.wait();
         }
-        if let Some(stop_file) = &self.stop_file {
-            let _ = std::fs::remove_file(stop_file);
+        for file in self.stop_file.iter().chain(&self.timeline) {
+            let _ = std::fs::remove_file(file);
         }
     }
 }
