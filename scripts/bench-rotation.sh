@@ -46,6 +46,10 @@ for line in open('$FIGURES'):
         f = f['figures']
         print(f['requests'], f['failed'], '%.2f' % f['first_login_seconds'], '%.2f' % f['rolled_seconds'])
 " > "$WORK/runs"
+server_version=$(py "
+import json
+print(next(json.loads(l)['figures']['server_version'] for l in open('$FIGURES') if json.loads(l)['test'] == 'password_rotation').split()[0])
+")
 [ "$(wc -l < "$WORK/runs")" = "$BENCH_ROTATION_ROUNDS" ] || die "expected $BENCH_ROTATION_ROUNDS runs' figures: $(cat "$FIGURES")"
 column() { awk -v c="$1" '{print $c}' "$WORK/runs"; }
 requests=$(awk '{s += $1} END {print s}' "$WORK/runs") failed=$(awk '{s += $2} END {print s}' "$WORK/runs")
@@ -54,7 +58,7 @@ first=$(median $(column 3)) rolled=$(median $(column 4))
   echo "<!-- rotation benchmark: scripts/bench-rotation.sh -->"
   echo "## 19. Password rotation"
   echo
-  echo "Measured $(date -u +"%Y-%m-%d %H:%M UTC") at commit $(git rev-parse --short HEAD) by \`scripts/bench-rotation.sh\` (\`make bench-rotation\`): $BENCH_ROTATION_ROUNDS runs of \`operator/tests/real_node_tls.rs\` on the real node, a Tidepool of one web and one worker pod with \`database.tls.mode: verify-full\` on a TLS-only PostgreSQL $(psql_super -d postgres -At -c 'SHOW server_version' | cut -d' ' -f1), under 10 clients of \`GET /row/\` through the web Service. Both of its roles' passwords are changed, PostgreSQL first (\`ALTER ROLE\`), then their Secrets; the operator rolls the pods through the paced rollout (their credentials fingerprint changed) and the queue scaler connects again."
+  echo "Measured $(date -u +"%Y-%m-%d %H:%M UTC") at commit $(git rev-parse --short HEAD) by \`scripts/bench-rotation.sh\` (\`make bench-rotation\`): $BENCH_ROTATION_ROUNDS runs of \`operator/tests/real_node_tls.rs\` on the real node, a Tidepool of one web and one worker pod with \`database.tls.mode: verify-full\` on a TLS-only PostgreSQL $server_version, under 10 clients of \`GET /row/\` through the web Service. Both of its roles' passwords are changed, PostgreSQL first (\`ALTER ROLE\`), then their Secrets; the operator rolls the pods through the paced rollout (their credentials fingerprint changed) and the queue scaler connects again."
   echo
   echo "| run | requests | failed | change to the first login with the new password | change to every backend of both roles logged in anew |"
   echo "|---|---|---|---|---|"

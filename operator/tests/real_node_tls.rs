@@ -240,6 +240,7 @@ fn rotate_passwords_under_load(shop: &Shop, pg: &Postgres) -> Result<()> {
             "requests": report["requests"], "failed": failures.len(),
             "first_login_seconds": first_login.parse::<f64>().ok(),
             "rolled_seconds": (rolled - changing).as_secs_f64(),
+            "server_version": pg.psql("postgres", "SHOW server_version")?,
         }),
     )?;
     Ok(())
