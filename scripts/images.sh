@@ -5,7 +5,11 @@
 # with no registry and no daemon, and loads them into
 # the real node's containerd when it is up (scripts/kube-node.sh):
 #
-#   images.sh [all|pause|tidepool|operator|pgbouncer|shop|django|redis|bases ...]   (all by default)
+#   images.sh [all|pause|tidepool|operator|pgbouncer|shop|django|redis|cloudnative-pg|postgresql|bases ...]
+#                                                             (all by default; cloudnative-pg is
+#                                                             CloudNativePG's operator from
+#                                                             scripts/kube-build.sh, postgresql
+#                                                             its PostgreSQL 17 operand)
 #   images.sh sizes                                           name, tag, size
 #   images.sh rootfs django|redis DIR                         copy an example image's root
 #                                                             filesystem to DIR (built first
@@ -36,6 +40,9 @@ PGBOUNCER_IMAGE=localhost/tidepool-pgbouncer:1.24.1
 SHOP_IMAGE=localhost/tidepool-shop:$(crate_version "$REPO_ROOT/examples/shop/Cargo.toml")
 DJANGO_IMAGE=localhost/tidepool-django-celery:0.1.0
 REDIS_IMAGE=localhost/tidepool-example-redis:0.1.0
+# CloudNativePG reads the PostgreSQL major version from the tag's start.
+POSTGRESQL_IMAGE=localhost/tidepool-postgresql:17-trixie
+CNPG_IMAGE=localhost/tidepool-cloudnative-pg:1.27.1
 
 buildah_() {
   buildah --root "$STORE" --runroot "$TIDEPOOL_IMAGE_CACHE/run" --storage-driver overlay "$@"
@@ -142,6 +149,12 @@ pgbouncer() { bases; build_image images/pgbouncer "$PGBOUNCER_IMAGE"; }
 shop() { bases; build_image examples/shop "$SHOP_IMAGE" "$TIDEPOOL_SHOP_BIN"; }
 django() { bases; build_image examples/django-celery "$DJANGO_IMAGE"; }
 redis() { bases; build_image examples/django-celery/redis "$REDIS_IMAGE"; }
+cloudnative_pg() {
+  load_kube_tools cloudnative-pg
+  bases
+  build_image images/cloudnative-pg "$CNPG_IMAGE" "$TIDEPOOL_CNPG_BIN/manager"
+}
+postgresql() { bases; build_image images/postgresql "$POSTGRESQL_IMAGE"; }
 
 # Copies the root filesystem of example image $1 (django or redis) to
 # folder $2, which must not exist: scripts/bench-django.sh runs the same
@@ -175,8 +188,9 @@ if [ "${targets[0]}" = rootfs ]; then
 fi
 for target in "${targets[@]}"; do
   case $target in
-    all) pause; tidepool; operator; pgbouncer; shop; django; redis ;;
-    pause|tidepool|operator|pgbouncer|shop|django|redis|bases|sizes) "$target" ;;
-    *) die "unknown image $target (all, pause, tidepool, operator, pgbouncer, shop, django, redis, bases, sizes, rootfs)" ;;
+    all) pause; tidepool; operator; pgbouncer; shop; django; redis; cloudnative_pg; postgresql ;;
+    pause|tidepool|operator|pgbouncer|shop|django|redis|postgresql|bases|sizes) "$target" ;;
+    cloudnative-pg) cloudnative_pg ;;
+    *) die "unknown image $target (all, pause, tidepool, operator, pgbouncer, shop, django, redis, cloudnative-pg, postgresql, bases, sizes, rootfs)" ;;
   esac
 done

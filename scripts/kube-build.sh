@@ -4,7 +4,7 @@
 # keyed by version, so each version is built once per machine:
 #   $TIDEPOOL_KUBE_CACHE/<tool>-<version>/bin/...
 # Prints the bin folder of every tool, one per line, as `<tool>=<dir>`.
-#   kube-build.sh [kubernetes|node|etcd|kwok|helm|monitoring|addons ...]   (all by default)
+#   kube-build.sh [kubernetes|node|etcd|kwok|helm|monitoring|addons|cloudnative-pg ...]   (all by default)
 # `node` is what a real node runs besides containerd: kubelet, kube-proxy
 # and the pause container's binary, from the same Kubernetes module.
 # `monitoring` is prometheus-operator's CRDs (ServiceMonitor, PodMonitor,
@@ -14,6 +14,9 @@
 # metrics-server (the resource metrics API a CPU HPA reads) and CoreDNS
 # (built by tools/kube/coredns/main.go with the kubernetes plugin and no
 # forwarder), each from its own module.
+# `cloudnative-pg` is CloudNativePG's manager (its operator, and the
+# instance manager it copies into each PostgreSQL pod) and its release's
+# install manifest, from its module, into <dir>/../manifests.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -180,11 +183,31 @@ build_addons() {
   MODULE=coredns build coredns "$dns-$plugins" "-s -w" coredns=.
 }
 
+build_cloudnative_pg() {
+  local v bin manifests dir
+  v=$(pinned cloudnative-pg github.com/cloudnative-pg/cloudnative-pg)
+  bin=$(build cloudnative-pg "$v" "-s -w -X github.com/cloudnative-pg/cloudnative-pg/pkg/versions.buildVersion=${v#v}" \
+    manager=github.com/cloudnative-pg/cloudnative-pg/cmd/manager)
+  bin=${bin#cloudnative-pg=}
+  manifests=${bin%/bin}/manifests
+  if [ ! -f "$manifests/.complete" ]; then
+    rm -rf "$manifests"
+    mkdir -p "$manifests"
+    dir=$(cd "$TOOLS/cloudnative-pg" && go mod download -json "github.com/cloudnative-pg/cloudnative-pg@$v" \
+      | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+    [ -f "$dir/releases/cnpg-${v#v}.yaml" ] || die "CloudNativePG $v has no releases/cnpg-${v#v}.yaml"
+    cp "$dir/releases/cnpg-${v#v}.yaml" "$manifests/cnpg.yaml"
+    touch "$manifests/.complete"
+  fi
+  echo "cloudnative-pg=$bin"
+}
+
 tools=("$@")
-[ ${#tools[@]} -gt 0 ] || tools=(kubernetes node etcd kwok helm monitoring addons)
+[ ${#tools[@]} -gt 0 ] || tools=(kubernetes node etcd kwok helm monitoring addons cloudnative-pg)
 for t in "${tools[@]}"; do
   case $t in
     kubernetes|node|etcd|kwok|helm|monitoring|addons) "build_$t" ;;
-    *) die "unknown tool $t (kubernetes, node, etcd, kwok, helm, monitoring, addons)" ;;
+    cloudnative-pg) build_cloudnative_pg ;;
+    *) die "unknown tool $t (kubernetes, node, etcd, kwok, helm, monitoring, addons, cloudnative-pg)" ;;
   esac
 done

@@ -174,6 +174,7 @@ load_kube_tools() {
       monitoring) export TIDEPOOL_MONITORING_CRDS=${dir%/bin}/crds ;;
       metrics-server) export TIDEPOOL_METRICS_SERVER_BIN=$dir ;;
       coredns) export TIDEPOOL_COREDNS_BIN=$dir ;;
+      cloudnative-pg) export TIDEPOOL_CNPG_BIN=$dir TIDEPOOL_CNPG_MANIFESTS=${dir%/bin}/manifests ;;
     esac
   done <<< "$built"
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod cloudnative_pg;
 pub mod node;
 pub mod prometheus;
 pub mod stack;
