@@ -78,9 +78,7 @@ trap cleanup EXIT
 in_rootfs() {
   local root=$1
   shift
-  exec unshare --mount --propagation private -- /bin/sh -c \
-    'user=$1; shift; mount --rbind /dev "$0/dev" && mount -t proc proc "$0/proc" && exec chroot --userspec="$user" "$0" "$@"' \
-    "$root" "$IMAGE_USER" "$@"
+  exec_in_rootfs "$root" "$IMAGE_USER" "$@"
 }
 # Django's environment: what the plan tells a pod (libpq's variables, a
 # 0600 password file), with the pooler's port, or PostgreSQL's for the

@@ -11,7 +11,7 @@
 #                                                             scripts/kube-build.sh, postgresql
 #                                                             its PostgreSQL 17 operand)
 #   images.sh sizes                                           name, tag, size
-#   images.sh rootfs django|redis DIR                         copy an example image's root
+#   images.sh rootfs django|redis|postgresql DIR              copy an image's root
 #                                                             filesystem to DIR (built first
 #                                                             when missing), to run its
 #                                                             processes on loopback
@@ -164,7 +164,8 @@ rootfs() {
   case ${1:-} in
     django) image=$DJANGO_IMAGE ;;
     redis) image=$REDIS_IMAGE ;;
-    *) die "usage: images.sh rootfs django|redis DIR" ;;
+    postgresql) image=$POSTGRESQL_IMAGE ;;
+    *) die "usage: images.sh rootfs django|redis|postgresql DIR" ;;
   esac
   [ -n "${2:-}" ] && [ ! -e "$2" ] || die "images.sh rootfs: give a folder that does not exist yet (got '${2:-}')"
   buildah_ inspect --type image "$image" >/dev/null 2>&1 || "$1"

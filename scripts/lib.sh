@@ -75,6 +75,21 @@ pg_bindir() {
   printf '%s\n' "$dir"
 }
 
+# Runs "${@:3}" in root filesystem $1 (an image's: scripts/images.sh rootfs)
+# as user $2 (uid:gid), in place of the calling shell: in a mount namespace
+# of its own with the host's /dev and a /proc bound in, and each folder of
+# ROOTFS_BINDS (absolute paths, space-separated) at its own path; the
+# mounts go with the last process in it. The host's network. Needs root.
+exec_in_rootfs() {
+  local root=$1 user=$2
+  shift 2
+  exec unshare --mount --propagation private -- /bin/sh -c '
+    root=$0 user=$1 binds=$2; shift 2
+    mount --rbind /dev "$root/dev" && mount -t proc proc "$root/proc" || exit 1
+    for dir in $binds; do mkdir -p "$root$dir" && mount --bind "$dir" "$root$dir" || exit 1; done
+    exec chroot --userspec="$user" "$root" "$@"' "$root" "$user" "${ROOTFS_BINDS:-}" "$@"
+}
+
 # Runs a command as the dedicated service user when we are root.
 as_service_user() {
   if [ "$(id -u)" -eq 0 ]; then

@@ -18,7 +18,11 @@
 # TIDEPOOL_PG_TLS_DIR (a folder with server.crt, server.key and the ca.crt
 # that issued it) the cluster takes TLS connections only (`hostssl` in
 # pg_hba.conf, `ssl=on`), and every direct connection, PgBouncer's too,
-# verifies it (`sslmode=verify-full`, docs/runtime.md).
+# verifies it (`sslmode=verify-full`, docs/runtime.md). With
+# TIDEPOOL_PG_ROOTFS (a root filesystem of images/postgresql:
+# `scripts/images.sh rootfs postgresql DIR`), PostgreSQL's programs are that
+# image's (PostgreSQL 17), run in it as its postgres user (26:26) with the
+# state folder bound in at its own path (as root only).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -27,6 +31,26 @@ PG_DATA=$STATE/postgres
 POOLER_DIR=$STATE/pgbouncer
 RUN=$STATE/run
 LOGS=$STATE/log
+
+# Who owns the cluster's files, and runs PostgreSQL's program $1 with the
+# rest as its arguments: the service user with the host's programs, or the
+# image's postgres user in its root filesystem.
+PG_ROOTFS=${TIDEPOOL_PG_ROOTFS:-}
+pg_owner() {
+  if [ -n "$PG_ROOTFS" ]; then echo 26:26; else echo "$TIDEPOOL_RUN_AS:"; fi
+}
+pg_program() {
+  local program=$1 bindir
+  shift
+  if [ -z "$PG_ROOTFS" ]; then
+    as_service_user "$(pg_bindir)/$program" "$@"
+    return
+  fi
+  [ "$(id -u)" -eq 0 ] || die "TIDEPOOL_PG_ROOTFS needs root (a mount namespace and chroot)"
+  bindir=$(ls -d "$PG_ROOTFS"/usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  [ -n "$bindir" ] || die "$PG_ROOTFS has no PostgreSQL (make it with: scripts/images.sh rootfs postgresql DIR)"
+  (ROOTFS_BINDS=$STATE exec_in_rootfs "$PG_ROOTFS" 26:26 "${bindir#"$PG_ROOTFS"}/$program" "$@")
+}
 
 prepare_state() {
   mkdir -p "$STATE" "$RUN" "$LOGS" "$STATE/secrets" "$POOLER_DIR"
@@ -42,8 +66,6 @@ prepare_state() {
 }
 
 postgres_up() {
-  local bindir
-  bindir=$(pg_bindir)
   if pid_alive "$PG_DATA/postmaster.pid"; then
     say "PostgreSQL is already running on port $TIDEPOOL_PG_PORT"
     return
@@ -52,11 +74,11 @@ postgres_up() {
   if [ ! -s "$PG_DATA/PG_VERSION" ]; then
     say "creating a PostgreSQL cluster in $PG_DATA"
     mkdir -p "$PG_DATA"
-    [ "$(id -u)" -ne 0 ] || chown "$TIDEPOOL_RUN_AS:" "$PG_DATA"
+    [ "$(id -u)" -ne 0 ] || chown "$(pg_owner)" "$PG_DATA"
     local pwfile=$PG_DATA.pwfile
     (umask 077; secret postgres.password > "$pwfile")
-    [ "$(id -u)" -ne 0 ] || chown "$TIDEPOOL_RUN_AS:" "$pwfile"
-    (cd "$STATE" && as_service_user "$bindir/initdb" -D "$PG_DATA" -U postgres --pwfile="$pwfile" \
+    [ "$(id -u)" -ne 0 ] || chown "$(pg_owner)" "$pwfile"
+    (cd "$STATE" && pg_program initdb -D "$PG_DATA" -U postgres --pwfile="$pwfile" \
       --auth=scram-sha-256 --encoding=UTF8 --no-locale >"$LOGS/initdb.log" 2>&1) \
       || { rm -f "$pwfile"; die "initdb failed; see $LOGS/initdb.log"; }
     rm -f "$pwfile"
@@ -71,7 +93,7 @@ postgres_up() {
     mkdir -p "$STATE/tls"
     cp -L "$TIDEPOOL_PG_TLS_DIR/server.crt" "$TIDEPOOL_PG_TLS_DIR/server.key" "$TIDEPOOL_PG_TLS_DIR/ca.crt" "$STATE/tls/"
     chmod 600 "$STATE/tls/server.key"
-    [ "$(id -u)" -ne 0 ] || chown -R "$TIDEPOOL_RUN_AS:" "$STATE/tls"
+    [ "$(id -u)" -ne 0 ] || chown -R "$(pg_owner)" "$STATE/tls"
   fi
   local tls=() hba_kind=host
   if [ -s "$STATE/tls/server.crt" ]; then
@@ -86,7 +108,9 @@ postgres_up() {
     grep -qxF "$hba_node" "$PG_DATA/pg_hba.conf" || echo "$hba_node" >> "$PG_DATA/pg_hba.conf"
   fi
   say "starting PostgreSQL on $listen port $TIDEPOOL_PG_PORT"
-  (cd "$STATE" && as_service_user "$bindir/pg_ctl" -D "$PG_DATA" -l "$LOGS/postgres.log" -w -t 60 \
+  touch "$LOGS/postgres.log"
+  [ "$(id -u)" -ne 0 ] || chown "$(pg_owner)" "$LOGS/postgres.log"
+  (cd "$STATE" && pg_program pg_ctl -D "$PG_DATA" -l "$LOGS/postgres.log" -w -t 60 \
     -o "-c listen_addresses=$listen -c port=$TIDEPOOL_PG_PORT -c unix_socket_directories='' -c max_connections=$TIDEPOOL_PG_MAX_CONNECTIONS ${tls[*]}" \
     start >/dev/null) || die "PostgreSQL did not start; see $LOGS/postgres.log"
   wait_until "PGPASSWORD=\$(secret postgres.password) psql -X -h 127.0.0.1 -p $TIDEPOOL_PG_PORT -U postgres -c 'SELECT 1' postgres" 30 PostgreSQL
@@ -169,7 +193,7 @@ postgres_down() {
   local pid
   pid=$(head -n 1 "$PG_DATA/postmaster.pid")
   say "stopping PostgreSQL"
-  (cd "$STATE" && as_service_user "$(pg_bindir)/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 stop >/dev/null)
+  (cd "$STATE" && pg_program pg_ctl -D "$PG_DATA" -m fast -w -t 60 stop >/dev/null)
   # pg_ctl returns once the pid file is gone, a moment before the
   # postmaster exits and frees its port.
   wait_until "! kill -0 $pid" 30 "PostgreSQL to exit"

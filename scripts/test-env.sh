@@ -15,6 +15,19 @@
 : "${TIDEPOOL_TEST_PG_PORT:=15432}"
 TEST_STATE=$TIDEPOOL_STATE_DIR/test
 
+# PostgreSQL 17 beside it: images/postgresql's root filesystem on loopback
+# (scripts/stack.sh, TIDEPOOL_PG_ROOTFS), port $TIDEPOOL_TEST_PG17_PORT
+# (15433), with the same passwords. The queue's, the migrations' and the
+# worker's tests run on it too (run_tests).
+: "${TIDEPOOL_TEST_PG17_PORT:=15433}"
+TEST17_STATE=$TIDEPOOL_STATE_DIR/test-pg17
+TEST17_ROOTFS=$TIDEPOOL_STATE_DIR/test-pg17-rootfs
+
+test_stack17() {
+  TIDEPOOL_STATE_DIR=$TEST17_STATE TIDEPOOL_PG_PORT=$TIDEPOOL_TEST_PG17_PORT TIDEPOOL_PG_MAX_CONNECTIONS=400 \
+    TIDEPOOL_PG_ROOTFS=$TEST17_ROOTFS TIDEPOOL_BIN=$CARGO_TARGET_DIR/debug/tidepool "$REPO_ROOT/scripts/stack.sh" "$@"
+}
+
 test_stack() {
   TIDEPOOL_STATE_DIR=$TEST_STATE TIDEPOOL_PG_PORT=$TIDEPOOL_TEST_PG_PORT TIDEPOOL_PG_MAX_CONNECTIONS=400 \
     TIDEPOOL_BIN=$CARGO_TARGET_DIR/debug/tidepool "$REPO_ROOT/scripts/stack.sh" "$@"
@@ -25,6 +38,7 @@ test_kube() { TIDEPOOL_STATE_DIR=$TEST_STATE "$REPO_ROOT/scripts/kube.sh" "$@"; 
 test_env_down() {
   test_kube down || true
   test_stack down postgres || true
+  [ ! -d "$TEST17_ROOTFS" ] || test_stack17 down postgres || true
 }
 
 # Starts both afresh (needs the debug build of `tidepool`) and exports what
@@ -43,7 +57,13 @@ test_env_up() {
   export KUBECONFIG
   # After the cluster: it listens on the veth's host end, for the pods.
   TIDEPOOL_PG_FOR_NODE=1 test_stack up postgres
-  export TIDEPOOL_TEST_STATE_DIR=$TEST_STATE TIDEPOOL_TEST_PG_PORT TIDEPOOL_RUN_AS
+  say "starting PostgreSQL 17 from images/postgresql on port $TIDEPOOL_TEST_PG17_PORT"
+  rm -rf "$TEST17_STATE" "$TEST17_ROOTFS"
+  "$REPO_ROOT/scripts/images.sh" rootfs postgresql "$TEST17_ROOTFS"
+  mkdir -p "$TEST17_STATE"
+  cp -a "$TEST_STATE/secrets" "$TEST17_STATE/"
+  test_stack17 up postgres
+  export TIDEPOOL_TEST_STATE_DIR=$TEST_STATE TIDEPOOL_TEST_PG_PORT TIDEPOOL_TEST_PG17_PORT TIDEPOOL_RUN_AS
   export TIDEPOOL_NODE_NETNS TIDEPOOL_NODE_HOST_IP TIDEPOOL_NODE_IP TIDEPOOL_POD_CIDR TIDEPOOL_SERVICE_CIDR
   # tidepool-loadgen and tidepool (enqueue) for the tests on the real node.
   export TIDEPOOL_TEST_BIN_DIR=$CARGO_TARGET_DIR/release
@@ -61,5 +81,19 @@ run_tests() {
   # shellcheck disable=SC2086
   # --workspace, as above: the same features, so nothing is built again.
   cargo test --workspace --test cluster_wide "$@" -- --ignored ${TIDEPOOL_TEST_ARGS:-} || status=$?
+  # The queue, its migrations and the worker again, on PostgreSQL 17: the
+  # SQL whose plans and locks could differ between versions is theirs (the
+  # web's and the pooler's tests do not depend on the server's version).
+  local version
+  version=$(PGPASSWORD=$(cat "$TEST_STATE/secrets/postgres.password") psql -X -At -h 127.0.0.1 \
+    -p "$TIDEPOOL_TEST_PG17_PORT" -U postgres -d postgres -c 'SHOW server_version_num') || version=0
+  if (( version / 10000 == 17 )); then
+    # shellcheck disable=SC2086
+    TIDEPOOL_TEST_PG_PORT=$TIDEPOOL_TEST_PG17_PORT \
+      cargo test --workspace --test queue --test migrate --test worker "$@" -- ${TIDEPOOL_TEST_ARGS:-} || status=$?
+  else
+    say "PostgreSQL 17 is not on port $TIDEPOOL_TEST_PG17_PORT (server_version_num: $version)"
+    status=1
+  fi
   return "$status"
 }
