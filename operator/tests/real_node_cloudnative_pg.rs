@@ -4,7 +4,8 @@
 //! real node, and a Tidepool whose `secretRef` is the cluster's
 //! `<cluster>-app` and whose TLS is `verify-full` with `<cluster>-ca`, with
 //! nothing copied or edited by hand; then the app user's password rotated
-//! through `<cluster>-app` under load, as CloudNativePG documents it.
+//! through `<cluster>-app` under load, as CloudNativePG documents it, and
+//! the instance's pod deleted under load.
 
 mod common;
 
@@ -144,6 +145,7 @@ fn a_tidepool_on_a_cloudnative_pg_cluster_goes_ready_verified_on_postgresql_17()
         None,
     )?;
     assert_eq!(login.trim(), "app");
+    instance_pod_deleted_under_load(kube, &ns.name, &cluster, &node, &url)?;
     record_figures(
         "cloudnative_pg_rotation",
         json!({"requests": report["requests"], "failed": failures.len(),
@@ -151,4 +153,63 @@ fn a_tidepool_on_a_cloudnative_pg_cluster_goes_ready_verified_on_postgresql_17()
             "cloudnative_pg_sessions": own, "superuser_reserved_connections": superuser_reserved}),
     )?;
     Ok(())
+}
+
+/// The instance's pod deleted under 5 clients: CloudNativePG starts it again
+/// on its volume; the Tidepool's pods ride it out with no container
+/// restarts, every request answered (200, or 503 from the app's own bounds)
+/// within them, then 200s again.
+fn instance_pod_deleted_under_load(
+    kube: &tidepool_testenv::Kube,
+    ns: &str,
+    cluster: &Cluster<'_>,
+    node: &Node,
+    url: &str,
+) -> Result<()> {
+    let restarts = || -> Result<i64> {
+        let pods = kube.get_json(&["-n", ns, "pods", "-l", "app.kubernetes.io/instance=shop"])?;
+        Ok(pods["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|p| p["status"]["containerStatuses"].as_array().cloned().unwrap_or_default())
+            .filter_map(|c| c["restartCount"].as_i64())
+            .sum())
+    };
+    let before = restarts()?;
+    let instance = cluster.get()?["status"]["currentPrimary"].as_str().unwrap_or("pg-1").to_owned();
+    let uid = kube.get_json(&["-n", ns, "pod", &instance])?["metadata"]["uid"].clone();
+    let load = Load::steady_timed(node, url, 5, "60s")?;
+    let deleted_at = Instant::now();
+    kube.kubectl(&["delete", "pod", "-n", ns, &instance, "--wait=false"], None)?;
+    wait_for("a new instance pod", Duration::from_secs(120), || {
+        let pod = kube.get_json(&["-n", ns, "pod", &instance]).ok();
+        Ok(pod.filter(|p| p["metadata"]["uid"] != uid).map(drop))
+    })?;
+    cluster.wait_healthy()?;
+    let healthy_seconds = deleted_at.elapsed().as_secs_f64();
+    wait_for("/row/ to answer 200 again", Duration::from_secs(120), || {
+        Ok((node.curl(&[url])?.0 == 200).then_some(()))
+    })?;
+    let serving_seconds = deleted_at.elapsed().as_secs_f64();
+    common::wait_ready(kube, ns, Duration::from_secs(120))?;
+    let report = load.finish()?;
+    assert_eq!(restarts()?, before, "no container of the Tidepool restarted");
+    let statuses = report["statuses"].as_object().cloned().unwrap_or_default();
+    // 503: no connection within the pool wait; 504: the query's own
+    // timeout; 500: the query failed as the server went. Never no answer.
+    assert!(
+        statuses.keys().all(|s| matches!(s.as_str(), "200" | "500" | "503" | "504")),
+        "every request was answered: {}",
+        report["statuses"]
+    );
+    // The web app's bounds (a pool wait of 5 s, a query timeout of 10 s)
+    // with slack for a busy machine.
+    let slowest = report["latency_max_seconds"].as_f64().unwrap_or(f64::MAX);
+    assert!(slowest <= 20.0, "a request took {slowest} s: {report}");
+    record_figures(
+        "cloudnative_pg_instance_deleted",
+        json!({"healthy_seconds": healthy_seconds, "serving_seconds": serving_seconds,
+            "requests": report["requests"], "statuses": report["statuses"]}),
+    )
 }
