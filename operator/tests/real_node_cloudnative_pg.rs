@@ -12,7 +12,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use common::shop::{record_figures, Load};
+use common::shop::{failures_at, record_figures, Load};
 use common::{condition, kube_with_crd, Operator};
 use serde_json::json;
 use tidepool_testenv::cloudnative_pg::{self, Cluster};
@@ -116,13 +116,7 @@ fn a_tidepool_on_a_cloudnative_pg_cluster_goes_ready_verified_on_postgresql_17()
     common::wait_ready(kube, &ns.name, Duration::from_secs(120))?;
     let report = load.finish()?;
     let window = changing.as_secs_f64() - 1.0..rolled.as_secs_f64() + 10.0;
-    let failures: Vec<f64> = report["timeline"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|r| r[1] != "200")
-        .filter_map(|r| r[0].as_f64())
-        .collect();
+    let failures = failures_at(&report);
     assert!(failures.iter().all(|at| window.contains(at)), "failures outside {window:?}: {failures:?}");
     assert!(report["succeeded"].as_i64().unwrap_or(0) > 0, "{report}");
     // The new password is PostgreSQL's: a login with it over TCP succeeds.

@@ -141,7 +141,7 @@ impl<'a> Cluster<'a> {
         wait_for("the CloudNativePG cluster to be healthy", Duration::from_secs(300), || {
             let cluster = self.get()?;
             let status = &cluster["status"];
-            if status["phase"] == "Cluster in healthy state" && status["readyInstances"] == 1 {
+            if healthy(status) {
                 return Ok(Some(Some(cluster)));
             }
             let initializing = self
@@ -179,8 +179,7 @@ impl<'a> Cluster<'a> {
         wait_for("the CloudNativePG cluster to be healthy", Duration::from_secs(300), || {
             let cluster = self.get()?;
             let status = &cluster["status"];
-            let healthy = status["phase"] == "Cluster in healthy state" && status["readyInstances"] == 1;
-            Ok(healthy.then_some(cluster))
+            Ok(healthy(status).then_some(cluster))
         })
         .with_context(|| self.describe())
     }
@@ -278,6 +277,12 @@ impl Drop for Cluster<'_> {
         let _ = self.kube.kubectl_output(&["delete", "pv", &self.volume, "--wait=false"], None);
         let _ = std::fs::remove_dir_all(&self.path);
     }
+}
+
+/// Whether a `Cluster`'s status says it is healthy with its one instance
+/// ready.
+fn healthy(status: &Value) -> bool {
+    status["phase"] == "Cluster in healthy state" && status["readyInstances"] == 1
 }
 
 /// A `Cluster` of one instance of [`POSTGRESQL_IMAGE`] on the real node,

@@ -421,6 +421,18 @@ pub fn jobs_span_seconds(shop: &Shop, from: SpanFrom) -> Result<f64> {
     .context("the jobs' span")
 }
 
+/// When each request of a [`Load::steady_timed`] report that was not
+/// answered 200 finished, in seconds after the load's start.
+pub fn failures_at(report: &Value) -> Vec<f64> {
+    report["timeline"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|request| request[1] != "200")
+        .filter_map(|request| request[0].as_f64())
+        .collect()
+}
+
 /// The number of requests a loadgen report counts under `status`.
 pub fn status_count(report: &Value, status: &str) -> i64 {
     report["statuses"][status].as_i64().unwrap_or(0)
