@@ -7,7 +7,7 @@ beat that sent it."""
 import socket
 
 from celery import shared_task
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from .models import Backlog, Tick, TaskRun
@@ -16,12 +16,19 @@ from .models import Backlog, Tick, TaskRun
 @shared_task(bind=True)
 def slow_query_task(self, batch, seconds=5.0):
     started = timezone.now()
+    backlog = Backlog.objects.filter(task_id=self.request.id)
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_sleep(%s)", [float(seconds)])
+    except Exception:
+        backlog.delete()
+        raise
+    # The run and the end of its backlog row in one transaction: a reader
+    # sees both or neither (a run counted while its row still counted as
+    # backlog was seen once in CI).
+    with transaction.atomic():
         TaskRun.objects.create(batch=batch, hostname=socket.gethostname(), started=started, finished=timezone.now())
-    finally:
-        Backlog.objects.filter(task_id=self.request.id).delete()
+        backlog.delete()
     return "Slow query completed"
 
 
