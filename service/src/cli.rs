@@ -411,6 +411,12 @@ pub(crate) struct EnqueueArgs {
     #[arg(long, env = pod::DATABASE_URL, hide_env_values = true, value_name = "URL")]
     pub database_url: SecretUrl,
 
+    /// File holding the database password, for a URL that has none (in a
+    /// Tidepool's pod, where `kubectl exec ... tidepool enqueue` finds it
+    /// set, as web and worker have it).
+    #[arg(long = "db-password-file", env = pod::DB_PASSWORD_FILE, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+
     /// Longest to open a connection, and longest one statement may take.
     #[arg(long, env = "TIDEPOOL_DB_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_std_duration)]
     pub db_connect_timeout: Duration,

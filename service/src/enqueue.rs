@@ -18,7 +18,7 @@ use crate::cli::EnqueueArgs;
 use crate::db::{self, DbError};
 use crate::queue::job::parse_run_at;
 use crate::queue::{self, EnqueueError, Enqueued, InvalidJob, NewJob, Schedule};
-use crate::settings::InvalidUrl;
+use crate::settings::{apply_password_file, InvalidUrl, PasswordFileError};
 use crate::task::Registry;
 
 /// Longest one statement may take.
@@ -35,6 +35,8 @@ pub enum EnqueueCommandError {
     Invalid(#[from] InvalidJob),
     #[error(transparent)]
     Url(#[from] InvalidUrl),
+    #[error(transparent)]
+    PasswordFile(#[from] PasswordFileError),
     #[error(transparent)]
     Db(#[from] DbError),
     #[error(transparent)]
@@ -82,7 +84,8 @@ pub async fn run(
     out: &mut impl Write,
 ) -> Result<Summary, EnqueueCommandError> {
     let job = job_from_args(args, registry)?;
-    let target = args.database_url.to_connection("DATABASE_URL")?;
+    let mut target = args.database_url.to_connection("DATABASE_URL")?;
+    target.pg = apply_password_file(target.pg, args.password_file.as_deref())?;
     let client = Arc::new(db::connect(target, args.db_connect_timeout).await?);
     let started = Instant::now();
     let mut summary = Summary { created: 0, duplicates: 0, elapsed: Duration::ZERO };

@@ -361,7 +361,23 @@ async fn the_enqueue_command_prints_ids_and_refuses_bad_input() -> Result<()> {
     assert!(ok);
     assert_eq!(second.trim(), format!("{} duplicate", first.trim()));
 
+    // In a pod the URL has no password and the file has it (TIDEPOOL_DB_PASSWORD_FILE).
+    let password = &support::env().app_password;
+    let password_file =
+        std::env::temp_dir().join(format!("tidepool-enqueue-password-{}", std::process::id()));
+    std::fs::write(&password_file, format!("{password}\n"))?;
+    let without_password = url.replacen(&format!(":{password}@"), "@", 1);
+    assert_ne!(without_password, url);
+    let file_arg = password_file.to_str().context("a UTF-8 path")?;
+    let (ok, stdout, stderr) = enqueue_cli(&without_password, &["noop", "--db-password-file", file_arg])?;
+    assert!(ok, "{stderr}");
+    std::fs::remove_file(&password_file)?;
+    assert_eq!(stdout.lines().count(), 1, "one id: {stdout}");
+
     let before = count(&admin, "SELECT count(*) FROM tidepool_jobs").await?;
+    let (ok, _, stderr) =
+        enqueue_cli(&without_password, &["noop", "--db-password-file", "/nonexistent/password"])?;
+    assert!(!ok && stderr.contains("cannot read the password file /nonexistent/password"), "{stderr}");
     for (args, says) in [
         (&["nope"][..], "unknown task \"nope\""),
         (&["noop", "--args", "{oops"], "--args is not valid JSON"),
