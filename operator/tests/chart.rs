@@ -557,17 +557,9 @@ fn helm_install_runs_the_operator_on_the_real_node_and_it_reconciles() -> Result
     let ns = kube.namespace("chart")?;
     let db = AppDatabase::create(&pg, &ns.name.replace('-', "_"))?;
     install_monitoring_crds(kube)?;
-    let tolerations =
-        format!(r#"tolerations=[{{"key":"{}","operator":"Exists","effect":"NoSchedule"}}]"#, Node::TAINT);
     for which in HELMS {
         let release = format!("tidepool-{which}");
-        let output = helm(which, Some(kube))?
-            .args(["install", &release, &chart()?, "--namespace", &ns.name, "--wait", "--timeout", "180s"])
-            .args(["--set", &format!("watchNamespace={}", ns.name), "--set", "nodeSelector.type=real"])
-            .args(["--set-json", &tolerations])
-            .args(MONITORS_ON)
-            .output()?;
-        ensure!(output.status.success(), "{which} install: {}", String::from_utf8_lossy(&output.stderr));
+        common::helm_install_operator(kube, which, &ns.name, &release, &MONITORS_ON)?;
         let selector = format!("app.kubernetes.io/instance={release},app.kubernetes.io/component=operator");
         let names = common::operator_leads_on_the_real_node(kube, &ns.name, &selector, &release)
             .with_context(|| which.to_owned())?;

@@ -189,33 +189,16 @@ impl<'a> Cluster<'a> {
         self.kube.get_json(&["-n", &self.namespace, "cluster.postgresql.cnpg.io", &self.name])
     }
 
-    /// `SQL` run by `psql` in the instance's pod as the superuser over its
+    /// `sql` run by `psql` in the instance's pod as the superuser over its
     /// local socket, in database `db`; its unaligned output.
     pub fn psql(&self, db: &str, sql: &str) -> Result<String> {
-        self.kube
-            .kubectl(
-                &[
-                    "exec",
-                    "-n",
-                    &self.namespace,
-                    &format!("{}-1", self.name),
-                    "-c",
-                    "postgres",
-                    "--",
-                    "psql",
-                    "-X",
-                    "-q",
-                    "-At",
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    "-d",
-                    db,
-                    "-c",
-                    sql,
-                ],
-                None,
-            )
-            .map(|out| out.trim().to_owned())
+        self.instance().psql(db, sql)
+    }
+
+    /// The first instance, apart from the Cluster (which goes when
+    /// dropped): for a thread that reads it, such as a sampler's.
+    pub fn instance(&self) -> Instance<'a> {
+        Instance { kube: self.kube, namespace: self.namespace.clone(), pod: format!("{}-1", self.name) }
     }
 
     /// The pods, the Cluster's status and the operator's last lines, for a
@@ -279,6 +262,35 @@ impl Drop for Cluster<'_> {
     }
 }
 
+/// A Cluster's instance pod, to run `psql` in and read the log of.
+#[derive(Clone)]
+pub struct Instance<'a> {
+    kube: &'a Kube,
+    namespace: String,
+    pod: String,
+}
+
+impl Instance<'_> {
+    /// `sql` run by `psql` in the pod as the superuser over its local
+    /// socket, in database `db`; its unaligned output.
+    pub fn psql(&self, db: &str, sql: &str) -> Result<String> {
+        let args = ["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", db, "-c", sql];
+        self.kube
+            .kubectl(
+                &[&["exec", "-n", &self.namespace, &self.pod, "-c", "postgres", "--", "psql"][..], &args]
+                    .concat(),
+                None,
+            )
+            .map(|out| out.trim().to_owned())
+    }
+
+    /// What PostgreSQL has logged since the pod started (CloudNativePG's
+    /// JSON lines, one per record).
+    pub fn log(&self) -> Result<String> {
+        self.kube.kubectl(&["logs", "-n", &self.namespace, &self.pod, "-c", "postgres"], None)
+    }
+}
+
 /// Whether a `Cluster`'s status says it is healthy with its one instance
 /// ready.
 fn healthy(status: &Value) -> bool {
@@ -305,6 +317,6 @@ fn cluster_object(name: &str, max_connections: u32, namespace: Option<&str>) -> 
         "storage": {"size": "1Gi", "storageClass": STORAGE_CLASS},
         "affinity": {"nodeSelector": {"type": "real"},
             "tolerations": [{"key": Node::TAINT, "operator": "Exists", "effect": "NoSchedule"}]},
-        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}}
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
     }})
 }

@@ -499,14 +499,21 @@ pub fn peak(samples: &[(Duration, i64)]) -> i64 {
 }
 
 impl Sampler {
+    /// Samples `sql` run on `pg` in database `db`.
     pub fn start(pg: &Postgres, db: &str, sql: &str) -> Sampler {
-        let (stop, samples) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
         let (pg, db, sql) = (pg.clone(), db.to_owned(), sql.to_owned());
+        Self::counting(move || pg.psql(&db, &sql)?.parse().context("a count"))
+    }
+
+    /// Samples what `count` returns (a count read elsewhere: another
+    /// server's `psql`).
+    pub fn counting(mut count: impl FnMut() -> Result<i64> + Send + 'static) -> Sampler {
+        let (stop, samples) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
         let (stopping, recording) = (stop.clone(), samples.clone());
         let thread = std::thread::spawn(move || {
             let started = Instant::now();
             while !stopping.load(Ordering::Relaxed) {
-                let count: i64 = pg.psql(&db, &sql)?.parse().context("a count")?;
+                let count = count()?;
                 recording.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push((started.elapsed(), count));
                 std::thread::sleep(Duration::from_millis(100));
             }

@@ -231,6 +231,29 @@ pub fn wait_ready(kube: &Kube, ns: &str, limit: Duration) -> Result<Value> {
     })
 }
 
+/// Waits up to `limit` until tidepool/shop in `ns`, at generation
+/// `generation` or later, is Ready with every tier's replicas ready; the
+/// Tidepool.
+pub fn wait_rolled(kube: &Kube, ns: &str, generation: i64, limit: Duration) -> Result<Value> {
+    wait_for("the Tidepool to be Ready", limit, || {
+        let Some(tidepool) = get(kube, ns, "tidepool/shop")? else { return Ok(None) };
+        let status = &tidepool["status"];
+        let ready = condition(&tidepool, "Ready").is_some_and(|(status, _, _)| status == "True");
+        let observed = status["observedGeneration"].as_i64().unwrap_or(0) >= generation;
+        // The clock, when there is one, is one pod.
+        let wanted = |tier: &str| match tier {
+            "clock" => json!(1),
+            _ => tidepool["spec"][tier]["replicas"].clone(),
+        };
+        let clock = tidepool["spec"]["clock"].is_object();
+        let tiers_ready = ["web", "worker", "clock"]
+            .iter()
+            .filter(|tier| **tier != "clock" || clock)
+            .all(|tier| status[tier]["readyReplicas"] == wanted(tier));
+        Ok((ready && observed && tiers_ready).then_some(tidepool))
+    })
+}
+
 /// The smallest Tidepool `shop` on the test cluster's real node (web 1 ×
 /// pool 4, worker 1 × 4; 40 connections, 10 reserved), for the Secret
 /// `shop-app`.
@@ -246,6 +269,32 @@ pub const REAL_NODE_TIDEPOOL: &str = r#"{
     "tolerations": [{"key": "tidepool.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}]
   }
 }"#;
+
+/// `helm install` (`which`: `helm` or `helm4`) of the chart as `release`
+/// in `ns`, watching only `ns` (an operator for the whole cluster would
+/// reconcile the other tests' Tidepools too), its pods on the real node;
+/// `extra` values beside. Waits until its pods are ready.
+pub fn helm_install_operator(
+    kube: &Kube,
+    which: &str,
+    ns: &str,
+    release: &str,
+    extra: &[&str],
+) -> Result<()> {
+    let chart = repo_root()?.join("charts/tidepool");
+    let tolerations = format!(
+        r#"tolerations=[{{"key":"{}","operator":"Exists","effect":"NoSchedule"}}]"#,
+        tidepool_testenv::node::Node::TAINT
+    );
+    let output = tidepool_testenv::helm(which, Some(kube))?
+        .args(["install", release, tidepool_testenv::node::path_arg(&chart)?, "--namespace", ns])
+        .args(["--wait", "--timeout", "180s", "--set", &format!("watchNamespace={ns}")])
+        .args(["--set", "nodeSelector.type=real", "--set-json", &tolerations])
+        .args(extra)
+        .output()?;
+    anyhow::ensure!(output.status.success(), "{which} install: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(())
+}
 
 /// The names of the operator's pods `selector` in `ns`, once one of them
 /// holds the Lease `tidepool-operator` there; before, checks that they are

@@ -120,24 +120,8 @@ impl Shop {
     /// Waits until the Tidepool of generation `generation` or later is
     /// Ready with every replica ready; its status.
     pub fn wait_ready(&self, generation: i64) -> Result<Value> {
-        wait_for("the Tidepool to be Ready", Duration::from_secs(300), || {
-            let tidepool = self.tidepool()?;
-            let status = &tidepool["status"];
-            let ready = super::condition(&tidepool, "Ready").is_some_and(|(status, _, _)| status == "True");
-            let observed = status["observedGeneration"].as_i64().unwrap_or(0) >= generation;
-            // The clock, when there is one, is one pod.
-            let wanted = |tier: &str| match tier {
-                "clock" => json!(1),
-                _ => tidepool["spec"][tier]["replicas"].clone(),
-            };
-            let clock = tidepool["spec"]["clock"].is_object();
-            let tiers_ready = ["web", "worker", "clock"]
-                .iter()
-                .filter(|tier| **tier != "clock" || clock)
-                .all(|tier| status[tier]["readyReplicas"] == wanted(tier));
-            Ok((ready && observed && tiers_ready).then_some(tidepool))
-        })
-        .with_context(|| self.describe())
+        super::wait_rolled(self.kube, &self.ns.name, generation, Duration::from_secs(300))
+            .with_context(|| self.describe())
     }
 
     /// Waits until `/readyz` through the web Service's ClusterIP answers
