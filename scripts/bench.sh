@@ -25,7 +25,9 @@
 #       processes on loopback and the Tidepool app: scripts/bench-django.sh;
 #   18. /row/ with verify-full beside plaintext: scripts/bench-tls.sh;
 #   19. a password rotation under load on the real node:
-#       scripts/bench-rotation.sh.
+#       scripts/bench-rotation.sh;
+#   20. CloudNativePG's PostgreSQL 17 beside the host's 15, its instance
+#       restarted under load: scripts/bench-cloudnative-pg.sh.
 # (14, the router layer beside an old commit's, is `make bench-router`.)
 # All traffic goes to loopback (and, for 10-11, to the test cluster inside
 # the real node's network namespace); every step is bounded in time.
@@ -304,3 +306,4 @@ say "wrote the web sections of $OUT"
 "$REPO_ROOT/scripts/bench-django.sh"
 "$REPO_ROOT/scripts/bench-tls.sh"
 "$REPO_ROOT/scripts/bench-rotation.sh"
+"$REPO_ROOT/scripts/bench-cloudnative-pg.sh"
