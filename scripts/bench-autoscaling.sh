@@ -22,16 +22,9 @@ cd "$REPO_ROOT"
 
 : "${BENCH_TRIALS:=20}" "${BENCH_QUERY_TRIALS:=10}" "${BENCH_STEADY_SECONDS:=600}" "${BENCH_REPEATS:=3}"
 OUT=$REPO_ROOT/docs/benchmarks.md
-require_no_real_node
-WORK=$(mktemp -d)
-FIGURES=$WORK/scaling.jsonl
-E2E=$WORK/e2e.jsonl
 source "$REPO_ROOT/scripts/test-env.sh"
-cleanup() {
-  test_env_down >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_on_test_cluster
+E2E=$WORK/e2e.jsonl
 
 say "13. building the tests"
 cargo test --quiet -p tidepool-operator --test autoscaling --test real_node_e2e --no-run

@@ -20,15 +20,8 @@ cd "$REPO_ROOT"
 
 : "${BENCH_CNPG_ROUNDS:=3}"
 OUT=$REPO_ROOT/docs/benchmarks.md
-require_no_real_node
-WORK=$(mktemp -d)
-FIGURES=$WORK/figures.jsonl
 source "$REPO_ROOT/scripts/test-env.sh"
-cleanup() {
-  test_env_down >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_on_test_cluster
 
 run_host() {
   TIDEPOOL_E2E_FIGURES=$FIGURES cargo test --quiet -p tidepool-operator --test real_node_e2e -- --exact \

@@ -18,15 +18,8 @@ cd "$REPO_ROOT"
 
 : "${BENCH_ROTATION_ROUNDS:=3}"
 OUT=$REPO_ROOT/docs/benchmarks.md
-require_no_real_node
-WORK=$(mktemp -d)
-FIGURES=$WORK/figures.jsonl
 source "$REPO_ROOT/scripts/test-env.sh"
-cleanup() {
-  test_env_down >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_on_test_cluster
 
 say "19. building the test"
 cargo test --quiet -p tidepool-operator --test real_node_tls --no-run

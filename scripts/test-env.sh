@@ -41,6 +41,16 @@ test_env_down() {
   [ ! -d "$TEST17_ROOTFS" ] || test_stack17 down postgres || true
 }
 
+# For a benchmark on the test cluster: checks that no real node is up,
+# makes a scratch folder $WORK (with $FIGURES, the tests' records, in it)
+# and, on exit, stops the test environment and removes $WORK.
+bench_on_test_cluster() {
+  require_no_real_node
+  WORK=$(mktemp -d)
+  FIGURES=$WORK/figures.jsonl
+  trap 'test_env_down >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
+}
+
 # Starts both afresh (needs the debug build of `tidepool`) and exports what
 # the tests read. Pair it with `trap test_env_down EXIT`.
 test_env_up() {
