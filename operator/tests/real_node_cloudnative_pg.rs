@@ -19,8 +19,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
-use common::shop::{failures_at, record_figures, status_count, Load};
+use anyhow::{Context, Result};
+use common::shop::{
+    failures_at, jobs_span_seconds_by, record_figures, wait_drained, Load, Overload, SpanFrom,
+};
 use serde_json::{json, Value};
 use tidepool_testenv::cloudnative_pg::{self, Cluster, Instance};
 use tidepool_testenv::node::{peak, AppDatabase, Node, Sampler};
@@ -169,28 +171,9 @@ impl App<'_> {
         Ok(())
     }
 
-    /// Waits until no job is left; the finished ones by state, as
-    /// `Shop::wait_drained` counts them.
+    /// Waits until no job is left; the finished ones by state.
     fn wait_drained(&self, limit: Duration) -> Result<BTreeMap<String, i64>> {
-        wait_for("the queue to drain", limit, || {
-            Ok((self.count("SELECT count(*) FROM tidepool_jobs")? == 0).then_some(()))
-        })?;
-        let mut finished = BTreeMap::new();
-        finished.insert("succeeded".to_owned(), self.count("SELECT count(*) FROM tidepool_job_results")?);
-        let dead =
-            self.instance.psql("app", "SELECT state, count(*) FROM tidepool_dead_jobs GROUP BY state")?;
-        for line in dead.lines() {
-            if let Some((state, n)) = line.split_once('|') {
-                finished.insert(state.to_owned(), n.parse()?);
-            }
-        }
-        Ok(finished)
-    }
-
-    /// Seconds from the first kept result's enqueue to the last one's finish.
-    fn jobs_seconds(&self) -> Result<f64> {
-        let sql = "SELECT extract(epoch FROM max(finished_at) - min(created_at)) FROM tidepool_job_results";
-        self.instance.psql("app", sql)?.parse().context("the jobs' span")
+        wait_drained(|sql| self.instance.psql("app", sql), limit)
     }
 
     /// A sampler of `sql` (a count) in the app's database.
@@ -238,7 +221,7 @@ fn seeds_experiments(app: &App<'_>) -> Result<()> {
     record_figures(
         "cloudnative_pg_seed",
         json!({"requests_seconds": report["total_seconds"], "requests_peak": together,
-            "jobs_seconds": app.jobs_seconds()?, "jobs_peak": jobs_peak}),
+            "jobs_seconds": jobs_span_seconds_by(|sql| app.instance.psql("app", sql), SpanFrom::Created)?, "jobs_peak": jobs_peak}),
     )
 }
 
@@ -420,19 +403,16 @@ fn budget_under_twice_the_planned_load(app: &App<'_>) -> Result<()> {
     let finished = app.wait_drained(Duration::from_secs(240))?;
     let samples = connections.finish()?;
 
-    // At once: the requests and both worker pods' concurrency.
-    let offered = requests as i64 + 2 * 40;
-    ensure!(offered >= 2 * planned, "the load asks for {offered}, planned {planned}");
-    let log = app.instance.log()?;
-    for refusal in ["too many clients", "remaining connection slots"] {
-        assert!(!log.contains(refusal), "PostgreSQL refused connections ({refusal}):\n{log}");
+    let (peak, ok, shed) = Overload {
+        requests: requests as i64,
+        // At once: the requests and both worker pods' concurrency.
+        offered: requests as i64 + 2 * 40,
+        planned,
+        server_log: &app.instance.log()?,
+        samples: &samples,
+        report: &report,
     }
-    let peak = peak(&samples);
-    assert!(peak <= planned, "the app held {peak} connections, planned {planned}");
-    let (ok, shed) = (status_count(&report, "200"), status_count(&report, "503"));
-    assert_eq!(ok + shed, requests as i64, "only 200s and 503s: {report}");
-    assert!(shed > 0, "the overload is shed: {report}");
-    assert!(report["latency_max_seconds"].as_f64().unwrap_or(f64::MAX) < 30.0, "bounded: {report}");
+    .assert_held();
     assert_eq!(finished, BTreeMap::from([("succeeded".to_owned(), i64::from(jobs))]));
     record_figures(
         "cloudnative_pg_budget",

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use common::shop::{
-    jobs_span_seconds, record_figures, status_count, watch_shares, Database, Load, Setup, Shop, SpanFrom,
+    jobs_span_seconds, record_figures, status_count, watch_shares, Database, Load, Overload, Setup, Shop,
+    SpanFrom,
 };
 use serde_json::{json, Value};
 use tidepool_testenv::node::{
@@ -174,19 +175,16 @@ fn the_connection_budget_holds_under_overload() -> Result<()> {
     let jobs_seconds = jobs_span_seconds(&shop, SpanFrom::Created)?;
     let samples = connections.finish()?;
 
-    // Jobs offered at once: 2 worker pods × concurrency 20.
-    let offered = requests as i64 + 2 * 20;
-    assert!(offered >= 2 * planned, "the load asks for {offered}, planned {planned}");
-    let log = shop.pg.log()?;
-    for refusal in ["too many clients", "remaining connection slots"] {
-        assert!(!log.contains(refusal), "PostgreSQL refused connections ({refusal}):\n{log}");
+    let (peak, ok, shed) = Overload {
+        requests: requests as i64,
+        // Jobs offered at once: 2 worker pods × concurrency 20.
+        offered: requests as i64 + 2 * 20,
+        planned,
+        server_log: &shop.pg.log()?,
+        samples: &samples,
+        report: &report,
     }
-    let peak = peak(&samples);
-    assert!(peak <= planned, "the app held {peak} connections, planned {planned}");
-    let (ok, shed) = (status_count(&report, "200"), status_count(&report, "503"));
-    assert_eq!(ok + shed, requests as i64, "only 200s and 503s: {report}");
-    assert!(shed > 0, "the overload is shed: {report}");
-    assert!(report["latency_max_seconds"].as_f64().unwrap_or(f64::MAX) < 30.0, "bounded: {report}");
+    .assert_held();
     assert_eq!(finished, BTreeMap::from([("succeeded".to_owned(), 100)]));
     record_figures(
         "budget",

@@ -171,20 +171,7 @@ impl Shop {
     /// Waits until no job is left in the queue; the finished ones, by
     /// state: `succeeded` (results) and the dead jobs' states.
     pub fn wait_drained(&self, limit: Duration) -> Result<BTreeMap<String, i64>> {
-        wait_for("the queue to drain", limit, || {
-            Ok((self.count("SELECT count(*) FROM tidepool_jobs")? == 0).then_some(()))
-        })
-        .with_context(|| {
-            self.sql("SELECT id, state, attempt, worker, errors FROM tidepool_jobs").unwrap_or_default()
-        })?;
-        let mut finished = BTreeMap::new();
-        finished.insert("succeeded".to_owned(), self.count("SELECT count(*) FROM tidepool_job_results")?);
-        for line in self.sql("SELECT state, count(*) FROM tidepool_dead_jobs GROUP BY state")?.lines() {
-            if let Some((state, n)) = line.split_once('|') {
-                finished.insert(state.to_owned(), n.parse()?);
-            }
-        }
-        Ok(finished)
+        wait_drained(|sql| self.sql(sql), limit)
     }
 
     pub fn restart_counts(&self) -> Result<BTreeMap<String, i64>> {
@@ -394,15 +381,84 @@ pub enum SpanFrom {
 /// Seconds from the first job's creation or start to the last one's
 /// finish, of the results kept.
 pub fn jobs_span_seconds(shop: &Shop, from: SpanFrom) -> Result<f64> {
+    jobs_span_seconds_by(|sql| shop.sql(sql), from)
+}
+
+/// [`jobs_span_seconds`] with `sql` run where the app's tables are (its
+/// unaligned output): on another server than the Shop's.
+pub fn jobs_span_seconds_by(sql: impl Fn(&str) -> Result<String>, from: SpanFrom) -> Result<f64> {
     let column = match from {
         SpanFrom::Created => "created_at",
         SpanFrom::Started => "started_at",
     };
-    shop.sql(&format!(
-        "SELECT extract(epoch FROM max(finished_at) - min({column})) FROM tidepool_job_results"
-    ))?
-    .parse()
-    .context("the jobs' span")
+    sql(&format!("SELECT extract(epoch FROM max(finished_at) - min({column})) FROM tidepool_job_results"))?
+        .parse()
+        .context("the jobs' span")
+}
+
+/// Waits until no job is left in the queue, `sql` run where the app's
+/// tables are (its unaligned output); the finished ones, by state:
+/// `succeeded` (results) and the dead jobs' states.
+pub fn wait_drained(sql: impl Fn(&str) -> Result<String>, limit: Duration) -> Result<BTreeMap<String, i64>> {
+    let count = |query: &str| -> Result<i64> {
+        sql(query)?.parse().with_context(|| format!("a count from {query:?}"))
+    };
+    wait_for("the queue to drain", limit, || {
+        Ok((count("SELECT count(*) FROM tidepool_jobs")? == 0).then_some(()))
+    })
+    .with_context(|| {
+        sql("SELECT id, state, attempt, worker, errors FROM tidepool_jobs").unwrap_or_default()
+    })?;
+    let mut finished = BTreeMap::new();
+    finished.insert("succeeded".to_owned(), count("SELECT count(*) FROM tidepool_job_results")?);
+    for line in sql("SELECT state, count(*) FROM tidepool_dead_jobs GROUP BY state")?.lines() {
+        if let Some((state, n)) = line.split_once('|') {
+            finished.insert(state.to_owned(), n.parse()?);
+        }
+    }
+    Ok(finished)
+}
+
+/// An overload of the connection budget, as the budget tests run it: a
+/// burst of `requests` slow requests through the web Service beside the
+/// worker pods' jobs, `offered` server connections asked for at once, with
+/// `planned` the Tidepool's `plannedPeak`.
+#[derive(Clone, Copy)]
+pub struct Overload<'a> {
+    pub requests: i64,
+    pub offered: i64,
+    pub planned: i64,
+    /// What PostgreSQL logged meanwhile.
+    pub server_log: &'a str,
+    /// The app's connections, sampled throughout.
+    pub samples: &'a [(Duration, i64)],
+    /// The burst's loadgen report.
+    pub report: &'a Value,
+}
+
+impl Overload<'_> {
+    /// Asserts that the budget held: the load asked for at least twice
+    /// the plan, PostgreSQL refused no connection, the app's connections
+    /// stayed within the plan, and every request was answered 200 or shed
+    /// with 503 (some shed), in bounded time. Returns the peak, the 200s
+    /// and the 503s.
+    pub fn assert_held(self) -> (i64, i64, i64) {
+        let Overload { requests, offered, planned, server_log, samples, report } = self;
+        assert!(offered >= 2 * planned, "the load asks for {offered}, planned {planned}");
+        for refusal in ["too many clients", "remaining connection slots"] {
+            assert!(
+                !server_log.contains(refusal),
+                "PostgreSQL refused connections ({refusal}):\n{server_log}"
+            );
+        }
+        let peak = tidepool_testenv::node::peak(samples);
+        assert!(peak <= planned, "the app held {peak} connections, planned {planned}");
+        let (ok, shed) = (status_count(report, "200"), status_count(report, "503"));
+        assert_eq!(ok + shed, requests, "only 200s and 503s: {report}");
+        assert!(shed > 0, "the overload is shed: {report}");
+        assert!(report["latency_max_seconds"].as_f64().unwrap_or(f64::MAX) < 30.0, "bounded: {report}");
+        (peak, ok, shed)
+    }
 }
 
 /// When each request of a [`Load::steady_timed`] report that was not
