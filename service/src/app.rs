@@ -35,6 +35,7 @@ use clap::{CommandFactory, FromArgMatches};
 
 use crate::cli::{Cli, Command, EnqueueArgs, MigrateArgs, PoolerConfigArgs};
 use crate::migrate::{self, Migration, Track};
+use crate::queue::periodic::Periodic;
 use crate::queue::ShutdownReport;
 use crate::settings::{apply_password_file, WebSettings, WorkerSettings};
 use crate::task::{Registry, RegistryError, Task};
@@ -55,6 +56,7 @@ pub struct Application<S = ()> {
     state: S,
     router: Router<S>,
     tasks: Vec<Registration<S>>,
+    schedules: Vec<Periodic>,
     migrations: &'static [Migration],
 }
 
@@ -84,6 +86,7 @@ impl<S: Clone + Send + Sync + 'static> Application<S> {
             state,
             router: Router::new(),
             tasks: Vec::new(),
+            schedules: Vec::new(),
             migrations: &[],
         }
     }
@@ -113,6 +116,14 @@ impl<S: Clone + Send + Sync + 'static> Application<S> {
         self
     }
 
+    /// Adds a schedule of one of its tasks ([`crate::queue::periodic`]):
+    /// every worker enqueues its occurrences, each exactly once. Checked
+    /// with the tasks, by [`Application::registry`].
+    pub fn periodic(mut self, periodic: Periodic) -> Self {
+        self.schedules.push(periodic);
+        self
+    }
+
     /// The application's own migrations, its track named after it, applied
     /// after Tidepool's.
     pub fn migrations(mut self, migrations: &'static [Migration]) -> Self {
@@ -125,11 +136,16 @@ impl<S: Clone + Send + Sync + 'static> Application<S> {
         self.name
     }
 
-    /// Its tasks, each with its state. Refused if two share a name.
+    /// Its tasks, each with its state, and its schedules. Refused if two
+    /// tasks or two schedules share a name, or a schedule's task is not
+    /// among the tasks.
     pub fn registry(&self) -> Result<Registry, RegistryError> {
         let mut registry = Registry::new();
         for register in &self.tasks {
             register(&self.state, &mut registry)?;
+        }
+        for periodic in &self.schedules {
+            registry.periodic(periodic.clone())?;
         }
         Ok(registry)
     }

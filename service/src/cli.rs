@@ -331,6 +331,14 @@ pub(crate) struct WorkerArgs {
     /// Longest backoff between attempts.
     #[arg(long, env = "TIDEPOOL_RETRY_MAX", default_value_t = default_of(WorkerSettings::default().retry.max), value_parser = parse_duration)]
     pub retry_max: humantime::Duration,
+
+    /// How long the claim loop may go without a round, beyond the longest
+    /// a healthy round takes (per queue, --db-pool-wait plus
+    /// --query-timeout, then a pause of up to 5 s), before /healthz
+    /// answers 503 and the kubelet restarts the worker. Failed claims
+    /// (the database is down) count as rounds.
+    #[arg(long, env = "TIDEPOOL_WORKER_STALL_TIMEOUT", default_value_t = default_of(WorkerSettings::default().stall_timeout), value_parser = parse_duration)]
+    pub stall_timeout: humantime::Duration,
 }
 
 impl WorkerArgs {
@@ -353,6 +361,7 @@ impl WorkerArgs {
             dead_retention: self.dead_retention.into(),
             maintenance_interval: self.maintenance_interval.into(),
             retry: RetryPolicy { base: self.retry_base.into(), max: self.retry_max.into() },
+            stall_timeout: self.stall_timeout.into(),
         }
     }
 }

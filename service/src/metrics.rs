@@ -61,6 +61,10 @@ fn counter_vec(
     register(registry, IntCounterVec::new(Opts::new(name, help), labels)?)
 }
 
+fn schedule_gauge(registry: &Registry, name: &str, help: &str) -> Result<GaugeVec, prometheus::Error> {
+    register(registry, GaugeVec::new(Opts::new(name, help), &["schedule"])?)
+}
+
 fn histogram(
     registry: &Registry,
     name: &str,
@@ -273,6 +277,18 @@ pub struct WorkerMetrics {
     pub db_pool_wait: Histogram,
     /// `tidepool_worker_queue_pool_wait_seconds`: Time the worker's own queue operations (claims, completions, heartbeats) waited for one of its fixed connections.
     pub queue_db_pool_wait: Histogram,
+    /// `tidepool_worker_claim_loop_turns_total`: Rounds of the claim loop, failed claims included; liveness fails when it stops going round.
+    pub claim_loop_turns: IntCounter,
+    /// `tidepool_schedule_last_run_timestamp_seconds`.
+    pub schedule_last_run: GaugeVec,
+    /// `tidepool_schedule_next_run_timestamp_seconds`.
+    pub schedule_next_run: GaugeVec,
+    /// `tidepool_schedule_grace_seconds`.
+    pub schedule_grace: GaugeVec,
+    /// `tidepool_schedule_missed_occurrences`.
+    pub schedule_missed: IntGaugeVec,
+    /// `tidepool_schedule_occurrences_enqueued_total`.
+    pub schedule_enqueued: IntCounterVec,
     pool: PoolGauges,
 }
 
@@ -367,6 +383,44 @@ impl WorkerMetrics {
                 "tidepool_worker_queue_pool_wait_seconds",
                 "Time the worker's own queue operations (claims, completions, heartbeats) waited for one of its fixed connections.",
                 POOL_WAIT_BUCKETS,
+            )?,
+            claim_loop_turns: register(
+                &registry,
+                IntCounter::new(
+                    "tidepool_worker_claim_loop_turns_total",
+                    "Rounds of the claim loop, failed claims included; /healthz fails when it stops going round.",
+                )?,
+            )?,
+            schedule_last_run: schedule_gauge(
+                &registry,
+                "tidepool_schedule_last_run_timestamp_seconds",
+                "The latest occurrence of the schedule enqueued, as a Unix time; 0 if none yet (database-wide: use max by (schedule)).",
+            )?,
+            schedule_next_run: schedule_gauge(
+                &registry,
+                "tidepool_schedule_next_run_timestamp_seconds",
+                "The schedule's next occurrence, as a Unix time (database-wide: use max by (schedule)).",
+            )?,
+            schedule_grace: schedule_gauge(
+                &registry,
+                "tidepool_schedule_grace_seconds",
+                "How late an occurrence of the schedule may be enqueued and still be on time.",
+            )?,
+            schedule_missed: register(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "tidepool_schedule_missed_occurrences",
+                        "Occurrences of the schedule skipped as missed (older than its grace when found), in all (database-wide: use max by (schedule)).",
+                    ),
+                    &["schedule"],
+                )?,
+            )?,
+            schedule_enqueued: counter_vec(
+                &registry,
+                "tidepool_schedule_occurrences_enqueued_total",
+                "Occurrences of the schedule this worker enqueued (sum by (schedule) over workers).",
+                &["schedule"],
             )?,
             pool: PoolGauges::new(&registry)?,
             registry,

@@ -89,7 +89,10 @@ pub struct Track {
 /// Tidepool's own track: the queue's tables.
 pub const TIDEPOOL: Track = Track {
     name: "tidepool",
-    migrations: &[Migration { version: 1, name: "jobs", sql: include_str!("../migrations/0001_jobs.sql") }],
+    migrations: &[
+        Migration { version: 1, name: "jobs", sql: include_str!("../migrations/0001_jobs.sql") },
+        Migration { version: 2, name: "schedules", sql: include_str!("../migrations/0002_schedules.sql") },
+    ],
 };
 
 impl Track {

@@ -383,6 +383,10 @@ pub struct WorkerSettings {
     pub maintenance_interval: Duration,
     /// Backoff between attempts (`--retry-base` 1 s, `--retry-max` 1 h).
     pub retry: RetryPolicy,
+    /// How long the claim loop may go without a round, beyond the longest
+    /// a round may take, before `/healthz` fails (`--stall-timeout`, 30 s;
+    /// see [`WorkerSettings::stall_limit`]).
+    pub stall_timeout: Duration,
 }
 
 impl Default for WorkerSettings {
@@ -405,6 +409,7 @@ impl Default for WorkerSettings {
             dead_retention: Duration::from_secs(7 * 24 * 3600),
             maintenance_interval: Duration::from_secs(5),
             retry: RetryPolicy { base: Duration::from_secs(1), max: Duration::from_secs(3600) },
+            stall_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -469,7 +474,22 @@ impl WorkerSettings {
         if self.retry.base.is_zero() || self.retry.base > self.retry.max {
             return invalid("--retry-base must be above zero and at most --retry-max");
         }
+        if self.stall_timeout.is_zero() {
+            return invalid("--stall-timeout must be above zero");
+        }
         Ok(())
+    }
+
+    /// How long the claim loop may go without a round before the worker
+    /// is not live: `--stall-timeout` beyond the longest a healthy round
+    /// takes (per queue, the wait for a connection and the statement's
+    /// timeout; then its longest pause). A database outage makes rounds
+    /// fail fast, within that bound, so it never counts as a stall.
+    pub fn stall_limit(&self) -> Duration {
+        let per_queue = self.database.pool_wait + self.database.query_timeout;
+        let queues = u32::try_from(self.queues.len()).unwrap_or(u32::MAX);
+        let pause = self.poll_interval_max.max(crate::queue::worker::CLAIM_FAILURE_PAUSE_MAX);
+        self.stall_timeout.saturating_add(per_queue.saturating_mul(queues)).saturating_add(pause)
     }
 
     /// The settings validated, with the queue names trimmed and each named once.

@@ -61,6 +61,7 @@ use serde_json::Value;
 
 use crate::db::{Database, DbError};
 use crate::queue::job::{InvalidJob, NewJob, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE};
+use crate::queue::periodic::Periodic;
 
 /// How long a task may run when it does not say.
 pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(300);
@@ -184,7 +185,7 @@ impl Registered {
     }
 }
 
-/// Two tasks of one application share a name.
+/// Why a task or a schedule was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
     /// The name is taken.
@@ -198,6 +199,15 @@ pub enum RegistryError {
         /// What is wrong.
         reason: String,
     },
+    /// A schedule is out of bounds, is named twice, or runs a task the
+    /// application does not have.
+    #[error("schedule {name:?}: {reason}")]
+    Schedule {
+        /// The schedule.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// The tasks an application's processes know, by name, each with its
@@ -205,6 +215,7 @@ pub enum RegistryError {
 #[derive(Clone, Default)]
 pub struct Registry {
     tasks: BTreeMap<&'static str, Registered>,
+    schedules: Vec<Periodic>,
 }
 
 impl Registry {
@@ -253,6 +264,27 @@ impl Registry {
     pub fn with<T: Task>(mut self, state: T::State) -> Result<Self, RegistryError> {
         self.register::<T>(state)?;
         Ok(self)
+    }
+
+    /// Adds a schedule of one of its tasks. Refused if the task is not
+    /// registered, another schedule has the name, or it is out of bounds.
+    pub fn periodic(&mut self, periodic: Periodic) -> Result<&mut Self, RegistryError> {
+        let name = periodic.name().to_owned();
+        let refuse = |reason: String| RegistryError::Schedule { name: name.clone(), reason };
+        periodic.validate().map_err(|e| refuse(e.to_string()))?;
+        if self.schedules.iter().any(|p| p.name() == periodic.name()) {
+            return Err(refuse("another schedule has this name".into()));
+        }
+        if let Err(e) = self.check(periodic.job(), Utc::now()) {
+            return Err(refuse(e.to_string()));
+        }
+        self.schedules.push(periodic);
+        Ok(self)
+    }
+
+    /// Its schedules, in the order they were added.
+    pub fn schedules(&self) -> &[Periodic] {
+        &self.schedules
     }
 
     /// A job of task `name` with `args`, with the task's own queue and

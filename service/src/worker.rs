@@ -1,14 +1,15 @@
 //! The `worker` process: validates its [`WorkerSettings`] (the queue
 //! runtime, [`crate::queue::worker`], does the work), opens its two
-//! pools' connections before it claims its first job, and serves `/healthz`,
-//! `/readyz` (200 once those connections are open, while an idle queue
+//! pools' connections before it claims its first job, and serves `/healthz`
+//! (503 while the claim loop is stalled: [`Liveness`]; never for a database
+//! outage), `/readyz` (200 once those connections are open, while an idle queue
 //! connection answers `SELECT 1` or none is idle: [`Database::check`]) and
 //! `/metrics` on its own port while it runs.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
@@ -22,7 +23,7 @@ use tokio::sync::{watch, Notify};
 use crate::db::{self, Database, DbError, PoolSettings};
 use crate::metrics::WorkerMetrics;
 use crate::pooler_metrics::AdminConsole;
-use crate::queue::worker::QUEUE_POOL_SIZE;
+use crate::queue::worker::{Liveness, QUEUE_POOL_SIZE};
 use crate::queue::{ShutdownReport, Worker};
 use crate::settings::{apply_password_file, WorkerSettings};
 use crate::task::Registry;
@@ -68,6 +69,7 @@ pub async fn run(
         queue_db: queue_db.clone(),
         readiness_timeout: database.readiness_timeout,
         ready: AtomicBool::new(false),
+        liveness: OnceLock::new(),
     });
     let probes = tokio::spawn(serve_probes(probe_listener, probe_state.clone(), probes_stopped));
     let limit = database.connect_timeout;
@@ -76,6 +78,7 @@ pub async fn run(
     tracing::info!(concurrency = settings.concurrency, queues = ?settings.queues, "tidepool worker is ready");
     let queues = settings.queues.clone();
     let worker = Worker::new(settings, Arc::new(registry), queue_db, task_db, metrics)?;
+    let _ = probe_state.liveness.set(worker.liveness());
     let listening = direct_pg.map(|pg| tokio::spawn(listen_for_jobs(pg, limit, queues, worker.waker())));
     let report = worker.run(shutdown).await;
     if let Some(task) = listening {
@@ -154,6 +157,9 @@ struct ProbeState {
     readiness_timeout: Duration,
     /// Set once the pools' connections are open: `/readyz` answers 200.
     ready: AtomicBool,
+    /// The claim loop's, once the worker is made: `/healthz` answers 503
+    /// while it is stalled.
+    liveness: OnceLock<Arc<Liveness>>,
 }
 
 async fn serve_probes(listener: TcpListener, state: Arc<ProbeState>, mut stop: watch::Receiver<bool>) {
@@ -168,7 +174,13 @@ async fn probe(state: Arc<ProbeState>, request: Request<Incoming>) -> Result<Res
     let jobs_running = state.metrics.jobs_running.get();
     let response = match request.uri().path() {
         _ if request.method() != http::Method::GET => ApiError::method_not_allowed("GET").into_response(),
-        HEALTH_PATH => json(StatusCode::OK, &Health { status: "ok", jobs_running, error: None }),
+        HEALTH_PATH => match state.liveness.get().map(|l| l.check()) {
+            Some(Err(stalled)) => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &Health { status: "stalled", jobs_running, error: Some(stalled.to_string()) },
+            ),
+            _ => json(StatusCode::OK, &Health { status: "ok", jobs_running, error: None }),
+        },
         READY_PATH if state.ready.load(Ordering::Relaxed) => {
             match state.queue_db.check(state.readiness_timeout).await {
                 Ok(health) => {

@@ -32,8 +32,24 @@
 //! benchmark's bare loop, not for applications), [`worker`] (the runtime).
 //! Tasks, what jobs run, are [`crate::task`]'s.
 
+/// Runs one of [`sql`]'s statements on a connection of `db` (a worker's
+/// queue pool), bounded by its query timeout:
+/// `queue_op!(db, |client| sql::claim(client, ..))`.
+macro_rules! queue_op {
+    ($db:expr, |$client:ident| $statement:expr) => {
+        async {
+            let conn: crate::db::Conn = $db.get().await?;
+            let $client = conn.client();
+            conn.run(std::time::Duration::ZERO, $statement).await
+        }
+    };
+}
+
+pub mod cron;
 pub mod job;
+pub mod periodic;
 pub(crate) mod retry;
+mod scheduler;
 pub mod sql;
 pub mod worker;
 

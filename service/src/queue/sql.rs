@@ -290,6 +290,71 @@ CROSS JOIN LATERAL (
     WHERE j.state = 'available' AND j.queue = q.queue AND j.run_at <= now()
 ) a";
 
+/// Inserts the rows of schedules `$1` that are missing (their cursor at
+/// the database's now: a new schedule does not run its past) and marks
+/// the others declared now.
+const DECLARE_SCHEDULES: &str = "
+INSERT INTO tidepool_schedules (name, cursor_at)
+SELECT name, now() FROM unnest($1::text[]) AS d(name)
+ON CONFLICT (name) DO UPDATE SET declared_at = now()";
+
+/// The database's clock and, per schedule of `$1`, its row (NULLs where it
+/// has none yet).
+const LOOK_AT_SCHEDULES: &str = "
+SELECT now(), d.name, s.cursor_at, s.last_run_at, s.missed
+FROM unnest($1::text[]) AS d(name)
+LEFT JOIN tidepool_schedules s ON s.name = d.name";
+
+/// Moves each schedule's cursor from the value the caller saw to the one
+/// it planned (only if the row still holds the seen value: a worker that
+/// lost the race writes nothing), and for the schedules moved, inserts the
+/// planned occurrences that are due by the database's clock, each with its
+/// job. Returns, per schedule moved, how many jobs it enqueued.
+const ADVANCE_SCHEDULES: &str = "
+WITH s AS (
+    SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::int8[], $5::timestamptz[])
+        AS s(name, seen, cursor_at, missed, last_run)
+), moved AS (
+    UPDATE tidepool_schedules t
+    SET cursor_at = s.cursor_at, missed = t.missed + s.missed,
+        last_run_at = COALESCE(s.last_run, t.last_run_at), declared_at = now()
+    FROM s
+    WHERE t.name = s.name AND t.cursor_at = s.seen AND s.cursor_at <= now()
+    RETURNING t.name
+), due AS (
+    SELECT o.*, nextval(pg_get_serial_sequence('tidepool_jobs', 'id')) AS job_id
+    FROM unnest($6::text[], $7::timestamptz[], $8::text[], $9::text[], $10::jsonb[], $11::int2[],
+                $12::int4[])
+        AS o(schedule, scheduled_at, queue, task, args, priority, max_attempts)
+    WHERE o.schedule IN (SELECT name FROM moved) AND o.scheduled_at <= now()
+), occurred AS (
+    INSERT INTO tidepool_occurrences (schedule, scheduled_at, job_id, enqueued_by)
+    SELECT schedule, scheduled_at, job_id, $13 FROM due
+    ON CONFLICT (schedule, scheduled_at) DO NOTHING
+    RETURNING schedule, job_id
+), enqueued AS (
+    INSERT INTO tidepool_jobs (id, queue, task, args, priority, run_at, max_attempts)
+    OVERRIDING SYSTEM VALUE
+    SELECT due.job_id, due.queue, due.task, due.args, due.priority, due.scheduled_at, due.max_attempts
+    FROM due JOIN occurred USING (job_id)
+)
+SELECT m.name, (SELECT count(*) FROM occurred o WHERE o.schedule = m.name) FROM moved m";
+
+/// Forgets schedules no worker has declared for `$1` ms, and prunes up to
+/// `$3` occurrences older than `$2` ms.
+const FORGET_SCHEDULES: &str = "
+WITH forgotten AS (
+    DELETE FROM tidepool_schedules WHERE declared_at < now() - $1 * interval '1 millisecond'
+    RETURNING name
+), pruned AS (
+    DELETE FROM tidepool_occurrences WHERE (schedule, scheduled_at) IN (
+        SELECT schedule, scheduled_at FROM tidepool_occurrences
+        WHERE enqueued_at < now() - $2 * interval '1 millisecond'
+        ORDER BY enqueued_at LIMIT $3 FOR UPDATE SKIP LOCKED)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM forgotten), (SELECT count(*) FROM pruned)";
+
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -649,4 +714,131 @@ pub async fn queue_stats(client: &impl Executor, queues: &[String]) -> Result<Ve
             running: r.get(3),
         })
         .collect())
+}
+
+/// Declares `names` (see [`DECLARE_SCHEDULES`]).
+pub async fn declare_schedules(client: &impl Executor, names: &[&str]) -> Result<(), Error> {
+    client.query_unnamed(DECLARE_SCHEDULES, &[(&names, Type::TEXT_ARRAY)]).await?;
+    Ok(())
+}
+
+/// A schedule's row as a look reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduleRow {
+    /// The schedule.
+    pub name: String,
+    /// The latest occurrence settled; `None` if the schedule has no row.
+    pub cursor: Option<DateTime<Utc>>,
+    /// The latest occurrence enqueued.
+    pub last_run: Option<DateTime<Utc>>,
+    /// Occurrences skipped as missed, in all.
+    pub missed: i64,
+}
+
+/// The database's clock and the rows of `names`, in one statement.
+pub async fn look_at_schedules(
+    client: &impl Executor,
+    names: &[&str],
+) -> Result<(DateTime<Utc>, Vec<ScheduleRow>), Error> {
+    let rows = client.query_unnamed(LOOK_AT_SCHEDULES, &[(&names, Type::TEXT_ARRAY)]).await?;
+    let now = rows.first().map_or_else(Utc::now, |r| r.get(0));
+    let schedules = rows
+        .iter()
+        .map(|r| ScheduleRow {
+            name: r.get(1),
+            cursor: r.get(2),
+            last_run: r.get(3),
+            missed: r.get::<_, Option<i64>>(4).unwrap_or(0),
+        })
+        .collect();
+    Ok((now, schedules))
+}
+
+/// One schedule's planned move: its cursor from `seen` to `cursor`,
+/// `missed` skipped, `runs` to enqueue as `job`.
+#[derive(Debug, Clone)]
+pub struct Advance<'a> {
+    /// The schedule.
+    pub name: &'a str,
+    /// The cursor as the look read it.
+    pub seen: DateTime<Utc>,
+    /// The cursor after the move.
+    pub cursor: DateTime<Utc>,
+    /// Occurrences skipped.
+    pub missed: i64,
+    /// Occurrences to enqueue.
+    pub runs: &'a [DateTime<Utc>],
+    /// The job each occurrence enqueues.
+    pub job: &'a NewJob,
+}
+
+/// Moves schedules' cursors and enqueues their due occurrences, in one
+/// statement ([`ADVANCE_SCHEDULES`]) as `worker`. Returns, per schedule
+/// that this call moved, the jobs it enqueued; a schedule missing from it
+/// had been moved by another worker first.
+pub async fn advance_schedules(
+    client: &impl Executor,
+    advances: &[Advance<'_>],
+    worker: &str,
+) -> Result<Vec<(String, i64)>, Error> {
+    let names: Vec<&str> = advances.iter().map(|a| a.name).collect();
+    let seen: Vec<DateTime<Utc>> = advances.iter().map(|a| a.seen).collect();
+    let cursors: Vec<DateTime<Utc>> = advances.iter().map(|a| a.cursor).collect();
+    let missed: Vec<i64> = advances.iter().map(|a| a.missed).collect();
+    let last_runs: Vec<Option<DateTime<Utc>>> = advances.iter().map(|a| a.runs.last().copied()).collect();
+    let runs = advances.iter().flat_map(|a| a.runs.iter().map(move |at| (a, *at)));
+    let mut schedules = Vec::new();
+    let mut ats = Vec::new();
+    let mut queues = Vec::new();
+    let mut tasks = Vec::new();
+    let mut args = Vec::new();
+    let mut priorities = Vec::new();
+    let mut attempts = Vec::new();
+    for (advance, at) in runs {
+        schedules.push(advance.name);
+        ats.push(at);
+        queues.push(advance.job.queue.as_str());
+        tasks.push(advance.job.task.as_str());
+        args.push(&advance.job.args);
+        priorities.push(advance.job.priority);
+        attempts.push(advance.job.max_attempts);
+    }
+    let rows = client
+        .query_unnamed(
+            ADVANCE_SCHEDULES,
+            &[
+                (&names, Type::TEXT_ARRAY),
+                (&seen, Type::TIMESTAMPTZ_ARRAY),
+                (&cursors, Type::TIMESTAMPTZ_ARRAY),
+                (&missed, Type::INT8_ARRAY),
+                (&last_runs, Type::TIMESTAMPTZ_ARRAY),
+                (&schedules, Type::TEXT_ARRAY),
+                (&ats, Type::TIMESTAMPTZ_ARRAY),
+                (&queues, Type::TEXT_ARRAY),
+                (&tasks, Type::TEXT_ARRAY),
+                (&args, Type::JSONB_ARRAY),
+                (&priorities, Type::INT2_ARRAY),
+                (&attempts, Type::INT4_ARRAY),
+                (&worker, Type::TEXT),
+            ],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Forgets schedules not declared for `forget_after` and prunes up to
+/// `limit` occurrences older than `retention`. Returns how many of each.
+pub async fn forget_schedules(
+    client: &impl Executor,
+    forget_after: Duration,
+    retention: Duration,
+    limit: i64,
+) -> Result<(i64, i64), Error> {
+    let rows = client
+        .query_unnamed(
+            FORGET_SCHEDULES,
+            &[(&millis(forget_after), Type::INT8), (&millis(retention), Type::INT8), (&limit, Type::INT8)],
+        )
+        .await?;
+    Ok(rows.first().map_or((0, 0), |r| (r.get(0), r.get(1))))
 }

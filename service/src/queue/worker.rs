@@ -34,6 +34,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -42,8 +43,10 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::job::ClaimedJob;
+use super::periodic::{Clock, Periodic, SystemClock, FORGET_AFTER};
+use super::scheduler::Scheduler;
 use super::sql::{self, Failure, GiveUp, Lease, Settled};
-use crate::db::{Conn, Database, DbError};
+use crate::db::{Database, DbError};
 use crate::metrics::WorkerMetrics;
 use crate::settings::{InvalidSettings, WorkerSettings};
 use crate::task::{JobInfo, Registry, TaskError, TaskFuture};
@@ -60,7 +63,14 @@ const MAINTENANCE_ROUNDS: usize = 100;
 /// expiry (they then run again: at least once).
 const RECORD_ATTEMPTS: u32 = 5;
 /// Longest pause between claims while they keep failing.
-const CLAIM_FAILURE_PAUSE_MAX: Duration = Duration::from_secs(5);
+pub const CLAIM_FAILURE_PAUSE_MAX: Duration = Duration::from_secs(5);
+/// How long occurrences of periodic tasks are kept in
+/// `tidepool_occurrences` (the cursors alone keep each from running twice).
+pub const OCCURRENCE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The test hook of a wedged claim loop: while the file this variable
+/// names exists, the claim loop stops going round (for the liveness test;
+/// never set in production).
+pub const WEDGE_HOOK_VAR: &str = "TIDEPOOL_TEST_WEDGE_CLAIM_LOOP";
 /// How long shutdown waits for handed-back jobs to be recorded.
 const HAND_BACK_DEADLINE: Duration = Duration::from_secs(15);
 
@@ -140,7 +150,12 @@ impl Worker {
         metrics: WorkerMetrics,
     ) -> Result<Self, InvalidSettings> {
         let settings = settings.normalized()?;
+        let schedules = registry.schedules().to_vec();
+        let liveness = Arc::new(Liveness::new(settings.stall_limit()));
         let shared = Shared {
+            liveness,
+            schedules,
+            clock: Arc::new(SystemClock),
             permits: Arc::new(Semaphore::new(settings.concurrency as usize)),
             held: HeldJobs::default(),
             wake: Arc::new(Notify::new()),
@@ -159,6 +174,21 @@ impl Worker {
         self.shared.wake.clone()
     }
 
+    /// Whether its claim loop still goes round: what `/healthz` answers.
+    pub fn liveness(&self) -> Arc<Liveness> {
+        self.shared.liveness.clone()
+    }
+
+    /// Reads the wall clock from `clock` where its scheduler would read
+    /// the system's (tests inject a skewed one; see [`Clock`]). Call it
+    /// before [`Worker::run`].
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.clock = clock;
+        }
+        self
+    }
+
     /// Runs until `shutdown` resolves, then shuts down as the module says.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> ShutdownReport {
         let shared = self.shared;
@@ -169,6 +199,14 @@ impl Worker {
         let recorder = tokio::spawn(record_outcomes(shared.clone(), outcomes_rx));
         let heartbeat = tokio::spawn(heartbeat(shared.clone(), stop_rx.clone()));
         let maintenance = tokio::spawn(maintenance(shared.clone(), stop_rx.clone()));
+        let scheduler = Scheduler {
+            schedules: shared.schedules.clone(),
+            db: shared.queue_db.clone(),
+            metrics: shared.metrics.clone(),
+            clock: shared.clock.clone(),
+            worker: shared.settings.name.clone(),
+        };
+        let scheduler = tokio::spawn(scheduler.run(stop_claiming_rx.clone()));
         tracing::info!(
             worker = %shared.settings.name,
             queues = ?shared.settings.queues,
@@ -182,6 +220,8 @@ impl Worker {
         // claim (that would leave claimed jobs to their lease).
         let _ = stop_claiming_tx.send(true);
         let _ = claimer.await;
+        let _ = scheduler.await;
+        shared.liveness.pause();
         // The claimer (and its sender) is gone; only running jobs hold senders now.
         tracing::info!(
             running = shared.settings.concurrency as usize - shared.permits.available_permits(),
@@ -220,8 +260,65 @@ impl Worker {
     }
 }
 
+/// Whether a worker's claim loop still goes round, for `/healthz`. Each
+/// round counts, a failed claim too; so does waiting for a running job to
+/// free a slot, and shutting down. Stalled is anything else that lasts
+/// longer than [`WorkerSettings::stall_limit`].
+#[derive(Debug)]
+pub struct Liveness {
+    started: Instant,
+    limit: Duration,
+    /// Milliseconds from `started` to the loop's latest round.
+    last_turn: AtomicU64,
+    /// The loop is waiting for a slot, or has stopped for shutdown.
+    paused: AtomicBool,
+}
+
+/// The claim loop has not gone round for `since`, past its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the claim loop has not gone round for {} (limit {})", humantime::format_duration(*.since), humantime::format_duration(*.limit))]
+pub struct Stalled {
+    /// How long since its latest round.
+    pub since: Duration,
+    /// How long it may take.
+    pub limit: Duration,
+}
+
+impl Liveness {
+    /// A loop that has just gone round, allowed `limit` between rounds.
+    pub fn new(limit: Duration) -> Self {
+        Self { started: Instant::now(), limit, last_turn: AtomicU64::new(0), paused: AtomicBool::new(false) }
+    }
+
+    fn turned(&self) {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_turn.store(now, Ordering::Relaxed);
+        self.paused.store(false, Ordering::Relaxed);
+    }
+
+    fn pause(&self) {
+        self.paused.store(true, Ordering::Relaxed);
+    }
+
+    /// `Err` when the loop has stalled.
+    pub fn check(&self) -> Result<(), Stalled> {
+        if self.paused.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let last = Duration::from_millis(self.last_turn.load(Ordering::Relaxed));
+        let since = self.started.elapsed().saturating_sub(last);
+        if since > self.limit {
+            return Err(Stalled { since, limit: self.limit });
+        }
+        Ok(())
+    }
+}
+
 struct Shared {
     settings: WorkerSettings,
+    liveness: Arc<Liveness>,
+    schedules: Vec<Periodic>,
+    clock: Arc<dyn Clock>,
     registry: Arc<Registry>,
     queue_db: Database,
     task_db: Database,
@@ -232,27 +329,26 @@ struct Shared {
     wake: Arc<Notify>,
 }
 
-/// Runs one of [`sql`]'s statements on a connection of the queue pool:
-/// `queue_op!(shared, |client| sql::claim(client, ..))`.
-macro_rules! queue_op {
-    ($shared:expr, |$client:ident| $statement:expr) => {
-        async {
-            let conn: Conn = $shared.queue_db.get().await?;
-            let $client = conn.client();
-            conn.run(Duration::ZERO, $statement).await
-        }
-    };
-}
-
 async fn claim_loop(shared: Arc<Shared>, outcomes: mpsc::Sender<Outcome>, mut stop: watch::Receiver<bool>) {
     let settings = &shared.settings;
     let mut idle_pause = settings.poll_interval_min;
     let mut next_queue = 0;
+    let wedge = std::env::var_os(WEDGE_HOOK_VAR).map(std::path::PathBuf::from);
     while !*stop.borrow_and_update() {
+        shared.liveness.turned();
+        shared.metrics.claim_loop_turns.inc();
+        if wedge.as_deref().is_some_and(std::path::Path::exists) {
+            tracing::warn!("the claim loop is wedged by the test hook {WEDGE_HOOK_VAR}");
+            let _ = stop.changed().await;
+            return;
+        }
+        // Waiting for a job to finish is not a stall, however long it runs.
+        shared.liveness.pause();
         let first = tokio::select! {
             permit = shared.permits.clone().acquire_owned() => permit,
             _ = stop.changed() => return,
         };
+        shared.liveness.turned();
         let Ok(first) = first else {
             return;
         };
@@ -273,8 +369,14 @@ async fn claim_loop(shared: Arc<Shared>, outcomes: mpsc::Sender<Outcome>, mut st
             }
             let queue = &settings.queues[(next_queue + i) % settings.queues.len()];
             let limit = i64::try_from(permits.len()).unwrap_or(i64::MAX);
-            match queue_op!(shared, |client| sql::claim(client, queue, limit, &settings.name, settings.lease))
-                .await
+            match queue_op!(shared.queue_db, |client| sql::claim(
+                client,
+                queue,
+                limit,
+                &settings.name,
+                settings.lease
+            ))
+            .await
             {
                 Ok(jobs) => {
                     claimed += jobs.len();
@@ -467,9 +569,10 @@ async fn record(shared: &Shared, batch: &[Outcome]) {
     }
 
     if !done.is_empty() {
-        if let Some(finished) =
-            with_retries("record succeeded jobs", || queue_op!(shared, |client| sql::complete(client, &done)))
-                .await
+        if let Some(finished) = with_retries("record succeeded jobs", || {
+            queue_op!(shared.queue_db, |client| sql::complete(client, &done))
+        })
+        .await
         {
             for id in finished {
                 count(&shared.metrics.jobs_succeeded, id);
@@ -477,9 +580,10 @@ async fn record(shared: &Shared, batch: &[Outcome]) {
         }
     }
     if !failures.is_empty() {
-        if let Some(settled) =
-            with_retries("record failed jobs", || queue_op!(shared, |client| sql::fail(client, &failures)))
-                .await
+        if let Some(settled) = with_retries("record failed jobs", || {
+            queue_op!(shared.queue_db, |client| sql::fail(client, &failures))
+        })
+        .await
         {
             for (id, how) in settled {
                 match how {
@@ -491,9 +595,10 @@ async fn record(shared: &Shared, batch: &[Outcome]) {
         }
     }
     if !hand_back.is_empty() {
-        if let Some(ids) =
-            with_retries("hand jobs back", || queue_op!(shared, |client| sql::hand_back(client, &hand_back)))
-                .await
+        if let Some(ids) = with_retries("hand jobs back", || {
+            queue_op!(shared.queue_db, |client| sql::hand_back(client, &hand_back))
+        })
+        .await
         {
             for id in ids {
                 count(&shared.metrics.jobs_handed_back, id);
@@ -543,7 +648,7 @@ async fn heartbeat(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         let leases: Vec<Lease> =
             lock(&shared.held).iter().map(|(&id, h)| Lease { id, attempt: h.attempt }).collect();
         for chunk in leases.chunks((shared.settings.batch_size as usize).max(1)) {
-            let renewed = match queue_op!(shared, |client| sql::heartbeat(
+            let renewed = match queue_op!(shared.queue_db, |client| sql::heartbeat(
                 client,
                 chunk,
                 shared.settings.lease
@@ -589,7 +694,7 @@ async fn maintenance(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 /// One round of maintenance: rescue, prune, refresh the queue gauges.
 async fn maintain(shared: &Shared) -> Result<(), DbError> {
     for _ in 0..MAINTENANCE_ROUNDS {
-        let rescued = queue_op!(shared, |client| sql::rescue(client, MAINTENANCE_BATCH)).await?;
+        let rescued = queue_op!(shared.queue_db, |client| sql::rescue(client, MAINTENANCE_BATCH)).await?;
         for (id, how) in &rescued {
             let outcome = match how {
                 Settled::Retried => "retried",
@@ -605,7 +710,7 @@ async fn maintain(shared: &Shared) -> Result<(), DbError> {
     }
     let settings = &shared.settings;
     for _ in 0..MAINTENANCE_ROUNDS {
-        let (results, dead) = queue_op!(shared, |client| sql::prune(
+        let (results, dead) = queue_op!(shared.queue_db, |client| sql::prune(
             client,
             settings.result_retention,
             settings.dead_retention,
@@ -619,7 +724,21 @@ async fn maintain(shared: &Shared) -> Result<(), DbError> {
             break;
         }
     }
-    let stats = queue_op!(shared, |client| sql::queue_stats(client, &settings.queues)).await?;
+    let (forgotten, _) = queue_op!(shared.queue_db, |client| sql::forget_schedules(
+        client,
+        FORGET_AFTER,
+        OCCURRENCE_RETENTION,
+        MAINTENANCE_BATCH
+    ))
+    .await?;
+    if forgotten > 0 {
+        tracing::info!(
+            forgotten,
+            "forgot schedules that no worker has declared for {}",
+            humantime::format_duration(FORGET_AFTER)
+        );
+    }
+    let stats = queue_op!(shared.queue_db, |client| sql::queue_stats(client, &settings.queues)).await?;
     for queue in stats {
         shared.metrics.queue_available.with_label_values(&[&queue.queue]).set(queue.available);
         shared.metrics.queue_oldest_age.with_label_values(&[&queue.queue]).set(queue.oldest_available_age);
