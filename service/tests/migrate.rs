@@ -25,7 +25,7 @@ async fn migrations_are_idempotent_and_seed_the_world_table() -> Result<()> {
     let again = migrate_via("TIDEPOOL_DIRECT_DATABASE_URL", &db.direct_url())?;
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
     let stderr = String::from_utf8_lossy(&again.stderr);
-    assert!(stderr.contains(" applied=[] already_applied=[tidepool/1, demo/1]"), "{stderr}");
+    assert!(stderr.contains(" applied=[] already_applied=[tidepool/1, tidepool/2, demo/1]"), "{stderr}");
 
     let admin = db.admin().await?;
     let rows: i64 = admin.query_one("SELECT count(*) FROM world", &[]).await?.get(0);
@@ -41,7 +41,14 @@ async fn migrations_are_idempotent_and_seed_the_world_table() -> Result<()> {
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    assert_eq!(recorded, [("demo".into(), 1, "world".into()), ("tidepool".into(), 1, "jobs".into())]);
+    assert_eq!(
+        recorded,
+        [
+            ("demo".into(), 1, "world".into()),
+            ("tidepool".into(), 1, "jobs".into()),
+            ("tidepool".into(), 2, "schedules".into())
+        ]
+    );
     let queue_tables: i64 = admin
         .query_one(
             "SELECT count(*) FROM pg_tables WHERE tablename IN ('tidepool_jobs', 'tidepool_job_results', 'tidepool_dead_jobs')",
@@ -62,7 +69,8 @@ async fn concurrent_migrators_through_pgbouncer_apply_once() -> Result<()> {
     let admin = db.admin().await?;
     admin
         .batch_execute(
-            "DROP TABLE world, tidepool_jobs, tidepool_job_results, tidepool_dead_jobs, tidepool_schema_migrations;
+            "DROP TABLE world, tidepool_jobs, tidepool_job_results, tidepool_dead_jobs, tidepool_schema_migrations,
+                 tidepool_schedules, tidepool_occurrences;
              DROP FUNCTION tidepool_jobs_notify()",
         )
         .await?;
@@ -80,7 +88,7 @@ async fn concurrent_migrators_through_pgbouncer_apply_once() -> Result<()> {
         let output = run.await??;
         let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
         assert!(output.status.success(), "{stderr}");
-        if stderr.contains(" applied=[tidepool/1, demo/1] already_applied=[]") {
+        if stderr.contains(" applied=[tidepool/1, tidepool/2, demo/1] already_applied=[]") {
             applied_once += 1;
         }
     }
@@ -149,7 +157,7 @@ async fn tracks_number_their_versions_apart() -> Result<()> {
     let mut client = connect(&db.direct_url()).await?;
     let report = migrate::run(&mut client, &[TIDEPOOL, SHOP], Duration::from_secs(5)).await?;
     assert_eq!(migrate::list(&report.applied), "[shop/1, shop/2]");
-    assert_eq!(migrate::list(&report.already_applied), "[tidepool/1]");
+    assert_eq!(migrate::list(&report.already_applied), "[tidepool/1, tidepool/2]");
     assert_eq!(migrate::list(&report.unknown), "[demo/1]", "the demo's track, which this run was not given");
     let again = migrate::run(&mut client, &[TIDEPOOL, SHOP], Duration::from_secs(5)).await?;
     assert!(again.applied.is_empty());
@@ -174,8 +182,9 @@ async fn a_database_migrated_by_the_previous_release_is_upgraded_in_place() -> R
     // The bookkeeping exactly as the previous release wrote it, as the
     // application's role.
     let app = connect(&db.direct_url()).await?;
+    // The previous release had no periodic tasks.
     app.batch_execute(
-        "DROP TABLE tidepool_schema_migrations;
+        "DROP TABLE tidepool_schema_migrations, tidepool_schedules, tidepool_occurrences;
              CREATE TABLE tidepool_schema_migrations (
                  version    integer PRIMARY KEY,
                  name       text NOT NULL,
@@ -201,7 +210,8 @@ async fn a_database_migrated_by_the_previous_release_is_upgraded_in_place() -> R
             && stderr.contains("1 -> demo/1, 2 -> tidepool/1"),
         "{stderr}"
     );
-    assert!(stderr.contains(" applied=[] already_applied=[tidepool/1, demo/1]"), "{stderr}");
+    // The previous release's versions are kept; what came after it is applied.
+    assert!(stderr.contains(" applied=[tidepool/2] already_applied=[tidepool/1, demo/1]"), "{stderr}");
 
     let recorded: Vec<(String, i32, String)> = admin
         .query("SELECT track, version, checksum FROM tidepool_schema_migrations ORDER BY track, version", &[])
@@ -209,7 +219,15 @@ async fn a_database_migrated_by_the_previous_release_is_upgraded_in_place() -> R
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    assert_eq!(recorded, [("demo".into(), 1, world.checksum()), ("tidepool".into(), 1, jobs.checksum())]);
+    let schedules = TIDEPOOL.migrations[1];
+    assert_eq!(
+        recorded,
+        [
+            ("demo".into(), 1, world.checksum()),
+            ("tidepool".into(), 1, jobs.checksum()),
+            ("tidepool".into(), 2, schedules.checksum())
+        ]
+    );
     let key: String = admin
         .query_one(
             "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'tidepool_schema_migrations'::regclass AND contype = 'p'",
