@@ -14,18 +14,15 @@ use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use support::{wait_for, PgBouncer, TestDb};
-use tidepool::db::{Database, PoolSettings};
+use support::queue::{harness, settings};
+use support::wait_for;
 use tidepool::metrics::WorkerMetrics;
 use tidepool::queue::sql::{self, Lease};
-use tidepool::queue::worker::QUEUE_POOL_SIZE;
 use tidepool::queue::{
-    self, Cancelled, Enqueued, JobState, JobView, NewJob, RetryPolicy, Schedule, ShutdownReport, Worker,
+    self, Cancelled, Enqueued, JobState, JobView, NewJob, RetryPolicy, Schedule, ShutdownReport,
 };
 use tidepool::settings::{DatabaseSettings, WorkerSettings};
 use tidepool::task::{Registry, Task, TaskContext, TaskError};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 /// Does nothing.
 #[derive(Serialize, Deserialize)]
@@ -64,120 +61,6 @@ impl Task for SlowQuery {
 /// `noop` and `slow_query`.
 fn builtins() -> Result<Registry> {
     Ok(Registry::new().with::<Noop>(())?.with::<SlowQuery>(())?)
-}
-
-/// A database, a PgBouncer in front of it, and a client through it.
-struct Harness {
-    db: TestDb,
-    bouncer: PgBouncer,
-    client: tokio_postgres::Client,
-}
-
-async fn harness(server_connections: u32) -> Result<Harness> {
-    let db = TestDb::create().await?;
-    let bouncer = PgBouncer::start(&db, server_connections).await?;
-    let client = support::connect(&bouncer.url()).await?;
-    Ok(Harness { db, bouncer, client })
-}
-
-impl Harness {
-    async fn view(&self, id: i64) -> Result<Option<JobView>> {
-        Ok(queue::lookup(&self.client, id).await?)
-    }
-
-    async fn wait_state(&self, id: i64, state: JobState, limit: Duration) -> Result<JobView> {
-        wait_for(&format!("job {id} to be {state:?}"), limit, || async {
-            self.view(id).await.ok().flatten().filter(|v| v.state == state)
-        })
-        .await
-    }
-
-    /// Waits until job `id` has left every table: it succeeded without a
-    /// result to keep, or its record was pruned.
-    async fn wait_gone(&self, id: i64, limit: Duration) -> Result<()> {
-        wait_for(&format!("job {id} to leave every table"), limit, || async {
-            self.view(id).await.ok().filter(Option::is_none).map(drop)
-        })
-        .await
-    }
-
-    async fn enqueue(&self, job: NewJob) -> Result<i64> {
-        let enqueued = queue::enqueue_job(&self.client, &job).await?;
-        if enqueued.duplicate {
-            bail!("unexpected duplicate");
-        }
-        Ok(enqueued.id)
-    }
-
-    fn pool(&self, max_size: usize, metrics: &WorkerMetrics) -> Result<Database> {
-        let settings = PoolSettings {
-            max_size,
-            wait: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(5),
-            query_timeout: Duration::from_secs(10),
-        };
-        Ok(Database::new(
-            self.bouncer.url().parse::<tokio_postgres::Config>()?,
-            settings,
-            metrics.db_pool_wait.clone(),
-        )?)
-    }
-
-    /// Starts a worker in this process.
-    fn start_worker(&self, registry: Registry, settings: WorkerSettings) -> Result<RunningWorker> {
-        let metrics = WorkerMetrics::new()?;
-        let queue_db = self.pool(QUEUE_POOL_SIZE, &metrics)?;
-        let task_db = self.pool(settings.concurrency as usize, &metrics)?;
-        let settings = WorkerSettings { database: DatabaseSettings::new(self.bouncer.url()), ..settings };
-        let worker = Worker::new(settings, Arc::new(registry), queue_db, task_db, metrics)?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let handle = tokio::spawn(worker.run(async move {
-            let _ = stopped.await;
-        }));
-        Ok(RunningWorker { stop: Some(stop), handle })
-    }
-}
-
-struct RunningWorker {
-    stop: Option<oneshot::Sender<()>>,
-    handle: JoinHandle<ShutdownReport>,
-}
-
-impl RunningWorker {
-    async fn shutdown(mut self) -> Result<ShutdownReport> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        Ok(tokio::time::timeout(Duration::from_secs(30), &mut self.handle)
-            .await
-            .context("worker shutdown")??)
-    }
-}
-
-impl Drop for RunningWorker {
-    fn drop(&mut self) {
-        self.handle.abort();
-    }
-}
-
-/// Fast settings for tests: short lease, heartbeat, polls and backoff.
-fn settings(name: &str) -> WorkerSettings {
-    WorkerSettings {
-        name: name.to_owned(),
-        queues: vec!["default".to_owned()],
-        concurrency: 10,
-        batch_size: 100,
-        lease: Duration::from_secs(2),
-        heartbeat_interval: Duration::from_millis(300),
-        poll_interval_min: Duration::from_millis(10),
-        poll_interval_max: Duration::from_millis(100),
-        shutdown_timeout: Duration::from_secs(5),
-        result_retention: Duration::from_secs(3600),
-        dead_retention: Duration::from_secs(3600),
-        maintenance_interval: Duration::from_millis(200),
-        retry: RetryPolicy { base: Duration::from_millis(100), max: Duration::from_secs(1) },
-        ..WorkerSettings::default()
-    }
 }
 
 fn error_times(view: &JobView) -> Result<Vec<DateTime<Utc>>> {

@@ -27,6 +27,8 @@ use hyper_util::rt::TokioExecutor;
 use tidepool::pooler::{self, LocalUser, PoolerConfig, Upstream};
 use tokio_postgres::NoTls;
 
+pub mod queue;
+
 /// Where the run's shared PostgreSQL is, from scripts/test.sh.
 pub struct TestEnv {
     pub pg_port: u16,
