@@ -482,11 +482,12 @@ impl WorkerSettings {
 
     /// How long the claim loop may go without a round before the worker
     /// is not live: `--stall-timeout` beyond the longest a healthy round
-    /// takes (per queue, the wait for a connection and the statement's
-    /// timeout; then its longest pause). A database outage makes rounds
+    /// takes (per queue, the wait for a connection, its connect timeout and
+    /// the statement's timeout; then its longest pause). A database outage makes rounds
     /// fail fast, within that bound, so it never counts as a stall.
     pub fn stall_limit(&self) -> Duration {
-        let per_queue = self.database.pool_wait + self.database.query_timeout;
+        let database = &self.database;
+        let per_queue = database.pool_wait + database.connect_timeout + database.query_timeout;
         let queues = u32::try_from(self.queues.len()).unwrap_or(u32::MAX);
         let pause = self.poll_interval_max.max(crate::queue::worker::CLAIM_FAILURE_PAUSE_MAX);
         self.stall_timeout.saturating_add(per_queue.saturating_mul(queues)).saturating_add(pause)

@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
-use support::{get, request, wait_for, PgBouncer, TestDb};
+use support::{get, metric, request, wait_for, PgBouncer, TestDb};
 use tidepool::axum::extract::{Path, Query, State};
 use tidepool::axum::routing::{get as get_route, post};
 use tidepool::axum::{Json, Router};
@@ -185,11 +185,6 @@ impl Running {
         }
         Ok(tokio::time::timeout(Duration::from_secs(30), &mut self.served).await.context("shutdown")??)
     }
-}
-
-/// The value of series `name{labels}` in a metrics text, if present.
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use support::{
-    env, get, raw, request, wait_for, wait_for_sleeps, wait_for_status, BusyCores, PgBouncer, Service, Stack,
-    TestDb, Web,
+    env, get, metric, raw, request, wait_for, wait_for_sleeps, wait_for_status, BusyCores, PgBouncer,
+    Service, Stack, TestDb, Web,
 };
 use tidepool_testenv::node::PrivatePostgres;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -523,16 +523,6 @@ async fn the_exporter_serves_pgbouncers_figures_alone() -> Result<()> {
     let status = exporter.wait_exit(Duration::from_secs(10)).await?;
     assert!(status.success(), "{status:?}: {}", exporter.log());
     Ok(())
-}
-
-/// The value of the first sample whose line starts with `series`.
-fn metric(body: &str, series: &str) -> Option<f64> {
-    body.lines().find_map(|line| {
-        let rest = line.strip_prefix(series)?;
-        // `series` is a whole name, or a name and a label prefix.
-        let value = if series.ends_with(',') { rest.split_once("} ")?.1 } else { rest.strip_prefix(' ')? };
-        value.trim().parse().ok()
-    })
 }
 
 /// /readyz fails while PostgreSQL is down (PgBouncer up) and recovers by

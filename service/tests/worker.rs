@@ -12,8 +12,13 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use http::Method;
 use serde_json::json;
-use support::{request, wait_for, wait_for_sleeps, PgBouncer, Service, Stack, TestDb};
+use support::{
+    metric, request, scratch_dir, wait_for, wait_for_sleeps, wait_for_status, PgBouncer, Service, Stack,
+    TestDb,
+};
+use tidepool::queue::worker::WEDGE_HOOK_VAR;
 use tidepool::queue::{self, NewJob};
+use tidepool_testenv::node::PrivatePostgres;
 use tokio_postgres::types::{ToSql, Type};
 
 /// Runs `tidepool enqueue ARGS` against `database_url`: (exit ok, stdout, stderr).
@@ -134,6 +139,96 @@ async fn worker_readiness_follows_the_pooler() -> Result<()> {
 
     bouncer.restart().await?;
     support::wait_for_status(&worker.url("/readyz"), 200, Duration::from_secs(10)).await?;
+    Ok(())
+}
+
+/// Short timeouts, so that a stall shows within seconds: the claim loop may
+/// go 1 s + (1 s + 1 s + 1 s) + 5 s = 9 s without a round (its stall
+/// timeout, then per queue the pool's wait, connect and query timeouts,
+/// then the longest pause after failed claims).
+const QUICK_STALL: [(&str, &str); 5] = [
+    ("TIDEPOOL_WORKER_STALL_TIMEOUT", "1s"),
+    ("TIDEPOOL_DB_POOL_WAIT", "1s"),
+    ("TIDEPOOL_DB_CONNECT_TIMEOUT", "1s"),
+    ("TIDEPOOL_QUERY_TIMEOUT", "1s"),
+    ("TIDEPOOL_WORKER_CONCURRENCY", "2"),
+];
+
+async fn claim_loop_turns(worker: &Service) -> Result<f64> {
+    let body = support::get(&worker.url("/metrics")).await?.body;
+    metric(&body, "tidepool_worker_claim_loop_turns_total").context("the claim loop's turns are exported")
+}
+
+/// A worker whose claim loop has stopped going round (wedged by the test
+/// hook) answers 503 on /healthz, so the kubelet restarts it; until then,
+/// 200.
+#[tokio::test]
+async fn a_wedged_claim_loop_fails_the_liveness_check() -> Result<()> {
+    let db = TestDb::create().await?;
+    let bouncer = PgBouncer::start(&db, 8).await?;
+    let hook = scratch_dir("wedge")?.join("wedged");
+    let hook_path = hook.to_str().context("a UTF-8 path")?;
+    let mut env = QUICK_STALL.to_vec();
+    env.push((WEDGE_HOOK_VAR, hook_path));
+    let worker = Service::worker(&bouncer.url(), &env).await?;
+    let live = support::get(&worker.url("/healthz")).await?;
+    assert_eq!((live.status, live.json()?["status"].clone()), (200, json!("ok")), "{}", live.body);
+    let before = claim_loop_turns(&worker).await?;
+    wait_for("the claim loop to go round", Duration::from_secs(10), || async {
+        claim_loop_turns(&worker).await.ok().filter(|turns| *turns > before).map(drop)
+    })
+    .await?;
+
+    std::fs::write(&hook, b"")?;
+    let stalled = wait_for_status(&worker.url("/healthz"), 503, Duration::from_secs(60)).await?;
+    let body = stalled.json()?;
+    assert_eq!(body["status"], "stalled", "{}", stalled.body);
+    let error = body["error"].as_str().context("an error")?;
+    assert!(error.contains("the claim loop has not gone round for") && error.contains("limit 9s"), "{error}");
+    assert!(worker.log().contains("the claim loop is wedged by the test hook"), "{}", worker.log());
+    Ok(())
+}
+
+/// With PostgreSQL down, every claim fails, and each failure is a round:
+/// the worker is not ready, but stays live (a restart would not bring the
+/// database back, and would drop the jobs it runs), for longer than twice
+/// the stall limit; it carries on once PostgreSQL is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_is_not_a_stall() -> Result<()> {
+    let postgres = PrivatePostgres::on_loopback("outage", 100)?;
+    let db = TestDb::create_on(postgres.postgres.port).await?;
+    // PgBouncer holds a query for a server longer than the test lasts: only
+    // the worker's own timeouts end a claim.
+    let bouncer = PgBouncer::start_with_query_wait(&db, 4, Duration::from_secs(600)).await?;
+    let worker = Service::worker(&bouncer.url(), &QUICK_STALL).await?;
+    let client = support::connect(&bouncer.url()).await?;
+    let job = queue::enqueue_job(&client, &NewJob::new("noop", json!({}))).await?;
+    wait_until_drained(&client, Duration::from_secs(10)).await?;
+    drop(client);
+    assert!(!job.duplicate);
+
+    postgres.stop()?;
+    support::wait_for_status(&worker.url("/readyz"), 503, Duration::from_secs(20)).await?;
+    let turns_down = claim_loop_turns(&worker).await?;
+    // Watched for 20 s, over twice the stall limit of 9 s: live throughout.
+    let watched = std::time::Instant::now();
+    let mut polls = 0;
+    while watched.elapsed() < Duration::from_secs(20) {
+        let health = support::get(&worker.url("/healthz")).await?;
+        assert_eq!(health.status, 200, "live while PostgreSQL is down: {}", health.body);
+        polls += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(polls >= 20, "watched {polls} times");
+    let turns_after = claim_loop_turns(&worker).await?;
+    assert!(turns_after > turns_down, "failed claims are rounds: {turns_down} then {turns_after}");
+    assert!(worker.log().contains("claim failed"), "{}", worker.log());
+
+    postgres.start_again()?;
+    wait_for_status(&worker.url("/readyz"), 200, Duration::from_secs(30)).await?;
+    let client = support::connect(&bouncer.url()).await?;
+    queue::enqueue_job(&client, &NewJob::new("noop", json!({}))).await?;
+    wait_until_drained(&client, Duration::from_secs(30)).await?;
     Ok(())
 }
 

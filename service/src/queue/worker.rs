@@ -135,6 +135,8 @@ fn lock(held: &HeldJobs) -> std::sync::MutexGuard<'_, HashMap<i64, Held>> {
 /// A worker, ready to [`Worker::run`].
 pub struct Worker {
     shared: Arc<Shared>,
+    /// Where its scheduler reads the wall clock.
+    clock: Arc<dyn Clock>,
 }
 
 impl Worker {
@@ -155,7 +157,6 @@ impl Worker {
         let shared = Shared {
             liveness,
             schedules,
-            clock: Arc::new(SystemClock),
             permits: Arc::new(Semaphore::new(settings.concurrency as usize)),
             held: HeldJobs::default(),
             wake: Arc::new(Notify::new()),
@@ -165,7 +166,7 @@ impl Worker {
             task_db,
             metrics,
         };
-        Ok(Self { shared: Arc::new(shared) })
+        Ok(Self { shared: Arc::new(shared), clock: Arc::new(SystemClock) })
     }
 
     /// Wakes the claimer from its pause between polls: call it when jobs
@@ -182,11 +183,8 @@ impl Worker {
     /// Reads the wall clock from `clock` where its scheduler would read
     /// the system's (tests inject a skewed one; see [`Clock`]). Call it
     /// before [`Worker::run`].
-    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
-        if let Some(shared) = Arc::get_mut(&mut self.shared) {
-            shared.clock = clock;
-        }
-        self
+    pub fn with_clock(self, clock: Arc<dyn Clock>) -> Self {
+        Self { clock, ..self }
     }
 
     /// Runs until `shutdown` resolves, then shuts down as the module says.
@@ -203,7 +201,7 @@ impl Worker {
             schedules: shared.schedules.clone(),
             db: shared.queue_db.clone(),
             metrics: shared.metrics.clone(),
-            clock: shared.clock.clone(),
+            clock: self.clock,
             worker: shared.settings.name.clone(),
         };
         let scheduler = tokio::spawn(scheduler.run(stop_claiming_rx.clone()));
@@ -307,6 +305,8 @@ impl Liveness {
         }
         let last = Duration::from_millis(self.last_turn.load(Ordering::Relaxed));
         let since = self.started.elapsed().saturating_sub(last);
+        // In whole milliseconds, as it is kept and read.
+        let since = Duration::from_millis(u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
         if since > self.limit {
             return Err(Stalled { since, limit: self.limit });
         }
@@ -318,7 +318,6 @@ struct Shared {
     settings: WorkerSettings,
     liveness: Arc<Liveness>,
     schedules: Vec<Periodic>,
-    clock: Arc<dyn Clock>,
     registry: Arc<Registry>,
     queue_db: Database,
     task_db: Database,

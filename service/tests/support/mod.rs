@@ -128,6 +128,17 @@ fn kill_child(child: &mut Option<Child>) {
 }
 
 /// A free loopback port (bound, then released for the caller to bind).
+/// The value of the first sample in a metrics text whose line starts with
+/// `series`: a whole series (`name` or `name{labels}`), or a name and a
+/// label prefix ending in `,`.
+pub fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?;
+        let value = if series.ends_with(',') { rest.split_once("} ")?.1 } else { rest.strip_prefix(' ')? };
+        value.trim().parse().ok()
+    })
+}
+
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
