@@ -207,6 +207,26 @@ mod tests {
         assert!(env(&worker.containers[0], "TIDEPOOL_DIRECT_DATABASE_URL").is_some());
     }
 
+    /// The worker's liveness probe is `/healthz` on its own port, which
+    /// fails while its claim loop is stalled (never for a database
+    /// outage): the kubelet restarts a wedged worker after three failures.
+    #[test]
+    fn a_worker_whose_claim_loop_stalls_is_restarted() {
+        let spec = serde_json::json!({"database": {"secretRef": {"name": "db"}, "maxConnections": 300}});
+        let (_, children) = render(spec);
+        let worker = &pod(&children, Tier::Worker).containers[0];
+        let liveness = worker.liveness_probe.as_ref().expect("a liveness probe");
+        let get = liveness.http_get.as_ref().expect("over HTTP");
+        assert_eq!(get.path.as_deref(), Some("/healthz"));
+        let port = worker.ports.iter().flatten().find(|p| p.container_port == deployment::WORKER_PORT);
+        assert_eq!(
+            get.port,
+            IntOrString::String(port.and_then(|p| p.name.clone()).expect("the worker's named port"))
+        );
+        assert_eq!((liveness.period_seconds, liveness.failure_threshold), (Some(10), Some(3)));
+        assert_eq!(worker.args.as_deref(), Some(&["worker".to_owned()][..]));
+    }
+
     /// Every variable of every container (the Job's, each tier's app and
     /// sidecars) is one the runtime reads, from the pod contract, or one
     /// Kubernetes composes the URLs from.
