@@ -133,14 +133,15 @@ pub enum DrainError {
 /// Runs `app`'s worker with `settings` (its queues, its database) until
 /// none of its queues has a job that is due or running, at most `limit`,
 /// and counts how the attempts ended. A job that failed and was scheduled
-/// for a later attempt is not waited for.
+/// for a later attempt is not waited for. The app's schedules are not
+/// enqueued meanwhile (a drain works off what is due).
 pub async fn drain<S: Clone + Send + Sync + 'static>(
     app: &Application<S>,
     settings: WorkerSettings,
     limit: Duration,
 ) -> Result<Drained, DrainError> {
     let settings = settings.normalized().map_err(StartError::from)?;
-    let registry = app.registry().map_err(StartError::from)?;
+    let registry = app.tasks_only().map_err(StartError::from)?;
     let pg = settings.database.pg_config()?;
     let metrics = WorkerMetrics::new().map_err(StartError::from)?;
     let (task_db, queue_db) = crate::worker::pools(&settings, pg, &metrics)?;

@@ -8,15 +8,17 @@
 //! enqueue in one statement ([`sql::advance_schedules`]). Then it sleeps
 //! until the earliest next occurrence (at most [`MAX_PAUSE`], so a schedule
 //! moved by another version is seen soon), by the worker's clock corrected
-//! by the database's. A failed look is retried after a growing pause, up to
-//! [`FAILURE_PAUSE_MAX`]; the cursors hold what was missed meanwhile.
+//! by the database's. Jobs it enqueued wake its own worker's claim loop
+//! (they are due), so they start without waiting for a poll. A failed look
+//! is retried after a growing pause, up to [`FAILURE_PAUSE_MAX`]; the
+//! cursors hold what was missed meanwhile.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use super::periodic::{Clock, Periodic, DECLARE_EVERY};
 use super::sql::{self, Advance};
@@ -40,6 +42,8 @@ pub(crate) struct Scheduler {
     pub clock: Arc<dyn Clock>,
     /// The worker's name, recorded with each occurrence it enqueues.
     pub worker: String,
+    /// Wakes the worker's claim loop: jobs this worker enqueued are due.
+    pub wake: Arc<Notify>,
 }
 
 impl Scheduler {
@@ -125,6 +129,10 @@ impl Scheduler {
         if !advances.is_empty() {
             let moved =
                 queue_op!(self.db, |client| sql::advance_schedules(client, &advances, &self.worker)).await?;
+            if moved.iter().any(|(_, enqueued)| *enqueued > 0) {
+                // Due already: claim them now rather than at the next poll.
+                self.wake.notify_one();
+            }
             for (name, enqueued) in moved {
                 self.metrics.schedule_enqueued.with_label_values(&[&name]).inc_by(enqueued.max(0) as u64);
                 if enqueued > 0 {

@@ -203,6 +203,7 @@ impl Worker {
             metrics: shared.metrics.clone(),
             clock: self.clock,
             worker: shared.settings.name.clone(),
+            wake: shared.wake.clone(),
         };
         let scheduler = tokio::spawn(scheduler.run(stop_claiming_rx.clone()));
         tracing::info!(
