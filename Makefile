@@ -8,7 +8,7 @@ SHELL := /bin/bash
 # machine reuses it.
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/tidepool/cargo-target
 
-.PHONY: help deps build up down status demo test soak lint bench bench-web bench-operator bench-node bench-e2e bench-dashboards bench-autoscaling bench-router bench-shop bench-django bench-tls bench-rotation bench-cloudnative-pg clean kube-build kube-up kube-down images
+.PHONY: help deps build up down status demo test soak lint bench bench-web bench-operator bench-node bench-e2e bench-dashboards bench-autoscaling bench-router bench-shop bench-django bench-tls bench-rotation bench-cloudnative-pg bench-periodic clean kube-build kube-up kube-down images
 
 help:
 	@echo "make demo    install, build, start the local stack, run the seed's experiments"
@@ -27,6 +27,7 @@ help:
 	@echo "make bench-tls       /row/ through PgBouncer with verify-full beside plaintext (section 18)"
 	@echo "make bench-rotation  a password rotation under load on the real node: failed requests, the time to the first new login (section 19)"
 	@echo "make bench-cloudnative-pg the seed's experiments on CloudNativePG's PostgreSQL 17 beside the host's 15, an instance restart, rotation and budget (section 20)"
+	@echo "make bench-periodic  periodic tasks: occurrence to job start, what schedule checks cost PostgreSQL, jobs/s beside schedules (section 21)"
 	@echo "make bench-shop      the shop's POST /orders with and without its receipt job, orders to receipts (section 16)"
 	@echo "make bench-django    the Django + Celery example on the real node, beside its image on loopback and the Tidepool app (section 17)"
 	@echo "make images  build the container images from images/*/Dockerfile and examples/shop (no registry) and load them into the real node"
@@ -101,6 +102,9 @@ bench-rotation: build
 
 bench-cloudnative-pg: build
 	@scripts/bench-cloudnative-pg.sh
+
+bench-periodic: build
+	@scripts/bench-periodic.sh
 
 bench-shop: build
 	@scripts/install-deps.sh bench

@@ -27,7 +27,9 @@
 #   19. a password rotation under load on the real node:
 #       scripts/bench-rotation.sh;
 #   20. CloudNativePG's PostgreSQL 17 beside the host's 15, its instance
-#       restarted under load: scripts/bench-cloudnative-pg.sh.
+#       restarted under load: scripts/bench-cloudnative-pg.sh;
+#   21. periodic tasks: occurrence to job start, what schedule checks cost
+#       PostgreSQL, no-op jobs/s beside schedules: scripts/bench-periodic.sh.
 # (14, the router layer beside an old commit's, is `make bench-router`.)
 # All traffic goes to loopback (and, for 10-11, to the test cluster inside
 # the real node's network namespace); every step is bounded in time.
@@ -303,6 +305,7 @@ say "wrote the web sections of $OUT"
 # leaves up stops first.
 "$REPO_ROOT/scripts/stack.sh" down
 "$REPO_ROOT/scripts/bench-shop.sh"
+"$REPO_ROOT/scripts/bench-periodic.sh"
 "$REPO_ROOT/scripts/bench-django.sh"
 "$REPO_ROOT/scripts/bench-tls.sh"
 "$REPO_ROOT/scripts/bench-rotation.sh"

@@ -23,10 +23,16 @@
 //!   claim and completion statements ([`tidepool::queue::sql`]), back to
 //!   back on one connection per loop, with nothing around them.
 //!
+//! - `periodic`: the periodic tasks' benchmarks ([`periodic`]): the delay
+//!   from an occurrence to its job's start, what schedule checks cost
+//!   PostgreSQL, and no-op jobs/s beside schedules.
+//!
 //! All talk to loopback only, or to the test cluster's own private ranges
 //! named with `--cluster-cidr` (its pods and Services, reached from inside
 //! the real node's network namespace); they are bounded in count and time,
 //! and print one JSON object on standard output.
+
+mod periodic;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -136,6 +142,38 @@ enum Command {
         batch_size: i64,
         /// Longest the whole run may take.
         #[arg(long, default_value = "600s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// The periodic tasks' benchmarks (see [`periodic`]): workers of the
+    /// runtime in this process with schedules.
+    Periodic {
+        #[arg(value_enum)]
+        experiment: periodic::Experiment,
+        /// The pooler the workers use, loopback only. Never printed.
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// PostgreSQL itself, loopback only, for the benchmark's own reads
+        /// and writes. Never printed.
+        #[arg(long, env = "TIDEPOOL_DIRECT_DATABASE_URL", hide_env_values = true)]
+        direct_url: String,
+        #[arg(long, default_value_t = 3)]
+        workers: usize,
+        #[arg(long, default_value_t = 10)]
+        schedules: usize,
+        /// `delay`: occurrences to measure.
+        #[arg(long, default_value_t = 600)]
+        occurrences: usize,
+        /// `cost`: how long each round is measured.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        window: Duration,
+        /// `cost` and `throughput`: rounds of each side.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// `throughput`: jobs per round.
+        #[arg(long, default_value_t = 100_000)]
+        jobs: usize,
+        /// Longest the whole run may take.
+        #[arg(long, default_value = "1800s", value_parser = parse_duration)]
         timeout: Duration,
     },
     /// Open N keep-alive connections, one request each, then hold them.
@@ -716,15 +754,10 @@ struct QueueLoopReport {
     jobs_per_second: f64,
 }
 
-/// Claims and completes every due job of `queue` with `loops` connections,
-/// each claiming `batch_size` at a time and completing them at once.
-async fn queue_loop(
-    database_url: &str,
-    queue: &str,
-    loops: usize,
-    batch_size: i64,
-) -> Result<QueueLoopReport> {
-    let config: tokio_postgres::Config = database_url.parse().context("--database-url is not a valid URL")?;
+/// The PostgreSQL URL `url` (of flag `flag`), refused unless every host
+/// is loopback.
+fn loopback_database(url: &str, flag: &str) -> Result<tokio_postgres::Config> {
+    let config: tokio_postgres::Config = url.parse().with_context(|| format!("{flag} is not a valid URL"))?;
     for host in config.get_hosts() {
         let loopback = match host {
             tokio_postgres::config::Host::Tcp(name) => {
@@ -733,9 +766,21 @@ async fn queue_loop(
             tokio_postgres::config::Host::Unix(_) => true,
         };
         if !loopback {
-            bail!("--database-url must point at loopback");
+            bail!("{flag} must point at loopback");
         }
     }
+    Ok(config)
+}
+
+/// Claims and completes every due job of `queue` with `loops` connections,
+/// each claiming `batch_size` at a time and completing them at once.
+async fn queue_loop(
+    database_url: &str,
+    queue: &str,
+    loops: usize,
+    batch_size: i64,
+) -> Result<QueueLoopReport> {
+    let config = loopback_database(database_url, "--database-url")?;
     let mut clients = Vec::with_capacity(loops);
     for _ in 0..loops {
         let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
@@ -823,6 +868,35 @@ async fn main() -> Result<()> {
                     .await
                     .with_context(|| format!("the rate run did not stop within {bound:?}"))??;
             println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::Periodic {
+            experiment,
+            database_url,
+            direct_url,
+            workers,
+            schedules,
+            occurrences,
+            window,
+            rounds,
+            jobs,
+            timeout,
+        } => {
+            let options = periodic::Options {
+                experiment,
+                pooled: loopback_database(&database_url, "--database-url")?,
+                pooled_url: database_url,
+                direct: loopback_database(&direct_url, "--direct-url")?,
+                workers,
+                schedules,
+                occurrences,
+                window,
+                rounds,
+                jobs,
+            };
+            let report = tokio::time::timeout(timeout, periodic::run(options))
+                .await
+                .with_context(|| format!("the periodic benchmark did not finish within {timeout:?}"))??;
+            println!("{report}");
         }
         Command::QueueLoop { database_url, queue, loops, batch_size, timeout } => {
             let report =
