@@ -82,7 +82,7 @@ print(', '.join('%s %d' % (w, n) for w, n in json.load(open('$WORK/delay.json'))
   echo
   echo "**What schedule checks cost PostgreSQL.** 3 idle workers for $BENCH_PERIODIC_WINDOW with 100 hourly schedules each (looked at every 5 s, rarely due) and with none, alternating $BENCH_PERIODIC_ROUNDS times; per minute, from \`pg_stat_database\`, \`pg_stat_user_tables\` and the \`postgres\` processes' CPU time in /proc:"
   echo
-  echo "| | transactions | scans of tidepool_schedules | rows of it written | PostgreSQL CPU |"
+  echo "| | transactions | index scans of tidepool_schedules (one per schedule looked at) | its rows written (declarations, moves) | PostgreSQL CPU |"
   echo "|---|---|---|---|---|"
   for n in 0 100; do
     echo "| $n schedules | $(median $(side cost $n transactions_per_minute)) ($(runs $(side cost $n transactions_per_minute))) | $(median $(side cost $n schedule_scans_per_minute)) | $(median $(side cost $n schedule_rows_written_per_minute)) | $(median $(side cost $n postgres_cpu_ms_per_minute)) ms ($(runs $(side cost $n postgres_cpu_ms_per_minute))) |"
@@ -90,7 +90,7 @@ print(', '.join('%s %d' % (w, n) for w, n in json.load(open('$WORK/delay.json'))
   t0=$(median $(side cost 0 transactions_per_minute)) t1=$(median $(side cost 100 transactions_per_minute))
   c0=$(median $(side cost 0 postgres_cpu_ms_per_minute)) c1=$(median $(side cost 100 postgres_cpu_ms_per_minute))
   echo
-  echo "The schedules add $(py "print('%.0f' % ($t1 - $t0))") transactions a minute for 3 workers (idle workers' claims poll meanwhile) and $(py "print('%.0f' % ($c1 - $c0))") ms of PostgreSQL's CPU a minute, the medians' difference: a look is one statement for all of a worker's schedules (\`unnest\` of their names), a declaration one more every 30 s."
+  echo "The schedules add $(py "print('%.0f' % ($t1 - $t0))") transactions a minute for 3 workers (the idle workers' claims poll meanwhile, 4 a second each) and $(py "print('%.0f' % ($c1 - $c0))") ms of PostgreSQL's CPU a minute, the medians' difference (compare the rounds' spread): a look is one statement for all of a worker's schedules (\`unnest\` of their names), a declaration one more every 30 s."
   echo
   echo "**Jobs beside schedules.** $BENCH_PERIODIC_JOBS no-op jobs worked by one worker (concurrency 2,000, batches of 1,000) with 100 schedules present (every minute, enqueuing to a queue it does not serve) and with none, alternating $BENCH_PERIODIC_ROUNDS times:"
   echo
