@@ -13,7 +13,7 @@ use tidepool::testing::{self, Drained, PerformError};
 use tidepool::tokio;
 use tidepool::tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tidepool_shop::orders::{self, Item, NewOrder};
-use tidepool_shop::receipts::{Receipt, SendReceipt};
+use tidepool_shop::receipts::{Receipt, ResendUnsent, SendReceipt};
 use tidepool_testenv::stack::LocalStack;
 
 /// The body limit the shop's web runs with here.
@@ -143,19 +143,50 @@ async fn the_shop_on_the_local_stack() -> Result<()> {
         Err(PerformError::InvalidArgs { reason, .. }) => assert!(reason.contains("positive"), "{reason}"),
         other => bail!("order 0 must be refused: {other:?}"),
     }
-    let settings =
-        WorkerSettings { database: DatabaseSettings::new(url.clone()), ..WorkerSettings::default() };
-    let drained = testing::drain(&tidepool_shop::app(), settings, Duration::from_secs(60)).await?;
+    // The stack's worker may have enqueued a sweep before it stopped (every
+    // five minutes, on the clock): the drain runs it too.
+    let sweeps =
+        conn.query("SELECT 1 FROM tidepool_jobs WHERE task = 'resend_unsent_receipts'", &[]).await?.len()
+            as u64;
+    let drained = testing::drain(&tidepool_shop::app(), settings_for(&url), Duration::from_secs(60)).await?;
     assert_eq!(
         drained,
-        Drained { succeeded: 3, ..Drained::default() },
+        Drained { succeeded: 3 + sweeps, ..Drained::default() },
         "the three jobs, the first one's again"
     );
     for p in &placed {
         let (status, shown) = request(&stack, "GET", &format!("/orders/{}", p.id), None).await?;
         assert_eq!((status, shown["receipt"]["state"].as_str()), (200, Some("sent")), "{shown}");
     }
+
+    // The sweep: an order an hour old whose receipt was never sent and
+    // whose job is gone gets a new one, once; a young one does not.
+    let overdue = placed[1].id;
+    conn.execute(
+        "UPDATE shop_order SET created_at = now() - interval '1 hour', receipt_sent_at = NULL,
+             receipt_number = NULL, receipt_job = NULL WHERE id = $1",
+        &[(&overdue, Type::INT8)],
+    )
+    .await?;
+    let young = placed[2].id;
+    conn.execute(
+        "UPDATE shop_order SET receipt_sent_at = NULL, receipt_number = NULL, receipt_job = NULL WHERE id = $1",
+        &[(&young, Type::INT8)],
+    )
+    .await?;
+    assert_eq!(testing::perform(&db, (), ResendUnsent {}).await?, 1, "the overdue order's receipt");
+    assert_eq!(testing::perform(&db, (), ResendUnsent {}).await?, 0, "its new job is pending");
+    let drained = testing::drain(&tidepool_shop::app(), settings_for(&url), Duration::from_secs(60)).await?;
+    assert_eq!(drained, Drained { succeeded: 1, ..Drained::default() }, "the swept receipt");
+    let (_, shown) = request(&stack, "GET", &format!("/orders/{overdue}"), None).await?;
+    assert_eq!(shown["receipt"]["state"], "sent", "{shown}");
+    let (_, shown) = request(&stack, "GET", &format!("/orders/{young}"), None).await?;
+    assert_ne!(shown["receipt"]["state"], "sent", "too young to sweep: {shown}");
     Ok(())
+}
+
+fn settings_for(url: &str) -> WorkerSettings {
+    WorkerSettings { database: DatabaseSettings::new(url.to_owned()), ..WorkerSettings::default() }
 }
 
 fn api(e: tidepool::web::ApiError) -> anyhow::Error {
