@@ -716,7 +716,9 @@ pub async fn queue_stats(client: &impl Executor, queues: &[String]) -> Result<Ve
         .collect())
 }
 
-/// Declares `names` (see [`DECLARE_SCHEDULES`]).
+/// Declares `names`: inserts the rows of those that have none (their
+/// cursor at the database's now: a new schedule does not run its past) and
+/// marks the others declared now.
 pub async fn declare_schedules(client: &impl Executor, names: &[&str]) -> Result<(), Error> {
     client.query_unnamed(DECLARE_SCHEDULES, &[(&names, Type::TEXT_ARRAY)]).await?;
     Ok(())
@@ -773,9 +775,10 @@ pub struct Advance<'a> {
 }
 
 /// Moves schedules' cursors and enqueues their due occurrences, in one
-/// statement ([`ADVANCE_SCHEDULES`]) as `worker`. Returns, per schedule
-/// that this call moved, the jobs it enqueued; a schedule missing from it
-/// had been moved by another worker first.
+/// statement as `worker` (only where the cursor still holds the value the
+/// look saw, and only occurrences due by the database's clock). Returns,
+/// per schedule that this call moved, the jobs it enqueued; a schedule
+/// missing from it had been moved by another worker first.
 pub async fn advance_schedules(
     client: &impl Executor,
     advances: &[Advance<'_>],
