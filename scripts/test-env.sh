@@ -17,8 +17,8 @@ TEST_STATE=$TIDEPOOL_STATE_DIR/test
 
 # PostgreSQL 17 beside it: images/postgresql's root filesystem on loopback
 # (scripts/stack.sh, TIDEPOOL_PG_ROOTFS), port $TIDEPOOL_TEST_PG17_PORT
-# (15433), with the same passwords. The queue's, the migrations' and the
-# worker's tests run on it too (run_tests).
+# (15433), with the same passwords. The queue's, the periodic tasks', the
+# migrations' and the worker's tests run on it too (run_tests).
 : "${TIDEPOOL_TEST_PG17_PORT:=15433}"
 TEST17_STATE=$TIDEPOOL_STATE_DIR/test-pg17
 TEST17_ROOTFS=$TIDEPOOL_STATE_DIR/test-pg17-rootfs
@@ -91,16 +91,17 @@ run_tests() {
   # shellcheck disable=SC2086
   # --workspace, as above: the same features, so nothing is built again.
   cargo test --workspace --test cluster_wide "$@" -- --ignored ${TIDEPOOL_TEST_ARGS:-} || status=$?
-  # The queue, its migrations and the worker again, on PostgreSQL 17: the
-  # SQL whose plans and locks could differ between versions is theirs (the
-  # web's and the pooler's tests do not depend on the server's version).
+  # The queue, its schedules, its migrations and the worker again, on
+  # PostgreSQL 17: the SQL whose plans and locks could differ between
+  # versions is theirs (the web's and the pooler's tests do not depend on
+  # the server's version).
   local version
   version=$(PGPASSWORD=$(cat "$TEST_STATE/secrets/postgres.password") psql -X -At -h 127.0.0.1 \
     -p "$TIDEPOOL_TEST_PG17_PORT" -U postgres -d postgres -c 'SHOW server_version_num') || version=0
   if (( version / 10000 == 17 )); then
     # shellcheck disable=SC2086
     TIDEPOOL_TEST_PG_PORT=$TIDEPOOL_TEST_PG17_PORT \
-      cargo test --workspace --test queue --test migrate --test worker "$@" -- ${TIDEPOOL_TEST_ARGS:-} || status=$?
+      cargo test --workspace --test queue --test periodic --test migrate --test worker "$@" -- ${TIDEPOOL_TEST_ARGS:-} || status=$?
   else
     say "PostgreSQL 17 is not on port $TIDEPOOL_TEST_PG17_PORT (server_version_num: $version)"
     status=1
