@@ -144,38 +144,9 @@ enum Command {
         #[arg(long, default_value = "600s", value_parser = parse_duration)]
         timeout: Duration,
     },
-    /// The periodic tasks' benchmarks (see [`periodic`]): workers of the
-    /// runtime in this process with schedules.
-    Periodic {
-        #[arg(value_enum)]
-        experiment: periodic::Experiment,
-        /// The pooler the workers use, loopback only. Never printed.
-        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-        database_url: String,
-        /// PostgreSQL itself, loopback only, for the benchmark's own reads
-        /// and writes. Never printed.
-        #[arg(long, env = "TIDEPOOL_DIRECT_DATABASE_URL", hide_env_values = true)]
-        direct_url: String,
-        #[arg(long, default_value_t = 3)]
-        workers: usize,
-        #[arg(long, default_value_t = 10)]
-        schedules: usize,
-        /// `delay`: occurrences to measure.
-        #[arg(long, default_value_t = 600)]
-        occurrences: usize,
-        /// `cost`: how long each round is measured.
-        #[arg(long, default_value = "60s", value_parser = parse_duration)]
-        window: Duration,
-        /// `cost` and `throughput`: rounds of each side.
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-        /// `throughput`: jobs per round.
-        #[arg(long, default_value_t = 100_000)]
-        jobs: usize,
-        /// Longest the whole run may take.
-        #[arg(long, default_value = "1800s", value_parser = parse_duration)]
-        timeout: Duration,
-    },
+    /// The periodic tasks' benchmarks: workers of the runtime in this
+    /// process with schedules (docs/benchmarks.md, section 21).
+    Periodic(periodic::Args),
     /// Open N keep-alive connections, one request each, then hold them.
     Idle {
         /// Target, e.g. http://127.0.0.1:8000/healthz (loopback only).
@@ -756,7 +727,7 @@ struct QueueLoopReport {
 
 /// The PostgreSQL URL `url` (of flag `flag`), refused unless every host
 /// is loopback.
-fn loopback_database(url: &str, flag: &str) -> Result<tokio_postgres::Config> {
+pub(crate) fn loopback_database(url: &str, flag: &str) -> Result<tokio_postgres::Config> {
     let config: tokio_postgres::Config = url.parse().with_context(|| format!("{flag} is not a valid URL"))?;
     for host in config.get_hosts() {
         let loopback = match host {
@@ -869,31 +840,9 @@ async fn main() -> Result<()> {
                     .with_context(|| format!("the rate run did not stop within {bound:?}"))??;
             println!("{}", serde_json::to_string(&report)?);
         }
-        Command::Periodic {
-            experiment,
-            database_url,
-            direct_url,
-            workers,
-            schedules,
-            occurrences,
-            window,
-            rounds,
-            jobs,
-            timeout,
-        } => {
-            let options = periodic::Options {
-                experiment,
-                pooled: loopback_database(&database_url, "--database-url")?,
-                pooled_url: database_url,
-                direct: loopback_database(&direct_url, "--direct-url")?,
-                workers,
-                schedules,
-                occurrences,
-                window,
-                rounds,
-                jobs,
-            };
-            let report = tokio::time::timeout(timeout, periodic::run(options))
+        Command::Periodic(args) => {
+            let timeout = args.timeout;
+            let report = tokio::time::timeout(timeout, periodic::run(args))
                 .await
                 .with_context(|| format!("the periodic benchmark did not finish within {timeout:?}"))??;
             println!("{report}");

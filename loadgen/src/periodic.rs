@@ -26,7 +26,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tidepool::chrono::{DateTime, Utc};
 use tidepool::db::{Database, PoolSettings, Type};
-use tidepool::metrics::WorkerMetrics;
+use tidepool::metrics::{counter_total, WorkerMetrics};
 use tidepool::queue::periodic::{Cadence, Periodic};
 use tidepool::queue::worker::QUEUE_POOL_SIZE;
 use tidepool::queue::{self, EnqueueOptions, NewJob, Worker};
@@ -51,19 +51,44 @@ pub enum Experiment {
     Throughput,
 }
 
-/// What `periodic` runs with.
-pub struct Options {
-    pub experiment: Experiment,
-    pub pooled: tokio_postgres::Config,
-    /// The same, as the URL the workers' settings carry.
-    pub pooled_url: String,
-    pub direct: tokio_postgres::Config,
-    pub workers: usize,
-    pub schedules: usize,
-    pub occurrences: usize,
-    pub window: Duration,
-    pub rounds: usize,
-    pub jobs: usize,
+/// `tidepool-loadgen periodic`'s command line.
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(value_enum)]
+    experiment: Experiment,
+    /// The pooler the workers use, loopback only. Never printed.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// PostgreSQL itself, loopback only, for the benchmark's own reads and
+    /// writes. Never printed.
+    #[arg(long, env = "TIDEPOOL_DIRECT_DATABASE_URL", hide_env_values = true)]
+    direct_url: String,
+    #[arg(long, default_value_t = 3)]
+    workers: usize,
+    #[arg(long, default_value_t = 10)]
+    schedules: usize,
+    /// `delay`: occurrences to measure.
+    #[arg(long, default_value_t = 600)]
+    occurrences: usize,
+    /// `cost`: how long each round is measured.
+    #[arg(long, default_value = "60s", value_parser = crate::parse_duration)]
+    window: Duration,
+    /// `cost` and `throughput`: rounds of each side.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// `throughput`: jobs per round.
+    #[arg(long, default_value_t = 100_000)]
+    jobs: usize,
+    /// Longest the whole run may take.
+    #[arg(long, default_value = "1800s", value_parser = crate::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// The command line, its URLs checked and parsed.
+struct Options {
+    args: Args,
+    pooled: tokio_postgres::Config,
+    direct: tokio_postgres::Config,
 }
 
 /// Records when it started, by this machine's clock, before anything else.
@@ -116,14 +141,7 @@ impl Running {
     }
 
     fn succeeded(&self) -> u64 {
-        use prometheus::core::Collector;
-        self.metrics
-            .jobs_succeeded
-            .collect()
-            .iter()
-            .flat_map(|family| family.get_metric())
-            .map(|m| m.get_counter().value() as u64)
-            .sum()
+        counter_total(&self.metrics.jobs_succeeded)
     }
 }
 
@@ -152,7 +170,7 @@ fn start_worker(
         name,
         concurrency,
         batch_size,
-        database: DatabaseSettings::new(options.pooled_url.clone()),
+        database: DatabaseSettings::new(options.args.database_url.clone()),
         ..WorkerSettings::default()
     };
     let worker = Worker::new(
@@ -238,17 +256,17 @@ struct DelayReport {
 
 async fn delay(options: &Options, db: &tokio_postgres::Client) -> Result<DelayReport> {
     let mut workers = Vec::new();
-    for n in 0..options.workers {
-        let schedules = schedules(options.schedules, Duration::from_secs(1), None)?;
+    for n in 0..options.args.workers {
+        let schedules = schedules(options.args.schedules, Duration::from_secs(1), None)?;
         workers.push(start_worker(options, format!("bench-worker-{n}"), 50, 100, schedules)?);
     }
     // The occurrences that started, oldest first.
     let started = "SELECT o.scheduled_at, s.started_at FROM tidepool_occurrences o
                    JOIN bench_periodic_starts s USING (job_id)
                    WHERE o.schedule LIKE 'bench-%' ORDER BY o.scheduled_at, o.schedule LIMIT $1";
-    let wanted = i64::try_from(options.occurrences)?;
+    let wanted = i64::try_from(options.args.occurrences)?;
     wait_until("the occurrences to start", || async {
-        Ok(db.query(started, &[&wanted]).await?.len() >= options.occurrences)
+        Ok(db.query(started, &[&wanted]).await?.len() >= options.args.occurrences)
     })
     .await?;
     for worker in workers {
@@ -280,8 +298,8 @@ async fn delay(options: &Options, db: &tokio_postgres::Client) -> Result<DelayRe
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     Ok(DelayReport {
-        workers: options.workers,
-        schedules: options.schedules,
+        workers: options.args.workers,
+        schedules: options.args.schedules,
         occurrences: delays.len(),
         p50_ms: quantile(&delays, 0.50),
         p90_ms: quantile(&delays, 0.90),
@@ -382,10 +400,10 @@ struct CostReport {
 
 async fn cost(options: &Options, db: &tokio_postgres::Client) -> Result<CostReport> {
     let mut rounds = Vec::new();
-    for round in 0..options.rounds * 2 {
-        let count = if round % 2 == 0 { 0 } else { options.schedules };
+    for round in 0..options.args.rounds * 2 {
+        let count = if round % 2 == 0 { 0 } else { options.args.schedules };
         let mut workers = Vec::new();
-        for n in 0..options.workers {
+        for n in 0..options.args.workers {
             let schedules = schedules(count, Duration::from_secs(3600), None)?;
             workers.push(start_worker(options, format!("bench-worker-{n}"), 50, 100, schedules)?);
         }
@@ -393,7 +411,7 @@ async fn cost(options: &Options, db: &tokio_postgres::Client) -> Result<CostRepo
         tokio::time::sleep(Duration::from_secs(5)).await;
         let before = counters(db).await?;
         let started = Instant::now();
-        tokio::time::sleep(options.window).await;
+        tokio::time::sleep(options.args.window).await;
         let after = counters(db).await?;
         let minutes = started.elapsed().as_secs_f64() / 60.0;
         for worker in workers {
@@ -409,7 +427,11 @@ async fn cost(options: &Options, db: &tokio_postgres::Client) -> Result<CostRepo
         });
         clean(db).await?;
     }
-    Ok(CostReport { workers: options.workers, window_seconds: options.window.as_secs_f64(), rounds })
+    Ok(CostReport {
+        workers: options.args.workers,
+        window_seconds: options.args.window.as_secs_f64(),
+        rounds,
+    })
 }
 
 #[derive(Serialize)]
@@ -429,9 +451,9 @@ async fn throughput(options: &Options, db: &tokio_postgres::Client) -> Result<Th
     let mut rounds = Vec::new();
     let batch: Vec<NewJob> =
         (0..queue::MAX_BATCH).map(|_| NewJob::new("noop", serde_json::json!({}))).collect();
-    for round in 0..options.rounds * 2 {
-        let count = if round % 2 == 0 { 0 } else { options.schedules };
-        let mut left = options.jobs;
+    for round in 0..options.args.rounds * 2 {
+        let count = if round % 2 == 0 { 0 } else { options.args.schedules };
+        let mut left = options.args.jobs;
         while left > 0 {
             let n = left.min(batch.len());
             queue::enqueue_many(db, &batch[..n]).await?;
@@ -441,13 +463,13 @@ async fn throughput(options: &Options, db: &tokio_postgres::Client) -> Result<Th
         let schedules = schedules(count, Duration::from_secs(60), Some(UNSERVED_QUEUE))?;
         let started = Instant::now();
         let worker = start_worker(options, "bench-worker".to_owned(), 2000, 1000, schedules)?;
-        let jobs = options.jobs as u64;
+        let jobs = options.args.jobs as u64;
         wait_until("the jobs to be worked", || std::future::ready(Ok(worker.succeeded() >= jobs))).await?;
         let seconds = started.elapsed().as_secs_f64();
         worker.stop().await?;
         rounds.push(ThroughputRound {
             schedules: count,
-            jobs: options.jobs,
+            jobs: options.args.jobs,
             seconds,
             jobs_per_second: jobs as f64 / seconds,
         });
@@ -456,24 +478,27 @@ async fn throughput(options: &Options, db: &tokio_postgres::Client) -> Result<Th
     Ok(ThroughputReport { rounds })
 }
 
-/// Runs `options.experiment` and returns its report as JSON.
-pub async fn run(options: Options) -> Result<serde_json::Value> {
-    if options.workers == 0 || options.workers > 16 {
+/// Runs the experiment `args` names and returns its report as JSON.
+pub async fn run(args: Args) -> Result<serde_json::Value> {
+    let pooled = crate::loopback_database(&args.database_url, "--database-url")?;
+    let direct = crate::loopback_database(&args.direct_url, "--direct-url")?;
+    let options = Options { args, pooled, direct };
+    if options.args.workers == 0 || options.args.workers > 16 {
         bail!("--workers must be from 1 to 16");
     }
-    if options.schedules > 1000 || options.rounds == 0 || options.rounds > 20 {
+    if options.args.schedules > 1000 || options.args.rounds == 0 || options.args.rounds > 20 {
         bail!("--schedules must be at most 1000 and --rounds from 1 to 20");
     }
-    if options.jobs == 0
-        || options.jobs > 10_000_000
-        || options.occurrences == 0
-        || options.occurrences > 100_000
+    if options.args.jobs == 0
+        || options.args.jobs > 10_000_000
+        || options.args.occurrences == 0
+        || options.args.occurrences > 100_000
     {
         bail!("--jobs must be from 1 to 10,000,000 and --occurrences from 1 to 100,000");
     }
     let db = connect(&options.direct).await?;
     clean(&db).await?;
-    let report = match options.experiment {
+    let report = match options.args.experiment {
         Experiment::Delay => serde_json::to_value(delay(&options, &db).await?)?,
         Experiment::Cost => serde_json::to_value(cost(&options, &db).await?)?,
         Experiment::Throughput => serde_json::to_value(throughput(&options, &db).await?)?,

@@ -333,8 +333,9 @@ pub(crate) struct WorkerArgs {
     pub retry_max: humantime::Duration,
 
     /// How long the claim loop may go without a round, beyond the longest
-    /// a healthy round takes (per queue, --db-pool-wait plus
-    /// --query-timeout, then a pause of up to 5 s), before /healthz
+    /// a healthy round takes (per queue, --db-pool-wait,
+    /// --db-connect-timeout and --query-timeout; then a pause of up to
+    /// 5 s), before /healthz
     /// answers 503 and the kubelet restarts the worker. Failed claims
     /// (the database is down) count as rounds.
     #[arg(long, env = "TIDEPOOL_WORKER_STALL_TIMEOUT", default_value_t = default_of(WorkerSettings::default().stall_timeout), value_parser = parse_duration)]

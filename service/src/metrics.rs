@@ -61,6 +61,18 @@ fn counter_vec(
     register(registry, IntCounterVec::new(Opts::new(name, help), labels)?)
 }
 
+/// A counter's value summed over its labels (what a `sum` over the
+/// series would give).
+pub fn counter_total(counter: &IntCounterVec) -> u64 {
+    use prometheus::core::Collector;
+    counter
+        .collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .map(|m| m.get_counter().value() as u64)
+        .sum()
+}
+
 fn schedule_gauge(registry: &Registry, name: &str, help: &str) -> Result<GaugeVec, prometheus::Error> {
     register(registry, GaugeVec::new(Opts::new(name, help), &["schedule"])?)
 }

@@ -483,8 +483,9 @@ impl WorkerSettings {
     /// How long the claim loop may go without a round before the worker
     /// is not live: `--stall-timeout` beyond the longest a healthy round
     /// takes (per queue, the wait for a connection, its connect timeout and
-    /// the statement's timeout; then its longest pause). A database outage makes rounds
-    /// fail fast, within that bound, so it never counts as a stall.
+    /// the statement's timeout; then its longest pause). A database outage
+    /// makes rounds fail fast, within that bound, so it never counts as a
+    /// stall.
     pub fn stall_limit(&self) -> Duration {
         let database = &self.database;
         let per_queue = database.pool_wait + database.connect_timeout + database.query_timeout;

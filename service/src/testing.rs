@@ -35,11 +35,9 @@
 
 use std::time::Duration;
 
-use prometheus::IntCounterVec;
-
 use crate::app::Application;
 use crate::db::{Database, DbError};
-use crate::metrics::WorkerMetrics;
+use crate::metrics::{counter_total, WorkerMetrics};
 use crate::queue::sql;
 use crate::queue::worker::Worker;
 use crate::settings::WorkerSettings;
@@ -161,10 +159,10 @@ pub async fn drain<S: Clone + Send + Sync + 'static>(
         Err(_) => return Err(DrainError::TimedOut { after: limit }),
     }
     Ok(Drained {
-        succeeded: total(&metrics.jobs_succeeded),
-        failed: total(&metrics.jobs_failed),
-        retried: total(&metrics.jobs_retried),
-        dead: total(&metrics.jobs_dead),
+        succeeded: counter_total(&metrics.jobs_succeeded),
+        failed: counter_total(&metrics.jobs_failed),
+        retried: counter_total(&metrics.jobs_retried),
+        dead: counter_total(&metrics.jobs_dead),
     })
 }
 
@@ -179,15 +177,4 @@ async fn idle(db: &Database, queues: &[String]) -> Result<(), DbError> {
         }
         tokio::time::sleep(DRAIN_POLL).await;
     }
-}
-
-/// A counter's value summed over its labels.
-fn total(counter: &IntCounterVec) -> u64 {
-    use prometheus::core::Collector;
-    counter
-        .collect()
-        .iter()
-        .flat_map(|family| family.get_metric())
-        .map(|m| m.get_counter().value() as u64)
-        .sum()
 }
