@@ -36,6 +36,7 @@ use clap::{CommandFactory, FromArgMatches};
 use crate::cli::{Cli, Command, EnqueueArgs, MigrateArgs, PoolerConfigArgs};
 use crate::migrate::{self, Migration, Track};
 use crate::queue::periodic::Periodic;
+use crate::queue::rate_limit::RateLimit;
 use crate::queue::ShutdownReport;
 use crate::settings::{apply_password_file, WebSettings, WorkerSettings};
 use crate::task::{Registry, RegistryError, Task};
@@ -57,6 +58,7 @@ pub struct Application<S = ()> {
     router: Router<S>,
     tasks: Vec<Registration<S>>,
     schedules: Vec<Periodic>,
+    queue_limits: Vec<(String, RateLimit)>,
     migrations: &'static [Migration],
 }
 
@@ -87,6 +89,7 @@ impl<S: Clone + Send + Sync + 'static> Application<S> {
             router: Router::new(),
             tasks: Vec::new(),
             schedules: Vec::new(),
+            queue_limits: Vec::new(),
             migrations: &[],
         }
     }
@@ -124,6 +127,14 @@ impl<S: Clone + Send + Sync + 'static> Application<S> {
         self
     }
 
+    /// Limits how often jobs are claimed from `queue`, across every worker
+    /// ([`crate::queue::rate_limit`]); a task's own limit is its
+    /// [`Task::RATE_LIMIT`]. Checked by [`Application::registry`].
+    pub fn rate_limit_queue(mut self, queue: &str, limit: RateLimit) -> Self {
+        self.queue_limits.push((queue.to_owned(), limit));
+        self
+    }
+
     /// The application's own migrations, its track named after it, applied
     /// after Tidepool's.
     pub fn migrations(mut self, migrations: &'static [Migration]) -> Self {
@@ -153,6 +164,9 @@ impl<S: Clone + Send + Sync + 'static> Application<S> {
         let mut registry = Registry::new();
         for register in &self.tasks {
             register(&self.state, &mut registry)?;
+        }
+        for (queue, limit) in &self.queue_limits {
+            registry.rate_limit_queue(queue, *limit)?;
         }
         Ok(registry)
     }

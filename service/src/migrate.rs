@@ -92,6 +92,7 @@ pub const TIDEPOOL: Track = Track {
     migrations: &[
         Migration { version: 1, name: "jobs", sql: include_str!("../migrations/0001_jobs.sql") },
         Migration { version: 2, name: "schedules", sql: include_str!("../migrations/0002_schedules.sql") },
+        Migration { version: 3, name: "workflows", sql: include_str!("../migrations/0003_workflows.sql") },
     ],
 };
 

@@ -60,8 +60,9 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::db::{Database, DbError};
-use crate::queue::job::{InvalidJob, NewJob, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE};
+use crate::queue::job::{is_valid_queue_name, InvalidJob, NewJob, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE};
 use crate::queue::periodic::Periodic;
+use crate::queue::rate_limit::{self, RateLimit};
 
 /// How long a task may run when it does not say.
 pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(300);
@@ -78,6 +79,9 @@ pub trait Task: Serialize + DeserializeOwned + Send + Sync + 'static {
     const TIMEOUT: Duration = DEFAULT_TASK_TIMEOUT;
     /// Attempts a job gets unless the enqueue says otherwise (1 to 100).
     const MAX_ATTEMPTS: i32 = DEFAULT_MAX_ATTEMPTS;
+    /// A global limit on how often its jobs are claimed, across every
+    /// worker ([`crate::queue::rate_limit`]); none by default.
+    const RATE_LIMIT: Option<RateLimit> = None;
 
     /// What the task needs of the application's state; `()` for nothing.
     type State: Clone + Send + Sync + 'static;
@@ -109,6 +113,10 @@ pub struct JobInfo {
     pub max_attempts: i32,
     /// The queue it came from.
     pub queue: String,
+    /// The workflow stage it is a member of, if any
+    /// ([`crate::queue::workflow`]); [`TaskContext::inputs`] reads the
+    /// outputs of the stage before it.
+    pub stage: Option<i64>,
 }
 
 /// What a running attempt gets: its job, the worker's task pool and the
@@ -123,6 +131,41 @@ pub struct TaskContext<S> {
     pub db: Database,
     /// The task's state ([`Task::State`]).
     pub state: S,
+}
+
+impl<S> TaskContext<S> {
+    /// The outputs of the stage before this job's, in member order: what a
+    /// chord's callback or a chain's next link reads
+    /// ([`crate::queue::workflow`]). Empty for a job outside a workflow and
+    /// in a first stage. An output that is not a `T` is a fatal error.
+    pub async fn inputs<T: DeserializeOwned>(&self) -> Result<Vec<T>, TaskError> {
+        let Some(stage) = self.job.stage else {
+            return Ok(Vec::new());
+        };
+        let conn = self.db.get().await?;
+        let outputs = conn.run(Duration::ZERO, crate::queue::sql::stage_inputs(conn.client(), stage)).await?;
+        outputs
+            .into_iter()
+            .map(|output| {
+                serde_json::from_value(output).map_err(|e| {
+                    TaskError::fatal(format!("an output of the stage before does not fit this task: {e}"))
+                })
+            })
+            .collect()
+    }
+
+    /// The one output of the stage before: a chain's previous link. Fatal
+    /// when that stage had not exactly one job.
+    pub async fn input<T: DeserializeOwned>(&self) -> Result<T, TaskError> {
+        let mut inputs = self.inputs::<T>().await?;
+        match (inputs.pop(), inputs.is_empty()) {
+            (Some(input), true) => Ok(input),
+            (last, _) => Err(TaskError::fatal(format!(
+                "input() reads the one output of the stage before; it had {}",
+                inputs.len() + usize::from(last.is_some())
+            ))),
+        }
+    }
 }
 
 /// Why an attempt failed.
@@ -199,6 +242,14 @@ pub enum RegistryError {
         /// What is wrong.
         reason: String,
     },
+    /// A queue's rate limit is out of bounds.
+    #[error("rate limit of queue {queue:?}: {reason}")]
+    RateLimit {
+        /// The queue.
+        queue: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A schedule is out of bounds, is named twice, or runs a task the
     /// application does not have.
     #[error("schedule {name:?}: {reason}")]
@@ -216,6 +267,8 @@ pub enum RegistryError {
 pub struct Registry {
     tasks: BTreeMap<&'static str, Registered>,
     schedules: Vec<Periodic>,
+    /// By key ([`crate::queue::rate_limit::task_key`], `queue_key`).
+    rate_limits: BTreeMap<String, RateLimit>,
 }
 
 impl Registry {
@@ -241,6 +294,10 @@ impl Registry {
         }
         if self.tasks.contains_key(T::NAME) {
             return Err(RegistryError::Duplicate(T::NAME));
+        }
+        if let Some(limit) = T::RATE_LIMIT {
+            limit.validate().map_err(|e| RegistryError::Invalid { name: T::NAME, reason: e.to_string() })?;
+            self.rate_limits.insert(rate_limit::task_key(T::NAME), limit);
         }
         let run: Runner = Arc::new(move |job, db, args| {
             let state = state.clone();
@@ -280,6 +337,31 @@ impl Registry {
         }
         self.schedules.push(periodic);
         Ok(self)
+    }
+
+    /// Limits how often jobs are claimed from `queue`, across every worker
+    /// ([`crate::queue::rate_limit`]). Refused if out of bounds, or the
+    /// queue's name is not valid; a second limit on a queue replaces the first.
+    pub fn rate_limit_queue(&mut self, queue: &str, limit: RateLimit) -> Result<&mut Self, RegistryError> {
+        let refuse = |reason: String| RegistryError::RateLimit { queue: queue.to_owned(), reason };
+        limit.validate().map_err(|e| refuse(e.to_string()))?;
+        if !is_valid_queue_name(queue) {
+            return Err(refuse(InvalidJob::QueueName(queue.to_owned()).to_string()));
+        }
+        self.rate_limits.insert(rate_limit::queue_key(queue), limit);
+        Ok(self)
+    }
+
+    /// Every rate limit, by key.
+    pub fn rate_limits(&self) -> impl Iterator<Item = (&str, RateLimit)> + '_ {
+        self.rate_limits.iter().map(|(key, limit)| (key.as_str(), *limit))
+    }
+
+    /// The keys of the limits a claim from `queue` is under: the queue's,
+    /// and every task's (a task's jobs may be enqueued to any queue).
+    pub fn rate_limit_keys(&self, queue: &str) -> Vec<String> {
+        let queue = rate_limit::queue_key(queue);
+        self.rate_limits.keys().filter(|key| key.starts_with("task:") || **key == queue).cloned().collect()
     }
 
     /// Its schedules, in the order they were added.

@@ -88,7 +88,8 @@ pub async fn perform<T: Task>(db: &Database, state: T::State, task: T) -> Result
     check_args::<T>(&args).map_err(invalid)?;
     let task: T =
         serde_json::from_value(args).map_err(|e| invalid(format!("do not read back from JSON: {e}")))?;
-    let job = JobInfo { id: 0, attempt: 1, max_attempts: T::MAX_ATTEMPTS, queue: T::QUEUE.to_owned() };
+    let job =
+        JobInfo { id: 0, attempt: 1, max_attempts: T::MAX_ATTEMPTS, queue: T::QUEUE.to_owned(), stage: None };
     let ctx = TaskContext { job, db: db.clone(), state };
     match tokio::time::timeout(T::TIMEOUT, task.run(ctx)).await {
         Ok(Ok(output)) => Ok(output),

@@ -25,7 +25,10 @@ async fn migrations_are_idempotent_and_seed_the_world_table() -> Result<()> {
     let again = migrate_via("TIDEPOOL_DIRECT_DATABASE_URL", &db.direct_url())?;
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
     let stderr = String::from_utf8_lossy(&again.stderr);
-    assert!(stderr.contains(" applied=[] already_applied=[tidepool/1, tidepool/2, demo/1]"), "{stderr}");
+    assert!(
+        stderr.contains(" applied=[] already_applied=[tidepool/1, tidepool/2, tidepool/3, demo/1]"),
+        "{stderr}"
+    );
 
     let admin = db.admin().await?;
     let rows: i64 = admin.query_one("SELECT count(*) FROM world", &[]).await?.get(0);
@@ -46,7 +49,8 @@ async fn migrations_are_idempotent_and_seed_the_world_table() -> Result<()> {
         [
             ("demo".into(), 1, "world".into()),
             ("tidepool".into(), 1, "jobs".into()),
-            ("tidepool".into(), 2, "schedules".into())
+            ("tidepool".into(), 2, "schedules".into()),
+            ("tidepool".into(), 3, "workflows".into())
         ]
     );
     let queue_tables: i64 = admin
@@ -70,7 +74,8 @@ async fn concurrent_migrators_through_pgbouncer_apply_once() -> Result<()> {
     admin
         .batch_execute(
             "DROP TABLE world, tidepool_jobs, tidepool_job_results, tidepool_dead_jobs, tidepool_schema_migrations,
-                 tidepool_schedules, tidepool_occurrences;
+                 tidepool_schedules, tidepool_occurrences, tidepool_rate_limits, tidepool_groups,
+                 tidepool_group_outputs;
              DROP FUNCTION tidepool_jobs_notify()",
         )
         .await?;
@@ -88,7 +93,7 @@ async fn concurrent_migrators_through_pgbouncer_apply_once() -> Result<()> {
         let output = run.await??;
         let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
         assert!(output.status.success(), "{stderr}");
-        if stderr.contains(" applied=[tidepool/1, tidepool/2, demo/1] already_applied=[]") {
+        if stderr.contains(" applied=[tidepool/1, tidepool/2, tidepool/3, demo/1] already_applied=[]") {
             applied_once += 1;
         }
     }
@@ -157,7 +162,7 @@ async fn tracks_number_their_versions_apart() -> Result<()> {
     let mut client = connect(&db.direct_url()).await?;
     let report = migrate::run(&mut client, &[TIDEPOOL, SHOP], Duration::from_secs(5)).await?;
     assert_eq!(migrate::list(&report.applied), "[shop/1, shop/2]");
-    assert_eq!(migrate::list(&report.already_applied), "[tidepool/1, tidepool/2]");
+    assert_eq!(migrate::list(&report.already_applied), "[tidepool/1, tidepool/2, tidepool/3]");
     assert_eq!(migrate::list(&report.unknown), "[demo/1]", "the demo's track, which this run was not given");
     let again = migrate::run(&mut client, &[TIDEPOOL, SHOP], Duration::from_secs(5)).await?;
     assert!(again.applied.is_empty());
@@ -182,9 +187,11 @@ async fn a_database_migrated_by_the_previous_release_is_upgraded_in_place() -> R
     // The bookkeeping exactly as the previous release wrote it, as the
     // application's role.
     let app = connect(&db.direct_url()).await?;
-    // The previous release had no periodic tasks.
+    // The previous release had no periodic tasks, rate limits or workflows.
     app.batch_execute(
-        "DROP TABLE tidepool_schema_migrations, tidepool_schedules, tidepool_occurrences;
+        "DROP TABLE tidepool_schema_migrations, tidepool_schedules, tidepool_occurrences,
+                 tidepool_rate_limits, tidepool_groups, tidepool_group_outputs;
+             ALTER TABLE tidepool_jobs DROP COLUMN group_id;
              CREATE TABLE tidepool_schema_migrations (
                  version    integer PRIMARY KEY,
                  name       text NOT NULL,
@@ -211,7 +218,10 @@ async fn a_database_migrated_by_the_previous_release_is_upgraded_in_place() -> R
         "{stderr}"
     );
     // The previous release's versions are kept; what came after it is applied.
-    assert!(stderr.contains(" applied=[tidepool/2] already_applied=[tidepool/1, demo/1]"), "{stderr}");
+    assert!(
+        stderr.contains(" applied=[tidepool/2, tidepool/3] already_applied=[tidepool/1, demo/1]"),
+        "{stderr}"
+    );
 
     let recorded: Vec<(String, i32, String)> = admin
         .query("SELECT track, version, checksum FROM tidepool_schema_migrations ORDER BY track, version", &[])
@@ -219,13 +229,14 @@ async fn a_database_migrated_by_the_previous_release_is_upgraded_in_place() -> R
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    let schedules = TIDEPOOL.migrations[1];
+    let (schedules, workflows) = (TIDEPOOL.migrations[1], TIDEPOOL.migrations[2]);
     assert_eq!(
         recorded,
         [
             ("demo".into(), 1, world.checksum()),
             ("tidepool".into(), 1, jobs.checksum()),
-            ("tidepool".into(), 2, schedules.checksum())
+            ("tidepool".into(), 2, schedules.checksum()),
+            ("tidepool".into(), 3, workflows.checksum())
         ]
     );
     let key: String = admin

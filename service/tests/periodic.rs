@@ -11,21 +11,18 @@
 mod support;
 
 use std::collections::{BTreeSet, HashMap};
-use std::future::pending;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use chrono::{DateTime, DurationRound, Utc};
 use serde::{Deserialize, Serialize};
-use support::queue::{harness, settings, Harness};
+use support::queue::{harness, settings, Harness, KillableWorker};
 use support::wait_for;
 use tidepool::db::Type;
 use tidepool::queue::periodic::{Cadence, Clock, Missed, Periodic};
 use tidepool::queue::sql;
-use tidepool::settings::WorkerSettings;
 use tidepool::task::{Registry, Task, TaskContext, TaskError};
-use tokio::runtime::Runtime;
 
 /// Records each run of it in `ticks`: its job, its version, when it started
 /// by the database's clock.
@@ -80,40 +77,6 @@ struct Skewed(chrono::Duration);
 impl Clock for Skewed {
     fn now(&self) -> DateTime<Utc> {
         Utc::now() + self.0
-    }
-}
-
-/// A worker on a runtime of its own.
-struct KillableWorker {
-    runtime: Option<Runtime>,
-}
-
-impl KillableWorker {
-    fn start(
-        h: &Harness,
-        registry: Registry,
-        settings: WorkerSettings,
-        clock: Option<Arc<dyn Clock>>,
-    ) -> Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-        let worker = h.new_worker(registry, settings, clock)?;
-        runtime.spawn(worker.run(pending::<()>()));
-        Ok(Self { runtime: Some(runtime) })
-    }
-
-    /// Stops every task of the worker where it is.
-    fn kill(mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
-impl Drop for KillableWorker {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
     }
 }
 

@@ -222,6 +222,8 @@ pub struct ClaimedJob {
     pub max_attempts: i32,
     /// Seconds from when the job was due to when it was claimed.
     pub latency_seconds: f64,
+    /// The workflow stage it is a member of, if any.
+    pub group_id: Option<i64>,
 }
 
 /// Where a job is in its life, as `GET /tasks/{id}` reports it.

@@ -27,6 +27,10 @@
 //! backlog, not of history. The schema is the `tidepool` migration track;
 //! every statement is in [`sql`].
 //!
+//! Beyond single jobs: global rate limits ([`rate_limit`]) decided in the
+//! claim, and workflows ([`workflow`]: chains, groups, chords) decided in
+//! the statement that finishes a member.
+//!
 //! Modules: [`job`] (what a job is, validation), [`sql`] (every statement;
 //! public for the operator's queue scaler, [`sql::queue_stats`], and the
 //! benchmark's bare loop, not for applications), [`worker`] (the runtime).
@@ -48,10 +52,12 @@ macro_rules! queue_op {
 pub mod cron;
 pub mod job;
 pub mod periodic;
+pub mod rate_limit;
 pub(crate) mod retry;
 mod scheduler;
 pub mod sql;
 pub mod worker;
+pub mod workflow;
 
 use std::time::Duration;
 
@@ -61,6 +67,7 @@ use crate::task::Task;
 pub use job::{Cancelled, Enqueued, InvalidJob, JobState, JobView, NewJob, Schedule};
 pub use retry::RetryPolicy;
 pub use worker::{ShutdownReport, Worker};
+pub use workflow::{EnqueuedWorkflow, InvalidWorkflow, Workflow, WorkflowView};
 
 /// Most jobs one [`enqueue_many`] call takes.
 pub const MAX_BATCH: usize = 10_000;
@@ -71,6 +78,9 @@ pub enum EnqueueError {
     /// The job is out of bounds, or its args do not fit its task.
     #[error(transparent)]
     Invalid(#[from] InvalidJob),
+    /// The workflow's shape is out of bounds.
+    #[error(transparent)]
+    Workflow(#[from] InvalidWorkflow),
     /// More than [`MAX_BATCH`] jobs at once.
     #[error("a batch holds at most {MAX_BATCH} jobs, got {0}")]
     BatchTooLarge(usize),
@@ -196,6 +206,26 @@ pub async fn enqueue_many(db: &impl Executor, jobs: &[NewJob]) -> Result<Vec<Enq
         }
     }
     Ok(out)
+}
+
+/// Enqueues a workflow ([`workflow`]: a chain, a group, a chord) in one
+/// statement: its stages, and its first stage's jobs. Every job is
+/// validated first; check jobs given by name against the application's
+/// tasks with [`crate::task::Registry::check`].
+pub async fn enqueue_workflow(
+    db: &impl Executor,
+    workflow: &Workflow,
+) -> Result<EnqueuedWorkflow, EnqueueError> {
+    workflow.validate(chrono::Utc::now())?;
+    let (id, jobs) = db.bounded(Box::pin(sql::enqueue_workflow(db, workflow))).await?;
+    Ok(EnqueuedWorkflow { id, jobs })
+}
+
+/// A workflow and its stages; `None` if it never existed or its record was
+/// pruned (after the workers' result retention once it succeeded, their
+/// dead retention once it failed).
+pub async fn lookup_workflow(db: &impl Executor, id: i64) -> Result<Option<WorkflowView>, DbError> {
+    db.bounded(Box::pin(sql::lookup_workflow(db, id))).await
 }
 
 /// Cancels a job: a pending one at once, a running one at its worker's next

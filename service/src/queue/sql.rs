@@ -26,6 +26,8 @@ use tokio_postgres::{Error, Row};
 use crate::db::Executor;
 
 use super::job::{Cancelled, ClaimedJob, Enqueued, JobState, JobView, NewJob, Schedule};
+use super::rate_limit::RateLimit;
+use super::workflow::{self, StageState, StageView, Workflow, WorkflowView};
 
 const ENQUEUE: &str = "
 WITH inserted AS (
@@ -72,7 +74,91 @@ SET state = 'running', attempt = j.attempt + 1, worker = $3, attempted_at = now(
 FROM picked
 WHERE j.id = picked.id
 RETURNING j.id, j.queue, j.task, j.args, j.attempt, j.max_attempts,
-          EXTRACT(epoch FROM now() - j.run_at)::float8";
+          EXTRACT(epoch FROM now() - j.run_at)::float8, j.group_id";
+
+/// [`CLAIM`] under global rate limits: `$5` the keys of the limits that
+/// apply ('queue:<queue>', 'task:<name>' for each limited task).
+///
+/// Each limit's row is locked (in key order, so concurrent claimers queue
+/// on it rather than deadlock) and read at its latest version. The claim
+/// time `at` is the clock, or the latest time in any of the logs if that is
+/// later: a limit's log only ever grows at its end, so trimming what is
+/// older than one period can never drop a claim a later window needs. A
+/// limit has room for `max_claims` minus the log's claims after
+/// `at - period`; a limit without a row (not declared yet) has none. Jobs
+/// of a limit without room are passed over in the scan (they stay available,
+/// in the queue gauges, and are claimed once it has room); the rest are
+/// ranked per task and in all, and claimed as far as each limit's room
+/// goes. Every claimed job is appended to the logs of its limits at `at`,
+/// which is also its `attempted_at`.
+///
+/// Besides the claimed jobs, one row with a NULL id tells, when a limit is
+/// full, how many seconds until its oldest claim leaves the window.
+const CLAIM_LIMITED: &str = "
+WITH keys AS (
+    SELECT DISTINCT k AS key FROM unnest($5::text[]) AS k
+), lim AS (
+    SELECT l.key, l.max_claims, l.period_ms, l.recent FROM tidepool_rate_limits l
+    WHERE l.key IN (SELECT key FROM keys)
+    ORDER BY l.key
+    FOR UPDATE
+), clock AS (
+    SELECT greatest(clock_timestamp(), (SELECT max(t) FROM lim, unnest(lim.recent) AS t)) AS at
+), room AS (
+    SELECT k.key, l.period_ms,
+           COALESCE(l.max_claims - w.claims, 0) AS room,
+           COALESCE(w.oldest, c.at) + COALESCE(l.period_ms, 1000) * interval '1 millisecond' AS frees_at
+    FROM keys k CROSS JOIN clock c
+    LEFT JOIN lim l ON l.key = k.key
+    LEFT JOIN LATERAL (
+        SELECT count(*) AS claims, min(t) AS oldest FROM unnest(l.recent) AS t
+        WHERE t > c.at - l.period_ms * interval '1 millisecond'
+    ) w ON true
+), candidates AS (
+    SELECT j.id, j.task, j.priority, j.run_at FROM tidepool_jobs j
+    WHERE j.state = 'available' AND j.queue = $1 AND j.run_at <= now()
+      AND NOT EXISTS (SELECT 1 FROM room r
+                      WHERE r.room <= 0 AND (r.key = 'task:' || j.task OR r.key = 'queue:' || $1))
+    ORDER BY j.priority DESC, j.run_at, j.id
+    LIMIT $2
+    FOR UPDATE OF j SKIP LOCKED
+), ranked AS (
+    SELECT c.id, c.task,
+           row_number() OVER (PARTITION BY c.task ORDER BY c.priority DESC, c.run_at, c.id) AS nth_of_task,
+           row_number() OVER (ORDER BY c.priority DESC, c.run_at, c.id) AS nth
+    FROM candidates c
+), picked AS (
+    SELECT r.id FROM ranked r
+    LEFT JOIN room t ON t.key = 'task:' || r.task
+    LEFT JOIN room q ON q.key = 'queue:' || $1
+    WHERE (t.key IS NULL OR r.nth_of_task <= t.room) AND (q.key IS NULL OR r.nth <= q.room)
+), claimed AS (
+    UPDATE tidepool_jobs j
+    SET state = 'running', attempt = j.attempt + 1, worker = $3, attempted_at = (SELECT at FROM clock),
+        lease_expires_at = now() + $4 * interval '1 millisecond'
+    FROM picked
+    WHERE j.id = picked.id
+    RETURNING j.id, j.queue, j.task, j.args, j.attempt, j.max_attempts,
+              EXTRACT(epoch FROM now() - j.run_at)::float8 AS latency, j.group_id
+), used AS (
+    SELECT r.key, count(*)::int AS n FROM claimed c
+    JOIN room r ON r.key = 'task:' || c.task OR r.key = 'queue:' || c.queue
+    GROUP BY r.key
+), logged AS (
+    UPDATE tidepool_rate_limits l
+    SET recent = ARRAY(SELECT t FROM unnest(l.recent) AS t
+                       WHERE t > c.at - l.period_ms * interval '1 millisecond' ORDER BY t)
+                 || array_fill(c.at, ARRAY[u.n])
+    FROM used u CROSS JOIN clock c
+    WHERE l.key = u.key
+)
+SELECT id, queue, task, args, attempt, max_attempts, latency, group_id FROM claimed
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL,
+       EXTRACT(epoch FROM min(r.frees_at) - clock_timestamp())::float8, NULL
+FROM room r LEFT JOIN used u ON u.key = r.key
+WHERE r.room - COALESCE(u.n, 0) <= 0
+HAVING count(*) > 0";
 
 /// Finishes succeeded jobs: out of the hot table, and into the results table
 /// when a result is given. Returns the ids it finished.
@@ -98,14 +184,109 @@ WITH d AS (
 )
 SELECT id FROM done";
 
+/// [`COMPLETE`] for a batch that holds members of workflows (`$4`: keep
+/// results in the results table). Per stage that members finished, one
+/// update adds them to `succeeded`: concurrent statements finishing
+/// members of one stage queue on its row and each adds to what the one
+/// before left, so exactly one of them sees the stage complete. That one
+/// marks it succeeded, starts the next stage and inserts its jobs. Outputs
+/// are kept for the next stage to read (the last stage's are not needed).
+/// Members of a stage that has ended otherwise (failed, cancelled) finish
+/// as plain jobs.
+const COMPLETE_MEMBERS: &str = "
+WITH d AS (
+    SELECT * FROM unnest($1::int8[], $2::int4[], $3::jsonb[]) AS d(id, attempt, result)
+), locked AS (
+    SELECT j.id, d.result FROM tidepool_jobs j JOIN d ON j.id = d.id AND j.attempt = d.attempt
+    WHERE j.state = 'running'
+    ORDER BY j.id
+    FOR UPDATE OF j
+), done AS (
+    DELETE FROM tidepool_jobs j
+    USING locked d
+    WHERE j.id = d.id
+    RETURNING j.id, j.queue, j.task, j.args, j.attempt, j.errors, j.run_at, j.created_at,
+              j.attempted_at, d.result, j.group_id
+), kept AS (
+    INSERT INTO tidepool_job_results
+        (id, queue, task, args, attempts, result, errors, run_at, created_at, started_at, finished_at)
+    SELECT id, queue, task, args, attempt, result, errors, run_at, created_at, attempted_at, now()
+    FROM done WHERE result IS NOT NULL AND $4
+), finished AS (
+    SELECT group_id AS id, count(*)::int AS n FROM done WHERE group_id IS NOT NULL GROUP BY group_id
+), stages AS (
+    SELECT g.id, f.n FROM tidepool_groups g JOIN finished f ON g.id = f.id
+    WHERE g.state = 'running'
+    ORDER BY g.id
+    FOR UPDATE OF g
+), counted AS (
+    UPDATE tidepool_groups g
+    SET succeeded = g.succeeded + s.n,
+        state = CASE WHEN g.succeeded + s.n >= g.total THEN 'succeeded' ELSE 'running' END,
+        finished_at = CASE WHEN g.succeeded + s.n >= g.total THEN now() END
+    FROM stages s
+    WHERE g.id = s.id
+    RETURNING g.id, g.workflow_id, g.stage, g.state, g.last
+), outputs AS (
+    INSERT INTO tidepool_group_outputs (group_id, job_id, output)
+    SELECT done.group_id, done.id, COALESCE(done.result, 'null'::jsonb)
+    FROM done JOIN counted c ON c.id = done.group_id
+    WHERE NOT c.last
+), next_stage AS (
+    UPDATE tidepool_groups n
+    SET state = 'running', started_at = now()
+    FROM counted c
+    WHERE c.state = 'succeeded' AND NOT c.last
+      AND n.workflow_id = c.workflow_id AND n.stage = c.stage + 1 AND n.state = 'waiting'
+    RETURNING n.id, n.jobs
+), next_jobs AS (
+    INSERT INTO tidepool_jobs (queue, task, args, priority, max_attempts, group_id)
+    SELECT m.job->>'queue', m.job->>'task', m.job->'args', (m.job->>'priority')::int2,
+           (m.job->>'max_attempts')::int4, n.id
+    FROM next_stage n CROSS JOIN LATERAL jsonb_array_elements(n.jobs) WITH ORDINALITY AS m(job, ord)
+    ORDER BY n.id, m.ord
+)
+SELECT id FROM done";
+
+/// Ends the workflows of the members in `buried` (`id`, `group_id`,
+/// `final_state`, `last_error`) that died or were cancelled: every stage
+/// of such a workflow not yet ended becomes 'failed' (or 'cancelled' for a
+/// cancelled member), with the member and its error. So no later stage
+/// runs, and a chord's callback never does. Stages are locked in id order
+/// (the order [`COMPLETE_MEMBERS`] locks them in).
+macro_rules! end_workflows {
+    () => {
+        "
+, ending AS (
+    SELECT DISTINCT ON (g.workflow_id) g.workflow_id, b.id AS job_id, b.final_state, b.last_error
+    FROM buried b JOIN tidepool_groups g ON g.id = b.group_id
+    ORDER BY g.workflow_id, b.id
+), doomed AS (
+    SELECT g.id, e.job_id, e.final_state, e.last_error
+    FROM tidepool_groups g JOIN ending e ON e.workflow_id = g.workflow_id
+    WHERE g.state IN ('running', 'waiting')
+    ORDER BY g.id
+    FOR UPDATE OF g
+), ended AS (
+    UPDATE tidepool_groups g
+    SET state = CASE WHEN d.final_state = 'cancelled' THEN 'cancelled' ELSE 'failed' END,
+        error = d.last_error, failed_job_id = d.job_id, finished_at = now()
+    FROM doomed d
+    WHERE g.id = d.id
+)"
+    };
+}
+
 /// The tail shared by [`FAIL`] and [`RESCUE`]: given `f(id, attempt, error,
 /// retry_in_ms, final_state)`, each running job either goes back to
 /// available after its backoff (error recorded), or, when it is out of
 /// attempts, was asked to be cancelled, or `final_state` says so, moves to
-/// the dead table. Returns `(id, outcome)`: 'retried', 'dead' or 'cancelled'.
+/// the dead table (and ends its workflow, if it is a member). Returns
+/// `(id, outcome)`: 'retried', 'dead' or 'cancelled'.
 macro_rules! settle_failed {
     () => {
-        "
+        concat!(
+            "
 , failed AS (
     SELECT j.id, f.attempt, f.error, f.retry_in_ms,
            COALESCE(f.final_state,
@@ -132,16 +313,19 @@ macro_rules! settle_failed {
     RETURNING j.id, j.queue, j.task, j.args, j.attempt, j.unique_key, j.run_at, j.created_at,
               j.errors || jsonb_build_array(jsonb_build_object(
                   'attempt', j.attempt, 'at', now(), 'error', failed.error)) AS errors,
-              failed.final_state
+              failed.final_state, j.group_id, failed.error AS last_error
 ), archived AS (
     INSERT INTO tidepool_dead_jobs
         (id, queue, task, args, state, attempts, errors, unique_key, run_at, created_at, finished_at)
     SELECT id, queue, task, args, final_state, attempt, errors, unique_key, run_at, created_at, now()
     FROM buried
-)
+)",
+            end_workflows!(),
+            "
 SELECT id, 'retried' FROM retried
 UNION ALL
 SELECT id, final_state FROM buried"
+        )
     };
 }
 
@@ -192,7 +376,8 @@ RETURNING j.id, j.cancel_requested";
 /// attempt does not count, the job keeps its place in line. A job whose
 /// cancellation was asked for meanwhile is cancelled instead. Returns the
 /// ids handed back.
-const HAND_BACK: &str = "
+const HAND_BACK: &str = concat!(
+    "
 WITH locked AS (
     SELECT j.id, j.cancel_requested FROM tidepool_jobs j
     JOIN unnest($1::int8[], $2::int4[]) AS h(id, attempt) ON j.id = h.id AND j.attempt = h.attempt
@@ -208,37 +393,47 @@ WITH locked AS (
 ), buried AS (
     DELETE FROM tidepool_jobs j USING locked
     WHERE j.id = locked.id AND locked.cancel_requested
-    RETURNING j.id, j.queue, j.task, j.args, j.attempt, j.errors, j.unique_key, j.run_at, j.created_at
+    RETURNING j.id, j.queue, j.task, j.args, j.attempt, j.errors, j.unique_key, j.run_at, j.created_at,
+              j.group_id, 'cancelled' AS final_state, 'cancelled while running' AS last_error
 ), archived AS (
     INSERT INTO tidepool_dead_jobs
         (id, queue, task, args, state, attempts, errors, unique_key, run_at, created_at, finished_at)
     SELECT id, queue, task, args, 'cancelled', attempt, errors, unique_key, run_at, created_at, now()
     FROM buried
-)
-SELECT id FROM handed";
+)",
+    end_workflows!(),
+    "
+SELECT id FROM handed"
+);
 
 /// Cancels job `$1`: a pending one moves to the dead table as cancelled; a
 /// running one is flagged, and its worker stops it at its next heartbeat.
-const CANCEL: &str = "
+const CANCEL: &str = concat!(
+    "
 WITH target AS (
     SELECT id, state FROM tidepool_jobs WHERE id = $1 FOR UPDATE
 ), buried AS (
     DELETE FROM tidepool_jobs j USING target t
     WHERE j.id = t.id AND t.state = 'available'
-    RETURNING j.id, j.queue, j.task, j.args, j.attempt, j.errors, j.unique_key, j.run_at, j.created_at
+    RETURNING j.id, j.queue, j.task, j.args, j.attempt, j.errors, j.unique_key, j.run_at, j.created_at,
+              j.group_id, 'cancelled' AS final_state, 'cancelled before it ran' AS last_error
 ), archived AS (
     INSERT INTO tidepool_dead_jobs
         (id, queue, task, args, state, attempts, errors, unique_key, run_at, created_at, finished_at)
     SELECT id, queue, task, args, 'cancelled', attempt, errors, unique_key, run_at, created_at, now()
     FROM buried
-), flagged AS (
+)",
+    end_workflows!(),
+    "
+, flagged AS (
     UPDATE tidepool_jobs j SET cancel_requested = true FROM target t
     WHERE j.id = t.id AND t.state = 'running'
     RETURNING j.id
 )
 SELECT CASE WHEN EXISTS (SELECT 1 FROM buried) THEN 'cancelled'
             WHEN EXISTS (SELECT 1 FROM flagged) THEN 'requested'
-            ELSE 'not_pending' END";
+            ELSE 'not_pending' END"
+);
 
 /// Job `$1` wherever it is: pending, succeeded with a result, dead or cancelled.
 const LOOKUP: &str = "
@@ -354,6 +549,78 @@ WITH forgotten AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM forgotten), (SELECT count(*) FROM pruned)";
+
+/// Enqueues a workflow: one row per stage (`$1` totals, `$2` the jobs of
+/// stages after the first, NULL for the first) and the first stage's jobs
+/// (`$3`..`$7`), members of the first stage. Returns the workflow's id (its
+/// first stage's) and the first stage's job ids, in input order.
+const ENQUEUE_WORKFLOW: &str = "
+WITH stages AS (
+    SELECT s.stage::int AS stage, s.total, s.jobs, s.stage = cardinality($1::int4[]) AS last,
+           nextval(pg_get_serial_sequence('tidepool_groups', 'id')) AS id
+    FROM unnest($1::int4[], $2::jsonb[]) WITH ORDINALITY AS s(total, jobs, stage)
+), first AS (
+    SELECT id FROM stages WHERE stage = 1
+), groups AS (
+    INSERT INTO tidepool_groups (id, workflow_id, stage, total, last, state, jobs, started_at)
+    OVERRIDING SYSTEM VALUE
+    SELECT s.id, f.id, s.stage, s.total, s.last, CASE WHEN s.stage = 1 THEN 'running' ELSE 'waiting' END,
+           s.jobs, CASE WHEN s.stage = 1 THEN now() END
+    FROM stages s CROSS JOIN first f
+), members AS (
+    INSERT INTO tidepool_jobs (queue, task, args, priority, max_attempts, group_id)
+    SELECT m.queue, m.task, m.args, m.priority, m.max_attempts, f.id
+    FROM unnest($3::text[], $4::text[], $5::jsonb[], $6::int2[], $7::int4[]) WITH ORDINALITY
+         AS m(queue, task, args, priority, max_attempts, ord)
+    CROSS JOIN first f
+    ORDER BY m.ord
+    RETURNING id
+)
+SELECT (SELECT id FROM first), COALESCE((SELECT array_agg(id ORDER BY id) FROM members), '{}')";
+
+/// Every stage of workflow `$1`, in order.
+const LOOKUP_WORKFLOW: &str = "
+SELECT stage, state, total, succeeded, error, failed_job_id, created_at, started_at, finished_at
+FROM tidepool_groups WHERE workflow_id = $1 ORDER BY stage";
+
+/// The outputs of the stage before stage `$1`, in member order.
+const STAGE_INPUTS: &str = "
+SELECT o.output FROM tidepool_groups g
+JOIN tidepool_groups p ON p.workflow_id = g.workflow_id AND p.stage = g.stage - 1
+JOIN tidepool_group_outputs o ON o.group_id = p.id
+WHERE g.id = $1
+ORDER BY o.job_id";
+
+/// Deletes up to `$3` workflows that ended more than their retention ago
+/// (`$1` ms if it succeeded, `$2` ms if not), with their outputs.
+const PRUNE_WORKFLOWS: &str = "
+WITH ended AS (
+    SELECT workflow_id FROM tidepool_groups
+    WHERE last AND finished_at < now() - CASE WHEN state = 'succeeded' THEN $1 ELSE $2 END
+                                         * interval '1 millisecond'
+    ORDER BY finished_at
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM tidepool_groups g USING ended e WHERE g.workflow_id = e.workflow_id
+    RETURNING g.id
+), outputs AS (
+    DELETE FROM tidepool_group_outputs o USING gone WHERE o.group_id = gone.id
+)
+SELECT count(DISTINCT workflow_id) FROM ended";
+
+/// Declares rate limits (`$1` keys, `$2` claims, `$3` periods in ms): new
+/// ones are inserted, changed ones take the new numbers (their log stays).
+/// Limits no worker has declared for `$4` ms are forgotten.
+const DECLARE_RATE_LIMITS: &str = "
+WITH forgotten AS (
+    DELETE FROM tidepool_rate_limits
+    WHERE declared_at < now() - $4 * interval '1 millisecond' AND key <> ALL($1::text[])
+)
+INSERT INTO tidepool_rate_limits (key, max_claims, period_ms)
+SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[])
+ON CONFLICT (key) DO UPDATE
+SET max_claims = EXCLUDED.max_claims, period_ms = EXCLUDED.period_ms, declared_at = now()";
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
@@ -495,6 +762,50 @@ pub async fn claim(
     Ok(rows.iter().map(claimed_job).collect())
 }
 
+/// What a claim under rate limits got.
+#[derive(Debug, Default)]
+pub struct LimitedClaim {
+    /// The jobs claimed.
+    pub jobs: Vec<ClaimedJob>,
+    /// When a limit is full: how long until its oldest claim leaves its
+    /// window (zero if it already has).
+    pub full_for: Option<Duration>,
+}
+
+/// [`claim`] under the global rate limits `keys` (their rows in
+/// `tidepool_rate_limits`, [`crate::queue::rate_limit::RateLimit::key`]).
+pub async fn claim_limited(
+    client: &impl Executor,
+    queue: &str,
+    limit: i64,
+    worker: &str,
+    lease: Duration,
+    keys: &[String],
+) -> Result<LimitedClaim, Error> {
+    let rows = client
+        .query_unnamed(
+            CLAIM_LIMITED,
+            &[
+                (&queue, Type::TEXT),
+                (&limit, Type::INT8),
+                (&worker, Type::TEXT),
+                (&millis(lease), Type::INT8),
+                (&keys, Type::TEXT_ARRAY),
+            ],
+        )
+        .await?;
+    let mut claim = LimitedClaim::default();
+    for row in &rows {
+        if row.get::<_, Option<i64>>(0).is_some() {
+            claim.jobs.push(claimed_job(row));
+        } else {
+            let seconds = row.get::<_, Option<f64>>(6).unwrap_or(0.0);
+            claim.full_for = Some(Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or(Duration::ZERO));
+        }
+    }
+    Ok(claim)
+}
+
 fn claimed_job(row: &Row) -> ClaimedJob {
     ClaimedJob {
         id: row.get(0),
@@ -504,6 +815,7 @@ fn claimed_job(row: &Row) -> ClaimedJob {
         attempt: row.get(4),
         max_attempts: row.get(5),
         latency_seconds: row.get::<_, f64>(6).max(0.0),
+        group_id: row.get(7),
     }
 }
 
@@ -529,6 +841,31 @@ pub async fn complete(client: &impl Executor, done: &[(Lease, Option<Value>)]) -
         .query_unnamed(
             COMPLETE,
             &[(&ids, Type::INT8_ARRAY), (&attempts, Type::INT4_ARRAY), (&results, Type::JSONB_ARRAY)],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// [`complete`] for a batch that holds members of workflows: a member's
+/// output is kept for the next stage (whatever `keep_results` says of the
+/// results table), and the member that completes its stage starts the next
+/// one, in this statement.
+pub async fn complete_members(
+    client: &impl Executor,
+    done: &[(Lease, Option<Value>)],
+    keep_results: bool,
+) -> Result<Vec<i64>, Error> {
+    let (ids, attempts) = lease_columns(done.iter().map(|(l, _)| *l));
+    let results: Vec<Option<&Value>> = done.iter().map(|(_, r)| r.as_ref()).collect();
+    let rows = client
+        .query_unnamed(
+            COMPLETE_MEMBERS,
+            &[
+                (&ids, Type::INT8_ARRAY),
+                (&attempts, Type::INT4_ARRAY),
+                (&results, Type::JSONB_ARRAY),
+                (&keep_results, Type::BOOL),
+            ],
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
@@ -714,6 +1051,108 @@ pub async fn queue_stats(client: &impl Executor, queues: &[String]) -> Result<Ve
             running: r.get(3),
         })
         .collect())
+}
+
+/// Inserts a (validated) workflow: its stages, and its first stage's jobs.
+/// Returns the workflow's id and the first stage's job ids, in order.
+pub async fn enqueue_workflow(client: &impl Executor, workflow: &Workflow) -> Result<(i64, Vec<i64>), Error> {
+    let stages = workflow.stages();
+    let totals: Vec<i32> = stages.iter().map(|s| i32::try_from(s.len()).unwrap_or(i32::MAX)).collect();
+    let later: Vec<Option<Value>> = stages
+        .iter()
+        .enumerate()
+        .map(|(i, stage)| (i > 0).then(|| Value::Array(stage.iter().map(workflow::job_spec).collect())))
+        .collect();
+    let first = stages.first().map(Vec::as_slice).unwrap_or_default();
+    let queues: Vec<&str> = first.iter().map(|j| j.queue.as_str()).collect();
+    let tasks: Vec<&str> = first.iter().map(|j| j.task.as_str()).collect();
+    let args: Vec<&Value> = first.iter().map(|j| &j.args).collect();
+    let priorities: Vec<i16> = first.iter().map(|j| j.priority).collect();
+    let attempts: Vec<i32> = first.iter().map(|j| j.max_attempts).collect();
+    let row = client
+        .query_unnamed(
+            ENQUEUE_WORKFLOW,
+            &[
+                (&totals, Type::INT4_ARRAY),
+                (&later, Type::JSONB_ARRAY),
+                (&queues, Type::TEXT_ARRAY),
+                (&tasks, Type::TEXT_ARRAY),
+                (&args, Type::JSONB_ARRAY),
+                (&priorities, Type::INT2_ARRAY),
+                (&attempts, Type::INT4_ARRAY),
+            ],
+        )
+        .await?;
+    Ok(row.first().map_or((0, Vec::new()), |r| (r.get(0), r.get(1))))
+}
+
+/// Workflow `id`'s stages, if its record is kept.
+pub async fn lookup_workflow(client: &impl Executor, id: i64) -> Result<Option<WorkflowView>, Error> {
+    let rows = client.query_unnamed(LOOKUP_WORKFLOW, &[(&id, Type::INT8)]).await?;
+    let stages: Vec<StageView> = rows
+        .iter()
+        .map(|r| StageView {
+            stage: r.get(0),
+            state: StageState::parse(r.get(1)).unwrap_or(StageState::Waiting),
+            total: r.get(2),
+            succeeded: r.get(3),
+            error: r.get(4),
+            failed_job: r.get(5),
+            created_at: r.get(6),
+            started_at: r.get(7),
+            finished_at: r.get(8),
+        })
+        .collect();
+    Ok((!stages.is_empty()).then(|| WorkflowView::new(id, stages)))
+}
+
+/// The outputs of the stage before `stage` (a group's id), in member order:
+/// what the jobs of `stage` read through their context.
+pub async fn stage_inputs(client: &impl Executor, stage: i64) -> Result<Vec<Value>, Error> {
+    let rows = client.query_unnamed(STAGE_INPUTS, &[(&stage, Type::INT8)]).await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Deletes up to `limit` workflows that ended more than their retention
+/// ago (`succeeded` if they did, `failed` if not). Returns how many.
+pub async fn prune_workflows(
+    client: &impl Executor,
+    succeeded: Duration,
+    failed: Duration,
+    limit: i64,
+) -> Result<i64, Error> {
+    let rows = client
+        .query_unnamed(
+            PRUNE_WORKFLOWS,
+            &[(&millis(succeeded), Type::INT8), (&millis(failed), Type::INT8), (&limit, Type::INT8)],
+        )
+        .await?;
+    Ok(rows.first().map_or(0, |r| r.get(0)))
+}
+
+/// Declares `limits` (new ones inserted, changed ones updated) and forgets
+/// limits nobody has declared for `forget_after`.
+pub async fn declare_rate_limits(
+    client: &impl Executor,
+    limits: &[(String, RateLimit)],
+    forget_after: Duration,
+) -> Result<(), Error> {
+    let keys: Vec<&str> = limits.iter().map(|(k, _)| k.as_str()).collect();
+    let claims: Vec<i32> =
+        limits.iter().map(|(_, l)| i32::try_from(l.max_claims()).unwrap_or(i32::MAX)).collect();
+    let periods: Vec<i64> = limits.iter().map(|(_, l)| millis(l.period())).collect();
+    client
+        .query_unnamed(
+            DECLARE_RATE_LIMITS,
+            &[
+                (&keys, Type::TEXT_ARRAY),
+                (&claims, Type::INT4_ARRAY),
+                (&periods, Type::INT8_ARRAY),
+                (&millis(forget_after), Type::INT8),
+            ],
+        )
+        .await?;
+    Ok(())
 }
 
 /// Declares `names`: inserts the rows of those that have none (their

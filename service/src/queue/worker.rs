@@ -22,9 +22,15 @@
 //! - the **heartbeat** renews the leases of every held job; a job missing
 //!   from the answer was taken away (stop it), a job flagged
 //!   `cancel_requested` is cancelled.
-//! - **maintenance** fails jobs whose lease expired (their worker died),
-//!   prunes kept results and dead jobs past their retention, and refreshes
-//!   the per-queue gauges.
+//! - **maintenance** declares the application's rate limits, fails jobs
+//!   whose lease expired (their worker died), prunes kept results, dead jobs
+//!   and ended workflows past their retention, and refreshes the per-queue
+//!   gauges.
+//!
+//! A queue under a rate limit ([`super::rate_limit`]) is claimed with
+//! [`sql::claim_limited`]; when a limit is full, the claimer sleeps until
+//! it has room. A batch of outcomes that holds a workflow member's success
+//! is recorded with [`sql::complete_members`] ([`super::workflow`]).
 //!
 //! Shutdown: stop claiming; give running jobs up to `--shutdown-timeout`;
 //! then stop the rest and hand them back at once (not after their lease).
@@ -44,6 +50,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore}
 
 use super::job::ClaimedJob;
 use super::periodic::{Clock, Periodic, SystemClock, FORGET_AFTER};
+use super::rate_limit::RateLimit;
 use super::scheduler::Scheduler;
 use super::sql::{self, Failure, GiveUp, Lease, Settled};
 use crate::db::{Database, DbError};
@@ -115,6 +122,9 @@ struct Outcome {
     lease: Lease,
     task_label: String,
     queue: String,
+    /// A member of a workflow: its success goes through
+    /// [`sql::complete_members`], its output kept whatever the retention.
+    member: bool,
     kind: OutcomeKind,
     /// Released once the outcome is recorded.
     permit: OwnedSemaphorePermit,
@@ -153,10 +163,14 @@ impl Worker {
     ) -> Result<Self, InvalidSettings> {
         let settings = settings.normalized()?;
         let schedules = registry.schedules().to_vec();
+        let limit_keys = settings.queues.iter().map(|q| registry.rate_limit_keys(q)).collect();
+        let rate_limits = registry.rate_limits().map(|(key, limit)| (key.to_owned(), limit)).collect();
         let liveness = Arc::new(Liveness::new(settings.stall_limit()));
         let shared = Shared {
             liveness,
             schedules,
+            limit_keys,
+            rate_limits,
             permits: Arc::new(Semaphore::new(settings.concurrency as usize)),
             held: HeldJobs::default(),
             wake: Arc::new(Notify::new()),
@@ -319,6 +333,11 @@ struct Shared {
     settings: WorkerSettings,
     liveness: Arc<Liveness>,
     schedules: Vec<Periodic>,
+    /// Per queue of `settings.queues`: the keys of the rate limits its
+    /// claims are under (none: the plain claim).
+    limit_keys: Vec<Vec<String>>,
+    /// Every rate limit of the registry, by key, to declare.
+    rate_limits: Vec<(String, RateLimit)>,
     registry: Arc<Registry>,
     queue_db: Database,
     task_db: Database,
@@ -362,22 +381,44 @@ async fn claim_loop(shared: Arc<Shared>, outcomes: mpsc::Sender<Outcome>, mut st
         let wanted = permits.len();
         let mut claimed = 0;
         let mut failed = false;
+        // The soonest a full rate limit has room again.
+        let mut limit_frees: Option<Duration> = None;
         // Round-robin over the queues, starting where the last round left off.
         for i in 0..settings.queues.len() {
             if permits.is_empty() {
                 break;
             }
-            let queue = &settings.queues[(next_queue + i) % settings.queues.len()];
+            let index = (next_queue + i) % settings.queues.len();
+            let queue = &settings.queues[index];
             let limit = i64::try_from(permits.len()).unwrap_or(i64::MAX);
-            match queue_op!(shared.queue_db, |client| sql::claim(
-                client,
-                queue,
-                limit,
-                &settings.name,
-                settings.lease
-            ))
-            .await
-            {
+            let keys = &shared.limit_keys[index];
+            let claim = if keys.is_empty() {
+                queue_op!(shared.queue_db, |client| sql::claim(
+                    client,
+                    queue,
+                    limit,
+                    &settings.name,
+                    settings.lease
+                ))
+                .await
+            } else {
+                queue_op!(shared.queue_db, |client| sql::claim_limited(
+                    client,
+                    queue,
+                    limit,
+                    &settings.name,
+                    settings.lease,
+                    keys
+                ))
+                .await
+                .map(|claim| {
+                    if let Some(frees) = claim.full_for {
+                        limit_frees = Some(limit_frees.map_or(frees, |f| f.min(frees)));
+                    }
+                    claim.jobs
+                })
+            };
+            match claim {
                 Ok(jobs) => {
                     claimed += jobs.len();
                     for job in jobs {
@@ -396,6 +437,11 @@ async fn claim_loop(shared: Arc<Shared>, outcomes: mpsc::Sender<Outcome>, mut st
         let pause = if claimed == wanted {
             idle_pause = settings.poll_interval_min;
             continue;
+        } else if let Some(frees) = limit_frees.filter(|_| !failed) {
+            // Jobs wait for a rate limit: look again when it has room, not
+            // after a poll interval that keeps growing.
+            idle_pause = settings.poll_interval_min;
+            frees.clamp(Duration::from_millis(1), settings.poll_interval_max)
         } else if claimed > 0 {
             idle_pause = settings.poll_interval_min;
             settings.poll_interval_min
@@ -442,7 +488,9 @@ fn start_job(
         attempt: job.attempt,
         max_attempts: job.max_attempts,
         queue: job.queue.clone(),
+        stage: job.group_id,
     };
+    let member = job.group_id.is_some();
     let shared = shared.clone();
     tokio::spawn(async move {
         let started = Instant::now();
@@ -472,7 +520,7 @@ fn start_job(
             .with_label_values(&[&task_label, &job.queue, kind.label()])
             .observe(started.elapsed().as_secs_f64());
         tracing::debug!(job = job.id, attempt = job.attempt, outcome = kind.label(), "job ended");
-        let outcome = Outcome { lease, task_label, queue: job.queue, kind, permit };
+        let outcome = Outcome { lease, task_label, queue: job.queue, member, kind, permit };
         // The recorder outlives every job (it stops when all senders are gone).
         let _ = outcomes.send(outcome).await;
     });
@@ -540,13 +588,15 @@ async fn record(shared: &Shared, batch: &[Outcome]) {
     };
 
     let mut done = Vec::new();
+    let mut members_done = false;
     let mut failures = Vec::new();
     let mut hand_back = Vec::new();
     for outcome in batch {
         let lease = outcome.lease;
         match &outcome.kind {
             OutcomeKind::Succeeded(result) => {
-                done.push((lease, if keep_results { result.clone() } else { None }));
+                members_done |= outcome.member;
+                done.push((lease, if keep_results || outcome.member { result.clone() } else { None }));
             }
             OutcomeKind::Failed(e) => {
                 count(&shared.metrics.jobs_failed, lease.id);
@@ -569,8 +619,12 @@ async fn record(shared: &Shared, batch: &[Outcome]) {
     }
 
     if !done.is_empty() {
-        if let Some(finished) = with_retries("record succeeded jobs", || {
-            queue_op!(shared.queue_db, |client| sql::complete(client, &done))
+        if let Some(finished) = with_retries("record succeeded jobs", || async {
+            if members_done {
+                queue_op!(shared.queue_db, |client| sql::complete_members(client, &done, keep_results)).await
+            } else {
+                queue_op!(shared.queue_db, |client| sql::complete(client, &done)).await
+            }
         })
         .await
         {
@@ -691,8 +745,18 @@ async fn maintenance(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// One round of maintenance: rescue, prune, refresh the queue gauges.
+/// One round of maintenance: declare the rate limits, rescue, prune, refresh
+/// the queue gauges.
 async fn maintain(shared: &Shared) -> Result<(), DbError> {
+    // First, so that a new worker's limited claims find their rows at once.
+    if !shared.rate_limits.is_empty() {
+        queue_op!(shared.queue_db, |client| sql::declare_rate_limits(
+            client,
+            &shared.rate_limits,
+            FORGET_AFTER
+        ))
+        .await?;
+    }
     for _ in 0..MAINTENANCE_ROUNDS {
         let rescued = queue_op!(shared.queue_db, |client| sql::rescue(client, MAINTENANCE_BATCH)).await?;
         for (id, how) in &rescued {
@@ -721,6 +785,18 @@ async fn maintain(shared: &Shared) -> Result<(), DbError> {
             tracing::debug!(results, dead, "pruned finished jobs past their retention");
         }
         if results < MAINTENANCE_BATCH && dead < MAINTENANCE_BATCH {
+            break;
+        }
+    }
+    for _ in 0..MAINTENANCE_ROUNDS {
+        let workflows = queue_op!(shared.queue_db, |client| sql::prune_workflows(
+            client,
+            settings.result_retention,
+            settings.dead_retention,
+            MAINTENANCE_BATCH
+        ))
+        .await?;
+        if workflows < MAINTENANCE_BATCH {
             break;
         }
     }

@@ -209,6 +209,9 @@ impl From<EnqueueError> for ApiError {
     fn from(e: EnqueueError) -> Self {
         match e {
             EnqueueError::Invalid(invalid) => invalid.into(),
+            EnqueueError::Workflow(_) => {
+                ApiError::with_status(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+            }
             EnqueueError::BatchTooLarge(_) => {
                 ApiError::with_status(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
             }

@@ -13,6 +13,7 @@ use tidepool::queue::worker::QUEUE_POOL_SIZE;
 use tidepool::queue::{self, JobState, JobView, NewJob, RetryPolicy, ShutdownReport, Worker};
 use tidepool::settings::{DatabaseSettings, WorkerSettings};
 use tidepool::task::Registry;
+use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -124,6 +125,42 @@ impl RunningWorker {
 impl Drop for RunningWorker {
     fn drop(&mut self) {
         self.handle.abort();
+    }
+}
+
+/// A worker on a tokio runtime of its own, so that [`KillableWorker::kill`]
+/// stops every task of it at once, as a killed process would: no shutdown,
+/// its connections dropped.
+pub struct KillableWorker {
+    runtime: Option<Runtime>,
+}
+
+impl KillableWorker {
+    pub fn start(
+        h: &Harness,
+        registry: Registry,
+        settings: WorkerSettings,
+        clock: Option<Arc<dyn Clock>>,
+    ) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+        let worker = h.new_worker(registry, settings, clock)?;
+        runtime.spawn(worker.run(std::future::pending::<()>()));
+        Ok(Self { runtime: Some(runtime) })
+    }
+
+    /// Stops every task of the worker where it is.
+    pub fn kill(mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for KillableWorker {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
