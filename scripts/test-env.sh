@@ -18,7 +18,8 @@ TEST_STATE=$TIDEPOOL_STATE_DIR/test
 # PostgreSQL 17 beside it: images/postgresql's root filesystem on loopback
 # (scripts/stack.sh, TIDEPOOL_PG_ROOTFS), port $TIDEPOOL_TEST_PG17_PORT
 # (15433), with the same passwords. The queue's, the periodic tasks', the
-# migrations' and the worker's tests run on it too (run_tests).
+# workflows' and rate limits', the migrations' and the worker's tests run on
+# it too (run_tests).
 : "${TIDEPOOL_TEST_PG17_PORT:=15433}"
 TEST17_STATE=$TIDEPOOL_STATE_DIR/test-pg17
 TEST17_ROOTFS=$TIDEPOOL_STATE_DIR/test-pg17-rootfs
@@ -101,7 +102,7 @@ run_tests() {
   if (( version / 10000 == 17 )); then
     # shellcheck disable=SC2086
     TIDEPOOL_TEST_PG_PORT=$TIDEPOOL_TEST_PG17_PORT \
-      cargo test --workspace --test queue --test periodic --test migrate --test worker "$@" -- ${TIDEPOOL_TEST_ARGS:-} || status=$?
+      cargo test --workspace --test queue --test periodic --test workflow --test migrate --test worker "$@" -- ${TIDEPOOL_TEST_ARGS:-} || status=$?
   else
     say "PostgreSQL 17 is not on port $TIDEPOOL_TEST_PG17_PORT (server_version_num: $version)"
     status=1
