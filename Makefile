@@ -8,7 +8,7 @@ SHELL := /bin/bash
 # machine reuses it.
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/tidepool/cargo-target
 
-.PHONY: help deps build up down status demo test soak lint bench bench-web bench-operator bench-node bench-e2e bench-dashboards bench-autoscaling bench-router bench-shop bench-django bench-tls bench-rotation bench-cloudnative-pg bench-periodic clean kube-build kube-up kube-down images
+.PHONY: help deps build up down status demo test soak lint bench bench-web bench-operator bench-node bench-e2e bench-dashboards bench-autoscaling bench-router bench-shop bench-django bench-tls bench-rotation bench-cloudnative-pg bench-periodic bench-workflows clean kube-build kube-up kube-down images
 
 help:
 	@echo "make demo    install, build, start the local stack, run the seed's experiments"
@@ -28,6 +28,7 @@ help:
 	@echo "make bench-rotation  a password rotation under load on the real node: failed requests, the time to the first new login (section 19)"
 	@echo "make bench-cloudnative-pg the seed's experiments on CloudNativePG's PostgreSQL 17 beside the host's 15, an instance restart, rotation and budget (section 20)"
 	@echo "make bench-periodic  periodic tasks: occurrence to job start, what schedule checks cost PostgreSQL, jobs/s beside schedules (section 21)"
+	@echo "make bench-workflows the worker against the bare loop, rate-limit precision, a 10,000-member chord, enqueue to start (section 22)"
 	@echo "make bench-shop      the shop's POST /orders with and without its receipt job, orders to receipts (section 16)"
 	@echo "make bench-django    the Django + Celery example on the real node, beside its image on loopback and the Tidepool app (section 17)"
 	@echo "make images  build the container images from images/*/Dockerfile and examples/shop (no registry) and load them into the real node"
@@ -105,6 +106,9 @@ bench-cloudnative-pg: build
 
 bench-periodic: build
 	@scripts/bench-periodic.sh
+
+bench-workflows: build
+	@scripts/bench-workflows.sh
 
 bench-shop: build
 	@scripts/install-deps.sh bench

@@ -32,7 +32,9 @@
 //! the real node's network namespace); they are bounded in count and time,
 //! and print one JSON object on standard output.
 
+mod inprocess;
 mod periodic;
+mod workflow;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -147,6 +149,9 @@ enum Command {
     /// The periodic tasks' benchmarks: workers of the runtime in this
     /// process with schedules (docs/benchmarks.md, section 21).
     Periodic(periodic::Args),
+    /// The benchmarks of rate limits, workflows and the worker's plain
+    /// path (docs/benchmarks.md, section 22).
+    Workflow(workflow::Args),
     /// Open N keep-alive connections, one request each, then hold them.
     Idle {
         /// Target, e.g. http://127.0.0.1:8000/healthz (loopback only).
@@ -717,8 +722,8 @@ async fn rate(
 }
 
 #[derive(Serialize)]
-struct QueueLoopReport {
-    jobs: u64,
+pub(crate) struct QueueLoopReport {
+    pub(crate) jobs: u64,
     loops: usize,
     batch_size: i64,
     seconds: f64,
@@ -745,7 +750,7 @@ pub(crate) fn loopback_database(url: &str, flag: &str) -> Result<tokio_postgres:
 
 /// Claims and completes every due job of `queue` with `loops` connections,
 /// each claiming `batch_size` at a time and completing them at once.
-async fn queue_loop(
+pub(crate) async fn queue_loop(
     database_url: &str,
     queue: &str,
     loops: usize,
@@ -845,6 +850,13 @@ async fn main() -> Result<()> {
             let report = tokio::time::timeout(timeout, periodic::run(args))
                 .await
                 .with_context(|| format!("the periodic benchmark did not finish within {timeout:?}"))??;
+            println!("{report}");
+        }
+        Command::Workflow(args) => {
+            let timeout = args.timeout;
+            let report = tokio::time::timeout(timeout, workflow::run(args))
+                .await
+                .with_context(|| format!("the workflow benchmark did not finish within {timeout:?}"))??;
             println!("{report}");
         }
         Command::QueueLoop { database_url, queue, loops, batch_size, timeout } => {

@@ -19,29 +19,24 @@
 //! removed before and after. Prints one JSON object.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use tidepool::chrono::{DateTime, Utc};
-use tidepool::db::{Database, PoolSettings, Type};
-use tidepool::metrics::{counter_total, WorkerMetrics};
+use tidepool::db::Type;
 use tidepool::queue::periodic::{Cadence, Periodic};
-use tidepool::queue::worker::QUEUE_POOL_SIZE;
-use tidepool::queue::{self, EnqueueOptions, NewJob, Worker};
-use tidepool::settings::{DatabaseSettings, WorkerSettings};
+use tidepool::queue::{self, EnqueueOptions, NewJob};
+use tidepool::settings::WorkerSettings;
 use tidepool::task::{Registry, Task, TaskContext, TaskError};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+
+use crate::inprocess::{connect, quantile, wait_until, Running};
 
 /// The benchmark's own table: when each job started.
 const STARTS_TABLE: &str = "CREATE TABLE IF NOT EXISTS bench_periodic_starts (
     job_id bigint PRIMARY KEY, started_at timestamptz NOT NULL)";
 /// The queue the throughput run's schedules enqueue to, which no worker serves.
 const UNSERVED_QUEUE: &str = "bench-unserved";
-/// Longest any wait of a run.
-const WAIT_LIMIT: Duration = Duration::from_secs(900);
 
 /// Which benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -126,25 +121,6 @@ impl Task for Noop {
     }
 }
 
-/// A worker running in this process until stopped.
-struct Running {
-    stop: watch::Sender<bool>,
-    handle: JoinHandle<()>,
-    metrics: WorkerMetrics,
-}
-
-impl Running {
-    async fn stop(self) -> Result<()> {
-        let _ = self.stop.send(true);
-        tokio::time::timeout(Duration::from_secs(60), self.handle).await.context("a worker's shutdown")??;
-        Ok(())
-    }
-
-    fn succeeded(&self) -> u64 {
-        counter_total(&self.metrics.jobs_succeeded)
-    }
-}
-
 fn start_worker(
     options: &Options,
     name: String,
@@ -156,45 +132,8 @@ fn start_worker(
     for periodic in schedules {
         registry.periodic(periodic)?;
     }
-    let metrics = WorkerMetrics::new()?;
-    let pool = |max_size: usize| -> Result<Database> {
-        let settings = PoolSettings {
-            max_size,
-            wait: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(5),
-            query_timeout: Duration::from_secs(30),
-        };
-        Ok(Database::new(options.pooled.clone(), settings, metrics.db_pool_wait.clone())?)
-    };
-    let settings = WorkerSettings {
-        name,
-        concurrency,
-        batch_size,
-        database: DatabaseSettings::new(options.args.database_url.clone()),
-        ..WorkerSettings::default()
-    };
-    let worker = Worker::new(
-        settings,
-        Arc::new(registry),
-        pool(QUEUE_POOL_SIZE)?,
-        pool(concurrency as usize)?,
-        metrics.clone(),
-    )?;
-    let (stop, mut stopped) = watch::channel(false);
-    let handle = tokio::spawn(async move {
-        worker
-            .run(async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            })
-            .await;
-    });
-    Ok(Running { stop, handle, metrics })
-}
-
-async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client> {
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-    tokio::spawn(connection);
-    Ok(client)
+    let settings = WorkerSettings { name, concurrency, batch_size, ..WorkerSettings::default() };
+    Running::start(&options.pooled, &options.args.database_url, registry, settings)
 }
 
 /// Removes what earlier runs left: the benchmark's schedules, their
@@ -220,22 +159,6 @@ fn schedules(count: usize, period: Duration, queue: Option<&str>) -> Result<Vec<
             Ok(Periodic::with_options(&format!("bench-{i}"), Cadence::every(period)?, &Stamp {}, options)?)
         })
         .collect()
-}
-
-/// Polls `done` every 20 ms until it holds, at most [`WAIT_LIMIT`].
-async fn wait_until<F, Fut>(what: &str, mut done: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool>>,
-{
-    let deadline = Instant::now() + WAIT_LIMIT;
-    while !done().await? {
-        if Instant::now() > deadline {
-            bail!("{what}: not within {WAIT_LIMIT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
 }
 
 #[derive(Serialize)]
@@ -308,15 +231,6 @@ async fn delay(options: &Options, db: &tokio_postgres::Client) -> Result<DelayRe
         duplicates,
         enqueued_by,
     })
-}
-
-/// The `q` quantile of sorted `values` (nearest rank).
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
 }
 
 /// PostgreSQL's counters for the app's database and `tidepool_schedules`,

@@ -64,11 +64,24 @@ fn counter_vec(
 /// A counter's value summed over its labels (what a `sum` over the
 /// series would give).
 pub fn counter_total(counter: &IntCounterVec) -> u64 {
+    counter_total_where(counter, |_| true)
+}
+
+/// [`counter_total`] over the series whose label `name` is `value`.
+pub fn counter_total_with(counter: &IntCounterVec, name: &str, value: &str) -> u64 {
+    counter_total_where(counter, |labels| labels.iter().any(|l| l.name() == name && l.value() == value))
+}
+
+fn counter_total_where(
+    counter: &IntCounterVec,
+    keep: impl Fn(&[prometheus::proto::LabelPair]) -> bool,
+) -> u64 {
     use prometheus::core::Collector;
     counter
         .collect()
         .iter()
         .flat_map(|family| family.get_metric())
+        .filter(|m| keep(m.get_label()))
         .map(|m| m.get_counter().value() as u64)
         .sum()
 }

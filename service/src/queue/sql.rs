@@ -87,7 +87,9 @@ RETURNING j.id, j.queue, j.task, j.args, j.attempt, j.max_attempts,
 /// limit has room for `max_claims` minus the log's claims after
 /// `at - period`; a limit without a row (not declared yet) has none. Jobs
 /// of a limit without room are passed over in the scan (they stay available,
-/// in the queue gauges, and are claimed once it has room); the rest are
+/// in the queue gauges, and are claimed once it has room; a queue whose own
+/// limit has no room is not scanned at all, and a queue limit's room bounds
+/// the scan); the rest are
 /// ranked per task and in all, and claimed as far as each limit's room
 /// goes. Every claimed job is appended to the logs of its limits at `at`,
 /// which is also its `attempted_at`.
@@ -117,10 +119,11 @@ WITH keys AS (
 ), candidates AS (
     SELECT j.id, j.task, j.priority, j.run_at FROM tidepool_jobs j
     WHERE j.state = 'available' AND j.queue = $1 AND j.run_at <= now()
-      AND NOT EXISTS (SELECT 1 FROM room r
-                      WHERE r.room <= 0 AND (r.key = 'task:' || j.task OR r.key = 'queue:' || $1))
+      -- Evaluated once: a queue without room is not scanned at all.
+      AND NOT EXISTS (SELECT 1 FROM room r WHERE r.key = 'queue:' || $1 AND r.room <= 0)
+      AND NOT EXISTS (SELECT 1 FROM room r WHERE r.key = 'task:' || j.task AND r.room <= 0)
     ORDER BY j.priority DESC, j.run_at, j.id
-    LIMIT $2
+    LIMIT least($2, (SELECT r.room FROM room r WHERE r.key = 'queue:' || $1))
     FOR UPDATE OF j SKIP LOCKED
 ), ranked AS (
     SELECT c.id, c.task,
