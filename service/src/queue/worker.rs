@@ -105,7 +105,23 @@ enum OutcomeKind {
     Stopped(Stop),
 }
 
+/// The outcome labels of `tidepool_job_duration_seconds`, in
+/// [`OutcomeKind::index`] order.
+const OUTCOME_LABELS: [&str; 6] =
+    ["succeeded", "failed", "timeout", "cancelled", "lease_lost", "handed_back"];
+
 impl OutcomeKind {
+    fn index(&self) -> usize {
+        match self {
+            Self::Succeeded(_) => 0,
+            Self::Failed(_) => 1,
+            Self::TimedOut(_) => 2,
+            Self::Stopped(Stop::Cancelled) => 3,
+            Self::Stopped(Stop::LeaseLost) => 4,
+            Self::Stopped(Stop::Shutdown) => 5,
+        }
+    }
+
     fn label(&self) -> &'static str {
         match self {
             Self::Succeeded(_) => "succeeded",
@@ -118,10 +134,65 @@ impl OutcomeKind {
     }
 }
 
+/// The series of one task and queue, looked up once (not per job: a
+/// label lookup hashes the labels under a lock, and the plain path runs
+/// tens of thousands of jobs a second).
+struct JobSeries {
+    started: prometheus::IntCounter,
+    latency: prometheus::Histogram,
+    durations: [prometheus::Histogram; 6],
+    succeeded: prometheus::IntCounter,
+    failed: prometheus::IntCounter,
+    retried: prometheus::IntCounter,
+    dead: prometheus::IntCounter,
+    cancelled: prometheus::IntCounter,
+    handed_back: prometheus::IntCounter,
+    lease_lost: prometheus::IntCounter,
+}
+
+impl JobSeries {
+    fn new(metrics: &WorkerMetrics, task: &str, queue: &str) -> Self {
+        let labels = [task, queue];
+        Self {
+            started: metrics.jobs_started.with_label_values(&labels),
+            latency: metrics.job_queue_latency.with_label_values(&[queue]),
+            durations: OUTCOME_LABELS
+                .map(|outcome| metrics.job_duration.with_label_values(&[task, queue, outcome])),
+            succeeded: metrics.jobs_succeeded.with_label_values(&labels),
+            failed: metrics.jobs_failed.with_label_values(&labels),
+            retried: metrics.jobs_retried.with_label_values(&labels),
+            dead: metrics.jobs_dead.with_label_values(&labels),
+            cancelled: metrics.jobs_cancelled.with_label_values(&labels),
+            handed_back: metrics.jobs_handed_back.with_label_values(&labels),
+            lease_lost: metrics.jobs_lease_lost.with_label_values(&labels),
+        }
+    }
+}
+
+/// [`JobSeries`] by task label, then queue: registered task names (or
+/// "unknown") and the worker's queues, so it stays small.
+#[derive(Default)]
+struct SeriesCache(Mutex<HashMap<String, HashMap<String, Arc<JobSeries>>>>);
+
+impl SeriesCache {
+    fn get(&self, metrics: &WorkerMetrics, task: &str, queue: &str) -> Arc<JobSeries> {
+        let mut cache = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let by_queue = match cache.get_mut(task) {
+            Some(by_queue) => by_queue,
+            None => cache.entry(task.to_owned()).or_default(),
+        };
+        if let Some(series) = by_queue.get(queue) {
+            return series.clone();
+        }
+        let series = Arc::new(JobSeries::new(metrics, task, queue));
+        by_queue.insert(queue.to_owned(), series.clone());
+        series
+    }
+}
+
 struct Outcome {
     lease: Lease,
-    task_label: String,
-    queue: String,
+    series: Arc<JobSeries>,
     /// A member of a workflow: its success goes through
     /// [`sql::complete_members`], its output kept whatever the retention.
     member: bool,
@@ -172,6 +243,7 @@ impl Worker {
             limit_keys,
             rate_limits,
             permits: Arc::new(Semaphore::new(settings.concurrency as usize)),
+            series: SeriesCache::default(),
             held: HeldJobs::default(),
             wake: Arc::new(Notify::new()),
             settings,
@@ -344,6 +416,7 @@ struct Shared {
     metrics: WorkerMetrics,
     /// One per job held; `--concurrency` in all.
     permits: Arc<Semaphore>,
+    series: SeriesCache,
     held: HeldJobs,
     wake: Arc<Notify>,
 }
@@ -473,11 +546,10 @@ fn start_job(
     outcomes: mpsc::Sender<Outcome>,
 ) {
     let lease = Lease { id: job.id, attempt: job.attempt };
-    let task_label = shared.registry.label(&job.task).to_owned();
-    let metrics = &shared.metrics;
-    metrics.jobs_started.with_label_values(&[&task_label, &job.queue]).inc();
-    metrics.job_queue_latency.with_label_values(&[&job.queue]).observe(job.latency_seconds);
-    metrics.jobs_running.inc();
+    let series = shared.series.get(&shared.metrics, shared.registry.label(&job.task), &job.queue);
+    series.started.inc();
+    series.latency.observe(job.latency_seconds);
+    shared.metrics.jobs_running.inc();
     let (stop_tx, stop_rx) = oneshot::channel();
     lock(&shared.held).insert(job.id, Held { attempt: job.attempt, stop: Some(stop_tx) });
     tracing::debug!(job = job.id, attempt = job.attempt, task = %job.task, "job started");
@@ -514,13 +586,9 @@ fn start_job(
                 }
             }
         };
-        shared
-            .metrics
-            .job_duration
-            .with_label_values(&[&task_label, &job.queue, kind.label()])
-            .observe(started.elapsed().as_secs_f64());
+        series.durations[kind.index()].observe(started.elapsed().as_secs_f64());
         tracing::debug!(job = job.id, attempt = job.attempt, outcome = kind.label(), "job ended");
-        let outcome = Outcome { lease, task_label, queue: job.queue, member, kind, permit };
+        let outcome = Outcome { lease, series, member, kind, permit };
         // The recorder outlives every job (it stops when all senders are gone).
         let _ = outcomes.send(outcome).await;
     });
@@ -579,11 +647,10 @@ async fn record_outcomes(shared: Arc<Shared>, mut outcomes: mpsc::Receiver<Outco
 /// Records one batch of outcomes, one statement per kind.
 async fn record(shared: &Shared, batch: &[Outcome]) {
     let keep_results = !shared.settings.result_retention.is_zero();
-    let labels: HashMap<i64, (&str, &str)> =
-        batch.iter().map(|o| (o.lease.id, (o.task_label.as_str(), o.queue.as_str()))).collect();
-    let count = |counter: &prometheus::IntCounterVec, id: i64| {
-        if let Some((task, queue)) = labels.get(&id) {
-            counter.with_label_values(&[task, queue]).inc();
+    let series: HashMap<i64, &JobSeries> = batch.iter().map(|o| (o.lease.id, &*o.series)).collect();
+    let count = |counter: fn(&JobSeries) -> &prometheus::IntCounter, id: i64| {
+        if let Some(series) = series.get(&id) {
+            counter(series).inc();
         }
     };
 
@@ -599,22 +666,22 @@ async fn record(shared: &Shared, batch: &[Outcome]) {
                 done.push((lease, if keep_results || outcome.member { result.clone() } else { None }));
             }
             OutcomeKind::Failed(e) => {
-                count(&shared.metrics.jobs_failed, lease.id);
+                count(|s| &s.failed, lease.id);
                 let give_up = matches!(e, TaskError::Fatal(_)).then_some(GiveUp::Dead);
                 failures.push(failure(shared, lease, e.to_string(), give_up));
             }
             OutcomeKind::TimedOut(after) => {
-                count(&shared.metrics.jobs_failed, lease.id);
+                count(|s| &s.failed, lease.id);
                 let error = format!("timed out after {}", humantime::format_duration(*after));
                 failures.push(failure(shared, lease, error, None));
             }
             OutcomeKind::Stopped(Stop::Cancelled) => {
-                count(&shared.metrics.jobs_cancelled, lease.id);
+                count(|s| &s.cancelled, lease.id);
                 let error = "cancelled while running".to_owned();
                 failures.push(failure(shared, lease, error, Some(GiveUp::Cancelled)));
             }
             OutcomeKind::Stopped(Stop::Shutdown) => hand_back.push(lease),
-            OutcomeKind::Stopped(Stop::LeaseLost) => count(&shared.metrics.jobs_lease_lost, lease.id),
+            OutcomeKind::Stopped(Stop::LeaseLost) => count(|s| &s.lease_lost, lease.id),
         }
     }
 
@@ -629,7 +696,7 @@ async fn record(shared: &Shared, batch: &[Outcome]) {
         .await
         {
             for id in finished {
-                count(&shared.metrics.jobs_succeeded, id);
+                count(|s| &s.succeeded, id);
             }
         }
     }
@@ -641,8 +708,8 @@ async fn record(shared: &Shared, batch: &[Outcome]) {
         {
             for (id, how) in settled {
                 match how {
-                    Settled::Retried => count(&shared.metrics.jobs_retried, id),
-                    Settled::Dead => count(&shared.metrics.jobs_dead, id),
+                    Settled::Retried => count(|s| &s.retried, id),
+                    Settled::Dead => count(|s| &s.dead, id),
                     Settled::Cancelled => {}
                 }
             }
@@ -655,7 +722,7 @@ async fn record(shared: &Shared, batch: &[Outcome]) {
         .await
         {
             for id in ids {
-                count(&shared.metrics.jobs_handed_back, id);
+                count(|s| &s.handed_back, id);
             }
         }
     }
@@ -820,4 +887,38 @@ async fn maintain(shared: &Shared) -> Result<(), DbError> {
         shared.metrics.queue_oldest_age.with_label_values(&[&queue.queue]).set(queue.oldest_available_age);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_outcome_has_its_own_duration_series() {
+        let kinds = [
+            OutcomeKind::Succeeded(None),
+            OutcomeKind::Failed(TaskError::retry("x")),
+            OutcomeKind::TimedOut(Duration::from_secs(1)),
+            OutcomeKind::Stopped(Stop::Cancelled),
+            OutcomeKind::Stopped(Stop::LeaseLost),
+            OutcomeKind::Stopped(Stop::Shutdown),
+        ];
+        for kind in &kinds {
+            assert_eq!(OUTCOME_LABELS[kind.index()], kind.label());
+        }
+        let indexes: std::collections::HashSet<usize> = kinds.iter().map(OutcomeKind::index).collect();
+        assert_eq!(indexes.len(), OUTCOME_LABELS.len());
+    }
+
+    #[test]
+    fn series_are_looked_up_once_per_task_and_queue() -> Result<(), prometheus::Error> {
+        let metrics = WorkerMetrics::new()?;
+        let cache = SeriesCache::default();
+        let a = cache.get(&metrics, "noop", "default");
+        a.started.inc();
+        assert!(Arc::ptr_eq(&a, &cache.get(&metrics, "noop", "default")));
+        assert!(!Arc::ptr_eq(&a, &cache.get(&metrics, "noop", "other")));
+        assert_eq!(metrics.jobs_started.with_label_values(&["noop", "default"]).get(), 1);
+        Ok(())
+    }
 }
