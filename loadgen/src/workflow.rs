@@ -8,7 +8,8 @@
 //!   on one and on two connections (the queue's own claim and completion
 //!   statements back to back), and by one and two workers again with a
 //!   rate-limited queue (`bench-metered`, 100 a second, a backlog that
-//!   outlasts the round) and a chord of 1,000 members beside them;
+//!   outlasts the round) and a chord of 1,000 members beside them, and by
+//!   one worker whose limited queue is empty (present, unused);
 //!   alternating, `--rounds` times.
 //! - `precision`: a queue limited to `--limit` claims a second, served by
 //!   `--workers` workers, for `--window`: the claims in the window, the most
@@ -198,7 +199,8 @@ struct ThroughputRound {
     jobs_per_second: f64,
 }
 
-const WAYS: [&str; 6] = ["worker1", "worker2", "bare1", "bare2", "worker1_beside", "worker2_beside"];
+const WAYS: [&str; 7] =
+    ["worker1", "worker2", "bare1", "bare2", "worker1_unused", "worker1_beside", "worker2_beside"];
 
 async fn throughput(options: &Options, db: &tokio_postgres::Client) -> Result<Vec<ThroughputRound>> {
     let noop = NewJob::new("noop", serde_json::json!({}));
@@ -211,6 +213,8 @@ async fn throughput(options: &Options, db: &tokio_postgres::Client) -> Result<Ve
             clean(db).await?;
             enqueue_copies(db, &noop, options.args.jobs).await?;
             let beside = way.ends_with("_beside");
+            // The limit is there (and its queue served), but nothing waits for it.
+            let limited = beside || way.ends_with("_unused");
             if beside {
                 let metered = noop.clone().queue(METERED_QUEUE);
                 enqueue_copies(db, &metered, 100_000).await?;
@@ -229,8 +233,8 @@ async fn throughput(options: &Options, db: &tokio_postgres::Client) -> Result<Ve
                     let n = if way.starts_with("worker1") { 1 } else { 2 };
                     let wanted = (options.args.jobs + if beside { BESIDE_CHORD + 1 } else { 0 }) as u64;
                     let limits: &[(&str, RateLimit)] =
-                        if beside { &[(METERED_QUEUE, METERED_LIMIT)] } else { &[] };
-                    let queues = if beside {
+                        if limited { &[(METERED_QUEUE, METERED_LIMIT)] } else { &[] };
+                    let queues = if limited {
                         vec!["default".to_owned(), METERED_QUEUE.to_owned()]
                     } else {
                         vec!["default".to_owned()]

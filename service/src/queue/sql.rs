@@ -195,7 +195,8 @@ SELECT id FROM done";
 /// marks it succeeded, starts the next stage and inserts its jobs. Outputs
 /// are kept for the next stage to read (the last stage's are not needed).
 /// Members of a stage that has ended otherwise (failed, cancelled) finish
-/// as plain jobs.
+/// as plain jobs. Each row: a finished id, and how many jobs of next stages
+/// this statement inserted.
 const COMPLETE_MEMBERS: &str = "
 WITH d AS (
     SELECT * FROM unnest($1::int8[], $2::int4[], $3::jsonb[]) AS d(id, attempt, result)
@@ -248,8 +249,9 @@ WITH d AS (
            (m.job->>'max_attempts')::int4, n.id
     FROM next_stage n CROSS JOIN LATERAL jsonb_array_elements(n.jobs) WITH ORDINALITY AS m(job, ord)
     ORDER BY n.id, m.ord
+    RETURNING 1
 )
-SELECT id FROM done";
+SELECT id, (SELECT count(*) FROM next_jobs) FROM done";
 
 /// Ends the workflows of the members in `buried` (`id`, `group_id`,
 /// `final_state`, `last_error`) that died or were cancelled: every stage
@@ -852,12 +854,13 @@ pub async fn complete(client: &impl Executor, done: &[(Lease, Option<Value>)]) -
 /// [`complete`] for a batch that holds members of workflows: a member's
 /// output is kept for the next stage (whatever `keep_results` says of the
 /// results table), and the member that completes its stage starts the next
-/// one, in this statement.
+/// one, in this statement. Returns the ids finished and how many jobs of
+/// next stages it inserted.
 pub async fn complete_members(
     client: &impl Executor,
     done: &[(Lease, Option<Value>)],
     keep_results: bool,
-) -> Result<Vec<i64>, Error> {
+) -> Result<(Vec<i64>, i64), Error> {
     let (ids, attempts) = lease_columns(done.iter().map(|(l, _)| *l));
     let results: Vec<Option<&Value>> = done.iter().map(|(_, r)| r.as_ref()).collect();
     let rows = client
@@ -871,7 +874,8 @@ pub async fn complete_members(
             ],
         )
         .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    let started = rows.first().map_or(0, |r| r.get(1));
+    Ok((rows.iter().map(|r| r.get(0)).collect(), started))
 }
 
 /// One failed attempt to record.

@@ -688,7 +688,15 @@ async fn record(shared: &Shared, batch: &[Outcome]) {
     if !done.is_empty() {
         if let Some(finished) = with_retries("record succeeded jobs", || async {
             if members_done {
-                queue_op!(shared.queue_db, |client| sql::complete_members(client, &done, keep_results)).await
+                let (finished, started) =
+                    queue_op!(shared.queue_db, |client| sql::complete_members(client, &done, keep_results))
+                        .await?;
+                if started > 0 {
+                    // A next stage's jobs (a callback): this worker may claim
+                    // them at once rather than at its next poll.
+                    shared.wake.notify_one();
+                }
+                Ok(finished)
             } else {
                 queue_op!(shared.queue_db, |client| sql::complete(client, &done)).await
             }
