@@ -778,7 +778,7 @@ pub struct LimitedClaim {
 }
 
 /// [`claim`] under the global rate limits `keys` (their rows in
-/// `tidepool_rate_limits`, [`crate::queue::rate_limit::RateLimit::key`]).
+/// `tidepool_rate_limits`, [`crate::queue::rate_limit::task_key`], `queue_key`).
 pub async fn claim_limited(
     client: &impl Executor,
     queue: &str,
