@@ -674,6 +674,38 @@ async fn a_worker_serves_only_its_queues_round_robin() -> Result<()> {
     Ok(())
 }
 
+/// A worker kept busy by one queue still looks at its quiet one: a job
+/// there starts long before the busy queue's backlog is worked off (the
+/// claimer passes over a queue it found empty only for a back-off).
+#[tokio::test]
+async fn a_quiet_queue_is_served_while_a_busy_one_keeps_the_worker_busy() -> Result<()> {
+    const BACKLOG: usize = 30_000;
+    let h = harness(8).await?;
+    let busy = vec![NewJob::new("noop", json!({})).queue("busy"); queue::MAX_BATCH];
+    for _ in 0..BACKLOG / queue::MAX_BATCH {
+        queue::enqueue_many(&h.client, &busy).await?;
+    }
+    let pending = "SELECT count(*) FROM tidepool_jobs WHERE queue = 'busy'";
+    let worker = h.start_worker(
+        builtins()?,
+        WorkerSettings { queues: vec!["quiet".into(), "busy".into()], ..settings("w") },
+    )?;
+    // Long enough for the quiet queue to be found empty again and again.
+    wait_for("the worker to be well into the backlog", Duration::from_secs(60), || async {
+        let left: i64 = h.client.query_typed_one(pending, &[]).await.ok()?.get(0);
+        (left <= (BACKLOG - 2_000) as i64).then_some(())
+    })
+    .await?;
+    let quiet =
+        queue::enqueue_job(&h.client, &NewJob::new("slow_query", json!({"seconds": 0})).queue("quiet"))
+            .await?;
+    h.wait_state(quiet.id, JobState::Succeeded, Duration::from_secs(30)).await?;
+    let left: i64 = h.client.query_typed_one(pending, &[]).await?.get(0);
+    worker.shutdown().await?;
+    assert!(left > 0, "the quiet queue's job waited for the busy queue's whole backlog");
+    Ok(())
+}
+
 /// Doubles its number; refuses a negative one; fails fatally on 13 and
 /// for another attempt on 7.
 #[derive(Debug, Serialize, Deserialize)]

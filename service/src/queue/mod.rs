@@ -54,6 +54,7 @@ pub mod job;
 pub mod periodic;
 pub mod rate_limit;
 pub(crate) mod retry;
+mod rotation;
 mod scheduler;
 pub mod sql;
 pub mod worker;

@@ -7,7 +7,9 @@
 //! - the **claimer** takes as many permits as are free (at most
 //!   `--concurrency` jobs are held at once: running, or finished and waiting
 //!   to be recorded), claims that many due jobs in one statement per queue,
-//!   and spawns each. Polling is adaptive: straight on after a full batch, a
+//!   and spawns each. It visits its queues round-robin, and passes over a
+//!   queue it just found empty while the others keep it busy (backing off
+//!   as an idle worker does; `queue/rotation.rs`). Polling is adaptive: straight on after a full batch, a
 //!   short pause after a partial one, and an exponentially growing pause (up
 //!   to `--poll-interval-max`) while the queues are empty. A [`Worker::waker`]
 //!   cuts a pause short (the process wires it to LISTEN when it has a direct
@@ -51,6 +53,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore}
 use super::job::ClaimedJob;
 use super::periodic::{Clock, Periodic, SystemClock, FORGET_AFTER};
 use super::rate_limit::RateLimit;
+use super::rotation::{Rotation, Visit};
 use super::scheduler::Scheduler;
 use super::sql::{self, Failure, GiveUp, Lease, Settled};
 use crate::db::{Database, DbError};
@@ -424,7 +427,9 @@ struct Shared {
 async fn claim_loop(shared: Arc<Shared>, outcomes: mpsc::Sender<Outcome>, mut stop: watch::Receiver<bool>) {
     let settings = &shared.settings;
     let mut idle_pause = settings.poll_interval_min;
-    let mut next_queue = 0;
+    let mut rotation =
+        Rotation::new(settings.queues.len(), settings.poll_interval_min, settings.poll_interval_max);
+    let mut visits = Vec::with_capacity(settings.queues.len());
     let wedge = std::env::var_os(WEDGE_HOOK_VAR).map(std::path::PathBuf::from);
     while !*stop.borrow_and_update() {
         shared.liveness.turned();
@@ -454,14 +459,14 @@ async fn claim_loop(shared: Arc<Shared>, outcomes: mpsc::Sender<Outcome>, mut st
         let wanted = permits.len();
         let mut claimed = 0;
         let mut failed = false;
-        // The soonest a full rate limit has room again.
-        let mut limit_frees: Option<Duration> = None;
-        // Round-robin over the queues, starting where the last round left off.
-        for i in 0..settings.queues.len() {
+        if woken_now(&shared.wake) {
+            rotation.woken();
+        }
+        rotation.plan(Instant::now(), &mut visits);
+        for &index in &visits {
             if permits.is_empty() {
                 break;
             }
-            let index = (next_queue + i) % settings.queues.len();
             let queue = &settings.queues[index];
             let limit = i64::try_from(permits.len()).unwrap_or(i64::MAX);
             let keys = &shared.limit_keys[index];
@@ -474,6 +479,7 @@ async fn claim_loop(shared: Arc<Shared>, outcomes: mpsc::Sender<Outcome>, mut st
                     settings.lease
                 ))
                 .await
+                .map(|jobs| (jobs, None))
             } else {
                 queue_op!(shared.queue_db, |client| sql::claim_limited(
                     client,
@@ -484,15 +490,16 @@ async fn claim_loop(shared: Arc<Shared>, outcomes: mpsc::Sender<Outcome>, mut st
                     keys
                 ))
                 .await
-                .map(|claim| {
-                    if let Some(frees) = claim.full_for {
-                        limit_frees = Some(limit_frees.map_or(frees, |f| f.min(frees)));
-                    }
-                    claim.jobs
-                })
+                .map(|claim| (claim.jobs, claim.full_for))
             };
             match claim {
-                Ok(jobs) => {
+                Ok((jobs, full_for)) => {
+                    let visit = match full_for {
+                        _ if jobs.len() >= permits.len() => Visit::Full,
+                        Some(frees) => Visit::Limited(frees),
+                        None => Visit::Short,
+                    };
+                    rotation.visited(index, visit, Instant::now());
                     claimed += jobs.len();
                     for job in jobs {
                         let Some(permit) = permits.pop() else { break };
@@ -505,8 +512,9 @@ async fn claim_loop(shared: Arc<Shared>, outcomes: mpsc::Sender<Outcome>, mut st
                 }
             }
         }
-        next_queue = (next_queue + 1) % settings.queues.len().max(1);
         drop(permits);
+        // The soonest a full rate limit has room again.
+        let limit_frees = rotation.soonest_limit_room(Instant::now());
         let pause = if claimed == wanted {
             idle_pause = settings.poll_interval_min;
             continue;
@@ -531,12 +539,22 @@ async fn claim_loop(shared: Arc<Shared>, outcomes: mpsc::Sender<Outcome>, mut st
             };
             pause
         };
+        rotation.paused();
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
-            () = shared.wake.notified() => idle_pause = settings.poll_interval_min,
+            () = shared.wake.notified() => {
+                idle_pause = settings.poll_interval_min;
+                rotation.woken();
+            }
             _ = stop.changed() => return,
         }
     }
+}
+
+/// Takes a wake that came while the claimer was busy, if one did.
+fn woken_now(wake: &Notify) -> bool {
+    use futures_util::FutureExt;
+    wake.notified().now_or_never().is_some()
 }
 
 fn start_job(
