@@ -7,9 +7,10 @@
 # stack's PgBouncer in transaction mode:
 #   throughput  BENCH_WORKFLOW_JOBS (200,000) no-op jobs a round, worked by
 #               1 and 2 workers, the bare loop on 1 and 2 connections, 1
-#               worker serving an empty rate-limited queue, and 1 and 2
-#               workers with a rate-limited queue and a chord beside;
-#               the seven ways alternating, BENCH_WORKFLOW_ROUNDS (5) rounds;
+#               worker also serving an empty plain queue, and an empty
+#               rate-limited one, and 1 and 2 workers with a rate-limited
+#               queue and a chord beside; the eight ways alternating,
+#               BENCH_WORKFLOW_ROUNDS (9) rounds;
 #   precision   a queue limited to 100 claims a second, 4 workers, 60 s;
 #   chord       a chord of 10,000 members, 4 workers: the last member's end
 #               to the callback's start;
@@ -23,7 +24,7 @@ source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
 
 : "${BENCH_WORKFLOW_JOBS:=200000}"
-: "${BENCH_WORKFLOW_ROUNDS:=5}"
+: "${BENCH_WORKFLOW_ROUNDS:=9}"
 : "${BENCH_WORKFLOW_WINDOW:=60s}"
 : "${BENCH_WORKFLOW_MEMBERS:=10000}"
 OUT=$REPO_ROOT/docs/benchmarks.md
@@ -45,7 +46,7 @@ workflow() {
     "$TIDEPOOL_LOADGEN_BIN" workflow "$@"
 }
 
-say "throughput: $BENCH_WORKFLOW_JOBS no-op jobs a round, seven ways, $BENCH_WORKFLOW_ROUNDS rounds"
+say "throughput: $BENCH_WORKFLOW_JOBS no-op jobs a round, eight ways, $BENCH_WORKFLOW_ROUNDS rounds"
 workflow throughput --jobs "$BENCH_WORKFLOW_JOBS" --rounds "$BENCH_WORKFLOW_ROUNDS" > "$WORK/throughput.json"
 say "precision: 100 claims a second, 4 workers, $BENCH_WORKFLOW_WINDOW"
 workflow precision --limit 100 --workers 4 --window "$BENCH_WORKFLOW_WINDOW" > "$WORK/precision.json"
@@ -71,21 +72,22 @@ pct() { py "print('%.0f %%' % (100 * $1 / $2))"; }
   echo
   echo "Measured $(date -u +"%Y-%m-%d %H:%M UTC") at commit $(git rev-parse --short HEAD) by \`scripts/bench-workflows.sh\` (\`make bench-workflows\`): \`tidepool-loadgen workflow\` runs workers of the runtime in one process, each with pools of its own (what a \`tidepool worker\` process has), through the local stack's PgBouncer in transaction mode, on the machine above."
   echo
-  echo "**No-op jobs/s.** $BENCH_WORKFLOW_JOBS no-op jobs a round, enqueued in batches, then worked; the seven ways alternating, $BENCH_WORKFLOW_ROUNDS rounds, the hot table vacuumed before each. Workers: concurrency 2,000, batches of 1,000 (two claim batches in flight), timed from start to their last success. The bare loop: the worker's own claim and completion statements (\`tidepool::queue::sql\`) back to back with batches of 1,000, on 1 or 2 connections through the same PgBouncer. *Beside*: the same workers also serve \`bench-metered\`, limited to 100 claims a second with a backlog of 100,000, and a chord of 1,000 no-op members and its callback runs in the no-op queue; the jobs/s count everything they worked."
+  echo "**No-op jobs/s.** $BENCH_WORKFLOW_JOBS no-op jobs a round, enqueued in batches, then worked; the eight ways alternating, $BENCH_WORKFLOW_ROUNDS rounds, the hot table vacuumed before each. Workers: concurrency 2,000, batches of 1,000 (two claim batches in flight), timed from start to their last success. The bare loop: the worker's own claim and completion statements (\`tidepool::queue::sql\`) back to back with batches of 1,000, on 1 or 2 connections through the same PgBouncer. *Beside*: the same workers also serve \`bench-metered\`, limited to 100 claims a second with a backlog of 100,000, and a chord of 1,000 no-op members and its callback runs in the no-op queue; the jobs/s count everything they worked. *Served but empty*: the worker also serves \`bench-quiet\` (no limit) or \`bench-metered\` (its limit declared), with no job in it."
   echo
   echo "| | jobs/s (median) | spread | runs |"
   echo "|---|---|---|---|"
-  for w in worker1 worker2 bare1 bare2 worker1_unused worker1_beside worker2_beside; do
+  for w in worker1 worker2 bare1 bare2 worker1_second worker1_unused worker1_beside worker2_beside; do
     case $w in
       worker1) label="1 worker" ;; worker2) label="2 workers" ;;
       bare1) label="bare loop, 1 connection" ;; bare2) label="bare loop, 2 connections" ;;
-      worker1_unused) label="1 worker, limited queue served but empty" ;;
+      worker1_second) label="1 worker, a second queue served but empty" ;;
+      worker1_unused) label="1 worker, a limited queue served but empty" ;;
       worker1_beside) label="1 worker, limit and chord beside" ;; worker2_beside) label="2 workers, limit and chord beside" ;;
     esac
     echo "| $label | $(DECIMALS=0 median $(way $w)) | $(way $w | spread) | $(DECIMALS=0 runs $(way $w)) |"
   done
   echo
-  echo "1 worker / bare loop on 1 connection: **$(pct "$(m worker1)" "$(m bare1)")**; 2 workers / 1 worker: **$(pct "$(m worker2)" "$(m worker1)")**; 2 workers / bare loop on 2 connections: $(pct "$(m worker2)" "$(m bare2)"). A limited queue served but empty / none: $(pct "$(m worker1_unused)" "$(m worker1)"). With a limit and a chord running beside / without: $(pct "$(m worker1_beside)" "$(m worker1)") (1 worker), $(pct "$(m worker2_beside)" "$(m worker2)") (2 workers) (medians)."
+  echo "1 worker / bare loop on 1 connection: **$(pct "$(m worker1)" "$(m bare1)")**; 2 workers / 1 worker: **$(pct "$(m worker2)" "$(m worker1)")**; 2 workers / bare loop on 2 connections: $(pct "$(m worker2)" "$(m bare2)"). A second queue served but empty / none: $(pct "$(m worker1_second)" "$(m worker1)"); a limited queue served but empty / none: $(pct "$(m worker1_unused)" "$(m worker1)"); limited / plain second queue: $(pct "$(m worker1_unused)" "$(m worker1_second)"). With a limit and a chord running beside / without: $(pct "$(m worker1_beside)" "$(m worker1)") (1 worker), $(pct "$(m worker2_beside)" "$(m worker2)") (2 workers) (medians)."
   echo
   echo "**Rate-limit precision.** A queue limited to $(field precision limit_per_second) claims a second, a backlog of 1.5 times what the window allows, $(field precision workers) workers (concurrency 50, batches of 100), for $(field precision window_seconds) s from the first claim; claim times are the jobs' \`started_at\` (the time the claim statement logged):"
   echo

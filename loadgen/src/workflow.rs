@@ -9,8 +9,8 @@
 //!   statements back to back), and by one and two workers again with a
 //!   rate-limited queue (`bench-metered`, 100 a second, a backlog that
 //!   outlasts the round) and a chord of 1,000 members beside them, and by
-//!   one worker whose limited queue is empty (present, unused);
-//!   alternating, `--rounds` times.
+//!   one worker that also serves an empty queue: a plain one, and one under
+//!   a rate limit (present, unused); alternating, `--rounds` times.
 //! - `precision`: a queue limited to `--limit` claims a second, served by
 //!   `--workers` workers, for `--window`: the claims in the window, the most
 //!   in any second (sliding), and per whole second.
@@ -76,7 +76,7 @@ pub struct Args {
     /// `throughput`: each worker's claim batch, and the bare loop's.
     #[arg(long, default_value_t = 1000)]
     batch_size: u32,
-    /// `throughput`: only these ways (all six by default).
+    /// `throughput`: only these ways (every way by default).
     #[arg(long, value_delimiter = ',')]
     ways: Vec<String>,
     /// `throughput`: rounds of each way.
@@ -199,8 +199,19 @@ struct ThroughputRound {
     jobs_per_second: f64,
 }
 
-const WAYS: [&str; 7] =
-    ["worker1", "worker2", "bare1", "bare2", "worker1_unused", "worker1_beside", "worker2_beside"];
+const WAYS: [&str; 8] = [
+    "worker1",
+    "worker2",
+    "bare1",
+    "bare2",
+    "worker1_second",
+    "worker1_unused",
+    "worker1_beside",
+    "worker2_beside",
+];
+
+/// The plain queue a `worker1_second` worker also serves, always empty.
+const QUIET_QUEUE: &str = "bench-quiet";
 
 async fn throughput(options: &Options, db: &tokio_postgres::Client) -> Result<Vec<ThroughputRound>> {
     let noop = NewJob::new("noop", serde_json::json!({}));
@@ -213,8 +224,6 @@ async fn throughput(options: &Options, db: &tokio_postgres::Client) -> Result<Ve
             clean(db).await?;
             enqueue_copies(db, &noop, options.args.jobs).await?;
             let beside = way.ends_with("_beside");
-            // The limit is there (and its queue served), but nothing waits for it.
-            let limited = beside || way.ends_with("_unused");
             if beside {
                 let metered = noop.clone().queue(METERED_QUEUE);
                 enqueue_copies(db, &metered, 100_000).await?;
@@ -230,48 +239,8 @@ async fn throughput(options: &Options, db: &tokio_postgres::Client) -> Result<Ve
                     crate::queue_loop(&options.args.database_url, "default", loops, batch).await?.jobs
                 }
                 _ => {
-                    let n = if way.starts_with("worker1") { 1 } else { 2 };
                     let wanted = (options.args.jobs + if beside { BESIDE_CHORD + 1 } else { 0 }) as u64;
-                    let limits: &[(&str, RateLimit)] =
-                        if limited { &[(METERED_QUEUE, METERED_LIMIT)] } else { &[] };
-                    let queues = if limited {
-                        vec!["default".to_owned(), METERED_QUEUE.to_owned()]
-                    } else {
-                        vec!["default".to_owned()]
-                    };
-                    let mut workers = Vec::new();
-                    for i in 0..n {
-                        let settings = WorkerSettings {
-                            concurrency: options.args.concurrency,
-                            batch_size: options.args.batch_size,
-                            queues: queues.clone(),
-                            ..Default::default()
-                        };
-                        workers.push(start(
-                            options,
-                            format!("bench-{way}-{i}"),
-                            registry(limits)?,
-                            settings,
-                        )?);
-                    }
-                    let done = |workers: &[Running]| {
-                        workers.iter().map(|w| w.succeeded_of("default")).sum::<u64>() >= wanted
-                    };
-                    wait_until("the round's jobs to be worked", || std::future::ready(Ok(done(&workers))))
-                        .await?;
-                    let jobs = workers.iter().map(Running::succeeded).sum();
-                    let seconds = started.elapsed().as_secs_f64();
-                    for worker in workers {
-                        worker.stop().await?;
-                    }
-                    rounds.push(ThroughputRound {
-                        round,
-                        way,
-                        jobs,
-                        seconds,
-                        jobs_per_second: jobs as f64 / seconds,
-                    });
-                    continue;
+                    work_with_workers(options, way, wanted).await?
                 }
             };
             let seconds = started.elapsed().as_secs_f64();
@@ -286,6 +255,39 @@ async fn throughput(options: &Options, db: &tokio_postgres::Client) -> Result<Ve
     }
     clean(db).await?;
     Ok(rounds)
+}
+
+/// Starts the workers of `way`, waits until they have worked `wanted` jobs
+/// of the default queue, stops them, and gives the jobs they worked in all.
+async fn work_with_workers(options: &Options, way: &'static str, wanted: u64) -> Result<u64> {
+    let n = if way.starts_with("worker1") { 1 } else { 2 };
+    // The limit is there (and its queue served), but nothing waits for it
+    // unless the way runs something beside.
+    let limited = way.ends_with("_beside") || way.ends_with("_unused");
+    let limits: &[(&str, RateLimit)] = if limited { &[(METERED_QUEUE, METERED_LIMIT)] } else { &[] };
+    let mut queues = vec!["default".to_owned()];
+    if limited {
+        queues.push(METERED_QUEUE.to_owned());
+    } else if way.ends_with("_second") {
+        queues.push(QUIET_QUEUE.to_owned());
+    }
+    let mut workers = Vec::new();
+    for i in 0..n {
+        let settings = WorkerSettings {
+            concurrency: options.args.concurrency,
+            batch_size: options.args.batch_size,
+            queues: queues.clone(),
+            ..Default::default()
+        };
+        workers.push(start(options, format!("bench-{way}-{i}"), registry(limits)?, settings)?);
+    }
+    let done = |workers: &[Running]| workers.iter().map(|w| w.succeeded_of("default")).sum::<u64>() >= wanted;
+    wait_until("the round's jobs to be worked", || std::future::ready(Ok(done(&workers)))).await?;
+    let jobs = workers.iter().map(Running::succeeded).sum();
+    for worker in workers {
+        worker.stop().await?;
+    }
+    Ok(jobs)
 }
 
 #[derive(Serialize)]
