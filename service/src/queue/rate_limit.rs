@@ -19,7 +19,7 @@
 //! oldest claim leaves the window, not a whole poll interval.
 //!
 //! Limits are declared by the workers whose application has them (at start
-//! and at every maintenance round); one no worker declares for 10 minutes
+//! and every 30 s, in the maintenance loop); one no worker declares for 10 minutes
 //! is forgotten. Two versions of an application with different numbers for
 //! one limit: the one that declared last holds.
 //!

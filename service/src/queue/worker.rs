@@ -24,7 +24,7 @@
 //! - the **heartbeat** renews the leases of every held job; a job missing
 //!   from the answer was taken away (stop it), a job flagged
 //!   `cancel_requested` is cancelled.
-//! - **maintenance** declares the application's rate limits, fails jobs
+//! - **maintenance** declares the application's rate limits (every 30 s), fails jobs
 //!   whose lease expired (their worker died), prunes kept results, dead jobs
 //!   and ended workflows past their retention, and refreshes the per-queue
 //!   gauges.
@@ -51,7 +51,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::job::ClaimedJob;
-use super::periodic::{Clock, Periodic, SystemClock, FORGET_AFTER};
+use super::periodic::{Clock, Periodic, SystemClock, DECLARE_EVERY, FORGET_AFTER};
 use super::rate_limit::RateLimit;
 use super::rotation::{Rotation, Visit};
 use super::scheduler::Scheduler;
@@ -827,28 +827,32 @@ async fn heartbeat(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 async fn maintenance(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut ticks = tokio::time::interval(shared.settings.maintenance_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut limits_declared = None;
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
             _ = stop.changed() => return,
         }
-        if let Err(e) = maintain(&shared).await {
+        if let Err(e) = maintain(&shared, &mut limits_declared).await {
             tracing::warn!(error = %crate::error_chain(&e), "maintenance failed; trying again next round");
         }
     }
 }
 
-/// One round of maintenance: declare the rate limits, rescue, prune, refresh
-/// the queue gauges.
-async fn maintain(shared: &Shared) -> Result<(), DbError> {
+/// One round of maintenance: declare the rate limits (every
+/// [`DECLARE_EVERY`], when `limits_declared` is that old), rescue, prune,
+/// refresh the queue gauges.
+async fn maintain(shared: &Shared, limits_declared: &mut Option<Instant>) -> Result<(), DbError> {
     // First, so that a new worker's limited claims find their rows at once.
-    if !shared.rate_limits.is_empty() {
+    let due = limits_declared.map_or(true, |at: Instant| at.elapsed() >= DECLARE_EVERY);
+    if !shared.rate_limits.is_empty() && due {
         queue_op!(shared.queue_db, |client| sql::declare_rate_limits(
             client,
             &shared.rate_limits,
             FORGET_AFTER
         ))
         .await?;
+        *limits_declared = Some(Instant::now());
     }
     for _ in 0..MAINTENANCE_ROUNDS {
         let rescued = queue_op!(shared.queue_db, |client| sql::rescue(client, MAINTENANCE_BATCH)).await?;
