@@ -2,8 +2,9 @@
 //! PostgreSQL through a real PgBouncer in transaction mode, with several
 //! workers of the runtime in this process: a limit of 20 a second across
 //! four workers, a chord of 100 finishing across four workers (with result
-//! retention and without), a member that dies, a member cancelled, a chain
-//! of three, and a worker killed while it holds a chord's last member.
+//! retention and without), a member that dies, a member cancelled (pending
+//! and running), a chain of three, and a worker killed while it holds a
+//! chord's last member.
 
 mod support;
 
@@ -348,6 +349,40 @@ async fn a_cancelled_member_cancels_the_chord() -> Result<()> {
     let view = queue::lookup_workflow(&h.client, chord.id).await?.context("kept")?;
     ensure!(view.state == StageState::Cancelled && view.stages[0].succeeded == 0, "{view:?}");
     ensure!(jobs_of(&h, "collect").await? == 0, "the callback was never enqueued");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_member_cancelled_while_running_cancels_the_chord() -> Result<()> {
+    let h = workflow_harness().await?;
+    let mut members: Vec<Member> = (0..3).map(Member::quick).collect();
+    // Runs until it is cancelled.
+    members[1].sleep_ms = 600_000;
+    let chord = queue::enqueue_workflow(&h.client, &Workflow::chord(&members, &Collect {})?).await?;
+    let workers = start_workers(&h, 1, |s| s)?;
+    let running = chord.jobs[1];
+    wait_for("the others done and member 1 running", Duration::from_secs(30), || async {
+        let view = queue::lookup_workflow(&h.client, chord.id).await.ok().flatten()?;
+        let state = h.view(running).await.ok().flatten()?.state;
+        (view.stages[0].succeeded == 2 && state == JobState::Running).then_some(())
+    })
+    .await?;
+    ensure!(
+        queue::cancel(&h.client, running).await? == Cancelled::Requested,
+        "cancel requested while running"
+    );
+
+    // Its worker stops it at the next heartbeat; the end it records ends the chord.
+    let view = wait_workflow(&h, chord.id, StageState::Cancelled, Duration::from_secs(30)).await?;
+    no_pending_jobs(&h).await?;
+    shutdown(workers).await?;
+    ensure!(view.stages[0].failed_job == Some(running), "{view:?}");
+    ensure!(view.error() == Some("cancelled while running"), "{view:?}");
+    ensure!(view.stages.iter().all(|s| s.state == StageState::Cancelled), "{view:?}");
+    ensure!(view.stages[0].succeeded == 2, "the two others had succeeded: {view:?}");
+    ensure!(h.view(running).await?.map(|v| v.state) == Some(JobState::Cancelled), "member 1 cancelled");
+    ensure!(jobs_of(&h, "collect").await? == 0, "the callback was never enqueued");
+    ensure!(callbacks(&h).await?.is_empty(), "no callback");
     Ok(())
 }
 
