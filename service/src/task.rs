@@ -59,7 +59,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::db::{Database, DbError, Executor};
+use crate::db::{Database, DbError};
 use crate::queue::job::{is_valid_queue_name, InvalidJob, NewJob, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE};
 use crate::queue::periodic::Periodic;
 use crate::queue::rate_limit::{self, RateLimit};
@@ -143,7 +143,7 @@ impl<S> TaskContext<S> {
             return Ok(Vec::new());
         };
         let conn = self.db.get().await?;
-        let outputs = conn.bounded(Box::pin(crate::queue::sql::stage_inputs(&conn, stage))).await?;
+        let outputs = conn.run(Duration::ZERO, crate::queue::sql::stage_inputs(conn.client(), stage)).await?;
         outputs
             .into_iter()
             .map(|output| {
