@@ -79,12 +79,18 @@ pub const MAX_RUNS_PER_LOOK: usize = 1_000;
 /// Most occurrences one look walks through for one schedule (a one-second
 /// schedule after three hours down); the rest are walked at the next look.
 const MAX_WALK: usize = 10_000;
-/// How often a worker declares its schedules again.
+/// How often a worker declares its schedules and its rate limits again.
 pub const DECLARE_EVERY: Duration = Duration::from_secs(30);
 /// A schedule no worker has declared for this long is forgotten.
 pub const FORGET_AFTER: Duration = Duration::from_secs(600);
 /// Longest schedule name.
 pub const MAX_NAME_BYTES: usize = 128;
+
+/// Whether what a worker declared at `declared` (`None`: never) is due to be
+/// declared again, [`DECLARE_EVERY`] later.
+pub(crate) fn declaration_due(declared: Option<std::time::Instant>) -> bool {
+    declared.map_or(true, |at| at.elapsed() >= DECLARE_EVERY)
+}
 
 /// When a schedule's occurrences fall.
 #[derive(Clone, PartialEq, Eq)]

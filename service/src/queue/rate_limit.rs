@@ -19,9 +19,10 @@
 //! oldest claim leaves the window, not a whole poll interval.
 //!
 //! Limits are declared by the workers whose application has them (at start
-//! and every 30 s, in the maintenance loop); one no worker declares for 10 minutes
-//! is forgotten. Two versions of an application with different numbers for
-//! one limit: the one that declared last holds.
+//! and every 30 s, in the maintenance loop); one no worker declares for 10
+//! minutes is forgotten, and until the first declaration a limited queue or
+//! task is not claimed at all. Two versions of an application with different
+//! numbers for one limit: the one that declared last holds.
 //!
 //! ```
 //! use std::time::Duration;

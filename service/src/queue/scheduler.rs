@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use tokio::sync::{watch, Notify};
 
-use super::periodic::{Clock, Periodic, DECLARE_EVERY};
+use super::periodic::{declaration_due, Clock, Periodic};
 use super::sql::{self, Advance};
 use crate::db::{Database, DbError};
 use crate::metrics::WorkerMetrics;
@@ -86,7 +86,7 @@ impl Scheduler {
     /// One look; returns how long to sleep before the next.
     async fn look(&self, declared: &mut Option<Instant>) -> Result<Duration, DbError> {
         let names: Vec<&str> = self.schedules.iter().map(Periodic::name).collect();
-        if declared.map_or(true, |at| at.elapsed() >= DECLARE_EVERY) {
+        if declaration_due(*declared) {
             queue_op!(self.db, |client| sql::declare_schedules(client, &names)).await?;
             *declared = Some(Instant::now());
         }

@@ -24,10 +24,10 @@
 //! - the **heartbeat** renews the leases of every held job; a job missing
 //!   from the answer was taken away (stop it), a job flagged
 //!   `cancel_requested` is cancelled.
-//! - **maintenance** declares the application's rate limits (every 30 s), fails jobs
-//!   whose lease expired (their worker died), prunes kept results, dead jobs
-//!   and ended workflows past their retention, and refreshes the per-queue
-//!   gauges.
+//! - **maintenance** declares the application's rate limits (every 30 s),
+//!   fails jobs whose lease expired (their worker died), prunes kept
+//!   results, dead jobs and ended workflows past their retention, and
+//!   refreshes the per-queue gauges.
 //!
 //! A queue under a rate limit ([`super::rate_limit`]) is claimed with
 //! [`sql::claim_limited`]; when a limit is full, the claimer sleeps until
@@ -51,7 +51,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::job::ClaimedJob;
-use super::periodic::{Clock, Periodic, SystemClock, DECLARE_EVERY, FORGET_AFTER};
+use super::periodic::{declaration_due, Clock, Periodic, SystemClock, FORGET_AFTER};
 use super::rate_limit::RateLimit;
 use super::rotation::{Rotation, Visit};
 use super::scheduler::Scheduler;
@@ -839,13 +839,12 @@ async fn maintenance(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// One round of maintenance: declare the rate limits (every
-/// [`DECLARE_EVERY`], when `limits_declared` is that old), rescue, prune,
-/// refresh the queue gauges.
+/// One round of maintenance: declare the rate limits (when
+/// `limits_declared` is [`DECLARE_EVERY`](super::periodic::DECLARE_EVERY)
+/// old), rescue, prune, refresh the queue gauges.
 async fn maintain(shared: &Shared, limits_declared: &mut Option<Instant>) -> Result<(), DbError> {
     // First, so that a new worker's limited claims find their rows at once.
-    let due = limits_declared.map_or(true, |at: Instant| at.elapsed() >= DECLARE_EVERY);
-    if !shared.rate_limits.is_empty() && due {
+    if !shared.rate_limits.is_empty() && declaration_due(*limits_declared) {
         queue_op!(shared.queue_db, |client| sql::declare_rate_limits(
             client,
             &shared.rate_limits,
