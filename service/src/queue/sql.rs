@@ -60,9 +60,17 @@ const PENDING_BY_UNIQUE_KEY: &str =
 /// Claims up to `$2` due jobs of queue `$1` for worker `$3` with a lease of
 /// `$4` ms. `SKIP LOCKED` lets concurrent claimers pass each other's rows;
 /// the row locks last only for this statement.
+///
+/// The update reaches the rows it locked by their `ctid` (a TID scan: one
+/// heap page each), not by joining `id` back (a primary-key descent each,
+/// or a hash of the whole table, as the planner's estimates fall). That is
+/// exact here because an available job is never updated into another
+/// available version: a row locked at a version this statement's snapshot
+/// cannot see (claimed and handed back since) is passed over, stays
+/// available and is claimed next time.
 const CLAIM: &str = "
 WITH picked AS (
-    SELECT id FROM tidepool_jobs
+    SELECT ctid FROM tidepool_jobs
     WHERE state = 'available' AND queue = $1 AND run_at <= now()
     ORDER BY priority DESC, run_at, id
     LIMIT $2
@@ -71,8 +79,7 @@ WITH picked AS (
 UPDATE tidepool_jobs j
 SET state = 'running', attempt = j.attempt + 1, worker = $3, attempted_at = now(),
     lease_expires_at = now() + $4 * interval '1 millisecond'
-FROM picked
-WHERE j.id = picked.id
+WHERE j.ctid = ANY(ARRAY(SELECT ctid FROM picked))
 RETURNING j.id, j.queue, j.task, j.args, j.attempt, j.max_attempts,
           EXTRACT(epoch FROM now() - j.run_at)::float8, j.group_id";
 
@@ -91,8 +98,8 @@ RETURNING j.id, j.queue, j.task, j.args, j.attempt, j.max_attempts,
 /// limit has no room is not scanned at all, and a queue limit's room bounds
 /// the scan); the rest are
 /// ranked per task and in all, and claimed as far as each limit's room
-/// goes. Every claimed job is appended to the logs of its limits at `at`,
-/// which is also its `attempted_at`.
+/// goes, reached by `ctid` as in [`CLAIM`]. Every claimed job is appended
+/// to the logs of its limits at `at`, which is also its `attempted_at`.
 ///
 /// Besides the claimed jobs, one row with a NULL id tells, when a limit is
 /// full, how many seconds until its oldest claim leaves the window.
@@ -117,7 +124,7 @@ WITH keys AS (
         WHERE t > c.at - l.period_ms * interval '1 millisecond'
     ) w ON true
 ), candidates AS (
-    SELECT j.id, j.task, j.priority, j.run_at FROM tidepool_jobs j
+    SELECT j.ctid, j.id, j.task, j.priority, j.run_at FROM tidepool_jobs j
     WHERE j.state = 'available' AND j.queue = $1 AND j.run_at <= now()
       -- Evaluated once: a queue without room is not scanned at all.
       AND NOT EXISTS (SELECT 1 FROM room r WHERE r.key = 'queue:' || $1 AND r.room <= 0)
@@ -126,12 +133,12 @@ WITH keys AS (
     LIMIT least($2, (SELECT r.room FROM room r WHERE r.key = 'queue:' || $1))
     FOR UPDATE OF j SKIP LOCKED
 ), ranked AS (
-    SELECT c.id, c.task,
+    SELECT c.ctid, c.task,
            row_number() OVER (PARTITION BY c.task ORDER BY c.priority DESC, c.run_at, c.id) AS nth_of_task,
            row_number() OVER (ORDER BY c.priority DESC, c.run_at, c.id) AS nth
     FROM candidates c
 ), picked AS (
-    SELECT r.id FROM ranked r
+    SELECT r.ctid FROM ranked r
     LEFT JOIN room t ON t.key = 'task:' || r.task
     LEFT JOIN room q ON q.key = 'queue:' || $1
     WHERE (t.key IS NULL OR r.nth_of_task <= t.room) AND (q.key IS NULL OR r.nth <= q.room)
@@ -139,8 +146,7 @@ WITH keys AS (
     UPDATE tidepool_jobs j
     SET state = 'running', attempt = j.attempt + 1, worker = $3, attempted_at = (SELECT at FROM clock),
         lease_expires_at = now() + $4 * interval '1 millisecond'
-    FROM picked
-    WHERE j.id = picked.id
+    WHERE j.ctid = ANY(ARRAY(SELECT ctid FROM picked))
     RETURNING j.id, j.queue, j.task, j.args, j.attempt, j.max_attempts,
               EXTRACT(epoch FROM now() - j.run_at)::float8 AS latency, j.group_id
 ), used AS (
