@@ -204,6 +204,50 @@ async fn claims_take_due_jobs_by_priority_then_age() -> Result<()> {
     Ok(())
 }
 
+/// A completion that waits for a job's row while its heartbeat renews the
+/// lease (a new version of the row, committed after the completion's
+/// snapshot) still finishes it, and the job beside it: neither is left
+/// running to be rescued and run again.
+#[tokio::test]
+async fn a_completion_that_waits_for_a_renewed_lease_still_finishes_the_job() -> Result<()> {
+    let h = harness(4).await?;
+    let renewed = h.enqueue(NewJob::new("noop", json!({}))).await?;
+    let beside = h.enqueue(NewJob::new("noop", json!({}))).await?;
+    let claimed = sql::claim(&h.client, "default", 2, "test", Duration::from_secs(60)).await?;
+    assert_eq!(claimed.len(), 2);
+    let leases: Vec<(Lease, Option<Value>)> = claimed
+        .iter()
+        .map(|j| (Lease { id: j.id, attempt: j.attempt }, Some(json!({ "job": j.id }))))
+        .collect();
+
+    // The heartbeat's renewal, held open: the completion queues on the row.
+    let heartbeat = support::connect(&h.bouncer.url()).await?;
+    heartbeat.batch_execute("BEGIN").await?;
+    let renew =
+        "UPDATE tidepool_jobs SET lease_expires_at = now() + interval '1 minute' WHERE id = $1 RETURNING id";
+    assert_eq!(heartbeat.query_typed(renew, &[(&renewed, tidepool::db::Type::INT8)]).await?.len(), 1);
+    let recorder = support::connect(&h.bouncer.url()).await?;
+    let completion = tokio::spawn(async move { sql::complete(&recorder, &leases).await });
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                   AND wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE OF j%'";
+    wait_for("the completion to wait for the row", Duration::from_secs(10), || async {
+        let row = h.client.query_typed_one(waiting, &[]).await.ok()?;
+        (row.get::<_, i64>(0) == 1).then_some(())
+    })
+    .await?;
+    heartbeat.batch_execute("COMMIT").await?;
+
+    let mut finished = completion.await??;
+    finished.sort_unstable();
+    assert_eq!(finished, vec![renewed.min(beside), renewed.max(beside)], "both finished");
+    for id in [renewed, beside] {
+        let view = h.view(id).await?.context("the job's result is kept")?;
+        assert_eq!(view.state, JobState::Succeeded);
+        assert_eq!(view.result, Some(json!({ "job": id })));
+    }
+    Ok(())
+}
+
 /// What the operator's queue scaler reads: per queue, the due jobs not
 /// claimed, how long the oldest has been due, and the running ones; a
 /// scheduled job is not counted until it is due, and a queue without jobs

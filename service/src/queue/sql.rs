@@ -13,7 +13,10 @@
 //! Statements that change many running jobs lock them first, in id order
 //! (`ORDER BY id FOR UPDATE`): a worker's heartbeat and its recorder run at
 //! the same time on overlapping jobs, and rows locked in two different
-//! orders would deadlock.
+//! orders would deadlock. The two statements every job goes through,
+//! [`CLAIM`] and [`COMPLETE`], then reach the rows they locked by `ctid`
+//! (one heap page each) rather than joining `id` back; each says why that
+//! is exact.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -171,25 +174,37 @@ HAVING count(*) > 0";
 
 /// Finishes succeeded jobs: out of the hot table, and into the results table
 /// when a result is given. Returns the ids it finished.
+///
+/// The delete reaches the rows it locked by `ctid`, as [`CLAIM`] does, with
+/// one exception: a running job's lease may be renewed (a new version)
+/// after this statement's snapshot was taken and before it locked the row;
+/// it is then locked at a version the TID scan cannot see, and the second
+/// delete finds it by `id` instead (PostgreSQL follows the row to the
+/// version it locked).
 const COMPLETE: &str = "
 WITH d AS (
     SELECT * FROM unnest($1::int8[], $2::int4[], $3::jsonb[]) AS d(id, attempt, result)
 ), locked AS (
-    SELECT j.id, d.result FROM tidepool_jobs j JOIN d ON j.id = d.id AND j.attempt = d.attempt
+    SELECT j.ctid, j.id, d.result FROM tidepool_jobs j JOIN d ON j.id = d.id AND j.attempt = d.attempt
     WHERE j.state = 'running'
     ORDER BY j.id
     FOR UPDATE OF j
-), done AS (
+), by_ctid AS (
     DELETE FROM tidepool_jobs j
-    USING locked d
-    WHERE j.id = d.id
-    RETURNING j.id, j.queue, j.task, j.args, j.attempt, j.errors, j.run_at, j.created_at,
-              j.attempted_at, d.result
+    WHERE j.ctid = ANY(ARRAY(SELECT ctid FROM locked))
+    RETURNING j.id, j.queue, j.task, j.args, j.attempt, j.errors, j.run_at, j.created_at, j.attempted_at
+), by_id AS (
+    DELETE FROM tidepool_jobs j
+    WHERE j.id = ANY(ARRAY(SELECT id FROM locked EXCEPT ALL SELECT id FROM by_ctid))
+    RETURNING j.id, j.queue, j.task, j.args, j.attempt, j.errors, j.run_at, j.created_at, j.attempted_at
+), done AS (
+    SELECT * FROM by_ctid UNION ALL SELECT * FROM by_id
 ), kept AS (
     INSERT INTO tidepool_job_results
         (id, queue, task, args, attempts, result, errors, run_at, created_at, started_at, finished_at)
-    SELECT id, queue, task, args, attempt, result, errors, run_at, created_at, attempted_at, now()
-    FROM done WHERE result IS NOT NULL
+    SELECT done.id, queue, task, args, attempt, l.result, errors, run_at, created_at, attempted_at, now()
+    FROM done JOIN locked l ON l.id = done.id
+    WHERE l.result IS NOT NULL
 )
 SELECT id FROM done";
 
