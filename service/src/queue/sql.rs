@@ -14,7 +14,7 @@
 //! (`ORDER BY id FOR UPDATE`): a worker's heartbeat and its recorder run at
 //! the same time on overlapping jobs, and rows locked in two different
 //! orders would deadlock. The two statements every job goes through,
-//! [`CLAIM`] and [`COMPLETE`], then reach the rows they locked by `ctid`
+//! [`claim`] and [`complete`], then reach the rows they locked by `ctid`
 //! (one heap page each) rather than joining `id` back; each says why that
 //! is exact.
 
