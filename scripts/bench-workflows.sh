@@ -15,7 +15,11 @@
 #   chord       a chord of 10,000 members, 4 workers: the last member's end
 #               to the callback's start;
 #   latency     1,000 jobs a second for 15 s, one worker woken by LISTEN:
-#               enqueue to start.
+#               enqueue to start;
+#   profile     1 worker and 2, alternating, BENCH_WORKFLOW_PROFILE_ROUNDS
+#               (3) rounds, PostgreSQL restarted with pg_stat_statements:
+#               per job, the buffers and time of the claim and the
+#               completion statements, and PostgreSQL's CPU a round.
 # Everything on loopback, every wait bounded; the stack runs in a state
 # folder of its own, removed at the end.
 set -euo pipefail
@@ -27,6 +31,7 @@ cd "$REPO_ROOT"
 : "${BENCH_WORKFLOW_ROUNDS:=9}"
 : "${BENCH_WORKFLOW_WINDOW:=60s}"
 : "${BENCH_WORKFLOW_MEMBERS:=10000}"
+: "${BENCH_WORKFLOW_PROFILE_ROUNDS:=3}"
 OUT=$REPO_ROOT/docs/benchmarks.md
 START="<!-- workflow benchmark: scripts/bench-workflows.sh -->"
 END="<!-- end of the workflow benchmark -->"
@@ -54,6 +59,41 @@ say "chord: $BENCH_WORKFLOW_MEMBERS members, 4 workers"
 workflow chord --members "$BENCH_WORKFLOW_MEMBERS" --workers 4 > "$WORK/chord.json"
 say "latency: 1,000 jobs a second for 15 s, LISTEN"
 workflow latency --rate 1000 --window 15s > "$WORK/latency.json"
+
+say "profile: 1 worker and 2, $BENCH_WORKFLOW_PROFILE_ROUNDS rounds, with pg_stat_statements"
+# Loaded for this step only, so the figures above are of a PostgreSQL
+# without it; PgBouncer reconnects after the restart.
+psql_super -d postgres -c "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'"
+stack down postgres
+stack up postgres
+psql_super -d "$APP_DB" -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements"
+# Clock ticks of PostgreSQL's processes: the postmaster with its exited
+# children, and the children still running.
+pg_ticks() {
+  local postmaster total=0 pid
+  postmaster=$(head -n 1 "$TIDEPOOL_STATE_DIR/postgres/postmaster.pid")
+  read -r -a f < <(sed 's/^.*) //' "/proc/$postmaster/stat")
+  total=$((f[11] + f[12] + f[13] + f[14]))
+  for pid in $(pgrep -P "$postmaster"); do
+    read -r -a f < <(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null || echo)
+    [ "${#f[@]}" -gt 14 ] && total=$((total + f[11] + f[12] + f[13] + f[14]))
+  done
+  echo "$total"
+}
+STATEMENT_KIND="CASE WHEN query LIKE '%WITH picked AS%' OR query LIKE '%), picked AS%' THEN 'claim'
+                     WHEN query LIKE '%by_ctid AS%' THEN 'complete' ELSE 'other' END"
+for round in $(seq 1 "$BENCH_WORKFLOW_PROFILE_ROUNDS"); do
+  for w in worker1 worker2; do
+    psql_super -d "$APP_DB" -c "SELECT pg_stat_statements_reset()" > /dev/null
+    before=$(pg_ticks)
+    workflow throughput --jobs "$BENCH_WORKFLOW_JOBS" --ways "$w" --rounds 1 > "$WORK/profile-$w-$round.json"
+    after=$(pg_ticks)
+    psql_super -d "$APP_DB" -At -F ' ' -c "SELECT $STATEMENT_KIND, sum(calls), sum(rows),
+        sum(shared_blks_hit + shared_blks_read), sum(total_exec_time) FROM pg_stat_statements GROUP BY 1" \
+      > "$WORK/profile-$w-$round.stats"
+    echo "$(( (after - before) ))" > "$WORK/profile-$w-$round.ticks"
+  done
+done
 
 field() { json_field "$WORK/$1.json" "$2"; }
 # The jobs/s of way $1's rounds, one per line.
@@ -100,6 +140,28 @@ print('%d, %d, %d' % (min(s), statistics.median(s), max(s)))
 ") |"
   echo
   echo "**A chord of $(field chord members).** $(field chord workers) workers (concurrency 50, batches of 100); the members return the time they ended, the callback reads all $(field chord members) outputs through its context: from the last member's end to the callback's start **$(field chord last_member_to_callback_ms) ms**; enqueue to the callback's end $(field chord seconds) s."
+  echo
+  echo "**Where PostgreSQL's time goes, 1 worker and 2.** The same rounds, one way per run of \`tidepool-loadgen workflow throughput\`, alternating, $BENCH_WORKFLOW_PROFILE_ROUNDS rounds each, PostgreSQL restarted with \`pg_stat_statements\` (reset before each round): per job claimed, the claim statement's and the completion statement's shared buffers and execution time (wall time inside PostgreSQL, which includes waiting for a CPU), and the CPU time of PostgreSQL's processes over the whole round (its enqueue and vacuum too), from \`/proc\`; medians."
+  echo
+  echo "| | jobs/s | claims: jobs a statement, buffers a job, µs a job | completions: jobs a statement, buffers a job, µs a job | PostgreSQL CPU a round |"
+  echo "|---|---|---|---|---|"
+  py "
+import json, statistics, os
+work, rounds, tick = '$WORK', $BENCH_WORKFLOW_PROFILE_ROUNDS, os.sysconf('SC_CLK_TCK')
+def med(v): return statistics.median(v)
+for w, label in (('worker1', '1 worker'), ('worker2', '2 workers')):
+    jps, cpu, kinds = [], [], {'claim': [], 'complete': []}
+    for r in range(1, rounds + 1):
+        jps.append(json.load(open(f'{work}/profile-{w}-{r}.json'))[0]['jobs_per_second'])
+        cpu.append(int(open(f'{work}/profile-{w}-{r}.ticks').read()) / tick)
+        for line in open(f'{work}/profile-{w}-{r}.stats'):
+            kind, calls, rows, buffers, ms = line.split()
+            if kind in kinds:
+                calls, rows = int(calls), max(int(rows), 1)
+                kinds[kind].append((rows / max(calls, 1), int(buffers) / rows, float(ms) * 1000 / rows))
+    cell = lambda k: ', '.join('%.1f' % med(x[i] for x in kinds[k]) if i else '%.0f' % med(x[i] for x in kinds[k]) for i in range(3)) if kinds[k] else 'none'
+    print('| %s | %s | %s | %s | %.1f s |' % (label, format(round(med(jps)), ','), cell('claim'), cell('complete'), med(cpu)))
+"
   echo
   echo "**Enqueue to start at $(field latency rate) jobs/s.** One statement per job at a steady rate for 15 s through PgBouncer, one worker (concurrency 50) woken by LISTEN on the direct connection; the first 2 s are the warm-up; from the job's \`run_at\` to its claim, $(field latency jobs) jobs: p50 $(field latency p50_ms) ms, **p99 $(field latency p99_ms) ms**, max $(field latency max_ms) ms."
   echo "$END"
