@@ -67,31 +67,35 @@ psql_super -d postgres -c "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_
 stack down postgres
 stack up postgres
 psql_super -d "$APP_DB" -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements"
-# Clock ticks of PostgreSQL's processes: the postmaster with its exited
-# children, and the children still running.
-pg_ticks() {
-  local postmaster total=0 pid
+# CPU time of PostgreSQL's processes, in µs: the postmaster with its exited
+# children, and the children still running (one that exits between two
+# readings moves from the second sum into the first).
+pg_cpu_us() {
+  local postmaster pid total
   postmaster=$(head -n 1 "$TIDEPOOL_STATE_DIR/postgres/postmaster.pid")
-  read -r -a f < <(sed 's/^.*) //' "/proc/$postmaster/stat")
-  total=$((f[11] + f[12] + f[13] + f[14]))
+  total=$(cpu_ticks "$postmaster" reaped)
   for pid in $(pgrep -P "$postmaster"); do
-    read -r -a f < <(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null || echo)
-    [ "${#f[@]}" -gt 14 ] && total=$((total + f[11] + f[12] + f[13] + f[14]))
+    total=$((total + $(cpu_ticks "$pid" 2>/dev/null || echo 0)))
   done
-  echo "$total"
+  echo $((total * TICK_US))
 }
+# The worker's claim statements (CLAIM, CLAIM_LIMITED) and completion
+# (COMPLETE) in service/src/queue/sql.rs, told apart by their CTE names.
 STATEMENT_KIND="CASE WHEN query LIKE '%WITH picked AS%' OR query LIKE '%), picked AS%' THEN 'claim'
                      WHEN query LIKE '%by_ctid AS%' THEN 'complete' ELSE 'other' END"
 for round in $(seq 1 "$BENCH_WORKFLOW_PROFILE_ROUNDS"); do
   for w in worker1 worker2; do
     psql_super -d "$APP_DB" -c "SELECT pg_stat_statements_reset()" > /dev/null
-    before=$(pg_ticks)
+    before=$(pg_cpu_us)
     workflow throughput --jobs "$BENCH_WORKFLOW_JOBS" --ways "$w" --rounds 1 > "$WORK/profile-$w-$round.json"
-    after=$(pg_ticks)
+    echo $(($(pg_cpu_us) - before)) > "$WORK/profile-$w-$round.cpu_us"
     psql_super -d "$APP_DB" -At -F ' ' -c "SELECT $STATEMENT_KIND, sum(calls), sum(rows),
         sum(shared_blks_hit + shared_blks_read), sum(total_exec_time) FROM pg_stat_statements GROUP BY 1" \
       > "$WORK/profile-$w-$round.stats"
-    echo "$(( (after - before) ))" > "$WORK/profile-$w-$round.ticks"
+    for kind in claim complete; do
+      grep -q "^$kind " "$WORK/profile-$w-$round.stats" ||
+        die "profile: no $kind statement in pg_stat_statements (has its SQL changed? see STATEMENT_KIND)"
+    done
   done
 done
 
@@ -146,20 +150,22 @@ print('%d, %d, %d' % (min(s), statistics.median(s), max(s)))
   echo "| | jobs/s | claims: jobs a statement, buffers a job, µs a job | completions: jobs a statement, buffers a job, µs a job | PostgreSQL CPU a round |"
   echo "|---|---|---|---|---|"
   py "
-import json, statistics, os
-work, rounds, tick = '$WORK', $BENCH_WORKFLOW_PROFILE_ROUNDS, os.sysconf('SC_CLK_TCK')
-def med(v): return statistics.median(v)
+import json, statistics
+work, rounds = '$WORK', $BENCH_WORKFLOW_PROFILE_ROUNDS
+med = statistics.median
 for w, label in (('worker1', '1 worker'), ('worker2', '2 workers')):
-    jps, cpu, kinds = [], [], {'claim': [], 'complete': []}
+    jps, cpu, per_job = [], [], {'claim': [], 'complete': []}
     for r in range(1, rounds + 1):
         jps.append(json.load(open(f'{work}/profile-{w}-{r}.json'))[0]['jobs_per_second'])
-        cpu.append(int(open(f'{work}/profile-{w}-{r}.ticks').read()) / tick)
+        cpu.append(int(open(f'{work}/profile-{w}-{r}.cpu_us').read()) / 1e6)
         for line in open(f'{work}/profile-{w}-{r}.stats'):
             kind, calls, rows, buffers, ms = line.split()
-            if kind in kinds:
-                calls, rows = int(calls), max(int(rows), 1)
-                kinds[kind].append((rows / max(calls, 1), int(buffers) / rows, float(ms) * 1000 / rows))
-    cell = lambda k: ', '.join('%.1f' % med(x[i] for x in kinds[k]) if i else '%.0f' % med(x[i] for x in kinds[k]) for i in range(3)) if kinds[k] else 'none'
+            if kind in per_job:
+                rows = int(rows)
+                per_job[kind].append((rows / int(calls), int(buffers) / rows, float(ms) * 1000 / rows))
+    def cell(kind):
+        jobs, buffers, us = (med(x[i] for x in per_job[kind]) for i in range(3))
+        return '%.0f, %.1f, %.1f' % (jobs, buffers, us)
     print('| %s | %s | %s | %s | %.1f s |' % (label, format(round(med(jps)), ','), cell('claim'), cell('complete'), med(cpu)))
 "
   echo

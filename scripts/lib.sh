@@ -257,8 +257,9 @@ bench_report() {
   [ -x "$TIDEPOOL_BENCH_REPORT_BIN" ] || die "$TIDEPOOL_BENCH_REPORT_BIN is not built (run: make build)"
   "$TIDEPOOL_BENCH_REPORT_BIN" "$@"
 }
-# CPU time (user + system) of process $1, in clock ticks of TICK_US µs.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# CPU time (user + system) of process $1, in clock ticks of TICK_US µs;
+# with $2 = reaped, also of its children that have exited and been waited for.
+cpu_ticks() { awk -v reaped="${2:-}" '{print $14 + $15 + (reaped == "reaped" ? $16 + $17 : 0)}' "/proc/$1/stat"; }
 TICK_US=$(( 1000000 / $(getconf CLK_TCK) ))
 # Arithmetic on a report's figures, in a python3 one-liner.
 py() { python3 -c "$@"; }
